@@ -1,0 +1,95 @@
+"""The Flask app factory: wires settings, the job store and the queue into the blueprints.
+
+The web process never loads a model: it records jobs and answers at once; the worker
+process (`cds-triage worker`) does the inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from flask import Flask, current_app, jsonify
+from werkzeug.exceptions import HTTPException
+
+from .fhir_client import FhirClient
+from .jobs import Job, JobStore, TriageRequest, create_queue, register_triage_task
+from .models import model_set_version
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    """What request handlers need, built once per process and kept on the app."""
+
+    settings: Settings
+    store: JobStore
+    enqueue: Callable[[str], Any]
+    model_set: str
+
+    def fhir(self) -> FhirClient:
+        return FhirClient(self.settings.fhir_base_url, timeout_s=self.settings.http_timeout_s,
+                          bearer_token=self.settings.fhir_bearer_token)
+
+    def submit(self, request: TriageRequest) -> tuple[Job, bool]:
+        """Persist the job, then queue it; a duplicate trigger returns the existing job."""
+        job, needs_queueing = self.store.submit(request, self.model_set)
+        if needs_queueing:
+            self.enqueue(job.id)
+        return job, needs_queueing
+
+
+def ctx() -> ServiceContext:
+    return current_app.extensions["cds_triage"]
+
+
+def operation_outcome(status: int, message: str, code: str = "processing") -> tuple[Any, int]:
+    """An OperationOutcome body: what FHIR-speaking callers expect for an error."""
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": message}],
+    }
+    response = jsonify(body)
+    response.mimetype = "application/fhir+json"
+    return response, status
+
+
+def build_context(settings: Settings) -> ServiceContext:
+    """The queue and store as the web process sees them (it enqueues; it never runs jobs)."""
+    store = JobStore(settings.job_db_path)
+    huey = create_queue(settings.queue_url, settings.queue_db_path)
+    task = register_triage_task(huey, store, runner_factory=_no_runner, max_attempts=settings.job_retries,
+                                retry_base_s=settings.job_retry_delay_s)
+    return ServiceContext(settings=settings, store=store, enqueue=task, model_set=model_set_version(settings.weights_dir))
+
+
+def _no_runner() -> Any:
+    raise RuntimeError("the web process does not run triage jobs; start `cds-triage worker`")
+
+
+def create_app(settings: Settings | None = None, context: ServiceContext | None = None) -> Flask:
+    """The WSGI app: `cds-triage serve` runs it under gunicorn."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["cds_triage"] = context or build_context(settings)
+
+    from .api import api
+    from .worklist import worklist
+
+    app.register_blueprint(api)
+    app.register_blueprint(worklist)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Any, int]:
+        return operation_outcome(exc.code or 500, exc.description or exc.name, "invalid" if (exc.code or 500) < 500 else "exception")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Any, int]:
+        log.exception("unhandled error")
+        return operation_outcome(500, f"internal error: {type(exc).__name__}", "exception")
+
+    return app

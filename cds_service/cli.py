@@ -1,0 +1,156 @@
+"""`cds-triage`: the product's command line. Every subcommand is documented in the README."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .settings import Settings
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from .app import create_app
+
+    class Server(BaseApplication):  # gunicorn's documented way to embed a WSGI app
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host or settings.host}:{args.port or settings.port}")
+            self.cfg.set("workers", args.http_workers)
+            self.cfg.set("threads", 4)
+            self.cfg.set("timeout", 60)
+            self.cfg.set("accesslog", "-")
+
+        def load(self):  # type: ignore[no-untyped-def]
+            return create_app(settings)
+
+    Server().run()
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from .worker import run_worker
+
+    run_worker(settings)
+    return 0
+
+
+def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
+    from .subscribe import ensure_subscription
+
+    endpoint = args.endpoint or f"{settings.public_url.rstrip('/')}/fhir-notify"
+    subscription_id, created = ensure_subscription(settings, endpoint)
+    print(f"{'created' if created else 'already present'}: Subscription/{subscription_id} → {endpoint}")
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from .demo import run_demo
+
+    return run_demo(settings, workdir=args.workdir, keep_running=not args.no_wait, port=args.port)
+
+
+def _triage(args: argparse.Namespace, settings: Settings) -> int:
+    from .local_triage import triage_paths
+
+    return triage_paths(args.paths, settings, task=args.task, as_json=args.json, heatmaps=args.heatmaps)
+
+
+def _jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from .jobs import JobStore
+
+    store = JobStore(settings.job_db_path)
+    if args.action == "list":
+        for job in store.list(state=args.status, limit=args.limit):
+            print(f"{job.id}  {job.state.value:18} ImagingStudy/{job.imaging_study_id}  {job.reason}")
+        return 0
+    if not args.job_id:
+        print("a job id is needed", file=sys.stderr)
+        return 2
+    job = store.get(args.job_id)
+    if job is None:
+        print(f"no job {args.job_id}", file=sys.stderr)
+        return 1
+    if args.action == "requeue":
+        from .jobs import create_queue, register_triage_task
+
+        huey = create_queue(settings.queue_url, settings.queue_db_path)
+        task = register_triage_task(huey, store, lambda: None, max_attempts=settings.job_retries,  # type: ignore[arg-type,return-value]
+                                    retry_base_s=settings.job_retry_delay_s)
+        store.requeue(job.id)
+        task(job.id)
+        job = store.get(job.id)
+    print(json.dumps(job.to_json() if job else {}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cds-triage", description="AI radiology triage for the EHR (FHIR R4, CDS Hooks, DICOMweb).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the web service (subscription endpoint, CDS Hooks, worklist) under gunicorn")
+    p.add_argument("--host", help="bind address (default CDS_HOST)")
+    p.add_argument("--port", type=int, help="port (default CDS_PORT)")
+    p.add_argument("--http-workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="run triage jobs from the queue")
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("subscribe", help="create (idempotently) the ImagingStudy rest-hook Subscription on the FHIR server")
+    p.add_argument("--endpoint", help="notification URL (default CDS_PUBLIC_URL + /fhir-notify)")
+    p.set_defaults(func=_subscribe)
+
+    p = sub.add_parser("demo", help="start Orthanc, the FHIR server and the service; triage the sample studies")
+    p.add_argument("--workdir", type=Path, help="where the demo servers keep their data (default: a temp dir)")
+    p.add_argument("--port", type=int, default=0, help="port of the service (default: a free port)")
+    p.add_argument("--no-wait", action="store_true", help="stop everything once the samples are triaged")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("triage", help="triage local DICOM files/folders (or PNG/JPEG with --task) without servers")
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files, folders of DICOM, or images with --task")
+    p.add_argument("--task", choices=["head_ct_ich", "brain_mri", "chest_pneumothorax"], help="force the task (needed for PNG/JPEG)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per input (per series for DICOM folders)")
+    p.add_argument("--heatmaps", type=Path, help="write Grad-CAM overlay PNGs into this folder")
+    p.set_defaults(func=_triage)
+
+    p = sub.add_parser("jobs", help="list, show or re-queue triage jobs")
+    p.add_argument("action", choices=["list", "show", "requeue"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--status", help="only jobs in this state (list)")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=_jobs)
+
+    try:
+        from .training import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
+    except ImportError:  # training extras not present
+        pass
+    else:
+        p = sub.add_parser("train", help="train a task's model and write weights + model card")
+        add_train_arguments(p)
+        p.set_defaults(func=lambda a, s: run_train(a))
+        p = sub.add_parser("evaluate", help="evaluate a model on its validation split (metrics JSON + plots)")
+        add_evaluate_arguments(p)
+        p.set_defaults(func=lambda a, s: run_evaluate(a))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"cds-triage: bad setting: {exc}", file=sys.stderr)
+        return 2
+    from .logs import configure_logging
+
+    configure_logging(settings.log_level)
+    return int(args.func(args, settings) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

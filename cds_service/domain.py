@@ -1,0 +1,205 @@
+"""Domain objects of one triage: what a study is, what the model found, what we suggest.
+
+Plain frozen dataclasses, validated on construction (in the style of highdicom), so that
+the pure core (routing, preprocessing, inference, priority policy, FHIR mapping) never
+sees a half-formed value.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Priority(str, enum.Enum):
+    """FHIR request-priority codes, ordered: routine < urgent < asap < stat."""
+
+    ROUTINE = "routine"
+    URGENT = "urgent"
+    ASAP = "asap"
+    STAT = "stat"
+
+    @property
+    def rank(self) -> int:
+        return _PRIORITY_ORDER.index(self)
+
+    def __lt__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, Priority):
+            return NotImplemented
+        return self.rank < other.rank
+
+    def __le__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, Priority):
+            return NotImplemented
+        return self.rank <= other.rank
+
+    def __gt__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, Priority):
+            return NotImplemented
+        return self.rank > other.rank
+
+    def __ge__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, Priority):
+            return NotImplemented
+        return self.rank >= other.rank
+
+
+_PRIORITY_ORDER = [Priority.ROUTINE, Priority.URGENT, Priority.ASAP, Priority.STAT]
+
+
+class Task(str, enum.Enum):
+    """One classification task, which is also the name of its model in weights/."""
+
+    HEAD_CT_ICH = "head_ct_ich"
+    BRAIN_MRI = "brain_mri"
+    CHEST_PNEUMOTHORAX = "chest_pneumothorax"
+
+
+TASK_LABELS: dict[Task, tuple[str, ...]] = {
+    Task.HEAD_CT_ICH: (
+        "any",
+        "epidural",
+        "intraparenchymal",
+        "intraventricular",
+        "subarachnoid",
+        "subdural",
+    ),
+    Task.BRAIN_MRI: ("glioma", "meningioma", "pituitary", "no_tumor"),
+    Task.CHEST_PNEUMOTHORAX: ("pneumothorax",),
+}
+
+# Labels that mean "nothing found": reported with their probability, never a finding.
+NEGATIVE_LABELS: frozenset[str] = frozenset({"no_tumor"})
+
+
+class TriageStatus(str, enum.Enum):
+    """How a study's triage ended. Only DONE writes findings."""
+
+    DONE = "done"
+    NOT_APPLICABLE = "not_applicable"
+    MODEL_UNAVAILABLE = "model_unavailable"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One DICOM series as QIDO-RS describes it; enough to route it to a task."""
+
+    uid: str
+    modality: str = ""
+    body_part: str = ""
+    description: str = ""
+    number_of_instances: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.uid:
+            raise ValueError("Series needs a SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A DICOM study in the PACS, and the series it holds."""
+
+    uid: str
+    series: tuple[Series, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.uid:
+            raise ValueError("Study needs a StudyInstanceUID")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model produced a result: name and version, as written to FHIR Device."""
+
+    name: str
+    version: str
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.version:
+            raise ValueError("ModelRef needs a name and a version")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One label's study-level probability and whether it crosses the card's threshold.
+
+    `trained` is False for outputs the model card says were never trained (for example the
+    head-CT subtypes): they are reported as such and are never positive.
+    """
+
+    label: str
+    probability: float
+    positive: bool
+    threshold: float
+    trained: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability out of range for {self.label}: {self.probability}")
+        if self.positive and not self.trained:
+            raise ValueError(f"untrained label {self.label} cannot be positive")
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A Grad-CAM overlay PNG for one label, on the slice that drove it."""
+
+    png: bytes
+    label: str
+    width: int
+    height: int
+    slice_index: int = 0
+    sop_instance_uid: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.png.startswith(b"\x89PNG"):
+            raise ValueError("Heatmap.png must be PNG bytes")
+
+
+@dataclass(frozen=True)
+class TriageResult:
+    """What the triage of one study concluded. Pure data: the FHIR mapping reads only this."""
+
+    study_uid: str
+    status: TriageStatus
+    task: Task | None = None
+    series_uid: str = ""
+    findings: tuple[Finding, ...] = ()
+    suggested_priority: Priority | None = None
+    model: ModelRef | None = None
+    heatmap: Heatmap | None = None
+    reason: str = ""
+    slices_scored: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.study_uid:
+            raise ValueError("TriageResult needs a study UID")
+        if self.status is TriageStatus.DONE:
+            if self.task is None or self.model is None:
+                raise ValueError("a done TriageResult needs its task and model")
+        elif self.findings:
+            raise ValueError(f"a {self.status.value} result carries no findings")
+
+    @property
+    def positive_findings(self) -> tuple[Finding, ...]:
+        """Positive findings, most probable first."""
+        return tuple(sorted((f for f in self.findings if f.positive), key=lambda f: -f.probability))
+
+    @property
+    def top_finding(self) -> Finding | None:
+        positives = self.positive_findings
+        return positives[0] if positives else None
+
+
+@dataclass(frozen=True)
+class OrderContext:
+    """Where the result goes in the EHR: the FHIR ids the write-back references."""
+
+    imaging_study_id: str
+    patient_id: str
+    service_request_id: str | None = None
+    study_uid: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.imaging_study_id or not self.patient_id:
+            raise ValueError("OrderContext needs the ImagingStudy and Patient ids")

@@ -1,0 +1,53 @@
+"""The service's exception hierarchy, in the style of httpx: one base, two kinds that matter.
+
+A job that raises `TransientError` is retried later (the PACS or FHIR server may come
+back); one that raises `PermanentError` ends `failed` with the message as its reason,
+because retrying a corrupt DICOM or a study without a UID will never help.
+"""
+
+from __future__ import annotations
+
+
+class TriageError(Exception):
+    """Base of every error the service raises on purpose; its message is safe to show."""
+
+
+class PermanentError(TriageError):
+    """Retrying will not help: bad input, a missing resource, a misconfiguration."""
+
+
+class TransientError(TriageError):
+    """Retrying may help: a server down, a timeout, a 5xx or 429."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BadDicomError(PermanentError):
+    """A DICOM object that cannot be read or decoded into pixels."""
+
+
+class StudyNotFoundError(PermanentError):
+    """The study, series or FHIR resource named by the trigger does not exist."""
+
+
+class InvalidResourceError(PermanentError):
+    """A FHIR resource or request that lacks what triage needs (for example a Study UID)."""
+
+
+class ModelUnavailableError(PermanentError):
+    """No usable weights and model card for a task."""
+
+
+class UpstreamError(TransientError):
+    """The PACS or the FHIR server failed in a way that may pass (down, 5xx, 429, timeout)."""
+
+
+class UpstreamRejectedError(PermanentError):
+    """The PACS or the FHIR server refused what we sent (4xx other than 408/429)."""
+
+    def __init__(self, message: str, status_code: int, body: str = "") -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body

@@ -1,0 +1,125 @@
+"""The FHIR adapter: standard R4 REST over httpx, nothing server-specific.
+
+Reads, searches, a transaction, and a versioned update with If-Match. HTTP trouble is
+mapped to the service's error kinds so the job layer can decide to retry or to fail.
+Works the same against HAPI FHIR and the local test server.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import httpx
+
+from .errors import StudyNotFoundError, UpstreamError, UpstreamRejectedError
+
+FHIR_JSON = "application/fhir+json"
+
+
+class VersionConflictError(UpstreamRejectedError):
+    """If-Match did not match (HTTP 412): someone else changed the resource first."""
+
+
+def outcome_text(response: httpx.Response) -> str:
+    """The diagnostics of an OperationOutcome body, or the start of any other body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        issues = body.get("issue") or []
+        return "; ".join(str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code")) for i in issues)
+    return response.text[:300]
+
+
+def version_of(resource: dict[str, Any], response: httpx.Response | None = None) -> str | None:
+    """A resource's version id, from meta.versionId or the ETag header (W/"3" → 3)."""
+    version = (resource.get("meta") or {}).get("versionId")
+    if version:
+        return str(version)
+    etag = response.headers.get("ETag", "") if response is not None else ""
+    return etag.removeprefix("W/").strip('"') or None
+
+
+class FhirClient:
+    """A small FHIR R4 REST client bound to one base URL."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 30.0, auth: httpx.Auth | None = None,
+                 bearer_token: str = "") -> None:
+        headers = {"Accept": FHIR_JSON}
+        if bearer_token and auth is None:
+            headers["Authorization"] = f"Bearer {bearer_token}"
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url + "/", timeout=timeout_s, headers=headers, auth=auth)
+
+    def close(self) -> None:
+        self.http.close()
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, url, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(f"FHIR server timed out on {method} {url.split('?')[0]}") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError(f"FHIR server unreachable at {self.base_url}: {type(exc).__name__}") from exc
+        if response.status_code < 400:
+            return response
+        reason = f"FHIR {method} {url.split('?')[0]} answered {response.status_code}: {outcome_text(response)}"
+        if response.status_code in (404, 410):
+            raise StudyNotFoundError(reason)
+        if response.status_code == 412:
+            raise VersionConflictError(reason, 412, response.text)
+        if response.status_code in (408, 429) or response.status_code >= 500:
+            retry_after = response.headers.get("Retry-After")
+            raise UpstreamError(reason, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
+        raise UpstreamRejectedError(reason, response.status_code, response.text)
+
+    # --- REST interactions --------------------------------------------------------------
+
+    def read(self, resource_type: str, resource_id: str) -> tuple[dict[str, Any], str | None]:
+        """A resource and its version id (for If-Match)."""
+        response = self._send("GET", f"{resource_type}/{resource_id}")
+        resource = response.json()
+        return resource, version_of(resource, response)
+
+    def search(self, resource_type: str, params: dict[str, str] | None = None, *, max_pages: int = 10) -> list[dict[str, Any]]:
+        """Matching resources (search mode `match`, plus `include`d ones), following `next` links."""
+        return list(self.iter_search(resource_type, params, max_pages=max_pages))
+
+    def iter_search(self, resource_type: str, params: dict[str, str] | None = None, *,
+                    max_pages: int = 10) -> Iterator[dict[str, Any]]:
+        response = self._send("GET", resource_type, params=params or {})
+        for _ in range(max_pages):
+            bundle = response.json()
+            for entry in bundle.get("entry") or []:
+                if "resource" in entry:
+                    yield entry["resource"]
+            next_url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+            if not next_url:
+                return
+            response = self._send("GET", next_url)
+
+    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> dict[str, Any]:
+        headers = {"Content-Type": FHIR_JSON, "Prefer": "return=representation"}
+        if if_none_exist:
+            headers["If-None-Exist"] = if_none_exist
+        response = self._send("POST", resource["resourceType"], json=resource, headers=headers)
+        return response.json() if response.content else resource
+
+    def update(self, resource: dict[str, Any], *, if_match: str | None) -> dict[str, Any]:
+        """PUT the resource; with `if_match`, only if nobody changed it since we read it."""
+        headers = {"Content-Type": FHIR_JSON, "Prefer": "return=representation"}
+        if if_match:
+            headers["If-Match"] = f'W/"{if_match}"'
+        response = self._send("PUT", f"{resource['resourceType']}/{resource['id']}", json=resource, headers=headers)
+        return response.json() if response.content else resource
+
+    def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        """POST a transaction Bundle: the server applies all entries or none."""
+        response = self._send("POST", "", json=bundle, headers={"Content-Type": FHIR_JSON})
+        return response.json()
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        self._send("DELETE", f"{resource_type}/{resource_id}")

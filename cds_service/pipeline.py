@@ -1,0 +1,190 @@
+"""One study's journey, top to bottom: ImagingStudy → PACS → model → FHIR write-back.
+
+`run_triage` is the function to read to understand the product. Everything it calls is
+either a pure function (routing, preprocessing, triage, priority policy, FHIR mapping) or
+a thin adapter (FhirClient, Pacs) that raises the service's error kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from fhir_mappings.builders import build_triage_transaction, study_uid_from_imaging_study, with_priority
+
+from .domain import OrderContext, Priority, TriageResult
+from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
+from .fhir_client import FhirClient, VersionConflictError
+from .jobs import Job, JobState
+from .models import ModelRegistry
+from .pacs import Pacs, sort_slices
+from .preprocessing import dicom_to_image
+from .priority import parse_priority, raised_priority
+from .routing import describe, route_study
+from .settings import Settings
+from .triage import triage_images
+
+log = logging.getLogger(__name__)
+
+PRIORITY_UPDATE_ATTEMPTS = 5
+
+
+@dataclass
+class PipelineDeps:
+    """The adapters a worker holds for its lifetime (models load once per process)."""
+
+    settings: Settings
+    fhir: FhirClient
+    models: ModelRegistry
+    pacs_for: Callable[[str], Pacs]
+
+
+def reference_id(reference: str | None, resource_type: str) -> str | None:
+    """`ServiceRequest/123` (or a full URL ending so) → `123`; anything else → None."""
+    if not reference:
+        return None
+    parts = reference.rstrip("/").split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
+        return parts[-1]
+    return None
+
+
+def order_context(imaging_study: dict[str, Any], service_request_id: str | None) -> OrderContext:
+    """Patient and order of an ImagingStudy; the caller's ServiceRequest id wins over basedOn."""
+    patient_id = reference_id((imaging_study.get("subject") or {}).get("reference"), "Patient")
+    if not patient_id:
+        raise InvalidResourceError("ImagingStudy has no Patient subject")
+    if not service_request_id:
+        based_on = [reference_id(ref.get("reference"), "ServiceRequest") for ref in imaging_study.get("basedOn") or []]
+        service_request_id = next((ref for ref in based_on if ref), None)
+    return OrderContext(
+        imaging_study_id=str(imaging_study["id"]),
+        patient_id=patient_id,
+        service_request_id=service_request_id,
+        study_uid=study_uid_from_imaging_study(imaging_study),
+    )
+
+
+def result_summary(result: TriageResult) -> dict[str, Any]:
+    """What the job record keeps of a result (no pixels, no patient data)."""
+    return {
+        "task": result.task.value if result.task else None,
+        "model": {"name": result.model.name, "version": result.model.version} if result.model else None,
+        "findings": [
+            {"label": f.label, "probability": round(f.probability, 4), "positive": f.positive, "trained": f.trained}
+            for f in result.findings
+        ],
+        "suggestedPriority": result.suggested_priority.value if result.suggested_priority else None,
+        "slices": result.slices_scored,
+    }
+
+
+def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, Any]]:
+    """Triage the job's ImagingStudy and write the result back. Raises TriageError kinds."""
+    settings = deps.settings
+
+    # 1. The order, as the EHR knows it.
+    imaging_study, _ = deps.fhir.read("ImagingStudy", job.imaging_study_id)
+    if imaging_study.get("resourceType") != "ImagingStudy":
+        raise InvalidResourceError(f"expected an ImagingStudy, got {imaging_study.get('resourceType')}")
+    ctx = order_context(imaging_study, job.service_request_id)
+
+    # 2. The images, as the PACS has them.
+    pacs = deps.pacs_for(dicomweb_url_for(imaging_study, deps.fhir, settings))
+    study = pacs.find_study(ctx.study_uid)
+
+    # 3. Which model reads it, if any.
+    route = route_study(study)
+    if route is None:
+        return JobState.NOT_APPLICABLE, f"no triage model applies to this study ({describe(study)})", {}
+    try:
+        model = deps.models.get(route.task)
+    except ModelUnavailableError as exc:
+        return JobState.MODEL_UNAVAILABLE, str(exc), {"task": route.task.value}
+
+    # 4. Decode and preprocess as the model card says; 5. classify and explain.
+    datasets = sort_slices(pacs.retrieve_series(ctx.study_uid, route.series, settings.max_instances))
+    images = [dicom_to_image(ds, model.card.preprocessing) for ds in datasets]
+    result = triage_images(
+        model, images, settings.priority_rules,
+        study_uid=ctx.study_uid, series_uid=route.series.uid,
+        sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
+        batch_size=settings.batch_size,
+    )
+
+    # 6. Write the report, observations, heatmap, device and provenance: all or nothing.
+    issued = datetime.now(timezone.utc)
+    bundle = build_triage_transaction(ctx, result, issued=issued, worklist_url=f"{settings.public_url}/worklist")
+    response = deps.fhir.transaction(bundle.model_dump(mode="json", exclude_none=True))
+    written = written_locations(response)
+
+    # 7. Move the order up the worklist (never down).
+    change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
+    summary = result_summary(result) | {"written": written, "priority": change}
+    log.info("triage done", extra={"job": job.id, "task": route.task.value, "priority": change})
+    return JobState.DONE, "", summary
+
+
+def dicomweb_url_for(imaging_study: dict[str, Any], fhir: FhirClient, settings: Settings) -> str:
+    """The DICOMweb base for this study: its Endpoint if allow-listed, else the default.
+
+    An ImagingStudy can name any Endpoint; following it blindly would let whoever writes
+    ImagingStudy resources make us fetch from arbitrary hosts, so only known PACS are used.
+    """
+    for ref in imaging_study.get("endpoint") or []:
+        endpoint_id = reference_id(ref.get("reference"), "Endpoint")
+        if not endpoint_id:
+            continue
+        endpoint, _ = fhir.read("Endpoint", endpoint_id)
+        address = str(endpoint.get("address", "")).rstrip("/")
+        if address in settings.allowed_dicomweb_urls:
+            return address
+        log.warning("ignoring an ImagingStudy endpoint that is not allow-listed (CDS_DICOMWEB_ALLOWED_ENDPOINTS)")
+    return settings.dicomweb_url.rstrip("/")
+
+
+def written_locations(response: dict[str, Any]) -> dict[str, list[str]]:
+    """`{"DiagnosticReport": ["DiagnosticReport/12"], ...}` from a transaction-response."""
+    written: dict[str, list[str]] = {}
+    for entry in response.get("entry") or []:
+        location = (entry.get("response") or {}).get("location", "")
+        parts = location.split("/_history")[0].rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-1]:
+            written.setdefault(parts[-2], []).append(f"{parts[-2]}/{parts[-1]}")
+    return written
+
+
+def raise_order_priority(fhir: FhirClient, service_request_id: str | None, suggested: Priority | None,
+                         result: TriageResult) -> dict[str, Any]:
+    """Raise ServiceRequest.priority with If-Match; on 412 re-read and decide again."""
+    if not service_request_id:
+        return {"changed": False, "reason": "no ServiceRequest for this study"}
+    for _ in range(PRIORITY_UPDATE_ATTEMPTS):
+        order, version = fhir.read("ServiceRequest", service_request_id)
+        current = parse_priority(order.get("priority"))
+        new = raised_priority(current, suggested)
+        if new is None:
+            return {"changed": False, "from": _code(current), "to": _code(current)}
+        try:
+            fhir.update(with_priority(order, new, note=priority_note(current, new, result)), if_match=version)
+        except VersionConflictError:
+            continue  # someone changed the order meanwhile: re-read, and never lower theirs
+        return {"changed": True, "from": _code(current), "to": new.value}
+    raise UpstreamError("ServiceRequest kept changing under us; priority update will be retried")
+
+
+def priority_note(current: Priority | None, new: Priority, result: TriageResult) -> str:
+    """The note left on the order, so a person sees who raised it, from what, and why."""
+    top = result.top_finding
+    why = f"{top.label} {top.probability:.0%}" if top else "AI finding"
+    model = f"{result.model.name} {result.model.version}" if result.model else "AI model"
+    return (f"Priority raised from {_code(current) or 'unset'} to {new.value} by AI triage ({why}; {model}). "
+            "AI-generated, preliminary, not a diagnosis.")
+
+
+def _code(priority: Priority | None) -> str | None:
+    return priority.value if priority else None

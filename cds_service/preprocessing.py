@@ -1,0 +1,209 @@
+"""Pixels to model input: one code path shared by inference, training and the CLI.
+
+Every function is pure (arrays in, arrays out). How to preprocess is never a constant
+here: it comes from the model card's `preprocessing` block (`PreprocessingSpec`), so a
+retrained model with another window or size needs no code change.
+
+Spec kinds:
+- `ct_windows`: Hounsfield units (Rescale Slope/Intercept applied), one window per
+  channel, e.g. brain 40/80, subdural 80/200, bone 600/2800.
+- `mr_robust`: percentile normalisation, since MR intensities have no absolute scale.
+- `xray`: modality LUT, VOI LUT or window, MONOCHROME1 inverted, then percentiles.
+
+An 8-bit PNG/JPEG (the training images) is taken as already windowed: its grey levels map
+to [0, 1] directly for `ct_windows`, and go through the same percentile step otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from .errors import BadDicomError
+
+SPEC_KINDS = ("ct_windows", "mr_robust", "xray")
+
+
+@dataclass(frozen=True)
+class PreprocessingSpec:
+    """The card's `preprocessing` block, validated."""
+
+    kind: str
+    input_size: int
+    windows: tuple[tuple[float, float], ...] = ()
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPEC_KINDS:
+            raise ValueError(f"unknown preprocessing kind {self.kind!r}; expected one of {SPEC_KINDS}")
+        if self.kind == "ct_windows" and len(self.windows) != 3:
+            raise ValueError("ct_windows needs exactly three (center, width) windows, one per channel")
+        if any(w <= 0 for _, w in self.windows):
+            raise ValueError("window widths must be positive")
+        if not 16 <= self.input_size <= 1024:
+            raise ValueError(f"input_size {self.input_size} is out of range")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= lo < hi <= 100")
+
+    @classmethod
+    def from_card(cls, block: dict[str, Any], input_size: int) -> "PreprocessingSpec":
+        return cls(
+            kind=block["kind"],
+            input_size=int(input_size),
+            windows=tuple((float(c), float(w)) for c, w in block.get("windows", ())),
+            percentiles=tuple(block.get("percentiles", (0.5, 99.5))),  # type: ignore[arg-type]
+            mean=tuple(block.get("mean", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
+            std=tuple(block.get("std", (0.25, 0.25, 0.25))),  # type: ignore[arg-type]
+        )
+
+    def to_card(self) -> dict[str, Any]:
+        block: dict[str, Any] = {"kind": self.kind, "mean": list(self.mean), "std": list(self.std)}
+        if self.kind == "ct_windows":
+            block["windows"] = [list(w) for w in self.windows]
+        else:
+            block["percentiles"] = list(self.percentiles)
+        return block
+
+
+# --- intensity steps -----------------------------------------------------------------
+
+
+def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Linear window to [0, 1]: center-width/2 maps to 0, center+width/2 to 1."""
+    lo = center - width / 2.0
+    return np.clip((values.astype(np.float32) - lo) / float(width), 0.0, 1.0)
+
+
+def robust_normalise(values: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """Scale so the lo/hi percentiles map to 0/1; a flat image becomes all zeros."""
+    values = values.astype(np.float32)
+    lo, hi = np.percentile(values, percentiles)
+    if hi - lo < 1e-6:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _three_channels(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+
+
+# --- DICOM ---------------------------------------------------------------------------
+
+
+def read_dicom(source: bytes | str | Path | pydicom.Dataset) -> pydicom.Dataset:
+    """Parse a DICOM file (path or bytes); BadDicomError for anything that is not one."""
+    if isinstance(source, pydicom.Dataset):
+        return source
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise BadDicomError("empty DICOM file (0 bytes)")
+            return pydicom.dcmread(io.BytesIO(source))
+        return pydicom.dcmread(str(source))
+    except BadDicomError:
+        raise
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise BadDicomError(f"not a readable DICOM file: {exc}") from exc
+
+
+def dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """Decoded stored pixels of a single-frame greyscale image, as float32.
+
+    Compressed transfer syntaxes are decoded by the pylibjpeg plugins that pydicom finds.
+    """
+    if "PixelData" not in ds:
+        raise BadDicomError("DICOM object has no pixel data")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise BadDicomError(f"cannot decode pixel data (transfer syntax {ts}): {exc}") from exc
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame stands for the image
+    if pixels.ndim == 3:  # colour (e.g. a secondary capture): luminance
+        pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if pixels.ndim != 2 or min(pixels.shape) < 8:
+        raise BadDicomError(f"unexpected pixel array shape {pixels.shape}")
+    return pixels
+
+
+def dicom_to_image(ds: pydicom.Dataset, spec: PreprocessingSpec) -> np.ndarray:
+    """One DICOM image to an HxWx3 float32 array in [0, 1], as the card says."""
+    pixels = dicom_pixels(ds)
+    try:
+        values = apply_modality_lut(pixels, ds).astype(np.float32)  # Rescale Slope/Intercept
+    except Exception as exc:
+        raise BadDicomError(f"cannot apply modality LUT: {exc}") from exc
+    if spec.kind == "ct_windows":
+        return np.stack([window(values, c, w) for c, w in spec.windows], axis=2)
+    if spec.kind == "xray":
+        if "VOILUTSequence" in ds or "WindowCenter" in ds:
+            values = apply_voi_lut(values, ds).astype(np.float32)
+        if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            values = values.max() - values
+        return _three_channels(robust_normalise(values, spec.percentiles))
+    return _three_channels(robust_normalise(values, spec.percentiles))
+
+
+# --- 8-bit image files (training data, `triage --task` on PNG/JPEG) ------------------
+
+
+def load_grey(source: str | Path | bytes | Image.Image) -> np.ndarray:
+    """A PNG/JPEG as one grey channel (RGBA and RGB alike), float32 0..255."""
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+        elif isinstance(source, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(source))
+        else:
+            img = Image.open(source)
+        return np.asarray(img.convert("L"), dtype=np.float32)
+    except Exception as exc:
+        raise BadDicomError(f"not a readable image file: {exc}") from exc
+
+
+def grey_to_image(grey: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
+    """An 8-bit grey image (already windowed for CT) to HxWx3 in [0, 1]."""
+    if spec.kind == "ct_windows":
+        return _three_channels(np.clip(grey / 255.0, 0.0, 1.0))
+    return _three_channels(robust_normalise(grey, spec.percentiles))
+
+
+# --- to the network ------------------------------------------------------------------
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Square resize with antialiasing; a fixed size removes the image-size shortcut."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image.astype(np.float32)
+    channels = [
+        np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+        for c in range(image.shape[2])
+    ]
+    return np.stack(channels, axis=2).astype(np.float32)
+
+
+def to_batch(images: Sequence[np.ndarray], spec: PreprocessingSpec) -> np.ndarray:
+    """Images (HxWx3 in [0,1]) to a normalised NCHW float32 batch at the card's size."""
+    if not images:
+        raise ValueError("no images to batch")
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
+    batch = np.stack([(resize(img, spec.input_size) - mean) / std for img in images])
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+
+def display_image(image: np.ndarray, size: int) -> np.ndarray:
+    """The picture a radiologist recognises (first channel, e.g. the brain window), as RGB."""
+    grey = resize(image[..., :1], size)[..., 0]
+    return _three_channels(grey)

@@ -1,0 +1,125 @@
+"""The one settings object: every knob comes from an environment variable prefixed CDS_.
+
+Read once at start-up (`Settings.from_env()`) and passed down; nothing else reads the
+environment. Each field's default fits the local demo; the README lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+from .domain import Priority
+
+PREFIX = "CDS_"
+
+DEFAULT_PRIORITY_RULES: dict[str, Priority] = {
+    "any": Priority.STAT,
+    "epidural": Priority.STAT,
+    "intraparenchymal": Priority.STAT,
+    "intraventricular": Priority.STAT,
+    "subarachnoid": Priority.STAT,
+    "subdural": Priority.STAT,
+    "pneumothorax": Priority.STAT,
+    "glioma": Priority.URGENT,
+    "meningioma": Priority.URGENT,
+    "pituitary": Priority.URGENT,
+}
+
+
+def _repo_weights_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+def parse_priority_rules(text: str) -> dict[str, Priority]:
+    """Parse `label=priority,label=priority` (e.g. `glioma=asap`) over the defaults."""
+    rules = dict(DEFAULT_PRIORITY_RULES)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        label, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"CDS_PRIORITY_RULES item {item!r} is not label=priority")
+        rules[label.strip()] = Priority(value.strip().lower())
+    return rules
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the variable each field is read from in `env`."""
+
+    fhir_base_url: str = field(default="http://127.0.0.1:8080/fhir", metadata={"env": "FHIR_BASE_URL"})
+    fhir_bearer_token: str = field(default="", metadata={"env": "FHIR_BEARER_TOKEN", "secret": True})
+    dicomweb_url: str = field(default="http://127.0.0.1:8042/dicom-web", metadata={"env": "DICOMWEB_URL"})
+    dicomweb_allowed_endpoints: str = field(default="", metadata={"env": "DICOMWEB_ALLOWED_ENDPOINTS"})
+    dicomweb_username: str = field(default="", metadata={"env": "DICOMWEB_USERNAME"})
+    dicomweb_password: str = field(default="", metadata={"env": "DICOMWEB_PASSWORD", "secret": True})
+    dicomweb_bearer_token: str = field(default="", metadata={"env": "DICOMWEB_BEARER_TOKEN", "secret": True})
+    public_url: str = field(default="http://127.0.0.1:8000", metadata={"env": "PUBLIC_URL"})
+    host: str = field(default="127.0.0.1", metadata={"env": "HOST"})
+    port: int = field(default=8000, metadata={"env": "PORT"})
+    data_dir: Path = field(default=Path("var"), metadata={"env": "DATA_DIR"})
+    weights_dir: Path = field(default_factory=_repo_weights_dir, metadata={"env": "WEIGHTS_DIR"})
+    queue_url: str = field(default="", metadata={"env": "QUEUE_URL"})
+    workers: int = field(default=1, metadata={"env": "WORKERS"})
+    device: str = field(default="cpu", metadata={"env": "DEVICE"})
+    torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS"})
+    batch_size: int = field(default=16, metadata={"env": "BATCH_SIZE"})
+    max_body_bytes: int = field(default=2_000_000, metadata={"env": "MAX_BODY_BYTES"})
+    notification_lookback_s: int = field(default=600, metadata={"env": "NOTIFICATION_LOOKBACK_S"})
+    max_instances: int = field(default=400, metadata={"env": "MAX_INSTANCES"})
+    http_timeout_s: float = field(default=30.0, metadata={"env": "HTTP_TIMEOUT_S"})
+    job_retries: int = field(default=5, metadata={"env": "JOB_RETRIES"})
+    job_retry_delay_s: float = field(default=2.0, metadata={"env": "JOB_RETRY_DELAY_S"})
+    subscription_secret: str = field(default="", metadata={"env": "SUBSCRIPTION_SECRET", "secret": True})
+    priority_rules: Mapping[str, Priority] = field(
+        default_factory=lambda: dict(DEFAULT_PRIORITY_RULES), metadata={"env": "PRIORITY_RULES"}
+    )
+    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+        """Build settings from `environ` (default: os.environ); explicit overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = PREFIX + f.metadata["env"]
+            if name not in env:
+                continue
+            raw = env[name]
+            if f.name == "priority_rules":
+                values[f.name] = parse_priority_rules(raw)
+            elif f.type in ("int", int):
+                values[f.name] = int(raw)
+            elif f.type in ("float", float):
+                values[f.name] = float(raw)
+            elif f.type in ("Path", Path):
+                values[f.name] = Path(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The CDS_ variables that reproduce these settings (to start a child process)."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "priority_rules":
+                value = ",".join(f"{k}={v.value}" for k, v in value.items())
+            env[PREFIX + f.metadata["env"]] = str(value)
+        return env
+
+    @property
+    def allowed_dicomweb_urls(self) -> set[str]:
+        """DICOMweb bases an ImagingStudy.endpoint may point us to: the default and the listed ones."""
+        listed = {u.strip().rstrip("/") for u in self.dicomweb_allowed_endpoints.split(",") if u.strip()}
+        return listed | {self.dicomweb_url.rstrip("/")}
+
+    @property
+    def job_db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def queue_db_path(self) -> Path:
+        return self.data_dir / "queue.sqlite3"
