@@ -1,0 +1,121 @@
+"""Preprocessing from DICOM headers, and turning probabilities into findings."""
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cds_service.domain import Task
+from cds_service.errors import BadDicomError
+from cds_service.inference import findings_from_scores
+from cds_service.models import ModelCard
+from cds_service.preprocessing import (PreprocessingSpec, dicom_to_image, grey_to_image, read_dicom, robust_normalise,
+                                       to_batch, window)
+from support import PREPROCESSING
+
+
+def dicom(pixels: np.ndarray, **tags) -> pydicom.Dataset:
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset("x", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+CT = PreprocessingSpec.from_card(PREPROCESSING[Task.HEAD_CT_ICH], 64)
+
+
+def test_ct_windows_use_rescale_slope_and_intercept():
+    stored = np.full((16, 16), 1024 + 40, np.uint16)  # HU 40 with intercept -1024
+    image = dicom_to_image(dicom(stored, RescaleSlope=1, RescaleIntercept=-1024), CT)
+    assert image.shape == (16, 16, 3)
+    assert image[0, 0, 0] == pytest.approx(0.5)          # brain 40/80: centre
+    assert image[0, 0, 1] == pytest.approx((40 - (80 - 100)) / 200)  # subdural 80/200
+    assert image[0, 0, 2] == pytest.approx((40 - (600 - 1400)) / 2800)  # bone 600/2800
+    doubled = dicom_to_image(dicom(np.full((16, 16), 532, np.uint16), RescaleSlope=2, RescaleIntercept=-1024), CT)
+    assert doubled[0, 0, 0] == pytest.approx(0.5)
+
+
+def test_xray_monochrome1_is_inverted():
+    spec = PreprocessingSpec.from_card(PREPROCESSING[Task.CHEST_PNEUMOTHORAX], 64)
+    ramp = np.tile(np.arange(32, dtype=np.uint16) * 100, (32, 1))
+    mono2 = dicom_to_image(dicom(ramp), spec)
+    mono1 = dicom_to_image(dicom(ramp, PhotometricInterpretation="MONOCHROME1"), spec)
+    assert mono2[0, -1, 0] > mono2[0, 0, 0]
+    assert mono1[0, -1, 0] < mono1[0, 0, 0]
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-5)
+
+
+def test_mr_robust_normalisation_ignores_outliers():
+    values = np.concatenate([np.linspace(0, 100, 1000), [10_000]])
+    out = robust_normalise(values, (0.5, 99.5))
+    assert out.min() == 0.0 and out.max() == 1.0 and out[500] == pytest.approx(0.5, abs=0.02)
+    assert not robust_normalise(np.ones(10), (1, 99)).any()
+
+
+def test_png_path_matches_dicom_path_for_brain_window():
+    spec = PreprocessingSpec.from_card({"kind": "ct_windows", "windows": [[40, 80]] * 3}, 32)
+    grey = np.arange(256, dtype=np.float32).reshape(16, 16)
+    hu = grey / 255.0 * 80.0
+    ds = dicom(np.round(hu + 1024).astype(np.uint16), RescaleSlope=1, RescaleIntercept=-1024)
+    np.testing.assert_allclose(dicom_to_image(ds, spec), grey_to_image(grey, spec), atol=1.0 / 80 + 1e-6)
+
+
+def test_batch_shape_and_normalisation():
+    batch = to_batch([np.full((10, 20, 3), 0.5, np.float32)] * 3, CT)
+    assert batch.shape == (3, 3, 64, 64) and batch.dtype == np.float32
+    assert np.allclose(batch, 0.0)  # (0.5 - mean 0.5) / std
+
+
+@pytest.mark.parametrize("blob, message", [(b"", "0 bytes"), (b"not dicom at all", "not a readable DICOM")])
+def test_broken_dicom_is_a_clear_error(blob, message):
+    with pytest.raises(BadDicomError, match=message):
+        read_dicom(blob)
+
+
+def test_pixelless_dicom_is_a_clear_error():
+    ds = dicom(np.zeros((8, 8)))
+    del ds.PixelData
+    with pytest.raises(BadDicomError, match="no pixel data"):
+        dicom_to_image(ds, CT)
+
+
+def test_window_maths():
+    assert window(np.array([0.0, 40.0, 80.0, 200.0]), 40, 80).tolist() == [0.0, 0.5, 1.0, 1.0]
+
+
+def card(task=Task.HEAD_CT_ICH):
+    return ModelCard.from_dict({
+        "task": "head_ct_ich", "name": "m", "version": "1", "labels": ["any", "epidural", "intraparenchymal",
+        "intraventricular", "subarachnoid", "subdural"], "trained_labels": ["any"], "activation": "sigmoid",
+        "input_size": 64, "preprocessing": PREPROCESSING[task], "thresholds": {"any": 0.3}})
+
+
+def test_findings_use_card_thresholds_and_never_report_untrained_labels_as_positive():
+    findings = findings_from_scores(card(), np.array([0.31, 0.99, 0.99, 0.99, 0.99, 0.99]))
+    by_label = {f.label: f for f in findings}
+    assert by_label["any"].positive and by_label["any"].threshold == 0.3
+    assert not any(f.positive for f in findings if f.label != "any")
+    assert not by_label["subdural"].trained
+    assert not findings_from_scores(card(), np.array([0.29, 0, 0, 0, 0, 0]))[0].positive
+
+
+def test_card_validation():
+    data = card().raw | {"thresholds": {}}
+    from cds_service.errors import ModelUnavailableError
+    with pytest.raises(ModelUnavailableError, match="threshold"):
+        ModelCard.from_dict(data)
+    with pytest.raises(ModelUnavailableError, match="labels"):
+        ModelCard.from_dict(card().raw | {"labels": ["any"]})
