@@ -613,3 +613,11 @@ def test_with_priority_rejects_invalid_service_requests() -> None:
         with_priority(broken, Priority.URGENT)
     with pytest.raises(InvalidResourceError):
         with_priority({"resourceType": "Patient", "id": "p"}, Priority.URGENT)
+
+
+def test_with_priority_appends_a_note_and_keeps_existing_ones() -> None:
+    original = {"resourceType": "ServiceRequest", "id": "sr", "status": "active", "intent": "order",
+                "subject": {"reference": "Patient/p"}, "priority": "routine", "note": [{"text": "by hand"}]}
+    updated = with_priority(original, Priority.STAT, note="raised by AI from routine")
+    assert [n["text"] for n in updated["note"]] == ["by hand", "raised by AI from routine"]
+    assert original["note"] == [{"text": "by hand"}]

@@ -1,0 +1,687 @@
+"""Pure builders: one study's TriageResult becomes FHIR R4B resources and one transaction.
+
+No I/O and no HTTP here: every function takes plain values and returns `fhir.resources`
+R4B models, which validate themselves on construction. The write-back client POSTs the
+Bundle from `build_triage_transaction` as it is.
+
+Idempotency, because a job may run twice (retry, redelivered subscription): every result
+resource gets a deterministic identifier (`result_identifier`) and is created with
+`request.ifNoneExist`, so a second transaction for the same study, task and model version
+creates nothing. The Device identifier depends on model name and version only, so all
+studies share one Device per model version.
+
+Serialise with `bundle.model_dump(mode="json", exclude_none=True)` (a dict) or
+`bundle.model_dump_json(exclude_none=True)` / `bundle.json()` (a str).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import uuid
+from datetime import datetime
+from typing import Any
+
+from fhir.resources.R4B.attachment import Attachment
+from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
+from fhir.resources.R4B.codeableconcept import CodeableConcept
+from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.device import Device, DeviceDeviceName, DeviceVersion
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport, DiagnosticReportMedia
+from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.media import Media
+from fhir.resources.R4B.meta import Meta
+from fhir.resources.R4B.observation import Observation, ObservationComponent
+from fhir.resources.R4B.provenance import Provenance, ProvenanceAgent, ProvenanceEntity
+from fhir.resources.R4B.quantity import Quantity
+from fhir.resources.R4B.reference import Reference
+from fhir.resources.R4B.resource import Resource
+from fhir.resources.R4B.servicerequest import ServiceRequest
+from fhir.resources.R4B.subscription import Subscription, SubscriptionChannel
+from pydantic import ValidationError
+
+from cds_service.domain import (
+    NEGATIVE_LABELS,
+    Finding,
+    ModelRef,
+    OrderContext,
+    Priority,
+    Task,
+    TriageResult,
+    TriageStatus,
+)
+from cds_service.errors import InvalidResourceError
+
+from . import codes
+
+#: Last sentence of every conclusion and note: the words a clinician must see.
+AI_DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
+
+#: Header the FHIR server sends with each notification so our webhook can check it.
+SUBSCRIPTION_SECRET_HEADER = "X-CDS-Subscription-Secret"
+
+#: Default Subscription.reason (R4 requires one).
+DEFAULT_SUBSCRIPTION_REASON = "cds-triage: AI triage of new imaging studies"
+
+#: meta.tag on the Subscription created by `cds-triage subscribe`; search it back with
+#: SUBSCRIPTION_TAG_QUERY to find our own Subscription instead of creating a second one.
+SUBSCRIPTION_TAG = Coding(
+    system=codes.SUBSCRIPTION_TAG_SYSTEM,
+    code=codes.SUBSCRIPTION_TAG_CODE,
+    display=codes.SUBSCRIPTION_TAG_DISPLAY,
+)
+SUBSCRIPTION_TAG_QUERY = f"_tag={codes.SUBSCRIPTION_TAG_SYSTEM}|{codes.SUBSCRIPTION_TAG_CODE}"
+
+# uuid5 namespaces, fixed forever: changing them would make every repeat job look new.
+_RESULT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, codes.RESULT_IDENTIFIER_SYSTEM)
+_DEVICE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, codes.DEVICE_IDENTIFIER_SYSTEM)
+
+# A DICOM UID: dot-separated numbers without leading zeros, at most 64 characters (PS3.5 9.1).
+_DICOM_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+# ---------------------------------------------------------------------------------------
+# Identifiers
+# ---------------------------------------------------------------------------------------
+
+
+def result_identifier(study_uid: str, task: Task | str, model_version: str, kind: str) -> Identifier:
+    """The deterministic business identifier of one result resource.
+
+    Same study, task, model version and kind give the same identifier in every run, which
+    is what lets `ifNoneExist` turn a repeated job into a no-op. `kind` is "report",
+    "media", "provenance" or "observation-<label>". The value is a UUID (uuid5), also
+    used as the entry's `urn:uuid:` fullUrl.
+    """
+    parts = [study_uid, _task_value(task), model_version, kind]
+    if not all(parts):
+        raise ValueError(f"result_identifier needs study UID, task, model version and kind: {parts}")
+    # json.dumps of the list: unambiguous even if a part contains a separator character.
+    value = uuid.uuid5(_RESULT_NAMESPACE, json.dumps(parts))
+    return Identifier(system=codes.RESULT_IDENTIFIER_SYSTEM, value=str(value))
+
+
+def device_identifier(model: ModelRef) -> Identifier:
+    """The Device identifier: model name and version only, so all studies share one Device."""
+    value = uuid.uuid5(_DEVICE_NAMESPACE, json.dumps([model.name, model.version]))
+    return Identifier(system=codes.DEVICE_IDENTIFIER_SYSTEM, value=str(value))
+
+
+def full_url(identifier: Identifier) -> str:
+    """The bundle fullUrl of a resource whose identifier value is one of our UUIDs."""
+    return f"urn:uuid:{identifier.value}"
+
+
+def identifier_query(identifier: Identifier) -> str:
+    """Search string that finds a resource by identifier (for ifNoneExist or a GET)."""
+    return f"identifier={identifier.system}|{identifier.value}"
+
+
+# ---------------------------------------------------------------------------------------
+# Small shared pieces
+# ---------------------------------------------------------------------------------------
+
+
+def _ai_asserted_meta() -> Meta:
+    """meta.security AIAST: marks content asserted by AI (HL7 AI Transparency on FHIR)."""
+    return Meta(
+        security=[
+            Coding(
+                system=codes.SECURITY_OBSERVATION_VALUE_SYSTEM,
+                code=codes.SECURITY_AI_ASSERTED,
+                display=codes.SECURITY_AI_ASSERTED_DISPLAY,
+            )
+        ]
+    )
+
+
+def _ref(reference: str, display: str | None = None) -> Reference:
+    return Reference(reference=reference, display=display)
+
+
+def _patient(ctx: OrderContext) -> Reference:
+    return _ref(f"Patient/{ctx.patient_id}")
+
+
+def _imaging_study(ctx: OrderContext) -> Reference:
+    return _ref(f"ImagingStudy/{ctx.imaging_study_id}")
+
+
+def _based_on(ctx: OrderContext) -> list[Reference] | None:
+    """The order the result answers, when the study came with one."""
+    if not ctx.service_request_id:
+        return None
+    return [_ref(f"ServiceRequest/{ctx.service_request_id}")]
+
+
+def _probability(value: float) -> Quantity:
+    """A 0-1 probability as a UCUM unity quantity (see codes.UCUM_UNITY for why not %)."""
+    return Quantity(
+        value=round(float(value), 4),
+        unit=codes.UCUM_UNITY,
+        system=codes.UCUM_SYSTEM,
+        code=codes.UCUM_UNITY,
+    )
+
+
+def _require_timezone(issued: datetime) -> None:
+    # FHIR instants must carry a zone; a naive datetime would be read as server-local time.
+    if issued.tzinfo is None or issued.utcoffset() is None:
+        raise ValueError("issued must be timezone-aware (e.g. datetime.now(timezone.utc))")
+
+
+def _task_value(task: Task | str) -> str:
+    return task.value if isinstance(task, Task) else str(task)
+
+
+def finding_code(label: str) -> CodeableConcept:
+    """Code of a finding label: verified standard codes first, then always our local code."""
+    codings = [
+        Coding(system=std.system, code=std.code, display=std.display)
+        for std in codes.STANDARD_FINDING_CODES.get(label, ())
+    ]
+    codings.append(
+        Coding(system=codes.LOCAL_FINDING_SYSTEM, code=label, display=codes.finding_display(label))
+    )
+    return CodeableConcept(coding=codings, text=codes.finding_display(label))
+
+
+# ---------------------------------------------------------------------------------------
+# Resources
+# ---------------------------------------------------------------------------------------
+
+
+def build_device(model: ModelRef, task: Task | str) -> Device:
+    """The AI model as a Device: Observation.device and Provenance.agent point to it.
+
+    No AIAST label: a Device describes software, it asserts nothing about the patient.
+    """
+    return Device(
+        identifier=[device_identifier(model)],
+        status="active",
+        deviceName=[DeviceDeviceName(name=model.name, type="model-name")],
+        version=[DeviceVersion(value=model.version)],
+        type=CodeableConcept(text=f"AI triage classifier ({_task_value(task)})"),
+        note=[{"text": "Software model of the cds-triage service. Its outputs are " + AI_DISCLAIMER}],
+    )
+
+
+def build_observation(
+    ctx: OrderContext,
+    result: TriageResult,
+    finding: Finding,
+    *,
+    device_reference: str,
+    issued: datetime,
+) -> Observation:
+    """One trained label's study-level probability as a preliminary imaging Observation.
+
+    Untrained outputs are refused: the model card says they were never trained, so they
+    carry no meaning a clinician could use.
+    """
+    if not finding.trained:
+        raise ValueError(f"label {finding.label} was not trained and is not written to FHIR")
+    model = _require_done(result)
+    display = codes.finding_display(finding.label)
+
+    interpretation = None
+    note = (
+        f"AI-estimated probability {finding.probability:.2f} of {display}; operating threshold "
+        f"{finding.threshold:.2f} from the model card of {model.name} {model.version}. "
+    )
+    if finding.label in NEGATIVE_LABELS:
+        # POS/NEG on "no tumor" would read as a double negative; report the number only.
+        note += "This label means 'nothing found' and is reported as a probability only. "
+    else:
+        interpretation = [_interpretation(finding.positive)]
+    note += AI_DISCLAIMER
+
+    return Observation(
+        meta=_ai_asserted_meta(),
+        identifier=[result_identifier(result.study_uid, result.task, model.version,
+                                      f"observation-{finding.label}")],
+        basedOn=_based_on(ctx),
+        status="preliminary",
+        category=[
+            CodeableConcept(
+                coding=[
+                    Coding(
+                        system=codes.OBSERVATION_CATEGORY_SYSTEM,
+                        code=codes.OBSERVATION_CATEGORY_IMAGING,
+                        display=codes.OBSERVATION_CATEGORY_IMAGING_DISPLAY,
+                    )
+                ]
+            )
+        ],
+        code=_observation_code(finding.label),
+        subject=_patient(ctx),
+        issued=issued,
+        valueQuantity=_probability(finding.probability),
+        interpretation=interpretation,
+        note=[{"text": note}],
+        device=_ref(device_reference, f"{model.name} {model.version}"),
+        derivedFrom=[_imaging_study(ctx)],
+        component=[
+            ObservationComponent(
+                code=CodeableConcept(
+                    coding=[
+                        Coding(
+                            system=codes.LOCAL_COMPONENT_SYSTEM,
+                            code=codes.COMPONENT_OPERATING_THRESHOLD,
+                            display="Operating threshold",
+                        )
+                    ],
+                    text="Operating threshold (model card)",
+                ),
+                valueQuantity=_probability(finding.threshold),
+            )
+        ],
+    )
+
+
+def _observation_code(label: str) -> CodeableConcept:
+    code = finding_code(label)
+    code.text = f"AI probability: {codes.finding_display(label)}"
+    return code
+
+
+def _interpretation(positive: bool) -> CodeableConcept:
+    if positive:
+        code, display = codes.INTERPRETATION_POSITIVE, codes.INTERPRETATION_POSITIVE_DISPLAY
+    else:
+        code, display = codes.INTERPRETATION_NEGATIVE, codes.INTERPRETATION_NEGATIVE_DISPLAY
+    return CodeableConcept(
+        coding=[Coding(system=codes.INTERPRETATION_SYSTEM, code=code, display=display)]
+    )
+
+
+def build_media(
+    ctx: OrderContext,
+    result: TriageResult,
+    *,
+    device_reference: str,
+    issued: datetime,
+) -> Media:
+    """The Grad-CAM overlay PNG, inline (base64), so the EHR can show why the model fired."""
+    heatmap = result.heatmap
+    if heatmap is None:
+        raise ValueError("result has no heatmap")
+    model = _require_done(result)
+    display = codes.finding_display(heatmap.label)
+
+    where = f"slice {heatmap.slice_index}"
+    if heatmap.sop_instance_uid:
+        where += f" (SOP Instance UID {heatmap.sop_instance_uid})"
+    note = (
+        f"Grad-CAM heatmap for {display} (label '{heatmap.label}'), {where}. "
+        "Explanation overlay, not a diagnostic image. " + AI_DISCLAIMER
+    )
+    return Media(
+        meta=_ai_asserted_meta(),
+        identifier=[result_identifier(result.study_uid, result.task, model.version, "media")],
+        basedOn=_based_on(ctx),
+        status="completed",
+        type=CodeableConcept(
+            coding=[
+                Coding(
+                    system=codes.MEDIA_TYPE_SYSTEM,
+                    code=codes.MEDIA_TYPE_IMAGE,
+                    display=codes.MEDIA_TYPE_IMAGE_DISPLAY,
+                )
+            ]
+        ),
+        subject=_patient(ctx),
+        issued=issued,
+        device=_ref(device_reference, f"{model.name} {model.version}"),
+        # positiveInt: leave out a size the heatmap did not know rather than write 0.
+        width=heatmap.width if heatmap.width > 0 else None,
+        height=heatmap.height if heatmap.height > 0 else None,
+        content=Attachment(
+            contentType="image/png",
+            data=base64.b64encode(heatmap.png).decode("ascii"),
+            size=len(heatmap.png),
+            title=f"Grad-CAM heatmap: {display}, {where}",
+        ),
+        note=[{"text": note}],
+    )
+
+
+def build_conclusion(result: TriageResult) -> str:
+    """The human-readable summary a radiologist reads first in the report."""
+    model = _require_done(result)
+    sentences: list[str] = []
+    positives = result.positive_findings
+    if positives:
+        top = positives[0]
+        sentences.append(
+            f"AI triage suggests {codes.finding_display(top.label)} "
+            f"(probability {top.probability:.2f}, threshold {top.threshold:.2f})."
+        )
+        if len(positives) > 1:
+            others = ", ".join(
+                f"{codes.finding_display(f.label)} ({f.probability:.2f})" for f in positives[1:]
+            )
+            sentences.append(f"Also above threshold: {others}.")
+    else:
+        sentences.append("AI triage: no finding above threshold.")
+    if result.suggested_priority is not None:
+        sentences.append(f"Suggested priority: {result.suggested_priority.value}.")
+    untrained = [f.label for f in result.findings if not f.trained]
+    if untrained:
+        sentences.append(
+            f"Untrained subtype outputs ({', '.join(untrained)}) are not reported."
+        )
+    sentences.append(f"Model: {model.name} {model.version}.")
+    sentences.append(AI_DISCLAIMER)
+    return " ".join(sentences)
+
+
+def build_diagnostic_report(
+    ctx: OrderContext,
+    result: TriageResult,
+    *,
+    observation_references: list[str],
+    media_reference: str | None,
+    issued: datetime,
+    worklist_url: str | None = None,
+) -> DiagnosticReport:
+    """The preliminary AI report that groups the Observations and the heatmap for the EHR."""
+    model = _require_done(result)
+    media = None
+    if media_reference is not None and result.heatmap is not None:
+        media = [
+            DiagnosticReportMedia(
+                comment=(
+                    f"Grad-CAM heatmap for {codes.finding_display(result.heatmap.label)}, "
+                    f"slice {result.heatmap.slice_index}. {AI_DISCLAIMER}"
+                ),
+                link=_ref(media_reference),
+            )
+        ]
+    presented_form = None
+    if worklist_url:
+        # A link to the worklist page (result, heatmap, feedback) for EHRs that show it.
+        presented_form = [
+            Attachment(
+                contentType="text/html",
+                url=worklist_url,
+                title="CDS triage worklist entry (AI result and heatmap)",
+            )
+        ]
+    return DiagnosticReport(
+        meta=_ai_asserted_meta(),
+        identifier=[result_identifier(result.study_uid, result.task, model.version, "report")],
+        basedOn=_based_on(ctx),
+        status="preliminary",
+        category=[
+            CodeableConcept(
+                coding=[
+                    Coding(
+                        system=codes.V2_0074_SYSTEM,
+                        code=codes.V2_0074_RADIOLOGY,
+                        display=codes.V2_0074_RADIOLOGY_DISPLAY,
+                    )
+                ]
+            )
+        ],
+        code=CodeableConcept(
+            coding=[
+                Coding(
+                    system=codes.LOINC_SYSTEM,
+                    code=codes.LOINC_DIAGNOSTIC_IMAGING_STUDY,
+                    display=codes.LOINC_DIAGNOSTIC_IMAGING_STUDY_DISPLAY,
+                )
+            ],
+            text="AI triage result (preliminary)",
+        ),
+        subject=_patient(ctx),
+        issued=issued,
+        imagingStudy=[_imaging_study(ctx)],
+        result=[_ref(r) for r in observation_references] or None,
+        media=media,
+        conclusion=build_conclusion(result),
+        conclusionCode=[finding_code(f.label) for f in result.positive_findings] or None,
+        presentedForm=presented_form,
+    )
+
+
+def build_provenance(
+    ctx: OrderContext,
+    result: TriageResult,
+    *,
+    target_references: list[str],
+    device_reference: str,
+    issued: datetime,
+) -> Provenance:
+    """Who made the results (the model Device) from what (the ImagingStudy), and when.
+
+    No AIAST label here: this record is written by our software about the AI, it is not
+    itself an AI assertion. R4 Provenance has no identifier, so idempotency uses a
+    meta.tag carrying the deterministic UUID (searched with `_tag` in ifNoneExist).
+    """
+    if not target_references:
+        raise ValueError("a Provenance needs at least one target")
+    model = _require_done(result)
+    tag_code = result_identifier(result.study_uid, result.task, model.version, "provenance").value
+    return Provenance(
+        meta=Meta(tag=[Coding(system=codes.PROVENANCE_TAG_SYSTEM, code=tag_code)]),
+        target=[_ref(r) for r in target_references],
+        recorded=issued,
+        agent=[
+            ProvenanceAgent(
+                type=CodeableConcept(
+                    coding=[
+                        Coding(
+                            system=codes.PROVENANCE_PARTICIPANT_SYSTEM,
+                            code=codes.PROVENANCE_PARTICIPANT_PERFORMER,
+                            display=codes.PROVENANCE_PARTICIPANT_PERFORMER_DISPLAY,
+                        )
+                    ]
+                ),
+                who=_ref(device_reference, f"{model.name} {model.version}"),
+            )
+        ],
+        entity=[
+            ProvenanceEntity(
+                role=codes.PROVENANCE_ENTITY_ROLE_DERIVATION,
+                what=_imaging_study(ctx),
+            )
+        ],
+    )
+
+
+def _require_done(result: TriageResult) -> ModelRef:
+    """Only a DONE result has findings and a model; anything else must not reach FHIR."""
+    if result.status is not TriageStatus.DONE:
+        raise ValueError(
+            f"only a done triage result is written to FHIR, not {result.status.value} "
+            f"(study {result.study_uid})"
+        )
+    assert result.model is not None and result.task is not None  # guaranteed by TriageResult
+    return result.model
+
+
+# ---------------------------------------------------------------------------------------
+# The transaction
+# ---------------------------------------------------------------------------------------
+
+
+def _entry(resource: Resource, url: str, if_none_exist: str) -> BundleEntry:
+    return BundleEntry(
+        fullUrl=url,
+        resource=resource,
+        request=BundleEntryRequest(
+            method="POST",
+            url=resource.get_resource_type(),
+            ifNoneExist=if_none_exist,
+        ),
+    )
+
+
+def build_triage_transaction(
+    ctx: OrderContext,
+    result: TriageResult,
+    *,
+    issued: datetime,
+    worklist_url: str | None = None,
+) -> Bundle:
+    """Everything one study's triage writes, as one all-or-nothing FHIR transaction.
+
+    Contents: the model Device; one Observation per trained label; a Media with the
+    heatmap when there is one; the DiagnosticReport; a Provenance for all of them.
+    Every entry is a conditional create (ifNoneExist), so posting the same result twice
+    creates nothing the second time. References inside the bundle use the entries'
+    `urn:uuid:` fullUrls; the server rewrites them to the ids it assigns (or finds).
+    """
+    model = _require_done(result)
+    _require_timezone(issued)
+    if ctx.study_uid and ctx.study_uid != result.study_uid:
+        # Writing one study's findings onto another patient's order is the worst outcome.
+        raise ValueError(
+            f"order context is for study {ctx.study_uid} but the result is for {result.study_uid}"
+        )
+    labels = [f.label for f in result.findings]
+    if len(labels) != len(set(labels)):
+        raise ValueError(f"duplicate labels in findings: {labels}")
+
+    entries: list[BundleEntry] = []
+
+    device = build_device(model, result.task)
+    device_id = device.identifier[0]
+    device_url = full_url(device_id)
+    entries.append(_entry(device, device_url, identifier_query(device_id)))
+
+    observation_urls: list[str] = []
+    for finding in result.findings:
+        if not finding.trained:
+            continue  # said so in the report conclusion instead
+        observation = build_observation(
+            ctx, result, finding, device_reference=device_url, issued=issued
+        )
+        url = full_url(observation.identifier[0])
+        observation_urls.append(url)
+        entries.append(_entry(observation, url, identifier_query(observation.identifier[0])))
+
+    media_url: str | None = None
+    if result.heatmap is not None:
+        media = build_media(ctx, result, device_reference=device_url, issued=issued)
+        media_url = full_url(media.identifier[0])
+        entries.append(_entry(media, media_url, identifier_query(media.identifier[0])))
+
+    report = build_diagnostic_report(
+        ctx,
+        result,
+        observation_references=observation_urls,
+        media_reference=media_url,
+        issued=issued,
+        worklist_url=worklist_url,
+    )
+    report_url = full_url(report.identifier[0])
+    entries.append(_entry(report, report_url, identifier_query(report.identifier[0])))
+
+    targets = observation_urls + ([media_url] if media_url else []) + [report_url]
+    provenance = build_provenance(
+        ctx, result, target_references=targets, device_reference=device_url, issued=issued
+    )
+    tag = provenance.meta.tag[0]
+    entries.append(
+        _entry(provenance, f"urn:uuid:{tag.code}", f"_tag={tag.system}|{tag.code}")
+    )
+
+    return Bundle(type="transaction", entry=entries)
+
+
+# ---------------------------------------------------------------------------------------
+# Subscription, ImagingStudy, ServiceRequest helpers
+# ---------------------------------------------------------------------------------------
+
+
+def build_subscription(
+    endpoint: str,
+    *,
+    header_secret: str | None,
+    criteria: str = "ImagingStudy?",
+    reason: str = DEFAULT_SUBSCRIPTION_REASON,
+) -> Subscription:
+    """The R4 rest-hook Subscription that makes the FHIR server notify us of new studies.
+
+    Tagged with SUBSCRIPTION_TAG so `cds-triage subscribe` can find its own Subscription
+    (search SUBSCRIPTION_TAG_QUERY) and not create a duplicate. The secret travels in a
+    header the webhook checks; header values must not contain line breaks.
+    """
+    if not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"subscription endpoint must be an http(s) URL, got {endpoint!r}")
+    headers = None
+    if header_secret is not None:
+        if not header_secret.strip() or any(c in header_secret for c in "\r\n"):
+            raise ValueError("header secret must be non-empty and contain no line breaks")
+        headers = [f"{SUBSCRIPTION_SECRET_HEADER}: {header_secret}"]
+    return Subscription(
+        meta=Meta(tag=[SUBSCRIPTION_TAG.model_copy()]),
+        status="requested",
+        reason=reason,
+        criteria=criteria,
+        channel=SubscriptionChannel(
+            type="rest-hook",
+            endpoint=endpoint,
+            payload="application/fhir+json",
+            header=headers,
+        ),
+    )
+
+
+def study_uid_from_imaging_study(resource: dict[str, Any]) -> str:
+    """The DICOM Study Instance UID of an ImagingStudy (JSON dict).
+
+    R4 keeps it in identifier[system=urn:dicom:uid], value "urn:oid:<uid>". A bare UID
+    without the "urn:oid:" prefix is accepted too (some bridges write it that way); any
+    other shape raises InvalidResourceError, because without the UID we cannot find the
+    pixels in the PACS.
+    """
+    if not isinstance(resource, dict) or resource.get("resourceType") != "ImagingStudy":
+        kind = resource.get("resourceType") if isinstance(resource, dict) else type(resource).__name__
+        raise InvalidResourceError(f"expected an ImagingStudy resource, got {kind!r}")
+    identifiers = resource.get("identifier") or []
+    if not isinstance(identifiers, list):
+        raise InvalidResourceError("ImagingStudy.identifier must be a list")
+    values = {
+        str(ident.get("value", ""))
+        for ident in identifiers
+        if isinstance(ident, dict) and ident.get("system") == codes.DICOM_UID_SYSTEM
+    }
+    where = f"ImagingStudy/{resource.get('id', '?')}"
+    if not values:
+        raise InvalidResourceError(
+            f"{where} has no identifier with system {codes.DICOM_UID_SYSTEM} (Study Instance UID)"
+        )
+    if len(values) > 1:
+        raise InvalidResourceError(f"{where} has several Study Instance UIDs: {sorted(values)}")
+    value = values.pop().strip()
+    uid = value[len(codes.URN_OID_PREFIX):] if value.startswith(codes.URN_OID_PREFIX) else value
+    if len(uid) > 64 or not _DICOM_UID.match(uid):
+        raise InvalidResourceError(f"{where} has a malformed Study Instance UID: {value!r}")
+    return uid
+
+
+def with_priority(service_request: dict[str, Any], priority: Priority, *, note: str | None = None) -> dict[str, Any]:
+    """A copy of a ServiceRequest (JSON dict) with `priority` set, checked against R4B.
+
+    Works on the dict, not on a re-serialised model, so everything else the EHR stored
+    (extensions, meta.versionId for If-Match) goes back unchanged. `note` is appended to
+    ServiceRequest.note, so whoever opens the order sees that the AI raised it and from what.
+    """
+    if not isinstance(service_request, dict) or service_request.get("resourceType") != "ServiceRequest":
+        raise InvalidResourceError("expected a ServiceRequest resource")
+    updated = copy.deepcopy(service_request)
+    updated["priority"] = Priority(priority).value
+    if note:
+        updated["note"] = [*(updated.get("note") or []), {"text": note}]
+    try:
+        ServiceRequest.model_validate(updated)
+    except ValidationError as exc:
+        raise InvalidResourceError(
+            f"ServiceRequest/{service_request.get('id', '?')} is not valid R4B: {exc}"
+        ) from exc
+    return updated

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian machine: installs what is missing, then runs.
+#   ./run.sh demo    local demo: Orthanc + FHIR server + the service, sample studies triaged
+#   ./run.sh test    the whole test suite (what CI runs)
+# Needs root or sudo once, for `apt-get install` of Orthanc and its DICOMweb plugin.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(orthanc orthanc-dicomweb python3-venv)
+VENV=.venv
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+install_system_packages() {
+  local missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "==> apt-get install ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+install_python_packages() {
+  local stamp="$VENV/.installed" want
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
+  echo "==> creating $VENV and installing the project (torch is large: a few minutes)"
+  [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+  echo "$want" > "$stamp"
+}
+
+cmd="${1:-}"
+case "$cmd" in
+  demo)
+    install_system_packages
+    install_python_packages
+    shift
+    exec "$VENV/bin/cds-triage" demo "$@"
+    ;;
+  test)
+    install_system_packages
+    install_python_packages
+    shift
+    exec "$VENV/bin/python" -m pytest -ra "$@"
+    ;;
+  *)
+    echo "usage: $0 demo|test [args...]" >&2
+    exit 2
+    ;;
+esac
