@@ -1,0 +1,168 @@
+"""`cds-triage demo`: the whole product on one machine, on loopback.
+
+Starts Orthanc (DICOMweb), the FHIR server, `cds-triage serve` and `cds-triage worker`,
+registers our Subscription, then plays the EHR: for each sample study it stores the images
+in the PACS and creates Patient, ServiceRequest (routine) and ImagingStudy in the FHIR
+server. The Subscription does the rest. It prints what each study became, and the worklist.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+
+from fhir_mappings.imaging_study import build_imaging_study
+
+from .devservers import ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc, upload_dicom
+from .fhir_client import FhirClient
+from .settings import Settings
+from .subscribe import ensure_subscription
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+@dataclass
+class ServiceProcesses:
+    """`serve` and `worker` as child processes, configured through CDS_ variables."""
+
+    serve: ManagedProcess
+    worker: ManagedProcess
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.serve.stop()
+
+
+def start_service(settings: Settings, logdir: Path, *, http_workers: int = 1) -> ServiceProcesses:
+    """Start the web service and one worker with these settings; returns when /healthz answers."""
+    import os
+
+    env = {**os.environ, **settings.to_env()}
+    python = sys.executable
+    serve = ManagedProcess("cds-serve", [python, "-m", "cds_service.cli", "serve", "--http-workers", str(http_workers)],
+                           url=settings.public_url, log_path=logdir / "serve.log", env=env).start()
+    worker = ManagedProcess("cds-worker", [python, "-m", "cds_service.cli", "worker"],
+                            url="", log_path=logdir / "worker.log", env=env).start()
+    try:
+        serve.wait_ready(lambda: http_ok(f"{settings.public_url}/healthz"), timeout=60)
+    except BaseException:
+        worker.stop()
+        serve.stop()
+        raise
+    return ServiceProcesses(serve=serve, worker=worker)
+
+
+def load_manifest(samples_dir: Path = SAMPLES_DIR) -> list[dict[str, Any]]:
+    return json.loads((samples_dir / "manifest.json").read_text())["studies"]
+
+
+def ehr_order(sample: dict[str, Any], index: int, study_files: list[Path]) -> list[dict[str, Any]]:
+    """Patient, ServiceRequest and ImagingStudy as an EHR would create them for a sample."""
+    first = pydicom.dcmread(str(study_files[0]), stop_before_pixels=True)
+    patient_id, order_id = f"demo-patient-{index}", f"demo-order-{index}"
+    given, _, family = sample["patient_name"].partition(" ")
+    authored = datetime.now(timezone.utc) - timedelta(minutes=10 * (index + 1))
+    patient = {
+        "resourceType": "Patient", "id": patient_id,
+        "identifier": [{"system": "urn:demo:mrn", "value": str(first.PatientID)}],
+        "name": [{"family": family or given, "given": [given]}],
+        "gender": sample.get("gender", "unknown"), "birthDate": sample.get("birth_date", "1960-01-01"),
+    }
+    order = {
+        "resourceType": "ServiceRequest", "id": order_id, "status": "active", "intent": "order",
+        "priority": "routine", "subject": {"reference": f"Patient/{patient_id}"},
+        "code": {"text": str(getattr(first, "SeriesDescription", "") or "Imaging")},
+        "authoredOn": authored.isoformat(timespec="seconds"),
+    }
+    study = build_imaging_study([pydicom.dcmread(str(f), stop_before_pixels=True) for f in study_files],
+                                patient_id=patient_id, service_request_id=order_id, study_id=f"demo-study-{index}")
+    return [patient, order, study.model_dump(mode="json", exclude_none=True)]
+
+
+def wait_for_jobs(settings: Settings, study_ids: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Poll /jobs until every study's job has finished (or the time is up)."""
+    finished: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=settings.public_url, timeout=10) as client:
+        while time.monotonic() < deadline and len(finished) < len(study_ids):
+            for study_id in study_ids:
+                jobs = client.get("/jobs", params={"imagingStudy": study_id}).json()["jobs"]
+                if jobs and jobs[0]["status"] in ("done", "failed", "not_applicable", "model_unavailable"):
+                    finished[study_id] = jobs[0]
+            time.sleep(0.5)
+    return finished
+
+
+def run_demo(settings: Settings, *, workdir: Path | None = None, keep_running: bool = True, port: int = 0) -> int:
+    own_workdir = workdir is None
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="cds-triage-demo-"))
+    processes: list[Any] = []
+    try:
+        print(f"==> starting Orthanc and the FHIR server (data in {workdir})")
+        orthanc = start_orthanc(workdir / "orthanc")
+        processes.append(orthanc)
+        fhir_server = start_fhir_server(workdir / "fhir")
+        processes.append(fhir_server)
+        port = port or free_port()
+        settings = replace(
+            settings, host="127.0.0.1", port=port, public_url=f"http://127.0.0.1:{port}",
+            fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, data_dir=workdir / "service",
+            subscription_secret=settings.subscription_secret or secrets.token_urlsafe(24),
+        )
+        print("==> starting the triage service and a worker")
+        service = start_service(settings, workdir / "service")
+        processes.append(service)
+        subscription_id, _ = ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
+        print(f"==> Subscription/{subscription_id} notifies {settings.public_url}/fhir-notify")
+
+        fhir = FhirClient(settings.fhir_base_url)
+        study_ids = []
+        samples = load_manifest()
+        for index, sample in enumerate(samples):
+            files = sorted((SAMPLES_DIR / sample["folder"]).glob("*.dcm"))
+            upload_dicom(orthanc.url, files)
+            for resource in ehr_order(sample, index, files):
+                fhir.update(resource, if_match=None)
+            study_ids.append(f"demo-study-{index}")
+        print(f"==> {len(samples)} sample studies stored in the PACS and ordered in the EHR; triaging…")
+        finished = wait_for_jobs(settings, study_ids, timeout_s=300)
+        for index, sample in enumerate(samples):
+            job = finished.get(study_ids[index])
+            print("   " + describe_outcome(sample, job))
+        print(f"\nWorklist:  {settings.public_url}/worklist")
+        print(f"FHIR:      {settings.fhir_base_url}    PACS: {orthanc.url}")
+        if keep_running:
+            print("Press Ctrl-C to stop.")
+            while True:
+                time.sleep(3600)
+        return 0 if len(finished) == len(study_ids) else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        if own_workdir and not keep_running:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def describe_outcome(sample: dict[str, Any], job: dict[str, Any] | None) -> str:
+    label = f"{sample['patient_name']:<16} {sample['description']:<34}"
+    if job is None:
+        return f"{label} not finished in time"
+    result = job.get("result") or {}
+    positives = [f"{f['label']} {f['probability']:.0%}" for f in result.get("findings") or [] if f["positive"]]
+    change = result.get("priority") or {}
+    priority = f"{change.get('from') or 'routine'} → {change['to']}" if change.get("changed") else "unchanged"
+    detail = ", ".join(positives) or (job.get("reason") or "no finding above threshold")
+    return f"{label} {job['status']:<18} priority {priority:<18} {detail}"

@@ -1,0 +1,82 @@
+"""ImagingStudy from DICOM headers: what a PACS bridge writes when the EHR has none.
+
+Used by the demo (playing the EHR) and by the PACS-side trigger, where a study arrives in
+the PACS before any ImagingStudy exists. Only header fields are read (no pixels).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.imagingstudy import ImagingStudy, ImagingStudySeries, ImagingStudySeriesInstance
+from fhir.resources.R4B.reference import Reference
+
+from . import codes
+
+#: DICOM modality codes (DICOM PS3.16 CID 29), the system R4 ImagingStudy.modality uses.
+DICOM_DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+
+
+def _text(ds: Any, keyword: str) -> str:
+    return str(getattr(ds, keyword, "") or "").strip()
+
+
+def build_imaging_study(
+    datasets: Sequence[Any],
+    *,
+    patient_id: str,
+    service_request_id: str | None = None,
+    study_id: str | None = None,
+    endpoint_id: str | None = None,
+) -> ImagingStudy:
+    """An `available` ImagingStudy listing the series and instances of one DICOM study.
+
+    `datasets` are pydicom datasets (headers are enough) of a single study.
+    """
+    if not datasets:
+        raise ValueError("an ImagingStudy needs at least one DICOM instance")
+    study_uids = {_text(ds, "StudyInstanceUID") for ds in datasets}
+    if len(study_uids) != 1 or "" in study_uids:
+        raise ValueError(f"instances belong to {len(study_uids)} studies; expected exactly one")
+    by_series: dict[str, list[Any]] = defaultdict(list)
+    for ds in datasets:
+        by_series[_text(ds, "SeriesInstanceUID")].append(ds)
+
+    series = []
+    for number, (uid, members) in enumerate(sorted(by_series.items()), start=1):
+        first = members[0]
+        body_part = _text(first, "BodyPartExamined")
+        series.append(ImagingStudySeries(
+            uid=uid,
+            number=int(getattr(first, "SeriesNumber", number) or number),
+            modality=Coding(system=DICOM_DCM_SYSTEM, code=_text(first, "Modality") or "OT"),
+            description=_text(first, "SeriesDescription") or None,
+            numberOfInstances=len(members),
+            bodySite=Coding(display=body_part) if body_part else None,
+            instance=[
+                ImagingStudySeriesInstance(
+                    uid=_text(ds, "SOPInstanceUID"),
+                    sopClass=Coding(system="urn:ietf:rfc:3986", code=f"urn:oid:{_text(ds, 'SOPClassUID')}"),
+                    number=int(getattr(ds, "InstanceNumber", 0) or 0) or None,
+                )
+                for ds in members
+            ],
+        ))
+    first = datasets[0]
+    modalities = sorted({s.modality.code for s in series})
+    return ImagingStudy(
+        id=study_id,
+        status="available",
+        identifier=[Identifier(system=codes.DICOM_UID_SYSTEM, value=f"{codes.URN_OID_PREFIX}{study_uids.pop()}")],
+        modality=[Coding(system=DICOM_DCM_SYSTEM, code=m) for m in modalities],
+        subject=Reference(reference=f"Patient/{patient_id}"),
+        basedOn=[Reference(reference=f"ServiceRequest/{service_request_id}")] if service_request_id else None,
+        endpoint=[Reference(reference=f"Endpoint/{endpoint_id}")] if endpoint_id else None,
+        description=_text(first, "StudyDescription") or _text(first, "SeriesDescription") or None,
+        numberOfSeries=len(series),
+        numberOfInstances=len(datasets),
+        series=series,
+    )
