@@ -1,0 +1,105 @@
+"""Shared fixtures: a real Orthanc and a real sekmet FHIR server on loopback, once per session.
+
+Both skip (with the reason) when the executable is missing on a developer machine; with the
+CI environment variable set they fail instead, so CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from cds_service import devservers
+
+SAMPLES_DIR = Path(devservers.__file__).resolve().parent / "samples"
+
+
+def require(condition: object, reason: str) -> None:
+    """Skip the test when `condition` is falsy, or fail when running in CI."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _require_orthanc() -> None:
+    require(devservers.find_orthanc(), "Orthanc executable not found (apt-get install orthanc, or set ORTHANC_BIN)")
+    require(
+        devservers.find_dicomweb_plugin(),
+        "Orthanc DICOMweb plugin not found (apt-get install orthanc-dicomweb, or set ORTHANC_DICOMWEB_PLUGIN)",
+    )
+
+
+def _require_sekmet() -> None:
+    require(devservers.find_sekmet(), "sekmet executable not found in this virtualenv (pip install sekmet-fhir==0.1.1)")
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devservers.OrthancProcess]:
+    """A started Orthanc (DICOMweb at `.dicomweb_url`), shared by the whole session."""
+    _require_orthanc()
+    workdir = tmp_path_factory.mktemp("orthanc")
+    proc = devservers.start_orthanc(workdir)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devservers.FhirServerProcess]:
+    """A started sekmet FHIR R4 server (`.url` is the FHIR base), shared by the whole session."""
+    _require_sekmet()
+    workdir = tmp_path_factory.mktemp("fhir")
+    proc = devservers.start_fhir_server(workdir)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator:
+    """Start extra Orthancs (own config/ports) inside one test; all are stopped afterwards."""
+    _require_orthanc()
+    started: list[devservers.ManagedProcess] = []
+
+    def start(**kwargs) -> devservers.OrthancProcess:
+        proc = devservers.start_orthanc(tmp_path / f"orthanc{len(started)}", **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture
+def fhir_server_factory(tmp_path: Path) -> Iterator:
+    """Start extra sekmet servers (e.g. with SMART settings) inside one test; stopped afterwards."""
+    _require_sekmet()
+    started: list[devservers.ManagedProcess] = []
+
+    def start(**kwargs) -> devservers.FhirServerProcess:
+        proc = devservers.start_fhir_server(tmp_path / f"fhir{len(started)}", **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """cds_service/samples (DICOM studies + manifest.json)."""
+    return SAMPLES_DIR
