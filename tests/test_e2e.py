@@ -240,18 +240,34 @@ def test_notification_for_a_missing_or_deleted_study_fails_clearly(fhir, api):
         assert job["status"] == "failed" and ("404" in job["reason"] or "410" in job["reason"]), job
 
 
+def start_variant(service: Settings, tmp_path: Path, **changes) -> tuple[Settings, object]:
+    """Another instance of our service with some settings changed (its own data dir and port)."""
+    port = free_port()
+    variant = replace(service, port=port, public_url=f"http://127.0.0.1:{port}", data_dir=tmp_path / "data", **changes)
+    return variant, start_service(variant, tmp_path / "logs")
+
+
 def test_fhir_server_down_is_retried_then_failed_and_service_keeps_serving(service, tmp_path):
-    dead = replace(service, fhir_base_url=f"http://127.0.0.1:{free_port()}/fhir", public_url=f"http://127.0.0.1:{free_port()}",
-                   data_dir=tmp_path / "data")
-    dead = replace(dead, port=int(dead.public_url.rsplit(":", 1)[1]))
-    processes = start_service(dead, tmp_path / "logs")
+    dead, processes = start_variant(service, tmp_path, fhir_base_url=f"http://127.0.0.1:{free_port()}/fhir")
     try:
         with httpx.Client(base_url=dead.public_url, timeout=10) as client:
             response = client.put("/fhir-notify/ImagingStudy/abc", headers={"X-CDS-Subscription-Secret": SECRET})
             assert response.status_code == 200
             job = wait_for_job(client, "abc")
-            assert job["status"] == "failed" and "unreachable" in job["reason"] and job["attempts"] == 2
+            assert job["status"] == "failed" and "FHIR server unreachable" in job["reason"] and job["attempts"] == 2
             assert client.get("/healthz").status_code == 200
+    finally:
+        processes.stop()
+
+
+def test_pacs_down_is_retried_then_failed(service, fhir, tmp_path):
+    dead, processes = start_variant(service, tmp_path, dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web")
+    try:
+        ids = order_study(fhir, ct_slices(pydicom.uid.generate_uid(), 1))
+        with httpx.Client(base_url=dead.public_url, timeout=10) as client:
+            client.put(f"/fhir-notify/ImagingStudy/{ids['study']}", headers={"X-CDS-Subscription-Secret": SECRET})
+            job = wait_for_job(client, ids["study"])
+            assert job["status"] == "failed" and "PACS unreachable" in job["reason"] and job["attempts"] == 2
     finally:
         processes.stop()
 

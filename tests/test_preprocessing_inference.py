@@ -119,3 +119,48 @@ def test_card_validation():
         ModelCard.from_dict(data)
     with pytest.raises(ModelUnavailableError, match="labels"):
         ModelCard.from_dict(card().raw | {"labels": ["any"]})
+
+
+# --- compressed transfer syntaxes, as a PACS may store them ----------------------------
+
+
+@pytest.mark.parametrize("syntax", ["rle", "jpegls", "jpeg2000"])
+def test_lossless_compressed_ct_decodes_to_the_same_image(syntax):
+    from cds_service.devservers import make_dataset
+
+    stored = (np.arange(64 * 64).reshape(64, 64) % 2000).astype(np.uint16)
+    plain = make_dataset(stored, modality="CT", rescale_slope=1, rescale_intercept=-1024)
+    packed = read_dicom(_part10(make_dataset(stored, modality="CT", rescale_slope=1, rescale_intercept=-1024,
+                                             transfer_syntax=syntax)))
+    assert packed.file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(dicom_to_image(packed, CT), dicom_to_image(plain, CT))
+
+
+def test_jpeg_baseline_decodes():
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    grey = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="JPEG", quality=95)
+    ds = dicom(np.zeros((64, 64)), BitsAllocated=8, BitsStored=8, HighBit=7)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.LossyImageCompression = "01"
+    image = dicom_to_image(read_dicom(_part10(ds)), PreprocessingSpec.from_card(PREPROCESSING[Task.BRAIN_MRI], 64))
+    assert np.corrcoef(image[..., 0].ravel(), grey.ravel().astype(float))[0, 1] > 0.99
+
+
+def test_unknown_transfer_syntax_is_a_clear_error():
+    ds = dicom(np.zeros((16, 16)))
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"
+    with pytest.raises(BadDicomError, match="transfer syntax 1.2.3.4.5.6.7"):
+        dicom_to_image(ds, CT)
+
+
+def _part10(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
