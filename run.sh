@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(orthanc orthanc-dicomweb python3-venv)
+APT_PACKAGES=(orthanc orthanc-dicomweb python3-venv chromium dicom3tools redis-server)
 VENV=.venv
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -1,14 +1,14 @@
-"""HTTP triggers and job status: the Subscription endpoint, the CDS hook, /jobs, /healthz.
+"""HTTP triggers and job status: the Subscription endpoint, /jobs, /healthz.
 
 Every trigger ends in `ServiceContext.submit`, so a rest-hook notification and a CDS Hooks
-call for the same study become the same job.
+call (cds_hooks.py) for the same study become the same job.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import uuid
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -16,14 +16,15 @@ from flask import Blueprint, jsonify, request
 
 from .app import ctx, operation_outcome
 from .errors import TriageError
-from .jobs import Job, TriageRequest
+from .jobs import Job, JobState, TriageRequest
+from .ops import operator_refusal
+from .security import parse_json_body
 
 log = logging.getLogger(__name__)
 
 api = Blueprint("api", __name__)
 
 SUBSCRIPTION_SECRET_HEADER = "X-CDS-Subscription-Secret"
-IMAGINGSTUDY_CREATE = "imagingstudy-create"
 
 
 # --- FHIR R4 rest-hook Subscription ---------------------------------------------------------
@@ -69,6 +70,17 @@ def imaging_study_ids(body: Any, path: str) -> list[str] | None:
     raise ValueError(f"expected an ImagingStudy notification, got resourceType {kind!r}")
 
 
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def checked_ids(ids: list[str] | None) -> list[str] | None:
+    """The ids, if each is a valid FHIR id (R4: 1-64 of A-Z a-z 0-9 - .); ValueError otherwise."""
+    for resource_id in ids or []:
+        if not FHIR_ID.fullmatch(resource_id):
+            raise ValueError(f"notified ImagingStudy id is not a valid FHIR id: {resource_id[:80]!r}")
+    return ids
+
+
 def recently_changed_studies() -> list[str]:
     """For an empty notification: the ImagingStudies changed within the look-back window."""
     settings = ctx().settings
@@ -87,11 +99,13 @@ def fhir_notification(path: str) -> Any:
     """The Subscription channel endpoint: persist a job per study, then answer 200."""
     if not _secret_ok():
         return operation_outcome(401, "missing or wrong subscription secret", "login")
-    body = request.get_json(silent=True, force=True) if request.get_data() else None
-    if request.get_data() and body is None:
-        return operation_outcome(400, "notification body is not valid JSON", "invalid")
+    data = request.get_data()
     try:
-        ids = imaging_study_ids(body, path)
+        body = parse_json_body(data, ctx().settings.max_json_depth) if data else None
+    except ValueError as exc:  # not JSON, not UTF-8, or nested absurdly deep
+        return operation_outcome(400, f"notification body: {exc}", "invalid")
+    try:
+        ids = checked_ids(imaging_study_ids(body, path))
         if ids is None:
             ids = recently_changed_studies()
     except ValueError as exc:
@@ -100,60 +114,6 @@ def fhir_notification(path: str) -> Any:
         return operation_outcome(503, f"could not look up changed studies: {exc}", "transient")
     jobs = [ctx().submit(TriageRequest(imaging_study_id=i, source="subscription"))[0] for i in ids]
     return jsonify({"jobs": [job.to_json() for job in jobs]}), 200
-
-
-# --- CDS Hooks (the imagingstudy-create service; discovery lists it) -------------------------
-
-
-def _card(summary: str, detail: str, indicator: str = "info") -> dict[str, Any]:
-    return {
-        "uuid": str(uuid.uuid4()),
-        "summary": summary[:139],
-        "detail": detail,
-        "indicator": indicator,
-        "source": {"label": "AI radiology triage", "url": ctx().settings.public_url + "/worklist"},
-    }
-
-
-@api.get("/cds-services")
-def discovery() -> Any:
-    return jsonify({
-        "services": [{
-            "hook": IMAGINGSTUDY_CREATE,
-            "id": IMAGINGSTUDY_CREATE,
-            "title": "AI radiology triage",
-            "description": "Queues AI triage of a new imaging study; raises the order's priority for critical findings.",
-            "prefetch": {"imagingStudy": "ImagingStudy/{{context.imagingStudyId}}"},
-            "usageRequirements": "Requires the study's images in the configured DICOMweb PACS.",
-        }]
-    })
-
-
-@api.post(f"/cds-services/{IMAGINGSTUDY_CREATE}")
-def imagingstudy_create() -> Any:
-    """Queue triage and answer at once with an 'analysis pending' card (hooks never wait)."""
-    call = request.get_json(silent=True)
-    if not isinstance(call, dict):
-        return operation_outcome(400, "CDS Hooks request body must be a JSON object", "invalid")
-    if call.get("hook") != IMAGINGSTUDY_CREATE:
-        return operation_outcome(400, f"this service handles hook {IMAGINGSTUDY_CREATE!r}, got {call.get('hook')!r}", "invalid")
-    context = call.get("context")
-    if not isinstance(context, dict) or not isinstance(context.get("imagingStudyId"), str) \
-            or not isinstance(context.get("patientId"), str):
-        return operation_outcome(400, "context needs string patientId and imagingStudyId", "invalid")
-    service_request_id = context.get("serviceRequestId")
-    try:
-        job, _ = ctx().submit(TriageRequest(
-            imaging_study_id=context["imagingStudyId"].removeprefix("ImagingStudy/"),
-            source="cds-hooks",
-            service_request_id=service_request_id.removeprefix("ServiceRequest/") if isinstance(service_request_id, str) else None,
-        ))
-    except ValueError as exc:
-        return operation_outcome(400, str(exc), "invalid")
-    card = _card("AI triage: analysis pending",
-                 f"The study was queued for AI triage (job `{job.id}`, status {job.state.value}). "
-                 "Findings will appear on the worklist. *AI-generated, preliminary.*")
-    return jsonify({"cards": [card]})
 
 
 # --- Jobs and health ----------------------------------------------------------------------------
@@ -165,13 +125,22 @@ def _job_or_404(job_id: str) -> Job | None:
 
 @api.get("/jobs")
 def list_jobs() -> Any:
-    limit = min(int(request.args.get("limit", 100)), 1000)
+    if refused := operator_refusal():
+        return refused
+    try:
+        limit = max(1, min(int(request.args.get("limit", 100)), 1000))
+    except ValueError:
+        return operation_outcome(400, "limit must be a whole number", "invalid")
+    if request.args.get("status") and request.args["status"] not in {s.value for s in JobState}:
+        return operation_outcome(400, f"unknown status; one of {', '.join(s.value for s in JobState)}", "invalid")
     jobs = ctx().store.list(imaging_study_id=request.args.get("imagingStudy"), state=request.args.get("status"), limit=limit)
     return jsonify({"jobs": [job.to_json() for job in jobs]})
 
 
 @api.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Any:
+    if refused := operator_refusal():
+        return refused
     job = _job_or_404(job_id)
     if job is None:
         return operation_outcome(404, f"no job {job_id}", "not-found")
@@ -180,10 +149,15 @@ def get_job(job_id: str) -> Any:
 
 @api.post("/jobs/<job_id>/requeue")
 def requeue_job(job_id: str) -> Any:
+    """An operator re-runs a job (a failed one with fresh attempts); 409 while a live worker runs it."""
+    if refused := operator_refusal():
+        return refused
     job = _job_or_404(job_id)
     if job is None:
         return operation_outcome(404, f"no job {job_id}", "not-found")
     job = ctx().store.requeue(job_id)
+    if job is not None and job.state is JobState.RUNNING:
+        return operation_outcome(409, "a live worker runs this job; it is re-queued by itself if that worker stops", "conflict")
     ctx().enqueue(job_id)
     return jsonify(job.to_json() if job else {}), 202
 

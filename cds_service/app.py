@@ -10,11 +10,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import httpx
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
 from .fhir_client import FhirClient
-from .jobs import Job, JobStore, TriageRequest, create_queue, register_triage_task
+from .jobs import BaseJobStore, Job, TriageRequest, create_queue, open_job_store, register_triage_task
 from .models import model_set_version
 from .settings import Settings
 
@@ -26,12 +27,20 @@ class ServiceContext:
     """What request handlers need, built once per process and kept on the app."""
 
     settings: Settings
-    store: JobStore
+    store: BaseJobStore
     enqueue: Callable[[str], Any]
     model_set: str
+    #: SMART Backend Services auth for our FHIR server, shared so its token cache serves every request.
+    fhir_auth: httpx.Auth | None = None
+
+    def __post_init__(self) -> None:
+        if self.fhir_auth is None:
+            from .smart_auth import fhir_auth
+
+            self.fhir_auth = fhir_auth(self.settings)
 
     def fhir(self) -> FhirClient:
-        return FhirClient(self.settings.fhir_base_url, timeout_s=self.settings.http_timeout_s,
+        return FhirClient(self.settings.fhir_base_url, timeout_s=self.settings.http_timeout_s, auth=self.fhir_auth,
                           bearer_token=self.settings.fhir_bearer_token)
 
     def submit(self, request: TriageRequest) -> tuple[Job, bool]:
@@ -59,8 +68,8 @@ def operation_outcome(status: int, message: str, code: str = "processing") -> tu
 
 def build_context(settings: Settings) -> ServiceContext:
     """The queue and store as the web process sees them (it enqueues; it never runs jobs)."""
-    store = JobStore(settings.job_db_path)
-    huey = create_queue(settings.queue_url, settings.queue_db_path)
+    store = open_job_store(settings)  # SQLite file, or Redis with CDS_QUEUE_URL=redis://…
+    huey = create_queue(settings.queue_url, settings.queue_db_path, timeout_s=settings.http_timeout_s)
     task = register_triage_task(huey, store, runner_factory=_no_runner, max_attempts=settings.job_retries,
                                 retry_base_s=settings.job_retry_delay_s)
     return ServiceContext(settings=settings, store=store, enqueue=task, model_set=model_set_version(settings.weights_dir))
@@ -78,10 +87,16 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.extensions["cds_triage"] = context or build_context(settings)
 
     from .api import api
+    from .cds_hooks import register_cds_hooks
+    from .ops import ops
+    from .pacs_trigger import pacs_trigger
     from .worklist import worklist
 
     app.register_blueprint(api)
+    register_cds_hooks(app, settings)  # CDS Hooks behind their JWT check (security.py)
     app.register_blueprint(worklist)
+    app.register_blueprint(pacs_trigger)
+    app.register_blueprint(ops)  # /readyz, /metrics, /audit, request logs (ops.py)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Any, int]:

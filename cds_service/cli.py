@@ -15,7 +15,10 @@ from .settings import Settings
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from gunicorn.app.base import BaseApplication
 
+    from . import metrics
     from .app import create_app
+
+    metrics.configure(settings.metrics_dir)  # before gunicorn forks: /metrics adds up every process
 
     class Server(BaseApplication):  # gunicorn's documented way to embed a WSGI app
         def load_config(self) -> None:
@@ -23,7 +26,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             self.cfg.set("workers", args.http_workers)
             self.cfg.set("threads", 4)
             self.cfg.set("timeout", 60)
-            self.cfg.set("accesslog", "-")
+            self.cfg.set("accesslog", None)  # ops.py logs each request as JSON, without resource ids
 
         def load(self):  # type: ignore[no-untyped-def]
             return create_app(settings)
@@ -61,29 +64,35 @@ def _triage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
-    from .jobs import JobStore
+    from .jobs import QueueUnavailableError, create_queue, open_job_store, register_triage_task
 
-    store = JobStore(settings.job_db_path)
-    if args.action == "list":
-        for job in store.list(state=args.status, limit=args.limit):
-            print(f"{job.id}  {job.state.value:18} ImagingStudy/{job.imaging_study_id}  {job.reason}")
-        return 0
-    if not args.job_id:
-        print("a job id is needed", file=sys.stderr)
-        return 2
-    job = store.get(args.job_id)
-    if job is None:
-        print(f"no job {args.job_id}", file=sys.stderr)
+    try:
+        store = open_job_store(settings)
+        if args.action == "list":
+            for job in store.list(state=args.status, limit=args.limit):
+                print(f"{job.id}  {job.state.value:18} {job.attempts:>2} attempts  ImagingStudy/{job.imaging_study_id}  {job.reason}")
+            return 0
+        if not args.job_id:
+            print("a job id is needed", file=sys.stderr)
+            return 2
+        job = store.get(args.job_id)
+        if job is None:
+            print(f"no job {args.job_id}", file=sys.stderr)
+            return 1
+        if args.action == "requeue":
+            job = store.requeue(job.id)
+            if job is not None and job.state.value == "running":
+                print(f"job {job.id} is running on {job.worker}; it is re-queued by itself if that worker stops",
+                      file=sys.stderr)
+                return 1
+            huey = create_queue(settings.queue_url, settings.queue_db_path, timeout_s=settings.http_timeout_s)
+            task = register_triage_task(huey, store, lambda: None, max_attempts=settings.job_retries,  # type: ignore[arg-type,return-value]
+                                        retry_base_s=settings.job_retry_delay_s)
+            task(args.job_id)
+            job = store.get(args.job_id)
+    except QueueUnavailableError as exc:
+        print(f"cds-triage jobs: {exc}", file=sys.stderr)
         return 1
-    if args.action == "requeue":
-        from .jobs import create_queue, register_triage_task
-
-        huey = create_queue(settings.queue_url, settings.queue_db_path)
-        task = register_triage_task(huey, store, lambda: None, max_attempts=settings.job_retries,  # type: ignore[arg-type,return-value]
-                                    retry_base_s=settings.job_retry_delay_s)
-        store.requeue(job.id)
-        task(job.id)
-        job = store.get(job.id)
     print(json.dumps(job.to_json() if job else {}, indent=2))
     return 0
 

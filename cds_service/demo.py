@@ -9,12 +9,13 @@ server. The Subscription does the rest. It prints what each study became, and th
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -34,33 +35,48 @@ SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 
 @dataclass
 class ServiceProcesses:
-    """`serve` and `worker` as child processes, configured through CDS_ variables."""
+    """`serve` and its worker(s) as child processes, configured through CDS_ variables."""
 
     serve: ManagedProcess
     worker: ManagedProcess
+    more_workers: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def workers(self) -> list[ManagedProcess]:
+        return [self.worker, *self.more_workers]
 
     def stop(self) -> None:
-        self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
         self.serve.stop()
 
 
-def start_service(settings: Settings, logdir: Path, *, http_workers: int = 1) -> ServiceProcesses:
-    """Start the web service and one worker with these settings; returns when /healthz answers."""
+def start_worker(settings: Settings, logdir: Path, index: int = 0) -> ManagedProcess:
+    """One `cds-triage worker` process (its log: worker.log, worker-1.log, …)."""
+    import os
+
+    name = "worker" if index == 0 else f"worker-{index}"
+    return ManagedProcess(f"cds-{name}", [sys.executable, "-m", "cds_service.cli", "worker"], url="",
+                          log_path=logdir / f"{name}.log", env={**os.environ, **settings.to_env()}).start()
+
+
+def start_service(settings: Settings, logdir: Path, *, http_workers: int = 1, workers: int = 1) -> ServiceProcesses:
+    """Start the web service and `workers` worker processes; returns when /healthz answers."""
     import os
 
     env = {**os.environ, **settings.to_env()}
     python = sys.executable
     serve = ManagedProcess("cds-serve", [python, "-m", "cds_service.cli", "serve", "--http-workers", str(http_workers)],
                            url=settings.public_url, log_path=logdir / "serve.log", env=env).start()
-    worker = ManagedProcess("cds-worker", [python, "-m", "cds_service.cli", "worker"],
-                            url="", log_path=logdir / "worker.log", env=env).start()
+    started = [start_worker(settings, logdir, index) for index in range(max(1, workers))]
     try:
         serve.wait_ready(lambda: http_ok(f"{settings.public_url}/healthz"), timeout=60)
     except BaseException:
-        worker.stop()
+        for worker in started:
+            worker.stop()
         serve.stop()
         raise
-    return ServiceProcesses(serve=serve, worker=worker)
+    return ServiceProcesses(serve=serve, worker=started[0], more_workers=started[1:])
 
 
 def load_manifest(samples_dir: Path = SAMPLES_DIR) -> list[dict[str, Any]]:
@@ -119,6 +135,8 @@ def run_demo(settings: Settings, *, workdir: Path | None = None, keep_running: b
             settings, host="127.0.0.1", port=port, public_url=f"http://127.0.0.1:{port}",
             fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, data_dir=workdir / "service",
             subscription_secret=settings.subscription_secret or secrets.token_urlsafe(24),
+            # The demo puts the Grad-CAM Secondary Capture into Orthanc unless CDS_HEATMAP_TO_PACS says otherwise.
+            heatmap_to_pacs=settings.heatmap_to_pacs or "CDS_HEATMAP_TO_PACS" not in os.environ,
         )
         print("==> starting the triage service and a worker")
         service = start_service(settings, workdir / "service")

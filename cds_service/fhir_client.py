@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import httpx
 
 from .errors import StudyNotFoundError, UpstreamError, UpstreamRejectedError
+from .metrics import count_upstream_error
 
 FHIR_JSON = "application/fhir+json"
 
@@ -61,11 +62,14 @@ class FhirClient:
         try:
             response = self.http.request(method, url, **kwargs)
         except httpx.TimeoutException as exc:
+            count_upstream_error("fhir", "timeout")
             raise UpstreamError(f"FHIR server timed out on {method} {url.split('?')[0]}") from exc
         except httpx.TransportError as exc:
+            count_upstream_error("fhir", "unreachable")
             raise UpstreamError(f"FHIR server unreachable at {self.base_url}: {type(exc).__name__}") from exc
         if response.status_code < 400:
             return response
+        count_upstream_error("fhir", f"http_{response.status_code}")
         reason = f"FHIR {method} {url.split('?')[0]} answered {response.status_code}: {outcome_text(response)}"
         if response.status_code in (404, 410):
             raise StudyNotFoundError(reason)

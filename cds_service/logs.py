@@ -10,6 +10,9 @@ import hashlib
 import json
 import logging
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -17,6 +20,29 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 def hashed(value: str) -> str:
     """A short, stable pseudonym for an identifier, for log correlation only."""
     return hashlib.sha256(value.encode()).hexdigest()[:12]
+
+
+_CONTEXT: ContextVar[dict[str, Any]] = ContextVar("cds_log_context", default={})
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add fields (a job id, a hashed study id) to every log line written inside, by any logger."""
+    token = _CONTEXT.set({**_CONTEXT.get(), **fields})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    """Copies the `log_context` fields onto each record (an explicit `extra` wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _CONTEXT.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +58,10 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # dicomweb-client writes Study/Series Instance UIDs at INFO: identifiers stay out of our logs.
+    logging.getLogger("dicomweb_client").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the events that matter

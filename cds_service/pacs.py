@@ -14,7 +14,8 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from .domain import Series, Study
-from .errors import PermanentError, TransientError, UpstreamError, UpstreamRejectedError
+from .errors import BadDicomError, PermanentError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
+from .metrics import count_upstream_error
 
 MODALITY = "00080060"
 SERIES_DESCRIPTION = "0008103E"
@@ -28,7 +29,22 @@ class StudyNotInPacsError(TransientError):
 
 
 class StudyTooLargeError(PermanentError):
-    """More instances than the configured limit: refused before anything is downloaded."""
+    """More instances or bytes than the configured limits: refused before (or while) downloading."""
+
+
+def instance_bytes(ds: pydicom.Dataset) -> int:
+    """What an instance costs in memory: its pixel data as stored, or as decoded if larger.
+
+    The decoded size comes from the header (Rows x Columns x frames x samples x bits), so a
+    header claiming a 65535 x 65535 image is caught before any decoder allocates it.
+    """
+    stored = len(ds.get("PixelData") or b"")
+    try:
+        decoded = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+                   * int(ds.get("SamplesPerPixel", 1) or 1) * max(1, int(ds.get("BitsAllocated", 8) or 8) // 8))
+    except (TypeError, ValueError):
+        decoded = 0  # unreadable header values: the decoder will report them
+    return max(stored, decoded)
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,35 @@ class PacsConfig:
     password: str = ""
     bearer_token: str = ""
     timeout_s: float = 30.0
+    max_series_bytes: int = 0  # 0: no limit
+
+
+def require_complete_multipart(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+    """A requests hook: a multipart body that ends before its closing boundary is an error.
+
+    Orthanc (and others) end a WADO-RS answer by closing the connection, with no length,
+    so a PACS that stops mid-transfer looks like a shorter answer; dicomweb-client would
+    then hand over the series minus its tail. Raising ChunkedEncodingError makes it a
+    transient fault (retried), like any other broken transfer.
+    """
+    media_type, _, params = response.headers.get("Content-Type", "").partition(";")
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in params.split(";")
+                     if p.strip().lower().startswith("boundary=")), "")
+    if media_type.strip().lower() != "multipart/related" or not boundary:
+        return response
+    closing_delimiter = b"--" + boundary.encode() + b"--"
+    stream = response.iter_content
+
+    def checked(chunk_size: int | None = 1, decode_unicode: bool = False) -> Any:
+        tail = b""
+        for chunk in stream(chunk_size, decode_unicode):
+            tail = (tail + chunk)[-(len(closing_delimiter) + 1024):]
+            yield chunk
+        if closing_delimiter not in tail:
+            raise requests.exceptions.ChunkedEncodingError("multipart answer ended before its closing boundary")
+
+    response.iter_content = checked  # type: ignore[method-assign]
+    return response
 
 
 def _value(attrs: dict[str, Any], tag: str, default: Any = "") -> Any:
@@ -63,6 +108,7 @@ class Pacs:
 
     def __init__(self, config: PacsConfig) -> None:
         session = requests.Session()
+        session.hooks["response"].append(require_complete_multipart)
         if config.username:
             session.auth = (config.username, config.password)
         if config.bearer_token:
@@ -84,14 +130,25 @@ class Pacs:
             raise StudyTooLargeError(
                 f"series has {series.number_of_instances} instances, above the limit of {max_instances}"
             )
-        datasets = self._call(
-            lambda: self.client.retrieve_series(study_uid, series.uid, media_types=(("application/dicom", "*"),)),
-            study_uid,
-        )
+        datasets = self._call(lambda: self._download(study_uid, series, max_instances), study_uid)
         if len(datasets) > max_instances:
             raise StudyTooLargeError(f"series has {len(datasets)} instances, above the limit of {max_instances}")
         if not datasets:
             raise StudyNotInPacsError("series has no instances in the PACS")
+        return datasets
+
+    def _download(self, study_uid: str, series: Series, max_instances: int) -> list[pydicom.Dataset]:
+        """Stream the series, stopping as soon as it passes the instance or byte limit."""
+        datasets: list[pydicom.Dataset] = []
+        total = 0
+        for ds in self.client.iter_series(study_uid, series.uid, media_types=(("application/dicom", "*"),)):
+            datasets.append(ds)
+            total += instance_bytes(ds)
+            if self.config.max_series_bytes and total > self.config.max_series_bytes:
+                raise StudyTooLargeError(f"series is larger than the limit of {self.config.max_series_bytes} bytes "
+                                         f"(CDS_MAX_SERIES_BYTES) after {len(datasets)} instances")
+            if len(datasets) > max_instances:
+                break
         return datasets
 
     def _call(self, request: Any, study_uid: str) -> Any:
@@ -99,15 +156,27 @@ class Pacs:
             return request()
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
+            count_upstream_error("pacs", f"http_{status}")
             if status == 404:
                 raise StudyNotInPacsError(f"PACS answered 404 for the study at {self.config.url}") from exc
             if status in (408, 429) or status >= 500:
                 raise UpstreamError(f"PACS answered {status}") from exc
             raise UpstreamRejectedError(f"PACS refused the request with {status}", status) from exc
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except requests.Timeout as exc:
+            count_upstream_error("pacs", "timeout")
+            raise UpstreamError(f"PACS timed out at {self.config.url}: {type(exc).__name__}") from exc
+        except requests.exceptions.ChunkedEncodingError as exc:
+            count_upstream_error("pacs", "cut_short")
+            raise UpstreamError(f"PACS transfer was cut short at {self.config.url}: {exc}") from exc
+        except requests.RequestException as exc:  # refused, reset
+            count_upstream_error("pacs", "unreachable")
             raise UpstreamError(f"PACS unreachable at {self.config.url}: {type(exc).__name__}") from exc
+        except TriageError:
+            raise
         except (ValueError, pydicom.errors.InvalidDicomError) as exc:
             raise PermanentError(f"PACS sent data that could not be parsed: {exc}") from exc
+        except Exception as exc:  # pydicom raises many kinds on a malformed object
+            raise BadDicomError(f"PACS sent a DICOM object that could not be read: {type(exc).__name__}: {exc}") from exc
 
 
 def sort_slices(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:

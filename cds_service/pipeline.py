@@ -8,6 +8,7 @@ a thin adapter (FhirClient, Pacs) that raises the service's error kinds.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -18,11 +19,13 @@ from .domain import OrderContext, Priority, TriageResult
 from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
 from .jobs import Job, JobState
+from .metrics import observe_model_latency
 from .models import ModelRegistry
 from .pacs import Pacs, sort_slices
 from .preprocessing import dicom_to_image
 from .priority import parse_priority, raised_priority
 from .routing import describe, route_study
+from .secondary_capture import heatmap_to_pacs
 from .settings import Settings
 from .triage import triage_images
 
@@ -109,12 +112,14 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     # 4. Decode and preprocess as the model card says; 5. classify and explain.
     datasets = sort_slices(pacs.retrieve_series(ctx.study_uid, route.series, settings.max_instances))
     images = [dicom_to_image(ds, model.card.preprocessing) for ds in datasets]
+    started = time.perf_counter()
     result = triage_images(
         model, images, settings.priority_rules,
         study_uid=ctx.study_uid, series_uid=route.series.uid,
         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
         batch_size=settings.batch_size,
     )
+    observe_model_latency(route.task.value, time.perf_counter() - started)
 
     # 6. Write the report, observations, heatmap, device and provenance: all or nothing.
     issued = datetime.now(timezone.utc)
@@ -125,6 +130,12 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     # 7. Move the order up the worklist (never down).
     change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
     summary = result_summary(result) | {"written": written, "priority": change}
+
+    # 8. The heatmap back into the PACS, as a Secondary Capture in the same study (optional).
+    #    Its failure is recorded in the job result; it never fails a triage already written.
+    if settings.heatmap_to_pacs and result.heatmap is not None:
+        summary["heatmapToPacs"] = heatmap_to_pacs(pacs, deps.fhir, datasets, result, written.get("Media") or [])
+
     log.info("triage done", extra={"job": job.id, "task": route.task.value, "priority": change})
     return JobState.DONE, "", summary
 

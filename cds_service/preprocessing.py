@@ -108,12 +108,16 @@ def read_dicom(source: bytes | str | Path | pydicom.Dataset) -> pydicom.Dataset:
         if isinstance(source, (bytes, bytearray)):
             if not source:
                 raise BadDicomError("empty DICOM file (0 bytes)")
-            return pydicom.dcmread(io.BytesIO(source))
-        return pydicom.dcmread(str(source))
+            ds = pydicom.dcmread(io.BytesIO(source))
+        else:
+            ds = pydicom.dcmread(str(source))
     except BadDicomError:
         raise
     except Exception as exc:  # pydicom raises many types for broken files
         raise BadDicomError(f"not a readable DICOM file: {exc}") from exc
+    if len(ds) == 0:  # a preamble and "DICM" with nothing after them
+        raise BadDicomError("not a readable DICOM file: no data elements after the header")
+    return ds
 
 
 def dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:

@@ -76,6 +76,44 @@ class Settings:
         default_factory=lambda: dict(DEFAULT_PRIORITY_RULES), metadata={"env": "PRIORITY_RULES"}
     )
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
+    # PACS-side trigger (POST /pacs/studies): off while the secret is empty.
+    pacs_trigger_secret: str = field(default="", metadata={"env": "PACS_TRIGGER_SECRET", "secret": True})
+    patient_identifier_system: str = field(default="urn:demo:mrn", metadata={"env": "PATIENT_IDENTIFIER_SYSTEM"})
+    pacs_unknown_patient: str = field(default="reject", metadata={"env": "PACS_UNKNOWN_PATIENT"})
+
+    # Worklist page and heatmap in the PACS (cds_service/worklist.py, secondary_capture.py).
+    heatmap_to_pacs: bool = field(default=False, metadata={"env": "HEATMAP_TO_PACS"})
+    pacs_viewer_url: str = field(default="", metadata={"env": "PACS_VIEWER_URL"})
+    worklist_refresh_s: float = field(default=5.0, metadata={"env": "WORKLIST_REFRESH_S"})
+    worklist_max_orders: int = field(default=200, metadata={"env": "WORKLIST_MAX_ORDERS"})
+    worklist_auth: str = field(default="none", metadata={"env": "WORKLIST_AUTH"})
+    worklist_auth_header: str = field(default="X-Forwarded-User", metadata={"env": "WORKLIST_AUTH_HEADER"})
+    worklist_bearer_token: str = field(default="", metadata={"env": "WORKLIST_BEARER_TOKEN", "secret": True})
+
+    # CDS Hooks: inbound JWT (see cds_service/security.py), CORS, limits, system actions.
+    cds_hooks_auth: str = field(default="jwt", metadata={"env": "HOOKS_AUTH"})
+    cds_hooks_issuers: str = field(default="", metadata={"env": "HOOKS_ISSUERS"})
+    cds_hooks_jku_allowlist: str = field(default="", metadata={"env": "HOOKS_JKU_ALLOWLIST"})
+    cds_hooks_jwks_file: str = field(default="", metadata={"env": "HOOKS_JWKS_FILE"})
+    cds_hooks_jwks_cache_s: int = field(default=300, metadata={"env": "HOOKS_JWKS_CACHE_S"})
+    cds_hooks_cors_origins: str = field(default="", metadata={"env": "HOOKS_CORS_ORIGINS"})
+    cds_hooks_rate_limit: str = field(default="120/minute", metadata={"env": "HOOKS_RATE_LIMIT"})
+    rate_limit_storage_url: str = field(default="memory://", metadata={"env": "RATE_LIMIT_STORAGE_URL"})
+    max_json_depth: int = field(default=64, metadata={"env": "MAX_JSON_DEPTH"})
+    cds_hooks_system_actions: str = field(default="off", metadata={"env": "HOOKS_SYSTEM_ACTIONS"})
+    # Outbound to the FHIR server: SMART Backend Services (client credentials, private_key_jwt).
+    fhir_smart_client_id: str = field(default="", metadata={"env": "FHIR_SMART_CLIENT_ID"})
+    fhir_smart_private_key_file: str = field(default="", metadata={"env": "FHIR_SMART_PRIVATE_KEY_FILE"})
+    fhir_smart_key_id: str = field(default="", metadata={"env": "FHIR_SMART_KEY_ID"})
+    fhir_smart_token_url: str = field(default="", metadata={"env": "FHIR_SMART_TOKEN_URL"})
+    fhir_smart_scope: str = field(default="system/*.rs system/*.cu", metadata={"env": "FHIR_SMART_SCOPE"})
+    # Jobs that survive crashes (cds_service/jobs.py), size limits, operations (metrics.py, ops.py).
+    job_lease_s: float = field(default=30.0, metadata={"env": "JOB_LEASE_S"})
+    job_redeliver_s: float = field(default=300.0, metadata={"env": "JOB_REDELIVER_S"})
+    job_timeout_s: float = field(default=900.0, metadata={"env": "JOB_TIMEOUT_S"})
+    max_series_bytes: int = field(default=1_000_000_000, metadata={"env": "MAX_SERIES_BYTES"})
+    worker_metrics_port: int = field(default=0, metadata={"env": "WORKER_METRICS_PORT"})
+    operator_token: str = field(default="", metadata={"env": "OPERATOR_TOKEN", "secret": True})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
@@ -84,13 +122,18 @@ class Settings:
         values: dict[str, object] = {}
         for f in fields(cls):
             name = PREFIX + f.metadata["env"]
-            if name not in env:
+            raw = env.get(name)
+            if raw is None and f.metadata.get("secret") and name + "_FILE" in env:
+                # A secret may come from a file named by CDS_<NAME>_FILE (Docker/Kubernetes secrets).
+                raw = Path(env[name + "_FILE"]).read_text().strip()
+            if raw is None:
                 continue
-            raw = env[name]
             if f.name == "priority_rules":
                 values[f.name] = parse_priority_rules(raw)
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
+            elif f.type in ("bool", bool):
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif f.type in ("float", float):
                 values[f.name] = float(raw)
             elif f.type in ("Path", Path):
@@ -123,3 +166,12 @@ class Settings:
     @property
     def queue_db_path(self) -> Path:
         return self.data_dir / "queue.sqlite3"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus_client multiprocess files of this machine's processes."""
+        return self.data_dir / "metrics"
+
+    @property
+    def audit_db_path(self) -> Path:
+        return self.data_dir / "audit.sqlite3"

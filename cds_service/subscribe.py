@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from fhir_mappings.builders import SUBSCRIPTION_TAG, build_subscription
 
-from .fhir_client import FhirClient
 from .settings import Settings
+from .smart_auth import fhir_auth, fhir_client
 
 
 def is_ours(subscription: dict, endpoint: str) -> bool:
@@ -22,7 +22,7 @@ def is_ours(subscription: dict, endpoint: str) -> bool:
 
 def ensure_subscription(settings: Settings, endpoint: str) -> tuple[str, bool]:
     """The id of our Subscription for `endpoint`, and whether it was created just now."""
-    fhir = FhirClient(settings.fhir_base_url, timeout_s=settings.http_timeout_s, bearer_token=settings.fhir_bearer_token)
+    fhir = fhir_client(settings, fhir_auth(settings))  # SMART Backend Services when configured
     try:
         for existing in fhir.search("Subscription", {"_count": "200"}):
             if is_ours(existing, endpoint) and existing.get("status") in ("requested", "active"):

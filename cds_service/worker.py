@@ -1,25 +1,33 @@
 """`cds-triage worker`: the process that runs triage jobs from the queue.
 
-Models load once per worker process, on the first job. On start, jobs left `running` by
-a worker that died (SIGKILL, power loss) are put back on the queue.
+Models load once per worker process, on the first job. Beside the queue consumer runs one
+*keeper* thread, every third of CDS_JOB_LEASE_S:
+- it renews the lease of each job this worker runs (up to CDS_JOB_TIMEOUT_S per attempt),
+  and says this worker is alive;
+- it recovers jobs whose lease lapsed — their worker was killed (SIGKILL, power loss, OOM),
+  on this machine or another — and puts them back on the queue. A restarted or a second
+  worker therefore picks up a killed worker's job within about one lease.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from functools import lru_cache
+from typing import Any, Callable
 
-from .fhir_client import FhirClient
-from .jobs import Job, JobStore, create_queue, register_triage_task
+from . import metrics
+from .audit import open_write_back_trail, write_back_event
+from .jobs import BaseJobStore, Job, JobState, Leases, QueueUnavailableError, create_queue, open_job_store, register_triage_task
 from .models import ModelRegistry
 from .pacs import Pacs, PacsConfig
 from .pipeline import PipelineDeps, run_triage
 from .settings import Settings
+from .smart_auth import fhir_auth, fhir_client
 
 log = logging.getLogger(__name__)
-
-STALE_JOB_S = 600.0
 
 
 def configure_torch(settings: Settings) -> None:
@@ -36,33 +44,97 @@ def build_deps(settings: Settings) -> PipelineDeps:
     @lru_cache(maxsize=8)
     def pacs_for(url: str) -> Pacs:
         return Pacs(PacsConfig(url=url, username=settings.dicomweb_username, password=settings.dicomweb_password,
-                               bearer_token=settings.dicomweb_bearer_token, timeout_s=settings.http_timeout_s))
+                               bearer_token=settings.dicomweb_bearer_token, timeout_s=settings.http_timeout_s,
+                               max_series_bytes=settings.max_series_bytes))
 
     return PipelineDeps(
         settings=settings,
-        fhir=FhirClient(settings.fhir_base_url, timeout_s=settings.http_timeout_s, bearer_token=settings.fhir_bearer_token),
+        fhir=fhir_client(settings, fhir_auth(settings)),  # SMART Backend Services when configured
         models=ModelRegistry(settings.weights_dir, settings.device),
         pacs_for=pacs_for,
     )
 
 
+def keep_leases(store: BaseJobStore, leases: Leases, enqueue: Callable[[str], Any], settings: Settings,
+                now: float | None = None) -> list[Job]:
+    """One round of the keeper: heartbeat, renew held leases, recover lapsed jobs (returned)."""
+    now = time.time() if now is None else now
+    store.heartbeat(leases.worker, now)
+    for job_id, running_s in leases.held().items():
+        if running_s > settings.job_timeout_s:
+            log.warning("attempt exceeds CDS_JOB_TIMEOUT_S; its lease is left to lapse", extra={"job": job_id})
+            continue
+        if not store.renew(job_id, leases.worker):
+            log.warning("lost the lease of a running job (recovered elsewhere)", extra={"job": job_id})
+    recovered = store.recover(settings.job_retries, now)
+    for job in recovered:
+        metrics.count_retry("lease_expired" if job.reason.startswith("re-queued") else "redelivered")
+        enqueue(job.id)
+        log.warning("job put back on the queue", extra={"job": job.id, "state": job.state.value,
+                                                        "attempts": job.attempts})
+    return recovered
+
+
+def start_keeper(store: BaseJobStore, leases: Leases, enqueue: Callable[[str], Any], settings: Settings) -> threading.Thread:
+    """The keeper thread (a daemon: it dies with the worker, which is what lets leases lapse)."""
+    interval = max(0.2, settings.job_lease_s / 3)
+
+    def loop() -> None:
+        while True:
+            try:
+                keep_leases(store, leases, enqueue, settings)
+            except QueueUnavailableError as exc:
+                log.warning("job store unavailable; leases not renewed this round", extra={"error": str(exc)})
+            except Exception:  # noqa: BLE001 - the keeper must outlive any single failure
+                log.exception("lease keeper round failed")
+            time.sleep(interval)
+
+    thread = threading.Thread(target=loop, name="lease-keeper", daemon=True)
+    thread.start()
+    return thread
+
+
+def audit_hook(settings: Settings, worker: str) -> Callable[[Job, JobState, dict[str, Any]], None]:
+    """Append what a finished triage wrote, and where, to the audit trail (before the job is marked done)."""
+    trail = open_write_back_trail(settings)
+
+    def record(job: Job, state: JobState, result: dict[str, Any]) -> None:
+        if state is not JobState.DONE or not result.get("written"):
+            return
+        try:
+            trail.append(write_back_event(job.id, job.imaging_study_id, worker, settings.fhir_base_url, result))
+        except Exception as exc:  # noqa: BLE001 - no write without its audit record: retry the job
+            raise QueueUnavailableError(f"audit trail unavailable: {type(exc).__name__}: {exc}") from exc
+
+    return record
+
+
 def run_worker(settings: Settings) -> None:
-    """Consume the queue until stopped (SIGINT/SIGTERM finish the job in hand first)."""
+    """Consume the queue until stopped. A job cut short by the stop is recovered by its lease."""
+    metrics.configure(settings.metrics_dir)
+    if settings.worker_metrics_port:
+        metrics.serve_worker_metrics(settings.worker_metrics_port, settings.host)
     configure_torch(settings)
-    store = JobStore(settings.job_db_path)
-    huey = create_queue(settings.queue_url, settings.queue_db_path)
+    store = open_job_store(settings)
+    huey = create_queue(settings.queue_url, settings.queue_db_path, timeout_s=settings.http_timeout_s)
+    leases = Leases()
 
     def runner_factory():  # type: ignore[no-untyped-def]
         deps = build_deps(settings)
         return lambda job: run_triage(job, deps)
 
     task = register_triage_task(huey, store, runner_factory, max_attempts=settings.job_retries,
-                                retry_base_s=settings.job_retry_delay_s)
-    for job in store.stale_running(STALE_JOB_S):
-        recovered: Job | None = store.requeue(job.id)
-        if recovered:
-            task(recovered.id)
-            log.warning("re-queued job %s left %s by a stopped worker", job.id, job.state.value)
+                                retry_base_s=settings.job_retry_delay_s, leases=leases,
+                                on_finished=audit_hook(settings, leases.worker))
+    # Studies announced by the PACS (POST /pacs/studies) are resolved here, then queued as triage jobs.
+    from .app import ServiceContext
+    from .models import model_set_version
+    from .pacs_trigger import register_arrival_task
+
+    register_arrival_task(huey, ServiceContext(settings=settings, store=store, enqueue=task,
+                                               model_set=model_set_version(settings.weights_dir)))
+    log.info("worker started", extra={"worker": leases.worker, "threads": settings.workers})
+    start_keeper(store, leases, task, settings)
     consumer = huey.create_consumer(workers=settings.workers, worker_type="thread", periodic=False,
                                     initial_delay=0.05, max_delay=0.5, backoff=1.15)
     consumer.run()

@@ -1,51 +1,146 @@
 """The radiologist's worklist: imaging orders, most dangerous first, with the AI's evidence.
 
-`build_worklist` is pure (FHIR JSON and job records in, ordered rows out); the blueprint
-only fetches and renders. Order: priority (stat > asap > urgent > routine), then the AI
-score of the top positive finding, then the longest waiting.
+Read from the FHIR server in one search: active ServiceRequests with their Patient, the
+ImagingStudy based on each, and our DiagnosticReport with its Observations and heatmap
+Media. Only the job status (queued/running/done/failed) comes from our own job store.
+
+`build_worklist` is the pure core (FHIR JSON and job records in, ordered rows out); the
+routes only fetch and render. Order: priority (stat > asap > urgent > routine), then the
+AI score (probability of the top positive finding), then the longest waiting.
+
+Pages:
+- `GET /worklist`: the table; it polls `GET /worklist/rows.json` every
+  CDS_WORKLIST_REFRESH_S seconds and re-renders without a reload (static/worklist.js).
+- `GET /worklist/orders/<ServiceRequest id>`: the study view (key image, heatmap overlay
+  with opacity slider, findings, model card summary, link to the PACS viewer).
+- `GET /worklist/orders/<id>/key-image.png`: the key slice from the PACS, rendered as the
+  model saw it, so the overlay lines up with it. `GET /heatmaps/<Media id>.png`: the overlay.
+
+URLs carry only opaque FHIR ids. Access is checked per CDS_WORKLIST_AUTH (see `access_denied`).
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
+import io
+import re
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-from flask import Blueprint, Response, render_template
+import pydicom
+import requests
+from flask import Blueprint, Response, abort, jsonify, render_template, request
+from PIL import Image
+
+from fhir_mappings import codes
 
 from .app import ctx, operation_outcome
-from .errors import TriageError
+from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from .errors import StudyNotFoundError, TriageError
 from .jobs import Job
-from .pipeline import reference_id
-from .priority import parse_priority
+from .models import available_cards, ModelCard
+from .pacs import Pacs, PacsConfig
+from .pipeline import dicomweb_url_for, reference_id
+from .preprocessing import dicom_to_image, display_image
+from .settings import Settings
 
-worklist = Blueprint("worklist", __name__, template_folder="templates")
+worklist = Blueprint("worklist", __name__, template_folder="templates", static_folder="static",
+                     static_url_path="/worklist/static")
+
+PRIORITY_RANK = {"stat": 3, "asap": 2, "urgent": 1, "routine": 0}
+IMAGING_ORDER_CATEGORY = ("http://snomed.info/sct", "363679005")  # SNOMED CT "Imaging"
+DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
+_AI_RAISE_NOTE = re.compile(r"Priority raised from (\w+) to (\w+) by AI triage")
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_SOP_IN_MEDIA_TEXT = re.compile(r"SOP Instance UID ([0-9]+(?:\.[0-9]+)+)")
+
+
+# --- the pure core ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowFinding:
+    """One trained label's AI probability, as our Observation states it."""
+
+    label: str
+    display: str
+    probability: float
+    positive: bool
 
 
 @dataclass(frozen=True)
 class WorklistRow:
-    service_request_id: str
+    """One imaging order as the radiologist sees it."""
+
+    order_id: str
     imaging_study_id: str | None
+    study_uid: str | None
     patient: str
     patient_details: str
+    modality: str
+    body_part: str
     study: str
     ordered: datetime | None
     priority: str
-    previous_priority: str | None
-    top_finding: str | None
-    probability: float | None
+    ai_raised_from: str | None
+    findings: tuple[RowFinding, ...]
     model: str | None
     status: str
     reason: str | None
     heatmap_media_id: str | None
+    heatmap_size: tuple[int, int] | None
+    key_instance_uid: str | None
+    heatmap_in_pacs: dict[str, Any] | None
 
     @property
-    def waiting(self) -> str:
-        if not self.ordered:
-            return ""
-        minutes = int((datetime.now(timezone.utc) - self.ordered).total_seconds() // 60)
-        return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+    def top_finding(self) -> RowFinding | None:
+        return next((f for f in self.findings if f.positive), None)
+
+    @property
+    def score(self) -> float:
+        """The AI score used to order rows of equal priority."""
+        top = self.top_finding
+        return top.probability if top else 0.0
+
+    def waiting_minutes(self, now: datetime) -> int | None:
+        return max(0, int((now - self.ordered).total_seconds() // 60)) if self.ordered else None
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        """What the page script renders (display-ready; no identifiers beyond FHIR ids)."""
+        top = self.top_finding
+        waiting = self.waiting_minutes(now)
+        return {
+            "orderId": self.order_id,
+            "patient": self.patient,
+            "patientDetails": self.patient_details,
+            "modality": self.modality,
+            "bodyPart": self.body_part,
+            "study": self.study,
+            "ordered": self.ordered.isoformat() if self.ordered else None,
+            "waitingMinutes": waiting,
+            "waiting": format_waiting(waiting),
+            "priority": self.priority,
+            "aiRaisedFrom": self.ai_raised_from,
+            "topFinding": {"label": top.label, "display": top.display, "probability": top.probability} if top else None,
+            "findings": [f.__dict__ for f in self.findings],
+            "model": self.model,
+            "status": self.status,
+            "reason": self.reason,
+            "heatmap": f"/heatmaps/{self.heatmap_media_id}.png" if self.heatmap_media_id else None,
+            "url": f"/worklist/orders/{self.order_id}",
+        }
+
+
+def format_waiting(minutes: int | None) -> str:
+    if minutes is None:
+        return ""
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 48 * 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes // (24 * 60)} d"
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -58,10 +153,12 @@ def _parse_time(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def _patient_name(patient: dict[str, Any] | None) -> str:
+def patient_name(patient: Mapping[str, Any] | None) -> str:
+    """The name as the EHR wrote it (official first when there are several)."""
     if not patient:
         return "Unknown patient"
-    for name in patient.get("name") or []:
+    names = sorted(patient.get("name") or [], key=lambda n: n.get("use") != "official")
+    for name in names:
         if name.get("text"):
             return str(name["text"])
         text = " ".join([*(name.get("given") or []), name.get("family", "")]).strip()
@@ -70,14 +167,15 @@ def _patient_name(patient: dict[str, Any] | None) -> str:
     return "Unnamed patient"
 
 
-def _patient_details(patient: dict[str, Any] | None, today: date) -> str:
+def patient_details(patient: Mapping[str, Any] | None, today: date) -> str:
+    """Age and administrative gender, e.g. "67 y, female"."""
     if not patient:
         return ""
     parts = []
     birth = patient.get("birthDate")
     if birth:
         try:
-            born = date.fromisoformat(birth[:10])
+            born = date.fromisoformat(str(birth)[:10]) if len(str(birth)) >= 10 else date(int(str(birth)[:4]), 7, 1)
             parts.append(f"{today.year - born.year - ((today.month, today.day) < (born.month, born.day))} y")
         except ValueError:
             pass
@@ -86,95 +184,340 @@ def _patient_details(patient: dict[str, Any] | None, today: date) -> str:
     return ", ".join(parts)
 
 
-def _study_text(study: dict[str, Any] | None) -> str:
-    if not study:
-        return "(no study yet)"
-    modalities = ", ".join(m.get("code", "") for m in study.get("modality") or [])
-    return " · ".join(filter(None, [modalities, study.get("description", "")])) or "ImagingStudy"
+def _codes(concepts: Iterable[Mapping[str, Any]] | Mapping[str, Any] | None) -> set[tuple[str, str]]:
+    if isinstance(concepts, Mapping):
+        concepts = [concepts]
+    return {(c.get("system", ""), c.get("code", "")) for concept in concepts or [] for c in concept.get("coding") or []}
 
 
-def build_worklist(
-    service_requests: Iterable[dict[str, Any]],
-    imaging_studies: Iterable[dict[str, Any]],
-    patients: Iterable[dict[str, Any]],
-    jobs: Iterable[Job],
-    *,
-    today: date | None = None,
-) -> list[WorklistRow]:
-    """Join orders, studies, patients and triage jobs into ordered worklist rows."""
-    today = today or date.today()
-    patients_by_id = {str(p.get("id")): p for p in patients}
-    study_by_order: dict[str, dict[str, Any]] = {}
-    for study in imaging_studies:
+def is_ours(resource: Mapping[str, Any]) -> bool:
+    """Written by this service: it carries our deterministic result identifier."""
+    return any(i.get("system") == codes.RESULT_IDENTIFIER_SYSTEM for i in resource.get("identifier") or [])
+
+
+def study_uid_of(study: Mapping[str, Any] | None) -> str | None:
+    for identifier in (study or {}).get("identifier") or []:
+        if identifier.get("system") == codes.DICOM_UID_SYSTEM and identifier.get("value"):
+            return str(identifier["value"]).removeprefix(codes.URN_OID_PREFIX)
+    return None
+
+
+def finding_of(observation: Mapping[str, Any]) -> RowFinding | None:
+    """Our Observation as a finding: label from our code system, POS interpretation = positive."""
+    coding = next((c for c in (observation.get("code") or {}).get("coding") or []
+                   if c.get("system") == codes.LOCAL_FINDING_SYSTEM), None)
+    value = (observation.get("valueQuantity") or {}).get("value")
+    if coding is None or value is None:
+        return None
+    positive = (codes.INTERPRETATION_SYSTEM, codes.INTERPRETATION_POSITIVE) in _codes(observation.get("interpretation"))
+    return RowFinding(label=str(coding["code"]), display=str(coding.get("display") or coding["code"]),
+                      probability=float(value), positive=positive and coding["code"] not in NEGATIVE_LABELS)
+
+
+def key_instance_uid(media: Mapping[str, Any] | None) -> str | None:
+    """The SOP Instance UID of the slice the heatmap explains, as our Media's title/note names it."""
+    if not media:
+        return None
+    texts = [(media.get("content") or {}).get("title", ""), *(n.get("text", "") for n in media.get("note") or [])]
+    for text in texts:
+        found = _SOP_IN_MEDIA_TEXT.search(str(text))
+        if found:
+            return found.group(1)
+    return None
+
+
+def ai_raised_from(order: Mapping[str, Any], job: Job | None) -> str | None:
+    """The priority before the AI raised it, while the AI's value still stands (else None).
+
+    From our job record, else from the note the pipeline leaves on the order; if a person
+    changed the priority since, the marker no longer applies.
+    """
+    current = order.get("priority") or "routine"
+    change = (job.result or {}).get("priority") if job else None
+    if change and change.get("changed") and change.get("to") == current:
+        return change.get("from") or "unset"
+    for note in reversed(order.get("note") or []):
+        found = _AI_RAISE_NOTE.search(str(note.get("text", "")))
+        if found:
+            return found.group(1) if found.group(2) == current else None
+    return None
+
+
+def is_imaging_order(order: Mapping[str, Any], has_study: bool) -> bool:
+    """An order belongs on the worklist if it has an ImagingStudy or is categorised as imaging."""
+    return has_study or IMAGING_ORDER_CATEGORY in _codes(order.get("category"))
+
+
+def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], *, now: datetime) -> list[WorklistRow]:
+    """Join one search's resources (orders, patients, studies, our reports…) and our jobs into rows."""
+    by_type: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for resource in resources:
+        if resource.get("resourceType") and resource.get("id"):
+            by_type.setdefault(str(resource["resourceType"]), {})[str(resource["id"])] = resource
+    get = lambda kind, ref: by_type.get(kind, {}).get(reference_id(ref, kind) or "")  # noqa: E731
+
+    study_by_order: dict[str, Mapping[str, Any]] = {}
+    for study in by_type.get("ImagingStudy", {}).values():
         for ref in study.get("basedOn") or []:
             order_id = reference_id(ref.get("reference"), "ServiceRequest")
             if order_id:
                 study_by_order.setdefault(order_id, study)
+    report_by_order: dict[str, Mapping[str, Any]] = {}
+    for report in sorted(filter(is_ours, by_type.get("DiagnosticReport", {}).values()), key=lambda r: r.get("issued", "")):
+        for ref in report.get("basedOn") or []:
+            order_id = reference_id(ref.get("reference"), "ServiceRequest")
+            if order_id:
+                report_by_order[order_id] = report  # the newest wins
     newest_job: dict[str, Job] = {}
     for job in sorted(jobs, key=lambda j: j.created_at):
         newest_job[job.imaging_study_id] = job
 
     rows = []
-    for order in service_requests:
-        order_id = str(order.get("id"))
+    for order_id, order in by_type.get("ServiceRequest", {}).items():
         study = study_by_order.get(order_id)
-        study_id = str(study["id"]) if study else None
-        job = newest_job.get(study_id) if study_id else None
-        result = job.result if job else {}
-        positives = [f for f in result.get("findings") or [] if f.get("positive")]
-        top = max(positives, key=lambda f: f["probability"], default=None)
-        change = result.get("priority") or {}
-        media = (result.get("written") or {}).get("Media") or []
-        patient = patients_by_id.get(reference_id((order.get("subject") or {}).get("reference"), "Patient") or "")
-        model = result.get("model")
+        if not is_imaging_order(order, study is not None):
+            continue
+        report = report_by_order.get(order_id) or {}
+        observations = [get("Observation", r.get("reference")) for r in report.get("result") or []]
+        findings = sorted(filter(None, (finding_of(o) for o in observations if o)),
+                          key=lambda f: (not f.positive, -f.probability))
+        model = next((o["device"].get("display") for o in observations if o and (o.get("device") or {}).get("display")), None)
+        media = next((get("Media", m.get("link", {}).get("reference")) for m in report.get("media") or []), None)
+        job = newest_job.get(str(study["id"])) if study else None
+        series = (study or {}).get("series") or []
         rows.append(WorklistRow(
-            service_request_id=order_id,
-            imaging_study_id=study_id,
-            patient=_patient_name(patient),
-            patient_details=_patient_details(patient, today),
-            study=_study_text(study),
+            order_id=order_id,
+            imaging_study_id=str(study["id"]) if study else None,
+            study_uid=study_uid_of(study),
+            patient=patient_name(get("Patient", (order.get("subject") or {}).get("reference"))),
+            patient_details=patient_details(get("Patient", (order.get("subject") or {}).get("reference")), now.date()),
+            modality=", ".join(sorted({m.get("code", "") for m in (study or {}).get("modality") or []} - {""})),
+            body_part=", ".join(sorted({(s.get("bodySite") or {}).get("display") or (s.get("bodySite") or {}).get("code") or ""
+                                        for s in series} - {""})),
+            study=(study or {}).get("description") or (order.get("code") or {}).get("text") or "",
             ordered=_parse_time(order.get("authoredOn")),
-            priority=(parse_priority(order.get("priority")) or parse_priority("routine")).value,  # type: ignore[union-attr]
-            previous_priority=change.get("from") or ("routine" if change.get("changed") else None),
-            top_finding=top["label"] if top else None,
-            probability=top["probability"] if top else None,
-            model=f"{model['name']} {model['version']}" if model else None,
-            status=job.state.value if job else "no job",
-            reason=job.reason if job and job.reason else None,
-            heatmap_media_id=media[0].split("/")[-1] if media else None,
+            priority=order.get("priority") if order.get("priority") in PRIORITY_RANK else "routine",
+            ai_raised_from=ai_raised_from(order, job),
+            findings=tuple(findings),
+            model=model,
+            status=job.state.value if job else ("no study yet" if study is None else "not triaged"),
+            reason=job.reason or None if job else None,
+            heatmap_media_id=str(media["id"]) if media else None,
+            heatmap_size=(int(media["width"]), int(media["height"])) if media and media.get("width") and media.get("height") else None,
+            key_instance_uid=key_instance_uid(media),
+            heatmap_in_pacs=(job.result or {}).get("heatmapToPacs") if job else None,
         ))
-    rank = {"stat": 3, "asap": 2, "urgent": 1, "routine": 0}
+    return sorted(rows, key=order_key(now))
+
+
+def order_key(now: datetime) -> Any:
+    """Sort key: priority, then AI score, then waiting time (longest first), then id (stable)."""
     far_future = datetime.max.replace(tzinfo=timezone.utc)
-    rows.sort(key=lambda r: (-rank[r.priority], -(r.probability or 0.0), r.ordered or far_future))
-    return rows
+    return lambda r: (-PRIORITY_RANK[r.priority], -r.score, r.ordered or far_future, r.order_id)
+
+
+def viewer_url(template: str, row: WorklistRow) -> str | None:
+    """The PACS viewer link from CDS_PACS_VIEWER_URL (placeholder `{study_uid}`)."""
+    if not template or not row.study_uid:
+        return None
+    return template.replace("{study_uid}", row.study_uid)
+
+
+def access_denied(settings: Settings, headers: Mapping[str, str]) -> str | None:
+    """Why a request may not see the worklist, or None when it may (CDS_WORKLIST_AUTH).
+
+    - `none`: open (the default, for the loopback demo);
+    - `proxy-header`: an authenticating reverse proxy (e.g. oauth2-proxy or mod_auth_openidc
+      doing OIDC) sets CDS_WORKLIST_AUTH_HEADER; the service must then be reachable only through it;
+    - `bearer`: `Authorization: Bearer <CDS_WORKLIST_BEARER_TOKEN>` (scripts, EHR embedding).
+    Anything else fails closed.
+    """
+    mode = settings.worklist_auth
+    if mode == "none":
+        return None
+    if mode == "proxy-header":
+        return None if headers.get(settings.worklist_auth_header, "").strip() else \
+            f"not signed in (no {settings.worklist_auth_header} header from the reverse proxy)"
+    if mode == "bearer":
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        expected = settings.worklist_bearer_token
+        if expected and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode()):
+            return None
+        return "missing or wrong bearer token"
+    return f"CDS_WORKLIST_AUTH={mode!r} is not one of none, proxy-header, bearer"
+
+
+def task_for_label(label: str) -> Task | None:
+    return next((task for task, labels in TASK_LABELS.items() if label in labels), None)
+
+
+def key_image_png(ds: pydicom.Dataset, card: ModelCard, size: tuple[int, int]) -> bytes:
+    """The key slice as the model saw it (same windowing and resize as the overlay's background)."""
+    image = display_image(dicom_to_image(ds, card.preprocessing), max(size))
+    buffer = io.BytesIO()
+    Image.fromarray((image * 255).clip(0, 255).astype("uint8")).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def model_card_summary(card: ModelCard | None) -> dict[str, Any] | None:
+    """What the study view shows of the model card: intended use, limits, thresholds."""
+    if card is None:
+        return None
+    raw = card.raw
+    limitations = raw.get("limitations") or []
+    return {
+        "name": card.name, "version": card.version, "date": raw.get("date"),
+        "intended_use": raw.get("intended_use"),
+        "limitations": [limitations] if isinstance(limitations, str) else list(limitations)[:6],
+        "thresholds": card.thresholds,
+    }
+
+
+# --- the thin shell: fetch, render ---------------------------------------------------------
+
+
+def fetch_worklist(order_id: str | None = None) -> list[WorklistRow]:
+    """One FHIR search (orders + patient + study + our report, observations, media) and the jobs."""
+    settings = ctx().settings
+    params: dict[str, Any] = {
+        "_count": str(settings.worklist_max_orders),
+        "_include": "ServiceRequest:subject",
+        "_revinclude": ["ImagingStudy:basedon", "DiagnosticReport:based-on"],
+        "_include:iterate": ["DiagnosticReport:result", "DiagnosticReport:media"],
+    }
+    if order_id:
+        params["_id"] = order_id
+    else:
+        params["status"] = "active"
+    fhir = ctx().fhir()
+    try:
+        resources = fhir.search("ServiceRequest", params, max_pages=1)
+    finally:
+        fhir.close()
+    return build_worklist(resources, ctx().store.list(limit=5000), now=datetime.now(timezone.utc))
+
+
+def _row_or_404(order_id: str) -> WorklistRow:
+    if not FHIR_ID.fullmatch(order_id):
+        abort(404, "no such order")
+    rows = fetch_worklist(order_id)
+    if not rows:
+        abort(404, "no imaging order with this id")
+    return rows[0]
+
+
+@worklist.before_request
+def check_access() -> Any:
+    denied = access_denied(ctx().settings, request.headers)
+    if denied is None:
+        return None
+    if denied.startswith("CDS_WORKLIST_AUTH"):
+        return operation_outcome(500, f"worklist access misconfigured: {denied}", "exception")
+    response, status = operation_outcome(401, denied, "login")
+    if ctx().settings.worklist_auth == "bearer":
+        response.headers["WWW-Authenticate"] = 'Bearer realm="cds-triage worklist"'
+    return response, status
+
+
+@worklist.after_request
+def security_headers(response: Response) -> Response:
+    """Our own assets only (no CDN, no inline script), no caching or referrers of patient pages."""
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'self'"
+    )
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.endpoint != "worklist.static":
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@worklist.errorhandler(TriageError)
+def upstream_unavailable(exc: TriageError) -> Any:
+    if isinstance(exc, StudyNotFoundError):
+        return operation_outcome(404, str(exc), "not-found")
+    return operation_outcome(502, f"worklist unavailable: {exc}", "transient")
 
 
 @worklist.get("/worklist")
 def show_worklist() -> Any:
+    now = datetime.now(timezone.utc)
+    rows = [row.to_json(now) for row in fetch_worklist()]
+    return render_template("worklist.html", rows=rows, refresh_s=ctx().settings.worklist_refresh_s,
+                           disclaimer=DISCLAIMER)
+
+
+@worklist.get("/worklist/rows.json")
+def worklist_rows() -> Any:
+    now = datetime.now(timezone.utc)
+    return jsonify({"rows": [row.to_json(now) for row in fetch_worklist()], "generated": now.isoformat()})
+
+
+@worklist.get("/worklist/orders/<order_id>")
+def study_view(order_id: str) -> Any:
+    row = _row_or_404(order_id)
+    top = row.top_finding or next(iter(row.findings), None)
+    task = task_for_label(top.label) if top else None
+    card = available_cards(ctx().settings.weights_dir).get(task) if task else None
+    return render_template("study.html", row=row, data=row.to_json(datetime.now(timezone.utc)),
+                           card=model_card_summary(card), disclaimer=DISCLAIMER,
+                           viewer_url=viewer_url(ctx().settings.pacs_viewer_url, row))
+
+
+@worklist.get("/worklist/orders/<order_id>/key-image.png")
+def key_image(order_id: str) -> Any:
+    """The key slice from the PACS (WADO-RS), rendered with the model card's preprocessing."""
+    row = _row_or_404(order_id)
+    top = row.top_finding
+    task = task_for_label(top.label) if top else None
+    card = available_cards(ctx().settings.weights_dir).get(task) if task else None
+    if not (row.key_instance_uid and row.study_uid and row.imaging_study_id and row.heatmap_size and card):
+        return operation_outcome(404, "this order has no key image", "not-found")
+    settings = ctx().settings
     fhir = ctx().fhir()
     try:
-        orders = fhir.search("ServiceRequest", {"_count": "200"})
-        studies = fhir.search("ImagingStudy", {"_count": "200"})
-        patients = fhir.search("Patient", {"_count": "200"})
-    except TriageError as exc:
-        return operation_outcome(502, f"worklist unavailable: {exc}", "transient")
+        study, _ = fhir.read("ImagingStudy", row.imaging_study_id)
+        url = dicomweb_url_for(study, fhir, settings)
     finally:
         fhir.close()
-    rows = build_worklist(orders, studies, patients, ctx().store.list(limit=1000))
-    return render_template("worklist.html", rows=rows, fhir_base=ctx().settings.fhir_base_url)
+    pacs = Pacs(PacsConfig(url=url, username=settings.dicomweb_username, password=settings.dicomweb_password,
+                           bearer_token=settings.dicomweb_bearer_token, timeout_s=settings.http_timeout_s))
+    try:
+        series_uid = series_of_instance(study, row.key_instance_uid) or _series_from_qido(pacs, row.study_uid, row.key_instance_uid)
+        if series_uid is None:
+            return operation_outcome(404, "key image not found in the PACS", "not-found")
+        ds = pacs.client.retrieve_instance(row.study_uid, series_uid, row.key_instance_uid)
+    except (requests.RequestException, ValueError) as exc:
+        return operation_outcome(502, f"key image unavailable from the PACS: {type(exc).__name__}", "transient")
+    return Response(key_image_png(ds, card, row.heatmap_size), mimetype="image/png")
+
+
+def series_of_instance(study: Mapping[str, Any], sop_instance_uid: str) -> str | None:
+    """The series of an instance, when the ImagingStudy lists its instances."""
+    for series in study.get("series") or []:
+        if any(i.get("uid") == sop_instance_uid for i in series.get("instance") or []):
+            return str(series.get("uid"))
+    return None
+
+
+def _series_from_qido(pacs: Pacs, study_uid: str, sop_instance_uid: str) -> str | None:
+    found = pacs.client.search_for_instances(study_uid, search_filters={"SOPInstanceUID": sop_instance_uid})
+    values = [((item.get("0020000E") or {}).get("Value") or [None])[0] for item in found or []]
+    return next((str(v) for v in values if v), None)
 
 
 @worklist.get("/heatmaps/<media_id>.png")
 def heatmap(media_id: str) -> Any:
-    """The Grad-CAM overlay stored in a FHIR Media, served as a plain PNG."""
+    """The Grad-CAM overlay stored in one of our FHIR Media, served as a plain PNG."""
+    if not FHIR_ID.fullmatch(media_id):
+        abort(404, "no such heatmap")
     fhir = ctx().fhir()
     try:
         media, _ = fhir.read("Media", media_id)
-    except TriageError as exc:
-        return operation_outcome(404, f"heatmap unavailable: {exc}", "not-found")
     finally:
         fhir.close()
     content = media.get("content") or {}
-    if content.get("contentType") != "image/png" or not content.get("data"):
-        return operation_outcome(404, "Media holds no PNG", "not-found")
+    if not is_ours(media) or content.get("contentType") != "image/png" or not content.get("data"):
+        return operation_outcome(404, "no AI heatmap with this id", "not-found")
     return Response(base64.b64decode(content["data"]), mimetype="image/png")
+

@@ -9,15 +9,30 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Sequence
 
+from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.humanname import HumanName
 from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.imagingstudy import ImagingStudy, ImagingStudySeries, ImagingStudySeriesInstance
+from fhir.resources.R4B.meta import Meta
+from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.reference import Reference
 
 from . import codes
 
 #: DICOM modality codes (DICOM PS3.16 CID 29), the system R4 ImagingStudy.modality uses.
 DICOM_DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+
+#: Identifier type for the accession number (HL7 v2 table 0203 "ACSN"), as R4 ImagingStudy.identifier shows.
+IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
+ACCESSION_TYPE = "ACSN"
+
+#: Tag on a Patient the PACS-side trigger created from DICOM headers (so a person can find and merge it).
+CREATED_FROM_DICOM_TAG = Coding(system=codes.SUBSCRIPTION_TAG_SYSTEM, code="patient-from-dicom",
+                                display="Patient created by cds-triage from DICOM headers")
+
+#: DICOM Patient's Sex (0010,0040) → FHIR administrative gender.
+_GENDER = {"M": "male", "F": "female", "O": "other"}
 
 
 def _text(ds: Any, keyword: str) -> str:
@@ -67,10 +82,14 @@ def build_imaging_study(
         ))
     first = datasets[0]
     modalities = sorted({s.modality.code for s in series})
+    identifiers = [Identifier(system=codes.DICOM_UID_SYSTEM, value=f"{codes.URN_OID_PREFIX}{study_uids.pop()}")]
+    if accession := _text(first, "AccessionNumber"):
+        identifiers.append(Identifier(
+            type=CodeableConcept(coding=[Coding(system=IDENTIFIER_TYPE_SYSTEM, code=ACCESSION_TYPE)]), value=accession))
     return ImagingStudy(
         id=study_id,
         status="available",
-        identifier=[Identifier(system=codes.DICOM_UID_SYSTEM, value=f"{codes.URN_OID_PREFIX}{study_uids.pop()}")],
+        identifier=identifiers,
         modality=[Coding(system=DICOM_DCM_SYSTEM, code=m) for m in modalities],
         subject=Reference(reference=f"Patient/{patient_id}"),
         basedOn=[Reference(reference=f"ServiceRequest/{service_request_id}")] if service_request_id else None,
@@ -79,4 +98,26 @@ def build_imaging_study(
         numberOfSeries=len(series),
         numberOfInstances=len(datasets),
         series=series,
+    )
+
+
+def build_patient_from_dicom(ds: Any, *, identifier_system: str) -> Patient:
+    """A Patient from a study's DICOM patient module, identified by `identifier_system|PatientID`.
+
+    Only for a PACS-side trigger told to create unknown patients (CDS_PACS_UNKNOWN_PATIENT=create);
+    tagged CREATED_FROM_DICOM_TAG so the record can be found and merged by a person.
+    """
+    patient_id = _text(ds, "PatientID")
+    if not patient_id:
+        raise ValueError("the DICOM study has no PatientID")
+    family, _, rest = str(getattr(ds, "PatientName", "") or "").partition("^")
+    given = [part for part in rest.split("^")[:2] if part.strip()]
+    name = HumanName(family=family.strip() or None, given=[g.strip() for g in given] or None) if family.strip() or given else None
+    birth = _text(ds, "PatientBirthDate")
+    return Patient(
+        meta=Meta(tag=[CREATED_FROM_DICOM_TAG.model_copy()]),
+        identifier=[Identifier(system=identifier_system, value=patient_id)],
+        name=[name] if name else None,
+        gender=_GENDER.get(_text(ds, "PatientSex").upper(), "unknown"),
+        birthDate=f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if len(birth) == 8 and birth.isdigit() else None,
     )

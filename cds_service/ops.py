@@ -1,0 +1,217 @@
+"""What operators use: `/readyz`, `/metrics`, `/audit`, and one JSON log line per request.
+
+- `/healthz` (api.py) says the process is up; `/readyz` says it can do its job: the job
+  store/queue answers, the FHIR server and the PACS answer, and model cards with weights
+  are present. 503 lists what is missing (a load balancer stops sending traffic meanwhile).
+- `/metrics`: Prometheus text (see metrics.py for what is counted where).
+- `/audit`: the write-back trail (what triage wrote where, by which model version).
+- `/jobs*` and `/audit` need `Authorization: Bearer <CDS_OPERATOR_TOKEN>` when that is set.
+
+Request logs name the route (`/fhir-notify/<path:path>`), never the path itself, which
+carries resource ids.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import httpx
+import requests
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from . import metrics
+from .app import ctx, operation_outcome
+from .audit import open_write_back_trail
+from .jobs import QueueUnavailableError, is_redis_url
+from .logs import hashed
+from .models import available_cards
+from .settings import Settings
+
+log = logging.getLogger("cds_service.http")
+
+ops = Blueprint("ops", __name__)
+
+PROBE_TIMEOUT_S = 5.0
+
+
+# --- operator access -----------------------------------------------------------------------------
+
+
+def operator_refusal() -> tuple[Any, int] | None:
+    """401 unless the request carries CDS_OPERATOR_TOKEN (when one is configured)."""
+    expected = ctx().settings.operator_token
+    if not expected:
+        return None
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if hmac.compare_digest(given.encode(), expected.encode()):
+        return None
+    return operation_outcome(401, "operator endpoints need Authorization: Bearer <CDS_OPERATOR_TOKEN>", "login")
+
+
+# --- readiness -------------------------------------------------------------------------------------
+
+
+def _check_store() -> str:
+    ctx().store.ping()
+    settings = ctx().settings
+    if not is_redis_url(settings.queue_url) and not os.access(settings.queue_db_path.parent, os.W_OK):
+        raise OSError(f"queue folder {settings.queue_db_path.parent} is not writable")
+    return "redis" if is_redis_url(settings.queue_url) else "sqlite"
+
+
+def _check_fhir(settings: Settings, timeout_s: float) -> str:
+    response = httpx.get(f"{settings.fhir_base_url.rstrip('/')}/metadata", timeout=timeout_s,
+                         headers={"Accept": "application/fhir+json"})
+    if response.status_code != 200:
+        raise OSError(f"GET metadata answered {response.status_code}")
+    return f"FHIR {response.json().get('fhirVersion', '?')}"
+
+
+def _check_pacs(settings: Settings, timeout_s: float) -> str:
+    headers = {"Accept": "application/dicom+json"}
+    if settings.dicomweb_bearer_token:
+        headers["Authorization"] = f"Bearer {settings.dicomweb_bearer_token}"
+    auth = (settings.dicomweb_username, settings.dicomweb_password) if settings.dicomweb_username else None
+    response = requests.get(f"{settings.dicomweb_url.rstrip('/')}/studies", params={"limit": "1"}, headers=headers,
+                            auth=auth, timeout=timeout_s)
+    if response.status_code not in (200, 204):
+        raise OSError(f"QIDO-RS answered {response.status_code}")
+    return "QIDO-RS answers"
+
+
+def _check_models(settings: Settings) -> str:
+    cards = available_cards(settings.weights_dir)
+    if not cards:
+        raise OSError(f"no model card with weights in {settings.weights_dir}")
+    return ", ".join(f"{card.name}@{card.version}" for card in cards.values())
+
+
+def readiness(checks: dict[str, Callable[[], str]]) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Run the checks side by side; each is ok with a detail, or not with the error."""
+    with ThreadPoolExecutor(max_workers=len(checks)) as pool:
+        futures = {name: pool.submit(check) for name, check in checks.items()}
+    report: dict[str, dict[str, Any]] = {}
+    for name, future in futures.items():
+        try:
+            report[name] = {"ok": True, "detail": future.result()}
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with why
+            report[name] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+    return all(r["ok"] for r in report.values()), report
+
+
+@ops.get("/readyz")
+def readyz() -> Any:
+    settings = ctx().settings
+    timeout_s = min(settings.http_timeout_s, PROBE_TIMEOUT_S)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+
+    def in_app(check: Callable[[], str]) -> Callable[[], str]:
+        def run() -> str:
+            with app.app_context():
+                return check()
+        return run
+
+    ok, report = readiness({
+        "queue": in_app(_check_store),
+        "fhir": lambda: _check_fhir(settings, timeout_s),
+        "pacs": lambda: _check_pacs(settings, timeout_s),
+        "models": lambda: _check_models(settings),
+    })
+    try:  # informative: jobs wait (safely) while no worker runs
+        workers = len(ctx().store.live_workers(time.time() - 3 * settings.job_lease_s))
+    except QueueUnavailableError:
+        workers = None
+    return jsonify({"status": "ready" if ok else "not ready", "checks": report, "workers": workers}), 200 if ok else 503
+
+
+# --- metrics and audit -----------------------------------------------------------------------------
+
+
+@ops.get("/metrics")
+def prometheus_metrics() -> Any:
+    body = metrics.render(ctx().store, live_within_s=3 * ctx().settings.job_lease_s)
+    return Response(body, mimetype=metrics.CONTENT_TYPE.split(";")[0], content_type=metrics.CONTENT_TYPE)
+
+
+def _trail() -> Any:
+    if "cds_write_back_trail" not in current_app.extensions:
+        current_app.extensions["cds_write_back_trail"] = open_write_back_trail(ctx().settings)
+    return current_app.extensions["cds_write_back_trail"]
+
+
+@ops.get("/audit")
+def audit_trail() -> Any:
+    """What triage wrote where, newest first: `?imagingStudy=<id>`, `?job=<id>`, `?limit=`."""
+    refused = operator_refusal()
+    if refused:
+        return refused
+    try:
+        limit = max(1, min(int(request.args.get("limit", "100")), 1000))
+    except ValueError:
+        return operation_outcome(400, "limit must be a whole number", "invalid")
+    study = request.args.get("imagingStudy", "").removeprefix("ImagingStudy/")
+    try:
+        events = _trail().events(subject=hashed(study) if study else None, job=request.args.get("job") or None,
+                                 limit=limit)
+    except Exception as exc:  # noqa: BLE001 - SQLite locked, Redis down
+        raise QueueUnavailableError(f"audit trail unavailable: {type(exc).__name__}") from exc
+    return jsonify({"events": events})
+
+
+# --- errors and request logs -------------------------------------------------------------------------
+
+
+@ops.app_errorhandler(QueueUnavailableError)
+def queue_unavailable(exc: QueueUnavailableError) -> Any:
+    """Nothing was accepted: 503 with Retry-After, so a FHIR server re-sends its notification."""
+    log.warning("job store or queue unavailable", extra={"error": str(exc)})
+    response, status = operation_outcome(503, f"job store or queue unavailable, try again: {exc}", "transient")
+    response.headers["Retry-After"] = "5"
+    return response, status
+
+
+@ops.before_app_request
+def _start_timer() -> None:
+    g.cds_started = time.perf_counter()
+
+
+DRAIN_FACTOR = 8
+
+
+@ops.before_app_request
+def _refuse_oversized_body() -> Any:
+    """413 for a body over CDS_MAX_BODY_BYTES, read and dropped first (up to 8x the limit).
+
+    Answering before the upload is done makes the server close a socket the client is still
+    writing to: the client sees a reset instead of the 413. Draining lets it read the answer.
+    """
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    length = request.content_length
+    if not limit or not length or length <= limit:
+        return None
+    if length <= DRAIN_FACTOR * limit:
+        stream, remaining = request.environ["wsgi.input"], length
+        while remaining > 0 and (chunk := stream.read(min(65536, remaining))):
+            remaining -= len(chunk)
+    response, status = operation_outcome(
+        413, f"request body of {length} bytes is over the limit of {limit} bytes (CDS_MAX_BODY_BYTES)", "too-costly")
+    response.headers["Connection"] = "close"
+    return response, status
+
+
+@ops.after_app_request
+def _log_request(response: Response) -> Response:
+    started = g.get("cds_started")
+    quiet = request.path in ("/healthz", "/readyz", "/metrics")  # polled every few seconds
+    log.log(logging.DEBUG if quiet else logging.INFO, "request", extra={
+        "method": request.method,
+        "route": request.url_rule.rule if request.url_rule else "(no route)",
+        "status": response.status_code,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 1) if started else None,
+    })
+    return response

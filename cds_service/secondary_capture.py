@@ -1,0 +1,242 @@
+"""The Grad-CAM overlay back into the PACS: a DICOM Secondary Capture in the same study.
+
+Radiologists read in the PACS viewer, not in our web page, so the heatmap goes where they
+look: a new series ("AI-generated Grad-CAM …") in the *same* study (same Study Instance UID,
+patient and study attributes copied from the slice the heatmap explains), stored with
+STOW-RS. The object is built with `highdicom` (SCImage), which checks the IOD as it builds.
+
+How FHIR points to it: our own Media (the same overlay as a PNG) gets an `identifier` with
+system `urn:dicom:uid` holding the Secondary Capture's SOP Instance UID, which is how FHIR R4
+says "this Media is that DICOM instance" (Media.identifier). The EHR's ImagingStudy is left
+alone: it belongs to the EHR / PACS bridge, and changing it would fire the ImagingStudy
+Subscription again; a bridge that re-reads the PACS will list the new series by itself.
+
+The series is never triaged itself: routing skips series described "AI-generated"
+(cds_service/routing.py). UIDs are derived from (study, task, model version), so a re-run
+of the same job stores the same instance again instead of a second copy.
+
+`heatmap_to_pacs` is the pipeline step; it never raises: a PACS that refuses the object must
+not undo a triage already written to FHIR, so failures are logged and returned for the job record.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pydicom
+import requests
+from highdicom.sc import SCImage
+from PIL import Image
+from pydicom.uid import generate_uid
+
+from fhir_mappings import codes
+
+from .domain import Heatmap, TriageResult
+from .errors import UpstreamError, UpstreamRejectedError
+from .fhir_client import FhirClient, VersionConflictError
+from .pacs import Pacs
+
+log = logging.getLogger(__name__)
+
+#: Starts every series description we write; routing.EXCLUDED_WORDS matches it (upper-cased).
+AI_SERIES_PREFIX = "AI-generated"
+SERIES_NUMBER = 9901  # high, so the AI series sorts after the acquired ones in most viewers
+MANUFACTURER = "cds-triage"
+DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
+MEDIA_UPDATE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class StoredCapture:
+    """Where the Secondary Capture lives in the PACS."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"studyUid": self.study_uid, "seriesUid": self.series_uid, "sopInstanceUid": self.sop_instance_uid}
+
+
+def capture_uids(study_uid: str, task: str, model_version: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID), the same for every run of the same triage."""
+    parts = [study_uid, task, model_version, "grad-cam-secondary-capture"]
+    return generate_uid(entropy_srcs=[*parts, "series"]), generate_uid(entropy_srcs=[*parts, "instance"])
+
+
+_AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x / +y, -y / +z, -z in LPS
+
+
+def _direction_letter(cosines: Sequence[float]) -> str:
+    axis = int(np.argmax(np.abs(cosines)))
+    return _AXIS_LETTERS[axis][0 if cosines[axis] > 0 else 1]
+
+
+def patient_orientation(source: pydicom.Dataset) -> tuple[str, str] | None:
+    """Row and column directions of the source image (e.g. ("L", "P") for an axial slice).
+
+    From Image Orientation (Patient) for CT/MR, else Patient Orientation as the modality wrote
+    it (CR/DX); None when the source does not say.
+    """
+    iop = getattr(source, "ImageOrientationPatient", None)
+    if iop is not None and len(iop) == 6:
+        values = [float(v) for v in iop]
+        return _direction_letter(values[:3]), _direction_letter(values[3:])
+    given = getattr(source, "PatientOrientation", None)
+    if given is not None and not isinstance(given, str) and len(given) == 2 and all(given):
+        return str(given[0])[:1], str(given[1])[:1]
+    return None
+
+
+def _overlay_pixels(heatmap: Heatmap) -> np.ndarray:
+    with Image.open(io.BytesIO(heatmap.png)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def build_heatmap_capture(source: pydicom.Dataset, heatmap: Heatmap, *, task: str, model_name: str,
+                          model_version: str) -> pydicom.Dataset:
+    """The overlay as an RGB Secondary Capture in the source's study, copying its patient/study tags.
+
+    `source` is the slice the heatmap explains (headers are enough). Pure: no I/O.
+    """
+    pixels = _overlay_pixels(heatmap)
+    series_uid, sop_uid = capture_uids(str(source.StudyInstanceUID), task, model_version)
+    orientation = patient_orientation(source)
+    spacing = None
+    if "PixelSpacing" in source and len(source.PixelSpacing) == 2:
+        # The overlay is the whole image resized to a square: scale the spacing with it.
+        rows, columns = int(source.Rows), int(source.Columns)
+        spacing = (float(source.PixelSpacing[0]) * rows / pixels.shape[0],
+                   float(source.PixelSpacing[1]) * columns / pixels.shape[1])
+    label_text = f"Grad-CAM {heatmap.label}"
+    capture = SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=orientation or ("L", "P"),  # placeholder, emptied below when unknown
+        pixel_spacing=spacing,
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+        series_description=f"{AI_SERIES_PREFIX} {label_text}"[:64],
+        manufacturer_model_name=model_name[:64],
+        software_versions=model_version[:64],
+    )
+    if orientation is None:
+        capture.PatientOrientation = ""  # Type 2C: present, empty when the source does not say
+    for keyword in ("StudyDescription", "IssuerOfPatientID", "BodyPartExamined", "Laterality"):
+        if keyword in source:
+            setattr(capture, keyword, getattr(source, keyword))
+    if "Laterality" not in capture and "BodyPartExamined" not in capture:
+        capture.Laterality = ""  # Type 2C (General Series): empty = unknown, since no body part says otherwise
+    capture.BurnedInAnnotation = "NO"
+    capture.ImageComments = (
+        f"{DISCLAIMER} Grad-CAM explanation of the AI finding '{heatmap.label}' "
+        f"({model_name} {model_version}); not for primary diagnosis."
+    )[:10240]
+    capture.DerivationDescription = f"Grad-CAM saliency overlay for '{heatmap.label}' by {model_name} {model_version}"[:1024]
+    reference = pydicom.Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    capture.SourceImageSequence = [reference]
+    return capture
+
+
+def store_capture(pacs: Pacs, capture: pydicom.Dataset) -> StoredCapture:
+    """STOW-RS one instance; UpstreamError / UpstreamRejectedError when the PACS says no."""
+    try:
+        response = pacs.client.store_instances(datasets=[capture], study_instance_uid=str(capture.StudyInstanceUID))
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        if status in (408, 429) or status >= 500:
+            raise UpstreamError(f"PACS answered {status} to STOW-RS") from exc
+        raise UpstreamRejectedError(f"PACS refused the Secondary Capture with {status}", status) from exc
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise UpstreamError(f"PACS unreachable for STOW-RS: {type(exc).__name__}") from exc
+    failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
+    if failed:
+        reason = getattr(failed[0], "FailureReason", "?")
+        raise UpstreamRejectedError(f"PACS did not store the Secondary Capture (failure reason {reason})", 409)
+    return StoredCapture(str(capture.StudyInstanceUID), str(capture.SeriesInstanceUID), str(capture.SOPInstanceUID))
+
+
+def capture_identifier(stored: StoredCapture) -> dict[str, Any]:
+    """Media.identifier for the DICOM instance (system urn:dicom:uid, value urn:oid:<uid>)."""
+    return {
+        "use": "secondary",
+        "type": {"text": "DICOM SOP Instance UID of the AI-generated Secondary Capture in the PACS"},
+        "system": codes.DICOM_UID_SYSTEM,
+        "value": f"{codes.URN_OID_PREFIX}{stored.sop_instance_uid}",
+    }
+
+
+def with_capture_reference(media: dict[str, Any], stored: StoredCapture) -> dict[str, Any] | None:
+    """A copy of our Media that names the Secondary Capture; None when it already does."""
+    identifier = capture_identifier(stored)
+    if any(i.get("system") == identifier["system"] and i.get("value") == identifier["value"]
+           for i in media.get("identifier") or []):
+        return None
+    note = (f"Also stored in the PACS as a DICOM Secondary Capture: study {stored.study_uid}, "
+            f"series {stored.series_uid}, instance {stored.sop_instance_uid}. {DISCLAIMER}")
+    return media | {"identifier": [*(media.get("identifier") or []), identifier],
+                    "note": [*(media.get("note") or []), {"text": note}]}
+
+
+def source_slice(datasets: Sequence[pydicom.Dataset], heatmap: Heatmap) -> pydicom.Dataset:
+    """The slice the heatmap was computed on: by SOP Instance UID, else by its index."""
+    for ds in datasets:
+        if heatmap.sop_instance_uid and str(getattr(ds, "SOPInstanceUID", "")) == heatmap.sop_instance_uid:
+            return ds
+    return datasets[min(heatmap.slice_index, len(datasets) - 1)]
+
+
+def _reference_media(fhir: FhirClient, media_reference: str, stored: StoredCapture) -> None:
+    media_id = media_reference.split("/")[-1]
+    for _ in range(MEDIA_UPDATE_ATTEMPTS):
+        media, version = fhir.read("Media", media_id)
+        updated = with_capture_reference(media, stored)
+        if updated is None:
+            return
+        try:
+            fhir.update(updated, if_match=version)
+            return
+        except VersionConflictError:
+            continue
+    raise UpstreamError(f"{media_reference} kept changing; the Secondary Capture is stored but not referenced")
+
+
+def heatmap_to_pacs(pacs: Pacs, fhir: FhirClient, datasets: Sequence[pydicom.Dataset], result: TriageResult,
+                    media_references: Sequence[str]) -> dict[str, Any]:
+    """Pipeline step 8: build, store and reference the Secondary Capture. Never raises.
+
+    Returns what the job record keeps: `{"stored": true, "studyUid", "seriesUid",
+    "sopInstanceUid", "media"}`, or `{"stored": false, "error": "..."}`.
+    """
+    if result.heatmap is None or result.model is None or result.task is None or not datasets:
+        return {"stored": False, "error": "no heatmap to store"}
+    try:
+        capture = build_heatmap_capture(source_slice(datasets, result.heatmap), result.heatmap,
+                                        task=result.task.value, model_name=result.model.name,
+                                        model_version=result.model.version)
+        stored = store_capture(pacs, capture)
+    except Exception as exc:  # noqa: BLE001 - an optional copy must never fail a triage already in FHIR
+        log.warning("heatmap not stored in the PACS: %s", exc)
+        return {"stored": False, "error": f"{type(exc).__name__}: {exc}"}
+    record: dict[str, Any] = {"stored": True, **stored.to_json()}
+    if media_references:
+        try:
+            _reference_media(fhir, media_references[0], stored)
+            record["media"] = media_references[0]
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("Secondary Capture stored but Media not updated: %s", exc)
+            record["error"] = f"Media not updated: {exc}"
+    return record
