@@ -1,0 +1,267 @@
+"""The worklist's pure core: joining FHIR orders, studies, our reports and jobs, and ordering them.
+
+The AI resources are made with the real builders (fhir_mappings) and given ids the way a FHIR
+server does, so a change in what the pipeline writes shows up here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from cds_service.app import ServiceContext, create_app
+from cds_service.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
+from cds_service.devservers import free_port
+from cds_service.jobs import Job, JobState, JobStore
+from cds_service.settings import Settings
+from cds_service.worklist import (
+    access_denied,
+    ai_raised_from,
+    build_worklist,
+    format_waiting,
+    key_instance_uid,
+    patient_details,
+    viewer_url,
+)
+from fhir_mappings.builders import build_triage_transaction
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+MODEL = ModelRef("ich-efficientnet-b0", "1.2.0")
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def order(order_id: str, priority: str = "routine", *, minutes_ago: int = 30, patient: str = "p1",
+          category: bool = False, note: str | None = None) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest", "id": order_id, "status": "active", "intent": "order", "priority": priority,
+        "subject": {"reference": f"Patient/{patient}"}, "authoredOn": (NOW - timedelta(minutes=minutes_ago)).isoformat(),
+    }
+    if category:
+        resource["category"] = [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005"}]}]
+    if note:
+        resource["note"] = [{"text": note}]
+    return resource
+
+
+def study(study_id: str, order_id: str, *, uid: str = "1.2.3", modality: str = "CT", body_part: str = "HEAD",
+          patient: str = "p1") -> dict[str, Any]:
+    return {
+        "resourceType": "ImagingStudy", "id": study_id, "status": "available",
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}],
+        "subject": {"reference": f"Patient/{patient}"}, "basedOn": [{"reference": f"ServiceRequest/{order_id}"}],
+        "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": modality}],
+        "description": f"{modality} {body_part}",
+        "series": [{"uid": f"{uid}.1", "modality": {"code": modality}, "bodySite": {"display": body_part},
+                    "instance": [{"uid": f"{uid}.1.1", "sopClass": {"code": "urn:oid:1.2"}}]}],
+    }
+
+
+def patient(patient_id: str = "p1") -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": patient_id, "name": [{"family": "Doe", "given": ["Jane"]}],
+            "gender": "female", "birthDate": "1959-03-01"}
+
+
+def ai_result(study_uid: str, probability: float, *, positive: bool = True) -> TriageResult:
+    heatmap = Heatmap(png=png(), label="any", width=32, height=32, slice_index=1, sop_instance_uid=f"{study_uid}.1.1")
+    return TriageResult(
+        study_uid=study_uid, status=TriageStatus.DONE, task=Task.HEAD_CT_ICH, series_uid=f"{study_uid}.1",
+        findings=(Finding("any", probability, positive, 0.5),),
+        suggested_priority=Priority.STAT if positive else None, model=MODEL,
+        heatmap=heatmap if positive else None, slices_scored=3,
+    )
+
+
+def as_stored(bundle: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
+    """The transaction's resources as a FHIR server keeps them: ids assigned, urn:uuid references rewritten."""
+    ids = {}
+    for n, entry in enumerate(bundle["entry"]):
+        kind = entry["resource"]["resourceType"]
+        ids[entry["fullUrl"]] = f"{kind}/{prefix}-{n}"
+    text = json.dumps([entry["resource"] for entry in bundle["entry"]])
+    for url, ref in ids.items():
+        text = text.replace(json.dumps(url), json.dumps(ref))
+    resources = json.loads(text)
+    for resource, ref in zip(resources, ids.values()):
+        resource["id"] = ref.split("/")[1]
+    return resources
+
+
+def triaged(order_id: str, study_id: str, uid: str, probability: float, *, positive: bool = True) -> list[dict[str, Any]]:
+    ctx = OrderContext(imaging_study_id=study_id, patient_id="p1", service_request_id=order_id, study_uid=uid)
+    bundle = build_triage_transaction(ctx, ai_result(uid, probability, positive=positive), issued=NOW)
+    return as_stored(bundle.model_dump(mode="json", exclude_none=True), order_id)
+
+
+def job(study_id: str, state: JobState = JobState.DONE, result: dict | None = None, created: float = 1.0) -> Job:
+    return Job(id=f"job-{study_id}", imaging_study_id=study_id, service_request_id=None, source="subscription",
+               model_set="m@1", state=state, created_at=created, updated_at=created, result=result or {})
+
+
+def test_rows_are_ordered_by_priority_then_ai_score_then_waiting_time():
+    resources = [
+        patient(),
+        order("routine-old", "routine", minutes_ago=300), study("s1", "routine-old", uid="1.1"),
+        order("routine-new", "routine", minutes_ago=5), study("s2", "routine-new", uid="1.2"),
+        order("urgent", "urgent", minutes_ago=10), study("s3", "urgent", uid="1.3"),
+        order("asap", "asap", minutes_ago=10), study("s4", "asap", uid="1.4"),
+        order("stat-low", "stat", minutes_ago=500), study("s5", "stat-low", uid="1.5"),
+        order("stat-high", "stat", minutes_ago=1), study("s6", "stat-high", uid="1.6"),
+        *triaged("stat-low", "s5", "1.5", 0.61), *triaged("stat-high", "s6", "1.6", 0.97),
+    ]
+    rows = build_worklist(resources, [], now=NOW)
+    assert [r.order_id for r in rows] == ["stat-high", "stat-low", "asap", "urgent", "routine-old", "routine-new"]
+
+
+def test_equal_priority_and_score_goes_to_the_longest_waiting():
+    resources = [order("b", "stat", minutes_ago=20), study("sb", "b", uid="2.1"),
+                 order("a", "stat", minutes_ago=90), study("sa", "a", uid="2.2")]
+    assert [r.order_id for r in build_worklist(resources, [], now=NOW)] == ["a", "b"]
+
+
+def test_a_row_shows_what_the_ehr_and_the_ai_wrote():
+    resources = [patient(), order("o1", "stat"), study("s1", "o1", uid="1.2.3"), *triaged("o1", "s1", "1.2.3", 0.93)]
+    jobs = [job("s1", result={"priority": {"changed": True, "from": "routine", "to": "stat"}})]
+    [row] = build_worklist(resources, jobs, now=NOW)
+    assert row.patient == "Jane Doe" and row.patient_details == "67 y, female"
+    assert (row.modality, row.body_part, row.study) == ("CT", "HEAD", "CT HEAD")
+    assert row.imaging_study_id == "s1" and row.study_uid == "1.2.3"
+    assert row.priority == "stat" and row.ai_raised_from == "routine"
+    assert row.top_finding is not None and row.top_finding.label == "any" and row.top_finding.probability == 0.93
+    assert row.model == "ich-efficientnet-b0 1.2.0"
+    assert row.status == "done"
+    assert row.heatmap_media_id is not None and row.heatmap_media_id.startswith("o1-")
+    assert row.heatmap_size == (32, 32)
+    assert row.key_instance_uid == "1.2.3.1.1"  # the slice the Media says it explains
+    data = row.to_json(NOW)
+    assert data["waiting"] == "30 min" and data["url"] == "/worklist/orders/o1"
+    assert data["heatmap"] == f"/heatmaps/{row.heatmap_media_id}.png"
+    assert "Doe" not in data["url"] and "Doe" not in data["heatmap"]
+
+
+def test_negative_result_has_no_top_finding_and_scores_zero():
+    resources = [order("o1"), study("s1", "o1", uid="3.1"), *triaged("o1", "s1", "3.1", 0.2, positive=False)]
+    [row] = build_worklist(resources, [job("s1")], now=NOW)
+    assert row.top_finding is None and row.score == 0.0
+    assert [(f.label, f.probability, f.positive) for f in row.findings] == [("any", 0.2, False)]
+    assert row.heatmap_media_id is None
+
+
+def test_job_status_comes_from_the_newest_job_of_the_study():
+    resources = [order("o1"), study("s1", "o1")]
+    jobs = [job("s1", JobState.FAILED, created=1.0), Job(**{**job("s1", JobState.RUNNING).__dict__, "id": "j2", "created_at": 2.0})]
+    [row] = build_worklist(resources, jobs, now=NOW)
+    assert row.status == "running"
+
+
+def test_only_imaging_orders_are_listed():
+    resources = [order("lab"), order("ordered-imaging", category=True), order("with-study"), study("s1", "with-study"),
+                 {"resourceType": "OperationOutcome", "id": "x", "issue": []}]
+    rows = build_worklist(resources, [], now=NOW)
+    assert {r.order_id: r.status for r in rows} == {"ordered-imaging": "no study yet", "with-study": "not triaged"}
+
+
+def test_reports_not_written_by_us_are_ignored():
+    human = {"resourceType": "DiagnosticReport", "id": "r1", "status": "final", "basedOn": [{"reference": "ServiceRequest/o1"}],
+             "result": [{"reference": "Observation/x"}], "code": {"text": "CT head"}}
+    observation = {"resourceType": "Observation", "id": "x", "status": "final", "code": {"text": "x"},
+                   "valueQuantity": {"value": 0.99}}
+    [row] = build_worklist([order("o1"), study("s1", "o1"), human, observation], [], now=NOW)
+    assert row.findings == () and row.model is None
+
+
+@pytest.mark.parametrize(("current", "note", "job_change", "expected"), [
+    ("stat", None, {"changed": True, "from": "routine", "to": "stat"}, "routine"),
+    ("stat", None, {"changed": True, "from": None, "to": "stat"}, "unset"),
+    ("stat", None, {"changed": False, "from": "stat", "to": "stat"}, None),
+    ("asap", None, {"changed": True, "from": "routine", "to": "stat"}, None),  # a person changed it since
+    ("stat", "Priority raised from urgent to stat by AI triage (any 93%; m 1).", None, "urgent"),
+    ("routine", "Priority raised from routine to stat by AI triage (any 93%; m 1).", None, None),
+    ("stat", "ordered by Dr X", None, None),
+])
+def test_ai_raised_marker(current, note, job_change, expected):
+    the_job = job("s1", result={"priority": job_change}) if job_change else None
+    assert ai_raised_from(order("o1", current, note=note), the_job) == expected
+
+
+def test_key_instance_is_read_from_our_media_text():
+    assert key_instance_uid({"content": {"title": "Grad-CAM heatmap: x, slice 2 (SOP Instance UID 1.2.840.5)"}}) == "1.2.840.5"
+    assert key_instance_uid({"content": {"title": "Grad-CAM heatmap: x, slice 2"}}) is None
+    assert key_instance_uid(None) is None
+
+
+def test_patient_details_handle_partial_dates_and_missing_data():
+    today = NOW.date()
+    assert patient_details({"birthDate": "1959"}, today) == "67 y"
+    assert patient_details({"gender": "male", "birthDate": "not-a-date"}, today) == "male"
+    assert patient_details(None, today) == ""
+
+
+def test_waiting_time_text():
+    assert [format_waiting(m) for m in (None, 0, 59, 61, 60 * 47, 60 * 72)] == ["", "0 min", "59 min", "1 h 01 min",
+                                                                              "47 h 00 min", "3 d"]
+
+
+def test_pacs_viewer_link_from_the_template():
+    [row] = build_worklist([order("o1"), study("s1", "o1", uid="1.2.3")], [], now=NOW)
+    assert viewer_url("https://pacs.example/viewer?StudyInstanceUIDs={study_uid}", row) == \
+        "https://pacs.example/viewer?StudyInstanceUIDs=1.2.3"
+    assert viewer_url("", row) is None
+
+
+@pytest.mark.parametrize(("settings", "headers", "allowed"), [
+    (Settings(), {}, True),
+    (Settings(worklist_auth="proxy-header"), {}, False),
+    (Settings(worklist_auth="proxy-header"), {"X-Forwarded-User": "dr.house"}, True),
+    (Settings(worklist_auth="proxy-header", worklist_auth_header="X-Remote-User"), {"X-Forwarded-User": "a"}, False),
+    (Settings(worklist_auth="bearer", worklist_bearer_token="t0ken"), {"Authorization": "Bearer t0ken"}, True),
+    (Settings(worklist_auth="bearer", worklist_bearer_token="t0ken"), {"Authorization": "Bearer wrong"}, False),
+    (Settings(worklist_auth="bearer", worklist_bearer_token=""), {"Authorization": "Bearer "}, False),
+    (Settings(worklist_auth="bogus"), {}, False),
+])
+def test_access_check(settings, headers, allowed):
+    assert (access_denied(settings, headers) is None) is allowed
+
+
+@pytest.fixture
+def client(tmp_path):
+    """The app with a FHIR server that is not there: auth and error paths only."""
+    settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights", worklist_auth="proxy-header",
+                        fhir_base_url=f"http://127.0.0.1:{free_port()}/fhir", http_timeout_s=2)
+    context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=lambda _: None, model_set="m@1")
+    return create_app(settings, context).test_client()
+
+
+def test_pages_need_the_proxy_header_and_say_so(client):
+    for path in ("/worklist", "/worklist/rows.json", "/worklist/orders/o1", "/heatmaps/m1.png"):
+        response = client.get(path)
+        assert response.status_code == 401, path
+        assert response.json["resourceType"] == "OperationOutcome"
+    assert client.get("/healthz").status_code == 200  # the API blueprint is not behind the worklist check
+
+
+def test_an_unreachable_fhir_server_is_a_clear_502(client):
+    response = client.get("/worklist/rows.json", headers={"X-Forwarded-User": "dr.house"})
+    assert response.status_code == 502 and "worklist unavailable" in response.json["issue"][0]["diagnostics"]
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+
+
+def test_malformed_ids_are_refused_before_any_fhir_call(client):
+    response = client.get("/worklist/orders/a%20b", headers={"X-Forwarded-User": "dr.house"})
+    assert response.status_code == 404
+
+
+def test_static_assets_are_served_by_us(client):
+    for name in ("worklist.js", "study.js", "worklist.css"):
+        response = client.get(f"/worklist/static/{name}", headers={"X-Forwarded-User": "dr.house"})
+        assert response.status_code == 200 and response.data
