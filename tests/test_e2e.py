@@ -7,6 +7,10 @@ service; we then look for the results in the FHIR server. Nothing is mocked.
 The models here are card-compatible *untrained* weights made in a temp dir with
 thresholds at 0, so every trained label is positive: these tests are about the plumbing.
 Model quality is tested against the committed weights in test_weights.py.
+
+Server-agnostic: with CDS_FHIR_BASE_URL (and CDS_DICOMWEB_URL) set, the same tests run against
+that FHIR server (and PACS) instead of the local ones: `hapi-fhir-test/run.sh` does this with
+HAPI FHIR. Nothing here relies on a server's id or version formats, search quirks or wording.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -29,30 +33,74 @@ from cds_service.fhir_client import FhirClient
 from cds_service.settings import Settings
 from cds_service.subscribe import ensure_subscription
 from fhir_mappings.imaging_study import build_imaging_study
+from hook_client import EhrSigner
 from support import make_test_weights
 
 pytestmark = pytest.mark.integration
 
 SECRET = "e2e-secret"
+EHR = EhrSigner()
 FINISHED = {"done", "failed", "not_applicable", "model_unavailable"}
 
 
+@dataclass(frozen=True)
+class ExternalPacs:
+    """A PACS the test did not start (CDS_DICOMWEB_URL): Orthanc REST root and DICOMweb base."""
+
+    url: str
+    dicomweb_url: str
+
+
 @pytest.fixture(scope="module")
-def service(orthanc, fhir_server, tmp_path_factory):
+def fhir_base_url(request) -> str:
+    """The FHIR server under test: CDS_FHIR_BASE_URL (e.g. HAPI), else the local sekmet server."""
+    return os.environ.get("CDS_FHIR_BASE_URL") or request.getfixturevalue("fhir_server").url
+
+
+@pytest.fixture(scope="module")
+def pacs(request):
+    """The PACS under test: the Orthanc at CDS_DICOMWEB_URL, else the local one."""
+    dicomweb = os.environ.get("CDS_DICOMWEB_URL", "").rstrip("/")
+    if dicomweb:
+        return ExternalPacs(url=dicomweb.removesuffix("/dicom-web"), dicomweb_url=dicomweb)
+    return request.getfixturevalue("orthanc")
+
+
+def wait_until_active(settings: Settings, subscription_id: str, timeout: float = 60) -> None:
+    """Servers activate a Subscription on their own time (HAPI asynchronously): wait for `active`."""
+    client = FhirClient(settings.fhir_base_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while (status := client.read("Subscription", subscription_id)[0].get("status")) != "active":
+            assert status in ("requested", None) and time.monotonic() < deadline, f"Subscription status {status!r}"
+            time.sleep(0.5)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def service(pacs, fhir_base_url, tmp_path_factory):
     """Our service, subscribed to ImagingStudy on the FHIR server; stopped after the module."""
     root = tmp_path_factory.mktemp("service")
     weights = make_test_weights(root / "weights", Task.HEAD_CT_ICH)
     make_test_weights(weights, Task.BRAIN_MRI)
     port = free_port()
     settings = Settings(
-        fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
+        fhir_base_url=fhir_base_url, dicomweb_url=pacs.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
         host="127.0.0.1", port=port, data_dir=root / "data", weights_dir=weights, subscription_secret=SECRET,
         job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10,
+        **EHR.hook_settings(root / "ehr-jwks.json"),  # CDS Hooks calls must carry the EHR's signed JWT
     )
     processes = start_service(settings, root / "logs")
-    ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
+    subscription_id, _ = ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
+    wait_until_active(settings, subscription_id)
     yield settings
     processes.stop()
+    cleanup = FhirClient(settings.fhir_base_url)  # a long-lived server must not keep notifying a stopped service
+    try:
+        cleanup.delete("Subscription", subscription_id)
+    finally:
+        cleanup.close()
 
 
 @pytest.fixture
@@ -94,6 +142,7 @@ def order_study(fhir: FhirClient, datasets, *, priority: str = "routine", store_
     study = imaging_study or build_imaging_study(datasets, patient_id=ids["patient"], service_request_id=ids["order"],
                                                   study_id=ids["study"]).model_dump(mode="json", exclude_none=True)
     study["id"] = ids["study"]
+    study.setdefault("subject", {"reference": f"Patient/{ids['patient']}"})  # servers may enforce referential integrity
     fhir.update(study, if_match=None)
     return ids
 
@@ -118,10 +167,10 @@ def results_for(fhir: FhirClient, patient_id: str) -> dict[str, list[dict]]:
     }
 
 
-def test_new_imaging_study_is_triaged_and_written_back(orthanc, fhir, api):
+def test_new_imaging_study_is_triaged_and_written_back(pacs, fhir, api):
     study_uid = pydicom.uid.generate_uid()
     started = time.monotonic()
-    ids = order_study(fhir, ct_slices(study_uid, 4), store_in_pacs=orthanc.url)
+    ids = order_study(fhir, ct_slices(study_uid, 4), store_in_pacs=pacs.url)
     job = wait_for_job(api, ids["study"])
     elapsed = time.monotonic() - started
     assert job["status"] == "done", job
@@ -151,8 +200,8 @@ def test_new_imaging_study_is_triaged_and_written_back(orthanc, fhir, api):
     assert elapsed < 60, f"triage took {elapsed:.1f}s"
 
 
-def test_repeated_and_update_notifications_leave_one_set_of_results(orthanc, fhir, api, service):
-    ids = order_study(fhir, ct_slices(pydicom.uid.generate_uid(), 2), store_in_pacs=orthanc.url)
+def test_repeated_and_update_notifications_leave_one_set_of_results(pacs, fhir, api, service):
+    ids = order_study(fhir, ct_slices(pydicom.uid.generate_uid(), 2), store_in_pacs=pacs.url)
     job = wait_for_job(api, ids["study"])
     assert job["status"] == "done"
     secret = {"X-CDS-Subscription-Secret": SECRET}
@@ -170,13 +219,14 @@ def test_repeated_and_update_notifications_leave_one_set_of_results(orthanc, fhi
     assert len(api.get("/jobs", params={"imagingStudy": ids["study"]}).json()["jobs"]) == 1
 
 
-def test_cds_hook_call_ends_in_the_same_job_and_a_person_set_priority_is_kept(orthanc, fhir, api):
+def test_cds_hook_call_ends_in_the_same_job_and_a_person_set_priority_is_kept(pacs, fhir, api):
     mr = make_dataset(np.random.default_rng(1).integers(0, 800, (64, 64)).astype(np.uint16), modality="MR",
                       body_part="BRAIN", series_description="MR BRAIN T1 POST")
-    ids = order_study(fhir, [mr], priority="stat", store_in_pacs=orthanc.url)
+    ids = order_study(fhir, [mr], priority="stat", store_in_pacs=pacs.url)
     hook = {"hook": "imagingstudy-create", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir.base_url,
             "context": {"patientId": ids["patient"], "imagingStudyId": ids["study"], "serviceRequestId": ids["order"]}}
-    response = api.post("/cds-services/imagingstudy-create", json=hook)
+    response = api.post("/cds-services/imagingstudy-create", json=hook,
+                        headers=EHR.auth(str(api.base_url).rstrip("/") + "/cds-services/imagingstudy-create"))
     assert response.status_code == 200 and response.json()["cards"][0]["summary"].startswith("AI triage")
     job = wait_for_job(api, ids["study"])
     assert job["status"] == "done"
@@ -186,9 +236,9 @@ def test_cds_hook_call_ends_in_the_same_job_and_a_person_set_priority_is_kept(or
     assert job["result"]["priority"]["changed"] is False
 
 
-def test_study_no_model_applies_to_is_recorded_without_findings(orthanc, fhir, api):
+def test_study_no_model_applies_to_is_recorded_without_findings(pacs, fhir, api):
     ids = order_study(fhir, ct_slices(pydicom.uid.generate_uid(), 1, body_part="ABDOMEN", description="CT ABDOMEN"),
-                      store_in_pacs=orthanc.url)
+                      store_in_pacs=pacs.url)
     job = wait_for_job(api, ids["study"])
     assert job["status"] == "not_applicable" and "ABDOMEN" in job["reason"]
     assert results_for(fhir, ids["patient"])["DiagnosticReport"] == []
@@ -196,17 +246,17 @@ def test_study_no_model_applies_to_is_recorded_without_findings(orthanc, fhir, a
     assert order["priority"] == "routine"
 
 
-def test_chest_xray_without_weights_is_model_unavailable(orthanc, fhir, api):
+def test_chest_xray_without_weights_is_model_unavailable(pacs, fhir, api):
     cr = make_dataset(np.random.default_rng(2).integers(0, 4000, (64, 64)).astype(np.uint16), modality="CR",
                       body_part="CHEST", series_description="CHEST PA")
-    ids = order_study(fhir, [cr], store_in_pacs=orthanc.url)
+    ids = order_study(fhir, [cr], store_in_pacs=pacs.url)
     job = wait_for_job(api, ids["study"])
     assert job["status"] == "model_unavailable" and "chest_pneumothorax" in job["reason"]
     assert results_for(fhir, ids["patient"])["DiagnosticReport"] == []
 
 
 def test_imaging_study_without_uid_fails_clearly(fhir, api):
-    bare = {"resourceType": "ImagingStudy", "status": "available", "subject": {"reference": "Patient/x"}}
+    bare = {"resourceType": "ImagingStudy", "status": "available"}  # subject: the test's Patient
     ids = order_study(fhir, [], imaging_study=bare)
     job = wait_for_job(api, ids["study"])
     assert job["status"] == "failed" and "urn:dicom:uid" in job["reason"]
@@ -219,16 +269,16 @@ def test_study_missing_from_the_pacs_is_retried_then_fails(fhir, api):
     assert job["status"] == "failed" and "not found in the PACS" in job["reason"] and job["attempts"] == 2
 
 
-def test_pixelless_dicom_fails_clearly(orthanc, fhir, api):
+def test_pixelless_dicom_fails_clearly(pacs, fhir, api):
     [ds] = ct_slices(pydicom.uid.generate_uid(), 1)
     del ds.PixelData
-    ids = order_study(fhir, [ds], store_in_pacs=orthanc.url)
+    ids = order_study(fhir, [ds], store_in_pacs=pacs.url)
     job = wait_for_job(api, ids["study"])
     assert job["status"] == "failed" and "pixel data" in job["reason"]
 
 
 def test_notification_for_a_missing_or_deleted_study_fails_clearly(fhir, api):
-    bare = {"resourceType": "ImagingStudy", "status": "available", "subject": {"reference": "Patient/x"}}
+    bare = {"resourceType": "ImagingStudy", "status": "available"}  # subject: the test's Patient
     ids = order_study(fhir, [], imaging_study=bare)
     assert wait_for_job(api, ids["study"])["status"] == "failed"  # no UID yet
     fhir.delete("ImagingStudy", ids["study"])

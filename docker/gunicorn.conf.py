@@ -1,0 +1,22 @@
+"""gunicorn settings for the web process in a container (also runs as is outside one):
+
+    gunicorn --config docker/gunicorn.conf.py "cds_service.app:create_app()"
+
+The same server `cds-triage serve` embeds, in the form container platforms expect. The bind
+address comes from the service's settings (CDS_HOST, CDS_PORT); the number of worker
+processes from WEB_CONCURRENCY, gunicorn's own variable (the image sets 2).
+"""
+
+from cds_service.settings import Settings
+
+_settings = Settings.from_env()
+
+bind = f"{_settings.host}:{_settings.port}"
+threads = 4  # notifications and hooks wait on the job store, not on the CPU
+timeout = 60
+graceful_timeout = 30
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+# Heartbeat files in memory: a container's overlay filesystem can stall gunicorn's default.
+worker_tmp_dir = "/dev/shm"
