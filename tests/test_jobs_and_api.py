@@ -13,6 +13,7 @@ from cds_service.api import imaging_study_ids
 from cds_service.app import ServiceContext, create_app
 from cds_service.jobs import JobState, JobStore, TriageRequest, backoff_delay
 from cds_service.settings import Settings
+from hook_client import EhrSigner
 
 
 @pytest.fixture
@@ -84,7 +85,8 @@ def test_bad_notifications_are_rejected(body, path):
 
 @pytest.fixture
 def client(tmp_path):
-    settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights", subscription_secret="s3cret")
+    settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights", subscription_secret="s3cret",
+                        **EHR.hook_settings(tmp_path / "ehr-jwks.json"))  # CDS Hooks calls carry EHR's signed JWT
     queued: list[str] = []
     context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=queued.append, model_set="m@1")
     app = create_app(settings, context)
@@ -94,6 +96,8 @@ def client(tmp_path):
 
 
 SECRET = {"X-CDS-Subscription-Secret": "s3cret"}
+EHR = EhrSigner()
+HOOK_URL = "http://127.0.0.1:8000/cds-services/imagingstudy-create"  # the default CDS_PUBLIC_URL + the service path
 
 
 def test_subscription_endpoint_persists_one_job_per_study(client):
@@ -128,7 +132,7 @@ def test_oversized_body_is_refused(client):
 def test_cds_hook_queues_the_same_job_as_the_subscription(client):
     hook = {"hook": "imagingstudy-create", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
             "context": {"patientId": "p1", "imagingStudyId": "42", "serviceRequestId": "sr1"}}
-    response = client.post("/cds-services/imagingstudy-create", json=hook)
+    response = client.post("/cds-services/imagingstudy-create", json=hook, headers=EHR.auth(HOOK_URL))
     assert response.status_code == 200
     card = response.json["cards"][0]
     assert card["indicator"] == "info" and len(card["summary"]) < 140 and card["source"]["label"]
@@ -143,13 +147,13 @@ def test_cds_hook_queues_the_same_job_as_the_subscription(client):
     ["not", "an", "object"],
 ])
 def test_malformed_hook_calls_are_rejected(client, hook):
-    response = client.post("/cds-services/imagingstudy-create", json=hook)
+    response = client.post("/cds-services/imagingstudy-create", json=hook, headers=EHR.auth(HOOK_URL))
     assert response.status_code == 400 and response.json["resourceType"] == "OperationOutcome"
     assert client.queued == []
 
 
 def test_discovery_lists_the_service(client):
-    services = client.get("/cds-services").json["services"]
+    services = client.get("/cds-services", headers=EHR.auth("http://127.0.0.1:8000/cds-services")).json["services"]
     assert services[0]["id"] == "imagingstudy-create" and services[0]["hook"] == "imagingstudy-create"
 
 
