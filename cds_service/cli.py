@@ -134,17 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_jobs)
 
-    try:
-        from .training import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
-    except ImportError:  # training extras not present
-        pass
-    else:
-        p = sub.add_parser("train", help="train a task's model and write weights + model card")
-        add_train_arguments(p)
-        p.set_defaults(func=lambda a, s: run_train(a))
-        p = sub.add_parser("evaluate", help="evaluate a model on its validation split (metrics JSON + plots)")
-        add_evaluate_arguments(p)
-        p.set_defaults(func=lambda a, s: run_evaluate(a))
+    from .training import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
+
+    p = sub.add_parser("train", help="train a task's model and write weights + model card")
+    add_train_arguments(p)
+    p.set_defaults(func=lambda a, s: run_train(a))
+    p = sub.add_parser("evaluate", help="evaluate a model on its validation split (metrics JSON + plots)")
+    add_evaluate_arguments(p)
+    p.set_defaults(func=lambda a, s: run_evaluate(a))
     return parser
 
 

@@ -1,0 +1,270 @@
+"""Training data on disk → labelled samples, a reproducible validation split, model input.
+
+Two layouts are understood:
+- class sub-folders: `<data>/<class>/*.{png,jpg,jpeg,dcm}`, the folder name giving the label
+  (`brain_mri/notumor` → `no_tumor`; `head_ct_png/hemorrhage|normal` → `any` = 1|0);
+- for head CT, the RSNA 2019 CSV: rows `ID,Label` with ID `ID_<image>_<subtype>`, images
+  `ID_<image>.dcm` (or .png) in the CSV's folder or below it. Subtypes missing from the CSV
+  stay "unknown" and are masked out of the loss.
+
+Pixels go through `cds_service.preprocessing` only (`load_grey` + `grey_to_image` for
+8-bit files, `dicom_to_image` for DICOM, then `to_batch`), so training sees exactly what
+the service sees at inference.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pydicom
+
+from .domain import TASK_LABELS, Task
+from .preprocessing import PreprocessingSpec, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+
+# Folder name (lower case) → the labels it sets to 1; an empty dict means "all known labels 0".
+FOLDER_LABELS: dict[Task, dict[str, dict[str, float]]] = {
+    Task.BRAIN_MRI: {
+        "glioma": {"glioma": 1.0},
+        "meningioma": {"meningioma": 1.0},
+        "pituitary": {"pituitary": 1.0},
+        "notumor": {"no_tumor": 1.0},
+        "no_tumor": {"no_tumor": 1.0},
+        "no_tumour": {"no_tumor": 1.0},
+    },
+    Task.HEAD_CT_ICH: {
+        "hemorrhage": {"any": 1.0},
+        "haemorrhage": {"any": 1.0},
+        "ich": {"any": 1.0},
+        "normal": {"any": 0.0},
+        "no_hemorrhage": {"any": 0.0},
+    },
+    Task.CHEST_PNEUMOTHORAX: {
+        "pneumothorax": {"pneumothorax": 1.0},
+        "normal": {"pneumothorax": 0.0},
+        "no_pneumothorax": {"pneumothorax": 0.0},
+    },
+}
+
+# Folder names under the shared data dir, so `--data ../shared/data` also works.
+DEFAULT_SUBDIRS: dict[Task, tuple[str, ...]] = {
+    Task.BRAIN_MRI: ("brain_mri",),
+    Task.HEAD_CT_ICH: ("head_ct_png", "head_ct_rsna"),
+    Task.CHEST_PNEUMOTHORAX: ("chest_pneumothorax", "chest_xray"),
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image: where it is, its truth per label, and the unit it is split by.
+
+    `rel` is the path relative to the data directory: the key of the split and of the
+    stored validation list. `group` is the patient where known, else `rel` itself.
+    """
+
+    rel: str
+    path: Path
+    targets: tuple[float, ...]
+    known: tuple[bool, ...]
+    group: str
+
+    @property
+    def stratum(self) -> str:
+        """What the split and the balanced sampler stratify by: the first positive label's index.
+
+        That is the class for softmax tasks, and `any` (label 0) vs negative for head CT, so
+        rare subtype combinations in RSNA data do not each become a stratum of their own.
+        """
+        positive = [i for i, (t, k) in enumerate(zip(self.targets, self.known)) if k and t > 0.5]
+        return str(positive[0]) if positive else "neg"
+
+
+def resolve_data_dir(task: Task, data_dir: Path) -> Path:
+    """The task's own folder: `data_dir` itself, or its known sub-folder for this task."""
+    data_dir = Path(data_dir)
+    if _looks_like_task_dir(task, data_dir):
+        return data_dir
+    for name in DEFAULT_SUBDIRS[task]:
+        if _looks_like_task_dir(task, data_dir / name):
+            return data_dir / name
+    raise FileNotFoundError(
+        f"{data_dir} has neither class folders ({', '.join(sorted(FOLDER_LABELS[task]))})"
+        + (" nor an RSNA ID,Label CSV" if task is Task.HEAD_CT_ICH else "")
+    )
+
+
+def _looks_like_task_dir(task: Task, path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    if task is Task.HEAD_CT_ICH and find_rsna_csv(path) is not None:
+        return True
+    return any((path / name).is_dir() for name in FOLDER_LABELS[task]) or any(
+        p.is_dir() and p.name.lower() in FOLDER_LABELS[task] for p in path.iterdir()
+    )
+
+
+def find_rsna_csv(data_dir: Path) -> Path | None:
+    """The first *.csv in `data_dir` whose header is `ID,Label` (RSNA 2019 format)."""
+    for path in sorted(Path(data_dir).glob("*.csv")):
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if [h.strip().lower() for h in header[:2]] == ["id", "label"]:
+            return path
+    return None
+
+
+def discover_samples(task: Task, data_dir: Path) -> list[Sample]:
+    """All labelled images of a task, sorted by relative path (the split depends on order)."""
+    data_dir = resolve_data_dir(task, data_dir)
+    if task is Task.HEAD_CT_ICH and (csv_path := find_rsna_csv(data_dir)) is not None:
+        samples = _rsna_samples(data_dir, csv_path)
+    else:
+        samples = _folder_samples(task, data_dir)
+    if not samples:
+        raise FileNotFoundError(f"no labelled images for {task.value} under {data_dir}")
+    return sorted(samples, key=lambda s: s.rel)
+
+
+def _folder_samples(task: Task, data_dir: Path) -> list[Sample]:
+    labels = TASK_LABELS[task]
+    softmax = task is Task.BRAIN_MRI
+    samples = []
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        mapping = FOLDER_LABELS[task].get(folder.name.lower())
+        if mapping is None:
+            continue
+        targets = tuple(mapping.get(label, 0.0) for label in labels)
+        # softmax: every label is known (one-hot); sigmoid: only the labels the folder names
+        known = tuple(softmax or label in mapping for label in labels)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                rel = path.relative_to(data_dir).as_posix()
+                samples.append(Sample(rel, path, targets, known, _group_of(path, rel)))
+    return samples
+
+
+def _rsna_samples(data_dir: Path, csv_path: Path) -> list[Sample]:
+    labels = TASK_LABELS[Task.HEAD_CT_ICH]
+    truth: dict[str, dict[str, float]] = defaultdict(dict)
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f, skipinitialspace=True):
+            key = {k.strip().lower(): v for k, v in row.items() if k}
+            image_id, _, subtype = key["id"].strip().rpartition("_")
+            if subtype in labels and key.get("label", "").strip() != "":
+                truth[image_id][subtype] = float(key["label"])
+    files = {p.stem: p for p in sorted(data_dir.rglob("*")) if p.is_file() and p.suffix.lower() in (".dcm", ".png")}
+    samples = []
+    for image_id, values in sorted(truth.items()):
+        path = files.get(image_id)
+        if path is None:
+            continue  # labelled but not supplied: RSNA CSVs list far more images than a sample set holds
+        rel = path.relative_to(data_dir).as_posix()
+        targets = tuple(values.get(label, 0.0) for label in labels)
+        known = tuple(label in values for label in labels)
+        samples.append(Sample(rel, path, targets, known, _group_of(path, rel)))
+    return samples
+
+
+def _group_of(path: Path, rel: str) -> str:
+    """The patient of a DICOM (so no patient is in both splits); the image itself otherwise."""
+    if path.suffix.lower() == ".dcm":
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            patient = str(getattr(ds, "PatientID", "") or "")
+            if patient:
+                return f"patient:{patient}"
+        except Exception:
+            pass
+    return rel
+
+
+# --- the split -------------------------------------------------------------------------
+
+
+def split_samples(samples: Sequence[Sample], seed: int, val_fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic, stratified train/validation split by group (patient, else image).
+
+    Each group gets a rank from sha256(seed, group); within each stratum the lowest-ranked
+    round(fraction * n) groups go to validation. It depends only on the sorted file list,
+    the seed and the fraction (no RNG state, no library version), so training, evaluate
+    and the tests all rebuild the same split.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must lie strictly between 0 and 1")
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: s.rel):
+        groups[s.group].append(s)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for group, members in groups.items():
+        strata[members[0].stratum].append(group)
+    val_groups: set[str] = set()
+    for stratum in sorted(strata):
+        ranked = sorted(strata[stratum], key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+        n_val = int(round(val_fraction * len(ranked)))
+        if len(ranked) >= 2:
+            n_val = min(max(n_val, 1), len(ranked) - 1)  # both splits see every class
+        val_groups.update(ranked[:n_val])
+    train = [s for s in samples if s.group not in val_groups]
+    val = [s for s in samples if s.group in val_groups]
+    return sorted(train, key=lambda s: s.rel), sorted(val, key=lambda s: s.rel)
+
+
+def class_counts(samples: Iterable[Sample], labels: Sequence[str], softmax: bool) -> dict[str, int]:
+    """Images per class (softmax) or positives/negatives per known label (sigmoid)."""
+    samples = list(samples)
+    if softmax:
+        counts = Counter(labels[int(np.argmax(s.targets))] for s in samples)
+        return {label: counts.get(label, 0) for label in labels}
+    out: dict[str, int] = {}
+    for j, label in enumerate(labels):
+        known = [s for s in samples if s.known[j]]
+        if known:
+            out[f"{label}=1"] = sum(1 for s in known if s.targets[j] > 0.5)
+            out[f"{label}=0"] = sum(1 for s in known if s.targets[j] <= 0.5)
+    return out
+
+
+# --- pixels ----------------------------------------------------------------------------
+
+
+def load_image(path: Path, spec: PreprocessingSpec) -> np.ndarray:
+    """One file to HxWx3 in [0, 1], through the service's own preprocessing functions."""
+    if path.suffix.lower() == ".dcm":
+        return dicom_to_image(read_dicom(path), spec)
+    return grey_to_image(load_grey(path), spec)
+
+
+def original_size_features(path: Path) -> tuple[int, int, str]:
+    """(width, height, PIL mode) of the file as stored: what the size-only baseline may use."""
+    from PIL import Image
+
+    if path.suffix.lower() == ".dcm":
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return int(ds.Columns), int(ds.Rows), str(getattr(ds, "PhotometricInterpretation", ""))
+    with Image.open(path) as img:
+        return img.size[0], img.size[1], img.mode
+
+
+def preprocess_samples(samples: Sequence[Sample], spec: PreprocessingSpec, chunk: int = 64, progress: bool = True) -> np.ndarray:
+    """All samples as one normalised N x 3 x S x S float16 array (the network's input).
+
+    Built once and kept in memory: decoding and percentile-normalising every JPEG again
+    each epoch would cost more CPU than the network on a 2-core machine.
+    """
+    from tqdm import tqdm
+
+    out = np.empty((len(samples), 3, spec.input_size, spec.input_size), dtype=np.float16)
+    bar = tqdm(total=len(samples), desc="preprocess", unit="img", disable=not progress, leave=False)
+    for start in range(0, len(samples), chunk):
+        part = samples[start : start + chunk]
+        out[start : start + len(part)] = to_batch([load_image(s.path, spec) for s in part], spec)
+        bar.update(len(part))
+    bar.close()
+    return out

@@ -1,0 +1,398 @@
+"""Validation metrics, operating thresholds and plots for a trained triage model.
+
+Pure numpy/scikit-learn functions over (targets, probabilities) arrays, so that training
+(which writes the card), `cds-triage evaluate` and the tests all compute a metric the
+same way. Every headline metric comes with a percentile-bootstrap 95% confidence
+interval: with a validation split of a few dozen to a few hundred images, the interval
+says more than the point estimate.
+
+Decision rules, matching `cds_service.inference`:
+- softmax (brain MRI): the predicted class is the most probable label; accuracy and the
+  confusion matrix use that. Each label's operating threshold (one-vs-rest, p >= t) is
+  reported beside it.
+- sigmoid (head CT, chest): a label is positive when p >= its card threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+TARGET_SENSITIVITY = 0.95
+BOOTSTRAP_RESAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What the model said on a set of images, with the truth beside it.
+
+    `targets` and `known` are N x labels: 0/1 truth and whether that truth is known (a
+    folder layout for head CT only knows `any`). For softmax tasks `targets` is one-hot.
+    """
+
+    labels: tuple[str, ...]
+    activation: str
+    targets: np.ndarray
+    known: np.ndarray
+    probs: np.ndarray
+    files: tuple[str, ...] = ()
+
+    def subset(self, index: np.ndarray) -> "Predictions":
+        return Predictions(
+            self.labels,
+            self.activation,
+            self.targets[index],
+            self.known[index],
+            self.probs[index],
+            tuple(self.files[i] for i in index) if self.files else (),
+        )
+
+
+# --- elementary metrics ----------------------------------------------------------------
+
+
+def binary_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney, ties count half); NaN when only one class is present."""
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.asarray(p, dtype=np.float64))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def sensitivity_specificity(y: np.ndarray, decision: np.ndarray) -> tuple[float, float]:
+    """(TP/(TP+FN), TN/(TN+FP)); NaN where a class is absent."""
+    y = np.asarray(y).astype(bool)
+    d = np.asarray(decision).astype(bool)
+    sens = float((d & y).sum() / y.sum()) if y.any() else float("nan")
+    spec = float((~d & ~y).sum() / (~y).sum()) if (~y).any() else float("nan")
+    return sens, spec
+
+
+def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float = TARGET_SENSITIVITY) -> float:
+    """The highest threshold t with sensitivity (p >= t among positives) of at least `target`.
+
+    Rounded down to 6 decimals so that the JSON value still lets the same positives pass.
+    A triage model should rather over-call than miss, hence a sensitivity target and not
+    the 0.5 default.
+    """
+    y = np.asarray(y).astype(bool)
+    if not y.any():
+        return 0.5
+    pos = np.sort(np.asarray(p, dtype=np.float64)[y])[::-1]
+    k = max(1, math.ceil(target * len(pos) - 1e-9))
+    return float(math.floor(pos[k - 1] * 1e6) / 1e6)
+
+
+def decisions(pred: Predictions, thresholds: dict[str, float]) -> np.ndarray:
+    """N x labels 0/1 decisions: argmax for softmax, p >= threshold for sigmoid."""
+    if pred.activation == "softmax":
+        return np.eye(len(pred.labels), dtype=bool)[pred.probs.argmax(1)]
+    t = np.array([thresholds.get(label, 1.0) for label in pred.labels])
+    return pred.probs >= t[None, :]
+
+
+def confusion(pred: Predictions, thresholds: dict[str, float]) -> tuple[np.ndarray, list[str]]:
+    """Confusion matrix (rows truth, columns prediction) and its axis names."""
+    if pred.activation == "softmax":
+        truth = pred.targets.argmax(1)
+        guess = pred.probs.argmax(1)
+        n = len(pred.labels)
+        m = np.zeros((n, n), dtype=int)
+        np.add.at(m, (truth, guess), 1)
+        return m, list(pred.labels)
+    # sigmoid: a 2x2 table for the first trained label (the triage-driving one)
+    j = _first_trained(pred)
+    keep = pred.known[:, j].astype(bool)
+    y = pred.targets[keep, j].astype(bool)
+    d = decisions(pred, thresholds)[keep, j]
+    m = np.array([[int((~y & ~d).sum()), int((~y & d).sum())], [int((y & ~d).sum()), int((y & d).sum())]])
+    return m, [f"no {pred.labels[j]}", pred.labels[j]]
+
+
+def _first_trained(pred: Predictions) -> int:
+    for j in range(len(pred.labels)):
+        if pred.known[:, j].any():
+            return j
+    return 0
+
+
+def trained_label_indices(pred: Predictions) -> list[int]:
+    """Labels with known truth on this set (untrained head-CT subtypes drop out)."""
+    return [j for j in range(len(pred.labels)) if pred.known[:, j].any()]
+
+
+# --- the metric set, with bootstrap intervals ---------------------------------------------
+
+
+def point_metrics(pred: Predictions, thresholds: dict[str, float]) -> dict[str, float]:
+    """Flat name -> value: accuracy, balanced accuracy, per-label sensitivity/specificity/AUC."""
+    out: dict[str, float] = {}
+    dec = decisions(pred, thresholds)
+    idx = trained_label_indices(pred)
+    if pred.activation == "softmax":
+        truth = pred.targets.argmax(1)
+        guess = pred.probs.argmax(1)
+        out["accuracy"] = float((truth == guess).mean())
+        recalls = [float((guess[truth == j] == j).mean()) for j in idx if (truth == j).any()]
+        out["balanced_accuracy"] = float(np.mean(recalls)) if recalls else float("nan")
+    else:
+        j = _first_trained(pred)
+        keep = pred.known[:, j].astype(bool)
+        y = pred.targets[keep, j].astype(bool)
+        d = dec[keep, j]
+        out["accuracy"] = float((y == d).mean()) if keep.any() else float("nan")
+        sens, spec = sensitivity_specificity(y, d)
+        out["balanced_accuracy"] = float(np.nanmean([sens, spec]))
+    aucs = []
+    for j in idx:
+        label = pred.labels[j]
+        keep = pred.known[:, j].astype(bool)
+        y = pred.targets[keep, j]
+        p = pred.probs[keep, j]
+        sens, spec = sensitivity_specificity(y, dec[keep, j])
+        out[f"{label}.sensitivity"] = sens
+        out[f"{label}.specificity"] = spec
+        t = thresholds.get(label)
+        if t is not None:
+            sens_t, spec_t = sensitivity_specificity(y, p >= t)
+            out[f"{label}.sensitivity_at_threshold"] = sens_t
+            out[f"{label}.specificity_at_threshold"] = spec_t
+        auc = binary_auc(y, p)
+        out[f"{label}.auc"] = auc
+        aucs.append(auc)
+    if len(aucs) > 1:
+        valid = [a for a in aucs if not math.isnan(a)]
+        out["macro_auc"] = float(np.mean(valid)) if valid else float("nan")
+    return out
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], dict[str, float]],
+    n: int,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile 95% interval of every statistic, resampling the n images with replacement."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        for name, value in statistic(rng.integers(0, n, n)).items():
+            draws.setdefault(name, []).append(value)
+    out = {}
+    for name, values in draws.items():
+        arr = np.asarray(values, dtype=np.float64)
+        arr = arr[~np.isnan(arr)]
+        out[name] = (float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))) if len(arr) else (math.nan, math.nan)
+    return out
+
+
+def metrics_with_ci(
+    pred: Predictions, thresholds: dict[str, float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[str, Any]:
+    """Card/JSON-ready metrics: {name: {"value", "ci95": [lo, hi]}} plus counts and matrix.
+
+    Thresholds stay fixed inside the bootstrap, so intervals do not include the
+    uncertainty of choosing the threshold on this same set.
+    """
+    point = point_metrics(pred, thresholds)
+    ci = bootstrap_ci(lambda idx: point_metrics(pred.subset(idx), thresholds), len(pred.probs), resamples, seed)
+    metrics: dict[str, Any] = {}
+    for name, value in point.items():
+        lo, hi = ci.get(name, (math.nan, math.nan))
+        metrics[name] = {"value": _r(value), "ci95": [_r(lo), _r(hi)]}
+    matrix, axis = confusion(pred, thresholds)
+    positives = {pred.labels[j]: int(pred.targets[pred.known[:, j].astype(bool), j].sum()) for j in trained_label_indices(pred)}
+    return {
+        "n_images": int(len(pred.probs)),
+        "positives_per_label": positives,
+        "decision_rule": "argmax" if pred.activation == "softmax" else "p >= threshold",
+        "metrics": metrics,
+        "confusion_matrix": {"rows_truth_cols_prediction": axis, "counts": matrix.tolist()},
+        "bootstrap": {"resamples": resamples, "seed": seed, "interval": "percentile 2.5-97.5"},
+    }
+
+
+def _r(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
+
+
+def choose_thresholds(pred: Predictions, target: float = TARGET_SENSITIVITY) -> dict[str, float]:
+    """Per trained label (one-vs-rest for softmax): the threshold reaching `target` sensitivity."""
+    out = {}
+    for j in trained_label_indices(pred):
+        keep = pred.known[:, j].astype(bool)
+        out[pred.labels[j]] = threshold_for_sensitivity(pred.targets[keep, j], pred.probs[keep, j], target)
+    return out
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def write_plots(pred: Predictions, thresholds: dict[str, float], out_dir: Path, title: str) -> list[Path]:
+    """ROC, precision-recall, confusion matrix and calibration PNGs; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    idx = trained_label_indices(pred)
+    written: list[Path] = []
+
+    def per_label(j: int) -> tuple[np.ndarray, np.ndarray]:
+        keep = pred.known[:, j].astype(bool)
+        return pred.targets[keep, j].astype(int), pred.probs[keep, j]
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for j in idx:
+        y, p = per_label(j)
+        if 0 < y.sum() < len(y):
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, label=f"{pred.labels[j]} (AUC {binary_auc(y, p):.3f})")
+            t = thresholds.get(pred.labels[j])
+            if t is not None:
+                sens, spec = sensitivity_specificity(y, p >= t)
+                ax.plot([1 - spec], [sens], "o", color=ax.lines[-1].get_color())
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, validation split\n{title}")
+    ax.legend(loc="lower right", fontsize=8)
+    written.append(_save(fig, out_dir / "roc.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for j in idx:
+        y, p = per_label(j)
+        if 0 < y.sum():
+            precision, recall, _ = precision_recall_curve(y, p)
+            ax.plot(recall, precision, label=f"{pred.labels[j]} (prevalence {y.mean():.2f})")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall, validation split\n{title}")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", fontsize=8)
+    written.append(_save(fig, out_dir / "pr.png"))
+
+    matrix, axis = confusion(pred, thresholds)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.imshow(matrix, cmap="Blues")
+    for (r, c), v in np.ndenumerate(matrix):
+        ax.text(c, r, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(axis)), axis, rotation=30, ha="right")
+    ax.set_yticks(range(len(axis)), axis)
+    rule = "argmax" if pred.activation == "softmax" else "p >= threshold"
+    ax.set(xlabel=f"prediction ({rule})", ylabel="truth", title=f"Confusion matrix\n{title}")
+    written.append(_save(fig, out_dir / "confusion_matrix.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    bins = 10 if len(pred.probs) >= 200 else 5
+    for j in idx:
+        y, p = per_label(j)
+        if 0 < y.sum() < len(y):
+            frac, mean_p = calibration_curve(y, p, n_bins=bins, strategy="quantile")
+            ax.plot(mean_p, frac, "o-", label=pred.labels[j])
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="mean predicted probability", ylabel="observed fraction positive", title=f"Calibration (quantile bins)\n{title}")
+    ax.legend(loc="upper left", fontsize=8)
+    written.append(_save(fig, out_dir / "calibration.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def format_metric(block: dict[str, Any], name: str) -> str:
+    """'0.953 (95% CI 0.94-0.97)' for reports and the README."""
+    m = block.get(name)
+    if not m or m["value"] is None:
+        return "n/a"
+    lo, hi = m["ci95"]
+    return f"{m['value']:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+
+
+def summarise(labels: Sequence[str], block: dict[str, Any]) -> list[str]:
+    """Human-readable lines of a metrics block, one per metric."""
+    return [f"{name}: {format_metric(block['metrics'], name)}" for name in block["metrics"]]
+
+
+# --- weights/README.md ---------------------------------------------------------------------
+
+
+def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
+    """Markdown summary of the model cards (regenerate after retraining, never edit numbers by hand)."""
+    lines = [
+        "# Model weights",
+        "",
+        "Each task's model is `<task>.safetensors` (EfficientNet-B0, fp16) plus its card `<task>.json`, the single",
+        "source of truth for labels, trained labels, preprocessing, input size and operating thresholds.",
+        "`<task>.split.json` lists the validation images (paths relative to the data folder) with the model's",
+        "probabilities; `eval/<task>/` holds `metrics.json` and ROC, precision-recall, confusion-matrix and",
+        "calibration plots on that validation split. A task without weights (chest pneumothorax: no labelled",
+        "data yet) is reported by the service as *model unavailable*.",
+        "",
+        "**AI-generated, preliminary, not a diagnosis.** These models only re-order a worklist; a radiologist",
+        "reads every study. All numbers below are on a held-out validation split of public data, which is also",
+        "the split the thresholds were chosen on, so the sensitivities at threshold are optimistic.",
+        "",
+        "Retrain / re-evaluate (CPU is fine; see `cds_service/training.py`):",
+        "",
+        "```",
+        "cds-triage train --task brain_mri --data ../shared/data/brain_mri --epochs 32 --image-size 128",
+        "cds-triage train --task head_ct_ich --data ../shared/data/head_ct_png --init-from weights/brain_mri.safetensors",
+        "cds-triage evaluate --task brain_mri --data ../shared/data/brain_mri",
+        "```",
+        "",
+    ]
+    for card in cards:
+        block = card.get("validation_metrics", {})
+        metrics = block.get("metrics", {})
+        training = card.get("training", {})
+        counts = card.get("data", {}).get("counts", {})
+        lines += [
+            f"## {card['task']}: {card['name']} {card['version']} ({card.get('date', '')})",
+            "",
+            f"- Outputs: {card['activation']} over {', '.join(card['labels'])}; trained: {', '.join(card['trained_labels'])}"
+            + (f"; **untrained** (never reported as findings): {', '.join(card['untrained_labels'])}" if card.get("untrained_labels") else ""),
+            f"- Input: {card['input_size']}x{card['input_size']}, preprocessing `{json.dumps(card['preprocessing'])}`",
+            f"- Data: {card.get('data', {}).get('provenance', '')}",
+            f"- Split: {counts.get('train_total')} train / {counts.get('validation_total')} validation images "
+            f"(train {counts.get('train')}, validation {counts.get('validation')}); seed {card['data']['split']['seed']}, "
+            f"validation fraction {card['data']['split']['val_fraction']}, by {card['data']['split']['unit']}",
+            f"- Training: {training.get('hardware')}, {training.get('time_minutes')} min, {training.get('epochs_run')} of "
+            f"{training.get('epochs_planned')} epochs (best epoch {training.get('best_epoch')}), image size "
+            f"{training.get('image_size')}, {training.get('optimizer')}, {training.get('schedule')}, init: {training.get('init_from')}",
+            "",
+            f"Validation metrics (n = {block.get('n_images')}, decision rule {block.get('decision_rule')}; 95% bootstrap CIs):",
+            "",
+            "| metric | value (95% CI) |",
+            "|---|---|",
+        ]
+        lines += [f"| {name} | {format_metric(metrics, name)} |" for name in metrics]
+        lines += ["", "Operating thresholds (highest threshold with sensitivity >= 0.95 on the validation split):", ""]
+        lines += [f"- `{label}`: {value}" for label, value in card["thresholds"].items()]
+        if "size_only_baseline" in card:
+            b = card["size_only_baseline"]
+            model_auc = b.get("model_validation_auc") or {}
+            cv = next((v for k, v in b.items() if k.startswith("cv")), None)
+            lines += [
+                "",
+                "Shortcut check: a size-only baseline (" + b.get("model", "") + ") reaches validation AUC "
+                f"{b['validation_auc']['value']:.3f} (95% CI {b['validation_auc']['ci95'][0]:.3f}-{b['validation_auc']['ci95'][1]:.3f})"
+                + (f", cross-validated AUC {cv:.3f} over all images" if cv is not None else "")
+                + (f"; the model's validation AUC is {model_auc.get('value'):.3f} (95% CI {model_auc['ci95'][0]:.3f}-{model_auc['ci95'][1]:.3f})." if model_auc else "."),
+            ]
+        lines += ["", "Limits:", ""] + [f"- {item}" for item in card.get("limitations", [])] + [""]
+    return "\n".join(lines)

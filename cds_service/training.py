@@ -1,0 +1,960 @@
+"""`cds-triage train` and `cds-triage evaluate`: fit an EfficientNet-B0 and write its card.
+
+What a training run does, in order:
+1. find the labelled images (`datasets.discover_samples`) and split them reproducibly into
+   train and validation (`datasets.split_samples`: seeded hash, stratified, by patient
+   where DICOM gives one, else by image). The validation images are never trained on;
+2. preprocess every image once with the service's own preprocessing (same card spec as
+   inference) and keep the tensors in memory;
+3. train with class-balanced sampling, light augmentation fitting the modality, AdamW,
+   a warm-up + cosine learning-rate schedule and early stopping on the validation score,
+   writing a resumable checkpoint after every epoch;
+4. save the best epoch as fp16 safetensors, load it back through `models.load_model`
+   (the service's path) and score the validation split with it: operating thresholds
+   (sensitivity >= 0.95), metrics with bootstrap 95% CIs and plots go into the card.
+
+Tasks differ only in data (`TASK_SETUPS`): brain MRI is a 4-way softmax; head CT a
+6-label sigmoid of which only the labels present in the data are trained (loss masked);
+chest X-ray a 1-label sigmoid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .datasets import (
+    Sample,
+    class_counts,
+    discover_samples,
+    find_rsna_csv,
+    load_image,
+    original_size_features,
+    preprocess_samples,
+    resolve_data_dir,
+    split_samples,
+)
+from .domain import TASK_LABELS, Task
+from .evaluation import (
+    Predictions,
+    binary_auc,
+    bootstrap_ci,
+    choose_thresholds,
+    format_metric,
+    metrics_with_ci,
+    write_plots,
+)
+from .models import ARCHITECTURE, LoadedModel, card_path, create_network, load_model, weights_path
+from .preprocessing import PreprocessingSpec, to_batch
+
+CARD_VERSION = "1.0.0"
+CARD_DATE = "2026-11-23"
+DISCLAIMER = "AI-generated, preliminary, not a diagnosis. For worklist prioritisation only; a radiologist reads every study."
+
+
+# --- what differs between tasks ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random training-time changes; modest, because anatomy has a fixed orientation.
+
+    Applied to the batch after the service preprocessing (so the un-augmented tensor is
+    exactly the inference input). Brightness/contrast act on the [0, 1] image.
+    """
+
+    rotate_deg: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class TaskSetup:
+    """The fixed, per-task parts of a model: output activation, preprocessing, augmentation."""
+
+    task: Task
+    activation: str
+    spec_kind: str
+    windows: tuple[tuple[float, float], ...]
+    augmentation: Augmentation
+    intended_use: str
+    preprocessing_note: str
+
+
+TASK_SETUPS: dict[Task, TaskSetup] = {
+    Task.BRAIN_MRI: TaskSetup(
+        Task.BRAIN_MRI,
+        "softmax",
+        "mr_robust",
+        (),
+        Augmentation(rotate_deg=10, scale=(0.9, 1.1), translate=0.05, brightness=0.1, contrast=0.15, hflip=True),
+        "Flag single 2D brain MRI slices that may show a glioma, meningioma or pituitary tumour, "
+        "to move the study up a radiologist's worklist.",
+        "Grey levels are percentile-normalised per image (0.5th/99.5th percentile to 0/1), since MR "
+        "intensities have no absolute scale; 8-bit JPEG/PNG and DICOM go through the same step.",
+    ),
+    Task.HEAD_CT_ICH: TaskSetup(
+        Task.HEAD_CT_ICH,
+        "sigmoid",
+        "ct_windows",
+        ((40.0, 80.0), (40.0, 80.0), (40.0, 80.0)),
+        # bleeds occur on either side, so left-right flips are valid; windowed CT keeps brightness small
+        Augmentation(rotate_deg=10, scale=(0.9, 1.1), translate=0.05, brightness=0.05, contrast=0.1, hflip=True),
+        "Flag axial non-contrast head CT slices that may show intracranial haemorrhage, to move the "
+        "study up a radiologist's worklist.",
+        "The training PNGs are taken as brain-window images (centre 40 HU, width 80 HU): their grey "
+        "levels 0..255 map to 0..1 directly. DICOM input is windowed with the same window "
+        "(kind ct_windows, windows [[40,80],[40,80],[40,80]]) so it looks like the training PNGs. "
+        "Every image is converted to one grey channel and resized to a fixed square size first, "
+        "which removes the original image size and RGBA/RGB layout (a known shortcut in this data).",
+    ),
+    Task.CHEST_PNEUMOTHORAX: TaskSetup(
+        Task.CHEST_PNEUMOTHORAX,
+        "sigmoid",
+        "xray",
+        (),
+        # no left-right flip: the heart and mediastinum are not symmetric
+        Augmentation(rotate_deg=5, scale=(0.95, 1.05), translate=0.03, brightness=0.1, contrast=0.1, hflip=False),
+        "Flag frontal chest radiographs that may show a pneumothorax, to move the study up a "
+        "radiologist's worklist.",
+        "Modality LUT, VOI LUT or window, MONOCHROME1 inverted, then percentile normalisation.",
+    ),
+}
+
+PROVENANCE: dict[str, str] = {
+    "brain_mri": "Public 'Brain Tumor MRI Dataset' (Kaggle, M. Nickparvar; combines figshare (Cheng et al.), "
+    "SARTAJ and Br35H), training split only, de-duplicated; images that duplicate the original test split "
+    "were removed. 2D slices, 224x224 JPEG, mixed greyscale/RGB; some 'notumor' images are CT, not MR.",
+    "head_ct_png": "Public 'Head CT - hemorrhage' set (Kaggle, F. Kitamura): single axial head CT slices, "
+    "already windowed to 8-bit PNG, varying sizes; 75 haemorrhage / 75 normal, labels from the folder.",
+}
+
+
+def default_spec(task: Task, image_size: int) -> PreprocessingSpec:
+    setup = TASK_SETUPS[task]
+    return PreprocessingSpec(kind=setup.spec_kind, input_size=image_size, windows=setup.windows)
+
+
+def model_name(task: Task) -> str:
+    return "cds-triage-" + task.value.replace("_", "-")
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in the checkpoint and (mostly) the card."""
+
+    task: Task
+    data_dir: Path
+    out_dir: Path = Path("weights")
+    epochs: int = 20
+    image_size: int = 128
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    drop_rate: float = 0.2
+    val_fraction: float = 0.2
+    seed: int = 42
+    patience: int = 6
+    device: str = "cpu"
+    init_from: Path | None = None
+    resume: Path | None = None
+    checkpoint: Path | None = None
+    max_steps_per_epoch: int | None = None  # tests: a couple of steps, not an epoch
+    max_minutes: float | None = None  # stop after the epoch that crosses this wall time
+    bootstrap: int = 1000
+    version: str = CARD_VERSION
+    date: str = CARD_DATE
+    progress: bool = True
+    plots: bool = True
+
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint or Path("var") / "checkpoints" / f"{self.task.value}-last.pt"
+
+
+@dataclass
+class TrainResult:
+    card_path: Path
+    weights_path: Path
+    card: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# --- small torch helpers -------------------------------------------------------------------
+
+
+def cpu_cores() -> int:
+    """Cores this process may use (cgroup/affinity aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    """The CPU's name for the card's hardware line ('AMD EPYC', ...)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def set_threads() -> int:
+    import torch
+
+    cores = cpu_cores()
+    torch.set_num_threads(cores)
+    return cores
+
+
+def augment(x: Any, aug: Augmentation, spec: PreprocessingSpec, generator: Any) -> Any:
+    """Random rotation/scale/shift (+ optional flip) and brightness/contrast on a batch.
+
+    `x` is the normalised NCHW batch from `to_batch`; we go back to [0, 1], change it and
+    normalise again, filling the borders with black like a scanner's background.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    img = x * std + mean
+
+    def uniform(lo: float, hi: float) -> Any:
+        return torch.rand(n, generator=generator).mul(hi - lo).add(lo).to(x.device, x.dtype)
+
+    angle = uniform(-aug.rotate_deg, aug.rotate_deg) * math.pi / 180.0
+    scale = uniform(*aug.scale)
+    tx, ty = uniform(-aug.translate, aug.translate) * 2, uniform(-aug.translate, aug.translate) * 2
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device, x.dtype) * 2 - 1 if aug.hflip else torch.ones(n, dtype=x.dtype, device=x.device)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    contrast = uniform(1 - aug.contrast, 1 + aug.contrast).view(n, 1, 1, 1)
+    brightness = uniform(-aug.brightness, aug.brightness).view(n, 1, 1, 1)
+    img = ((img - 0.5) * contrast + 0.5 + brightness).clamp(0.0, 1.0)
+    return ((img - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero: stable start from scratch, no manual drops."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def masked_loss(logits: Any, targets: Any, mask: Any, activation: str, label_smoothing: float) -> Any:
+    """Cross-entropy (softmax) or BCE averaged over known, trained labels only (sigmoid)."""
+    import torch.nn.functional as F
+
+    if activation == "softmax":
+        return F.cross_entropy(logits, targets.argmax(1), label_smoothing=label_smoothing)
+    per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (per * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def build_network(num_labels: int, drop_rate: float, init_from: Path | None) -> tuple[Any, list[str]]:
+    """A fresh network, optionally starting from another card's weights (head re-initialised).
+
+    Returns the network and the names of parameters that could not be taken over.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    network = create_network(num_labels, ARCHITECTURE)
+    network.drop_rate = drop_rate  # timm EfficientNet: dropout before the classifier
+    skipped: list[str] = []
+    if init_from is not None:
+        source = load_file(str(init_from))
+        own = network.state_dict()
+        usable = {}
+        for name, tensor in source.items():
+            if name in own and own[name].shape == tensor.shape:
+                usable[name] = tensor.float()
+            else:
+                skipped.append(name)
+        network.load_state_dict(usable, strict=False)
+        skipped += [name for name in own if name not in usable]
+    return network.to(memory_format=torch.channels_last), sorted(set(skipped))
+
+
+def network_probs(network: Any, x: np.ndarray, activation: str, device: str, batch_size: int = 128) -> np.ndarray:
+    """Probabilities of an in-training network on preprocessed inputs (eval mode)."""
+    import torch
+
+    network.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            xb = torch.from_numpy(x[start : start + batch_size].astype(np.float32)).to(device)
+            logits = network(xb.contiguous(memory_format=torch.channels_last)).float()
+            out.append((torch.softmax(logits, 1) if activation == "softmax" else torch.sigmoid(logits)).cpu().numpy())
+    return np.concatenate(out)
+
+
+def predict_samples(model: LoadedModel, samples: Sequence[Sample], chunk: int = 32, progress: bool = False) -> np.ndarray:
+    """Probabilities of a loaded (service) model on files, through the service's exact path."""
+    from tqdm import tqdm
+
+    spec = model.card.preprocessing
+    out = []
+    for start in tqdm(range(0, len(samples), chunk), desc="predict", disable=not progress, leave=False):
+        part = samples[start : start + chunk]
+        out.append(model.predict(to_batch([load_image(s.path, spec) for s in part], spec)))
+    return np.concatenate(out) if out else np.zeros((0, len(model.card.labels)), np.float32)
+
+
+def as_predictions(samples: Sequence[Sample], probs: np.ndarray, labels: Sequence[str], activation: str, trained: Sequence[str]) -> Predictions:
+    """Truth arrays of the samples beside the probabilities; untrained labels count as unknown."""
+    trained_mask = np.array([label in trained for label in labels])
+    targets = np.array([s.targets for s in samples], dtype=np.float64).reshape(len(samples), len(labels))
+    known = np.array([s.known for s in samples], dtype=bool).reshape(len(samples), len(labels)) & trained_mask[None, :]
+    return Predictions(tuple(labels), activation, targets, known, np.asarray(probs, np.float64), tuple(s.rel for s in samples))
+
+
+def validation_score(pred: Predictions) -> float:
+    """Early-stopping score: balanced accuracy (softmax) or mean AUC of trained labels (sigmoid)."""
+    if pred.activation == "softmax":
+        truth, guess = pred.targets.argmax(1), pred.probs.argmax(1)
+        return float(np.mean([(guess[truth == j] == j).mean() for j in np.unique(truth)]))
+    aucs = [binary_auc(pred.targets[pred.known[:, j], j], pred.probs[pred.known[:, j], j]) for j in range(len(pred.labels)) if pred.known[:, j].any()]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else 0.0
+
+
+def _split_digest(val: Sequence[Sample]) -> str:
+    return hashlib.sha256("\n".join(s.rel for s in val).encode()).hexdigest()[:16]
+
+
+# --- the size-only shortcut check ----------------------------------------------------------------
+
+
+def size_only_baseline(train: Sequence[Sample], val: Sequence[Sample], label_index: int, bootstrap: int = 1000) -> dict[str, Any]:
+    """AUC of a logistic regression that sees only the stored width, height and pixel mode.
+
+    If this comes close to the network, the network may have learnt the image size instead
+    of the finding. Fitted on the training split, scored on the validation split, plus a
+    5-fold cross-validated AUC over all images for a steadier number.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def features(samples: Sequence[Sample], modes: list[str]) -> np.ndarray:
+        rows = []
+        for s in samples:
+            w, h, mode = original_size_features(s.path)
+            rows.append([w, h, w / h, w * h] + [float(mode == m) for m in modes])
+        return np.asarray(rows, dtype=np.float64)
+
+    keep_train = [s for s in train if s.known[label_index]]
+    keep_val = [s for s in val if s.known[label_index]]
+    modes = sorted({original_size_features(s.path)[2] for s in list(keep_train) + list(keep_val)})
+    y_train = np.array([s.targets[label_index] > 0.5 for s in keep_train])
+    y_val = np.array([s.targets[label_index] > 0.5 for s in keep_val])
+    if len(set(y_train)) < 2:
+        return {"note": "only one class in the training split; baseline not computed"}
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    model.fit(features(keep_train, modes), y_train)
+    p_val = model.predict_proba(features(keep_val, modes))[:, 1]
+    auc = binary_auc(y_val, p_val)
+    ci = bootstrap_ci(lambda idx: {"auc": binary_auc(y_val[idx], p_val[idx])}, len(y_val), bootstrap)["auc"]
+    everything = list(keep_train) + list(keep_val)
+    y_all = np.concatenate([y_train, y_val])
+    folds = min(5, int(y_all.sum()), int((~y_all).sum()))
+    cv_auc = None
+    if folds >= 2:
+        p_cv = cross_val_predict(
+            make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+            features(everything, modes),
+            y_all,
+            cv=StratifiedKFold(folds, shuffle=True, random_state=0),
+            method="predict_proba",
+        )[:, 1]
+        cv_auc = round(binary_auc(y_all, p_cv), 4)
+    return {
+        "model": "logistic regression on original width, height, aspect, area and PIL mode (one-hot)",
+        "validation_auc": {"value": round(auc, 4), "ci95": [round(ci[0], 4), round(ci[1], 4)]},
+        f"cv{folds}_auc_all_images": cv_auc,
+        "modes_seen": modes,
+    }
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one training (or resume one) and write `<out>/<task>.safetensors` + `.json`."""
+    import torch
+    from tqdm import tqdm
+
+    started = time.time()
+    cores = set_threads()
+    task = config.task
+    setup = TASK_SETUPS[task]
+    labels = TASK_LABELS[task]
+    softmax = setup.activation == "softmax"
+    data_dir = resolve_data_dir(task, config.data_dir)
+    spec = default_spec(task, config.image_size)
+    torch.manual_seed(config.seed)
+
+    samples = discover_samples(task, data_dir)
+    train_set, val_set = split_samples(samples, config.seed, config.val_fraction)
+    # a label is trained when the training data says something about it
+    trained = tuple(label for j, label in enumerate(labels) if any(s.known[j] for s in train_set))
+    trained_mask = np.array([label in trained for label in labels], dtype=np.float32)
+    _log(f"{task.value}: {len(train_set)} train / {len(val_set)} validation images from {data_dir}; trained labels {list(trained)}")
+
+    x_train = preprocess_samples(train_set, spec, progress=config.progress)
+    x_val = preprocess_samples(val_set, spec, progress=config.progress)
+    y_train = torch.tensor([s.targets for s in train_set], dtype=torch.float32)
+    m_train = torch.tensor([s.known for s in train_set], dtype=torch.float32) * torch.from_numpy(trained_mask)
+    strata = [s.stratum for s in train_set]
+    counts = {k: strata.count(k) for k in set(strata)}
+    sample_weights = torch.tensor([1.0 / counts[k] for k in strata], dtype=torch.double)  # class-balanced
+
+    network, skipped = build_network(len(labels), config.drop_rate, config.init_from)
+    if config.init_from is not None:
+        _log(f"initialised from {config.init_from}; re-initialised: {', '.join(skipped) or 'nothing'}")
+    network.to(config.device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
+
+    start_epoch, history, best = 1, [], {"score": -math.inf, "loss": math.inf, "epoch": 0, "state": None}
+    stale, elapsed_before, stopped_early = 0, 0.0, False
+    if config.resume is not None:
+        ckpt = torch.load(str(config.resume), map_location="cpu", weights_only=False)
+        if ckpt["task"] != task.value or ckpt["split_digest"] != _split_digest(val_set):
+            raise ValueError(f"checkpoint {config.resume} is for another task or another validation split")
+        network.load_state_dict(ckpt["network"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, history, best, stale = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["stale"]
+        elapsed_before = ckpt.get("elapsed_s", 0.0)
+        _log(f"resumed from {config.resume} after epoch {ckpt['epoch']}")
+        if stale >= config.patience:  # that run had already stopped early: only write the outputs
+            stopped_early = True
+
+    last_epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        if stopped_early:
+            break
+        last_epoch = epoch
+        network.train()
+        torch.manual_seed(config.seed * 1000 + epoch)  # dropout; makes a resumed run repeat this epoch's draws
+        gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        order = torch.multinomial(sample_weights, steps_per_epoch * config.batch_size, replacement=True, generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        running = 0.0
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            xb = torch.from_numpy(x_train[idx.numpy()].astype(np.float32)).to(config.device)
+            xb = augment(xb, setup.augmentation, spec, gen)
+            logits = network(xb)
+            loss = masked_loss(logits, y_train[idx].to(config.device), m_train[idx].to(config.device), setup.activation, config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.item()
+            bar.set_postfix(loss=f"{running / (step + 1):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.close()
+
+        val_probs = network_probs(network, x_val, setup.activation, config.device)
+        val_pred = as_predictions(val_set, val_probs, labels, setup.activation, trained)
+        val_loss = _prob_loss(val_pred)
+        score = validation_score(val_pred)
+        accuracy = float((val_pred.targets.argmax(1) == val_probs.argmax(1)).mean()) if softmax else float("nan")
+        row = {"epoch": epoch, "train_loss": round(running / steps_per_epoch, 5), "val_loss": round(val_loss, 5), "val_score": round(score, 5)}
+        if softmax:
+            row["val_accuracy"] = round(accuracy, 5)
+        history.append(row)
+        improved = (score, -val_loss) > (best["score"], -best["loss"])
+        if improved:
+            best = {"score": score, "loss": val_loss, "epoch": epoch, "state": copy.deepcopy(network.state_dict())}
+            stale = 0
+        else:
+            stale += 1
+        score_name = "balanced accuracy" if softmax else "mean AUC"
+        _log(
+            f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val {score_name} {score:.4f}"
+            + (f", val accuracy {accuracy:.4f}" if softmax else "")
+            + (" (best)" if improved else f" (best {best['score']:.4f} at epoch {best['epoch']})")
+            + f" [{(time.time() - started + elapsed_before) / 60:.1f} min]"
+        )
+        _save_checkpoint(config, network, optimizer, scheduler, epoch, history, best, stale, _split_digest(val_set), time.time() - started + elapsed_before)
+        if stale >= config.patience:
+            _log(f"early stop: no improvement for {stale} epochs")
+            stopped_early = True
+            break
+        if config.max_minutes and (time.time() - started + elapsed_before) / 60 >= config.max_minutes:
+            _log(f"time budget of {config.max_minutes} min reached; stopping after epoch {epoch}")
+            stopped_early = True
+            break
+
+    if best["state"] is not None:
+        network.load_state_dict(best["state"])
+    training_seconds = time.time() - started + elapsed_before
+    run = {
+        "epochs_planned": config.epochs,
+        "epochs_run": last_epoch,
+        "best_epoch": best["epoch"],
+        "stopped_early": stopped_early,
+        "steps_per_epoch": steps_per_epoch,
+        "seconds": round(training_seconds, 1),
+        "torch_threads": cores,
+        "history": history,
+        "reinitialised_from_init": skipped if config.init_from else [],
+    }
+    return _finish(config, network, spec, setup, train_set, val_set, samples, data_dir, trained, run)
+
+
+def _prob_loss(pred: Predictions) -> float:
+    """Validation loss from probabilities (NLL for softmax, masked BCE for sigmoid)."""
+    p = np.clip(pred.probs, 1e-7, 1 - 1e-7)
+    if pred.activation == "softmax":
+        return float(-np.log(p[np.arange(len(p)), pred.targets.argmax(1)]).mean())
+    bce = -(pred.targets * np.log(p) + (1 - pred.targets) * np.log(1 - p))
+    return float((bce * pred.known).sum() / max(1, pred.known.sum()))
+
+
+def _save_checkpoint(config: TrainConfig, network: Any, optimizer: Any, scheduler: Any, epoch: int, history: list, best: dict, stale: int, digest: str, elapsed: float) -> None:
+    import torch
+
+    path = config.checkpoint_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "task": config.task.value,
+            "epoch": epoch,
+            "network": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": history,
+            "best": best,
+            "stale": stale,
+            "split_digest": digest,
+            "elapsed_s": elapsed,
+            "config": {k: str(v) for k, v in asdict(config).items()},
+        },
+        str(tmp),
+    )
+    tmp.replace(path)  # never leave a half-written checkpoint behind
+
+
+def _finish(
+    config: TrainConfig,
+    network: Any,
+    spec: PreprocessingSpec,
+    setup: TaskSetup,
+    train_set: list[Sample],
+    val_set: list[Sample],
+    samples: list[Sample],
+    data_dir: Path,
+    trained: tuple[str, ...],
+    run: dict[str, Any],
+) -> TrainResult:
+    """Save fp16 weights, score them through the service's loader, write card + split list."""
+    from safetensors.torch import save_file
+
+    task, labels = config.task, TASK_LABELS[config.task]
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").half().contiguous() for k, v in network.state_dict().items()}
+    wpath = weights_path(out, task)
+    save_file(state, str(wpath), metadata={"task": task.value, "architecture": ARCHITECTURE, "dtype": "float16"})
+
+    # a provisional card lets us load exactly as the service does; thresholds follow below
+    card = _card(config, spec, setup, trained, {label: 0.5 for label in trained}, {}, {}, run, train_set, val_set, data_dir)
+    cpath = card_path(out, task)
+    cpath.write_text(json.dumps(card, indent=2) + "\n")
+    model = load_model(out, task, config.device)
+    probs = predict_samples(model, val_set, progress=config.progress)
+    pred = as_predictions(val_set, probs, labels, setup.activation, trained)
+    thresholds = choose_thresholds(pred)
+    metrics = metrics_with_ci(pred, thresholds, resamples=config.bootstrap)
+    extra: dict[str, Any] = {}
+    if setup.activation == "sigmoid" and trained:
+        j = labels.index(trained[0])
+        extra["size_only_baseline"] = size_only_baseline(train_set, val_set, j, config.bootstrap)
+        extra["size_only_baseline"]["model_validation_auc"] = metrics["metrics"].get(f"{trained[0]}.auc")
+    card = _card(config, spec, setup, trained, thresholds, metrics, extra, run, train_set, val_set, data_dir)
+    card["weights_sha256"] = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    cpath.write_text(json.dumps(card, indent=2) + "\n")
+    write_split_file(out, task, config, data_dir, train_set, val_set, pred)
+    if config.plots:
+        plot_dir = out / "eval" / task.value
+        write_plots(pred, thresholds, plot_dir, f"{card['name']} {card['version']}")
+        (plot_dir / "metrics.json").write_text(json.dumps(_metrics_document(card, metrics, thresholds), indent=2) + "\n")
+    load_model(out, task, config.device)  # the final card must load: fail here, not in production
+    _log(f"wrote {cpath} and {wpath}")
+    for line in _summary_lines(card):
+        _log("  " + line)
+    return TrainResult(cpath, wpath, card, run["history"])
+
+
+def _card(
+    config: TrainConfig,
+    spec: PreprocessingSpec,
+    setup: TaskSetup,
+    trained: tuple[str, ...],
+    thresholds: dict[str, float],
+    metrics: dict[str, Any],
+    extra: dict[str, Any],
+    run: dict[str, Any],
+    train_set: list[Sample],
+    val_set: list[Sample],
+    data_dir: Path,
+) -> dict[str, Any]:
+    task, labels = config.task, TASK_LABELS[config.task]
+    softmax = setup.activation == "softmax"
+    untrained = [label for label in labels if label not in trained]
+    limitations = [
+        DISCLAIMER,
+        "Trained from scratch (no ImageNet pre-training is available offline) on a small public data set "
+        "on CPU; expect lower accuracy on other scanners, protocols and populations. Validate locally first.",
+        "Scores single 2D slices; the service aggregates slices to a study-level probability.",
+        "The operating thresholds were chosen on the validation split, which is also the split the metrics "
+        "are reported on: the sensitivity at threshold is optimistic; confirm on independent data.",
+    ]
+    if task is Task.BRAIN_MRI:
+        limitations += [
+            "Four classes only (glioma, meningioma, pituitary, no tumour); other pathology (metastases, "
+            "stroke, haemorrhage, ...) is out of scope and may be forced into one of the four.",
+            "Some 'no tumour' training images are CT, not MR. Images were de-duplicated against the source's "
+            "test split but near-duplicates within the training split may remain, so validation may be optimistic.",
+        ]
+    if task is Task.HEAD_CT_ICH:
+        limitations += [
+            f"Only {', '.join(trained)} is trained; the outputs {', '.join(untrained)} are untrained (random head) "
+            "and are reported as untrained, never as findings, until subtype-labelled data (e.g. the RSNA "
+            "2019 ID,Label CSV format) is supplied." if untrained else "All six outputs trained from the RSNA CSV labels.",
+            "Tiny data set (150 slices, one slice per patient at most); the 95% intervals are wide.",
+            "Trained on brain-window PNGs (40/80 HU); DICOM is windowed the same way. Thin bleeds visible "
+            "only in subdural or bone windows may be missed.",
+        ]
+    if task is Task.CHEST_PNEUMOTHORAX:
+        limitations.append("No labelled chest X-ray data was available; this card comes from a pipeline test only.")
+    card: dict[str, Any] = {
+        "task": task.value,
+        "name": model_name(task),
+        "version": config.version,
+        "date": config.date,
+        "architecture": ARCHITECTURE,
+        "labels": list(labels),
+        "trained_labels": list(trained),
+        "untrained_labels": untrained,
+        "activation": setup.activation,
+        "input_size": spec.input_size,
+        "preprocessing": spec.to_card(),
+        "preprocessing_note": setup.preprocessing_note,
+        "thresholds": thresholds,
+        "threshold_policy": (
+            "Per trained label, the highest threshold with sensitivity >= 0.95 on the validation split "
+            + ("(one-vs-rest on the softmax probability; no_tumor is never reported as a finding). " if softmax else ". ")
+            + "The validation split is therefore also the threshold-selection set."
+        ),
+        "intended_use": setup.intended_use,
+        "disclaimer": DISCLAIMER,
+        "limitations": limitations,
+        "data": {
+            "dir": _display_path(data_dir),
+            "provenance": PROVENANCE.get(data_dir.name, f"user-supplied data at {_display_path(data_dir)}"),
+            "layout": "rsna_csv" if task is Task.HEAD_CT_ICH and find_rsna_csv(data_dir) else "class_folders",
+            "split": {
+                "seed": config.seed,
+                "val_fraction": config.val_fraction,
+                "unit": "patient (DICOM PatientID) where known, else image",
+                "stratified_by": "class",
+                "method": "sha256(seed:group) rank per class; see cds_service.datasets.split_samples",
+                "validation_list": f"{task.value}.split.json",
+            },
+            "counts": {
+                "train": class_counts(train_set, labels, softmax),
+                "validation": class_counts(val_set, labels, softmax),
+                "train_total": len(train_set),
+                "validation_total": len(val_set),
+            },
+        },
+        "training": {
+            "hardware": f"CPU ({cpu_model()}), {run['torch_threads']} cores, no GPU"
+            if config.device == "cpu"
+            else config.device,
+            "device": config.device,
+            "image_size": spec.input_size,
+            "batch_size": config.batch_size,
+            "optimizer": f"AdamW (lr {config.lr}, weight decay {config.weight_decay})",
+            "schedule": f"linear warm-up {config.warmup_epochs} epoch(s), then cosine to 0",
+            "loss": "cross-entropy, label smoothing " + str(config.label_smoothing)
+            if softmax
+            else "binary cross-entropy masked to trained labels with known truth",
+            "dropout": config.drop_rate,
+            "sampling": "class-balanced (inverse class frequency, with replacement)",
+            "augmentation": asdict(setup.augmentation),
+            "early_stopping": {"patience_epochs": config.patience, "score": "validation balanced accuracy" if softmax else "validation mean AUC"},
+            "init_from": _display_path(config.init_from) if config.init_from else "random initialisation (no pre-training)",
+            "seed": config.seed,
+            "torch": _torch_version(),
+            **{k: v for k, v in run.items()},
+            "time_minutes": round(run["seconds"] / 60.0, 1),
+        },
+        "weights_file": f"{task.value}.safetensors",
+        "weights_dtype": "float16",
+    }
+    if metrics:
+        card["validation_metrics"] = metrics
+    card.update(extra)
+    return card
+
+
+def _display_path(path: Path | None) -> str:
+    """Paths relative to the working directory where possible: cards must not leak home dirs."""
+    if path is None:
+        return ""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path.cwd())
+    except ValueError:
+        return str(path)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def write_split_file(out: Path, task: Task, config: TrainConfig, data_dir: Path, train_set: Sequence[Sample], val_set: Sequence[Sample], pred: Predictions) -> Path:
+    """`<task>.split.json`: the validation files (relative paths) with truth and probabilities.
+
+    Lets anyone check the split (no validation image was trained on) and lets the tests
+    re-score a subset and compare with what the card reports.
+    """
+    labels = TASK_LABELS[task]
+    doc = {
+        "task": task.value,
+        "data_dir": _display_path(data_dir),
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "train_count": len(train_set),
+        "validation_count": len(val_set),
+        "labels": list(labels),
+        "validation": [
+            {
+                "file": s.rel,
+                "targets": [s.targets[j] if s.known[j] else None for j in range(len(labels))],
+                "probs": [round(float(p), 6) for p in pred.probs[i]],
+            }
+            for i, s in enumerate(val_set)
+        ],
+    }
+    path = out / f"{task.value}.split.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def _metrics_document(card: dict[str, Any], metrics: dict[str, Any], thresholds: dict[str, float]) -> dict[str, Any]:
+    return {
+        "model": card["name"],
+        "version": card["version"],
+        "task": card["task"],
+        "split": "validation",
+        "thresholds": thresholds,
+        **metrics,
+    }
+
+
+def _summary_lines(card: dict[str, Any]) -> list[str]:
+    lines = []
+    block = card.get("validation_metrics", {}).get("metrics", {})
+    for name in ("accuracy", "balanced_accuracy", "macro_auc"):
+        if name in block:
+            lines.append(f"{name}: {format_metric(block, name)}")
+    for label in card["trained_labels"]:
+        parts = [f"{m}={format_metric(block, f'{label}.{m}')}" for m in ("auc", "sensitivity", "specificity")]
+        lines.append(f"{label}: threshold {card['thresholds'][label]:.6f}; " + "; ".join(parts))
+    if "size_only_baseline" in card:
+        b = card["size_only_baseline"]
+        if "validation_auc" in b:
+            lines.append(f"size-only baseline AUC {b['validation_auc']['value']:.3f} {b['validation_auc']['ci95']}")
+    return lines
+
+
+def _log(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+# --- evaluation of a committed model -----------------------------------------------------------
+
+
+def evaluate(task: Task, data_dir: Path, weights_dir: Path, out_dir: Path | None = None, bootstrap: int = 1000, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Re-score a model on its validation split (rebuilt from the card's seed and fraction).
+
+    Writes `metrics.json` and the PNG plots into `out_dir` (default `<weights>/eval/<task>`).
+    """
+    set_threads()
+    model = load_model(weights_dir, task, device)
+    card = model.card.raw
+    split = card.get("data", {}).get("split", {})
+    samples = discover_samples(task, data_dir)
+    train_set, val_set = split_samples(samples, int(split.get("seed", 42)), float(split.get("val_fraction", 0.2)))
+    listed = _listed_validation(weights_dir, task)
+    matches = listed is None or listed == [s.rel for s in val_set]
+    if not matches:
+        _log("warning: the rebuilt validation split differs from the one stored beside the card (other data?)")
+    probs = predict_samples(model, val_set, progress=progress)
+    pred = as_predictions(val_set, probs, model.card.labels, model.card.activation, model.card.trained_labels)
+    metrics = metrics_with_ci(pred, model.card.thresholds, resamples=bootstrap)
+    out_dir = Path(out_dir) if out_dir else Path(weights_dir) / "eval" / task.value
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(pred, model.card.thresholds, out_dir, f"{model.card.name} {model.card.version}")
+    doc = _metrics_document(card, metrics, model.card.thresholds)
+    doc["data_dir"] = _display_path(resolve_data_dir(task, data_dir))
+    doc["validation_split_matches_card"] = matches
+    doc["plots"] = [p.name for p in plots]
+    (out_dir / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def _listed_validation(weights_dir: Path, task: Task) -> list[str] | None:
+    path = Path(weights_dir) / f"{task.value}.split.json"
+    if not path.exists():
+        return None
+    return [row["file"] for row in json.loads(path.read_text())["validation"]]
+
+
+# --- CLI glue (wired into `cds-triage` by cli.py) ------------------------------------------------
+
+TASK_CHOICES = [t.value for t in Task]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cds-triage train`."""
+    parser.add_argument("--task", required=True, choices=TASK_CHOICES)
+    parser.add_argument("--data", required=True, type=Path, help="the task's image folder (class sub-folders or an RSNA ID,Label CSV)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--image-size", type=int, default=128, help="square input size in pixels (default 128)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--patience", type=int, default=6, help="early stopping: epochs without validation improvement")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=Path("weights"), help="where <task>.safetensors and <task>.json go")
+    parser.add_argument("--init-from", type=Path, default=None, help="start from these weights (e.g. weights/brain_mri.safetensors); the classifier head is re-initialised")
+    parser.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by an earlier run")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="where to write the per-epoch checkpoint (default var/checkpoints/<task>-last.pt)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that crosses this wall time")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--version", dest="model_version", default=CARD_VERSION, help="model version written to the card")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs stay)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        task=Task(args.task),
+        data_dir=Path(args.data),
+        out_dir=Path(args.out),
+        epochs=args.epochs,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        val_fraction=args.val_fraction,
+        patience=args.patience,
+        device=args.device,
+        init_from=args.init_from,
+        resume=args.resume,
+        checkpoint=args.checkpoint,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        bootstrap=args.bootstrap,
+        version=args.model_version,
+        progress=not args.no_progress,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`cds-triage train`: 0 on success, 2 on bad input (missing data, wrong checkpoint)."""
+    try:
+        train(config_from_args(args))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cds-triage evaluate`."""
+    parser.add_argument("--task", required=True, choices=TASK_CHOICES)
+    parser.add_argument("--data", required=True, type=Path, help="the task's image folder, as given to train")
+    parser.add_argument("--weights", type=Path, default=Path("weights"), help="folder with <task>.json and <task>.safetensors")
+    parser.add_argument("--out", type=Path, default=None, help="where metrics.json and the PNG plots go (default <weights>/eval/<task>)")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """`cds-triage evaluate`: prints the headline metrics; 0 on success, 2 on bad input."""
+    from .errors import ModelUnavailableError
+
+    try:
+        doc = evaluate(Task(args.task), args.data, args.weights, args.out, args.bootstrap, args.device, not args.no_progress)
+    except (FileNotFoundError, ValueError, ModelUnavailableError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    for name in doc["metrics"]:
+        print(f"{name}: {format_metric(doc['metrics'], name)}")
+    print(f"thresholds: {json.dumps(doc['thresholds'])}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cds_service.training train|evaluate ...` until cli.py wires these in."""
+    parser = argparse.ArgumentParser(prog="python -m cds_service.training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_arguments(sub.add_parser("train", help="train a task's model and write its card"))
+    add_evaluate_arguments(sub.add_parser("evaluate", help="re-score a model on its validation split"))
+    args = parser.parse_args(argv)
+    return run_train(args) if args.command == "train" else run_evaluate(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

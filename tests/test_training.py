@@ -1,0 +1,350 @@
+"""Training/evaluation pipeline on tiny synthetic data: seconds on CPU, no real training.
+
+Each task's path (folder layouts, the RSNA ID,Label CSV with DICOM, chest X-ray for which
+no real data exists) must produce a card + fp16 safetensors that the service's
+`load_model` accepts; the split must be reproducible and disjoint; resume must continue
+where a run stopped; evaluate must write metrics JSON and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from safetensors import safe_open
+
+from cds_service.datasets import discover_samples, split_samples
+from cds_service.domain import TASK_LABELS, Task
+from cds_service.evaluation import binary_auc, choose_thresholds, sensitivity_specificity, threshold_for_sensitivity
+from cds_service.models import load_model
+from cds_service.training import (
+    TASK_SETUPS,
+    TrainConfig,
+    add_evaluate_arguments,
+    add_train_arguments,
+    augment,
+    default_spec,
+    run_evaluate,
+    run_train,
+    train,
+)
+
+SIZE = 32  # the smallest size EfficientNet-B0 still reduces sensibly; keeps each step ~0.1 s
+
+
+# --- synthetic data --------------------------------------------------------------------------
+
+
+def _image(rng: np.random.Generator, bright: bool, mode: str, size: tuple[int, int]) -> Image.Image:
+    """A blob on a dark background; 'positive' classes get a bright spot so the task is learnable."""
+    w, h = size
+    grey = rng.integers(0, 60, (h, w)).astype(np.uint8)
+    if bright:
+        grey[h // 3 : h // 2, w // 3 : w // 2] = 230
+    img = Image.fromarray(grey, "L")
+    return img.convert(mode) if mode != "L" else img
+
+
+def make_folders(root: Path, classes: dict[str, bool], per_class: int = 5, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for k, (name, bright) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            mode = ("L", "RGB", "RGBA")[(i + k) % 3]
+            _image(rng, bright, mode, (40 + 4 * i, 36 + 2 * k)).save(root / name / f"img_{i:02d}.png")
+    return root
+
+
+def ct_dicom(hu: np.ndarray, patient: str) -> Dataset:
+    """A minimal CT slice: stored = HU + 1024, slope 1, intercept -1024 (as RSNA stores them)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.PatientID = patient
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope = 1
+    ds.RescaleIntercept = -1024
+    ds.PixelData = np.clip(np.round(hu + 1024), 0, 65535).astype(np.uint16).tobytes()
+    return ds
+
+
+def make_rsna(root: Path, n_images: int = 12) -> Path:
+    """RSNA 2019 layout: ID,Label CSV (ID_<img>_<subtype>) with ID_<img>.dcm beside it.
+
+    Two slices per patient, so the split must keep a patient's slices together.
+    """
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    rows = ["ID,Label"]
+    subtypes = TASK_LABELS[Task.HEAD_CT_ICH][1:]
+    for i in range(n_images):
+        image_id = f"ID_{i:09x}"
+        positive = i % 2 == 0
+        hu = rng.uniform(0, 30, (32, 32))
+        if positive:
+            hu[10:16, 10:16] = 70  # a bright "bleed" in brain window
+        ct_dicom(hu, patient=f"P{i // 2:03d}").save_as(root / f"{image_id}.dcm", enforce_file_format=True)
+        rows.append(f"{image_id}_any,{int(positive)}")
+        for j, sub in enumerate(subtypes):
+            rows.append(f"{image_id}_{sub},{int(positive and (i // 2 + j) % 2 == 0)}")
+    rows.append("ID_ffffffff0_any,1")  # labelled but no image supplied: ignored
+    (root / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+BRAIN = {"glioma": True, "meningioma": True, "notumor": False, "pituitary": True}
+HEAD = {"hemorrhage": True, "normal": False}
+CHEST = {"pneumothorax": True, "normal": False}
+
+
+def tiny_config(task: Task, data: Path, out: Path, **kw) -> TrainConfig:
+    defaults = dict(
+        epochs=1,
+        image_size=SIZE,
+        batch_size=4,
+        max_steps_per_epoch=2,
+        bootstrap=20,
+        progress=False,
+        plots=False,
+        checkpoint=out / "ckpt" / f"{task.value}.pt",
+    )
+    defaults.update(kw)
+    return TrainConfig(task=task, data_dir=data, out_dir=out, **defaults)
+
+
+# --- split ---------------------------------------------------------------------------------
+
+
+def test_split_is_deterministic_disjoint_and_stratified(tmp_path: Path) -> None:
+    data = make_folders(tmp_path / "brain", BRAIN, per_class=10)
+    samples = discover_samples(Task.BRAIN_MRI, data)
+    train1, val1 = split_samples(samples, seed=7, val_fraction=0.2)
+    train2, val2 = split_samples(list(reversed(samples)), seed=7, val_fraction=0.2)
+    assert [s.rel for s in val1] == [s.rel for s in val2]
+    assert [s.rel for s in train1] == [s.rel for s in train2]
+    assert not {s.rel for s in train1} & {s.rel for s in val1}
+    assert {s.rel for s in train1} | {s.rel for s in val1} == {s.rel for s in samples}
+    assert len(val1) == 8  # 2 of 10 per class
+    assert {s.rel.split("/")[0] for s in val1} == set(BRAIN)
+    _, val_other_seed = split_samples(samples, seed=8, val_fraction=0.2)
+    assert [s.rel for s in val_other_seed] != [s.rel for s in val1]
+
+
+def test_folder_names_map_to_card_labels(tmp_path: Path) -> None:
+    samples = discover_samples(Task.BRAIN_MRI, make_folders(tmp_path / "brain", BRAIN, per_class=1))
+    labels = TASK_LABELS[Task.BRAIN_MRI]
+    by_folder = {s.rel.split("/")[0]: labels[int(np.argmax(s.targets))] for s in samples}
+    assert by_folder == {"glioma": "glioma", "meningioma": "meningioma", "notumor": "no_tumor", "pituitary": "pituitary"}
+    head = discover_samples(Task.HEAD_CT_ICH, make_folders(tmp_path / "head", HEAD, per_class=1))
+    assert {s.rel.split("/")[0]: (s.targets[0], s.known) for s in head} == {
+        "hemorrhage": (1.0, (True, False, False, False, False, False)),
+        "normal": (0.0, (True, False, False, False, False, False)),
+    }
+
+
+def test_rsna_csv_layout_splits_by_patient(tmp_path: Path) -> None:
+    data = make_rsna(tmp_path / "rsna")
+    samples = discover_samples(Task.HEAD_CT_ICH, data)
+    assert len(samples) == 12  # the CSV row without an image is ignored
+    assert all(all(s.known) for s in samples)
+    assert samples[0].group == "patient:P000"
+    train_set, val_set = split_samples(samples, seed=42, val_fraction=0.3)
+    assert not {s.group for s in train_set} & {s.group for s in val_set}
+    assert val_set
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_threshold_reaches_target_sensitivity() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400).astype(bool)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    t = threshold_for_sensitivity(y, p, 0.95)
+    sens, spec = sensitivity_specificity(y, p >= t)
+    assert sens >= 0.95
+    assert sensitivity_specificity(y, p >= t + 0.01)[0] < 0.95 or t >= 0.99  # the highest such threshold
+    from sklearn.metrics import roc_auc_score
+
+    assert binary_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+
+
+# --- training each task ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "task, layout",
+    [
+        (Task.BRAIN_MRI, "folders"),
+        (Task.HEAD_CT_ICH, "folders"),
+        (Task.HEAD_CT_ICH, "rsna_csv"),
+        (Task.CHEST_PNEUMOTHORAX, "folders"),
+    ],
+)
+def test_training_writes_a_card_the_service_loads(tmp_path: Path, task: Task, layout: str) -> None:
+    if layout == "rsna_csv":
+        data = make_rsna(tmp_path / "data")
+    else:
+        data = make_folders(tmp_path / "data", {Task.BRAIN_MRI: BRAIN, Task.HEAD_CT_ICH: HEAD, Task.CHEST_PNEUMOTHORAX: CHEST}[task])
+    out = tmp_path / "weights"
+    result = train(tiny_config(task, data, out))
+
+    model = load_model(out, task)
+    card = json.loads((out / f"{task.value}.json").read_text())
+    labels = TASK_LABELS[task]
+    assert model.card.labels == labels
+    assert card["activation"] == TASK_SETUPS[task].activation
+    assert card["input_size"] == SIZE and card["preprocessing"]["kind"] == TASK_SETUPS[task].spec_kind
+    assert "not a diagnosis" in card["disclaimer"]
+    if task is Task.HEAD_CT_ICH and layout == "folders":
+        assert card["trained_labels"] == ["any"]
+        assert card["untrained_labels"] == list(labels[1:])
+        assert card["preprocessing"]["windows"] == [[40.0, 80.0]] * 3
+        assert "size_only_baseline" in card
+    else:
+        assert card["trained_labels"] == list(labels)
+    assert set(card["thresholds"]) == set(card["trained_labels"])
+    assert "accuracy" in card["validation_metrics"]["metrics"]
+    assert len(card["validation_metrics"]["metrics"]["accuracy"]["ci95"]) == 2
+    with safe_open(str(out / f"{task.value}.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
+
+    split = json.loads((out / f"{task.value}.split.json").read_text())
+    _, val_set = split_samples(discover_samples(task, data), card["data"]["split"]["seed"], card["data"]["split"]["val_fraction"])
+    assert [row["file"] for row in split["validation"]] == [s.rel for s in val_set]
+    assert result.history and result.history[0]["epoch"] == 1
+
+    batch = np.zeros((2, 3, SIZE, SIZE), np.float32)
+    probs = model.predict(batch)
+    assert probs.shape == (2, len(labels))
+    if card["activation"] == "softmax":
+        assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_sigmoid_loss_ignores_untrained_labels() -> None:
+    import torch
+
+    from cds_service.training import masked_loss
+
+    logits = torch.zeros(2, 6, requires_grad=True)
+    targets = torch.tensor([[1.0, 0, 0, 0, 0, 0], [0.0, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[1.0, 0, 0, 0, 0, 0]] * 2)
+    masked_loss(logits, targets, mask, "sigmoid", 0.0).backward()
+    assert torch.all(logits.grad[:, 1:] == 0) and torch.all(logits.grad[:, 0] != 0)
+
+
+def test_init_from_replaces_only_the_classifier(tmp_path: Path) -> None:
+    brain_out = tmp_path / "brain_weights"
+    train(tiny_config(Task.BRAIN_MRI, make_folders(tmp_path / "brain", BRAIN), brain_out))
+    head_out = tmp_path / "head_weights"
+    result = train(
+        tiny_config(Task.HEAD_CT_ICH, make_folders(tmp_path / "head", HEAD), head_out, init_from=brain_out / "brain_mri.safetensors")
+    )
+    assert result.card["training"]["reinitialised_from_init"] == ["classifier.bias", "classifier.weight"]
+    assert result.card["training"]["init_from"].endswith("brain_mri.safetensors")
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
+    data = make_folders(tmp_path / "data", CHEST)
+    ckpt = tmp_path / "ckpt.pt"
+    first = train(tiny_config(Task.CHEST_PNEUMOTHORAX, data, tmp_path / "a", epochs=2, checkpoint=ckpt, max_minutes=1e-9))
+    assert [row["epoch"] for row in first.history] == [1]  # stopped by the time budget after epoch 1
+    resumed = train(tiny_config(Task.CHEST_PNEUMOTHORAX, data, tmp_path / "b", epochs=2, checkpoint=ckpt, resume=ckpt))
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    assert resumed.history[0] == first.history[0]
+    assert resumed.card["training"]["epochs_run"] == 2
+
+    other = make_folders(tmp_path / "other", CHEST, per_class=7, seed=3)
+    with pytest.raises(ValueError, match="another validation split"):
+        train(tiny_config(Task.CHEST_PNEUMOTHORAX, other, tmp_path / "c", epochs=2, resume=ckpt, checkpoint=tmp_path / "x.pt"))
+
+
+def test_chest_augmentation_never_flips_left_right() -> None:
+    import torch
+
+    from cds_service.training import Augmentation
+
+    assert TASK_SETUPS[Task.CHEST_PNEUMOTHORAX].augmentation.hflip is False
+    spec = default_spec(Task.CHEST_PNEUMOTHORAX, SIZE)
+    x = torch.zeros(8, 3, SIZE, SIZE)
+    x[:, :, :, : SIZE // 4] = 2.0  # bright strip on the left
+    still = Augmentation(rotate_deg=0, scale=(1, 1), translate=0, brightness=0, contrast=0, hflip=False)
+    y = augment(x, still, spec, torch.Generator().manual_seed(0))
+    assert torch.allclose(y, x, atol=1e-5)
+    y = augment(x, TASK_SETUPS[Task.CHEST_PNEUMOTHORAX].augmentation, spec, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert (y[:, 0, :, : SIZE // 4].mean(dim=(1, 2)) > y[:, 0, :, -SIZE // 4 :].mean(dim=(1, 2))).all()
+
+
+# --- CLI glue and evaluate ----------------------------------------------------------------------
+
+
+def test_cli_train_then_evaluate_writes_metrics_and_plots(tmp_path: Path) -> None:
+    data = make_folders(tmp_path / "data", BRAIN)
+    out = tmp_path / "weights"
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(
+        ["--task", "brain_mri", "--data", str(data), "--epochs", "1", "--image-size", str(SIZE), "--batch-size", "4",
+         "--out", str(out), "--checkpoint", str(tmp_path / "c.pt"), "--max-steps-per-epoch", "1", "--bootstrap", "20",
+         "--no-progress"]
+    )  # fmt: skip
+    assert run_train(args) == 0
+    assert (out / "eval" / "brain_mri" / "roc.png").exists()
+
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    eval_out = tmp_path / "eval"
+    args = parser.parse_args(["--task", "brain_mri", "--data", str(data), "--weights", str(out), "--out", str(eval_out), "--bootstrap", "20", "--no-progress"])
+    assert run_evaluate(args) == 0
+    doc = json.loads((eval_out / "metrics.json").read_text())
+    assert doc["split"] == "validation" and doc["validation_split_matches_card"] is True
+    for name in ("accuracy", "balanced_accuracy", "glioma.sensitivity", "glioma.specificity", "glioma.auc"):
+        assert set(doc["metrics"][name]) == {"value", "ci95"}
+    for png in ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png"):
+        assert (eval_out / png).read_bytes().startswith(b"\x89PNG")
+    card = json.loads((out / "brain_mri.json").read_text())
+    assert doc["metrics"]["accuracy"] == card["validation_metrics"]["metrics"]["accuracy"]
+
+
+def test_cli_reports_missing_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--task", "chest_pneumothorax", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+    assert run_train(args) == 2
+    assert "chest_pneumothorax" not in {p.stem for p in tmp_path.glob("*.safetensors")}
+
+
+def test_choose_thresholds_one_vs_rest_for_softmax() -> None:
+    from cds_service.evaluation import Predictions
+
+    labels = TASK_LABELS[Task.BRAIN_MRI]
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 200)
+    logits = rng.normal(0, 1, (200, 4)) + 2.0 * np.eye(4)[truth]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = Predictions(labels, "softmax", np.eye(4)[truth], np.ones((200, 4), bool), probs)
+    thresholds = choose_thresholds(pred)
+    for j, label in enumerate(labels):
+        assert sensitivity_specificity(truth == j, probs[:, j] >= thresholds[label])[0] >= 0.95
