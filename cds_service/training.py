@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import hashlib
 import json
 import math
@@ -60,7 +61,6 @@ from .models import ARCHITECTURE, LoadedModel, card_path, create_network, load_m
 from .preprocessing import PreprocessingSpec, to_batch
 
 CARD_VERSION = "1.0.0"
-CARD_DATE = "2026-11-23"
 DISCLAIMER = "AI-generated, preliminary, not a diagnosis. For worklist prioritisation only; a radiologist reads every study."
 
 
@@ -183,7 +183,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop after the epoch that crosses this wall time
     bootstrap: int = 1000
     version: str = CARD_VERSION
-    date: str = CARD_DATE
+    date: str = field(default_factory=lambda: datetime.date.today().isoformat())  # the day it was trained
     progress: bool = True
     plots: bool = True
 

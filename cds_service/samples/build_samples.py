@@ -5,7 +5,8 @@
 What to build comes from manifest.json next to this script: a list of studies, each with its
 `folder`, the patient, the series tags, the expected finding and `source_files` (paths relative
 to the data folder). An entry whose `source_files` is empty, or every entry with --repick, gets its
-files from its `pick` rule (the first `count` files of `folder` in sorted name order).
+files from its `pick` rule (the first `count` files of `folder` in sorted name order; with
+`"split": "validation"` only those of the models' validation split).
 To use other images, edit `source_files` and run the script again.
 
 Output is deterministic: UIDs are derived from the study folder name and file position, dates
@@ -41,8 +42,19 @@ def uid(*parts: object) -> str:
 
 
 def pick(data: Path, rule: dict) -> list[str]:
+    """The first `count` files of `folder` in sorted name order; with `"split": "validation"`,
+    only files in the validation split of `cds-triage train` (seed 42, 20%), never trained on."""
     folder = data / rule["folder"]
     files = sorted(p for p in folder.glob(rule.get("glob", "*")) if p.is_file())
+    if rule.get("split") == "validation":
+        from cds_service.datasets import discover_samples, resolve_data_dir, split_samples
+        from cds_service.domain import Task
+
+        task_dir = data / rule["folder"].split("/", 1)[0]
+        task = Task.BRAIN_MRI if task_dir.name == "brain_mri" else Task.HEAD_CT_ICH
+        _, val = split_samples(discover_samples(task, resolve_data_dir(task, task_dir)), 42, 0.2)
+        held_out = {task_dir / s.rel for s in val}
+        files = [p for p in files if p in held_out]
     if len(files) < rule["count"]:
         raise SystemExit(f"{folder}: need {rule['count']} files, found {len(files)}")
     return [str(p.relative_to(data)) for p in files[: rule["count"]]]
