@@ -16,11 +16,11 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 from safetensors import safe_open
 
 from cds_service.datasets import discover_samples, split_samples
+from cds_service.devservers import make_dataset
 from cds_service.domain import TASK_LABELS, Task
 from cds_service.evaluation import binary_auc, choose_thresholds, sensitivity_specificity, threshold_for_sensitivity
 from cds_service.models import load_model
@@ -64,29 +64,8 @@ def make_folders(root: Path, classes: dict[str, bool], per_class: int = 5, seed:
 
 def ct_dicom(hu: np.ndarray, patient: str) -> Dataset:
     """A minimal CT slice: stored = HU + 1024, slope 1, intercept -1024 (as RSNA stores them)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.PatientID = patient
-    ds.Rows, ds.Columns = hu.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope = 1
-    ds.RescaleIntercept = -1024
-    ds.PixelData = np.clip(np.round(hu + 1024), 0, 65535).astype(np.uint16).tobytes()
-    return ds
+    stored = np.clip(np.round(hu + 1024), 0, 65535).astype(np.uint16)
+    return make_dataset(stored, modality="CT", patient_id=patient, rescale_slope=1, rescale_intercept=-1024, bits_stored=16)
 
 
 def make_rsna(root: Path, n_images: int = 12) -> Path:

@@ -1,0 +1,173 @@
+"""The committed weights: they load, match their cards, are deterministic, and the card's
+validation metrics reproduce on the shared data (a subset, to stay within a minute on 2 cores).
+
+The data lives outside the repo (`../shared/data`, or `CDS_DATA_DIR`). Without it the data
+checks skip locally; under CI (env CI set) a missing data dir is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from safetensors import safe_open
+
+from cds_service.datasets import discover_samples, split_samples
+from cds_service.devservers import dicom_bytes, make_dataset
+from cds_service.domain import TASK_LABELS, Task
+from cds_service.errors import ModelUnavailableError
+from cds_service.evaluation import point_metrics
+from cds_service.models import load_model
+from cds_service.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
+from cds_service.training import as_predictions, predict_samples
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "weights"
+SHIPPED = [Task.BRAIN_MRI, Task.HEAD_CT_ICH]
+MAX_CHECK_IMAGES = 160  # per task: keeps the whole file well under a minute on 2 cores
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("CDS_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+def require_data() -> Path:
+    root = data_root()
+    if not root.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"training data not found at {root} (set CDS_DATA_DIR)")
+        pytest.skip(f"training data not found at {root}")
+    return root
+
+
+def card(task: Task) -> dict:
+    return json.loads((WEIGHTS / f"{task.value}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    return {task: load_model(WEIGHTS, task) for task in SHIPPED}
+
+
+# --- files and cards -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
+def test_weights_match_their_card(task: Task, models: dict) -> None:
+    c = card(task)
+    model = models[task]
+    assert model.card.labels == TASK_LABELS[task]
+    assert c["input_size"] == model.card.preprocessing.input_size
+    assert model.network.classifier.out_features == len(TASK_LABELS[task])
+    assert set(c["thresholds"]) == set(c["trained_labels"])
+    assert c["version"] and c["name"].startswith("cds-triage-")
+    assert "not a diagnosis" in c["disclaimer"]
+    wfile = WEIGHTS / f"{task.value}.safetensors"
+    assert hashlib.sha256(wfile.read_bytes()).hexdigest() == c["weights_sha256"]
+    with safe_open(str(wfile), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in list(f.keys())[:5]} == {"torch.float16"}
+    for name, block in c["validation_metrics"]["metrics"].items():
+        if block["value"] is not None:
+            lo, hi = block["ci95"]
+            assert lo <= block["value"] + 1e-9 and block["value"] <= hi + 1e-9, name
+
+
+def test_head_ct_card_says_what_was_trained() -> None:
+    c = card(Task.HEAD_CT_ICH)
+    assert c["trained_labels"] == ["any"]
+    assert c["preprocessing"]["kind"] == "ct_windows"
+    assert c["preprocessing"]["windows"] == [[40.0, 80.0]] * 3
+    baseline = c["size_only_baseline"]
+    assert "validation_auc" in baseline and "model_validation_auc" in baseline
+
+
+def test_no_chest_weights_are_shipped() -> None:
+    if (WEIGHTS / "chest_pneumothorax.safetensors").exists():
+        pytest.skip("chest weights exist now; this guard is for the no-data period")
+    with pytest.raises(ModelUnavailableError):
+        load_model(WEIGHTS, Task.CHEST_PNEUMOTHORAX)
+
+
+@pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
+def test_identical_input_gives_identical_output(task: Task, models: dict) -> None:
+    model = models[task]
+    size = model.card.preprocessing.input_size
+    rng = np.random.default_rng(0)
+    batch = rng.normal(0, 1, (3, 3, size, size)).astype(np.float32)
+    first = model.predict(batch)
+    assert np.array_equal(first, model.predict(batch.copy()))
+    assert first.shape == (3, len(TASK_LABELS[task]))
+    assert np.all((first >= 0) & (first <= 1))
+
+
+# --- the card's numbers reproduce on the data ---------------------------------------------------
+
+
+@pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
+def test_validation_metrics_reproduce(task: Task, models: dict) -> None:
+    root = require_data()
+    c = card(task)
+    model = models[task]
+    data_dir = root / Path(c["data"]["dir"]).name
+    stored = json.loads((WEIGHTS / f"{task.value}.split.json").read_text())
+
+    # 1. the split rebuilt from the data is the stored one, and disjoint from training
+    samples = discover_samples(task, data_dir)
+    train_set, val_set = split_samples(samples, c["data"]["split"]["seed"], c["data"]["split"]["val_fraction"])
+    assert [s.rel for s in val_set] == [row["file"] for row in stored["validation"]]
+    assert not {s.rel for s in train_set} & {s.rel for s in val_set}
+    assert len(train_set) == c["data"]["counts"]["train_total"]
+
+    # 2. the card's metrics follow from the stored per-image probabilities
+    stored_probs = np.array([row["probs"] for row in stored["validation"]])
+    full = as_predictions(val_set, stored_probs, model.card.labels, model.card.activation, model.card.trained_labels)
+    recomputed = point_metrics(full, model.card.thresholds)
+    for name, block in c["validation_metrics"]["metrics"].items():
+        if block["value"] is not None:
+            assert recomputed[name] == pytest.approx(block["value"], abs=2e-4), name
+
+    # 3. the committed weights still give those probabilities (a spread-out subset)
+    step = max(1, math.ceil(len(val_set) / MAX_CHECK_IMAGES))
+    index = np.arange(0, len(val_set), step)
+    subset = [val_set[i] for i in index]
+    probs = predict_samples(model, subset)
+    np.testing.assert_allclose(probs, stored_probs[index], atol=2e-3)
+    sub_pred = as_predictions(subset, probs, model.card.labels, model.card.activation, model.card.trained_labels)
+    sub_acc = point_metrics(sub_pred, model.card.thresholds)["accuracy"]
+    card_acc = c["validation_metrics"]["metrics"]["accuracy"]["value"]
+    assert abs(sub_acc - card_acc) <= 0.07, (sub_acc, card_acc)
+
+
+def _ct_dicom_from_brain_window_png(grey: np.ndarray) -> Dataset:
+    """What a scanner would store for this brain-window image: HU = grey/255*80, stored = HU+1024."""
+    stored = np.round(grey / 255.0 * 80.0 + 1024).astype(np.uint16)
+    ds = make_dataset(stored, modality="CT", rescale_slope=1, rescale_intercept=-1024, bits_stored=16)
+    return read_dicom(dicom_bytes(ds))
+
+
+def test_head_ct_dicom_and_png_give_the_same_probabilities(models: dict) -> None:
+    root = require_data()
+    model = models[Task.HEAD_CT_ICH]
+    spec = model.card.preprocessing
+    stored = json.loads((WEIGHTS / "head_ct_ich.split.json").read_text())
+    files = [row["file"] for row in stored["validation"]][:6]  # both classes: the list is sorted by folder
+    files += [row["file"] for row in stored["validation"]][-6:]
+    data_dir = root / Path(card(Task.HEAD_CT_ICH)["data"]["dir"]).name
+    png_images, dicom_images = [], []
+    for rel in files:
+        grey = load_grey(data_dir / rel)
+        png_images.append(grey_to_image(grey, spec))
+        dicom_images.append(dicom_to_image(_ct_dicom_from_brain_window_png(grey), spec))
+        assert np.abs(png_images[-1] - dicom_images[-1]).max() <= 0.5 / 80 + 1e-6  # HU rounding only
+    p_png = model.predict(to_batch(png_images, spec))
+    p_dcm = model.predict(to_batch(dicom_images, spec))
+    np.testing.assert_allclose(p_dcm, p_png, atol=0.02)
