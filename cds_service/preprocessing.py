@@ -94,7 +94,10 @@ def robust_normalise(values: np.ndarray, percentiles: tuple[float, float]) -> np
 
 
 def _three_channels(grey: np.ndarray) -> np.ndarray:
-    return np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    """A read-only HxWx3 view that repeats one channel: a third of the memory of a copy, and
+    `resize` sees (stride 0) that one resize serves all three channels."""
+    grey = np.ascontiguousarray(grey, dtype=np.float32)
+    return np.broadcast_to(grey[..., None], grey.shape + (3,))
 
 
 # --- DICOM ---------------------------------------------------------------------------
@@ -149,6 +152,8 @@ def dicom_to_image(ds: pydicom.Dataset, spec: PreprocessingSpec) -> np.ndarray:
     except Exception as exc:
         raise BadDicomError(f"cannot apply modality LUT: {exc}") from exc
     if spec.kind == "ct_windows":
+        if len(set(spec.windows)) == 1:  # one window on all channels (the shipped head CT card)
+            return _three_channels(window(values, *spec.windows[0]))
         return np.stack([window(values, c, w) for c, w in spec.windows], axis=2)
     if spec.kind == "xray":
         if "VOILUTSequence" in ds or "WindowCenter" in ds:
@@ -190,6 +195,8 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Square resize with antialiasing; a fixed size removes the image-size shortcut."""
     if image.shape[0] == size and image.shape[1] == size:
         return image.astype(np.float32)
+    if image.shape[2] == 3 and image.strides[2] == 0:  # one plane repeated (_three_channels): resize it once
+        return _three_channels(resize(image[..., :1], size)[..., 0])
     channels = [
         np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
         for c in range(image.shape[2])

@@ -164,3 +164,21 @@ def _part10(ds: pydicom.Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def test_one_window_on_three_channels_is_resized_once_with_the_same_result():
+    """The shipped head CT card puts one window on all channels; that shortcut must not change pixels."""
+    from cds_service.preprocessing import PreprocessingSpec, dicom_to_image, resize, to_batch
+    from cds_service.devservers import make_dataset
+
+    stored = (np.arange(96 * 80).reshape(96, 80) % 1500).astype(np.uint16)
+    ds = make_dataset(stored, modality="CT", rescale_slope=1, rescale_intercept=-1024)
+    same = PreprocessingSpec(kind="ct_windows", input_size=32, windows=((40.0, 80.0),) * 3)
+    image = dicom_to_image(ds, same)
+    assert image.shape == (96, 80, 3) and image.strides[2] == 0  # one plane, three views
+    full_copy = np.array(image)  # an ordinary array: resized channel by channel
+    np.testing.assert_array_equal(resize(image, 32), resize(full_copy, 32))
+    np.testing.assert_array_equal(to_batch([image], same), to_batch([full_copy], same))
+    mixed = PreprocessingSpec(kind="ct_windows", input_size=32, windows=((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)))
+    three = dicom_to_image(ds, mixed)
+    assert three.strides[2] != 0 and not np.array_equal(three[..., 0], three[..., 2])
