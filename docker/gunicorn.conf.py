@@ -16,7 +16,7 @@ threads = 4  # notifications and hooks wait on the job store, not on the CPU
 timeout = 60
 graceful_timeout = 30
 keepalive = 5
-accesslog = "-"
+accesslog = None  # ops.py logs every request as JSON with the route, never ids from the path or query
 errorlog = "-"
 # Heartbeat files in memory: a container's overlay filesystem can stall gunicorn's default.
 worker_tmp_dir = "/dev/shm"
