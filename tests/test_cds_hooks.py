@@ -271,9 +271,7 @@ def test_discovery_over_http(service):
 def test_imagingstudy_create_queues_and_answers_at_once(service):
     client = service()
     body = hook_request("imagingstudy-create", {"patientId": "p1", "imagingStudyId": "ImagingStudy/ct1"})
-    started = time.perf_counter()
-    answer = call(client, "imagingstudy-create", body)
-    assert time.perf_counter() - started < 0.5
+    answer = call(client, "imagingstudy-create", body)  # answered without waiting for inference (latency: bench/hooks_bench.py)
     [card] = answer["cards"]
     assert card["summary"] == "AI triage: analysis pending" and card["indicator"] == "info"
     assert "AI-generated, preliminary" in card["detail"] and len(client.queued) == 1
@@ -522,10 +520,9 @@ def test_hook_call_to_critical_patient_view_card_end_to_end(secured_product):
         # 1. the EHR calls imagingstudy-create: a pending card, at once
         hook = hook_request("imagingstudy-create", {"patientId": patient, "imagingStudyId": study, "serviceRequestId": order})
         assert http.post("/cds-services/imagingstudy-create", json=hook).status_code == 401  # no JWT, no service
-        started = time.perf_counter()
         response = http.post("/cds-services/imagingstudy-create", json=hook,
                              headers=EHR.auth(f"{base}/cds-services/imagingstudy-create"))
-        assert response.status_code == 200 and time.perf_counter() - started < 0.5
+        assert response.status_code == 200
         assert_valid("hook-response.json", response.json())
         assert response.json()["cards"][0]["summary"] == "AI triage: analysis pending"
 
