@@ -643,8 +643,10 @@ def _card(
     untrained = [label for label in labels if label not in trained]
     limitations = [
         DISCLAIMER,
-        "Trained from scratch (no ImageNet pre-training is available offline) on a small public data set "
-        "on CPU; expect lower accuracy on other scanners, protocols and populations. Validate locally first.",
+        ("Trained from scratch (no ImageNet pre-training is available offline)" if config.init_from is None else
+         f"Started from our own weights {_display_path(config.init_from)} (no ImageNet pre-training is available offline)")
+        + " on a small public data set on CPU; expect lower accuracy on other scanners, protocols and populations. "
+        "Validate locally first.",
         "Scores single 2D slices; the service aggregates slices to a study-level probability.",
         "The operating thresholds were chosen on the validation split, which is also the split the metrics "
         "are reported on: the sensitivity at threshold is optimistic; confirm on independent data.",
@@ -725,6 +727,8 @@ def _card(
             "augmentation": asdict(setup.augmentation),
             "early_stopping": {"patience_epochs": config.patience, "score": "validation balanced accuracy" if softmax else "validation mean AUC"},
             "init_from": _display_path(config.init_from) if config.init_from else "random initialisation (no pre-training)",
+            # the file's hash, because a later training may replace the file at that path
+            "init_from_sha256": hashlib.sha256(config.init_from.read_bytes()).hexdigest() if config.init_from else None,
             "seed": config.seed,
             "torch": _torch_version(),
             **{k: v for k, v in run.items()},
