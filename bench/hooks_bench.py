@@ -82,7 +82,8 @@ def run(calls: int, out: Path) -> dict[str, Any]:
             settings = Settings(
                 fhir_base_url=fhir_server.url, public_url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port,
                 data_dir=workdir / "service", weights_dir=make_test_weights(workdir / "weights", Task.HEAD_CT_ICH),
-                log_level="WARNING", **ehr.hook_settings(workdir / "ehr-jwks.json"))
+                log_level="WARNING", cds_hooks_rate_limit="100000/minute",  # the bench is one busy client
+                **ehr.hook_settings(workdir / "ehr-jwks.json"))
             fhir = FhirClient(fhir_server.url)
             fhir.update({"resourceType": "Patient", "id": "bench-patient"}, if_match=None)
             processes = start_service(settings, workdir / "logs")

@@ -41,7 +41,7 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> tup
     mask = resize(cam[..., None], size)[..., 0]
     rgb = show_cam_on_image(background, mask, use_rgb=True, image_weight=1.0 - opacity)
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=3)  # optimize=True: 8x slower, same size
     return buffer.getvalue(), size, size
 
 
