@@ -14,6 +14,7 @@ carries resource ids.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -42,11 +43,26 @@ PROBE_TIMEOUT_S = 5.0
 # --- operator access -----------------------------------------------------------------------------
 
 
+def _from_this_machine() -> bool:
+    """A direct call over loopback; one relayed by a reverse proxy (X-Forwarded-For, Forwarded) is not."""
+    if request.headers.get("X-Forwarded-For") or request.headers.get("Forwarded"):
+        return False
+    try:
+        return ipaddress.ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        return False
+
+
 def operator_refusal() -> tuple[Any, int] | None:
-    """401 unless the request carries CDS_OPERATOR_TOKEN (when one is configured)."""
+    """401 unless the request carries CDS_OPERATOR_TOKEN. Without a configured token, only
+    direct calls from this machine get in (403 otherwise): job results and the audit trail
+    are never open to the network by an unset setting."""
     expected = ctx().settings.operator_token
     if not expected:
-        return None
+        if _from_this_machine():
+            return None
+        return operation_outcome(403, "operator endpoints are only open to this machine until CDS_OPERATOR_TOKEN is set",
+                                 "forbidden")
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if hmac.compare_digest(given.encode(), expected.encode()):
         return None

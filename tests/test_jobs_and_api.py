@@ -159,3 +159,28 @@ def test_discovery_lists_the_service(client):
 
 def test_unknown_job_is_404(client):
     assert client.get("/jobs/nope").status_code == 404
+
+
+@pytest.mark.parametrize("remote, headers, status", [
+    ("127.0.0.1", {}, 200),                                   # an operator on this machine
+    ("::1", {}, 200),
+    ("10.1.2.3", {}, 403),                                     # anyone on the network
+    ("127.0.0.1", {"X-Forwarded-For": "10.1.2.3"}, 403),       # relayed by a reverse proxy on this machine
+    ("127.0.0.1", {"Forwarded": "for=10.1.2.3"}, 403),
+])
+def test_operator_endpoints_without_a_token_are_open_to_this_machine_only(client, remote, headers, status):
+    for path in ("/jobs", "/audit"):
+        response = client.get(path, headers=headers, environ_base={"REMOTE_ADDR": remote})
+        assert response.status_code == status, path
+        if status == 403:
+            assert "CDS_OPERATOR_TOKEN" in response.json["issue"][0]["diagnostics"]
+
+
+def test_operator_endpoints_with_a_token_need_it_from_everywhere(tmp_path):
+    settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights", operator_token="op-token")
+    context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=lambda job_id: None, model_set="m@1")
+    client = create_app(settings, context).test_client()
+    assert client.get("/jobs").status_code == 401  # loopback alone is not enough once a token is set
+    assert client.get("/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = client.get("/jobs", headers={"Authorization": "Bearer op-token"}, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert ok.status_code == 200 and ok.json == {"jobs": []}
