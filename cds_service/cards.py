@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from fhir_mappings import codes
+from fhir_mappings.builders import parse_fhir_datetime, reference_id
 
 from .domain import Priority
 
@@ -76,21 +77,6 @@ class AiReport:
 # --- AI reports from FHIR or from a job -------------------------------------------------------
 
 
-def _id_of(reference: str | None, resource_type: str) -> str | None:
-    parts = (reference or "").split("/_history")[0].rstrip("/").split("/")
-    return parts[-1] if len(parts) >= 2 and parts[-2] == resource_type and parts[-1] else None
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
 def is_ai_report(resource: Mapping[str, Any]) -> bool:
     """One of our DiagnosticReports: AI-asserted (meta.security AIAST) with our result identifier."""
     if resource.get("resourceType") != "DiagnosticReport":
@@ -126,17 +112,17 @@ def ai_report_from_fhir(report: Mapping[str, Any], observations: Mapping[str, Ma
     Positive findings come from conclusionCode, which is there even when the Observations were not
     sent; their probabilities and the model come from the Observations when they are.
     """
-    results = [observations.get(f"Observation/{_id_of(r.get('reference'), 'Observation')}") for r in report.get("result") or []]
+    results = [observations.get(f"Observation/{reference_id(r.get('reference'), 'Observation')}") for r in report.get("result") or []]
     findings = {f.label: f for f in (_finding_from_observation(o) for o in results if o) if f}
     for label in filter(None, (_local_label(c) for c in report.get("conclusionCode") or [])):
         known = findings.get(label)
         findings[label] = ReportedFinding(label, known.probability if known else None, True)
     model = next((str(o["device"]["display"]) for o in results if o and (o.get("device") or {}).get("display")), None)
-    media = next((_id_of((m.get("link") or {}).get("reference"), "Media") for m in report.get("media") or []), None)
-    study = next((_id_of(s.get("reference"), "ImagingStudy") for s in report.get("imagingStudy") or []), None)
+    media = next((reference_id((m.get("link") or {}).get("reference"), "Media") for m in report.get("media") or []), None)
+    study = next((reference_id(s.get("reference"), "ImagingStudy") for s in report.get("imagingStudy") or []), None)
     return AiReport(
         findings=tuple(findings.values()), status=str(report.get("status") or "preliminary"), model=model,
-        issued=_parse_time(report.get("issued")) or _parse_time((report.get("meta") or {}).get("lastUpdated")),
+        issued=parse_fhir_datetime(report.get("issued")) or parse_fhir_datetime((report.get("meta") or {}).get("lastUpdated")),
         report_id=str(report["id"]) if report.get("id") else None, imaging_study_id=study, media_id=media,
     )
 
@@ -147,7 +133,7 @@ def ai_reports_from_fhir(resources: Iterable[Mapping[str, Any]], patient_id: str
     observations = {f"Observation/{r['id']}": r for r in resources if r.get("resourceType") == "Observation" and r.get("id")}
     reports = [
         ai_report_from_fhir(r, observations) for r in resources
-        if is_ai_report(r) and _id_of((r.get("subject") or {}).get("reference"), "Patient") == patient_id
+        if is_ai_report(r) and reference_id((r.get("subject") or {}).get("reference"), "Patient") == patient_id
         and r.get("status") not in WITHDRAWN_STATUSES
     ]
     oldest = datetime.min.replace(tzinfo=timezone.utc)
@@ -162,8 +148,8 @@ def ai_report_from_job(result: Mapping[str, Any], imaging_study_id: str) -> AiRe
     )
     model = result.get("model") or {}
     written = result.get("written") or {}
-    media = next((_id_of(m, "Media") for m in written.get("Media") or []), None)
-    report = next((_id_of(m, "DiagnosticReport") for m in written.get("DiagnosticReport") or []), None)
+    media = next((reference_id(m, "Media") for m in written.get("Media") or []), None)
+    report = next((reference_id(m, "DiagnosticReport") for m in written.get("DiagnosticReport") or []), None)
     return AiReport(findings=findings, model=f"{model['name']} {model['version']}" if model.get("name") else None,
                     report_id=report, imaging_study_id=imaging_study_id, media_id=media)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from fhir_mappings.builders import build_triage_transaction, study_uid_from_imaging_study, with_priority
+from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
 from .domain import OrderContext, Priority, TriageResult
 from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
@@ -42,18 +42,6 @@ class PipelineDeps:
     fhir: FhirClient
     models: ModelRegistry
     pacs_for: Callable[[str], Pacs]
-
-
-def reference_id(reference: str | None, resource_type: str) -> str | None:
-    """`ServiceRequest/123` (or a full URL ending so) → `123`; anything else → None."""
-    if not reference:
-        return None
-    parts = reference.rstrip("/").split("/")
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
-        return parts[-1]
-    return None
 
 
 def order_context(imaging_study: dict[str, Any], service_request_id: str | None) -> OrderContext:

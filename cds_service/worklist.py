@@ -35,6 +35,7 @@ from flask import Blueprint, Response, abort, jsonify, render_template, request
 from PIL import Image
 
 from fhir_mappings import codes
+from fhir_mappings.builders import parse_fhir_datetime, reference_id
 
 from .app import ctx, operation_outcome
 from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
@@ -42,7 +43,7 @@ from .errors import StudyNotFoundError, TriageError
 from .jobs import Job
 from .models import available_cards, ModelCard
 from .pacs import Pacs, PacsConfig
-from .pipeline import dicomweb_url_for, reference_id
+from .pipeline import dicomweb_url_for
 from .preprocessing import dicom_to_image, display_image
 from .settings import Settings
 
@@ -141,16 +142,6 @@ def format_waiting(minutes: int | None) -> str:
     if minutes < 48 * 60:
         return f"{minutes // 60} h {minutes % 60:02d} min"
     return f"{minutes // (24 * 60)} d"
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def patient_name(patient: Mapping[str, Any] | None) -> str:
@@ -295,7 +286,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             body_part=", ".join(sorted({(s.get("bodySite") or {}).get("display") or (s.get("bodySite") or {}).get("code") or ""
                                         for s in series} - {""})),
             study=(study or {}).get("description") or (order.get("code") or {}).get("text") or "",
-            ordered=_parse_time(order.get("authoredOn")),
+            ordered=parse_fhir_datetime(order.get("authoredOn")),
             priority=order.get("priority") if order.get("priority") in PRIORITY_RANK else "routine",
             ai_raised_from=ai_raised_from(order, job),
             findings=tuple(findings),

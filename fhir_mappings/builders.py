@@ -21,7 +21,7 @@ import copy
 import json
 import re
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from fhir.resources.R4B.attachment import Attachment
@@ -630,6 +630,30 @@ def build_subscription(
             header=headers,
         ),
     )
+
+
+def reference_id(reference: str | None, resource_type: str) -> str | None:
+    """`ServiceRequest/123` (or a full URL ending so, with or without `/_history/n`) → `123`;
+    anything else → None."""
+    if not reference:
+        return None
+    parts = reference.rstrip("/").split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
+        return parts[-1]
+    return None
+
+
+def parse_fhir_datetime(value: Any) -> datetime | None:
+    """A FHIR dateTime/instant as an aware datetime (UTC when it has no offset); None if absent or malformed."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def study_uid_from_imaging_study(resource: dict[str, Any]) -> str:
