@@ -46,21 +46,13 @@ FINISHED = {"done", "failed", "not_applicable", "model_unavailable"}
 VIEWER = "http://127.0.0.1:9/viewer?StudyInstanceUIDs={study_uid}"
 
 
-def _require(condition: object, reason: str) -> None:
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    _require(Path(CHROMIUM).exists() or shutil.which(CHROMIUM), f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    require(Path(CHROMIUM).exists() or shutil.which(CHROMIUM), f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _require(False, "Python package playwright not installed (pip install -e '.[test]')")
+        require(False, "Python package playwright not installed (pip install -e '.[test]')")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield chromium
