@@ -30,11 +30,16 @@ class SeriesScores:
 
 
 def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: int = 16) -> SeriesScores:
-    """Batched inference over preprocessed images (HxWx3 in [0, 1]); max-aggregated."""
+    """Batched inference over preprocessed images (HxWx3 in [0, 1]); max-aggregated.
+
+    Batches are of equal size (40 slices at 16: 14+13+13, not 16+16+8): a small last
+    batch costs nearly as much per image as a single one.
+    """
     if not images:
         raise ValueError("no images to score")
     spec = model.card.preprocessing
-    chunks = [model.predict(to_batch(images[i : i + batch_size], spec)) for i in range(0, len(images), batch_size)]
+    bounds = np.linspace(0, len(images), -(-len(images) // max(1, batch_size)) + 1).round().astype(int)
+    chunks = [model.predict(to_batch(images[lo:hi], spec)) for lo, hi in zip(bounds[:-1], bounds[1:])]
     per_slice = np.concatenate(chunks, axis=0)
     return SeriesScores(per_slice=per_slice, study=per_slice.max(axis=0))
 

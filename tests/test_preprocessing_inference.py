@@ -182,3 +182,59 @@ def test_one_window_on_three_channels_is_resized_once_with_the_same_result():
     mixed = PreprocessingSpec(kind="ct_windows", input_size=32, windows=((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)))
     three = dicom_to_image(ds, mixed)
     assert three.strides[2] != 0 and not np.array_equal(three[..., 0], three[..., 2])
+
+
+@pytest.mark.parametrize("slope,intercept", [(1, -1024), (2, -1024), (0.5, -1000.5), (1, 0)])
+def test_modality_values_match_pydicom(slope, intercept):
+    """The float32 in-place rescale gives what pydicom's apply_modality_lut gives."""
+    from pydicom.pixels import apply_modality_lut
+
+    from cds_service.preprocessing import modality_values
+
+    stored = (np.arange(64 * 48).reshape(64, 48) * 7 % 4096).astype(np.uint16)
+    ds = read_dicom(_part10(dicom(stored, RescaleSlope=slope, RescaleIntercept=intercept)))
+    expected = apply_modality_lut(ds.pixel_array, ds)
+    values = modality_values(ds)
+    assert values.dtype == np.float32
+    np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-3)
+
+
+def test_modality_lut_sequence_is_still_applied():
+    from pydicom.dataset import Dataset
+
+    from cds_service.preprocessing import modality_values
+
+    ds = dicom(np.array([[0, 1], [2, 3]] * 4, np.uint16).reshape(8, 2).repeat(4, axis=1))
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 16]
+    lut.LUTData = [100, 200, 300, 400]
+    lut.ModalityLUTType = "HU"
+    ds.ModalityLUTSequence = [lut]
+    values = modality_values(ds)
+    assert set(np.unique(values)) == {100.0, 200.0, 300.0, 400.0}
+
+
+def test_slices_are_scored_in_batches_of_equal_size():
+    """40 slices at batch 16 go as 13+14+13: a short last batch costs almost as much per image as one."""
+    from types import SimpleNamespace
+
+    from cds_service.inference import score_images
+
+    sizes: list[int] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        return batch.mean(axis=(2, 3))[:, :2]  # any per-image function of the pixels
+
+    spec = PreprocessingSpec(kind="mr_robust", input_size=16)
+    model = SimpleNamespace(card=SimpleNamespace(preprocessing=spec), predict=predict)
+    rng = np.random.default_rng(0)
+    images = [np.broadcast_to(rng.random((12, 12, 1), dtype=np.float32), (12, 12, 3)) for _ in range(40)]
+    scores = score_images(model, images, batch_size=16)
+    assert sizes == [13, 14, 13]
+    one_batch = predict(to_batch(images, spec))
+    np.testing.assert_allclose(scores.per_slice, one_batch, rtol=1e-6)
+    assert scores.driving_slice(0) == int(np.argmax(one_batch[:, 0]))
+    sizes.clear()
+    score_images(model, images[:5], batch_size=16)
+    assert sizes == [5]
