@@ -100,7 +100,7 @@ def result_json(name: str, result: TriageResult, task: Task | None = None) -> di
 
 def triage_paths(paths: list[Path], settings: Settings, *, task: str | None, as_json: bool, heatmaps: Path | None) -> int:
     forced = Task(task) if task else None
-    registry = ModelRegistry(settings.weights_dir, settings.device)
+    registry = ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads)
     exit_code = 0
     try:
         inputs = collect_inputs(paths)

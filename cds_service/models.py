@@ -8,6 +8,7 @@ unavailable" — never a randomly initialised network.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from .preprocessing import PreprocessingSpec
 
 ARCHITECTURE = "efficientnet_b0"
 ACTIVATIONS = ("softmax", "sigmoid")
+RUNTIMES = ("auto", "onnxruntime", "torch")
+log = logging.getLogger(__name__)
+ONNX_MAX_DEVIATION = 1e-3  # largest probability difference from torch accepted at load time
 
 
 @dataclass(frozen=True)
@@ -117,14 +121,30 @@ def create_network(num_classes: int, architecture: str = ARCHITECTURE) -> Any:
 
 @dataclass
 class LoadedModel:
-    """A card and its network in eval mode, ready for batched inference."""
+    """A card and its network in eval mode, ready for batched inference.
+
+    `session`, when set, is an ONNX Runtime session holding the same weights: it scores
+    batches about twice as fast as eager torch on a CPU. The torch network stays for
+    Grad-CAM, which needs gradients.
+    """
 
     card: ModelCard
     network: Any
     device: str = "cpu"
+    session: Any = None
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self.session is not None else "torch"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """NCHW float32 batch → N x labels probabilities (softmax or sigmoid per the card)."""
+        if self.session is not None:
+            return self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return self.predict_torch(batch)
+
+    def predict_torch(self, batch: np.ndarray) -> np.ndarray:
+        """The same, always with the torch network (the reference for the ONNX session)."""
         import torch
 
         with torch.inference_mode():
@@ -134,11 +154,53 @@ class LoadedModel:
         return probs.cpu().numpy()
 
 
-def load_model(weights_dir: Path, task: Task, device: str = "cpu") -> LoadedModel:
-    """Read card and safetensors; ModelUnavailableError if either is missing or mismatched."""
+def with_activation(network: Any, activation: str) -> Any:
+    """Network + the card's activation as one module: it outputs probabilities."""
+    import torch
+
+    return torch.nn.Sequential(network, torch.nn.Softmax(dim=1) if activation == "softmax" else torch.nn.Sigmoid())
+
+
+def onnx_session(network: Any, card: ModelCard, threads: int = 0) -> Any:
+    """Export the torch network (in memory) and open it in ONNX Runtime on the CPU.
+
+    Exported at load time rather than shipped, so the ONNX graph can never drift from the
+    safetensors weights the card describes.
+    """
+    import io
+    import warnings
+
+    import onnxruntime
+    import torch
+
+    size = card.preprocessing.input_size
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
+        torch.onnx.export(with_activation(network, card.activation).eval(), (torch.zeros(1, 3, size, size),), buffer,
+                          input_names=["image"], output_names=["probabilities"], opset_version=17, dynamo=False,
+                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (all cores)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: the
+    # worker shares its cores with Grad-CAM, the web server and, on small machines, the PACS and FHIR server
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str = "torch",
+               threads: int = 0) -> LoadedModel:
+    """Read card and safetensors; ModelUnavailableError if either is missing or mismatched.
+
+    runtime "onnxruntime" (or "auto" on a CPU) also opens an ONNX Runtime session for
+    scoring, after checking on a test batch that it agrees with torch.
+    """
     import torch
     from safetensors.torch import load_file
 
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown inference runtime {runtime!r}; one of {RUNTIMES}")
     card = ModelCard.load(card_path(weights_dir, task))
     wpath = weights_path(weights_dir, task)
     if not wpath.exists():
@@ -150,18 +212,44 @@ def load_model(weights_dir: Path, task: Task, device: str = "cpu") -> LoadedMode
     except Exception as exc:
         raise ModelUnavailableError(f"weights {wpath} do not fit card {card.name}: {exc}") from exc
     network.eval().to(device).to(memory_format=torch.channels_last)
-    return LoadedModel(card=card, network=network, device=device)
+    model = LoadedModel(card=card, network=network, device=device)
+    if runtime == "onnxruntime" or (runtime == "auto" and device == "cpu"):
+        model.session = checked_onnx_session(model, threads)
+    return model
+
+
+def checked_onnx_session(model: LoadedModel, threads: int) -> Any:
+    """An ONNX Runtime session that agrees with torch on a test batch, else None (torch scores).
+
+    Falling back keeps triage running on a machine where the export or the runtime fails.
+    """
+    size = model.card.preprocessing.input_size
+    check = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+    try:
+        session = onnx_session(model.network, model.card, threads)
+        deviation = float(np.abs(session.run(None, {"image": check})[0] - model.predict_torch(check)).max())
+    except Exception as exc:  # exporter and runtime raise many kinds
+        log.warning("ONNX Runtime unavailable for %s (%s); scoring with torch", model.card.name, exc)
+        return None
+    if deviation > ONNX_MAX_DEVIATION:
+        log.warning("ONNX Runtime disagrees with torch for %s by %.2g; scoring with torch", model.card.name, deviation)
+        return None
+    return session
 
 
 class ModelRegistry:
     """Loads each task's model once per process, on first use, and keeps it."""
 
-    def __init__(self, weights_dir: Path, device: str = "cpu") -> None:
+    def __init__(self, weights_dir: Path, device: str = "cpu", runtime: str = "torch", threads: int = 0) -> None:
+        if runtime not in RUNTIMES:  # at start-up, not at the first study
+            raise ValueError(f"CDS_INFERENCE_RUNTIME={runtime!r} is not one of {', '.join(RUNTIMES)}")
         self.weights_dir = weights_dir
         self.device = device
+        self.runtime = runtime
+        self.threads = threads
         self._models: dict[Task, LoadedModel] = {}
 
     def get(self, task: Task) -> LoadedModel:
         if task not in self._models:
-            self._models[task] = load_model(self.weights_dir, task, self.device)
+            self._models[task] = load_model(self.weights_dir, task, self.device, self.runtime, self.threads)
         return self._models[task]

@@ -64,6 +64,7 @@ class Settings:
     workers: int = field(default=1, metadata={"env": "WORKERS"})
     device: str = field(default="cpu", metadata={"env": "DEVICE"})
     torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS"})
+    inference_runtime: str = field(default="auto", metadata={"env": "INFERENCE_RUNTIME"})
     batch_size: int = field(default=16, metadata={"env": "BATCH_SIZE"})
     max_body_bytes: int = field(default=2_000_000, metadata={"env": "MAX_BODY_BYTES"})
     notification_lookback_s: int = field(default=600, metadata={"env": "NOTIFICATION_LOOKBACK_S"})
@@ -152,6 +153,11 @@ class Settings:
                 value = ",".join(f"{k}={v.value}" for k, v in value.items())
             env[PREFIX + f.metadata["env"]] = str(value)
         return env
+
+    @property
+    def inference_threads(self) -> int:
+        """Intra-op threads per worker: all cores by default, fewer when several workers share them."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // max(1, self.workers))
 
     @property
     def allowed_dicomweb_urls(self) -> set[str]:

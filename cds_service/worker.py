@@ -12,7 +12,6 @@ Models load once per worker process, on the first job. Beside the queue consumer
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from functools import lru_cache
@@ -34,8 +33,7 @@ def configure_torch(settings: Settings) -> None:
     """Threads that fit the machine: all cores by default, fewer when several workers share it."""
     import torch
 
-    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(settings.inference_threads)
 
 
 def build_deps(settings: Settings) -> PipelineDeps:
@@ -50,7 +48,7 @@ def build_deps(settings: Settings) -> PipelineDeps:
     return PipelineDeps(
         settings=settings,
         fhir=fhir_client(settings, fhir_auth(settings)),  # SMART Backend Services when configured
-        models=ModelRegistry(settings.weights_dir, settings.device),
+        models=ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads),
         pacs_for=pacs_for,
     )
 

@@ -78,3 +78,12 @@ def test_settings_from_env_round_trip(tmp_path):
     assert settings.fhir_base_url == "http://127.0.0.1:1/fhir" and settings.port == 9 and settings.http_timeout_s == 2.5
     assert settings.data_dir == tmp_path and settings.priority_rules["meningioma"] is Priority.ROUTINE
     assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_inference_threads_share_the_cores_between_workers(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert Settings(workers=1).inference_threads == 8
+    assert Settings(workers=3).inference_threads == 2
+    assert Settings(workers=16).inference_threads == 1
+    assert Settings(workers=2, torch_threads=3).inference_threads == 3  # set by hand: taken as is
+    assert Settings.from_env({"CDS_INFERENCE_RUNTIME": "torch"}).inference_runtime == "torch"

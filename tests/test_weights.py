@@ -55,7 +55,7 @@ def models() -> dict:
     import torch
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    return {task: load_model(WEIGHTS, task) for task in SHIPPED}
+    return {task: load_model(WEIGHTS, task, runtime="auto") for task in SHIPPED}  # the service's default
 
 
 # --- files and cards -----------------------------------------------------------------------
@@ -107,6 +107,40 @@ def test_identical_input_gives_identical_output(task: Task, models: dict) -> Non
     assert np.array_equal(first, model.predict(batch.copy()))
     assert first.shape == (3, len(TASK_LABELS[task]))
     assert np.all((first >= 0) & (first <= 1))
+
+
+@pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
+def test_onnx_runtime_scores_like_torch(task: Task, models: dict) -> None:
+    """The default CPU runtime is ONNX Runtime on a graph exported from the same weights."""
+    model = models[task]
+    assert model.runtime == "onnxruntime"
+    size = model.card.preprocessing.input_size
+    batch = np.random.default_rng(1).normal(0, 1, (5, 3, size, size)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(batch), model.predict_torch(batch), atol=1e-4)
+
+
+def test_torch_runtime_and_fallbacks(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import cds_service.models as models_module
+
+    assert load_model(WEIGHTS, Task.BRAIN_MRI, runtime="torch").runtime == "torch"
+    with pytest.raises(ValueError, match="unknown inference runtime"):
+        load_model(WEIGHTS, Task.BRAIN_MRI, runtime="tensorrt")
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(models_module, "onnx_session", broken_export)
+    model = load_model(WEIGHTS, Task.BRAIN_MRI, runtime="onnxruntime")
+    assert model.runtime == "torch"  # triage keeps running, on torch
+    assert "exporter exploded" in caplog.text
+
+    class Disagreeing:
+        def run(self, outputs, feeds):
+            return [np.zeros((len(feeds["image"]), 4), np.float32)]
+
+    monkeypatch.setattr(models_module, "onnx_session", lambda *args, **kwargs: Disagreeing())
+    assert load_model(WEIGHTS, Task.BRAIN_MRI, runtime="onnxruntime").runtime == "torch"
+    assert "disagrees with torch" in caplog.text
 
 
 # --- the card's numbers reproduce on the data ---------------------------------------------------
@@ -189,3 +223,10 @@ def test_head_ct_dicom_and_png_give_the_same_probabilities(models: dict) -> None
     p_png = model.predict(to_batch(png_images, spec))
     p_dcm = model.predict(to_batch(dicom_images, spec))
     np.testing.assert_allclose(p_dcm, p_png, atol=0.02)
+
+
+def test_an_unknown_runtime_is_refused_when_the_worker_starts() -> None:
+    from cds_service.models import ModelRegistry
+
+    with pytest.raises(ValueError, match="CDS_INFERENCE_RUNTIME"):
+        ModelRegistry(WEIGHTS, runtime="onnx")
