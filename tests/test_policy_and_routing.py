@@ -87,3 +87,18 @@ def test_inference_threads_share_the_cores_between_workers(monkeypatch):
     assert Settings(workers=16).inference_threads == 1
     assert Settings(workers=2, torch_threads=3).inference_threads == 3  # set by hand: taken as is
     assert Settings.from_env({"CDS_INFERENCE_RUNTIME": "torch"}).inference_runtime == "torch"
+
+
+def test_openmp_threads_wait_passively_unless_told_otherwise():
+    """Spinning OpenMP threads stall triage on a small shared machine (see cds_service/__init__.py)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, cds_service; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
