@@ -27,7 +27,7 @@ def grad_cam(model: LoadedModel, image: np.ndarray, label_index: int) -> np.ndar
     network = model.network
     target_layer = network.bn2 if hasattr(network, "bn2") else network.conv_head
     batch = torch.from_numpy(to_batch([image], model.card.preprocessing)).to(model.device)
-    with GradCAM(model=network, target_layers=[target_layer]) as cam:
+    with model.gradient_lock, GradCAM(model=network, target_layers=[target_layer]) as cam:
         maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(label_index)])
     return np.clip(maps[0].astype(np.float32), 0.0, 1.0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,10 @@ class LoadedModel:
     network: Any
     device: str = "cpu"
     session: Any = None
+    # Grad-CAM's backward pass writes the network's parameter gradients, which zero_grad() frees:
+    # two worker threads doing it at once on the shared network corrupted the heap (measured:
+    # an abort within a few hundred concurrent explanations). One at a time per model.
+    gradient_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def runtime(self) -> str:
