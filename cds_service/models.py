@@ -191,6 +191,7 @@ def onnx_session(network: Any, card: ModelCard, threads: int = 0) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: the
     # worker shares its cores with Grad-CAM, the web server and, on small machines, the PACS and FHIR server
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # measured: 100 MB less worker memory for about 8% slower batches
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
