@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings(
             fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
             host="127.0.0.1", port=port, data_dir=workdir / "data", weights_dir=weights, queue_url=queue_url,
-            subscription_secret=SECRET, torch_threads=max(1, (os.cpu_count() or 1) // args.workers),
-            job_redeliver_s=3600, http_timeout_s=60,
+            subscription_secret=SECRET, workers=args.workers, job_redeliver_s=3600, http_timeout_s=60,
         )
+        settings = replace(settings, workers=1, torch_threads=settings.inference_threads)  # one per process
         service = start_service(settings, workdir / "logs", http_workers=2, workers=args.workers)
         started.append(service)
 

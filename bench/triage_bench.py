@@ -433,7 +433,7 @@ def start_workers(settings: Settings, logdir: Path, count: int, mode: str) -> li
     """`count` workers: one process with CDS_WORKERS=count, or `count` one-thread processes."""
     if mode == "threads" or count == 1:
         return [start_worker(replace(settings, workers=count), logdir, index=0)]
-    threads = max(1, (os.cpu_count() or 1) // count)  # share the cores, as CDS_WORKERS would
+    threads = replace(settings, workers=count).inference_threads  # share the cores, as CDS_WORKERS would
     return [start_worker(replace(settings, workers=1, torch_threads=threads), logdir, index=i) for i in range(count)]
 
 

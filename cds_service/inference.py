@@ -32,7 +32,7 @@ class SeriesScores:
 def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: int = 16) -> SeriesScores:
     """Batched inference over preprocessed images (HxWx3 in [0, 1]); max-aggregated.
 
-    Batches are of equal size (40 slices at 16: 14+13+13, not 16+16+8): a small last
+    Batches are of equal size (40 slices at 16: 13+14+13, not 16+16+8): a small last
     batch costs nearly as much per image as a single one.
     """
     if not images:

@@ -159,6 +159,12 @@ class LoadedModel:
         return probs.cpu().numpy()
 
 
+def check_runtime(runtime: str) -> None:
+    """ValueError for an inference runtime this service does not know."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown inference runtime {runtime!r} (CDS_INFERENCE_RUNTIME); one of {', '.join(RUNTIMES)}")
+
+
 def with_activation(network: Any, activation: str) -> Any:
     """Network + the card's activation as one module: it outputs probabilities."""
     import torch
@@ -205,8 +211,7 @@ def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str 
     import torch
     from safetensors.torch import load_file
 
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown inference runtime {runtime!r}; one of {RUNTIMES}")
+    check_runtime(runtime)
     card = ModelCard.load(card_path(weights_dir, task))
     wpath = weights_path(weights_dir, task)
     if not wpath.exists():
@@ -247,8 +252,7 @@ class ModelRegistry:
     """Loads each task's model once per process, on first use, and keeps it."""
 
     def __init__(self, weights_dir: Path, device: str = "cpu", runtime: str = "torch", threads: int = 0) -> None:
-        if runtime not in RUNTIMES:  # at start-up, not at the first study
-            raise ValueError(f"CDS_INFERENCE_RUNTIME={runtime!r} is not one of {', '.join(RUNTIMES)}")
+        check_runtime(runtime)  # at start-up, not at the first study
         self.weights_dir = weights_dir
         self.device = device
         self.runtime = runtime
