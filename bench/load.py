@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         ttt = result["time_to_triage_s"] or {}
         print(f"{backend:6}  {result['studies']} studies  all done exactly once: {result['all_done_exactly_once']}  "
               f"throughput {result['throughput_studies_per_s']} studies/s  "
-              f"time-to-triage p50 {ttt.get('p50')} s  p95 {ttt.get('p95')} s  → {path.relative_to(ROOT)}")
+              f"time-to-triage p50 {ttt.get('p50')} s  p95 {ttt.get('p95')} s  → {path}")
         ok = ok and result["all_done_exactly_once"]
     return 0 if ok else 1
 
