@@ -1,7 +1,11 @@
 """Grad-CAM: a heatmap of where the model looked, on the one slice that drove the finding.
 
 Only the top positive finding is explained, on its driving slice: one backward pass per
-study, not per slice, keeps the cost close to plain inference.
+study, not per slice, keeps the cost close to plain inference. Where the model's head is
+global average pooling + one linear layer (EfficientNet-B0) and the scoring runtime already
+returned the last feature map, not even that pass is needed: Grad-CAM's channel weights are
+then the classifier's weights (`class_activation_map`, checked against pytorch-grad-cam in
+the tests).
 """
 
 from __future__ import annotations
@@ -32,6 +36,22 @@ def grad_cam(model: LoadedModel, image: np.ndarray, label_index: int) -> np.ndar
     return np.clip(maps[0].astype(np.float32), 0.0, 1.0)
 
 
+def class_activation_map(features: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
+    """Grad-CAM from the forward pass alone, for a global-average-pooling + linear head.
+
+    `features` is the slice's last feature map (C x h x w), `weights` the classifier's row for
+    the label (C). The gradient of the label's logit at each position of channel k is
+    weights[k] / (h w), so that is Grad-CAM's weight for channel k; the rest follows
+    pytorch-grad-cam's GradCAM step by step (ReLU, scale to [0, 1], resize, aggregate).
+    """
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    channels, height, width = features.shape
+    cam = np.maximum(np.tensordot(weights.astype(np.float32) / (height * width), features, axes=1), 0)
+    scaled = scale_cam_image(cam[None], (size, size))
+    return np.clip(scale_cam_image(np.maximum(scaled, 0))[0].astype(np.float32), 0.0, 1.0)
+
+
 def overlay_png(image: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> tuple[bytes, int, int]:
     """Blend a jet-coloured heatmap over the display image; PNG bytes and its size."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -41,12 +61,22 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> tup
     mask = resize(cam[..., None], size)[..., 0]
     rgb = show_cam_on_image(background, mask, use_rgb=True, image_weight=1.0 - opacity)
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=3)  # optimize=True: 8x slower, same size
+    # zlib level 1: measured 55-70 ms against 77-130 ms at level 3 for a 512-px overlay, about 6% larger
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue(), size, size
 
 
-def explain(model: LoadedModel, image: np.ndarray, label: str, slice_index: int = 0, sop_instance_uid: str = "") -> Heatmap:
-    """The Heatmap for `label` on `image` (the driving slice)."""
-    cam = grad_cam(model, image, model.card.labels.index(label))
+def explain(model: LoadedModel, image: np.ndarray, label: str, slice_index: int = 0, sop_instance_uid: str = "",
+            features: np.ndarray | None = None) -> Heatmap:
+    """The Heatmap for `label` on `image` (the driving slice).
+
+    With the slice's feature map from scoring and a linear head, Grad-CAM is computed from
+    them; otherwise pytorch-grad-cam runs its forward and backward pass on the torch network.
+    """
+    label_index = model.card.labels.index(label)
+    if features is not None and model.cam_weights is not None:
+        cam = class_activation_map(features, model.cam_weights[label_index], model.card.preprocessing.input_size)
+    else:
+        cam = grad_cam(model, image, label_index)
     png, width, height = overlay_png(image, cam)
     return Heatmap(png=png, label=label, width=width, height=height, slice_index=slice_index, sop_instance_uid=sop_instance_uid)

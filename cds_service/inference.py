@@ -19,10 +19,15 @@ from .preprocessing import to_batch
 
 @dataclass(frozen=True)
 class SeriesScores:
-    """Per-slice probabilities (slices x labels) and the study-level aggregate."""
+    """Per-slice probabilities (slices x labels) and the study-level aggregate.
+
+    `features`, when the model gives them, is each slice's last feature map (slices x C x h x w):
+    Grad-CAM of the driving slice is then computed from them (no second forward pass).
+    """
 
     per_slice: np.ndarray
     study: np.ndarray
+    features: np.ndarray | None = None
 
     def driving_slice(self, label_index: int) -> int:
         """The slice whose score gave the study its score for this label."""
@@ -39,9 +44,12 @@ def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: i
         raise ValueError("no images to score")
     spec = model.card.preprocessing
     bounds = np.linspace(0, len(images), -(-len(images) // max(1, batch_size)) + 1).round().astype(int)
-    chunks = [model.predict(to_batch(images[lo:hi], spec)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    per_slice = np.concatenate(chunks, axis=0)
-    return SeriesScores(per_slice=per_slice, study=per_slice.max(axis=0))
+    chunks = [model.predict_with_features(to_batch(images[lo:hi], spec)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    per_slice = np.concatenate([probabilities for probabilities, _ in chunks], axis=0)
+    features = None
+    if all(maps is not None for _, maps in chunks):
+        features = np.concatenate([maps for _, maps in chunks], axis=0)
+    return SeriesScores(per_slice=per_slice, study=per_slice.max(axis=0), features=features)
 
 
 def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Finding, ...]:

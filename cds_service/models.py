@@ -126,13 +126,18 @@ class LoadedModel:
 
     `session`, when set, is an ONNX Runtime session holding the same weights: it scores
     batches about twice as fast as eager torch on a CPU. The torch network stays for
-    Grad-CAM, which needs gradients.
+    Grad-CAM when the session cannot give it (see `cam_weights`).
+
+    `cam_weights` (labels x channels), when set, are the classifier weights of a global
+    average pooling + linear head, and the session also returns the last feature map: then
+    Grad-CAM needs no backward pass (see `explain.class_activation_map`).
     """
 
     card: ModelCard
     network: Any
     device: str = "cpu"
     session: Any = None
+    cam_weights: np.ndarray | None = None
     # Grad-CAM's backward pass writes the network's parameter gradients, which zero_grad() frees:
     # two worker threads doing it at once on the shared network corrupted the heap (measured:
     # an abort within a few hundred concurrent explanations). One at a time per model.
@@ -144,9 +149,14 @@ class LoadedModel:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """NCHW float32 batch → N x labels probabilities (softmax or sigmoid per the card)."""
-        if self.session is not None:
-            return self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return self.predict_torch(batch)
+        return self.predict_with_features(batch)[0]
+
+    def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, where `cam_weights` is set, the last feature map (N x C x h x w)."""
+        if self.session is None:
+            return self.predict_torch(batch), None
+        outputs = self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+        return outputs[0], (outputs[1] if self.cam_weights is not None and len(outputs) > 1 else None)
 
     def predict_torch(self, batch: np.ndarray) -> np.ndarray:
         """The same, always with the torch network (the reference for the ONNX session)."""
@@ -154,8 +164,7 @@ class LoadedModel:
 
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)
-            logits = self.network(x).float()
-            probs = torch.softmax(logits, 1) if self.card.activation == "softmax" else torch.sigmoid(logits)
+            probs = with_activation(self.network, self.card.activation)(x).float()
         return probs.cpu().numpy()
 
 
@@ -172,11 +181,45 @@ def with_activation(network: Any, activation: str) -> Any:
     return torch.nn.Sequential(network, torch.nn.Softmax(dim=1) if activation == "softmax" else torch.nn.Sigmoid())
 
 
+def linear_head_weights(network: Any) -> np.ndarray | None:
+    """Classifier weights (labels x channels) if the head is global average pooling + one Linear.
+
+    For such a head the gradient of label c's logit with respect to the last feature map is
+    W[c, k] / (h w) at every position of channel k, so Grad-CAM's channel weights are known
+    without a backward pass. timm's EfficientNet-B0 has this head; anything else gets None.
+    """
+    import torch
+
+    pool, classifier = getattr(network, "global_pool", None), getattr(network, "classifier", None)
+    if (getattr(pool, "pool_type", None) != "avg" or not isinstance(classifier, torch.nn.Linear)
+            or not all(hasattr(network, name) for name in ("forward_features", "forward_head"))):
+        return None
+    return classifier.weight.detach().float().cpu().numpy().copy()
+
+
+def scoring_module(network: Any, activation: str) -> Any:
+    """What is exported to ONNX: probabilities and the last feature map (the Grad-CAM layer)."""
+    import torch
+
+    class ScoresAndFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = network
+            self.activation = torch.nn.Softmax(dim=1) if activation == "softmax" else torch.nn.Sigmoid()
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.network.forward_features(image)
+            return self.activation(self.network.forward_head(features)), features
+
+    return ScoresAndFeatures()
+
+
 def onnx_session(network: Any, card: ModelCard, threads: int = 0) -> Any:
     """Export the torch network (in memory) and open it in ONNX Runtime on the CPU.
 
     Exported at load time rather than shipped, so the ONNX graph can never drift from the
-    safetensors weights the card describes.
+    safetensors weights the card describes. For a linear head it also outputs the last
+    feature map, from which Grad-CAM follows without a backward pass.
     """
     import io
     import warnings
@@ -185,12 +228,15 @@ def onnx_session(network: Any, card: ModelCard, threads: int = 0) -> Any:
     import torch
 
     size = card.preprocessing.input_size
+    with_features = linear_head_weights(network) is not None
+    module = scoring_module(network, card.activation) if with_features else with_activation(network, card.activation)
+    outputs = ["probabilities", "features"] if with_features else ["probabilities"]
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
-        torch.onnx.export(with_activation(network, card.activation).eval(), (torch.zeros(1, 3, size, size),), buffer,
-                          input_names=["image"], output_names=["probabilities"], opset_version=17, dynamo=False,
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+        torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), buffer,
+                          input_names=["image"], output_names=outputs, opset_version=17, dynamo=False,
+                          dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]})
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (all cores)
     options.inter_op_num_threads = 1
@@ -226,19 +272,30 @@ def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str 
     model = LoadedModel(card=card, network=network, device=device)
     if runtime == "onnxruntime" or (runtime == "auto" and device == "cpu"):
         model.session = checked_onnx_session(model, threads)
+        if model.session is not None and len(model.session.get_outputs()) > 1:
+            model.cam_weights = linear_head_weights(network)
     return model
 
 
 def checked_onnx_session(model: LoadedModel, threads: int) -> Any:
     """An ONNX Runtime session that agrees with torch on a test batch, else None (torch scores).
 
+    Both outputs are checked: the probabilities, and the feature map Grad-CAM is computed from.
     Falling back keeps triage running on a machine where the export or the runtime fails.
     """
+    import torch
+
     size = model.card.preprocessing.input_size
     check = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
     try:
         session = onnx_session(model.network, model.card, threads)
-        deviation = float(np.abs(session.run(None, {"image": check})[0] - model.predict_torch(check)).max())
+        outputs = session.run(None, {"image": check})
+        deviation = float(np.abs(outputs[0] - model.predict_torch(check)).max())
+        if len(outputs) > 1:
+            with torch.inference_mode():
+                features = model.network.forward_features(torch.from_numpy(check).to(model.device)).float().cpu().numpy()
+            scale = max(1.0, float(np.abs(features).max()))
+            deviation = max(deviation, float(np.abs(outputs[1] - features).max()) / scale)
     except Exception as exc:  # exporter and runtime raise many kinds
         log.warning("ONNX Runtime unavailable for %s (%s); scoring with torch", model.card.name, exc)
         return None

@@ -36,7 +36,9 @@ def triage_images(
     if result_top is not None and with_heatmap:
         index = scores.driving_slice(model.card.labels.index(result_top.label))
         sop = sop_instance_uids[index] if index < len(sop_instance_uids) else ""
-        heatmap = explain(model, images[index], result_top.label, slice_index=index, sop_instance_uid=sop)
+        features = scores.features[index] if scores.features is not None else None
+        heatmap = explain(model, images[index], result_top.label, slice_index=index, sop_instance_uid=sop,
+                          features=features)
     return TriageResult(
         study_uid=study_uid,
         status=TriageStatus.DONE,

@@ -19,8 +19,12 @@ PREPROCESSING = {
 
 
 def make_test_weights(weights_dir: Path, task: Task, *, threshold: float = 0.0, input_size: int = 64,
-                      version: str = "0.0.0-test", seed: int = 0) -> Path:
-    """Write `<task>.json` + `<task>.safetensors` with random weights; threshold 0 makes every trained label positive."""
+                      version: str = "0.0.0-test", seed: int = 0, preprocessing: dict | None = None) -> Path:
+    """Write `<task>.json` + `<task>.safetensors` with random weights; threshold 0 makes every trained label positive.
+
+    `preprocessing` (a card's block) defaults to PREPROCESSING[task]: three different CT windows,
+    so tests exercise the per-channel path.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -37,7 +41,7 @@ def make_test_weights(weights_dir: Path, task: Task, *, threshold: float = 0.0, 
         "trained_labels": trained,
         "activation": "softmax" if task is Task.BRAIN_MRI else "sigmoid",
         "input_size": input_size,
-        "preprocessing": PREPROCESSING[task],
+        "preprocessing": preprocessing or PREPROCESSING[task],
         "thresholds": {label: threshold for label in trained if label != "no_tumor"} | ({"no_tumor": 1.0} if task is Task.BRAIN_MRI else {}),
         "intended_use": "TEST ONLY: untrained random weights",
     }

@@ -14,7 +14,7 @@ from cds_service.inference import findings_from_scores
 from cds_service.models import ModelCard
 from cds_service.preprocessing import (PreprocessingSpec, dicom_to_image, grey_to_image, read_dicom, robust_normalise,
                                        to_batch, window)
-from support import PREPROCESSING
+from support import PREPROCESSING, make_test_weights
 
 
 def dicom(pixels: np.ndarray, **tags) -> pydicom.Dataset:
@@ -227,14 +227,49 @@ def test_slices_are_scored_in_batches_of_equal_size():
         return batch.mean(axis=(2, 3))[:, :2]  # any per-image function of the pixels
 
     spec = PreprocessingSpec(kind="mr_robust", input_size=16)
-    model = SimpleNamespace(card=SimpleNamespace(preprocessing=spec), predict=predict)
+    model = SimpleNamespace(card=SimpleNamespace(preprocessing=spec), predict_with_features=lambda b: (predict(b), None))
     rng = np.random.default_rng(0)
     images = [np.broadcast_to(rng.random((12, 12, 1), dtype=np.float32), (12, 12, 3)) for _ in range(40)]
     scores = score_images(model, images, batch_size=16)
     assert sizes == [13, 14, 13]
     one_batch = predict(to_batch(images, spec))
     np.testing.assert_allclose(scores.per_slice, one_batch, rtol=1e-6)
+    assert scores.features is None
     assert scores.driving_slice(0) == int(np.argmax(one_batch[:, 0]))
     sizes.clear()
     score_images(model, images[:5], batch_size=16)
     assert sizes == [5]
+
+
+def test_only_a_pooled_linear_head_gets_grad_cam_without_a_backward_pass():
+    import torch
+
+    from cds_service.models import create_network, linear_head_weights
+
+    network = create_network(6)
+    weights = linear_head_weights(network)
+    assert weights is not None and weights.shape == (6, 1280)
+    np.testing.assert_array_equal(weights, network.classifier.weight.detach().numpy())
+    network.global_pool.pool_type = "max"  # max pooling: the gradient is not W / hw any more
+    assert linear_head_weights(network) is None
+    assert linear_head_weights(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())) is None
+
+
+@pytest.mark.parametrize("runtime", ["auto", "torch"])
+def test_triage_explains_from_the_scoring_pass_only_where_it_can(tmp_path, monkeypatch, runtime):
+    """ONNX Runtime returns the feature map: no backward pass. torch: pytorch-grad-cam runs."""
+    import cds_service.explain as explain_module
+    from cds_service.domain import Priority
+    from cds_service.models import load_model
+    from cds_service.triage import triage_images
+
+    make_test_weights(tmp_path, Task.HEAD_CT_ICH, input_size=64)
+    model = load_model(tmp_path, Task.HEAD_CT_ICH, runtime=runtime)
+    backward_passes = []
+    real_grad_cam = explain_module.grad_cam
+    monkeypatch.setattr(explain_module, "grad_cam", lambda *a, **k: backward_passes.append(1) or real_grad_cam(*a, **k))
+    rng = np.random.default_rng(0)
+    images = [np.broadcast_to(rng.random((80, 80, 1), dtype=np.float32), (80, 80, 3)) for _ in range(5)]
+    result = triage_images(model, images, {"any": Priority.STAT}, study_uid="1.2.3")
+    assert result.heatmap is not None and result.heatmap.png.startswith(b"\x89PNG")
+    assert backward_passes == ([] if runtime == "auto" else [1])

@@ -119,6 +119,27 @@ def test_onnx_runtime_scores_like_torch(task: Task, models: dict) -> None:
     np.testing.assert_allclose(model.predict(batch), model.predict_torch(batch), atol=1e-4)
 
 
+@pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
+def test_grad_cam_from_the_forward_pass_equals_pytorch_grad_cam(task: Task, models: dict) -> None:
+    """The serving path's Grad-CAM (classifier weights x the feature map ONNX Runtime returned)
+    is pytorch-grad-cam's GradCAM (forward + backward on the torch network), label by label."""
+    from cds_service.explain import class_activation_map, grad_cam
+
+    model = models[task]
+    assert model.cam_weights is not None and model.cam_weights.shape == (len(model.card.labels), 1280)
+    size = model.card.preprocessing.input_size
+    rng = np.random.default_rng(2)
+    images = [rng.random((size + 40, size + 40, 3), dtype=np.float32) for _ in range(2)]
+    _, features = model.predict_with_features(to_batch(images, model.card.preprocessing))
+    assert features is not None and features.shape[:2] == (2, 1280)
+    for index, image in enumerate(images):
+        for label in range(len(model.card.labels)):
+            reference = grad_cam(model, image, label)
+            fast = class_activation_map(features[index], model.cam_weights[label], size)
+            assert fast.shape == reference.shape == (size, size)
+            np.testing.assert_allclose(fast, reference, atol=1e-4)
+
+
 def test_torch_runtime_and_fallbacks(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import cds_service.models as models_module
 
