@@ -17,8 +17,8 @@ What it measures, on the machine it runs on (see bench/README.md):
 
 No chest weights ship and the trained ones may be training right now, so every task uses
 card-compatible *untrained* weights (`tests/support.py:make_test_weights`) at the production
-input size, in a temp dir: same network, same compute, thresholds 0 so every study is
-positive (every study gets a Grad-CAM and a priority raise — the longest path).
+input size and with the shipped cards' preprocessing, in a temp dir: same network, same compute,
+thresholds 0 so every study is positive (every study gets a Grad-CAM and a priority raise — the longest path).
 
     .venv/bin/python bench/triage_bench.py            # full run (about 10-15 min on 2 idle cores)
     .venv/bin/python bench/triage_bench.py --quick    # smoke run, about a minute
@@ -69,7 +69,8 @@ SCHEMA = "cds-triage-bench/2"  # 2: bare model per runtime (bare_model = the pip
 DEFAULT_OUT = REPO / "bench" / "results"
 SUBSCRIPTION_SECRET = "bench-secret"
 WEIGHTS_NOTE = ("card-compatible untrained weights (tests/support.py make_test_weights) at the production input "
-                "size, thresholds 0: same network and compute as trained weights; every study positive")
+                "size with the shipped cards' preprocessing, thresholds 0: same network and compute as trained "
+                "weights; every study positive")
 STAGES = ("fhir_read", "qido", "wado", "decode_preprocess", "inference", "gradcam", "fhir_write",
           "priority_update", "other")
 
@@ -131,6 +132,18 @@ def production_input_size(weights_dir: Path = REPO / "weights") -> int:
             except Exception:  # noqa: BLE001 - a card being rewritten by training: use the next one
                 continue
     return 224
+
+
+def production_preprocessing(task: Task, weights_dir: Path = REPO / "weights") -> dict[str, Any] | None:
+    """The shipped card's preprocessing block for a task (None: no card; the tests' default is used).
+
+    It decides how much work decoding and resizing are: the shipped head CT card uses one
+    window on all three channels, so each slice is windowed and resized once, not three times.
+    """
+    try:
+        return ModelCard.load(card_path(weights_dir, task)).preprocessing.to_card()
+    except Exception:  # noqa: BLE001 - no card, or one being rewritten by training
+        return None
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -579,7 +592,7 @@ def run(config: BenchConfig, out_dir: Path, device: str, runtime: str = "auto") 
     try:
         weights = workdir / "weights"
         for task in Task:
-            make_test_weights(weights, task, input_size=config.input_size)
+            make_test_weights(weights, task, input_size=config.input_size, preprocessing=production_preprocessing(task))
         settings = Settings(weights_dir=weights, data_dir=workdir / "inprocess", batch_size=config.batch_size,
                             device=device, inference_runtime=runtime, workers=1, log_level="WARNING",
                             http_timeout_s=30)
@@ -604,7 +617,9 @@ def run(config: BenchConfig, out_dir: Path, device: str, runtime: str = "auto") 
             "quick": config.quick, "weights": WEIGHTS_NOTE,
             "machine": machine_info(settings) | {"load_avg_start": list(load_start),
                                                  "load_avg_end": list(os.getloadavg())},
-            "config": asdict(config) | {"inference_runtime": runtime}, "bare_model": bare, "bare_model_torch": bare_torch,
+            "config": asdict(config) | {"inference_runtime": runtime,
+                                        "preprocessing": {task.value: ModelCard.load(card_path(weights, task)).raw[
+                                            "preprocessing"] for task in Task}}, "bare_model": bare, "bare_model_torch": bare_torch,
             "pipeline": pipeline_results, "service": service_results,
         }
         summary["targets"] = targets(pipeline_results, service_results, config)
