@@ -7,8 +7,9 @@ never trained are reported as untrained and are never positive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -33,23 +34,66 @@ class SeriesScores:
         """The slice whose score gave the study its score for this label."""
         return int(np.argmax(self.per_slice[:, label_index]))
 
+    def reordered(self, order: Sequence[int]) -> "SeriesScores":
+        """The same scores with the slices in `order` (e.g. arrival order to anatomical order)."""
+        index = np.asarray(order, dtype=int)
+        return replace(self, per_slice=self.per_slice[index],
+                       features=None if self.features is None else self.features[index])
 
-def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: int = 16) -> SeriesScores:
-    """Batched inference over preprocessed images (HxWx3 in [0, 1]); max-aggregated.
 
-    Batches are of equal size (40 slices at 16: 13+14+13, not 16+16+8): a small last
-    batch costs nearly as much per image as a single one.
+def batch_sizes(count: int, batch_size: int) -> list[int]:
+    """Sizes of equal batches for `count` slices: 40 at 16 → [13, 14, 13], not [16, 16, 8].
+
+    A small last batch costs nearly as much per image as a single one.
     """
-    if not images:
-        raise ValueError("no images to score")
-    spec = model.card.preprocessing
-    bounds = np.linspace(0, len(images), -(-len(images) // max(1, batch_size)) + 1).round().astype(int)
-    chunks = [model.predict_with_features(to_batch(images[lo:hi], spec)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    if count <= 0:
+        return []
+    bounds = np.linspace(0, count, -(-count // max(1, batch_size)) + 1).round().astype(int)
+    return [int(size) for size in np.diff(bounds)]
+
+
+def _series_scores(chunks: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> SeriesScores:
     per_slice = np.concatenate([probabilities for probabilities, _ in chunks], axis=0)
     features = None
     if all(maps is not None for _, maps in chunks):
         features = np.concatenate([maps for _, maps in chunks], axis=0)
     return SeriesScores(per_slice=per_slice, study=per_slice.max(axis=0), features=features)
+
+
+def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: int = 16) -> SeriesScores:
+    """Batched inference over preprocessed images (HxWx3 in [0, 1]); max-aggregated."""
+    if not images:
+        raise ValueError("no images to score")
+    spec = model.card.preprocessing
+    chunks, start = [], 0
+    for size in batch_sizes(len(images), batch_size):
+        chunks.append(model.predict_with_features(to_batch(images[start:start + size], spec)))
+        start += size
+    return _series_scores(chunks)
+
+
+def score_stream(model: LoadedModel, images: Iterable[np.ndarray], expected: int, batch_size: int = 16) -> SeriesScores:
+    """`score_images` for images still arriving: each batch is scored in a second thread
+    while the next images are fetched and decoded in this one (the model releases the GIL).
+
+    `expected` (the PACS's instance count, 0 if unknown) sets equal batches; more or fewer
+    images than expected are all scored all the same.
+    """
+    spec = model.card.preprocessing
+    sizes = batch_sizes(expected, batch_size)
+    futures: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as scorer:
+        pending: list[np.ndarray] = []
+        for image in images:
+            pending.append(image)
+            if len(pending) >= (sizes[0] if sizes else batch_size):
+                futures.append(scorer.submit(model.predict_with_features, to_batch(pending, spec)))
+                pending, sizes = [], sizes[1:]
+        if pending:
+            futures.append(scorer.submit(model.predict_with_features, to_batch(pending, spec)))
+    if not futures:
+        raise ValueError("no images to score")
+    return _series_scores([future.result() for future in futures])
 
 
 def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Finding, ...]:

@@ -72,7 +72,8 @@ def instruments() -> Instruments:
             "cds_triage_time_to_triage_seconds", "From a job being queued to its outcome, by outcome",
             ["outcome"], buckets=TIME_TO_TRIAGE_BUCKETS, registry=registry),
         model_latency=Histogram(
-            "cds_triage_model_latency_seconds", "Inference and Grad-CAM of one study, by task",
+            "cds_triage_model_latency_seconds",
+            "Retrieval, decoding and inference (overlapped) and Grad-CAM of one study, by task",
             ["task"], buckets=MODEL_LATENCY_BUCKETS, registry=registry),
         retries=Counter("cds_triage_job_retries", "Job attempts that will be retried, by cause",
                         ["cause"], registry=registry),

@@ -7,7 +7,7 @@ service's error kinds: down/5xx/timeouts are transient, 4xx are permanent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import pydicom
 import requests
@@ -126,30 +126,31 @@ class Pacs:
 
     def retrieve_series(self, study_uid: str, series: Series, max_instances: int) -> list[pydicom.Dataset]:
         """Every instance of one series over WADO-RS, in the stored transfer syntax."""
+        return list(self.iter_series(study_uid, series, max_instances))
+
+    def iter_series(self, study_uid: str, series: Series, max_instances: int) -> Iterator[pydicom.Dataset]:
+        """The series' instances as WADO-RS delivers them, so the caller can work on each while
+        the next is on its way. Stops with StudyTooLargeError as soon as the instance or byte
+        limit is passed; transfer faults are mapped like every other call."""
         if series.number_of_instances > max_instances:
             raise StudyTooLargeError(
                 f"series has {series.number_of_instances} instances, above the limit of {max_instances}"
             )
-        datasets = self._call(lambda: self._download(study_uid, series, max_instances), study_uid)
-        if len(datasets) > max_instances:
-            raise StudyTooLargeError(f"series has {len(datasets)} instances, above the limit of {max_instances}")
-        if not datasets:
-            raise StudyNotInPacsError("series has no instances in the PACS")
-        return datasets
-
-    def _download(self, study_uid: str, series: Series, max_instances: int) -> list[pydicom.Dataset]:
-        """Stream the series, stopping as soon as it passes the instance or byte limit."""
-        datasets: list[pydicom.Dataset] = []
-        total = 0
-        for ds in self.client.iter_series(study_uid, series.uid, media_types=(("application/dicom", "*"),)):
-            datasets.append(ds)
+        stream = self._call(lambda: iter(self.client.iter_series(study_uid, series.uid,  # sends the request
+                                                                 media_types=(("application/dicom", "*"),))),
+                            study_uid)
+        count = total = 0
+        while (ds := self._call(lambda: next(stream, None), study_uid)) is not None:
+            count += 1
             total += instance_bytes(ds)
+            if count > max_instances:
+                raise StudyTooLargeError(f"series has more than {max_instances} instances, above the limit")
             if self.config.max_series_bytes and total > self.config.max_series_bytes:
                 raise StudyTooLargeError(f"series is larger than the limit of {self.config.max_series_bytes} bytes "
-                                         f"(CDS_MAX_SERIES_BYTES) after {len(datasets)} instances")
-            if len(datasets) > max_instances:
-                break
-        return datasets
+                                         f"(CDS_MAX_SERIES_BYTES) after {count} instances")
+            yield ds
+        if not count:
+            raise StudyNotInPacsError("series has no instances in the PACS")
 
     def _call(self, request: Any, study_uid: str) -> Any:
         try:
@@ -179,12 +180,18 @@ class Pacs:
             raise BadDicomError(f"PACS sent a DICOM object that could not be read: {type(exc).__name__}: {exc}") from exc
 
 
-def sort_slices(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """Slices in anatomical order (ImagePositionPatient z, else InstanceNumber)."""
+def slice_order(datasets: Sequence[pydicom.Dataset]) -> list[int]:
+    """Indices of the slices in anatomical order (ImagePositionPatient z, else InstanceNumber)."""
 
-    def key(ds: pydicom.Dataset) -> tuple[float, float]:
+    def key(index: int) -> tuple[float, float]:
+        ds = datasets[index]
         position = getattr(ds, "ImagePositionPatient", None)
         z = float(position[2]) if position is not None and len(position) == 3 else 0.0
         return (z, float(getattr(ds, "InstanceNumber", 0) or 0))
 
-    return sorted(datasets, key=key)
+    return sorted(range(len(datasets)), key=key)
+
+
+def sort_slices(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Slices in anatomical order (see slice_order)."""
+    return [datasets[index] for index in slice_order(datasets)]

@@ -11,7 +11,10 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pydicom
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
@@ -21,13 +24,14 @@ from .fhir_client import FhirClient, VersionConflictError
 from .jobs import Job, JobState
 from .metrics import observe_model_latency
 from .models import ModelRegistry
-from .pacs import Pacs, sort_slices
-from .preprocessing import dicom_to_image
+from .inference import score_stream
+from .pacs import Pacs, slice_order
+from .preprocessing import dicom_to_image, resize
 from .priority import parse_priority, raised_priority
 from .routing import describe, route_study
 from .secondary_capture import heatmap_to_pacs
 from .settings import Settings
-from .triage import triage_images
+from .triage import triage_scores
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +101,26 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     except ModelUnavailableError as exc:
         return JobState.MODEL_UNAVAILABLE, str(exc), {"task": route.task.value}
 
-    # 4. Decode and preprocess as the model card says; 5. classify and explain.
-    datasets = sort_slices(pacs.retrieve_series(ctx.study_uid, route.series, settings.max_instances))
-    images = [dicom_to_image(ds, model.card.preprocessing) for ds in datasets]
+    # 4. Fetch the series and score it as it arrives: each slice is decoded and preprocessed as
+    #    the model card says, and each batch is scored while the next one is on its way.
+    spec = model.card.preprocessing
+    arrived: list[pydicom.Dataset] = []
+
+    def model_inputs() -> Iterator[np.ndarray]:
+        for ds in pacs.iter_series(ctx.study_uid, route.series, settings.max_instances):
+            arrived.append(ds)
+            yield resize(dicom_to_image(ds, spec), spec.input_size)  # only the model-size copy is kept
+
     started = time.perf_counter()
-    result = triage_images(
-        model, images, settings.priority_rules,
+    scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.batch_size)
+    order = slice_order(arrived)
+    datasets, scores = [arrived[index] for index in order], scores.reordered(order)
+
+    # 5. Findings, priority, and Grad-CAM of the top finding on its slice (decoded again at full size).
+    result = triage_scores(
+        model, scores, lambda index: dicom_to_image(datasets[index], spec), settings.priority_rules,
         study_uid=ctx.study_uid, series_uid=route.series.uid,
         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
-        batch_size=settings.batch_size,
     )
     observe_model_latency(route.task.value, time.perf_counter() - started)
 

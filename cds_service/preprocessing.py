@@ -213,7 +213,7 @@ def grey_to_image(grey: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Square resize with antialiasing; a fixed size removes the image-size shortcut."""
     if image.shape[0] == size and image.shape[1] == size:
-        return image.astype(np.float32)
+        return image if image.dtype == np.float32 else image.astype(np.float32)
     if image.shape[2] == 3 and image.strides[2] == 0:  # one plane repeated (_three_channels): resize it once
         return _three_channels(resize(image[..., :1], size)[..., 0])
     channels = [

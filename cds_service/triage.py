@@ -1,18 +1,19 @@
 """The triage of one series' images: score, decide, explain. No I/O.
 
-Shared by the service's pipeline and the `cds-triage triage` command, so a study gets the
+Shared by the service's pipeline (which scores slices as they arrive, then calls
+`triage_scores`) and the `cds-triage triage` command (`triage_images`), so a study gets the
 same answer whether it came from the PACS or from local files.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .domain import Priority, TriageResult, TriageStatus
 from .explain import explain
-from .inference import findings_from_scores, score_images
+from .inference import SeriesScores, findings_from_scores, score_images
 from .models import LoadedModel
 from .priority import suggest_priority
 
@@ -30,6 +31,27 @@ def triage_images(
 ) -> TriageResult:
     """Score every image, aggregate to the study, and explain the top positive finding."""
     scores = score_images(model, images, batch_size)
+    return triage_scores(model, scores, images.__getitem__, rules, study_uid=study_uid, series_uid=series_uid,
+                         sop_instance_uids=sop_instance_uids, with_heatmap=with_heatmap)
+
+
+def triage_scores(
+    model: LoadedModel,
+    scores: SeriesScores,
+    image_of_slice: Callable[[int], np.ndarray],
+    rules: Mapping[str, Priority],
+    *,
+    study_uid: str,
+    series_uid: str = "",
+    sop_instance_uids: Sequence[str] = (),
+    with_heatmap: bool = True,
+) -> TriageResult:
+    """Findings and priority from a series' scores, and the top positive finding explained.
+
+    `image_of_slice` gives a slice's full-resolution image (HxWx3 in [0, 1]) for the overlay:
+    only the driving slice's is asked for, so a caller that scored smaller copies decodes
+    that one slice again rather than keeping every full-size image.
+    """
     findings = findings_from_scores(model.card, scores.study)
     result_top = max((f for f in findings if f.positive), key=lambda f: f.probability, default=None)
     heatmap = None
@@ -37,7 +59,7 @@ def triage_images(
         index = scores.driving_slice(model.card.labels.index(result_top.label))
         sop = sop_instance_uids[index] if index < len(sop_instance_uids) else ""
         features = scores.features[index] if scores.features is not None else None
-        heatmap = explain(model, images[index], result_top.label, slice_index=index, sop_instance_uid=sop,
+        heatmap = explain(model, image_of_slice(index), result_top.label, slice_index=index, sop_instance_uid=sop,
                           features=features)
     return TriageResult(
         study_uid=study_uid,
@@ -48,5 +70,5 @@ def triage_images(
         suggested_priority=suggest_priority(findings, rules),
         model=model.card.ref,
         heatmap=heatmap,
-        slices_scored=len(images),
+        slices_scored=len(scores.per_slice),
     )

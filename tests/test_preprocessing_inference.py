@@ -273,3 +273,43 @@ def test_triage_explains_from_the_scoring_pass_only_where_it_can(tmp_path, monke
     result = triage_images(model, images, {"any": Priority.STAT}, study_uid="1.2.3")
     assert result.heatmap is not None and result.heatmap.png.startswith(b"\x89PNG")
     assert backward_passes == ([] if runtime == "auto" else [1])
+
+
+def test_slices_scored_as_they_arrive_get_the_same_scores_in_equal_batches():
+    """score_stream (the pipeline's, overlapping transfer and scoring) = score_images, whatever the
+    PACS's announced count; a failing transfer fails the scoring."""
+    from types import SimpleNamespace
+
+    from cds_service.inference import batch_sizes, score_images, score_stream
+
+    sizes: list[int] = []
+
+    def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sizes.append(len(batch))
+        return batch.mean(axis=(2, 3))[:, :2], batch[:, :, :2, :2]  # per-image functions of the pixels
+
+    spec = PreprocessingSpec(kind="mr_robust", input_size=16)
+    model = SimpleNamespace(card=SimpleNamespace(preprocessing=spec), predict_with_features=predict)
+    rng = np.random.default_rng(1)
+    images = [np.broadcast_to(rng.random((12, 12, 1), dtype=np.float32), (12, 12, 3)) for _ in range(40)]
+    reference = score_images(model, images, batch_size=16)
+    assert batch_sizes(40, 16) == [13, 14, 13] and batch_sizes(0, 16) == []
+    for expected, batches in ((40, [13, 14, 13]), (0, [16, 16, 8]), (30, [15, 15, 10]), (50, [12, 13, 13, 2])):
+        sizes.clear()
+        streamed = score_stream(model, iter(images), expected, batch_size=16)
+        assert sizes == batches, expected
+        np.testing.assert_array_equal(streamed.per_slice, reference.per_slice)
+        np.testing.assert_array_equal(streamed.features, reference.features)
+    order = list(range(39, -1, -1))
+    reordered = reference.reordered(order)
+    np.testing.assert_array_equal(reordered.per_slice, reference.per_slice[::-1])
+    assert reordered.driving_slice(0) == 39 - reference.driving_slice(0)
+
+    def broken_transfer():
+        yield from images[:20]
+        raise ConnectionError("PACS went away")
+
+    with pytest.raises(ConnectionError):
+        score_stream(model, broken_transfer(), 40, batch_size=16)
+    with pytest.raises(ValueError, match="no images"):
+        score_stream(model, iter([]), 0)
