@@ -52,11 +52,19 @@ def class_activation_map(features: np.ndarray, weights: np.ndarray, size: int) -
     return np.clip(scale_cam_image(np.maximum(scaled, 0))[0].astype(np.float32), 0.0, 1.0)
 
 
+def overlay_size(image: np.ndarray) -> int:
+    """Side of the square overlay for an image: its own, up to MAX_OVERLAY_SIZE.
+
+    `display_image(image, overlay_size(image))` has the same overlay as `image` itself.
+    """
+    return min(max(image.shape[:2]), MAX_OVERLAY_SIZE)
+
+
 def overlay_png(image: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> tuple[bytes, int, int]:
     """Blend a jet-coloured heatmap over the display image; PNG bytes and its size."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    size = min(max(image.shape[:2]), MAX_OVERLAY_SIZE)
+    size = overlay_size(image)
     background = display_image(image, size)
     mask = resize(cam[..., None], size)[..., 0]
     rgb = show_cam_on_image(background, mask, use_rgb=True, image_weight=1.0 - opacity)

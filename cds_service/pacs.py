@@ -108,6 +108,10 @@ class Pacs:
 
     def __init__(self, config: PacsConfig) -> None:
         session = requests.Session()
+        # Uncompressed transfers: requests asks for gzip by default, and Orthanc then deflates
+        # every instance on the fly. Measured on loopback: one 2,048² X-ray (8 MB) took 0.50 s
+        # instead of 0.04 s; DICOM pixel data gains little from gzip for that much CPU.
+        session.headers["Accept-Encoding"] = "identity"
         session.hooks["response"].append(require_complete_multipart)
         if config.username:
             session.auth = (config.username, config.password)

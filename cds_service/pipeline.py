@@ -26,7 +26,8 @@ from .metrics import observe_model_latency
 from .models import ModelRegistry
 from .inference import score_stream
 from .pacs import Pacs, slice_order
-from .preprocessing import dicom_to_image, resize
+from .explain import overlay_size
+from .preprocessing import dicom_to_image, display_image, resize
 from .priority import parse_priority, raised_priority
 from .routing import describe, route_study
 from .secondary_capture import heatmap_to_pacs
@@ -105,20 +106,23 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    the model card says, and each batch is scored while the next one is on its way.
     spec = model.card.preprocessing
     arrived: list[pydicom.Dataset] = []
+    pictures: list[np.ndarray] = []  # each slice as the overlay shows it (at most 512 px)
 
     def model_inputs() -> Iterator[np.ndarray]:
         for ds in pacs.iter_series(ctx.study_uid, route.series, settings.max_instances):
+            image = dicom_to_image(ds, spec)
             arrived.append(ds)
-            yield resize(dicom_to_image(ds, spec), spec.input_size)  # only the model-size copy is kept
+            pictures.append(display_image(image, overlay_size(image)))
+            yield resize(image, spec.input_size)  # the full-size image is not kept
 
     started = time.perf_counter()
     scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.batch_size)
     order = slice_order(arrived)
     datasets, scores = [arrived[index] for index in order], scores.reordered(order)
 
-    # 5. Findings, priority, and Grad-CAM of the top finding on its slice (decoded again at full size).
+    # 5. Findings, priority, and Grad-CAM of the top finding, drawn on its slice.
     result = triage_scores(
-        model, scores, lambda index: dicom_to_image(datasets[index], spec), settings.priority_rules,
+        model, scores, lambda index: pictures[order[index]], settings.priority_rules,
         study_uid=ctx.study_uid, series_uid=route.series.uid,
         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
     )

@@ -48,9 +48,9 @@ def triage_scores(
 ) -> TriageResult:
     """Findings and priority from a series' scores, and the top positive finding explained.
 
-    `image_of_slice` gives a slice's full-resolution image (HxWx3 in [0, 1]) for the overlay:
-    only the driving slice's is asked for, so a caller that scored smaller copies decodes
-    that one slice again rather than keeping every full-size image.
+    `image_of_slice` gives a slice's image (HxWx3 in [0, 1]) to draw the overlay on: its full
+    size, or `display_image` at `overlay_size` of it, which draws the same overlay (the pipeline
+    keeps those rather than every full-size slice). Only the driving slice's is asked for.
     """
     findings = findings_from_scores(model.card, scores.study)
     result_top = max((f for f in findings if f.positive), key=lambda f: f.probability, default=None)

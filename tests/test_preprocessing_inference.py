@@ -313,3 +313,16 @@ def test_slices_scored_as_they_arrive_get_the_same_scores_in_equal_batches():
         score_stream(model, broken_transfer(), 40, batch_size=16)
     with pytest.raises(ValueError, match="no images"):
         score_stream(model, iter([]), 0)
+
+
+def test_the_overlay_is_the_same_drawn_on_the_display_copy_the_pipeline_keeps():
+    from cds_service.explain import overlay_png, overlay_size
+    from cds_service.preprocessing import display_image
+
+    rng = np.random.default_rng(4)
+    cam = rng.random((16, 16), dtype=np.float32)
+    for shape in ((700, 600), (300, 300)):  # larger than the overlay (resized, made square), and smaller
+        image = np.broadcast_to(rng.random(shape + (1,), dtype=np.float32), shape + (3,))
+        kept = display_image(image, overlay_size(image))
+        assert kept.shape[:2] == (min(max(shape), 512),) * 2
+        assert overlay_png(kept, cam) == overlay_png(image, cam)
