@@ -7,8 +7,12 @@ unavailable" — never a randomly initialised network.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,8 @@ ACTIVATIONS = ("softmax", "sigmoid")
 RUNTIMES = ("auto", "onnxruntime", "torch")
 log = logging.getLogger(__name__)
 ONNX_MAX_DEVIATION = 1e-3  # largest probability difference from torch accepted at load time
+ONNX_EXPORT_FORMAT = "cds-triage-onnx/1"  # change when export_onnx changes: kept graphs are then re-exported
+ONNX_EXPORT_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,8 @@ class LoadedModel:
 
     `cam_weights` (labels x channels), when set, are the classifier weights of a global
     average pooling + linear head, and the session also returns the last feature map: then
-    Grad-CAM needs no backward pass (see `explain.class_activation_map`).
+    Grad-CAM needs no backward pass (see `explain.class_activation_map`). A worker's models
+    have only those (`network` is None: see `load_exported`).
     """
 
     card: ModelCard
@@ -214,17 +221,12 @@ def scoring_module(network: Any, activation: str) -> Any:
     return ScoresAndFeatures()
 
 
-def onnx_session(network: Any, card: ModelCard, threads: int = 0) -> Any:
-    """Export the torch network (in memory) and open it in ONNX Runtime on the CPU.
-
-    Exported at load time rather than shipped, so the ONNX graph can never drift from the
-    safetensors weights the card describes. For a linear head it also outputs the last
-    feature map, from which Grad-CAM follows without a backward pass.
-    """
+def export_onnx(network: Any, card: ModelCard) -> bytes:
+    """The torch network as an ONNX graph (bytes): probabilities, and for a linear head also the
+    last feature map, from which Grad-CAM follows without a backward pass."""
     import io
     import warnings
 
-    import onnxruntime
     import torch
 
     size = card.preprocessing.input_size
@@ -234,34 +236,107 @@ def onnx_session(network: Any, card: ModelCard, threads: int = 0) -> Any:
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
-        torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), buffer,
+        torch.onnx.export(module.eval().cpu(), (torch.zeros(1, 3, size, size),), buffer,
                           input_names=["image"], output_names=outputs, opset_version=17, dynamo=False,
                           dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]})
+    return buffer.getvalue()
+
+
+def open_session(graph: bytes, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session for an exported graph, with this service's thread settings."""
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (all cores)
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: the
-    # worker shares its cores with Grad-CAM, the web server and, on small machines, the PACS and FHIR server
+    # worker shares its cores with decoding, the web server and, on small machines, the PACS and FHIR server
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = False  # measured: 100 MB less worker memory for about 8% slower batches
-    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_session(network: Any, card: ModelCard, threads: int = 0) -> Any:
+    """Export the torch network (in memory) and open it in ONNX Runtime on the CPU.
+
+    Exported from the safetensors weights rather than shipped, so the ONNX graph can never
+    drift from the weights the card describes.
+    """
+    return open_session(export_onnx(network, card), threads)
+
+
+def weights_digest(weights_dir: Path, task: Task) -> str:
+    """Names one exported graph: the weights' and card's bytes and the export format."""
+    digest = hashlib.sha256(ONNX_EXPORT_FORMAT.encode())
+    digest.update(card_path(weights_dir, task).read_bytes())
+    with weights_path(weights_dir, task).open("rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def exported_graph(weights_dir: Path, task: Task, onnx_dir: Path) -> Path:
+    """The ONNX graph of these exact weights, exported once in a child process and kept.
+
+    The child (`python -m cds_service.onnx_export`) imports torch, exports, checks the graph
+    against torch and exits, so the worker that scores with the graph never imports torch:
+    measured here, torch and timm are 650 MB of a worker's resident memory.
+    """
+    target = onnx_dir / f"{task.value}-{weights_digest(weights_dir, task)}.onnx"
+    if target.exists():
+        return target
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run([sys.executable, "-m", "cds_service.onnx_export", str(weights_dir), task.value, str(target)],
+                           capture_output=True, text=True, env=env, timeout=ONNX_EXPORT_TIMEOUT_S)
+    if child.returncode != 0 or not target.exists():
+        raise RuntimeError(f"ONNX export failed ({child.returncode}): {child.stderr.strip()[-500:]}")
+    return target
+
+
+def load_exported(weights_dir: Path, task: Task, card: ModelCard, onnx_dir: Path, threads: int) -> LoadedModel | None:
+    """A torch-free model: the exported graph scores and gives Grad-CAM's feature map, and the
+    classifier weights come straight from the safetensors. None (load with torch) if the export
+    fails or the head needs a backward pass for Grad-CAM."""
+    from safetensors.numpy import load_file
+
+    try:
+        session = open_session(exported_graph(weights_dir, task, onnx_dir).read_bytes(), threads)
+    except Exception as exc:  # noqa: BLE001 - exporter, child process and runtime raise many kinds
+        log.warning("ONNX Runtime unavailable for %s (%s); scoring with torch", card.name, exc)
+        return None
+    if [output.name for output in session.get_outputs()] != ["probabilities", "features"]:
+        return None
+    cam_weights = load_file(str(weights_path(weights_dir, task)))["classifier.weight"].astype(np.float32)
+    return LoadedModel(card=card, network=None, session=session, cam_weights=cam_weights)
 
 
 def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str = "torch",
-               threads: int = 0) -> LoadedModel:
+               threads: int = 0, onnx_dir: Path | None = None) -> LoadedModel:
     """Read card and safetensors; ModelUnavailableError if either is missing or mismatched.
 
     runtime "onnxruntime" (or "auto" on a CPU) also opens an ONNX Runtime session for
-    scoring, after checking on a test batch that it agrees with torch.
+    scoring, after checking on a test batch that it agrees with torch. With `onnx_dir` (the
+    worker's) the graph is exported in a child process and kept there, and this process
+    does not import torch at all (`load_exported`).
     """
-    import torch
-    from safetensors.torch import load_file
-
     check_runtime(runtime)
     card = ModelCard.load(card_path(weights_dir, task))
     wpath = weights_path(weights_dir, task)
     if not wpath.exists():
         raise ModelUnavailableError(f"model unavailable: no trained weights for {task.value} at {wpath}")
+    wants_onnx = runtime == "onnxruntime" or (runtime == "auto" and device == "cpu")
+    if wants_onnx and onnx_dir is not None:
+        exported = load_exported(weights_dir, task, card, onnx_dir, threads)
+        if exported is not None:
+            return exported
+
+    import torch
+    from safetensors.torch import load_file
+
+    if threads:
+        torch.set_num_threads(threads)  # process-wide: fewer when several workers share the cores
     network = create_network(len(card.labels), card.architecture)
     try:
         state = load_file(str(wpath))
@@ -270,7 +345,7 @@ def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str 
         raise ModelUnavailableError(f"weights {wpath} do not fit card {card.name}: {exc}") from exc
     network.eval().to(device).to(memory_format=torch.channels_last)
     model = LoadedModel(card=card, network=network, device=device)
-    if runtime == "onnxruntime" or (runtime == "auto" and device == "cpu"):
+    if wants_onnx:
         model.session = checked_onnx_session(model, threads)
         if model.session is not None and len(model.session.get_outputs()) > 1:
             model.cam_weights = linear_head_weights(network)
@@ -283,19 +358,9 @@ def checked_onnx_session(model: LoadedModel, threads: int) -> Any:
     Both outputs are checked: the probabilities, and the feature map Grad-CAM is computed from.
     Falling back keeps triage running on a machine where the export or the runtime fails.
     """
-    import torch
-
-    size = model.card.preprocessing.input_size
-    check = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
     try:
         session = onnx_session(model.network, model.card, threads)
-        outputs = session.run(None, {"image": check})
-        deviation = float(np.abs(outputs[0] - model.predict_torch(check)).max())
-        if len(outputs) > 1:
-            with torch.inference_mode():
-                features = model.network.forward_features(torch.from_numpy(check).to(model.device)).float().cpu().numpy()
-            scale = max(1.0, float(np.abs(features).max()))
-            deviation = max(deviation, float(np.abs(outputs[1] - features).max()) / scale)
+        deviation = onnx_deviation(model, session)
     except Exception as exc:  # exporter and runtime raise many kinds
         log.warning("ONNX Runtime unavailable for %s (%s); scoring with torch", model.card.name, exc)
         return None
@@ -305,18 +370,43 @@ def checked_onnx_session(model: LoadedModel, threads: int) -> Any:
     return session
 
 
-class ModelRegistry:
-    """Loads each task's model once per process, on first use, and keeps it."""
+def onnx_deviation(model: LoadedModel, session: Any) -> float:
+    """Largest difference between the session and the torch network on a test batch: in the
+    probabilities, and in the feature map (relative to its scale) where the graph returns it."""
+    import torch
 
-    def __init__(self, weights_dir: Path, device: str = "cpu", runtime: str = "torch", threads: int = 0) -> None:
+    size = model.card.preprocessing.input_size
+    check = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+    outputs = session.run(None, {"image": check})
+    deviation = float(np.abs(outputs[0] - model.predict_torch(check)).max())
+    if len(outputs) > 1:
+        with torch.inference_mode():
+            features = model.network.forward_features(torch.from_numpy(check).to(model.device)).float().cpu().numpy()
+        scale = max(1.0, float(np.abs(features).max()))
+        deviation = max(deviation, float(np.abs(outputs[1] - features).max()) / scale)
+    return deviation
+
+
+class ModelRegistry:
+    """Loads each task's model once per process, on first use, and keeps it.
+
+    `onnx_dir` (a worker's): where exported graphs are kept, so the process need not import torch.
+    """
+
+    def __init__(self, weights_dir: Path, device: str = "cpu", runtime: str = "torch", threads: int = 0,
+                 onnx_dir: Path | None = None) -> None:
         check_runtime(runtime)  # at start-up, not at the first study
         self.weights_dir = weights_dir
         self.device = device
         self.runtime = runtime
         self.threads = threads
+        self.onnx_dir = onnx_dir
         self._models: dict[Task, LoadedModel] = {}
+        self._lock = threading.Lock()
 
     def get(self, task: Task) -> LoadedModel:
-        if task not in self._models:
-            self._models[task] = load_model(self.weights_dir, task, self.device, self.runtime, self.threads)
-        return self._models[task]
+        with self._lock:  # worker threads asking at once load (and export) once
+            if task not in self._models:
+                self._models[task] = load_model(self.weights_dir, task, self.device, self.runtime, self.threads,
+                                                self.onnx_dir)
+            return self._models[task]

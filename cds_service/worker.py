@@ -30,13 +30,6 @@ from .smart_auth import fhir_auth, fhir_client
 log = logging.getLogger(__name__)
 
 
-def configure_torch(settings: Settings) -> None:
-    """Threads that fit the machine: all cores by default, fewer when several workers share it."""
-    import torch
-
-    torch.set_num_threads(settings.inference_threads)
-
-
 @lru_cache(maxsize=1)
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
@@ -69,7 +62,8 @@ def build_deps(settings: Settings) -> PipelineDeps:
     return PipelineDeps(
         settings=settings,
         fhir=fhir_client(settings, fhir_auth(settings)),  # SMART Backend Services when configured
-        models=ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads),
+        models=ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads,
+                             onnx_dir=settings.data_dir / "onnx"),
         pacs_for=pacs_for,
     )
 
@@ -133,7 +127,6 @@ def run_worker(settings: Settings) -> None:
     metrics.configure(settings.metrics_dir)
     if settings.worker_metrics_port:
         metrics.serve_worker_metrics(settings.worker_metrics_port, settings.host)
-    configure_torch(settings)
     store = open_job_store(settings)
     huey = create_queue(settings.queue_url, settings.queue_db_path, timeout_s=settings.http_timeout_s)
     leases = Leases()
