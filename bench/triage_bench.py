@@ -597,7 +597,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     floor = [e["images"] * summary["bare_model"]["per_image_s"] for e in entries]
     left.scatter(floor, labels, marker="|", s=400, color="black", zorder=3, label="bare model")
     left.set_xlabel("seconds per study (run_triage)")
-    left.legend(fontsize=6, loc="lower right")
+    left.legend(fontsize=6, loc="center right")
     data, names = [], []
     for key, entry in summary["service"].items():
         for kind, ttt in entry["time_to_triage"].items():
@@ -606,7 +606,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     if data:
         right.boxplot(data, vert=False, tick_labels=names)
         right.tick_params(axis="y", labelsize=7)
-    right.set_xlabel("time-to-triage, seconds (ImagingStudy accepted → priority raised)")
+    right.set_xlabel("time-to-triage (s): ImagingStudy accepted → priority raised")
     fig.suptitle(f"cds-triage on {summary['machine']['cpus']} CPU cores ({'quick' if summary['quick'] else 'full'} run)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
