@@ -306,10 +306,10 @@ def load_exported(weights_dir: Path, task: Task, card: ModelCard, onnx_dir: Path
     except Exception as exc:  # noqa: BLE001 - exporter, child process and runtime raise many kinds
         log.warning("ONNX Runtime unavailable for %s (%s); scoring with torch", card.name, exc)
         return None
-    if [output.name for output in session.get_outputs()] != ["probabilities", "features"]:
+    classifier = load_file(str(weights_path(weights_dir, task))).get("classifier.weight")
+    if [output.name for output in session.get_outputs()] != ["probabilities", "features"] or classifier is None:
         return None
-    cam_weights = load_file(str(weights_path(weights_dir, task)))["classifier.weight"].astype(np.float32)
-    return LoadedModel(card=card, network=None, session=session, cam_weights=cam_weights)
+    return LoadedModel(card=card, network=None, session=session, cam_weights=classifier.astype(np.float32))
 
 
 def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str = "torch",

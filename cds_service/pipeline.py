@@ -20,13 +20,13 @@ from fhir_mappings.builders import build_triage_transaction, reference_id, study
 
 from .domain import OrderContext, Priority, TriageResult
 from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
+from .explain import overlay_size
 from .fhir_client import FhirClient, VersionConflictError
+from .inference import score_stream
 from .jobs import Job, JobState
 from .metrics import observe_model_latency
 from .models import ModelRegistry
-from .inference import score_stream
 from .pacs import Pacs, slice_order
-from .explain import overlay_size
 from .preprocessing import dicom_to_image, display_image, resize
 from .priority import parse_priority, raised_priority
 from .routing import describe, route_study
