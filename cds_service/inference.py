@@ -52,24 +52,9 @@ def batch_sizes(count: int, batch_size: int) -> list[int]:
     return [int(size) for size in np.diff(bounds)]
 
 
-def _series_scores(chunks: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> SeriesScores:
-    per_slice = np.concatenate([probabilities for probabilities, _ in chunks], axis=0)
-    features = None
-    if all(maps is not None for _, maps in chunks):
-        features = np.concatenate([maps for _, maps in chunks], axis=0)
-    return SeriesScores(per_slice=per_slice, study=per_slice.max(axis=0), features=features)
-
-
 def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: int = 16) -> SeriesScores:
     """Batched inference over preprocessed images (HxWx3 in [0, 1]); max-aggregated."""
-    if not images:
-        raise ValueError("no images to score")
-    spec = model.card.preprocessing
-    chunks, start = [], 0
-    for size in batch_sizes(len(images), batch_size):
-        chunks.append(model.predict_with_features(to_batch(images[start:start + size], spec)))
-        start += size
-    return _series_scores(chunks)
+    return score_stream(model, images, len(images), batch_size)
 
 
 def score_stream(model: LoadedModel, images: Iterable[np.ndarray], expected: int, batch_size: int = 16) -> SeriesScores:
@@ -93,7 +78,12 @@ def score_stream(model: LoadedModel, images: Iterable[np.ndarray], expected: int
             futures.append(scorer.submit(model.predict_with_features, to_batch(pending, spec)))
     if not futures:
         raise ValueError("no images to score")
-    return _series_scores([future.result() for future in futures])
+    chunks = [future.result() for future in futures]
+    per_slice = np.concatenate([probabilities for probabilities, _ in chunks], axis=0)
+    features = None
+    if all(maps is not None for _, maps in chunks):
+        features = np.concatenate([maps for _, maps in chunks], axis=0)
+    return SeriesScores(per_slice=per_slice, study=per_slice.max(axis=0), features=features)
 
 
 def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Finding, ...]:

@@ -299,14 +299,15 @@ def load_exported(weights_dir: Path, task: Task, card: ModelCard, onnx_dir: Path
     """A torch-free model: the exported graph scores and gives Grad-CAM's feature map, and the
     classifier weights come straight from the safetensors. None (load with torch) if the export
     fails or the head needs a backward pass for Grad-CAM."""
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     try:
         session = open_session(exported_graph(weights_dir, task, onnx_dir).read_bytes(), threads)
     except Exception as exc:  # noqa: BLE001 - exporter, child process and runtime raise many kinds
         log.warning("ONNX Runtime unavailable for %s (%s); scoring with torch", card.name, exc)
         return None
-    classifier = load_file(str(weights_path(weights_dir, task))).get("classifier.weight")
+    with safe_open(str(weights_path(weights_dir, task)), framework="np") as weights:  # reads only this tensor
+        classifier = weights.get_tensor("classifier.weight") if "classifier.weight" in weights.keys() else None
     if [output.name for output in session.get_outputs()] != ["probabilities", "features"] or classifier is None:
         return None
     return LoadedModel(card=card, network=None, session=session, cam_weights=classifier.astype(np.float32))

@@ -128,14 +128,10 @@ class Pacs:
             raise StudyNotInPacsError(f"study not found in the PACS at {self.config.url}")
         return Study(uid=study_uid, series=tuple(series_from_qido(attrs) for attrs in results))
 
-    def retrieve_series(self, study_uid: str, series: Series, max_instances: int) -> list[pydicom.Dataset]:
-        """Every instance of one series over WADO-RS, in the stored transfer syntax."""
-        return list(self.iter_series(study_uid, series, max_instances))
-
     def iter_series(self, study_uid: str, series: Series, max_instances: int) -> Iterator[pydicom.Dataset]:
-        """The series' instances as WADO-RS delivers them, so the caller can work on each while
-        the next is on its way. Stops with StudyTooLargeError as soon as the instance or byte
-        limit is passed; transfer faults are mapped like every other call."""
+        """The series' instances as WADO-RS delivers them, in the stored transfer syntax, so the
+        caller can work on each while the next is on its way. Stops with StudyTooLargeError as
+        soon as the instance or byte limit is passed; transfer faults are mapped like every other call."""
         if series.number_of_instances > max_instances:
             raise StudyTooLargeError(
                 f"series has {series.number_of_instances} instances, above the limit of {max_instances}"
