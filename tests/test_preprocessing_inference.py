@@ -326,3 +326,18 @@ def test_the_overlay_is_the_same_drawn_on_the_display_copy_the_pipeline_keeps():
         kept = display_image(image, overlay_size(image))
         assert kept.shape[:2] == (min(max(shape), 512),) * 2
         assert overlay_png(kept, cam) == overlay_png(image, cam)
+
+
+def test_the_overlay_png_is_lossless_rgb():
+    """The fast PNG settings (one filter, run-length zlib) still give back every pixel, in RGB order."""
+    from PIL import Image
+
+    from cds_service.explain import png_bytes
+
+    rng = np.random.default_rng(5)
+    smooth = np.repeat(np.linspace(0, 255, 300, dtype=np.uint8)[None, :, None], 200, axis=0)
+    for rgb in (rng.integers(0, 256, (64, 80, 3), dtype=np.uint8),
+                np.concatenate([smooth, smooth[:, ::-1], np.zeros_like(smooth)], axis=2)):
+        decoded = Image.open(io.BytesIO(png_bytes(rgb)))
+        assert decoded.format == "PNG" and decoded.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(decoded), rgb)
