@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -38,8 +37,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from .worker import run_worker
 
-    run_worker(settings)
+    run_worker(settings, prepare=args.prepare_models)
     return 0
+
+
+def _prepare_models(args: argparse.Namespace, settings: Settings) -> int:
+    from .worker import prepare_models
+
+    outcome = prepare_models(settings)
+    for task, what in outcome.items():
+        print(f"{task.value}: {what}")
+    return 1 if any(what.startswith("failed") for what in outcome.values()) else 0
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("worker", help="run triage jobs from the queue")
+    p.add_argument("--prepare-models", action="store_true",
+                   help="export the models' ONNX graphs (as prepare-models does) before taking the first job")
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("prepare-models", help="export each model's ONNX graph for the workers before the first study")
+    p.set_defaults(func=_prepare_models)
 
     p = sub.add_parser("subscribe", help="create (idempotently) the ImagingStudy rest-hook Subscription on the FHIR server")
     p.add_argument("--endpoint", help="notification URL (default CDS_PUBLIC_URL + /fhir-notify)")

@@ -51,12 +51,13 @@ class ServiceProcesses:
         self.serve.stop()
 
 
-def start_worker(settings: Settings, logdir: Path, index: int = 0) -> ManagedProcess:
+def start_worker(settings: Settings, logdir: Path, index: int = 0, prepare_models: bool = False) -> ManagedProcess:
     """One `cds-triage worker` process (its log: worker.log, worker-1.log, …)."""
     import os
 
     name = "worker" if index == 0 else f"worker-{index}"
-    return ManagedProcess(f"cds-{name}", [sys.executable, "-m", "cds_service.cli", "worker"], url="",
+    command = [sys.executable, "-m", "cds_service.cli", "worker"] + (["--prepare-models"] if prepare_models else [])
+    return ManagedProcess(f"cds-{name}", command, url="",
                           log_path=logdir / f"{name}.log", env={**os.environ, **settings.to_env()}).start()
 
 

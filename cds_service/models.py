@@ -11,9 +11,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +183,11 @@ def check_runtime(runtime: str) -> None:
         raise ValueError(f"unknown inference runtime {runtime!r} (CDS_INFERENCE_RUNTIME); one of {', '.join(RUNTIMES)}")
 
 
+def uses_onnx_runtime(runtime: str, device: str) -> bool:
+    """Whether models score in ONNX Runtime: asked for, or "auto" on a CPU."""
+    return runtime == "onnxruntime" or (runtime == "auto" and device == "cpu")
+
+
 def with_activation(network: Any, activation: str) -> Any:
     """Network + the card's activation as one module: it outputs probabilities."""
     import torch
@@ -292,7 +299,26 @@ def exported_graph(weights_dir: Path, task: Task, onnx_dir: Path) -> Path:
                            capture_output=True, text=True, env=env, timeout=ONNX_EXPORT_TIMEOUT_S)
     if child.returncode != 0 or not target.exists():
         raise RuntimeError(f"ONNX export failed ({child.returncode}): {child.stderr.strip()[-500:]}")
+    prune_exported(onnx_dir, task, keep=target)
     return target
+
+
+def prune_exported(onnx_dir: Path, task: Task, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove the task's graphs of other weights versions, and exports a dead process left half
+    written, so CDS_DATA_DIR does not grow by ~20 MB with every retraining. A worker still
+    running older weights has its graph in memory; if it restarts, it exports it again."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in onnx_dir.glob(f"{task.value}-*"):
+        graph = re.fullmatch(rf"{re.escape(task.value)}-[0-9a-f]{{20}}\.onnx", path.name)
+        partial = re.fullmatch(rf"{re.escape(task.value)}-[0-9a-f]{{20}}\.onnx\.\d+\.partial", path.name)
+        try:
+            if (graph and path != keep) or (partial and now - path.stat().st_mtime > ONNX_EXPORT_TIMEOUT_S):
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # another worker pruned it first
+            continue
+    return removed
 
 
 def load_exported(weights_dir: Path, task: Task, card: ModelCard, onnx_dir: Path, threads: int) -> LoadedModel | None:
@@ -327,7 +353,7 @@ def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str 
     wpath = weights_path(weights_dir, task)
     if not wpath.exists():
         raise ModelUnavailableError(f"model unavailable: no trained weights for {task.value} at {wpath}")
-    wants_onnx = runtime == "onnxruntime" or (runtime == "auto" and device == "cpu")
+    wants_onnx = uses_onnx_runtime(runtime, device)
     if wants_onnx and onnx_dir is not None:
         exported = load_exported(weights_dir, task, card, onnx_dir, threads)
         if exported is not None:

@@ -16,12 +16,14 @@ import logging
 import threading
 import time
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics
 from .audit import open_write_back_trail, write_back_event
 from .jobs import BaseJobStore, Job, JobState, Leases, QueueUnavailableError, create_queue, open_job_store, register_triage_task
-from .models import ModelRegistry
+from .domain import Task
+from .models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
 from .pacs import Pacs, PacsConfig
 from .pipeline import PipelineDeps, run_triage
 from .settings import Settings
@@ -50,6 +52,31 @@ def release_free_memory() -> None:
         trim(0)
 
 
+def onnx_dir(settings: Settings) -> Path:
+    """Where workers keep exported ONNX graphs (shared by the workers of one data folder)."""
+    return settings.data_dir / "onnx"
+
+
+def prepare_models(settings: Settings) -> dict[Task, str]:
+    """Export each available model's ONNX graph ahead of the first study (`cds-triage
+    prepare-models`, e.g. before the workers start after new weights), so that study does not
+    wait for the export (about 8 s a model on two cores). Each task's outcome, in words."""
+    if not uses_onnx_runtime(settings.inference_runtime, settings.device):
+        return {task: f"nothing to export: models run in torch (CDS_INFERENCE_RUNTIME={settings.inference_runtime}, "
+                      f"CDS_DEVICE={settings.device})" for task in Task}
+    cards = available_cards(settings.weights_dir)
+    outcome: dict[Task, str] = {}
+    for task in Task:
+        if task not in cards:
+            outcome[task] = f"no weights in {settings.weights_dir}: nothing to export"
+            continue
+        try:
+            outcome[task] = f"ready: {exported_graph(settings.weights_dir, task, onnx_dir(settings))}"
+        except Exception as exc:  # noqa: BLE001 - reported per task; workers fall back to torch
+            outcome[task] = f"failed: {exc}"
+    return outcome
+
+
 def build_deps(settings: Settings) -> PipelineDeps:
     """The worker's adapters: one FHIR client, one model registry, one PACS client per URL."""
 
@@ -63,7 +90,7 @@ def build_deps(settings: Settings) -> PipelineDeps:
         settings=settings,
         fhir=fhir_client(settings, fhir_auth(settings)),  # SMART Backend Services when configured
         models=ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads,
-                             onnx_dir=settings.data_dir / "onnx"),
+                             onnx_dir=onnx_dir(settings)),
         pacs_for=pacs_for,
     )
 
@@ -122,8 +149,15 @@ def audit_hook(settings: Settings, worker: str) -> Callable[[Job, JobState, dict
     return record
 
 
-def run_worker(settings: Settings) -> None:
-    """Consume the queue until stopped. A job cut short by the stop is recovered by its lease."""
+def run_worker(settings: Settings, prepare: bool = False) -> None:
+    """Consume the queue until stopped. A job cut short by the stop is recovered by its lease.
+
+    `prepare` (`cds-triage worker --prepare-models`): export the models' graphs before the first
+    job rather than during it; a failed export is logged and that model falls back to torch.
+    """
+    if prepare:
+        for task, what in prepare_models(settings).items():
+            (log.warning if what.startswith("failed") else log.info)(f"model {task.value}: {what}")
     metrics.configure(settings.metrics_dir)
     if settings.worker_metrics_port:
         metrics.serve_worker_metrics(settings.worker_metrics_port, settings.host)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -82,10 +83,95 @@ def test_the_exported_graph_is_kept_and_follows_the_weights(tmp_path: Path) -> N
 
     make_test_weights(weights, Task.HEAD_CT_ICH, input_size=64, seed=2)  # retrained: new weights, same card
     retrained = ModelRegistry(weights, runtime="auto", onnx_dir=onnx_dir).get(Task.HEAD_CT_ICH)
-    assert len(list(onnx_dir.glob("*.onnx"))) == 2
+    [new_graph] = list(onnx_dir.glob("*.onnx"))  # the old version's graph is removed
+    assert new_graph != graph and new_graph.name.startswith("head_ct_ich-")
     reference = load_model(weights, Task.HEAD_CT_ICH, runtime="torch")
     np.testing.assert_allclose(retrained.predict(batch), reference.predict(batch), atol=1e-4)
     assert not list(onnx_dir.glob("*.partial"))
+
+
+def test_pruning_keeps_the_current_graph_and_other_tasks(tmp_path: Path) -> None:
+    from cds_service.models import ONNX_EXPORT_TIMEOUT_S, prune_exported
+
+    keep = tmp_path / f"head_ct_ich-{'a' * 20}.onnx"
+    old = tmp_path / f"head_ct_ich-{'b' * 20}.onnx"
+    other_task = tmp_path / f"brain_mri-{'c' * 20}.onnx"
+    dead_partial = tmp_path / f"head_ct_ich-{'d' * 20}.onnx.4242.partial"
+    live_partial = tmp_path / f"head_ct_ich-{'e' * 20}.onnx.4343.partial"  # another worker exporting now
+    unrelated = tmp_path / "head_ct_ich-notes.txt"
+    for path in (keep, old, other_task, dead_partial, live_partial, unrelated):
+        path.write_bytes(b"graph")
+    now = dead_partial.stat().st_mtime + ONNX_EXPORT_TIMEOUT_S / 2
+    os.utime(dead_partial, (now - ONNX_EXPORT_TIMEOUT_S - 1,) * 2)
+
+    removed = prune_exported(tmp_path, Task.HEAD_CT_ICH, keep=keep, now=now)
+    assert sorted(removed) == sorted([old, dead_partial])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (keep, other_task, live_partial, unrelated))
+
+
+def test_prepare_models_exports_ahead_so_the_first_study_does_not_wait(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import cds_service.models as models_module
+
+    weights, data = tmp_path / "weights", tmp_path / "data"
+    make_test_weights(weights, Task.HEAD_CT_ICH, input_size=64)  # the other two tasks have no weights here
+    env = os.environ | {"CDS_WEIGHTS_DIR": str(weights), "CDS_DATA_DIR": str(data), "CDS_INFERENCE_RUNTIME": "auto"}
+    child = subprocess.run([sys.executable, "-m", "cds_service.cli", "prepare-models"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    lines = dict(line.split(": ", 1) for line in child.stdout.strip().splitlines())
+    [graph] = list((data / "onnx").glob("head_ct_ich-*.onnx"))
+    assert lines["head_ct_ich"] == f"ready: {graph}"
+    assert lines["brain_mri"].startswith("no weights") and lines["chest_pneumothorax"].startswith("no weights")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the worker exported again")
+
+    monkeypatch.setattr(models_module.subprocess, "run", no_export)
+    model = ModelRegistry(weights, runtime="auto", onnx_dir=data / "onnx").get(Task.HEAD_CT_ICH)
+    assert model.runtime == "onnxruntime" and model.network is None
+
+    from cds_service.settings import Settings
+    from cds_service.worker import prepare_models
+
+    torch_only = prepare_models(Settings(weights_dir=weights, data_dir=data, inference_runtime="torch"))
+    assert all(what.startswith("nothing to export") for what in torch_only.values())
+
+
+def test_a_worker_started_with_prepare_models_exports_before_taking_jobs(tmp_path: Path) -> None:
+    from cds_service.demo import start_worker
+    from cds_service.settings import Settings
+
+    make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
+    settings = Settings(weights_dir=tmp_path / "weights", data_dir=tmp_path / "data", log_level="INFO")
+    worker = start_worker(settings, tmp_path, prepare_models=True)
+    try:
+        worker.wait_ready(lambda: "worker started" in (tmp_path / "worker.log").read_text(), timeout=120)
+        log_text = (tmp_path / "worker.log").read_text()
+    finally:
+        worker.stop()
+    [graph] = list((tmp_path / "data" / "onnx").glob("head_ct_ich-*.onnx"))
+    assert f"model head_ct_ich: ready: {graph}" in log_text
+    assert log_text.index("model head_ct_ich: ready") < log_text.index("worker started")
+
+
+def test_prepare_models_fails_loudly_when_an_export_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    import cds_service.worker as worker_module
+    from cds_service.cli import main
+
+    make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ONNX export failed (1): exporter exploded")
+
+    monkeypatch.setattr(worker_module, "exported_graph", broken)
+    monkeypatch.setenv("CDS_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("CDS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CDS_INFERENCE_RUNTIME", "auto")
+    assert main(["prepare-models"]) == 1
+    assert "head_ct_ich: failed: ONNX export failed (1): exporter exploded" in capsys.readouterr().out
 
 
 def test_a_failed_export_falls_back_to_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
