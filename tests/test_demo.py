@@ -1,0 +1,116 @@
+"""`cds-triage demo`, the README's first command: the real servers, the shipped weights and the
+sample studies, run as a user runs it, then stopped as a process manager stops it (SIGTERM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "cds_service" / "samples"
+
+
+def read_until(lines: "queue.Queue[str | None]", marker: str, timeout_s: float, seen: list[str]) -> None:
+    """Collect the demo's output until a line contains `marker`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            raise AssertionError("the demo exited early:\n" + "".join(seen))
+        seen.append(line)
+        if marker in line:
+            return
+    raise AssertionError(f"no {marker!r} within {timeout_s} s:\n" + "".join(seen))
+
+
+def processes_using(folder: Path) -> list[int]:
+    """Processes whose command line or environment names `folder`: the demo's servers (each runs
+    in its own session, with its data, config or CDS_DATA_DIR in there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if str(folder).encode() in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def refused(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.TransportError:
+        return True
+    return False
+
+
+def test_the_demo_triages_the_samples_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    if not (REPO / "weights" / "head_ct_ich.safetensors").exists():
+        pytest.skip("the shipped weights are not in this checkout")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CDS_")}
+    demo = subprocess.Popen([sys.executable, "-m", "cds_service.cli", "demo", "--workdir", str(tmp_path / "demo")],
+                            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: "queue.Queue[str | None]" = queue.Queue()
+
+    def pump() -> None:
+        for line in demo.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    try:
+        read_until(lines, "Press Ctrl-C to stop.", 400, seen)
+        output = "".join(seen)
+        worklist = re.search(r"Worklist:\s+(\S+)", output).group(1)
+        fhir_url, pacs_url = re.search(r"FHIR:\s+(\S+)\s+PACS: (\S+)", output).groups()
+        service = worklist.rsplit("/worklist", 1)[0]
+        assert all(url.startswith("http://127.0.0.1:") for url in (worklist, fhir_url, pacs_url))
+        assert httpx.get(worklist, timeout=10).status_code == 200
+
+        manifest = json.loads((SAMPLES / "manifest.json").read_text())["studies"]
+        for index, sample in enumerate(manifest):
+            [job] = httpx.get(f"{service}/jobs", params={"imagingStudy": f"demo-study-{index}"}, timeout=10).json()["jobs"]
+            priority = httpx.get(f"{fhir_url}/ServiceRequest/demo-order-{index}", timeout=10).json()["priority"]
+            if sample["task"] == "chest_pneumothorax":  # no chest weights are shipped yet
+                assert job["status"] == "model_unavailable" and priority == "routine", (sample["folder"], job)
+                continue
+            assert job["status"] == "done", (sample["folder"], job)
+            positives = sorted(f["label"] for f in job["result"]["findings"] if f["positive"])
+            if sample.get("expected_positive_labels") is not None:  # labelled samples: the model gets them right
+                assert positives == sorted(sample["expected_positive_labels"]), (sample["folder"], job["result"])
+                assert (priority == "routine") == (not positives), (sample["folder"], priority)
+    finally:
+        if demo.poll() is None:
+            demo.send_signal(signal.SIGTERM)
+        try:
+            code = demo.wait(60)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            raise
+    left = processes_using(tmp_path)
+    for pid in left:  # whatever the outcome, nothing the demo started outlives the test
+        os.kill(pid, signal.SIGKILL)
+    assert code == 0, "".join(seen)
+    assert not left, "the demo left servers running"
+    for url in (worklist, f"{fhir_url}/metadata", pacs_url):
+        assert refused(url), url
