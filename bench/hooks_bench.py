@@ -36,7 +36,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import httpx  # noqa: E402
 
 from cds_service.demo import start_service  # noqa: E402
-from cds_service.devservers import free_port, start_fhir_server  # noqa: E402
+from cds_service.devservers import free_port, start_fhir_server, stopped_like_ctrl_c  # noqa: E402
 from cds_service.domain import Task  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls per hook (default 200)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
-    doc = run(args.calls, args.out)
+    with stopped_like_ctrl_c():  # killed (SIGTERM), it still stops the servers it started
+        doc = run(args.calls, args.out)
     print(f"{'hook':42} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  p95 / 500 ms")
     for name, s in doc["results"].items():
         print(f"{name:42} {s['p50_ms']:8.1f} {s['p95_ms']:8.1f} {s['max_ms']:8.1f}  {s['p95_over_target']:.3f}")

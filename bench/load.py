@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ok = True
     for backend in (["sqlite", "redis"] if args.backend == "both" else [args.backend]):
-        result = run_backend(backend, args)
+        with devservers.stopped_like_ctrl_c():  # killed (SIGTERM), it still stops the servers it started
+            result = run_backend(backend, args)
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"load-{backend}-{datetime.now().strftime('%Y%m%dT%H%M%S')}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")

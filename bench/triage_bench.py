@@ -54,7 +54,8 @@ import pydicom  # noqa: E402
 
 from cds_service import pipeline, triage  # noqa: E402
 from cds_service.demo import ServiceProcesses, start_service, start_worker  # noqa: E402
-from cds_service.devservers import free_port, make_dataset, start_fhir_server, start_orthanc, upload_dicom  # noqa: E402
+from cds_service.devservers import (free_port, make_dataset, start_fhir_server, start_orthanc,  # noqa: E402
+                                   stopped_like_ctrl_c, upload_dicom)
 from cds_service.domain import Task  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs import Job, JobState  # noqa: E402
@@ -681,7 +682,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    summary = run(config_from_args(args), args.out, args.device, args.runtime)
+    with stopped_like_ctrl_c():  # killed (SIGTERM), it still stops the servers it started
+        summary = run(config_from_args(args), args.out, args.device, args.runtime)
     print_report(summary)
     print(f"\nresults: {args.out / 'triage_bench.json'}  plot: {args.out / 'triage_bench.png'}")
     return 0

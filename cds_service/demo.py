@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -26,7 +25,8 @@ import pydicom
 
 from fhir_mappings.imaging_study import build_imaging_study
 
-from .devservers import ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc, upload_dicom
+from .devservers import (ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc, stopped_like_ctrl_c,
+                         upload_dicom)
 from .fhir_client import FhirClient
 from .settings import Settings
 from .subscribe import ensure_subscription
@@ -122,16 +122,15 @@ def wait_for_jobs(settings: Settings, study_ids: list[str], timeout_s: float) ->
     return finished
 
 
-def _stop(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def run_demo(settings: Settings, *, workdir: Path | None = None, keep_running: bool = True, port: int = 0) -> int:
     own_workdir = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cds-triage-demo-"))
+    with stopped_like_ctrl_c():  # `kill` or a closed terminal stop the demo as Ctrl-C does
+        return _run_demo(settings, workdir, own_workdir, keep_running, port)
+
+
+def _run_demo(settings: Settings, workdir: Path, own_workdir: bool, keep_running: bool, port: int) -> int:
     processes: list[Any] = []
-    # `kill`, a closed terminal or a process manager stop the demo as Ctrl-C does: servers stopped.
-    previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         print(f"==> starting Orthanc and the FHIR server (data in {workdir})")
         orthanc = start_orthanc(workdir / "orthanc")
@@ -176,12 +175,8 @@ def run_demo(settings: Settings, *, workdir: Path | None = None, keep_running: b
     except KeyboardInterrupt:
         return 0
     finally:
-        for signum in previous:  # a second signal must not cut the clean-up short
-            signal.signal(signum, signal.SIG_IGN)
         for process in reversed(processes):
             process.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         if own_workdir and not keep_running:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -21,15 +21,17 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import httpx
 import numpy as np
@@ -47,6 +49,7 @@ from pydicom.uid import (
 __all__ = [
     "ServerStartError",
     "ManagedProcess",
+    "stopped_like_ctrl_c",
     "OrthancProcess",
     "FhirServerProcess",
     "free_port",
@@ -116,6 +119,28 @@ def _stop_leftovers() -> None:  # a crashed test session must not leave servers 
         leftovers = list(_RUNNING)
     for proc in leftovers:
         proc.stop(timeout=5)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    for stop in STOP_SIGNALS:  # the clean-up this starts is not cut short by a second signal
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def stopped_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM and SIGHUP (`kill`, a process manager, a closed terminal) raise KeyboardInterrupt
+    in the main thread, as Ctrl-C does, so the `finally` that stops the servers runs: without
+    it Python dies at once and Orthanc, the FHIR server and the service outlive the script."""
+    previous = {stop: signal.signal(stop, _interrupt) for stop in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 class ManagedProcess:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -417,3 +420,21 @@ def test_samples_upload_and_each_study_is_one_series(orthanc, samples_dir):
         series = client.search_for_series(study["study_instance_uid"])
         assert len(series) == 1, study["folder"]
         assert int(pydicom.Dataset.from_json(series[0]).NumberOfSeriesRelatedInstances) == len(study["files"])
+
+
+def test_sigterm_and_sighup_stop_a_script_as_ctrl_c_does():
+    """The demo and the benchmarks run their clean-up (stop every server) when killed."""
+    from cds_service.devservers import stopped_like_ctrl_c
+
+    before = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGHUP)}
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        cleaned_up_with = None
+        with pytest.raises(KeyboardInterrupt, match=signal.Signals(stop).name):
+            with stopped_like_ctrl_c():
+                try:
+                    os.kill(os.getpid(), stop)
+                    time.sleep(5)  # the signal arrives before this ends
+                finally:
+                    cleaned_up_with = signal.getsignal(signal.SIGTERM)  # a second signal is ignored meanwhile
+        assert cleaned_up_with is signal.SIG_IGN
+        assert {s: signal.getsignal(s) for s in before} == before  # and the old handlers are back
