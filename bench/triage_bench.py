@@ -151,7 +151,7 @@ def production_preprocessing(task: Task, weights_dir: Path = REPO / "weights") -
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    batch = args.batch_size or Settings.from_env().batch_size
+    batch = args.batch_size or replace(Settings.from_env(), device=args.device).inference_batch_size
     size = args.input_size or production_input_size()
     if args.quick:
         return BenchConfig(quick=True, studies=args.studies or 3, burst=args.burst or 3, repeats=1, bare_runs=3,

@@ -16,6 +16,7 @@ import numpy as np
 from .domain import NEGATIVE_LABELS, Finding
 from .models import LoadedModel, ModelCard
 from .preprocessing import to_batch
+from .settings import CPU_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,13 @@ def batch_sizes(count: int, batch_size: int) -> list[int]:
     return [int(size) for size in np.diff(bounds)]
 
 
-def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: int = 16) -> SeriesScores:
+def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: int = CPU_BATCH_SIZE) -> SeriesScores:
     """Batched inference over preprocessed images (HxWx3 in [0, 1]); max-aggregated."""
     return score_stream(model, images, len(images), batch_size)
 
 
-def score_stream(model: LoadedModel, images: Iterable[np.ndarray], expected: int, batch_size: int = 16) -> SeriesScores:
+def score_stream(model: LoadedModel, images: Iterable[np.ndarray], expected: int,
+                 batch_size: int = CPU_BATCH_SIZE) -> SeriesScores:
     """`score_images` for images still arriving: each batch is scored in a second thread
     while the next images are fetched and decoded in this one (the model releases the GIL).
 

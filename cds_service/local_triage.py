@@ -68,7 +68,7 @@ def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, 
             raise TriageError(f"{item.name}: PNG/JPEG input needs --task")
         model = registry.get(task)
         images = [grey_to_image(load_grey(item.image_path), model.card.preprocessing)]
-        return triage_images(model, images, settings.priority_rules, study_uid=item.name, batch_size=settings.batch_size)
+        return triage_images(model, images, settings.priority_rules, study_uid=item.name, batch_size=settings.inference_batch_size)
     first = item.datasets[0]
     study_uid = str(getattr(first, "StudyInstanceUID", "") or item.name)
     series = Series(uid=str(getattr(first, "SeriesInstanceUID", "") or item.name), modality=str(getattr(first, "Modality", "")),
@@ -81,7 +81,7 @@ def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, 
     images = [dicom_to_image(ds, model.card.preprocessing) for ds in item.datasets]
     return triage_images(model, images, settings.priority_rules, study_uid=study_uid, series_uid=series.uid,
                          sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in item.datasets],
-                         batch_size=settings.batch_size)
+                         batch_size=settings.inference_batch_size)
 
 
 def result_json(name: str, result: TriageResult, task: Task | None = None) -> dict[str, object]:

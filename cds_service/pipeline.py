@@ -116,7 +116,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
             yield resize(image, spec.input_size)  # the full-size image is not kept
 
     started = time.perf_counter()
-    scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.batch_size)
+    scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.inference_batch_size)
     order = slice_order(arrived)
     datasets, scores = [arrived[index] for index in order], scores.reordered(order)
 

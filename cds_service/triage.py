@@ -16,6 +16,7 @@ from .explain import explain
 from .inference import SeriesScores, findings_from_scores, score_images
 from .models import LoadedModel
 from .priority import suggest_priority
+from .settings import CPU_BATCH_SIZE
 
 
 def triage_images(
@@ -26,7 +27,7 @@ def triage_images(
     study_uid: str,
     series_uid: str = "",
     sop_instance_uids: Sequence[str] = (),
-    batch_size: int = 16,
+    batch_size: int = CPU_BATCH_SIZE,
     with_heatmap: bool = True,
 ) -> TriageResult:
     """Score every image, aggregate to the study, and explain the top positive finding."""

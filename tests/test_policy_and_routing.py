@@ -89,6 +89,14 @@ def test_inference_threads_share_the_cores_between_workers(monkeypatch):
     assert Settings.from_env({"CDS_INFERENCE_RUNTIME": "torch"}).inference_runtime == "torch"
 
 
+def test_batch_size_small_on_a_cpu_unless_set():
+    from cds_service.settings import CPU_BATCH_SIZE
+
+    assert Settings().inference_batch_size == CPU_BATCH_SIZE == 6
+    assert Settings(device="cuda").inference_batch_size == Settings(device="cuda:1").inference_batch_size == 16
+    assert Settings.from_env({"CDS_BATCH_SIZE": "24"}).inference_batch_size == 24  # set by hand: taken as is
+
+
 def test_openmp_threads_wait_passively_unless_told_otherwise():
     """Spinning OpenMP threads stall triage on a small shared machine (see cds_service/__init__.py)."""
     import os
