@@ -534,10 +534,10 @@ def targets(pipeline_results: dict[str, Any], service_results: dict[str, Any], c
             rows.append({"name": name, "target": limit, "measured": measured, "met": measured <= limit})
 
     ct = pipeline_results.get("head_ct")
+    # The bare model runs in the pipeline's own runtime: the ratio to eager torch (printed with the
+    # pipeline) is context, not the target; at the CPU batch size eager torch is the slower runtime.
     target(f"pipeline/bare per image, {config.ct_slices}-slice head CT (bare in the pipeline's runtime)", 1.3,
            ct and ct["ratio_to_bare"])
-    target(f"pipeline/bare per image, {config.ct_slices}-slice head CT (bare in eager torch)", 1.3,
-           ct and ct["ratio_to_bare_torch"])
     for key, entry in service_results.items():
         ttt = entry["time_to_triage"]
         target(f"time-to-triage p50, 1-image study, {key}", 2.0, ttt.get("chest_xray", {}).get("p50_s"))
