@@ -46,6 +46,10 @@ WORKER_CHILD = textwrap.dedent('''
 ''')
 
 
+def broken_export(*args, **kwargs):
+    raise RuntimeError("ONNX export failed (1): exporter exploded")
+
+
 def run_worker_child(weights: Path, onnx_dir: Path) -> dict:
     child = subprocess.run([sys.executable, "-c", WORKER_CHILD, str(weights), str(onnx_dir)], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
@@ -163,10 +167,7 @@ def test_prepare_models_fails_loudly_when_an_export_fails(tmp_path: Path, monkey
 
     make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("ONNX export failed (1): exporter exploded")
-
-    monkeypatch.setattr(worker_module, "exported_graph", broken)
+    monkeypatch.setattr(worker_module, "exported_graph", broken_export)
     monkeypatch.setenv("CDS_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("CDS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("CDS_INFERENCE_RUNTIME", "auto")
@@ -180,10 +181,7 @@ def test_a_failed_export_falls_back_to_torch(tmp_path: Path, monkeypatch: pytest
 
     make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("ONNX export failed (1): exporter exploded")
-
-    monkeypatch.setattr(models_module, "exported_graph", broken)
+    monkeypatch.setattr(models_module, "exported_graph", broken_export)
     with caplog.at_level(logging.WARNING):
         model = load_model(tmp_path / "weights", Task.HEAD_CT_ICH, runtime="auto", onnx_dir=tmp_path / "onnx")
     assert model.network is not None  # triage goes on, in this process, with torch
