@@ -120,9 +120,14 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     order = slice_order(arrived)
     datasets, scores = [arrived[index] for index in order], scores.reordered(order)
 
-    # 5. Findings, priority, and Grad-CAM of the top finding, drawn on its slice.
+    # 5. Findings, priority, and Grad-CAM of the top finding, drawn on its slice. From the scoring
+    #    pass's feature map the overlay needs only the kept picture; pytorch-grad-cam (the torch
+    #    runtime) needs the slice itself, decoded again.
+    def slice_image(index: int) -> np.ndarray:
+        return pictures[order[index]] if model.cam_weights is not None else dicom_to_image(datasets[index], spec)
+
     result = triage_scores(
-        model, scores, lambda index: pictures[order[index]], settings.priority_rules,
+        model, scores, slice_image, settings.priority_rules,
         study_uid=ctx.study_uid, series_uid=route.series.uid,
         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
     )
