@@ -45,9 +45,9 @@ def _prepare_models(args: argparse.Namespace, settings: Settings) -> int:
     from .worker import prepare_models
 
     outcome = prepare_models(settings)
-    for task, what in outcome.items():
+    for task, (_, what) in outcome.items():
         print(f"{task.value}: {what}")
-    return 1 if any(what.startswith("failed") for what in outcome.values()) else 0
+    return 0 if all(ok for ok, _ in outcome.values()) else 1
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:

@@ -57,23 +57,24 @@ def onnx_dir(settings: Settings) -> Path:
     return settings.data_dir / "onnx"
 
 
-def prepare_models(settings: Settings) -> dict[Task, str]:
+def prepare_models(settings: Settings) -> dict[Task, tuple[bool, str]]:
     """Export each available model's ONNX graph ahead of the first study (`cds-triage
     prepare-models`, e.g. before the workers start after new weights), so that study does not
-    wait for the export (about 8 s a model on two cores). Each task's outcome, in words."""
+    wait for the export (about 8 s a model on two cores). Each task's outcome: whether it
+    went well (False: the export failed), and what happened, in words."""
     if not uses_onnx_runtime(settings.inference_runtime, settings.device):
-        return {task: f"nothing to export: models run in torch (CDS_INFERENCE_RUNTIME={settings.inference_runtime}, "
-                      f"CDS_DEVICE={settings.device})" for task in Task}
+        return {task: (True, f"nothing to export: models run in torch (CDS_INFERENCE_RUNTIME="
+                             f"{settings.inference_runtime}, CDS_DEVICE={settings.device})") for task in Task}
     cards = available_cards(settings.weights_dir)
-    outcome: dict[Task, str] = {}
+    outcome: dict[Task, tuple[bool, str]] = {}
     for task in Task:
         if task not in cards:
-            outcome[task] = f"no weights in {settings.weights_dir}: nothing to export"
+            outcome[task] = (True, f"no weights in {settings.weights_dir}: nothing to export")
             continue
         try:
-            outcome[task] = f"ready: {exported_graph(settings.weights_dir, task, onnx_dir(settings))}"
+            outcome[task] = (True, f"ready: {exported_graph(settings.weights_dir, task, onnx_dir(settings))}")
         except Exception as exc:  # noqa: BLE001 - reported per task; workers fall back to torch
-            outcome[task] = f"failed: {exc}"
+            outcome[task] = (False, f"failed: {exc}")
     return outcome
 
 
@@ -156,8 +157,8 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
     job rather than during it; a failed export is logged and that model falls back to torch.
     """
     if prepare:
-        for task, what in prepare_models(settings).items():
-            (log.warning if what.startswith("failed") else log.info)(f"model {task.value}: {what}")
+        for task, (ok, what) in prepare_models(settings).items():
+            (log.info if ok else log.warning)(f"model {task.value}: {what}")
     metrics.configure(settings.metrics_dir)
     if settings.worker_metrics_port:
         metrics.serve_worker_metrics(settings.worker_metrics_port, settings.host)

@@ -140,7 +140,7 @@ def test_prepare_models_exports_ahead_so_the_first_study_does_not_wait(tmp_path:
     from cds_service.worker import prepare_models
 
     torch_only = prepare_models(Settings(weights_dir=weights, data_dir=data, inference_runtime="torch"))
-    assert all(what.startswith("nothing to export") for what in torch_only.values())
+    assert all(ok and what.startswith("nothing to export") for ok, what in torch_only.values())
 
 
 def test_a_worker_started_with_prepare_models_exports_before_taking_jobs(tmp_path: Path) -> None:
