@@ -123,16 +123,27 @@ def wait_for_jobs(settings: Settings, study_ids: list[str], timeout_s: float) ->
 
 
 def run_demo(settings: Settings, *, workdir: Path | None = None, keep_running: bool = True, port: int = 0) -> int:
+    """The demo in a folder of the caller's (kept) or a temp folder of its own, removed when the
+    demo ends well and kept, with the servers' logs, when it does not."""
     own_workdir = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cds-triage-demo-"))
     with stopped_like_ctrl_c():  # `kill` or a closed terminal stop the demo as Ctrl-C does
-        return _run_demo(settings, workdir, own_workdir, keep_running, port)
+        code = 1
+        try:
+            code = _run_demo(settings, workdir, own_workdir, keep_running, port)
+            return code
+        finally:
+            if own_workdir and code == 0:
+                shutil.rmtree(workdir, ignore_errors=True)
+            elif own_workdir:
+                print(f"==> the servers' logs and data are kept in {workdir}", file=sys.stderr)
 
 
 def _run_demo(settings: Settings, workdir: Path, own_workdir: bool, keep_running: bool, port: int) -> int:
     processes: list[Any] = []
     try:
-        print(f"==> starting Orthanc and the FHIR server (data in {workdir})")
+        where = f"{workdir}, removed when the demo stops" if own_workdir else str(workdir)
+        print(f"==> starting Orthanc and the FHIR server (data in {where})")
         orthanc = start_orthanc(workdir / "orthanc")
         processes.append(orthanc)
         fhir_server = start_fhir_server(workdir / "fhir")
@@ -177,8 +188,6 @@ def _run_demo(settings: Settings, workdir: Path, own_workdir: bool, keep_running
     finally:
         for process in reversed(processes):
             process.stop()
-        if own_workdir and not keep_running:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def describe_outcome(sample: dict[str, Any], job: dict[str, Any] | None) -> str:

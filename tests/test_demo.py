@@ -1,5 +1,6 @@
 """`cds-triage demo`, the README's first command: the real servers, the shipped weights and the
-sample studies, run as a user runs it, then stopped as a process manager stops it (SIGTERM)."""
+sample studies, run as a user runs it, then stopped as a process manager stops it (SIGTERM):
+nothing it started keeps running, and its temp folder is gone."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -66,7 +68,8 @@ def test_the_demo_triages_the_samples_and_stops_everything_on_sigterm(tmp_path: 
     if not (REPO / "weights" / "head_ct_ich.safetensors").exists():
         pytest.skip("the shipped weights are not in this checkout")
     env = {key: value for key, value in os.environ.items() if not key.startswith("CDS_")}
-    demo = subprocess.Popen([sys.executable, "-m", "cds_service.cli", "demo", "--workdir", str(tmp_path / "demo")],
+    env["TMPDIR"] = str(tmp_path)  # where the demo makes its own temp folder, as a user runs it (no --workdir)
+    demo = subprocess.Popen([sys.executable, "-m", "cds_service.cli", "demo"],
                             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: "queue.Queue[str | None]" = queue.Queue()
@@ -114,3 +117,30 @@ def test_the_demo_triages_the_samples_and_stops_everything_on_sigterm(tmp_path: 
     assert not left, "the demo left servers running"
     for url in (worklist, f"{fhir_url}/metadata", pacs_url):
         assert refused(url), url
+    assert re.search(r"data in \S*cds-triage-demo-\w+, removed when the demo stops", "".join(seen)), "".join(seen)
+    assert not list(tmp_path.glob("cds-triage-demo-*")), "the demo left its temp folder behind"
+
+
+@pytest.mark.parametrize("code", [0, 1])
+def test_the_demo_removes_its_temp_folder_only_when_it_ends_well(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str], code: int) -> None:
+    from cds_service import demo
+    from cds_service.settings import Settings
+
+    def fake_run(settings: Settings, workdir: Path, own_workdir: bool, keep_running: bool, port: int) -> int:
+        (workdir / "orthanc.log").write_text("the log a failed demo is read by")
+        return code
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(demo, "_run_demo", fake_run)
+    assert demo.run_demo(Settings()) == code
+    left = list(tmp_path.glob("cds-triage-demo-*"))
+    if code == 0:
+        assert left == []
+    else:
+        assert [p.name for p in left[0].iterdir()] == ["orthanc.log"]
+        assert f"kept in {left[0]}" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert demo.run_demo(Settings(), workdir=mine) == code
+    assert (mine / "orthanc.log").exists()  # a folder the caller named is always kept
