@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_subscribe)
 
     p = sub.add_parser("demo", help="start Orthanc, the FHIR server and the service; triage the sample studies")
-    p.add_argument("--workdir", type=Path, help="where the demo servers keep their data and logs, kept afterwards (default: a temp dir, removed when the demo ends well)")
+    p.add_argument("--workdir", type=Path, help="where the demo servers keep their data and logs, kept afterwards "
+                   "(default: a temp dir, removed when the demo ends well)")
     p.add_argument("--port", type=int, default=0, help="port of the service (default: a free port)")
     p.add_argument("--no-wait", action="store_true", help="stop everything once the samples are triaged")
     p.set_defaults(func=_demo)
