@@ -605,7 +605,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             data.append(ttt["samples_s"])
             names.append(f"{summary['pipeline'][kind]['label']}\n{key.replace('_', ' ')}")
     if data:
-        right.boxplot(data, vert=False, tick_labels=names)
+        right.boxplot(data, orientation="horizontal", tick_labels=names)
         right.tick_params(axis="y", labelsize=7)
     right.set_xlabel("time-to-triage (s): ImagingStudy accepted → priority raised")
     fig.suptitle(f"cds-triage on {summary['machine']['cpus']} CPU cores ({'quick' if summary['quick'] else 'full'} run)")
