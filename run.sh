@@ -30,7 +30,7 @@ install_python_packages() {
   echo "==> creating $VENV and installing the project (torch is large: a few minutes)"
   [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test,train]"
   echo "$want" > "$stamp"
 }
 

@@ -17,6 +17,7 @@ from flask import Blueprint, jsonify, request
 from .app import ctx, operation_outcome
 from .errors import TriageError
 from .jobs import Job, JobState, TriageRequest
+from .models import task_modes
 from .ops import operator_refusal
 from .security import parse_json_body
 
@@ -164,4 +165,6 @@ def requeue_job(job_id: str) -> Any:
 
 @api.get("/healthz")
 def healthz() -> Any:
-    return jsonify({"status": "ok", "models": ctx().model_set})
+    settings = ctx().settings
+    return jsonify({"status": "ok", "models": ctx().model_set,
+                    "modes": task_modes(settings.task_modes, settings.weights_dir)})

@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from fhir_mappings import codes
-from fhir_mappings.builders import parse_fhir_datetime, reference_id
+from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow, parse_fhir_datetime, reference_id
 
-from .domain import Priority
+from .domain import Priority, TaskMode
 
 DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
 SUMMARY_LIMIT = 139  # the specification: a summary under 140 characters
@@ -62,6 +62,7 @@ class AiReport:
     report_id: str | None = None
     imaging_study_id: str | None = None
     media_id: str | None = None
+    shadow: bool = False  # written by a task in shadow mode: information only, never a severity
 
     @property
     def positive_findings(self) -> tuple[ReportedFinding, ...]:
@@ -124,6 +125,7 @@ def ai_report_from_fhir(report: Mapping[str, Any], observations: Mapping[str, Ma
         findings=tuple(findings.values()), status=str(report.get("status") or "preliminary"), model=model,
         issued=parse_fhir_datetime(report.get("issued")) or parse_fhir_datetime((report.get("meta") or {}).get("lastUpdated")),
         report_id=str(report["id"]) if report.get("id") else None, imaging_study_id=study, media_id=media,
+        shadow=is_shadow(report),
     )
 
 
@@ -151,14 +153,18 @@ def ai_report_from_job(result: Mapping[str, Any], imaging_study_id: str) -> AiRe
     media = next((reference_id(m, "Media") for m in written.get("Media") or []), None)
     report = next((reference_id(m, "DiagnosticReport") for m in written.get("DiagnosticReport") or []), None)
     return AiReport(findings=findings, model=f"{model['name']} {model['version']}" if model.get("name") else None,
-                    report_id=report, imaging_study_id=imaging_study_id, media_id=media)
+                    report_id=report, imaging_study_id=imaging_study_id, media_id=media,
+                    shadow=result.get("mode") == TaskMode.SHADOW.value)
 
 
 # --- severity --------------------------------------------------------------------------------
 
 
 def severity(report: AiReport, rules: Mapping[str, Priority]) -> Priority | None:
-    """The priority the policy asks for the report's positive findings (None: nothing positive)."""
+    """The priority the policy asks for the report's positive findings (None: nothing positive,
+    or a shadow-mode result, which never asks for anything)."""
+    if report.shadow:
+        return None
     wanted = [rules[f.label] for f in report.positive_findings if f.label in rules]
     return max(wanted, key=lambda p: p.rank, default=None)
 
@@ -245,6 +251,8 @@ def _findings_table(report: AiReport) -> str:
 def report_detail(report: AiReport, priority: Priority | None) -> str:
     """The card's Markdown: the findings, the model and version, the disclaimer, no patient data."""
     lines = [f"**{DISCLAIMER}**", ""]
+    if report.shadow:
+        lines += [f"*{SHADOW_SENTENCE}*", ""]
     if report.findings:
         lines += [_findings_table(report), ""]
     else:
@@ -271,6 +279,8 @@ def report_card(report: AiReport, rules: Mapping[str, Priority], public_url: str
         more = len(report.positive_findings) - 1
         summary = (f"AI triage: possible {codes.finding_display(top.label)}{probability}"
                    f"{f' and {more} more' if more else ''}, preliminary")
+    if report.shadow:
+        summary = "[Shadow mode] " + summary
     return _card(summary, report_detail(report, priority), indicator_for(priority), public_url, report,
                  with_override_reasons=top is not None)
 

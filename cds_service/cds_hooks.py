@@ -43,7 +43,7 @@ from .cards import (
     severity,
     unread_critical_card,
 )
-from .domain import Priority
+from .domain import Priority, TaskMode
 from .errors import TriageError
 from .fhir_client import FhirClient
 from .jobs import Job, JobState, TriageRequest
@@ -253,6 +253,8 @@ def priority_system_actions(call: HookCall, job: Job, settings: Settings) -> lis
     order_id = job.service_request_id
     if not _on(settings.cds_hooks_system_actions) or suggested is None or not order_id:
         return []
+    if job.result.get("mode") == TaskMode.SHADOW.value:
+        return []  # a task in shadow mode never changes a priority, here neither
     try:
         found, _ = hook_data(call, "serviceRequest", f"ServiceRequest/{order_id}")
     except HookCallError:

@@ -5,7 +5,12 @@ Two layouts are understood:
   (`brain_mri/notumor` → `no_tumor`; `head_ct_png/hemorrhage|normal` → `any` = 1|0);
 - for head CT, the RSNA 2019 CSV: rows `ID,Label` with ID `ID_<image>_<subtype>`, images
   `ID_<image>.dcm` (or .png) in the CSV's folder or below it. Subtypes missing from the CSV
-  stay "unknown" and are masked out of the loss.
+  stay "unknown" and are masked out of the loss;
+- for head CT, a wide CSV `file,any,epidural,...` (one row per image, a path relative to the
+  CSV's folder, 0/1 per label; `head_ct_rsna_png/labels.csv`).
+
+Images without a patient id (PNG conversions) are grouped by image similarity before the
+split (`similarity_groups`), so that neighbouring slices of one scan stay on one side.
 
 Pixels go through `cds_service.preprocessing` only (`load_grey` + `grey_to_image` for
 8-bit files, `dicom_to_image` for DICOM, then `to_batch`), so training sees exactly what
@@ -17,7 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -56,8 +61,8 @@ FOLDER_LABELS: dict[Task, dict[str, dict[str, float]]] = {
 # Folder names under the shared data dir, so `--data ../shared/data` also works.
 DEFAULT_SUBDIRS: dict[Task, tuple[str, ...]] = {
     Task.BRAIN_MRI: ("brain_mri",),
-    Task.HEAD_CT_ICH: ("head_ct_png", "head_ct_rsna"),
-    Task.CHEST_PNEUMOTHORAX: ("chest_pneumothorax", "chest_xray"),
+    Task.HEAD_CT_ICH: ("head_ct_rsna_png", "head_ct_png", "head_ct_rsna"),
+    Task.CHEST_PNEUMOTHORAX: ("chest_xray_ptx", "chest_pneumothorax", "chest_xray"),
 }
 
 
@@ -111,11 +116,11 @@ def _looks_like_task_dir(task: Task, path: Path) -> bool:
 
 
 def find_rsna_csv(data_dir: Path) -> Path | None:
-    """The first *.csv in `data_dir` whose header is `ID,Label` (RSNA 2019 format)."""
+    """The first *.csv in `data_dir` in RSNA 2019 layout (`ID,Label`) or the wide `file,any,...` one."""
     for path in sorted(Path(data_dir).glob("*.csv")):
         with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if [h.strip().lower() for h in header[:2]] == ["id", "label"]:
+            header = [h.strip().lower() for h in next(csv.reader(f), [])]
+        if header[:2] == ["id", "label"] or (header[:1] == ["file"] and "any" in header):
             return path
     return None
 
@@ -129,6 +134,8 @@ def discover_samples(task: Task, data_dir: Path) -> list[Sample]:
         samples = _folder_samples(task, data_dir)
     if not samples:
         raise FileNotFoundError(f"no labelled images for {task.value} under {data_dir}")
+    if task is Task.CHEST_PNEUMOTHORAX and (data_dir / "metadata.csv").is_file():
+        samples = _with_patient_groups(samples, data_dir / "metadata.csv")
     return sorted(samples, key=lambda s: s.rel)
 
 
@@ -152,6 +159,10 @@ def _folder_samples(task: Task, data_dir: Path) -> list[Sample]:
 
 def _rsna_samples(data_dir: Path, csv_path: Path) -> list[Sample]:
     labels = TASK_LABELS[Task.HEAD_CT_ICH]
+    with csv_path.open(newline="") as f:
+        header = [h.strip().lower() for h in next(csv.reader(f), [])]
+    if header[:1] == ["file"]:
+        return _wide_csv_samples(data_dir, csv_path)
     truth: dict[str, dict[str, float]] = defaultdict(dict)
     with csv_path.open(newline="") as f:
         for row in csv.DictReader(f, skipinitialspace=True):
@@ -170,6 +181,87 @@ def _rsna_samples(data_dir: Path, csv_path: Path) -> list[Sample]:
         known = tuple(label in values for label in labels)
         samples.append(Sample(rel, path, targets, known, _group_of(path, rel)))
     return samples
+
+
+def _wide_csv_samples(data_dir: Path, csv_path: Path) -> list[Sample]:
+    """`file,any,epidural,...`: one row per image; a label column missing from the CSV is unknown."""
+    labels = TASK_LABELS[Task.HEAD_CT_ICH]
+    samples = []
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f, skipinitialspace=True):
+            key = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            path = data_dir / key["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{csv_path} names {key['file']}, which is not in {data_dir}")
+            targets = tuple(float(key[label]) if key.get(label) else 0.0 for label in labels)
+            known = tuple(bool(key.get(label)) for label in labels)
+            rel = path.relative_to(data_dir).as_posix()
+            samples.append(Sample(rel, path, targets, known, _group_of(path, rel)))
+    return samples
+
+
+def _with_patient_groups(samples: list[Sample], metadata: Path) -> list[Sample]:
+    """Group chest X-rays by the metadata's `Patient ID` (NIH: one patient, many follow-ups)."""
+    with metadata.open(newline="") as f:
+        patient = {row["file"].strip(): row["Patient ID"].strip() for row in csv.DictReader(f)}
+    out = []
+    for s in samples:
+        name = Path(s.rel).name
+        if name not in patient:
+            raise ValueError(f"{metadata} has no Patient ID for {s.rel}: it could not be split by patient")
+        out.append(replace(s, group=f"patient:{patient[name]}"))
+    return out
+
+
+# Pearson correlation of 96x96 grey thumbnails above which two images count as the same scan.
+# Checked by eye on the RSNA PNGs: pairs above ~0.93 are neighbouring slices of one patient;
+# 0.90 also links some look-alikes of different patients, which only makes the split stricter.
+SIMILARITY_THUMBNAIL = 96
+SIMILARITY_THRESHOLD = 0.90
+
+
+def similarity_groups(samples: Sequence[Sample], threshold: float = SIMILARITY_THRESHOLD) -> list[Sample]:
+    """Join images without a patient into groups of near-identical pictures (single linkage).
+
+    For data whose patient and series ids were lost (the RSNA PNG conversion): neighbouring
+    slices of one scan look almost alike, and a split by image would put them on both sides.
+    Images that already have a patient group keep it. The group is named after its first file.
+    """
+    from PIL import Image
+
+    loose = [i for i, s in enumerate(samples) if s.group == s.rel]
+    if len(loose) < 2:
+        return list(samples)
+    thumbs = np.empty((len(loose), SIMILARITY_THUMBNAIL * SIMILARITY_THUMBNAIL), np.float32)
+    for row, i in enumerate(loose):
+        if samples[i].path.suffix.lower() == ".dcm":
+            return list(samples)  # DICOM without PatientID: nothing comparable here; split by image
+        with Image.open(samples[i].path) as img:
+            grey = img.convert("L").resize((SIMILARITY_THUMBNAIL, SIMILARITY_THUMBNAIL), Image.BILINEAR)
+        thumbs[row] = np.asarray(grey, np.float32).ravel()
+    thumbs -= thumbs.mean(1, keepdims=True)
+    thumbs /= np.linalg.norm(thumbs, axis=1, keepdims=True) + 1e-6
+    parent = list(range(len(loose)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start in range(0, len(loose), 512):  # blocks keep the similarity matrix small
+        block = thumbs[start : start + 512] @ thumbs.T
+        for a, b in zip(*np.nonzero(block > threshold)):
+            a += start
+            if a < b:
+                parent[root(a)] = root(b)
+    first: dict[int, str] = {}
+    for row, i in enumerate(loose):
+        first.setdefault(root(row), samples[i].rel)
+    out = list(samples)
+    for row, i in enumerate(loose):
+        out[i] = replace(samples[i], group=f"similar:{first[root(row)]}")
+    return out
 
 
 def _group_of(path: Path, rel: str) -> str:
@@ -196,8 +288,19 @@ def split_samples(samples: Sequence[Sample], seed: int, val_fraction: float) -> 
     the seed and the fraction (no RNG state, no library version), so training, evaluate
     and the tests all rebuild the same split.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError("val_fraction must lie strictly between 0 and 1")
+    train, val, _ = split_three(samples, seed, val_fraction, 0.0)
+    return train, val
+
+
+def split_three(samples: Sequence[Sample], seed: int, val_fraction: float,
+                test_fraction: float) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """`split_samples` with a third, test split that chooses nothing (no epoch, no threshold).
+
+    Within each stratum the lowest-ranked groups go to test, the next ones to validation;
+    with `test_fraction` 0 the validation split is exactly `split_samples`'s.
+    """
+    if not 0.0 < val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 - val_fraction:
+        raise ValueError("val_fraction and test_fraction must leave a training split")
     groups: dict[str, list[Sample]] = defaultdict(list)
     for s in sorted(samples, key=lambda s: s.rel):
         groups[s.group].append(s)
@@ -205,15 +308,56 @@ def split_samples(samples: Sequence[Sample], seed: int, val_fraction: float) -> 
     for group, members in groups.items():
         strata[members[0].stratum].append(group)
     val_groups: set[str] = set()
+    test_groups: set[str] = set()
     for stratum in sorted(strata):
         ranked = sorted(strata[stratum], key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
-        n_val = int(round(val_fraction * len(ranked)))
+        n_test = int(round(test_fraction * len(ranked)))
+        test_groups.update(ranked[:n_test])
+        ranked = ranked[n_test:]
+        n_val = int(round(val_fraction * len(ranked) / (1.0 - test_fraction)))
         if len(ranked) >= 2:
             n_val = min(max(n_val, 1), len(ranked) - 1)  # both splits see every class
         val_groups.update(ranked[:n_val])
-    train = [s for s in samples if s.group not in val_groups]
+    by_rel = lambda s: s.rel  # noqa: E731
+    train = [s for s in samples if s.group not in val_groups | test_groups]
     val = [s for s in samples if s.group in val_groups]
-    return sorted(train, key=lambda s: s.rel), sorted(val, key=lambda s: s.rel)
+    test = [s for s in samples if s.group in test_groups]
+    return sorted(train, key=by_rel), sorted(val, key=by_rel), sorted(test, key=by_rel)
+
+
+def probable_negatives(task: Task, folder: Path, part: str = "all") -> list[Sample]:
+    """Unlabelled images taken as negatives for every label (training only, never for metrics).
+
+    For the RSNA PNGs' `unlabelled/` folder, which is almost all normal slices (about 2 % may
+    bleed): a wider view of normal anatomy (skull base, vertex) than the labelled slices give.
+    `part` keeps "even" or "odd" files by sha256 of the name, so one half can train and the other
+    check the rate of positives; "all" keeps every file.
+    """
+    labels = TASK_LABELS[task]
+    out = []
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        parity = "even" if hashlib.sha256(path.name.encode()).digest()[0] % 2 == 0 else "odd"
+        if part in ("all", parity):
+            rel = f"{Path(folder).name}/{path.relative_to(folder).as_posix()}"
+            out.append(Sample(rel, path, tuple(0.0 for _ in labels), tuple(True for _ in labels), rel))
+    if not out:
+        raise FileNotFoundError(f"no images in {folder}")
+    return out
+
+
+def build_split(task: Task, data_dir: Path, split: dict) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Train / validation / test exactly as a card's `data.split` block describes them.
+
+    The one place that turns a card (or a training config) into its split, so training,
+    `evaluate` and the tests cannot disagree.
+    """
+    samples = discover_samples(task, data_dir)
+    if split.get("grouping") == "similarity":
+        samples = similarity_groups(samples, float(split.get("similarity_threshold", SIMILARITY_THRESHOLD)))
+    return split_three(samples, int(split.get("seed", 42)), float(split.get("val_fraction", 0.2)),
+                       float(split.get("test_fraction", 0.0)))
 
 
 def class_counts(samples: Iterable[Sample], labels: Sequence[str], softmax: bool) -> dict[str, int]:

@@ -81,8 +81,18 @@ def start_service(settings: Settings, logdir: Path, *, http_workers: int = 1, wo
     return ServiceProcesses(serve=serve, worker=started[0], more_workers=started[1:])
 
 
-def load_manifest(samples_dir: Path = SAMPLES_DIR) -> list[dict[str, Any]]:
-    return json.loads((samples_dir / "manifest.json").read_text())["studies"]
+def load_manifest(samples_dir: Path = SAMPLES_DIR, *, demo_only: bool = False) -> list[dict[str, Any]]:
+    """The sample studies; `demo_only` leaves out those whose truth is unknown (kept for the tests)."""
+    studies = json.loads((samples_dir / "manifest.json").read_text())["studies"]
+    return [s for s in studies if s.get("in_demo", True)] if demo_only else studies
+
+
+def truth_of(sample: dict[str, Any]) -> str:
+    """What the source images' labels say, printed beside the AI's result."""
+    labels = sample.get("expected_positive_labels")
+    if labels is None:
+        return sample.get("expected_finding") or "unknown"
+    return ", ".join(labels) if labels else (sample.get("expected_finding") or "negative")
 
 
 def ehr_order(sample: dict[str, Any], index: int, study_files: list[Path]) -> list[dict[str, Any]]:
@@ -164,7 +174,7 @@ def _run_demo(settings: Settings, workdir: Path, own_workdir: bool, keep_running
 
         fhir = FhirClient(settings.fhir_base_url)
         study_ids = []
-        samples = load_manifest()
+        samples = load_manifest(demo_only=True)
         for index, sample in enumerate(samples):
             files = sorted((SAMPLES_DIR / sample["folder"]).glob("*.dcm"))
             upload_dicom(orthanc.url, files)
@@ -191,7 +201,7 @@ def _run_demo(settings: Settings, workdir: Path, own_workdir: bool, keep_running
 
 
 def describe_outcome(sample: dict[str, Any], job: dict[str, Any] | None) -> str:
-    label = f"{sample['patient_name']:<16} {sample['description']:<34}"
+    label = f"{sample['patient_name']:<16} {sample['description']:<34} truth {truth_of(sample):<22}"
     if job is None:
         return f"{label} not finished in time"
     result = job.get("result") or {}

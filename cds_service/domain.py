@@ -72,6 +72,18 @@ TASK_LABELS: dict[Task, tuple[str, ...]] = {
 NEGATIVE_LABELS: frozenset[str] = frozenset({"no_tumor"})
 
 
+class TaskMode(str, enum.Enum):
+    """How a site runs a task: not at all, silently beside the radiologists, or for real.
+
+    `shadow` writes the results (marked as shadow) but never changes a priority and shows
+    only information cards: how a site watches a model on its own studies before go-live.
+    """
+
+    OFF = "off"
+    SHADOW = "shadow"
+    ACTIVE = "active"
+
+
 class TriageStatus(str, enum.Enum):
     """How a study's triage ended. Only DONE writes findings."""
 
@@ -123,8 +135,10 @@ class ModelRef:
 class Finding:
     """One label's study-level probability and whether it crosses the card's threshold.
 
-    `trained` is False for outputs the model card says were never trained (for example the
-    head-CT subtypes): they are reported as such and are never positive.
+    `trained` is False for outputs the model card says were never trained: they are reported
+    as such and are never positive. `raises_priority` is False for a trained label that missed
+    its bar on the card's test split (a rare subtype): named in the report, never a reason on its
+    own to move the study up.
     """
 
     label: str
@@ -132,6 +146,7 @@ class Finding:
     positive: bool
     threshold: float
     trained: bool = True
+    raises_priority: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
@@ -170,6 +185,7 @@ class TriageResult:
     heatmap: Heatmap | None = None
     reason: str = ""
     slices_scored: int = 0
+    mode: TaskMode = TaskMode.ACTIVE
 
     def __post_init__(self) -> None:
         if not self.study_uid:

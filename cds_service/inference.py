@@ -1,8 +1,10 @@
 """Score a series slice by slice, in batches, and turn probabilities into Findings.
 
-A study is positive for a label if any slice is (max per label): a bleed on one slice of
-forty is a bleed. The card's thresholds decide positivity; labels the card says were
-never trained are reported as untrained and are never positive.
+The study's probability per label comes from the slices as the card's `series_pooling` says
+(`models.SeriesPooling`: the best run of neighbouring slices for head CT, the maximum for cards
+without it), on the slices in anatomical order. The card's thresholds decide positivity; labels
+the card says were never trained are reported as untrained and are never positive; a label
+outside the card's `priority_labels` is reported but raises no priority on its own.
 """
 
 from __future__ import annotations
@@ -14,26 +16,36 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .domain import NEGATIVE_LABELS, Finding
-from .models import LoadedModel, ModelCard
+from .models import LoadedModel, ModelCard, PoolingMethod, SeriesPooling
 from .preprocessing import to_batch
 from .settings import CPU_BATCH_SIZE
 
 
 @dataclass(frozen=True)
 class SeriesScores:
-    """Per-slice probabilities (slices x labels) and the study-level aggregate.
+    """Per-slice probabilities (slices x labels), pooled into the study's by `pooling`.
 
     `features`, when the model gives them, is each slice's last feature map (slices x C x h x w):
     Grad-CAM of the driving slice is then computed from them (no second forward pass).
     """
 
     per_slice: np.ndarray
-    study: np.ndarray
     features: np.ndarray | None = None
+    pooling: SeriesPooling = SeriesPooling()
+
+    @property
+    def study(self) -> np.ndarray:
+        """The study-level probability per label (in the slices' current order)."""
+        return self.pooling.pool(self.per_slice)
 
     def driving_slice(self, label_index: int) -> int:
-        """The slice whose score gave the study its score for this label."""
-        return int(np.argmax(self.per_slice[:, label_index]))
+        """The slice that gave the study its score for this label (the top slice of the best run)."""
+        column = self.per_slice[:, label_index]
+        window = self.pooling.window if self.pooling.method is PoolingMethod.ADJACENT_MEAN else 1
+        if window <= 1 or len(column) <= window:
+            return int(np.argmax(column))
+        start = int(np.argmax(np.convolve(column, np.ones(window), mode="valid")))
+        return start + int(np.argmax(column[start : start + window]))
 
     def reordered(self, order: Sequence[int]) -> "SeriesScores":
         """The same scores with the slices in `order` (e.g. arrival order to anatomical order)."""
@@ -85,16 +97,40 @@ def score_stream(model: LoadedModel, images: Iterable[np.ndarray], expected: int
     features = None
     if all(maps is not None for _, maps in chunks):
         features = np.concatenate([maps for _, maps in chunks], axis=0)
-    return SeriesScores(per_slice=per_slice, study=per_slice.max(axis=0), features=features)
+    return SeriesScores(per_slice=per_slice, features=features, pooling=model.card.series_pooling)
+
+
+def presence(card: ModelCard, study_scores: np.ndarray) -> str | None:
+    """For a card with a presence rule: the most probable positive class when 1 - p(negative)
+    reaches the card's threshold, else "" (nothing raised). None for cards without the rule."""
+    if card.presence_threshold is None:
+        return None
+    negative = [i for i, label in enumerate(card.labels) if label in NEGATIVE_LABELS]
+    if len(negative) != 1:
+        raise ValueError("a presence rule needs exactly one negative label")
+    if 1.0 - float(study_scores[negative[0]]) < card.presence_threshold:
+        return ""
+    candidates = [i for i in range(len(card.labels)) if i != negative[0]]
+    return card.labels[max(candidates, key=lambda i: study_scores[i])]
 
 
 def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Finding, ...]:
-    """One Finding per label, positive where the card's threshold is reached."""
+    """One Finding per label, positive where the card's threshold is reached.
+
+    A label outside the card's priority labels (a subtype short of its bar) is positive only
+    beside a positive priority label: it can name what was found, never raise a study alone.
+    """
     findings = []
+    present = presence(card, study_scores)
     for index, label in enumerate(card.labels):
         probability = float(np.clip(study_scores[index], 0.0, 1.0))
         trained = label in card.trained_labels
         threshold = card.thresholds.get(label, 1.0)
-        positive = trained and label not in NEGATIVE_LABELS and probability >= threshold
-        findings.append(Finding(label, probability, positive, threshold, trained))
+        if present is None:
+            positive = trained and label not in NEGATIVE_LABELS and probability >= threshold
+        else:
+            positive = trained and label == present
+        findings.append(Finding(label, probability, positive, threshold, trained, card.may_raise_priority(label)))
+    if not any(f.positive and f.raises_priority for f in findings):
+        findings = [replace(f, positive=False) if f.positive else f for f in findings]
     return tuple(findings)

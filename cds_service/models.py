@@ -7,6 +7,7 @@ unavailable" — never a randomly initialised network.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .domain import ModelRef, Task, TASK_LABELS
+from .domain import ModelRef, Task, TaskMode, TASK_LABELS
 from .errors import ModelUnavailableError
 from .preprocessing import PreprocessingSpec
 
@@ -33,6 +34,50 @@ log = logging.getLogger(__name__)
 ONNX_MAX_DEVIATION = 1e-3  # largest probability difference from torch accepted at load time
 ONNX_EXPORT_FORMAT = "cds-triage-onnx/1"  # change when export_onnx changes: kept graphs are then re-exported
 ONNX_EXPORT_TIMEOUT_S = 600
+
+
+class PoolingMethod(str, enum.Enum):
+    """How a series' slice probabilities become the study's probability."""
+
+    MAX = "max"  # any slice: single images, and cards from before series pooling
+    ADJACENT_MEAN = "adjacent_mean"  # the best run of `window` neighbouring slices, averaged
+
+
+@dataclass(frozen=True)
+class SeriesPooling:
+    """A card's `series_pooling` block. Slices must be in anatomical order for adjacency to mean anything.
+
+    `adjacent_mean` asks neighbouring slices to agree: a bleed spans several 5 mm slices, while a
+    single slice's spike (a beam-hardening streak at the skull base, the head rest) does not.
+    A series shorter than `window` falls back to its mean (one image: that image's score).
+    """
+
+    method: PoolingMethod = PoolingMethod.MAX
+    window: int = 1
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError("series_pooling.window must be at least 1")
+
+    @classmethod
+    def from_card(cls, block: dict[str, Any] | None) -> "SeriesPooling":
+        if not block:
+            return cls()
+        return cls(PoolingMethod(block["method"]), int(block.get("window", 1)))
+
+    def to_card(self) -> dict[str, Any]:
+        return {"method": self.method.value, "window": self.window}
+
+    def pool(self, per_slice: np.ndarray) -> np.ndarray:
+        """slices x labels → labels."""
+        per_slice = np.asarray(per_slice)
+        if self.method is PoolingMethod.MAX or self.window == 1:
+            return per_slice.max(axis=0)
+        if len(per_slice) <= self.window:
+            return per_slice.mean(axis=0)
+        kernel = np.ones(self.window) / self.window
+        runs = np.stack([np.convolve(per_slice[:, j], kernel, mode="valid") for j in range(per_slice.shape[1])], axis=1)
+        return runs.max(axis=0)
 
 
 @dataclass(frozen=True)
@@ -48,6 +93,15 @@ class ModelCard:
     preprocessing: PreprocessingSpec
     thresholds: dict[str, float]
     architecture: str = ARCHITECTURE
+    series_pooling: "SeriesPooling" = field(default_factory=lambda: SeriesPooling())
+    # trained labels whose positive finding may raise an order's priority on its own; a label that
+    # missed its bar on the card's test split is still reported (with its probability) but is not here
+    priority_labels: tuple[str, ...] | None = None
+    # softmax with a negative class: raise when 1 - p(negative) reaches this ("is anything there?"),
+    # naming the most probable positive class; None: each class against its own threshold
+    presence_threshold: float | None = None
+    # what a site gets unless CDS_TASK_MODES says otherwise: shadow for a model short of its bar
+    default_mode: TaskMode = TaskMode.ACTIVE
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +116,13 @@ class ModelCard:
             raise ValueError(f"no operating threshold for trained labels {missing}")
         if any(not 0.0 <= t <= 1.0 for t in self.thresholds.values()):
             raise ValueError("thresholds must lie in [0, 1]")
+        if self.presence_threshold is not None and (self.activation != "softmax" or not 0.0 <= self.presence_threshold <= 1.0):
+            raise ValueError("presence.threshold needs a softmax card and a value in [0, 1]")
+        if self.priority_labels is not None and not set(self.priority_labels) <= set(self.trained_labels):
+            raise ValueError("priority_labels must be trained labels")
+
+    def may_raise_priority(self, label: str) -> bool:
+        return label in (self.trained_labels if self.priority_labels is None else self.priority_labels)
 
     @property
     def ref(self) -> ModelRef:
@@ -80,6 +141,10 @@ class ModelCard:
                 preprocessing=PreprocessingSpec.from_card(data["preprocessing"], data["input_size"]),
                 thresholds={str(k): float(v) for k, v in data["thresholds"].items()},
                 architecture=str(data.get("architecture", ARCHITECTURE)),
+                series_pooling=SeriesPooling.from_card(data.get("series_pooling")),
+                priority_labels=tuple(data["priority_labels"]) if "priority_labels" in data else None,
+                presence_threshold=float(data["presence"]["threshold"]) if data.get("presence") else None,
+                default_mode=TaskMode(data.get("default_mode", "active")),
                 raw=data,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -113,6 +178,18 @@ def available_cards(weights_dir: Path) -> dict[Task, ModelCard]:
             except ModelUnavailableError:
                 continue
     return cards
+
+
+def task_modes(settings_modes: dict[Task, TaskMode] | Any, weights_dir: Path) -> dict[str, str]:
+    """Each task's mode at this site: CDS_TASK_MODES, else its card's default; tasks without weights say so."""
+    cards = available_cards(weights_dir)
+    out = {}
+    for task in Task:
+        card = cards.get(task)
+        default = card.default_mode if card is not None else TaskMode.ACTIVE
+        mode = settings_modes.get(task, default)
+        out[task.value] = mode.value if card is not None or mode is TaskMode.OFF else f"{mode.value} (no weights)"
+    return out
 
 
 def model_set_version(weights_dir: Path) -> str:

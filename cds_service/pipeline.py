@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -18,7 +18,7 @@ import pydicom
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
-from .domain import OrderContext, Priority, TriageResult
+from .domain import OrderContext, Priority, TaskMode, TriageResult
 from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from .explain import overlay_size
 from .fhir_client import FhirClient, VersionConflictError
@@ -76,6 +76,7 @@ def result_summary(result: TriageResult) -> dict[str, Any]:
         ],
         "suggestedPriority": result.suggested_priority.value if result.suggested_priority else None,
         "slices": result.slices_scored,
+        "mode": result.mode.value,
     }
 
 
@@ -101,6 +102,10 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
         model = deps.models.get(route.task)
     except ModelUnavailableError as exc:
         return JobState.MODEL_UNAVAILABLE, str(exc), {"task": route.task.value}
+    mode = settings.mode_for(route.task, model.card.default_mode)
+    if mode is TaskMode.OFF:
+        return (JobState.NOT_APPLICABLE, f"{route.task.value} is off at this site (CDS_TASK_MODES)",
+                {"task": route.task.value, "mode": mode.value})
 
     # 4. Fetch the series and score it as it arrives: each slice is decoded and preprocessed as
     #    the model card says, and each batch is scored while the next one is on its way.
@@ -131,6 +136,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
         study_uid=ctx.study_uid, series_uid=route.series.uid,
         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
     )
+    result = replace(result, mode=mode)
     observe_model_latency(route.task.value, time.perf_counter() - started)
 
     # 6. Write the report, observations, heatmap, device and provenance: all or nothing.
@@ -139,8 +145,11 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     response = deps.fhir.transaction(bundle.model_dump(mode="json", exclude_none=True))
     written = written_locations(response)
 
-    # 7. Move the order up the worklist (never down).
-    change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
+    # 7. Move the order up the worklist (never down); a task in shadow mode never touches it.
+    if mode is TaskMode.SHADOW:
+        change = {"changed": False, "reason": f"shadow mode: {route.task.value} never changes a priority here"}
+    else:
+        change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
     summary = result_summary(result) | {"written": written, "priority": change}
 
     # 8. The heatmap back into the PACS, as a Secondary Capture in the same study (optional).

@@ -14,7 +14,7 @@ from .domain import Finding, Priority
 
 def suggest_priority(findings: Iterable[Finding], rules: Mapping[str, Priority]) -> Priority | None:
     """The highest priority any positive finding's rule asks for; None when nothing is positive."""
-    wanted = [rules[f.label] for f in findings if f.positive and f.label in rules]
+    wanted = [rules[f.label] for f in findings if f.positive and f.raises_priority and f.label in rules]
     return max(wanted, key=lambda p: p.rank) if wanted else None
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-from .domain import Priority
+from .domain import Priority, TaskMode, Task
 
 PREFIX = "CDS_"
 
@@ -51,6 +51,21 @@ def parse_priority_rules(text: str) -> dict[str, Priority]:
     return rules
 
 
+def parse_task_modes(text: str) -> dict[Task, TaskMode]:
+    """Parse `task=mode,task=mode` (e.g. `head_ct_ich=shadow`); a task not named keeps its card's default."""
+    modes: dict[Task, TaskMode] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, sep, value = item.partition("=")
+        try:
+            modes[Task(task.strip())] = TaskMode(value.strip().lower())
+        except ValueError:
+            raise ValueError(f"CDS_TASK_MODES item {item!r} is not task=off|shadow|active with a task of "
+                             f"{', '.join(t.value for t in Task)}") from None
+        if not sep:
+            raise ValueError(f"CDS_TASK_MODES item {item!r} is not task=mode")
+    return modes
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with the variable each field is read from in `env`."""
@@ -83,6 +98,8 @@ class Settings:
     priority_rules: Mapping[str, Priority] = field(
         default_factory=lambda: dict(DEFAULT_PRIORITY_RULES), metadata={"env": "PRIORITY_RULES"}
     )
+    # per task: off / shadow / active; a task not named here runs as its model card's default_mode says
+    task_modes: Mapping[Task, TaskMode] = field(default_factory=dict, metadata={"env": "TASK_MODES"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
     # PACS-side trigger (POST /pacs/studies): off while the secret is empty.
     pacs_trigger_secret: str = field(default="", metadata={"env": "PACS_TRIGGER_SECRET", "secret": True})
@@ -138,6 +155,8 @@ class Settings:
                 continue
             if f.name == "priority_rules":
                 values[f.name] = parse_priority_rules(raw)
+            elif f.name == "task_modes":
+                values[f.name] = parse_task_modes(raw)
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
             elif f.type in ("bool", bool):
@@ -158,8 +177,14 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "priority_rules":
                 value = ",".join(f"{k}={v.value}" for k, v in value.items())
+            elif f.name == "task_modes":
+                value = ",".join(f"{k.value}={v.value}" for k, v in value.items())
             env[PREFIX + f.metadata["env"]] = str(value)
         return env
+
+    def mode_for(self, task: Task, card_default: TaskMode = TaskMode.ACTIVE) -> TaskMode:
+        """The task's mode: CDS_TASK_MODES where it names the task, else the card's default."""
+        return self.task_modes.get(task, card_default)
 
     @property
     def inference_batch_size(self) -> int:

@@ -37,27 +37,31 @@ from typing import Any, Sequence
 import numpy as np
 
 from .datasets import (
+    SIMILARITY_THRESHOLD,
     Sample,
+    build_split,
     class_counts,
-    discover_samples,
     find_rsna_csv,
     load_image,
     original_size_features,
     preprocess_samples,
+    probable_negatives,
     resolve_data_dir,
-    split_samples,
 )
-from .domain import TASK_LABELS, Task
+from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
 from .evaluation import (
     Predictions,
     binary_auc,
     bootstrap_ci,
     choose_thresholds,
+    presence_metrics,
+    presence_scores,
+    threshold_for_sensitivity,
     format_metric,
     metrics_with_ci,
     write_plots,
 )
-from .models import ARCHITECTURE, LoadedModel, card_path, create_network, load_model, weights_path
+from .models import ARCHITECTURE, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
 from .preprocessing import PreprocessingSpec, to_batch
 
 CARD_VERSION = "1.0.0"
@@ -94,6 +98,10 @@ class TaskSetup:
     augmentation: Augmentation
     intended_use: str
     preprocessing_note: str
+    series_pooling: SeriesPooling = SeriesPooling()
+    # the bar a trained label must clear on the test split before its finding may raise a priority
+    priority_bar_min_positives: int = 20
+    priority_bar_min_auc_lower95: float = 0.80
 
 
 TASK_SETUPS: dict[Task, TaskSetup] = {
@@ -102,7 +110,9 @@ TASK_SETUPS: dict[Task, TaskSetup] = {
         "softmax",
         "mr_robust",
         (),
-        Augmentation(rotate_deg=10, scale=(0.9, 1.1), translate=0.05, brightness=0.1, contrast=0.15, hflip=True),
+        # stronger than the first models' (rotate 10, scale 0.9-1.1, brightness 0.1, contrast 0.15): scanners
+        # and hospitals differ in intensity and framing, and meningiomas were missed on unseen images
+        Augmentation(rotate_deg=15, scale=(0.85, 1.15), translate=0.08, brightness=0.15, contrast=0.25, hflip=True),
         "Flag single 2D brain MRI slices that may show a glioma, meningioma or pituitary tumour, "
         "to move the study up a radiologist's worklist.",
         "Grey levels are percentile-normalised per image (0.5th/99.5th percentile to 0/1), since MR "
@@ -114,7 +124,9 @@ TASK_SETUPS: dict[Task, TaskSetup] = {
         "ct_windows",
         ((40.0, 80.0), (40.0, 80.0), (40.0, 80.0)),
         # bleeds occur on either side, so left-right flips are valid; windowed CT keeps brightness small
-        Augmentation(rotate_deg=10, scale=(0.9, 1.1), translate=0.05, brightness=0.05, contrast=0.1, hflip=True),
+        # brightness/contrast wide enough to cover the spread of DICOM brain windows the PNGs were made with
+        # (30/80 to 40/150 HU) around the 40/80 HU window the service applies to DICOM
+        Augmentation(rotate_deg=10, scale=(0.9, 1.1), translate=0.05, brightness=0.12, contrast=0.25, hflip=True),
         "Flag axial non-contrast head CT slices that may show intracranial haemorrhage, to move the "
         "study up a radiologist's worklist.",
         "The training PNGs are taken as brain-window images (centre 40 HU, width 80 HU): their grey "
@@ -122,6 +134,7 @@ TASK_SETUPS: dict[Task, TaskSetup] = {
         "(kind ct_windows, windows [[40,80],[40,80],[40,80]]) so it looks like the training PNGs. "
         "Every image is converted to one grey channel and resized to a fixed square size first, "
         "which removes the original image size and RGBA/RGB layout (a known shortcut in this data).",
+        SeriesPooling(PoolingMethod.ADJACENT_MEAN, 2),
     ),
     Task.CHEST_PNEUMOTHORAX: TaskSetup(
         Task.CHEST_PNEUMOTHORAX,
@@ -177,6 +190,13 @@ class TrainConfig:
     patience: int = 6
     device: str = "cpu"
     init_from: Path | None = None
+    init: str | None = None  # "imagenet-lite0": ImageNet EfficientNet-Lite0 mapped into B0 (imagenet_init)
+    test_fraction: float = 0.0  # a test split that chooses nothing (no epoch, no threshold)
+    grouping: str = "patient"  # or "similarity": near-identical images grouped before the split
+    extra_negatives: Path | None = None  # unlabelled probable negatives, training split only
+    extra_negatives_part: str = "all"
+    target_sensitivity: float = 0.95  # per label, on the validation split: the operating threshold
+    threads: int = 0  # torch threads; 0 = every core (two trainings side by side: 1 each)
     resume: Path | None = None
     checkpoint: Path | None = None
     max_steps_per_epoch: int | None = None  # tests: a couple of steps, not an epoch
@@ -189,6 +209,14 @@ class TrainConfig:
 
     def checkpoint_path(self) -> Path:
         return self.checkpoint or Path("var") / "checkpoints" / f"{self.task.value}-last.pt"
+
+    def split_block(self) -> dict[str, Any]:
+        """The card's `data.split`: everything `datasets.build_split` needs to rebuild the split."""
+        block: dict[str, Any] = {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
+                                 "grouping": self.grouping}
+        if self.grouping == "similarity":
+            block["similarity_threshold"] = SIMILARITY_THRESHOLD
+        return block
 
 
 @dataclass
@@ -221,10 +249,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def set_threads() -> int:
+def set_threads(threads: int = 0) -> int:
+    """torch's intra-op threads: `threads`, or every core this process may use (0)."""
     import torch
 
-    cores = cpu_cores()
+    cores = threads or cpu_cores()
     torch.set_num_threads(cores)
     return cores
 
@@ -337,12 +366,17 @@ def as_predictions(samples: Sequence[Sample], probs: np.ndarray, labels: Sequenc
     return Predictions(tuple(labels), activation, targets, known, np.asarray(probs, np.float64), tuple(s.rel for s in samples))
 
 
+MIN_POSITIVES_FOR_SCORE = 5
+
+
 def validation_score(pred: Predictions) -> float:
     """Early-stopping score: balanced accuracy (softmax) or mean AUC of trained labels (sigmoid)."""
     if pred.activation == "softmax":
         truth, guess = pred.targets.argmax(1), pred.probs.argmax(1)
         return float(np.mean([(guess[truth == j] == j).mean() for j in np.unique(truth)]))
-    aucs = [binary_auc(pred.targets[pred.known[:, j], j], pred.probs[pred.known[:, j], j]) for j in range(len(pred.labels)) if pred.known[:, j].any()]
+    # labels with fewer than MIN_POSITIVES_FOR_SCORE positives here would make the score jump by chance
+    aucs = [binary_auc(pred.targets[pred.known[:, j], j], pred.probs[pred.known[:, j], j]) for j in range(len(pred.labels))
+            if pred.targets[pred.known[:, j], j].sum() >= MIN_POSITIVES_FOR_SCORE]
     aucs = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else 0.0
 
@@ -415,7 +449,7 @@ def train(config: TrainConfig) -> TrainResult:
     from tqdm import tqdm
 
     started = time.time()
-    cores = set_threads()
+    cores = set_threads(config.threads)
     task = config.task
     setup = TASK_SETUPS[task]
     labels = TASK_LABELS[task]
@@ -424,8 +458,10 @@ def train(config: TrainConfig) -> TrainResult:
     spec = default_spec(task, config.image_size)
     torch.manual_seed(config.seed)
 
-    samples = discover_samples(task, data_dir)
-    train_set, val_set = split_samples(samples, config.seed, config.val_fraction)
+    train_set, val_set, test_set = build_split(task, data_dir, config.split_block())
+    samples = train_set + val_set + test_set
+    if config.extra_negatives is not None:
+        train_set = train_set + probable_negatives(task, config.extra_negatives, config.extra_negatives_part)
     # a label is trained when the training data says something about it
     trained = tuple(label for j, label in enumerate(labels) if any(s.known[j] for s in train_set))
     trained_mask = np.array([label in trained for label in labels], dtype=np.float32)
@@ -442,6 +478,14 @@ def train(config: TrainConfig) -> TrainResult:
     network, skipped = build_network(len(labels), config.drop_rate, config.init_from)
     if config.init_from is not None:
         _log(f"initialised from {config.init_from}; re-initialised: {', '.join(skipped) or 'nothing'}")
+    imagenet: dict[str, Any] | None = None
+    if config.init == "imagenet-lite0":
+        from .imagenet_init import load_lite0_into
+
+        imagenet = load_lite0_into(network)
+        _log(f"initialised from ImageNet EfficientNet-Lite0: {imagenet['parameter_share_from_imagenet']:.0%} of the parameters")
+    elif config.init is not None:
+        raise ValueError(f"unknown --init {config.init!r} (known: imagenet-lite0)")
     network.to(config.device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -536,8 +580,100 @@ def train(config: TrainConfig) -> TrainResult:
         "torch_threads": cores,
         "history": history,
         "reinitialised_from_init": skipped if config.init_from else [],
+        "seconds_per_epoch": round((training_seconds) / max(1, last_epoch - start_epoch + 1), 1) if last_epoch >= start_epoch else None,
     }
-    return _finish(config, network, spec, setup, train_set, val_set, samples, data_dir, trained, run)
+    if imagenet is not None:
+        run["imagenet_init"] = imagenet
+    return _finish(config, network, spec, setup, train_set, val_set, test_set, samples, data_dir, trained, run)
+
+
+def operating_points(setup: TaskSetup, trained: Sequence[str], val: Predictions, test: Predictions | None,
+                     target: float, bootstrap: int) -> dict[str, Any]:
+    """Everything the validation split chooses and what the test split then shows, for the card.
+
+    Thresholds: per trained label, the highest with sensitivity >= `target` on validation. A
+    softmax task with a negative class (brain MRI) also gets a presence rule: raise when
+    1 - p(negative) reaches the threshold chosen the same way; its tumour classes' thresholds
+    are that threshold. The test split (if any) chooses nothing: it reports the same thresholds
+    and decides which labels may raise a priority (`priority_labels`).
+    """
+    thresholds = choose_thresholds(val, target)
+    out: dict[str, Any] = {}
+    negative = [label for label in trained if label in NEGATIVE_LABELS]
+    if setup.activation == "softmax" and len(negative) == 1:
+        truth, score = presence_scores(val, negative[0])
+        cut = threshold_for_sensitivity(truth, score, target)
+        thresholds = {label: (cut if label != negative[0] else thresholds[label]) for label in thresholds}
+        out["presence"] = {"negative_label": negative[0], "threshold": cut,
+                           "validation": presence_metrics(val, negative[0], cut, bootstrap)}
+        if test is not None:
+            out["presence"]["test"] = presence_metrics(test, negative[0], cut, bootstrap)
+    out["thresholds"] = thresholds
+    out["validation_metrics"] = metrics_with_ci(val, thresholds, resamples=bootstrap)
+    if test is not None:
+        out["test_metrics"] = metrics_with_ci(test, thresholds, resamples=bootstrap)
+        out["priority_labels"], out["priority_bar"] = priority_labels(setup, trained, out["test_metrics"])
+    return out
+
+
+def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1000) -> dict[str, Any]:
+    """Re-choose a card's operating points from its stored split probabilities (no images needed).
+
+    For a product decision on the sensitivity target after training: the validation split chooses,
+    the test split reports, exactly as at the end of `train`.
+    """
+    cpath = card_path(Path(weights_dir), task)
+    card = json.loads(cpath.read_text())
+    stored = json.loads((Path(weights_dir) / f"{task.value}.split.json").read_text())
+    labels, trained, activation = tuple(card["labels"]), tuple(card["trained_labels"]), card["activation"]
+
+    def predictions(rows: list[dict[str, Any]]) -> Predictions:
+        targets = np.array([[t if t is not None else 0.0 for t in r["targets"]] for r in rows], np.float64)
+        known = np.array([[t is not None and label in trained for t, label in zip(r["targets"], labels)] for r in rows])
+        return Predictions(labels, activation, targets, known, np.array([r["probs"] for r in rows], np.float64),
+                           tuple(r["file"] for r in rows))
+
+    val = predictions(stored["validation"])
+    test = predictions(stored["test"]) if stored.get("test") else None
+    points = operating_points(TASK_SETUPS[task], trained, val, test, target, bootstrap)
+    for key in ("presence", "test_metrics", "priority_labels", "priority_bar"):
+        card.pop(key, None)
+    card.update(points)
+    card["target_sensitivity"] = target
+    card["threshold_policy"] = threshold_policy(target, activation == "softmax", test is not None)
+    cpath.write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def threshold_policy(target: float, softmax: bool, with_test: bool) -> str:
+    """The card's sentence on how its thresholds were chosen."""
+    return (
+        f"Per trained label, the highest threshold with sensitivity >= {target} on the validation split "
+        + ("(one-vs-rest on the softmax probability; no_tumor is never reported as a finding; with a presence "
+           "rule, the tumour classes share its threshold on 1 - p(no_tumor)). " if softmax else ". ")
+        + "The validation split is therefore also the threshold-selection set"
+        + ("; the test split chose nothing and reports the same thresholds." if with_test else ".")
+    )
+
+
+def priority_labels(setup: TaskSetup, trained: Sequence[str], test: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The trained labels whose findings may raise a priority: enough test positives and an AUC
+    whose lower 95% bound clears the task's bar. The others are still reported with their probability."""
+    metrics, positives = test["metrics"], test["positives_per_label"]
+    keep, verdicts = [], {}
+    for label in trained:
+        if setup.activation == "softmax" and label in ("no_tumor",):
+            continue
+        lower = (metrics.get(f"{label}.auc", {}).get("ci95") or [None])[0]
+        n = positives.get(label, 0)
+        ok = n >= setup.priority_bar_min_positives and lower is not None and lower >= setup.priority_bar_min_auc_lower95
+        verdicts[label] = {"test_positives": n, "test_auc_lower95": lower, "raises_priority": ok}
+        if ok:
+            keep.append(label)
+    bar = {"rule": f"at least {setup.priority_bar_min_positives} positives in the test split and a test AUC whose "
+                   f"lower 95% bound is at least {setup.priority_bar_min_auc_lower95}",
+           "labels": verdicts}
+    return keep, bar
 
 
 def _prob_loss(pred: Predictions) -> float:
@@ -581,6 +717,7 @@ def _finish(
     setup: TaskSetup,
     train_set: list[Sample],
     val_set: list[Sample],
+    test_set: list[Sample],
     samples: list[Sample],
     data_dir: Path,
     trained: tuple[str, ...],
@@ -597,23 +734,26 @@ def _finish(
     save_file(state, str(wpath), metadata={"task": task.value, "architecture": ARCHITECTURE, "dtype": "float16"})
 
     # a provisional card lets us load exactly as the service does; thresholds follow below
-    card = _card(config, spec, setup, trained, {label: 0.5 for label in trained}, {}, {}, run, train_set, val_set, data_dir)
+    card = _card(config, spec, setup, trained, {label: 0.5 for label in trained}, {}, {}, run, train_set, val_set, test_set, data_dir)
     cpath = card_path(out, task)
     cpath.write_text(json.dumps(card, indent=2) + "\n")
     model = load_model(out, task, config.device)
     probs = predict_samples(model, val_set, progress=config.progress)
     pred = as_predictions(val_set, probs, labels, setup.activation, trained)
-    thresholds = choose_thresholds(pred)
-    metrics = metrics_with_ci(pred, thresholds, resamples=config.bootstrap)
-    extra: dict[str, Any] = {}
+    test_pred = None
+    if test_set:  # scored once, with the thresholds the validation split chose: it chooses nothing
+        test_probs = predict_samples(model, test_set, progress=config.progress)
+        test_pred = as_predictions(test_set, test_probs, labels, setup.activation, trained)
+    extra = operating_points(setup, trained, pred, test_pred, config.target_sensitivity, config.bootstrap)
+    thresholds, metrics = extra.pop("thresholds"), extra.pop("validation_metrics")
     if setup.activation == "sigmoid" and trained:
         j = labels.index(trained[0])
         extra["size_only_baseline"] = size_only_baseline(train_set, val_set, j, config.bootstrap)
         extra["size_only_baseline"]["model_validation_auc"] = metrics["metrics"].get(f"{trained[0]}.auc")
-    card = _card(config, spec, setup, trained, thresholds, metrics, extra, run, train_set, val_set, data_dir)
+    card = _card(config, spec, setup, trained, thresholds, metrics, extra, run, train_set, val_set, test_set, data_dir)
     card["weights_sha256"] = hashlib.sha256(wpath.read_bytes()).hexdigest()
     cpath.write_text(json.dumps(card, indent=2) + "\n")
-    write_split_file(out, task, config, data_dir, train_set, val_set, pred)
+    write_split_file(out, task, config, data_dir, train_set, val_set, pred, test_set, test_pred)
     if config.plots:
         plot_dir = out / "eval" / task.value
         write_plots(pred, thresholds, plot_dir, f"{card['name']} {card['version']}")
@@ -636,39 +776,50 @@ def _card(
     run: dict[str, Any],
     train_set: list[Sample],
     val_set: list[Sample],
+    test_set: list[Sample],
     data_dir: Path,
 ) -> dict[str, Any]:
     task, labels = config.task, TASK_LABELS[config.task]
     softmax = setup.activation == "softmax"
     untrained = [label for label in labels if label not in trained]
+    start = ("Started from general-purpose image-recognition weights (ImageNet) and trained" if config.init else
+             "Started from our own earlier weights and trained" if config.init_from else "Trained from scratch")
     limitations = [
         DISCLAIMER,
-        ("Trained from scratch (no ImageNet pre-training is available offline)" if config.init_from is None else
-         f"Started from our own weights {_display_path(config.init_from)} (no ImageNet pre-training is available offline)")
-        + " on a small public data set on CPU; expect lower accuracy on other scanners, protocols and populations. "
-        "Validate locally first.",
-        "Scores single 2D slices; the service aggregates slices to a study-level probability.",
-        "The operating thresholds were chosen on the validation split, which is also the split the metrics "
-        "are reported on: the sensitivity at threshold is optimistic; confirm on independent data.",
+        f"{start} on a small public research data set ({len(train_set)} training images); expect lower "
+        "accuracy on other scanners, protocols and populations. Check it on your own studies first.",
+        "The operating threshold was chosen on the validation images"
+        + (", and the separate test images (which chose nothing) show what to expect; both are small, so the "
+           "ranges given with each figure matter more than the figure itself." if test_set else
+           ", which are also the images the figures come from: the figures are optimistic."),
     ]
     if task is Task.BRAIN_MRI:
         limitations += [
-            "Four classes only (glioma, meningioma, pituitary, no tumour); other pathology (metastases, "
-            "stroke, haemorrhage, ...) is out of scope and may be forced into one of the four.",
-            "Some 'no tumour' training images are CT, not MR. Images were de-duplicated against the source's "
-            "test split but near-duplicates within the training split may remain, so validation may be optimistic.",
+            "Four classes only (glioma, meningioma, pituitary tumour, no tumour). Other disease (metastases, "
+            "stroke, bleeding, ...) is outside what it was taught and may be called one of the four.",
+            "The tumour type it names is secondary: it raises a study when it thinks any tumour is present.",
+            "Single 2D slices from one public collection of JPEGs; some of its 'no tumour' images are CT.",
         ]
     if task is Task.HEAD_CT_ICH:
         limitations += [
-            f"Only {', '.join(trained)} is trained; the outputs {', '.join(untrained)} are untrained (random head) "
-            "and are reported as untrained, never as findings, until subtype-labelled data (e.g. the RSNA "
-            "2019 ID,Label CSV format) is supplied." if untrained else "All six outputs trained from the RSNA CSV labels.",
-            "Tiny data set (150 slices, one slice per patient at most); the 95% intervals are wide.",
-            "Trained on brain-window PNGs (40/80 HU); DICOM is windowed the same way. Thin bleeds visible "
-            "only in subdural or bone windows may be missed.",
+            "Reads each axial slice of a non-contrast head CT in a brain window (40/80 HU), then asks "
+            "neighbouring slices to agree before it raises a study. A bleed seen on a single thin slice, "
+            "or only in a subdural or bone window, can be missed.",
+            "Trained on single slices (no whole scans): the series decision rests on slice results.",
+            "Subtypes with few examples (see priority_bar) are named when found but never raise a study on their own.",
         ]
+        if untrained:
+            limitations.append(f"Outputs {', '.join(untrained)} were not trained and are never reported as findings.")
     if task is Task.CHEST_PNEUMOTHORAX:
-        limitations.append("No labelled chest X-ray data was available; this card comes from a pipeline test only.")
+        limitations += [
+            "Frontal chest radiographs only. Trained on a few hundred NIH images whose labels were mined from "
+            "reports (noisy); every negative image shows some other disease.",
+            "Many pneumothorax images show a chest drain: an image with a drain (a treated pneumothorax) may "
+            "be flagged because of the drain. It is not a check that a drain is in place, and it does not "
+            "grade size or tension.",
+            "Must not be used to rule out a pneumothorax, on children, or on lateral or portable-only "
+            "protocols it was not shown.",
+        ]
     card: dict[str, Any] = {
         "task": task.value,
         "name": model_name(task),
@@ -683,11 +834,9 @@ def _card(
         "preprocessing": spec.to_card(),
         "preprocessing_note": setup.preprocessing_note,
         "thresholds": thresholds,
-        "threshold_policy": (
-            "Per trained label, the highest threshold with sensitivity >= 0.95 on the validation split "
-            + ("(one-vs-rest on the softmax probability; no_tumor is never reported as a finding). " if softmax else ". ")
-            + "The validation split is therefore also the threshold-selection set."
-        ),
+        "series_pooling": setup.series_pooling.to_card(),
+        "target_sensitivity": config.target_sensitivity,
+        "threshold_policy": threshold_policy(config.target_sensitivity, softmax, bool(config.test_fraction)),
         "intended_use": setup.intended_use,
         "disclaimer": DISCLAIMER,
         "limitations": limitations,
@@ -696,11 +845,11 @@ def _card(
             "provenance": PROVENANCE.get(data_dir.name, f"user-supplied data at {_display_path(data_dir)}"),
             "layout": "rsna_csv" if task is Task.HEAD_CT_ICH and find_rsna_csv(data_dir) else "class_folders",
             "split": {
-                "seed": config.seed,
-                "val_fraction": config.val_fraction,
-                "unit": "patient (DICOM PatientID) where known, else image",
+                **config.split_block(),
+                "unit": _split_unit(config),
                 "stratified_by": "class",
-                "method": "sha256(seed:group) rank per class; see cds_service.datasets.split_samples",
+                "method": "sha256(seed:group) rank per class: the lowest ranks to test, the next to validation; "
+                          "see cds_service.datasets.split_three",
                 "validation_list": f"{task.value}.split.json",
             },
             "counts": {
@@ -708,7 +857,13 @@ def _card(
                 "validation": class_counts(val_set, labels, softmax),
                 "train_total": len(train_set),
                 "validation_total": len(val_set),
+                **({"test": class_counts(test_set, labels, softmax), "test_total": len(test_set)} if test_set else {}),
             },
+            **({"extra_training_negatives": {
+                "dir": _display_path(config.extra_negatives), "part": config.extra_negatives_part,
+                "count": sum(1 for s in train_set if s.rel.startswith(config.extra_negatives.name + "/")),
+                "use": "training split only, every label taken as 0 (probable negatives); never in validation or test"}}
+               if config.extra_negatives else {}),
         },
         "training": {
             "hardware": f"CPU ({cpu_model()}), {run['torch_threads']} cores, no GPU"
@@ -726,7 +881,8 @@ def _card(
             "sampling": "class-balanced (inverse class frequency, with replacement)",
             "augmentation": asdict(setup.augmentation),
             "early_stopping": {"patience_epochs": config.patience, "score": "validation balanced accuracy" if softmax else "validation mean AUC"},
-            "init_from": _display_path(config.init_from) if config.init_from else "random initialisation (no pre-training)",
+            "init_from": _display_path(config.init_from) if config.init_from else (
+                "ImageNet EfficientNet-Lite0 mapped into B0 (see imagenet_init)" if config.init else "random initialisation (no pre-training)"),
             # the file's hash, because a later training may replace the file at that path
             "init_from_sha256": hashlib.sha256(config.init_from.read_bytes()).hexdigest() if config.init_from else None,
             "seed": config.seed,
@@ -759,7 +915,26 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def write_split_file(out: Path, task: Task, config: TrainConfig, data_dir: Path, train_set: Sequence[Sample], val_set: Sequence[Sample], pred: Predictions) -> Path:
+def _split_unit(config: TrainConfig) -> str:
+    if config.grouping == "similarity":
+        return (f"group of near-identical images (Pearson correlation of 96x96 grey thumbnails >= {SIMILARITY_THRESHOLD}, "
+                "single linkage; stands in for the patient and series ids the data lost); patient where DICOM or metadata gives one")
+    return "patient (DICOM PatientID, or the data's metadata.csv Patient ID) where known, else image"
+
+
+def _split_rows(samples: Sequence[Sample], pred: Predictions, labels: Sequence[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "file": s.rel,
+            "targets": [s.targets[j] if s.known[j] else None for j in range(len(labels))],
+            "probs": [round(float(p), 6) for p in pred.probs[i]],
+        }
+        for i, s in enumerate(samples)
+    ]
+
+
+def write_split_file(out: Path, task: Task, config: TrainConfig, data_dir: Path, train_set: Sequence[Sample], val_set: Sequence[Sample],
+                     pred: Predictions, test_set: Sequence[Sample] = (), test_pred: Predictions | None = None) -> Path:
     """`<task>.split.json`: the validation files (relative paths) with truth and probabilities.
 
     Lets anyone check the split (no validation image was trained on) and lets the tests
@@ -774,15 +949,12 @@ def write_split_file(out: Path, task: Task, config: TrainConfig, data_dir: Path,
         "train_count": len(train_set),
         "validation_count": len(val_set),
         "labels": list(labels),
-        "validation": [
-            {
-                "file": s.rel,
-                "targets": [s.targets[j] if s.known[j] else None for j in range(len(labels))],
-                "probs": [round(float(p), 6) for p in pred.probs[i]],
-            }
-            for i, s in enumerate(val_set)
-        ],
+        "validation": _split_rows(val_set, pred, labels),
     }
+    if test_pred is not None:
+        doc["test_fraction"] = config.test_fraction
+        doc["test_count"] = len(test_set)
+        doc["test"] = _split_rows(test_set, test_pred, labels)
     path = out / f"{task.value}.split.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
@@ -833,8 +1005,7 @@ def evaluate(task: Task, data_dir: Path, weights_dir: Path, out_dir: Path | None
     model = load_model(weights_dir, task, device)
     card = model.card.raw
     split = card.get("data", {}).get("split", {})
-    samples = discover_samples(task, data_dir)
-    train_set, val_set = split_samples(samples, int(split.get("seed", 42)), float(split.get("val_fraction", 0.2)))
+    train_set, val_set, _ = build_split(task, data_dir, split)
     listed = _listed_validation(weights_dir, task)
     matches = listed is None or listed == [s.rel for s in val_set]
     if not matches:
@@ -879,6 +1050,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=Path("weights"), help="where <task>.safetensors and <task>.json go")
     parser.add_argument("--init-from", type=Path, default=None, help="start from these weights (e.g. weights/brain_mri.safetensors); the classifier head is re-initialised")
+    parser.add_argument("--init", choices=["imagenet-lite0"], default=None,
+                        help="start from ImageNet EfficientNet-Lite0 weights mapped into B0 (needs the train extra)")
+    parser.add_argument("--test-fraction", type=float, default=0.0, help="a test split that chooses nothing, reported beside validation")
+    parser.add_argument("--grouping", choices=["patient", "similarity"], default="patient",
+                        help="split unit: patient where known, else image; 'similarity' also groups near-identical images")
+    parser.add_argument("--extra-negatives", type=Path, default=None, help="folder of unlabelled probable negatives, added to the training split only")
+    parser.add_argument("--extra-negatives-part", choices=["all", "even", "odd"], default="all", help="half of --extra-negatives by file-name hash")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
+    parser.add_argument("--target-sensitivity", type=float, default=0.95, help="per-label sensitivity on validation that sets each threshold")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by an earlier run")
     parser.add_argument("--checkpoint", type=Path, default=None, help="where to write the per-epoch checkpoint (default var/checkpoints/<task>-last.pt)")
     parser.add_argument("--seed", type=int, default=42)
@@ -903,6 +1083,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         patience=args.patience,
         device=args.device,
         init_from=args.init_from,
+        init=args.init,
+        test_fraction=args.test_fraction,
+        grouping=args.grouping,
+        extra_negatives=args.extra_negatives,
+        extra_negatives_part=args.extra_negatives_part,
+        target_sensitivity=args.target_sensitivity,
+        threads=args.threads,
         resume=args.resume,
         checkpoint=args.checkpoint,
         seed=args.seed,

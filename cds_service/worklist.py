@@ -35,7 +35,7 @@ from flask import Blueprint, Response, abort, jsonify, render_template, request
 from PIL import Image
 
 from fhir_mappings import codes
-from fhir_mappings.builders import parse_fhir_datetime, reference_id
+from fhir_mappings.builders import is_shadow, parse_fhir_datetime, reference_id
 
 from .app import ctx, operation_outcome
 from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
@@ -94,6 +94,7 @@ class WorklistRow:
     heatmap_size: tuple[int, int] | None
     key_instance_uid: str | None
     heatmap_in_pacs: dict[str, Any] | None
+    shadow: bool = False  # the AI result came from a task in shadow mode: shown, never used to order rows
 
     @property
     def top_finding(self) -> RowFinding | None:
@@ -101,9 +102,9 @@ class WorklistRow:
 
     @property
     def score(self) -> float:
-        """The AI score used to order rows of equal priority."""
+        """The AI score used to order rows of equal priority (none for a shadow-mode result)."""
         top = self.top_finding
-        return top.probability if top else 0.0
+        return top.probability if top and not self.shadow else 0.0
 
     def waiting_minutes(self, now: datetime) -> int | None:
         return max(0, int((now - self.ordered).total_seconds() // 60)) if self.ordered else None
@@ -131,6 +132,7 @@ class WorklistRow:
             "reason": self.reason,
             "heatmap": f"/heatmaps/{self.heatmap_media_id}.png" if self.heatmap_media_id else None,
             "url": f"/worklist/orders/{self.order_id}",
+            "shadow": self.shadow,
         }
 
 
@@ -297,6 +299,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             heatmap_size=(int(media["width"]), int(media["height"])) if media and media.get("width") and media.get("height") else None,
             key_instance_uid=key_instance_uid(media),
             heatmap_in_pacs=(job.result or {}).get("heatmapToPacs") if job else None,
+            shadow=is_shadow(report),
         ))
     return sorted(rows, key=order_key(now))
 

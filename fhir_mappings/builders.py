@@ -49,6 +49,7 @@ from cds_service.domain import (
     OrderContext,
     Priority,
     Task,
+    TaskMode,
     TriageResult,
     TriageStatus,
 )
@@ -124,8 +125,9 @@ def identifier_query(identifier: Identifier) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _ai_asserted_meta() -> Meta:
-    """meta.security AIAST: marks content asserted by AI (HL7 AI Transparency on FHIR)."""
+def _ai_asserted_meta(mode: TaskMode = TaskMode.ACTIVE) -> Meta:
+    """meta.security AIAST: marks content asserted by AI (HL7 AI Transparency on FHIR); plus the
+    shadow-mode tag when the task runs silently (readers show it as information only)."""
     return Meta(
         security=[
             Coding(
@@ -133,8 +135,21 @@ def _ai_asserted_meta() -> Meta:
                 code=codes.SECURITY_AI_ASSERTED,
                 display=codes.SECURITY_AI_ASSERTED_DISPLAY,
             )
-        ]
+        ],
+        tag=[Coding(system=codes.SUBSCRIPTION_TAG_SYSTEM, code=codes.SHADOW_TAG_CODE, display=codes.SHADOW_TAG_DISPLAY)]
+        if mode is TaskMode.SHADOW else None,
     )
+
+
+SHADOW_SENTENCE = ("SHADOW MODE: this task runs silently at this site; the result is recorded for local "
+                   "validation and did not change the order's priority.")
+
+
+def is_shadow(resource: Any) -> bool:
+    """Whether a resource we wrote carries the shadow-mode tag (dict from the server or model)."""
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    return any(tag.get("system") == codes.SUBSCRIPTION_TAG_SYSTEM and tag.get("code") == codes.SHADOW_TAG_CODE
+               for tag in (meta or {}).get("tag") or [])
 
 
 def _ref(reference: str, display: str | None = None) -> Reference:
@@ -239,7 +254,7 @@ def build_observation(
     note += AI_DISCLAIMER
 
     return Observation(
-        meta=_ai_asserted_meta(),
+        meta=_ai_asserted_meta(result.mode),
         identifier=[result_identifier(result.study_uid, result.task, model.version,
                                       f"observation-{finding.label}")],
         basedOn=_based_on(ctx),
@@ -319,7 +334,7 @@ def build_media(
         "Explanation overlay, not a diagnostic image. " + AI_DISCLAIMER
     )
     return Media(
-        meta=_ai_asserted_meta(),
+        meta=_ai_asserted_meta(result.mode),
         identifier=[result_identifier(result.study_uid, result.task, model.version, "media")],
         basedOn=_based_on(ctx),
         status="completed",
@@ -366,8 +381,11 @@ def build_conclusion(result: TriageResult) -> str:
             sentences.append(f"Also above threshold: {others}.")
     else:
         sentences.append("AI triage: no finding above threshold.")
+    if result.mode is TaskMode.SHADOW:
+        sentences.insert(0, SHADOW_SENTENCE)
     if result.suggested_priority is not None:
-        sentences.append(f"Suggested priority: {result.suggested_priority.value}.")
+        verb = "Would have suggested priority" if result.mode is TaskMode.SHADOW else "Suggested priority"
+        sentences.append(f"{verb}: {result.suggested_priority.value}.")
     untrained = [f.label for f in result.findings if not f.trained]
     if untrained:
         sentences.append(
@@ -411,7 +429,7 @@ def build_diagnostic_report(
             )
         ]
     return DiagnosticReport(
-        meta=_ai_asserted_meta(),
+        meta=_ai_asserted_meta(result.mode),
         identifier=[result_identifier(result.study_uid, result.task, model.version, "report")],
         basedOn=_based_on(ctx),
         status="preliminary",

@@ -41,6 +41,10 @@ DEVICE_IDENTIFIER_SYSTEM = f"{LOCAL_BASE}/sid/triage-model"
 #: meta.tag from this system (code = the deterministic UUID) and `_tag=` in ifNoneExist.
 PROVENANCE_TAG_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-provenance-id"
 
+#: meta.tag on every resource a task in shadow mode writes (same system as the Subscription's tag).
+SHADOW_TAG_CODE = "shadow-mode"
+SHADOW_TAG_DISPLAY = "Written in shadow mode: recorded for local validation, never used to change a priority"
+
 #: meta.tag that marks the Subscription created by `cds-triage subscribe`.
 SUBSCRIPTION_TAG_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-tag"
 SUBSCRIPTION_TAG_CODE = "cds-triage-subscription"

@@ -74,3 +74,63 @@ def test_the_pacs_and_local_files_give_the_same_findings_and_overlay(orthanc, fh
     assert [f["probability"] for f in summary["findings"]] == pytest.approx(
         [f.probability for f in local.findings], abs=1e-4)
     assert base64.b64decode(media["content"]["data"]) == local.heatmap.png
+
+
+@pytest.mark.parametrize("source", ["setting", "card"])
+def test_a_task_in_shadow_mode_writes_marked_results_and_never_touches_the_priority(
+        orthanc, fhir_server, tmp_path: Path, source: str) -> None:
+    """CDS_TASK_MODES=head_ct_ich=shadow (or the card's default_mode): Observations and the report are
+    written with the shadow tag and sentence, the order stays routine, the card is information only."""
+    import json
+
+    from cds_service.cards import ai_report_from_fhir, report_card
+    from cds_service.domain import TaskMode
+    from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow
+
+    weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)  # threshold 0: positive
+    modes = {}
+    if source == "card":
+        card_file = weights / "head_ct_ich.json"
+        card_file.write_text(json.dumps(json.loads(card_file.read_text()) | {"default_mode": "shadow"}))
+    else:
+        modes = {Task.HEAD_CT_ICH: TaskMode.SHADOW}
+    settings = Settings(weights_dir=weights, data_dir=tmp_path / "data", fhir_base_url=fhir_server.url,
+                        dicomweb_url=orthanc.dicomweb_url, http_timeout_s=30, task_modes=modes)
+    fhir = FhirClient(settings.fhir_base_url)
+    deps = build_deps(settings)
+    try:
+        job, _ = ordered_study(fhir, orthanc, slices=3)
+        state, reason, summary = run_triage(job, deps)
+        assert state is JobState.DONE, reason
+        assert summary["mode"] == "shadow" and summary["suggestedPriority"] == "stat"
+        assert summary["priority"]["changed"] is False and "shadow" in summary["priority"]["reason"]
+        order, _ = fhir.read("ServiceRequest", job.service_request_id)
+        assert order["priority"] == "routine"
+        [report_ref] = summary["written"]["DiagnosticReport"]
+        report, _ = fhir.read(*report_ref.split("/"))
+        assert is_shadow(report) and report["conclusion"].startswith(SHADOW_SENTENCE)
+        observations = {ref: fhir.read(*ref.split("/"))[0] for ref in summary["written"]["Observation"]}
+        assert observations and all(is_shadow(o) for o in observations.values())
+        card = report_card(ai_report_from_fhir(report, observations), settings.priority_rules, settings.public_url)
+        assert card["indicator"] == "info" and card["summary"].startswith("[Shadow mode]")
+    finally:
+        fhir.close()
+        deps.fhir.close()
+
+
+def test_a_task_that_is_off_is_not_applicable_and_writes_nothing(orthanc, fhir_server, tmp_path: Path) -> None:
+    from cds_service.domain import TaskMode
+
+    weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
+    settings = Settings(weights_dir=weights, data_dir=tmp_path / "data", fhir_base_url=fhir_server.url,
+                        dicomweb_url=orthanc.dicomweb_url, http_timeout_s=30, task_modes={Task.HEAD_CT_ICH: TaskMode.OFF})
+    deps = build_deps(settings)
+    try:
+        fhir = FhirClient(settings.fhir_base_url)
+        job, _ = ordered_study(fhir, orthanc, slices=2)
+        state, reason, summary = run_triage(job, deps)
+        assert state is JobState.NOT_APPLICABLE and "CDS_TASK_MODES" in reason and "written" not in summary
+        assert fhir.read("ServiceRequest", job.service_request_id)[0]["priority"] == "routine"
+        fhir.close()
+    finally:
+        deps.fhir.close()

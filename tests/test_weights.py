@@ -20,10 +20,9 @@ import pytest
 from pydicom.dataset import Dataset
 from safetensors import safe_open
 
-from cds_service.datasets import discover_samples, split_samples
+from cds_service.datasets import build_split
 from cds_service.devservers import dicom_bytes, make_dataset
 from cds_service.domain import TASK_LABELS, Task
-from cds_service.errors import ModelUnavailableError
 from cds_service.evaluation import Predictions, point_metrics
 from cds_service.models import load_model
 from cds_service.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
@@ -31,7 +30,7 @@ from cds_service.training import as_predictions, predict_samples
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
-SHIPPED = [Task.BRAIN_MRI, Task.HEAD_CT_ICH]
+SHIPPED = [Task.BRAIN_MRI, Task.HEAD_CT_ICH, Task.CHEST_PNEUMOTHORAX]
 MAX_CHECK_IMAGES = 160  # per task: keeps the whole file well under a minute on 2 cores
 
 
@@ -83,18 +82,28 @@ def test_weights_match_their_card(task: Task, models: dict) -> None:
 
 def test_head_ct_card_says_what_was_trained() -> None:
     c = card(Task.HEAD_CT_ICH)
-    assert c["trained_labels"] == ["any"]
+    assert c["trained_labels"] == list(TASK_LABELS[Task.HEAD_CT_ICH])  # any + the five subtypes
     assert c["preprocessing"]["kind"] == "ct_windows"
     assert c["preprocessing"]["windows"] == [[40.0, 80.0]] * 3
+    assert c["series_pooling"] == {"method": "adjacent_mean", "window": 2}
+    assert "any" in c["priority_labels"]
+    for label, verdict in c["priority_bar"]["labels"].items():  # a subtype short of its bar raises nothing alone
+        assert verdict["raises_priority"] == (label in c["priority_labels"])
     baseline = c["size_only_baseline"]
     assert "validation_auc" in baseline and "model_validation_auc" in baseline
 
 
-def test_no_chest_weights_are_shipped() -> None:
-    if (WEIGHTS / "chest_pneumothorax.safetensors").exists():
-        pytest.skip("chest weights exist now; this guard is for the no-data period")
-    with pytest.raises(ModelUnavailableError):
-        load_model(WEIGHTS, Task.CHEST_PNEUMOTHORAX)
+@pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
+def test_every_card_reports_a_test_split_that_chose_nothing(task: Task) -> None:
+    c = card(task)
+    split = c["data"]["split"]
+    assert split["test_fraction"] > 0 and c["data"]["counts"]["test_total"] > 0
+    assert "test_metrics" in c and c["test_metrics"]["n_images"] == c["data"]["counts"]["test_total"]
+    for block in (c["validation_metrics"], c["test_metrics"]):
+        for name, metric in block["metrics"].items():
+            if name.endswith(("sensitivity", "specificity", "sensitivity_at_threshold", "specificity_at_threshold")):
+                assert metric["interval"] == "wilson", name  # honest at small n
+    assert c["training"]["imagenet_init"]["parameter_share_from_imagenet"] > 0.8
 
 
 @pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
@@ -167,10 +176,10 @@ def test_torch_runtime_and_fallbacks(monkeypatch: pytest.MonkeyPatch, caplog: py
 # --- the card's numbers reproduce on the data ---------------------------------------------------
 
 
-def _stored_predictions(task: Task, model) -> tuple[dict, Predictions]:
-    """The validation split as stored beside the weights: files, truth and probabilities."""
+def _stored_predictions(task: Task, model, part: str = "validation") -> tuple[dict, Predictions]:
+    """The validation (or test) split as stored beside the weights: files, truth and probabilities."""
     stored = json.loads((WEIGHTS / f"{task.value}.split.json").read_text())
-    rows = stored["validation"]
+    rows = stored[part]
     targets = np.array([[0.0 if v is None else v for v in row["targets"]] for row in rows])
     known = np.array([[v is not None for v in row["targets"]] for row in rows])
     known &= np.array([label in model.card.trained_labels for label in model.card.labels])[None, :]
@@ -189,6 +198,12 @@ def test_card_metrics_follow_from_the_stored_validation_probabilities(task: Task
     for name, block in c["validation_metrics"]["metrics"].items():
         if block["value"] is not None:
             assert recomputed[name] == pytest.approx(block["value"], abs=2e-4), name
+    _, test_pred = _stored_predictions(task, models[task], "test")
+    assert len(test_pred.files) == c["data"]["counts"]["test_total"]
+    recomputed = point_metrics(test_pred, models[task].card.thresholds)
+    for name, block in c["test_metrics"]["metrics"].items():
+        if block["value"] is not None:
+            assert recomputed[name] == pytest.approx(block["value"], abs=2e-4), name
 
 
 @pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
@@ -199,12 +214,18 @@ def test_split_and_probabilities_reproduce_on_the_data(task: Task, models: dict)
     data_dir = root / Path(c["data"]["dir"]).name
     _, stored_pred = _stored_predictions(task, model)
 
-    # 1. the split rebuilt from the data is the stored one, and disjoint from training
-    samples = discover_samples(task, data_dir)
-    train_set, val_set = split_samples(samples, c["data"]["split"]["seed"], c["data"]["split"]["val_fraction"])
+    # 1. the split rebuilt from the data is the stored one, and the three parts are disjoint
+    train_set, val_set, test_set = build_split(task, data_dir, c["data"]["split"])
+    stored = json.loads((WEIGHTS / f"{task.value}.split.json").read_text())
     assert [s.rel for s in val_set] == list(stored_pred.files)
-    assert not {s.rel for s in train_set} & {s.rel for s in val_set}
-    assert len(train_set) == c["data"]["counts"]["train_total"]
+    assert [s.rel for s in test_set] == [row["file"] for row in stored.get("test", [])]
+    train, val, test = ({s.rel for s in part} for part in (train_set, val_set, test_set))
+    assert not train & val and not train & test and not val & test
+    # no group (patient, or near-identical images) on two sides
+    groups = [{s.group for s in part} for part in (train_set, val_set, test_set)]
+    assert not groups[0] & groups[1] and not groups[0] & groups[2] and not groups[1] & groups[2]
+    extra = c["data"].get("extra_training_negatives", {}).get("count", 0)
+    assert len(train_set) + extra == c["data"]["counts"]["train_total"]
     rebuilt = as_predictions(val_set, stored_pred.probs, model.card.labels, model.card.activation, model.card.trained_labels)
     np.testing.assert_array_equal(rebuilt.targets[rebuilt.known], stored_pred.targets[stored_pred.known])
 

@@ -41,23 +41,43 @@ def uid(*parts: object) -> str:
     return generate_uid(entropy_srcs=[UID_SEED, *map(str, parts)])
 
 
-def pick(data: Path, rule: dict) -> list[str]:
-    """The first `count` files of `folder` in sorted name order; with `"split": "validation"`,
-    only files in the validation split of `cds-triage train` (seed 42, 20%), never trained on."""
+def pick(data: Path, rule: dict, task_name: str) -> list[str]:
+    """The first `count` files of `folder` in sorted name order. With `"split"` ("validation" or
+    "test"), only files of that split of the shipped model's card (rebuilt with
+    `datasets.build_split`, so never trained on); with `"where"` ({label: 0|1}), only files whose
+    truth says so (for the RSNA labels.csv and the chest X-ray folders)."""
     folder = data / rule["folder"]
     files = sorted(p for p in folder.glob(rule.get("glob", "*")) if p.is_file())
-    if rule.get("split") == "validation":
-        from cds_service.datasets import discover_samples, resolve_data_dir, split_samples
-        from cds_service.domain import Task
+    if rule.get("split") in ("validation", "test"):
+        from cds_service.datasets import build_split, resolve_data_dir
+        from cds_service.domain import TASK_LABELS, Task
 
-        task_dir = data / rule["folder"].split("/", 1)[0]
-        task = Task.BRAIN_MRI if task_dir.name == "brain_mri" else Task.HEAD_CT_ICH
-        _, val = split_samples(discover_samples(task, resolve_data_dir(task, task_dir)), 42, 0.2)
-        held_out = {task_dir / s.rel for s in val}
-        files = [p for p in files if p in held_out]
+        task = Task(task_name)
+        card = json.loads((PROJECT / "weights" / f"{task.value}.json").read_text())
+        task_dir = resolve_data_dir(task, data / Path(card["data"]["dir"]).name)
+        _, val, test = build_split(task, task_dir, card["data"]["split"])
+        chosen = val if rule["split"] == "validation" else test
+        labels = TASK_LABELS[task]
+        where = rule.get("where", {})
+        wanted = {(task_dir / s.rel).resolve() for s in chosen
+                  if all(s.known[labels.index(k)] and int(s.targets[labels.index(k)] > 0.5) == v for k, v in where.items())}
+        files = [p for p in files if p.resolve() in wanted]
     if len(files) < rule["count"]:
         raise SystemExit(f"{folder}: need {rule['count']} files, found {len(files)}")
     return [str(p.relative_to(data)) for p in files[: rule["count"]]]
+
+
+def truth_labels(data: Path, task_name: str, files: list[str]) -> list[str]:
+    """The labels positive on any of `files` (from the data's own labels), in the model's order."""
+    from cds_service.datasets import discover_samples, resolve_data_dir
+    from cds_service.domain import TASK_LABELS, Task
+
+    task = Task(task_name)
+    task_dir = resolve_data_dir(task, data / Path(files[0]).parts[0])
+    wanted = {(data / f).resolve() for f in files}
+    samples = [s for s in discover_samples(task, task_dir) if s.path.resolve() in wanted]
+    labels = TASK_LABELS[task]
+    return [label for j, label in enumerate(labels) if any(s.known[j] and s.targets[j] > 0.5 for s in samples)]
 
 
 SEX = {"male": "M", "female": "F", "other": "O"}
@@ -202,6 +222,7 @@ def build_synthetic(name: str, study: dict, data: Path, when: datetime) -> list[
 BUILDERS = {
     "ct_from_png": build_from_pictures,
     "mr_from_jpg": build_from_pictures,
+    "cr_from_png": build_from_pictures,
     "rsna_ct": build_rsna,
     "synthetic": build_synthetic,
 }
@@ -222,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only:
             continue
         if study["kind"] != "synthetic" and (args.repick or not study.get("source_files")):
-            study["source_files"] = pick(data, study["pick"])
+            study["source_files"] = pick(data, study["pick"], study["task"])
+            if "where" in study["pick"]:  # the truth is the source images' labels, every slice's together
+                study["expected_positive_labels"] = truth_labels(data, study["task"], study["source_files"])
         missing = [p for p in study.get("source_files", []) if not (data / p).exists()]
         if missing:
             raise SystemExit(f"{name}: missing source files under {data}: {missing}")

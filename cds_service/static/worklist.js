@@ -43,7 +43,8 @@
     let finding = "—";
     if (row.topFinding) {
       finding = el("span", {}, el("span", { class: "finding" }, row.topFinding.display), " " +
-        Math.round(row.topFinding.probability * 100) + " %");
+        Math.round(row.topFinding.probability * 100) + " %",
+        row.shadow ? el("span", { class: "sub shadow" }, "shadow mode: not used to order") : null);
     } else if (row.status === "done") {
       finding = "no finding above threshold";
     }

