@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
+
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from flask import Blueprint, jsonify, request
+
+from fhir_mappings.builders import is_fhir_id
 
 from .app import ctx, operation_outcome
 from .errors import TriageError
@@ -39,6 +41,10 @@ def _secret_ok() -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+# One notification normally names one study; a Bundle naming thousands is a mistake or an attack.
+MAX_STUDIES_PER_NOTIFICATION = 100
+
+
 def imaging_study_ids(body: Any, path: str) -> list[str] | None:
     """The ImagingStudy ids a notification names; None for an empty (id-less) notification.
 
@@ -60,24 +66,30 @@ def imaging_study_ids(body: Any, path: str) -> list[str] | None:
             raise ValueError("notified ImagingStudy has no id")
         return [str(body["id"])]
     if kind == "Bundle":
+        entries = body.get("entry") or []
+        if not isinstance(entries, list):
+            raise ValueError("notification Bundle.entry is not a list")
         ids = []
-        for entry in body.get("entry") or []:
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("resource") or {}, dict):
+                raise ValueError("notification Bundle.entry holds something that is not an entry with a resource")
             resource = entry.get("resource") or {}
+            full_url = entry.get("fullUrl") or ""
             if resource.get("resourceType") == "ImagingStudy" and resource.get("id"):
                 ids.append(str(resource["id"]))
-            elif "ImagingStudy/" in (entry.get("fullUrl") or ""):
-                ids.append(entry["fullUrl"].split("ImagingStudy/")[1].split("/")[0])
+            elif isinstance(full_url, str) and "ImagingStudy/" in full_url:
+                ids.append(full_url.split("ImagingStudy/")[1].split("/")[0])
+        if len(ids) > MAX_STUDIES_PER_NOTIFICATION:
+            raise ValueError(f"notification names {len(ids)} ImagingStudies; at most {MAX_STUDIES_PER_NOTIFICATION} "
+                             "are taken from one notification (send several)")
         return ids
     raise ValueError(f"expected an ImagingStudy notification, got resourceType {kind!r}")
-
-
-FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def checked_ids(ids: list[str] | None) -> list[str] | None:
     """The ids, if each is a valid FHIR id (R4: 1-64 of A-Z a-z 0-9 - .); ValueError otherwise."""
     for resource_id in ids or []:
-        if not FHIR_ID.fullmatch(resource_id):
+        if not is_fhir_id(resource_id):
             raise ValueError(f"notified ImagingStudy id is not a valid FHIR id: {resource_id[:80]!r}")
     return ids
 

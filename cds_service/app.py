@@ -98,6 +98,12 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.register_blueprint(pacs_trigger)
     app.register_blueprint(ops)  # /readyz, /metrics, /audit, request logs (ops.py)
 
+    @app.after_request
+    def no_sniffing(response: Any) -> Any:
+        """Every answer, not only the worklist's: a browser must never guess a JSON or PNG as HTML."""
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Any, int]:
         return operation_outcome(exc.code or 500, exc.description or exc.name, "invalid" if (exc.code or 500) < 500 else "exception")

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, quote
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
 from fhir_mappings import codes
-from fhir_mappings.builders import with_priority
+from fhir_mappings.builders import is_fhir_id, with_priority
 
 from .app import ctx, operation_outcome
 from .audit import AuditLog, Feedback
@@ -71,7 +71,6 @@ cds_hooks = Blueprint("cds_hooks", __name__)
 MAX_CARDS = 5
 #: Reads from the client's FHIR server must leave the hook time to answer (target: under 500 ms).
 HOOK_FHIR_TIMEOUT_S = 3.0
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TOKEN = re.compile(r"\{\{context\.([A-Za-z0-9_]+)\}\}")
 
 AI_REPORTS_KEY = "aiReports"
@@ -133,7 +132,7 @@ def discovery_document(services: Mapping[str, HookService]) -> dict[str, Any]:
 
 def _fhir_id(value: Any, name: str, resource_type: str) -> str:
     text = value.removeprefix(f"{resource_type}/") if isinstance(value, str) else value
-    if not isinstance(text, str) or not _FHIR_ID.match(text):
+    if not is_fhir_id(text):
         raise HookCallError(400, f"context.{name} must be a FHIR id of a {resource_type}")
     return text
 

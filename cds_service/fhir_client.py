@@ -11,7 +11,9 @@ from typing import Any, Iterator
 
 import httpx
 
-from .errors import StudyNotFoundError, UpstreamError, UpstreamRejectedError
+from fhir_mappings.builders import is_fhir_id
+
+from .errors import InvalidResourceError, StudyNotFoundError, UpstreamError, UpstreamRejectedError
 from .metrics import count_upstream_error
 
 FHIR_JSON = "application/fhir+json"
@@ -40,6 +42,19 @@ def version_of(resource: dict[str, Any], response: httpx.Response | None = None)
         return str(version)
     etag = response.headers.get("ETag", "") if response is not None else ""
     return etag.removeprefix("W/").strip('"') or None
+
+
+def resource_path(resource_type: str, resource_id: object) -> str:
+    """`Type/id`, refusing an id that is not a FHIR id or is a path segment ("." / "..")."""
+    if not is_fhir_id(resource_id):
+        raise InvalidResourceError(f"not a FHIR id for {resource_type}: {str(resource_id)[:80]!r}")
+    return f"{resource_type}/{resource_id}"
+
+
+def same_origin(url: str, base: str) -> bool:
+    """Whether `url` has the base's scheme, host and port (where a Bundle's `next` link may lead)."""
+    a, b = httpx.URL(url), httpx.URL(base)
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 class FhirClient:
@@ -84,7 +99,7 @@ class FhirClient:
 
     def read(self, resource_type: str, resource_id: str) -> tuple[dict[str, Any], str | None]:
         """A resource and its version id (for If-Match)."""
-        response = self._send("GET", f"{resource_type}/{resource_id}")
+        response = self._send("GET", resource_path(resource_type, resource_id))
         resource = response.json()
         return resource, version_of(resource, response)
 
@@ -94,14 +109,21 @@ class FhirClient:
 
     def iter_search(self, resource_type: str, params: dict[str, str] | None = None, *,
                     max_pages: int = 10) -> Iterator[dict[str, Any]]:
+        """Each matching resource; `next` pages are fetched only while more pages are wanted, and only
+        from the base's own origin: the request carries our (or the EHR's) token, which a link to
+        another host would hand over."""
         response = self._send("GET", resource_type, params=params or {})
-        for _ in range(max_pages):
+        for page in range(1, max_pages + 1):
             bundle = response.json()
             for entry in bundle.get("entry") or []:
-                if "resource" in entry:
+                if isinstance(entry, dict) and "resource" in entry:
                     yield entry["resource"]
-            next_url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
-            if not next_url:
+            next_url = next((link.get("url") for link in bundle.get("link") or []
+                             if isinstance(link, dict) and link.get("relation") == "next"), None)
+            if not next_url or page == max_pages:
+                return
+            if not isinstance(next_url, str) or not same_origin(next_url, self.base_url):
+                count_upstream_error("fhir", "foreign_next_link")
                 return
             response = self._send("GET", next_url)
 
@@ -117,7 +139,7 @@ class FhirClient:
         headers = {"Content-Type": FHIR_JSON, "Prefer": "return=representation"}
         if if_match:
             headers["If-Match"] = f'W/"{if_match}"'
-        response = self._send("PUT", f"{resource['resourceType']}/{resource['id']}", json=resource, headers=headers)
+        response = self._send("PUT", resource_path(resource["resourceType"], resource.get("id")), json=resource, headers=headers)
         return response.json() if response.content else resource
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
@@ -126,4 +148,4 @@ class FhirClient:
         return response.json()
 
     def delete(self, resource_type: str, resource_id: str) -> None:
-        self._send("DELETE", f"{resource_type}/{resource_id}")
+        self._send("DELETE", resource_path(resource_type, resource_id))

@@ -35,7 +35,7 @@ from flask import Blueprint, Response, abort, jsonify, render_template, request
 from PIL import Image
 
 from fhir_mappings import codes
-from fhir_mappings.builders import is_shadow, parse_fhir_datetime, reference_id
+from fhir_mappings.builders import is_fhir_id, is_shadow, parse_fhir_datetime, reference_id
 
 from .app import ctx, operation_outcome
 from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
@@ -54,7 +54,6 @@ PRIORITY_RANK = {"stat": 3, "asap": 2, "urgent": 1, "routine": 0}
 IMAGING_ORDER_CATEGORY = ("http://snomed.info/sct", "363679005")  # SNOMED CT "Imaging"
 DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
 _AI_RAISE_NOTE = re.compile(r"Priority raised from (\w+) to (\w+) by AI triage")
-FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _SOP_IN_MEDIA_TEXT = re.compile(r"SOP Instance UID ([0-9]+(?:\.[0-9]+)+)")
 
 
@@ -392,7 +391,7 @@ def fetch_worklist(order_id: str | None = None) -> list[WorklistRow]:
 
 
 def _row_or_404(order_id: str) -> WorklistRow:
-    if not FHIR_ID.fullmatch(order_id):
+    if not is_fhir_id(order_id):
         abort(404, "no such order")
     rows = fetch_worklist(order_id)
     if not rows:
@@ -503,7 +502,7 @@ def _series_from_qido(pacs: Pacs, study_uid: str, sop_instance_uid: str) -> str 
 @worklist.get("/heatmaps/<media_id>.png")
 def heatmap(media_id: str) -> Any:
     """The Grad-CAM overlay stored in one of our FHIR Media, served as a plain PNG."""
-    if not FHIR_ID.fullmatch(media_id):
+    if not is_fhir_id(media_id):
         abort(404, "no such heatmap")
     fhir = ctx().fhir()
     try:

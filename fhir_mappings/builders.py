@@ -650,6 +650,18 @@ def build_subscription(
     )
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def is_fhir_id(text: object) -> bool:
+    """A FHIR R4 id (1-64 of A-Z a-z 0-9 - .) that is also safe as a URL path segment.
+
+    "." and ".." match the FHIR pattern but are path segments: `ImagingStudy/..` reads the
+    server's base. The one rule for every place an id meets a URL.
+    """
+    return isinstance(text, str) and bool(_FHIR_ID.fullmatch(text)) and text not in (".", "..")
+
+
 def reference_id(reference: str | None, resource_type: str) -> str | None:
     """`ServiceRequest/123` (or a full URL ending so, with or without `/_history/n`) → `123`;
     anything else → None."""
@@ -658,7 +670,7 @@ def reference_id(reference: str | None, resource_type: str) -> str | None:
     parts = reference.rstrip("/").split("/")
     if "_history" in parts:
         parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
+    if len(parts) >= 2 and parts[-2] == resource_type and is_fhir_id(parts[-1]):
         return parts[-1]
     return None
 

@@ -184,3 +184,31 @@ def test_operator_endpoints_with_a_token_need_it_from_everywhere(tmp_path):
     assert client.get("/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = client.get("/jobs", headers={"Authorization": "Bearer op-token"}, environ_base={"REMOTE_ADDR": "10.1.2.3"})
     assert ok.status_code == 200 and ok.json == {"jobs": []}
+
+
+# --- what an attack run found (issue: bad ids, bad shapes, floods, sniffing) -----------------------
+
+
+@pytest.mark.parametrize("body, path", [
+    ({"resourceType": "Bundle", "entry": ["x"]}, ""),
+    ({"resourceType": "Bundle", "entry": [{"resource": "x"}]}, ""),
+    ({"resourceType": "Bundle", "entry": "x"}, ""),
+    ({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "ImagingStudy", "id": str(i)}} for i in range(2000)]}, ""),
+])
+def test_malformed_or_flooding_notifications_are_a_4xx_not_a_500(client, body, path):
+    response = client.post("/fhir-notify", json=body, headers=SECRET)
+    assert response.status_code == 400 and response.json["resourceType"] == "OperationOutcome"
+    assert client.queued == []
+
+
+@pytest.mark.parametrize("study", [".", ".."])
+def test_dot_ids_are_refused_where_an_id_meets_a_url(client, study):
+    assert client.put(f"/fhir-notify/ImagingStudy/{study}", json={}, headers=SECRET).status_code == 400
+    assert client.post("/fhir-notify", json={"resourceType": "ImagingStudy", "id": study}, headers=SECRET).status_code == 400
+    assert client.get(f"/heatmaps/{study}.png").status_code == 404
+    assert client.queued == []
+
+
+def test_every_answer_says_nosniff(client):
+    for path in ("/healthz", "/jobs/none", "/no-such-page", "/cds-services"):
+        assert client.get(path).headers.get("X-Content-Type-Options") == "nosniff", path

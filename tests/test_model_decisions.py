@@ -246,3 +246,92 @@ def test_task_modes_parse_and_name_the_setting_when_wrong() -> None:
     for bad in ("head_ct_ich=loud", "liver=active", "head_ct_ich"):
         with pytest.raises(ValueError, match="CDS_TASK_MODES"):
             Settings.from_env({"CDS_TASK_MODES": bad})
+
+
+# --- a heatmap with real resolution ---------------------------------------------------------------
+
+
+class BlockAverageModel:
+    """Stands in for the network: its "feature map" is the image averaged over 32 x 32 cells (one
+    channel), its classifier weight 1, so Grad-CAM is exactly where the image is bright."""
+
+    def __init__(self, size: int) -> None:
+        from cds_service.preprocessing import PreprocessingSpec
+
+        self.card = type("Card", (), {"preprocessing": PreprocessingSpec(kind="mr_robust", input_size=size)})()
+        self.cam_weights = np.ones((1, 1), np.float32)
+
+    def features(self, image: np.ndarray) -> np.ndarray:
+        size = image.shape[0]
+        return image[..., 0].reshape(size // 32, 32, size // 32, 32).mean(axis=(1, 3))[None]
+
+    def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        grey = batch[:, :1].transpose(0, 2, 3, 1) * 0.25 + 0.5  # undo the spec's normalisation
+        return np.zeros((len(batch), 1)), np.stack([self.features(g) for g in grey])
+
+
+def test_the_refined_heatmap_puts_a_small_bright_spot_where_it_is() -> None:
+    from cds_service.explain import class_activation_map, refined_class_activation_map
+
+    size, spot = 160, (52, 100)  # centre of a 10 x 10 spot, away from the 32-px cell centres
+    image = np.zeros((size, size, 3), np.float32)
+    image[spot[0] - 5 : spot[0] + 5, spot[1] - 5 : spot[1] + 5] = 1.0
+    model = BlockAverageModel(size)
+    plain = class_activation_map(model.features(image), model.cam_weights[0], size)
+    fine = refined_class_activation_map(model, image, 0, model.features(image))  # type: ignore[arg-type]
+    assert fine.shape == plain.shape == (size, size) and 0.0 <= fine.min() and fine.max() <= 1.0
+
+    def miss(cam: np.ndarray) -> float:
+        return float(np.hypot(*(np.array(np.unravel_index(np.argmax(cam), cam.shape)) - spot)))
+
+    assert miss(fine) < miss(plain) and miss(fine) <= 10
+
+
+# --- the FHIR client: ids and paging -------------------------------------------------------------
+
+
+def test_fhir_ids_refuse_path_segments() -> None:
+    from fhir_mappings.builders import is_fhir_id, reference_id
+
+    assert is_fhir_id("abc-1.2") and not is_fhir_id(".") and not is_fhir_id("..") and not is_fhir_id("a/b")
+    assert reference_id("ImagingStudy/..", "ImagingStudy") is None
+
+
+def paging_client(pages: dict[str, dict], seen: list[str]):
+    import httpx
+
+    from cds_service.fhir_client import FhirClient
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.host}:{request.url.port}{request.url.path} auth={request.headers.get('Authorization')}")
+        return httpx.Response(200, json=pages.get(request.url.path, {"resourceType": "Bundle"}))
+
+    client = FhirClient("http://127.0.0.1:9/fhir", bearer_token="secret-token")
+    client.http = httpx.Client(base_url=client.base_url + "/", headers=client.http.headers, transport=httpx.MockTransport(answer))
+    return client
+
+
+def bundle(ids: list[str], next_url: str | None) -> dict:
+    return {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": i}} for i in ids],
+            "link": [{"relation": "next", "url": next_url}] if next_url else []}
+
+
+def test_next_links_are_followed_only_on_our_origin_and_only_when_more_pages_are_wanted() -> None:
+    from cds_service.errors import InvalidResourceError
+
+    seen: list[str] = []
+    pages = {"/fhir/Patient": bundle(["a"], "http://evil.example:80/steal"), "/steal": bundle(["x"], None)}
+    client = paging_client(pages, seen)
+    assert [r["id"] for r in client.search("Patient")] == ["a"]
+    assert all("evil" not in s for s in seen), seen  # the token never left for another host
+
+    seen.clear()
+    pages = {"/fhir/Patient": bundle(["a"], "http://127.0.0.1:9/fhir/page2"), "/fhir/page2": bundle(["b"], None)}
+    client = paging_client(pages, seen)
+    assert [r["id"] for r in client.search("Patient")] == ["a", "b"]
+    seen.clear()
+    assert [r["id"] for r in client.search("Patient", max_pages=1)] == ["a"]
+    assert len(seen) == 1, seen  # one page asked for: the next one is not fetched
+
+    with pytest.raises(InvalidResourceError):
+        client.read("ImagingStudy", "..")
