@@ -266,10 +266,14 @@ class TokenVerifier:
             raise HookAuthError(401, f"JWT lifetime too long: exp must be within {MAX_TOKEN_LIFETIME_S} s")
 
         issuer = claims["iss"]
+        if not isinstance(issuer, str):
+            raise HookAuthError(401, "JWT iss must be a string")
         if issuer not in self.policy.issuers:
             raise HookAuthError(403, f"issuer {issuer!r} is not a trusted CDS client")
         aud = claims["aud"]
         token_audiences = [aud] if isinstance(aud, str) else list(aud) if isinstance(aud, list) else []
+        if not all(isinstance(a, str) for a in token_audiences):
+            raise HookAuthError(401, "JWT aud must be a string or a list of strings")
         if not set(token_audiences) & set(audiences):
             raise HookAuthError(403, f"JWT aud must be this endpoint's URL {audiences[0]!r}")
         if not isinstance(claims["jti"], str) or not claims["jti"]:

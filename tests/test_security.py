@@ -347,3 +347,20 @@ def test_secrets_can_come_from_files_named_by_the_environment(tmp_path):
     settings = Settings.from_env({"CDS_SUBSCRIPTION_SECRET_FILE": str(secret), "CDS_HOOKS_ISSUERS": "a,b"})
     assert settings.subscription_secret == "from-a-file" and settings.cds_hooks_issuers == "a,b"
     assert Settings.from_env({"CDS_SUBSCRIPTION_SECRET": "env-wins", "CDS_SUBSCRIPTION_SECRET_FILE": str(secret)}).subscription_secret == "env-wins"
+
+
+@pytest.mark.parametrize("claims", [{"iss": ["a", "b"]}, {"iss": {"x": 1}}, {"aud": [{"x": 1}]}])
+def test_odd_iss_or_aud_types_are_a_401_not_a_500(client, claims):
+    """Signed by a trusted key, but with claims of the wrong JSON type (PyJWT's encode refuses them,
+    so the token is signed as raw JWS)."""
+    import json as json_module
+    import uuid
+
+    import jwt as pyjwt
+
+    now = int(time.time())
+    payload = {"iss": EHR.issuer, "aud": DISCOVERY, "exp": now + 300, "iat": now, "jti": str(uuid.uuid4())} | claims
+    token = pyjwt.api_jws.PyJWS().encode(json_module.dumps(payload).encode(), EHR.keys["ES384"], algorithm="ES384",
+                                          headers={"kid": EHR.kid("ES384"), "typ": "JWT"})
+    response = client.get("/cds-services", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401, response.get_data(as_text=True)
