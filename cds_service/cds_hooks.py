@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, quote
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
 from fhir_mappings import codes
-from fhir_mappings.builders import is_fhir_id, with_priority
+from fhir_mappings.builders import is_fhir_id, reference_id, with_priority
 
 from .app import ctx, operation_outcome
 from .audit import AuditLog, Feedback
@@ -44,7 +44,7 @@ from .cards import (
     unread_critical_card,
 )
 from .domain import Priority, TaskMode
-from .errors import TriageError
+from .errors import TriageError, UpstreamRejectedError
 from .fhir_client import FhirClient
 from .jobs import Job, JobState, TriageRequest
 from .logs import hashed
@@ -145,6 +145,24 @@ def _check_fhir_server(url: Any) -> str:
     return url.rstrip("/")
 
 
+def allowed_fhir_server(url: str | None, issuer: str, settings: Settings) -> str | None:
+    """`url` if this issuer's calls may make us call it (CDS_HOOKS_FHIR_SERVERS), else None.
+
+    A hook's fhirServer is where we send the EHR's token and from where we show data: an
+    unlisted one (an internal address, another hospital's server) is never called. Loopback
+    needs CDS_HOOKS_ALLOW_LOOPBACK_FHIR as well (development only).
+    """
+    if url is None:
+        return None
+    for entry in (part.strip() for part in settings.cds_hooks_fhir_servers.split(",")):
+        who, sep, listed = entry.rpartition("|") if "|" in entry else ("", "", entry)
+        if listed.rstrip("/") == url and (not sep or who == issuer):
+            if is_loopback_url(url) and not settings.cds_hooks_allow_loopback_fhir:
+                return None
+            return url
+    return None
+
+
 def parse_hook_call(body: Any, service: HookService) -> HookCall:
     """Validate the request envelope and the context this service needs; HookCallError(400) otherwise."""
     if not isinstance(body, dict):
@@ -209,15 +227,23 @@ def hook_data(call: HookCall, key: str, query: str) -> tuple[list[dict[str, Any]
         return resources_of(value), "prefetch"
     if not (call.fhir_server and call.fhir_token):
         raise HookCallError(412, f"prefetch {key!r} is missing or null and no fhirServer with fhirAuthorization was given")
+    server = allowed_fhir_server(call.fhir_server, g.hook_client.issuer, ctx().settings)
+    if server is None:
+        raise HookCallError(412, f"prefetch {key!r} is missing or null and this fhirServer is not allow-listed for "
+                                 "this client (CDS_HOOKS_FHIR_SERVERS)")
     path, _, params = render_query(query, call.context).partition("?")
-    client = FhirClient(call.fhir_server, timeout_s=HOOK_FHIR_TIMEOUT_S, bearer_token=call.fhir_token)
+    client = FhirClient(server, timeout_s=HOOK_FHIR_TIMEOUT_S, bearer_token=call.fhir_token)
     try:
         if "/" in path:  # a read: Type/id
             resource_type, _, resource_id = path.partition("/")
             return [client.read(resource_type, resource_id)[0]], "fhir"
         return client.search(path, dict(parse_qsl(params)), max_pages=1), "fhir"
+    except UpstreamRejectedError as exc:  # its body stays in our log, never in our answer
+        log.info("fhirServer refused a hook read", extra={"key": key, "status": exc.status_code, "detail": str(exc)[:300]})
+        raise HookCallError(412, f"could not read {key!r} from fhirServer (it answered HTTP {exc.status_code})") from None
     except TriageError as exc:
-        raise HookCallError(412, f"could not read {key!r} from fhirServer: {exc}") from None
+        log.info("fhirServer unreachable for a hook read", extra={"key": key, "detail": str(exc)[:300]})
+        raise HookCallError(412, f"could not read {key!r} from fhirServer ({type(exc).__name__})") from None
     finally:
         client.close()
 
@@ -239,11 +265,29 @@ def imagingstudy_create(call: HookCall, settings: Settings) -> tuple[list[dict[s
     except ValueError as exc:
         raise HookCallError(400, str(exc)) from None
     if job.state is JobState.DONE:
+        if not study_of_patient(call, study_id):
+            return [no_result_card("the study's patient could not be confirmed as the patient in context; the "
+                                   "result is on the worklist", settings.public_url)], []
         report = ai_report_from_job(job.result, study_id)
         return [report_card(report, settings.priority_rules, settings.public_url)], priority_system_actions(call, job, settings)
     if job.state in (JobState.NOT_APPLICABLE, JobState.MODEL_UNAVAILABLE):
         return [no_result_card(job.reason or job.state.value, settings.public_url)], []
     return [pending_card(job.id, job.state.value, settings.public_url)], []
+
+
+def study_of_patient(call: HookCall, study_id: str) -> bool:
+    """Whether the EHR says this ImagingStudy is the context patient's (prefetch or fhirServer).
+
+    Findings are shown only then: a call with patient A in context and patient B's study id must
+    not show B's result. When the EHR gives no way to check, nothing is shown either.
+    """
+    try:
+        found, _ = hook_data(call, "imagingStudy", f"ImagingStudy/{study_id}")
+    except HookCallError:
+        return False
+    study = next((r for r in found if r.get("resourceType") == "ImagingStudy" and r.get("id") == study_id), None)
+    subject = (study or {}).get("subject") or {}
+    return isinstance(subject, dict) and reference_id(subject.get("reference"), "Patient") == call.patient_id
 
 
 def priority_system_actions(call: HookCall, job: Job, settings: Settings) -> list[dict[str, Any]]:
@@ -296,7 +340,8 @@ SERVICES: dict[str, HookService] = {s.id: s for s in (
                     "pneumothorax) and raises the order's priority for critical findings. Answers at once.",
         usage_requirements="Context: patientId, imagingStudyId, optional serviceRequestId. The study's images must be "
                            "in the configured DICOMweb PACS. " + DISCLAIMER,
-        prefetch={"serviceRequest": "ServiceRequest/{{context.serviceRequestId}}"},
+        prefetch={"serviceRequest": "ServiceRequest/{{context.serviceRequestId}}",
+                  "imagingStudy": "ImagingStudy/{{context.imagingStudyId}}"},
         context_types={"patientId": str, "imagingStudyId": str}, handler=imagingstudy_create),
     HookService(
         id="patient-view", hook="patient-view", title="AI radiology triage findings",

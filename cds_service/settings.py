@@ -126,6 +126,11 @@ class Settings:
     rate_limit_storage_url: str = field(default="memory://", metadata={"env": "RATE_LIMIT_STORAGE_URL"})
     max_json_depth: int = field(default=64, metadata={"env": "MAX_JSON_DEPTH"})
     cds_hooks_system_actions: str = field(default="off", metadata={"env": "HOOKS_SYSTEM_ACTIONS"})
+    # FHIR servers a hook's `fhirServer` may name: comma-separated base URLs, each optionally as
+    # `issuer|url` to allow it for one trusted issuer only. Anything else is never called.
+    cds_hooks_fhir_servers: str = field(default="", metadata={"env": "HOOKS_FHIR_SERVERS"})
+    # a loopback fhirServer (127.0.0.1, localhost) is refused even when listed, unless this is on (development)
+    cds_hooks_allow_loopback_fhir: bool = field(default=False, metadata={"env": "HOOKS_ALLOW_LOOPBACK_FHIR"})
     # Outbound to the FHIR server: SMART Backend Services (client credentials, private_key_jwt).
     fhir_smart_client_id: str = field(default="", metadata={"env": "FHIR_SMART_CLIENT_ID"})
     fhir_smart_private_key_file: str = field(default="", metadata={"env": "FHIR_SMART_PRIVATE_KEY_FILE"})

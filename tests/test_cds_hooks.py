@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -291,10 +292,22 @@ def test_imagingstudy_create_after_the_job_finished_shows_the_result(service):
     body = hook_request("imagingstudy-create", {"patientId": "p1", "imagingStudyId": "ct1", "serviceRequestId": "sr1"},
                         prefetch={"serviceRequest": {"resourceType": "ServiceRequest", "id": "sr1", "status": "active",
                                                      "intent": "order", "priority": "routine",
-                                                     "subject": {"reference": "Patient/p1"}}})
+                                                     "subject": {"reference": "Patient/p1"}},
+                                  "imagingStudy": {"resourceType": "ImagingStudy", "id": "ct1", "status": "available",
+                                                   "subject": {"reference": "Patient/p1"}}})
     answer = call(client, "imagingstudy-create", body)
     [card] = answer["cards"]
     assert card["indicator"] == "critical" and card["links"][0]["url"] == f"{PUBLIC}/heatmaps/m9.png"
+
+    # patient p2 in context with p1's study: nothing of p1's result is shown
+    other = json.loads(json.dumps(body)) | {"hookInstance": str(uuid.uuid4())}
+    other["context"]["patientId"] = "p2"
+    [card] = call(client, "imagingstudy-create", other)["cards"]
+    assert card["indicator"] == "info" and "could not be confirmed" in card["detail"] and "heatmaps" not in json.dumps(card)
+    # no way to check the study's patient (no prefetch, no fhirServer): nothing shown either
+    bare = hook_request("imagingstudy-create", {"patientId": "p1", "imagingStudyId": "ct1"})
+    [card] = call(client, "imagingstudy-create", bare)["cards"]
+    assert "could not be confirmed" in card["detail"]
     assert "systemActions" not in answer  # off by default
 
     with_actions = service(cds_hooks_system_actions="on")
@@ -342,10 +355,12 @@ def test_patient_view_without_data_or_access_is_412(service, prefetch):
 def test_patient_view_when_the_fhir_server_is_unreachable_is_412(service):
     from cds_service.devservers import free_port
 
-    body = hook_request("patient-view", {"patientId": "p1"}, fhirServer=f"http://127.0.0.1:{free_port()}/fhir",
+    url = f"http://127.0.0.1:{free_port()}/fhir"
+    body = hook_request("patient-view", {"patientId": "p1"}, fhirServer=url,
                         fhirAuthorization={"access_token": "t", "token_type": "Bearer", "expires_in": 300,
                                            "scope": "patient/*.read", "subject": "cds-triage"})
-    assert "could not read" in call(service(), "patient-view", body, status=412)["issue"][0]["diagnostics"]
+    listed = service(cds_hooks_fhir_servers=url, cds_hooks_allow_loopback_fhir=True)
+    assert "could not read" in call(listed, "patient-view", body, status=412)["issue"][0]["diagnostics"]
 
 
 def imaging_order(order_id: str) -> dict:
@@ -436,7 +451,13 @@ def test_patient_view_reads_the_fhir_server_with_fhir_authorization(service, fhi
     body = hook_request("patient-view", {"patientId": patient}, fhirServer=fhir_server.url,
                         fhirAuthorization={"access_token": "ehr-issued-token", "token_type": "Bearer", "expires_in": 300,
                                            "scope": "user/DiagnosticReport.read user/Observation.read", "subject": "cds-triage"})
-    cards = call(service(), "patient-view", body)["cards"]
+    # SSRF guard: a fhirServer nobody listed, or a listed loopback one without the development switch, is never called
+    for refused in (service(), service(cds_hooks_fhir_servers=fhir_server.url),
+                    service(cds_hooks_fhir_servers=f"https://other-issuer.example|{fhir_server.url}", cds_hooks_allow_loopback_fhir=True)):
+        answer = call(refused, "patient-view", body, status=412)
+        assert "CDS_HOOKS_FHIR_SERVERS" in answer["issue"][0]["diagnostics"]
+    cards = call(service(cds_hooks_fhir_servers=f"{EHR.issuer}|{fhir_server.url}", cds_hooks_allow_loopback_fhir=True),
+                 "patient-view", body)["cards"]
     assert [c["indicator"] for c in cards] == ["critical", "warning"]
     assert "0.91" in cards[0]["detail"] and "effnet-ich 1.2.0" in cards[0]["detail"]  # Observations came with _include
     assert "0.70" in cards[1]["detail"]
@@ -476,6 +497,7 @@ def secured_product(orthanc, tmp_path_factory):
         host="127.0.0.1", port=port, data_dir=root / "data", weights_dir=make_test_weights(root / "weights", Task.HEAD_CT_ICH),
         job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10,
         fhir_smart_client_id="cds-triage", fhir_smart_private_key_file=str(key_file),
+        cds_hooks_fhir_servers=f"{EHR.issuer}|{fhir_server.url}", cds_hooks_allow_loopback_fhir=True,  # a local EHR
         **EHR.hook_settings(root / "ehr-jwks.json"),
     )
     try:
@@ -569,3 +591,33 @@ def test_hook_call_to_critical_patient_view_card_end_to_end(secured_product):
     ehr_fhir.close()
     events = AuditLog(settings.data_dir / "audit.sqlite3").events("feedback")
     assert [e["detail"]["overrideReason"] for e in events if e["detail"]["card"] == card["uuid"]] == ["false-positive"]
+
+
+def test_an_upstream_error_body_is_never_echoed(service):
+    """The 412 says which key and the HTTP status; what the fhirServer wrote stays in our log."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Talkative(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"resourceType": "OperationOutcome", "issue": [{"diagnostics": "INTERNAL-SECRET db=10.0.0.5"}]}'
+            self.send_response(400)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Talkative)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/fhir"
+        body = hook_request("patient-view", {"patientId": "p1"}, fhirServer=url,
+                            fhirAuthorization={"access_token": "t", "token_type": "Bearer"})
+        answer = call(service(cds_hooks_fhir_servers=url, cds_hooks_allow_loopback_fhir=True), "patient-view", body, status=412)
+        diagnostics = answer["issue"][0]["diagnostics"]
+        assert "HTTP 400" in diagnostics and "SECRET" not in diagnostics and "10.0.0.5" not in diagnostics
+    finally:
+        server.shutdown()
