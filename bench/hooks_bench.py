@@ -80,6 +80,7 @@ def run(calls: int, out: Path) -> dict[str, Any]:
         with start_fhir_server(workdir / "fhir") as fhir_server:
             port = free_port()
             settings = Settings(
+                operator_open_on_loopback=True,  # tests call /jobs directly
                 fhir_base_url=fhir_server.url, public_url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port,
                 data_dir=workdir / "service", weights_dir=make_test_weights(workdir / "weights", Task.HEAD_CT_ICH),
                 log_level="WARNING", cds_hooks_rate_limit="100000/minute",  # the bench is one busy client

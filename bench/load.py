@@ -100,6 +100,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         weights, weights_kind = weights_for(args, workdir)
         port = devservers.free_port()
         settings = Settings(
+            operator_open_on_loopback=True,  # tests call /jobs directly
             fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
             host="127.0.0.1", port=port, data_dir=workdir / "data", weights_dir=weights, queue_url=queue_url,
             subscription_secret=SECRET, workers=args.workers, job_redeliver_s=3600, http_timeout_s=60,

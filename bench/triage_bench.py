@@ -624,7 +624,7 @@ def run(config: BenchConfig, out_dir: Path, device: str, runtime: str = "auto") 
         weights = workdir / "weights"
         for task in Task:
             make_test_weights(weights, task, input_size=config.input_size, preprocessing=production_preprocessing(task))
-        settings = Settings(weights_dir=weights, data_dir=workdir / "inprocess", batch_size=config.batch_size,
+        settings = Settings(operator_open_on_loopback=True, weights_dir=weights, data_dir=workdir / "inprocess", batch_size=config.batch_size,
                             device=device, inference_runtime=runtime, workers=1, log_level="WARNING",
                             http_timeout_s=30)
         log(f"bare model: {config.bare_runs} batches of {config.batch_size} at {config.input_size} px")

@@ -165,6 +165,7 @@ def _run_demo(settings: Settings, workdir: Path, own_workdir: bool, keep_running
             subscription_secret=settings.subscription_secret or secrets.token_urlsafe(24),
             # The demo puts the Grad-CAM Secondary Capture into Orthanc unless CDS_HEATMAP_TO_PACS says otherwise.
             heatmap_to_pacs=settings.heatmap_to_pacs or "CDS_HEATMAP_TO_PACS" not in os.environ,
+            operator_open_on_loopback=True,  # the demo's own loopback servers: /jobs for the table below
         )
         print("==> starting the triage service and a worker")
         service = start_service(settings, workdir / "service")

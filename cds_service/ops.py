@@ -43,9 +43,13 @@ PROBE_TIMEOUT_S = 5.0
 # --- operator access -----------------------------------------------------------------------------
 
 
+# Headers a reverse proxy may add; any of them (even empty) means the caller is not this machine.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host", "X-Forwarded-Proto")
+
+
 def _from_this_machine() -> bool:
-    """A direct call over loopback; one relayed by a reverse proxy (X-Forwarded-For, Forwarded) is not."""
-    if request.headers.get("X-Forwarded-For") or request.headers.get("Forwarded"):
+    """A direct call over loopback; one relayed by a reverse proxy (any proxy header, even empty) is not."""
+    if any(name in request.headers for name in PROXY_HEADERS):
         return False
     try:
         return ipaddress.ip_address(request.remote_addr or "").is_loopback
@@ -54,15 +58,19 @@ def _from_this_machine() -> bool:
 
 
 def operator_refusal() -> tuple[Any, int] | None:
-    """401 unless the request carries CDS_OPERATOR_TOKEN. Without a configured token, only
-    direct calls from this machine get in (403 otherwise): job results and the audit trail
-    are never open to the network by an unset setting."""
-    expected = ctx().settings.operator_token
+    """None when the caller may use the operator endpoints (/jobs, /audit, /metrics, /readyz details).
+
+    Default deny: the request must carry CDS_OPERATOR_TOKEN (401 otherwise). Without a token
+    configured, nobody gets in (403), unless CDS_OPERATOR_OPEN_ON_LOOPBACK is on and the call
+    comes straight from this machine: a proxy on this host that adds only X-Real-IP, or no
+    header at all (nginx's default), must not turn every outside caller into "loopback"."""
+    settings = ctx().settings
+    expected = settings.operator_token
     if not expected:
-        if _from_this_machine():
+        if settings.operator_open_on_loopback and _from_this_machine():
             return None
-        return operation_outcome(403, "operator endpoints are only open to this machine until CDS_OPERATOR_TOKEN is set",
-                                 "forbidden")
+        return operation_outcome(403, "operator endpoints need CDS_OPERATOR_TOKEN (or, for development on this "
+                                      "machine only, CDS_OPERATOR_OPEN_ON_LOOPBACK=true)", "forbidden")
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if hmac.compare_digest(given.encode(), expected.encode()):
         return None
@@ -138,11 +146,14 @@ def readyz() -> Any:
         "pacs": lambda: _check_pacs(settings, timeout_s),
         "models": lambda: _check_models(settings),
     })
+    status = 200 if ok else 503
+    if operator_refusal() is not None:  # a load balancer needs the status only; the details are the operator's
+        return jsonify({"status": "ready" if ok else "not ready"}), status
     try:  # informative: jobs wait (safely) while no worker runs
         workers = len(ctx().store.live_workers(time.time() - 3 * settings.job_lease_s))
     except QueueUnavailableError:
         workers = None
-    return jsonify({"status": "ready" if ok else "not ready", "checks": report, "workers": workers}), 200 if ok else 503
+    return jsonify({"status": "ready" if ok else "not ready", "checks": report, "workers": workers}), status
 
 
 # --- metrics and audit -----------------------------------------------------------------------------
@@ -150,6 +161,8 @@ def readyz() -> Any:
 
 @ops.get("/metrics")
 def prometheus_metrics() -> Any:
+    if refused := operator_refusal():
+        return refused
     body = metrics.render(ctx().store, live_within_s=3 * ctx().settings.job_lease_s)
     return Response(body, mimetype=metrics.CONTENT_TYPE.split(";")[0], content_type=metrics.CONTENT_TYPE)
 

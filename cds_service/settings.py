@@ -144,6 +144,9 @@ class Settings:
     max_series_bytes: int = field(default=1_000_000_000, metadata={"env": "MAX_SERIES_BYTES"})
     worker_metrics_port: int = field(default=0, metadata={"env": "WORKER_METRICS_PORT"})
     operator_token: str = field(default="", metadata={"env": "OPERATOR_TOKEN", "secret": True})
+    # development only: without CDS_OPERATOR_TOKEN, let direct loopback calls (no proxy headers) use
+    # /jobs, /audit, /metrics and the /readyz details; off, they need the token (default deny)
+    operator_open_on_loopback: bool = field(default=False, metadata={"env": "OPERATOR_OPEN_ON_LOOPBACK"})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":

@@ -34,6 +34,7 @@ def service(orthanc, fhir_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-input")
     port = free_port()
     settings = Settings(
+        operator_open_on_loopback=True,  # tests call /jobs directly
         fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
         host="127.0.0.1", port=port, data_dir=root / "data", weights_dir=make_test_weights(root / "weights", Task.HEAD_CT_ICH),
         subscription_secret=SECRET, job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10,
@@ -110,7 +111,7 @@ def test_unreadable_file_is_refused_by_the_pacs_and_explained_by_the_cli(case, s
         upload_dicom(orthanc.url, [data])
     path = tmp_path / "input.dcm"
     path.write_bytes(data)
-    settings = Settings(weights_dir=service[0].weights_dir, data_dir=tmp_path)
+    settings = Settings(operator_open_on_loopback=True, weights_dir=service[0].weights_dir, data_dir=tmp_path)
     code = triage_paths([path], settings, task=None, as_json=True, heatmaps=None)
     out = capsys.readouterr()
     assert code == 1 and case.says in out.err + out.out, out

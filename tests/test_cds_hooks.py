@@ -242,7 +242,7 @@ def test_feedback_parsing():
 @pytest.fixture
 def service(tmp_path):
     def make(**overrides: Any):
-        settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights",
+        settings = Settings(operator_open_on_loopback=True, data_dir=tmp_path, weights_dir=tmp_path / "weights",
                             **(EHR.hook_settings(tmp_path / "jwks.json") | overrides))
         queued: list[str] = []
         context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=queued.append, model_set="m@1")
@@ -493,6 +493,7 @@ def secured_product(orthanc, tmp_path_factory):
     }})
     port = devservers.free_port()
     settings = Settings(
+        operator_open_on_loopback=True,  # tests call /jobs directly
         fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
         host="127.0.0.1", port=port, data_dir=root / "data", weights_dir=make_test_weights(root / "weights", Task.HEAD_CT_ICH),
         job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10,

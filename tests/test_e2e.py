@@ -86,6 +86,7 @@ def service(pacs, fhir_base_url, tmp_path_factory):
     make_test_weights(weights, Task.BRAIN_MRI)
     port = free_port()
     settings = Settings(
+        operator_open_on_loopback=True,  # tests call /jobs directly
         fhir_base_url=fhir_base_url, dicomweb_url=pacs.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
         host="127.0.0.1", port=port, data_dir=root / "data", weights_dir=weights, subscription_secret=SECRET,
         job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10,

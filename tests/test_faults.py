@@ -89,6 +89,7 @@ def stack(tmp_path_factory):
     weights = make_test_weights(root / "weights", Task.HEAD_CT_ICH)
     port = devservers.free_port()
     settings = Settings(
+        operator_open_on_loopback=True,  # tests call /jobs directly
         fhir_base_url=fhir_proxy.url("/fhir"), dicomweb_url=pacs_proxy.url("/dicom-web"),
         public_url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port, data_dir=root / "data",
         weights_dir=weights, subscription_secret=SECRET, http_timeout_s=3, job_retries=8, job_retry_delay_s=0.3,

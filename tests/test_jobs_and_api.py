@@ -85,7 +85,7 @@ def test_bad_notifications_are_rejected(body, path):
 
 @pytest.fixture
 def client(tmp_path):
-    settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights", subscription_secret="s3cret",
+    settings = Settings(operator_open_on_loopback=True, data_dir=tmp_path, weights_dir=tmp_path / "weights", subscription_secret="s3cret",
                         **EHR.hook_settings(tmp_path / "ehr-jwks.json"))  # CDS Hooks calls carry EHR's signed JWT
     queued: list[str] = []
     context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=queued.append, model_set="m@1")
@@ -167,17 +167,33 @@ def test_unknown_job_is_404(client):
     ("10.1.2.3", {}, 403),                                     # anyone on the network
     ("127.0.0.1", {"X-Forwarded-For": "10.1.2.3"}, 403),       # relayed by a reverse proxy on this machine
     ("127.0.0.1", {"Forwarded": "for=10.1.2.3"}, 403),
+    ("127.0.0.1", {"X-Real-IP": "10.1.2.3"}, 403),             # a proxy that adds only X-Real-IP
+    ("127.0.0.1", {"X-Forwarded-For": ""}, 403),               # or an empty X-Forwarded-For
 ])
-def test_operator_endpoints_without_a_token_are_open_to_this_machine_only(client, remote, headers, status):
-    for path in ("/jobs", "/audit"):
+def test_operator_endpoints_without_a_token_are_open_to_this_machine_only_when_asked(client, remote, headers, status):
+    """With CDS_OPERATOR_OPEN_ON_LOOPBACK (development) and no token: direct loopback calls only."""
+    for path in ("/jobs", "/audit", "/metrics"):
         response = client.get(path, headers=headers, environ_base={"REMOTE_ADDR": remote})
         assert response.status_code == status, path
         if status == 403:
             assert "CDS_OPERATOR_TOKEN" in response.json["issue"][0]["diagnostics"]
 
 
+def test_operator_endpoints_are_closed_by_default(tmp_path):
+    """No token and no development switch: nobody, not even a direct loopback call (a proxy on this
+    host that adds no header at all looks exactly like one). /readyz keeps its status, not its details."""
+    settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights")
+    context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=lambda job_id: None, model_set="m@1")
+    client = create_app(settings, context).test_client()
+    for path in ("/jobs", "/audit", "/metrics"):
+        response = client.get(path)
+        assert response.status_code == 403 and "CDS_OPERATOR_TOKEN" in response.json["issue"][0]["diagnostics"], path
+    ready = client.get("/readyz")
+    assert set(ready.json) == {"status"}
+
+
 def test_operator_endpoints_with_a_token_need_it_from_everywhere(tmp_path):
-    settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights", operator_token="op-token")
+    settings = Settings(operator_open_on_loopback=True, data_dir=tmp_path, weights_dir=tmp_path / "weights", operator_token="op-token")
     context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=lambda job_id: None, model_set="m@1")
     client = create_app(settings, context).test_client()
     assert client.get("/jobs").status_code == 401  # loopback alone is not enough once a token is set

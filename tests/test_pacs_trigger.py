@@ -74,6 +74,7 @@ def service(lua_orthanc, fhir_server, service_port, tmp_path_factory):
     weights = make_test_weights(root / "weights", Task.HEAD_CT_ICH)
     make_test_weights(weights, Task.BRAIN_MRI)
     settings = Settings(
+        operator_open_on_loopback=True,  # tests call /jobs directly
         fhir_base_url=fhir_server.url, dicomweb_url=lua_orthanc.dicomweb_url, public_url=f"http://127.0.0.1:{service_port}",
         host="127.0.0.1", port=service_port, data_dir=root / "data", weights_dir=weights,
         job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10,
@@ -271,18 +272,18 @@ def test_status_of_a_study_never_announced_is_404(api):
 
 
 def test_trigger_is_off_without_a_secret(tmp_path):
-    app = create_app(Settings(data_dir=tmp_path / "data", pacs_trigger_secret=""))
+    app = create_app(Settings(operator_open_on_loopback=True, data_dir=tmp_path / "data", pacs_trigger_secret=""))
     response = app.test_client().post("/pacs/studies", json={"StudyInstanceUID": "1.2.3"}, headers={PACS_SECRET_HEADER: ""})
     assert response.status_code == 403 and "CDS_PACS_TRIGGER_SECRET" in response.get_json()["issue"][0]["diagnostics"]
 
 
 def test_misspelt_unknown_patient_policy_fails_at_start(tmp_path):
     with pytest.raises(ValueError, match="CDS_PACS_UNKNOWN_PATIENT"):
-        create_app(Settings(data_dir=tmp_path / "data", pacs_unknown_patient="maybe"))
+        create_app(Settings(operator_open_on_loopback=True, data_dir=tmp_path / "data", pacs_unknown_patient="maybe"))
 
 
 def test_reject_policy_and_ambiguous_patient_create_nothing(orthanc, fhir_server, fhir, tmp_path):
-    settings = Settings(fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, data_dir=tmp_path,
+    settings = Settings(operator_open_on_loopback=True, fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, data_dir=tmp_path,
                         patient_identifier_system=MRN_SYSTEM, pacs_unknown_patient="reject", http_timeout_s=10)
     mrn = f"MRN-{uuid.uuid4().hex[:8]}"
     slices = ct_head(mrn)

@@ -45,6 +45,7 @@ def cluster(orthanc, tmp_path_factory):
     pacs_proxy = TcpProxy(orthanc.http_port).start()
     port = devservers.free_port()
     settings = Settings(
+        operator_open_on_loopback=True,  # tests call /jobs directly
         fhir_base_url=fhir_server.url, dicomweb_url=pacs_proxy.url("/dicom-web"), public_url=f"http://127.0.0.1:{port}",
         host="127.0.0.1", port=port, data_dir=root / "machine-1", queue_url=redis.url,
         weights_dir=make_test_weights(root / "weights", Task.HEAD_CT_ICH), subscription_secret=SECRET,
