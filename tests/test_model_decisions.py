@@ -229,6 +229,10 @@ def test_lite0_weights_load_into_b0_with_open_se_gates() -> None:
     gate = network.blocks[1][0].se.conv_expand
     assert torch.all(gate.weight == 0) and torch.all(gate.bias == SE_GATE_BIAS)
     assert len(info["file_sha256"]) == 64
+    network.eval()
+    with torch.no_grad():  # a new head starts near p = 0.5, not at timm's logits of +-30 for one output
+        logits = network(torch.randn(2, 3, 96, 96))
+    assert float(logits.abs().max()) < 2.0
 
 
 # --- per-task modes ----------------------------------------------------------------------------
