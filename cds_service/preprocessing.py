@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import pydicom
+import pydicom.encaps
+import pydicom.uid
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -127,13 +129,82 @@ def read_dicom(source: bytes | str | Path | pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
+# The most pixels one instance may decode to (rows x columns x frames x samples): 16 k x 16 k.
+# Beyond it a decoder's allocation alone could take a worker's memory.
+MAX_DECODED_PIXELS = 16384 * 16384
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # 0xF7: JPEG-LS
+
+
+def codestream_size(codestream: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 codestream says it holds; None if it says none.
+
+    Read from the headers before any decoder runs (a JPEG's SOF or JPEG-LS's SOF55 segment,
+    JPEG 2000's SIZ marker), so a frame larger than its DICOM header claims is refused unopened.
+    """
+    if codestream[:2] == b"\xff\xd8":  # JPEG / JPEG-LS: walk the marker segments up to the frame header
+        at = 2
+        while at + 4 <= len(codestream):
+            if codestream[at] != 0xFF:
+                return None
+            marker = codestream[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            length = int.from_bytes(codestream[at + 2 : at + 4], "big")
+            if marker in _SOF_MARKERS and at + 9 <= len(codestream):
+                return int.from_bytes(codestream[at + 5 : at + 7], "big"), int.from_bytes(codestream[at + 7 : at + 9], "big")
+            if marker == 0xDA:  # start of scan before a frame header: none
+                return None
+            at += 2 + length
+        return None
+    siz = codestream.find(b"\xff\x4f\xff\x51")  # JPEG 2000 (bare, or inside a JP2 box): SOC then SIZ
+    if siz >= 0 and siz + 24 <= len(codestream):
+        x, y, x0, y0 = (int.from_bytes(codestream[siz + 8 + 4 * k : siz + 12 + 4 * k], "big") for k in range(4))
+        return y - y0, x - x0
+    return None
+
+
+def check_pixel_size(ds: pydicom.Dataset) -> None:
+    """Refuse, before decoding, an instance whose decoded size is absurd or whose compressed frame
+    is not the size its header says (a decompression bomb: a 64 x 64 header over a 16000 x 16000 frame)."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        pixels = rows * columns * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise BadDicomError(f"unreadable image size in the DICOM header: {exc}") from exc
+    if pixels > MAX_DECODED_PIXELS:
+        raise BadDicomError(f"image of {pixels} pixels is above the limit of {MAX_DECODED_PIXELS} per instance")
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        encapsulated = ts is not None and ts.is_encapsulated
+    except ValueError:  # not a transfer syntax UID at all: the decoder says so with the UID in its message
+        return
+    if not encapsulated:
+        return
+    try:
+        first = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    except Exception as exc:
+        raise BadDicomError(f"encapsulated pixel data without a readable first frame: {exc}") from exc
+    if ts == pydicom.uid.RLELossless:
+        segments = int.from_bytes(first[:4], "little") if len(first) >= 64 else -1
+        expected = int(ds.get("SamplesPerPixel", 1) or 1) * max(1, int(ds.get("BitsAllocated", 8) or 8) // 8)
+        if segments != expected:
+            raise BadDicomError(f"RLE frame has {segments} segments where the header implies {expected}")
+        return
+    size = codestream_size(first)
+    if size is not None and size != (rows, columns):
+        raise BadDicomError(f"compressed frame is {size[0]} x {size[1]} but the DICOM header says {rows} x {columns}")
+
+
 def dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
     """Decoded stored pixels of a single-frame greyscale image, as float32.
 
-    Compressed transfer syntaxes are decoded by the pylibjpeg plugins that pydicom finds.
+    Compressed transfer syntaxes are decoded by the pylibjpeg plugins that pydicom finds, after
+    `check_pixel_size` has compared the frame's own header with the DICOM header.
     """
     if "PixelData" not in ds:
         raise BadDicomError("DICOM object has no pixel data")
+    check_pixel_size(ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:

@@ -219,6 +219,7 @@ def test_slices_are_scored_in_batches_of_equal_size():
     from types import SimpleNamespace
 
     from cds_service.inference import score_images
+    from cds_service.models import SeriesPooling
 
     sizes: list[int] = []
 
@@ -227,7 +228,7 @@ def test_slices_are_scored_in_batches_of_equal_size():
         return batch.mean(axis=(2, 3))[:, :2]  # any per-image function of the pixels
 
     spec = PreprocessingSpec(kind="mr_robust", input_size=16)
-    model = SimpleNamespace(card=SimpleNamespace(preprocessing=spec), predict_with_features=lambda b: (predict(b), None))
+    model = SimpleNamespace(card=SimpleNamespace(preprocessing=spec, series_pooling=SeriesPooling()), predict_with_features=lambda b: (predict(b), None))
     rng = np.random.default_rng(0)
     images = [np.broadcast_to(rng.random((12, 12, 1), dtype=np.float32), (12, 12, 3)) for _ in range(40)]
     scores = score_images(model, images, batch_size=16)
