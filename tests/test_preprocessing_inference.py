@@ -282,6 +282,7 @@ def test_slices_scored_as_they_arrive_get_the_same_scores_in_equal_batches():
     from types import SimpleNamespace
 
     from cds_service.inference import batch_sizes, score_images, score_stream
+    from cds_service.models import SeriesPooling
 
     sizes: list[int] = []
 
@@ -290,7 +291,7 @@ def test_slices_scored_as_they_arrive_get_the_same_scores_in_equal_batches():
         return batch.mean(axis=(2, 3))[:, :2], batch[:, :, :2, :2]  # per-image functions of the pixels
 
     spec = PreprocessingSpec(kind="mr_robust", input_size=16)
-    model = SimpleNamespace(card=SimpleNamespace(preprocessing=spec), predict_with_features=predict)
+    model = SimpleNamespace(card=SimpleNamespace(preprocessing=spec, series_pooling=SeriesPooling()), predict_with_features=predict)
     rng = np.random.default_rng(1)
     images = [np.broadcast_to(rng.random((12, 12, 1), dtype=np.float32), (12, 12, 3)) for _ in range(40)]
     reference = score_images(model, images, batch_size=16)
