@@ -137,8 +137,8 @@ class Finding:
 
     `trained` is False for outputs the model card says were never trained: they are reported
     as such and are never positive. `raises_priority` is False for a trained label that missed
-    its bar on the card's test split (a rare subtype): named in the report, never a reason on its
-    own to move the study up.
+    its bar on the card's test split (a rare subtype): its probability is reported, but it is
+    never positive, so it neither names a finding nor moves the study up.
     """
 
     label: str
@@ -151,8 +151,8 @@ class Finding:
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(f"probability out of range for {self.label}: {self.probability}")
-        if self.positive and not self.trained:
-            raise ValueError(f"untrained label {self.label} cannot be positive")
+        if self.positive and not (self.trained and self.raises_priority):
+            raise ValueError(f"label {self.label} is untrained or short of its bar and cannot be positive")
 
 
 @dataclass(frozen=True)

@@ -479,3 +479,76 @@ def presence_metrics(pred: Predictions, negative_label: str, threshold: float, r
         "class_accuracy": {"value": _r(accuracy_k / len(classes)), "ci95": [_r(lo), _r(hi)],
                            "count": [accuracy_k, len(classes)], "interval": "wilson"},
     }
+
+
+# --- series decisions from slice scores (head CT) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesSimulation:
+    """How a series-level rule is expected to behave, from slice scores of labelled single slices.
+
+    The labelled data has no whole series, so series are assembled: `slices` slices drawn from the
+    negatives, and for a bleeding series a contiguous run of `run_lengths` (uniform) slices drawn
+    from the positives placed at random. Scores within a series are drawn independently; real
+    neighbours are correlated, so the false-raise estimate is a guide, not a measurement.
+    """
+
+    slices: int = 32
+    run_lengths: tuple[int, int] = (1, 12)
+    trials: int = 4000
+    seed: int = 0
+
+    def scores(self, positives: np.ndarray, negatives: np.ndarray, pool: Callable[[np.ndarray], float]) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled scores of `trials` bleeding and `trials` normal series."""
+        rng = np.random.default_rng(self.seed)
+        bleeding, normal = np.empty(self.trials), np.empty(self.trials)
+        for i in range(self.trials):
+            series = rng.choice(negatives, self.slices)
+            normal[i] = pool(series)
+            run = int(rng.integers(self.run_lengths[0], self.run_lengths[1] + 1))
+            start = int(rng.integers(0, self.slices - run + 1))
+            series = series.copy()
+            series[start : start + run] = rng.choice(positives, run)
+            bleeding[i] = pool(series)
+        return bleeding, normal
+
+    def to_card(self) -> dict[str, Any]:
+        return {"slices_per_series": self.slices, "bleeding_run_lengths": list(self.run_lengths), "trials": self.trials,
+                "seed": self.seed, "assumption": "slice scores drawn independently from the labelled slices of the split; "
+                "a bleed is one contiguous run of slices"}
+
+
+def series_operating_point(positives: np.ndarray, negatives: np.ndarray, pool: Callable[[np.ndarray], float],
+                           target: float, simulation: SeriesSimulation = SeriesSimulation()) -> dict[str, Any]:
+    """The highest series threshold whose simulated share of bleeding series raised is >= target,
+    and what the simulation expects at it (share of normal series raised, series AUC)."""
+    bleeding, normal = simulation.scores(positives, negatives, pool)
+    threshold = threshold_for_sensitivity(np.ones(len(bleeding), bool), bleeding, target)
+    return {"threshold": threshold, **series_rates(bleeding, normal, threshold)}
+
+
+def series_rates(bleeding: np.ndarray, normal: np.ndarray, threshold: float) -> dict[str, Any]:
+    y = np.r_[np.ones(len(bleeding), bool), np.zeros(len(normal), bool)]
+    return {"bleeding_series_raised": _r(float((bleeding >= threshold).mean())),
+            "normal_series_raised": _r(float((normal >= threshold).mean())),
+            "series_auc": _r(binary_auc(y, np.r_[bleeding, normal]))}
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (rounded down to 6 decimals).
+
+    For labels that only name what was found (hemorrhage subtypes beside `any`): a balanced point,
+    not the near-zero threshold a high sensitivity target gives a weak label, which would name every
+    subtype on every bleed."""
+    y = np.asarray(y).astype(bool)
+    if y.all() or not y.any():
+        return 0.5
+    p = np.asarray(p, dtype=np.float64)
+    candidates = np.unique(p)
+    best, best_j = 0.5, -1.0
+    for t in candidates:
+        sens, spec = sensitivity_specificity(y, p >= t)
+        if sens + spec - 1 > best_j:
+            best, best_j = float(t), sens + spec - 1
+    return float(math.floor(best * 1e6) / 1e6)

@@ -117,8 +117,8 @@ def presence(card: ModelCard, study_scores: np.ndarray) -> str | None:
 def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Finding, ...]:
     """One Finding per label, positive where the card's threshold is reached.
 
-    A label outside the card's priority labels (a subtype short of its bar) is positive only
-    beside a positive priority label: it can name what was found, never raise a study alone.
+    A label outside the card's priority labels (a subtype short of its bar on the test split) is
+    never positive: its probability is reported, it neither names a finding nor raises a study.
     """
     findings = []
     present = presence(card, study_scores)
@@ -126,11 +126,10 @@ def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Fin
         probability = float(np.clip(study_scores[index], 0.0, 1.0))
         trained = label in card.trained_labels
         threshold = card.thresholds.get(label, 1.0)
+        trusted = card.may_raise_priority(label)
         if present is None:
-            positive = trained and label not in NEGATIVE_LABELS and probability >= threshold
+            positive = trained and trusted and label not in NEGATIVE_LABELS and probability >= threshold
         else:
-            positive = trained and label == present
-        findings.append(Finding(label, probability, positive, threshold, trained, card.may_raise_priority(label)))
-    if not any(f.positive and f.raises_priority for f in findings):
-        findings = [replace(f, positive=False) if f.positive else f for f in findings]
+            positive = trained and trusted and label == present
+        findings.append(Finding(label, probability, positive, threshold, trained, trusted))
     return tuple(findings)

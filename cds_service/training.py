@@ -54,9 +54,13 @@ from .evaluation import (
     binary_auc,
     bootstrap_ci,
     choose_thresholds,
+    SeriesSimulation,
     presence_metrics,
     presence_scores,
+    series_operating_point,
+    series_rates,
     threshold_for_sensitivity,
+    youden_threshold,
     format_metric,
     metrics_with_ci,
     write_plots,
@@ -599,6 +603,11 @@ def operating_points(setup: TaskSetup, trained: Sequence[str], val: Predictions,
     """
     thresholds = choose_thresholds(val, target)
     out: dict[str, Any] = {}
+    if setup.activation == "sigmoid" and len(trained) > 1:  # the labels beside the main one only name: balanced
+        for label in trained[1:]:
+            j = val.labels.index(label)
+            known = val.known[:, j].astype(bool)
+            thresholds[label] = youden_threshold(val.targets[known, j], val.probs[known, j])
     negative = [label for label in trained if label in NEGATIVE_LABELS]
     if setup.activation == "softmax" and len(negative) == 1:
         truth, score = presence_scores(val, negative[0])
@@ -608,12 +617,53 @@ def operating_points(setup: TaskSetup, trained: Sequence[str], val: Predictions,
                            "validation": presence_metrics(val, negative[0], cut, bootstrap)}
         if test is not None:
             out["presence"]["test"] = presence_metrics(test, negative[0], cut, bootstrap)
+    if setup.series_pooling.method is PoolingMethod.ADJACENT_MEAN and "any" in trained:
+        out["series_operating_point"] = series_block(setup, val, test, target)
+        thresholds["any"] = out["series_operating_point"]["threshold"]
+        expected = out["series_operating_point"]["validation"]
+        if (expected["normal_series_raised"] or 0) > SERIES_BAR["normal_series_raised_at_most"] \
+                or (expected["bleeding_series_raised"] or 0) < SERIES_BAR["bleeding_series_raised_at_least"]:
+            out["default_mode"] = "shadow"
+            out["default_mode_reason"] = (
+                f"at the series operating point the validation simulation expects {expected['bleeding_series_raised']:.0%} "
+                f"of bleeding and {expected['normal_series_raised']:.0%} of normal series raised; the bar is at least "
+                f"{SERIES_BAR['bleeding_series_raised_at_least']:.0%} and at most {SERIES_BAR['normal_series_raised_at_most']:.0%}")
     out["thresholds"] = thresholds
     out["validation_metrics"] = metrics_with_ci(val, thresholds, resamples=bootstrap)
     if test is not None:
         out["test_metrics"] = metrics_with_ci(test, thresholds, resamples=bootstrap)
         out["priority_labels"], out["priority_bar"] = priority_labels(setup, trained, out["test_metrics"])
     return out
+
+
+# What a head CT model must be expected to do on whole series before it may raise priorities (else: shadow).
+SERIES_BAR = {"bleeding_series_raised_at_least": 0.85, "normal_series_raised_at_most": 0.40}
+
+
+def series_block(setup: TaskSetup, val: Predictions, test: Predictions | None, target: float) -> dict[str, Any]:
+    """The `any` threshold for whole series: chosen on validation slices assembled into simulated
+    series (`evaluation.SeriesSimulation`), the highest whose simulated share of bleeding series
+    raised reaches `target`; the test split's slices, assembled the same way, report it."""
+    j = val.labels.index("any")
+    simulation = SeriesSimulation()
+
+    def pool(series: np.ndarray) -> float:
+        return float(setup.series_pooling.pool(series[:, None])[0])
+
+    def scores(pred: Predictions) -> tuple[np.ndarray, np.ndarray]:
+        known = pred.known[:, j].astype(bool)
+        y, p = pred.targets[known, j] > 0.5, pred.probs[known, j]
+        return p[y], p[~y]
+
+    chosen = series_operating_point(*scores(val), pool, target, simulation)
+    block: dict[str, Any] = {
+        "threshold": chosen.pop("threshold"), "target_bleeding_series_raised": target,
+        "pooling": setup.series_pooling.to_card(), "simulation": simulation.to_card(), "validation": chosen,
+        "bar": SERIES_BAR,
+    }
+    if test is not None:
+        block["test"] = series_rates(*simulation.scores(*scores(test), pool), block["threshold"])
+    return block
 
 
 def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1000) -> dict[str, Any]:
@@ -636,42 +686,56 @@ def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1
     val = predictions(stored["validation"])
     test = predictions(stored["test"]) if stored.get("test") else None
     points = operating_points(TASK_SETUPS[task], trained, val, test, target, bootstrap)
-    for key in ("presence", "test_metrics", "priority_labels", "priority_bar"):
+    for key in ("presence", "test_metrics", "priority_labels", "priority_bar", "series_operating_point",
+                "default_mode", "default_mode_reason"):
         card.pop(key, None)
     card.update(points)
     card["target_sensitivity"] = target
-    card["threshold_policy"] = threshold_policy(target, activation == "softmax", test is not None)
+    card["threshold_policy"] = threshold_policy(target, activation == "softmax", test is not None, "series_operating_point" in points)
     cpath.write_text(json.dumps(card, indent=2) + "\n")
     return card
 
 
-def threshold_policy(target: float, softmax: bool, with_test: bool) -> str:
+def threshold_policy(target: float, softmax: bool, with_test: bool, series: bool = False) -> str:
     """The card's sentence on how its thresholds were chosen."""
-    return (
-        f"Per trained label, the highest threshold with sensitivity >= {target} on the validation split "
-        + ("(one-vs-rest on the softmax probability; no_tumor is never reported as a finding; with a presence "
-           "rule, the tumour classes share its threshold on 1 - p(no_tumor)). " if softmax else ". ")
-        + "The validation split is therefore also the threshold-selection set"
-        + ("; the test split chose nothing and reports the same thresholds." if with_test else ".")
-    )
+    if series:
+        rule = ("For `any` (the label that raises a study), the threshold is the series operating point: the highest "
+                f"whose share of bleeding series raised reaches {target} in series assembled from the validation "
+                "slices (see series_operating_point). The subtypes, which only name what was found, use the threshold "
+                "that maximises sensitivity + specificity on validation")
+    elif softmax:
+        rule = (f"Per trained label, the highest threshold with sensitivity >= {target} on the validation split "
+                "(one-vs-rest on the softmax probability; no_tumor is never reported as a finding; with a presence "
+                "rule, the tumour classes share its threshold on 1 - p(no_tumor))")
+    else:
+        rule = f"Per trained label, the highest threshold with sensitivity >= {target} on the validation split"
+    return (rule + ". The validation split is therefore also the threshold-selection set"
+            + ("; the test split chose nothing and reports the same thresholds." if with_test else "."))
 
 
 def priority_labels(setup: TaskSetup, trained: Sequence[str], test: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """The trained labels whose findings may raise a priority: enough test positives and an AUC
-    whose lower 95% bound clears the task's bar. The others are still reported with their probability."""
+    """The trained labels whose findings may raise a priority, and why.
+
+    The task's main label (a sigmoid task's first: `any`, `pneumothorax`) and a softmax task's
+    positive classes always may: whether the task raises at all is its mode (active / shadow).
+    A further label (a hemorrhage subtype) must show enough positives in the test split and a test
+    AUC whose lower 95% bound clears the task's bar; the others are still reported.
+    """
     metrics, positives = test["metrics"], test["positives_per_label"]
     keep, verdicts = [], {}
-    for label in trained:
-        if setup.activation == "softmax" and label in ("no_tumor",):
+    for index, label in enumerate(trained):
+        if label in NEGATIVE_LABELS:
             continue
         lower = (metrics.get(f"{label}.auc", {}).get("ci95") or [None])[0]
         n = positives.get(label, 0)
-        ok = n >= setup.priority_bar_min_positives and lower is not None and lower >= setup.priority_bar_min_auc_lower95
-        verdicts[label] = {"test_positives": n, "test_auc_lower95": lower, "raises_priority": ok}
+        main = setup.activation == "softmax" or index == 0
+        ok = main or (n >= setup.priority_bar_min_positives and lower is not None and lower >= setup.priority_bar_min_auc_lower95)
+        verdicts[label] = {"test_positives": n, "test_auc_lower95": lower, "raises_priority": ok,
+                           **({"why": "the task's main label (the task's mode decides)"} if main else {})}
         if ok:
             keep.append(label)
-    bar = {"rule": f"at least {setup.priority_bar_min_positives} positives in the test split and a test AUC whose "
-                   f"lower 95% bound is at least {setup.priority_bar_min_auc_lower95}",
+    bar = {"rule": f"a label beside the main one needs at least {setup.priority_bar_min_positives} positives in the test "
+                   f"split and a test AUC whose lower 95% bound is at least {setup.priority_bar_min_auc_lower95}",
            "labels": verdicts}
     return keep, bar
 
@@ -836,7 +900,8 @@ def _card(
         "thresholds": thresholds,
         "series_pooling": setup.series_pooling.to_card(),
         "target_sensitivity": config.target_sensitivity,
-        "threshold_policy": threshold_policy(config.target_sensitivity, softmax, bool(config.test_fraction)),
+        "threshold_policy": threshold_policy(config.target_sensitivity, softmax, bool(config.test_fraction),
+                                             "series_operating_point" in extra),
         "intended_use": setup.intended_use,
         "disclaimer": DISCLAIMER,
         "limitations": limitations,

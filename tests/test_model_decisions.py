@@ -82,16 +82,15 @@ def scores(**values: float) -> np.ndarray:
     return np.array([values.get(label, 0.0) for label in HEAD])
 
 
-def test_a_subtype_short_of_its_bar_is_named_beside_a_bleed_but_never_raises_alone() -> None:
+def test_a_subtype_short_of_its_bar_is_reported_but_never_a_finding() -> None:
     card = head_card()
+    for values in (scores(epidural=0.9), scores(any=0.8, epidural=0.9)):
+        findings = {f.label: f for f in findings_from_scores(card, values)}
+        assert not findings["epidural"].positive and findings["epidural"].probability == pytest.approx(0.9)
     alone = findings_from_scores(card, scores(epidural=0.9))
-    assert not any(f.positive for f in alone)
     assert suggest_priority(alone, DEFAULT_PRIORITY_RULES) is None
-    assert {f.label: f.probability for f in alone}["epidural"] == pytest.approx(0.9)  # still reported
-
     beside = findings_from_scores(card, scores(any=0.8, epidural=0.9))
-    positive = {f.label for f in beside if f.positive}
-    assert positive == {"any", "epidural"}
+    assert {f.label for f in beside if f.positive} == {"any"}
     assert suggest_priority(beside, DEFAULT_PRIORITY_RULES) is Priority.STAT
 
 
@@ -101,9 +100,10 @@ def test_a_subtype_that_cleared_its_bar_may_raise() -> None:
     assert suggest_priority(raised, {"subdural": Priority.URGENT}) is Priority.URGENT
 
 
-def test_suggest_priority_skips_findings_that_may_not_raise() -> None:
-    finding = Finding("epidural", 0.9, True, 0.5, True, raises_priority=False)
-    assert suggest_priority([finding], DEFAULT_PRIORITY_RULES) is None
+def test_a_finding_short_of_its_bar_cannot_be_positive() -> None:
+    with pytest.raises(ValueError, match="bar"):
+        Finding("epidural", 0.9, True, 0.5, True, raises_priority=False)
+    assert suggest_priority([Finding("epidural", 0.9, False, 0.5, True, raises_priority=False)], DEFAULT_PRIORITY_RULES) is None
 
 
 def test_priority_labels_must_be_trained() -> None:
@@ -339,3 +339,37 @@ def test_next_links_are_followed_only_on_our_origin_and_only_when_more_pages_are
 
     with pytest.raises(InvalidResourceError):
         client.read("ImagingStudy", "..")
+
+
+# --- the series operating point ------------------------------------------------------------------
+
+
+def test_the_series_operating_point_reaches_its_target_and_counts_false_raises() -> None:
+    from cds_service.evaluation import SeriesSimulation, series_operating_point, series_rates
+
+    rng = np.random.default_rng(0)
+    positives, negatives = rng.beta(5, 2, 300), rng.beta(1, 8, 600)  # a useful model
+    simulation = SeriesSimulation(trials=500)
+
+    def pool(series: np.ndarray) -> float:
+        return float(ADJACENT.pool(series[:, None])[0])
+
+    point = series_operating_point(positives, negatives, pool, 0.9, simulation)
+    assert point["bleeding_series_raised"] >= 0.9 and point["normal_series_raised"] < 0.5 and point["series_auc"] > 0.9
+    useless = series_operating_point(negatives, negatives, pool, 0.9, simulation)  # can fail: no skill, many raised
+    assert useless["normal_series_raised"] > 0.8
+    again = series_rates(*simulation.scores(positives, negatives, pool), point["threshold"])
+    assert again["bleeding_series_raised"] == point["bleeding_series_raised"]  # seeded: the same series
+
+
+def test_the_observation_of_an_untrusted_subtype_says_probability_only() -> None:
+    from datetime import datetime, timezone
+
+    from cds_service.domain import ModelRef, OrderContext, TriageResult, TriageStatus
+    from fhir_mappings.builders import build_observation
+
+    finding = Finding("epidural", 0.9, False, 0.5, True, raises_priority=False)
+    result = TriageResult("1.2.3", TriageStatus.DONE, Task.HEAD_CT_ICH, findings=(finding,), model=ModelRef("m", "1"))
+    observation = build_observation(OrderContext("is1", "p1"), result, finding, device_reference="Device/d",
+                                    issued=datetime.now(timezone.utc))
+    assert observation.interpretation is None and "probability only" in observation.note[0].text
