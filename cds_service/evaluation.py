@@ -374,70 +374,125 @@ def summarise(labels: Sequence[str], block: dict[str, Any]) -> list[str]:
 # --- weights/README.md ---------------------------------------------------------------------
 
 
+def _fmt(block: dict[str, Any] | None) -> str:
+    """`0.912 (0.871–0.944)`, with the count for proportions: `0.912 (0.871–0.944; 93/102)`."""
+    if not block or block.get("value") is None:
+        return "—"
+    lo, hi = block.get("ci95") or [None, None]
+    count = f"; {block['count'][0]}/{block['count'][1]}" if block.get("count") else ""
+    ci = f" ({lo:.3f}–{hi:.3f}{count})" if lo is not None and hi is not None else ""
+    return f"{block['value']:.3f}{ci}"
+
+
+def _headline(card: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, validation, test) rows a clinician reads first, per task."""
+    val, test = card.get("validation_metrics", {}).get("metrics", {}), card.get("test_metrics", {}).get("metrics", {})
+    rows: list[tuple[str, str, str]] = []
+    if "presence" in card:
+        pv, pt = card["presence"].get("validation", {}), card["presence"].get("test", {})
+        rows += [("tumour present: AUC", _fmt(pv.get("auc")), _fmt(pt.get("auc"))),
+                 ("tumours raised (sensitivity)", _fmt(pv.get("raised_with_finding")), _fmt(pt.get("raised_with_finding"))),
+                 ("tumour-free images raised", _fmt(pv.get("raised_without_finding")), _fmt(pt.get("raised_without_finding")))]
+        for label in pv.get("raised_per_class", {}):
+            rows.append((f"{label} raised", _fmt(pv["raised_per_class"][label]), _fmt(pt.get("raised_per_class", {}).get(label))))
+        rows.append(("class accuracy (argmax)", _fmt(pv.get("class_accuracy")), _fmt(pt.get("class_accuracy"))))
+        return rows
+    main = card["trained_labels"][0]
+    rows += [(f"{main}: AUC per image", _fmt(val.get(f"{main}.auc")), _fmt(test.get(f"{main}.auc"))),
+             (f"{main}: sensitivity per image at the threshold", _fmt(val.get(f"{main}.sensitivity_at_threshold")),
+              _fmt(test.get(f"{main}.sensitivity_at_threshold"))),
+             (f"{main}: specificity per image at the threshold", _fmt(val.get(f"{main}.specificity_at_threshold")),
+              _fmt(test.get(f"{main}.specificity_at_threshold")))]
+    series = card.get("series_operating_point")
+    if series:
+        for key, what in (("series_auc", "series AUC (simulated series)"),
+                          ("bleeding_series_raised", "bleeding series raised (simulated)"),
+                          ("normal_series_raised", "normal series raised (simulated)")):
+            rows.append((what, f"{series['validation'][key]:.3f}", f"{series.get('test', {}).get(key, float('nan')):.3f}"))
+    for label in card["trained_labels"][1:]:
+        rows.append((f"{label}: AUC per image", _fmt(val.get(f"{label}.auc")), _fmt(test.get(f"{label}.auc"))))
+    return rows
+
+
 def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
-    """Markdown summary of the model cards (regenerate after retraining, never edit numbers by hand)."""
+    """weights/README.md from the model cards: regenerated after every training, never edited by hand
+    (`python -m cds_service.training readme`; tests/test_weights.py checks it is current)."""
     lines = [
-        "# Model weights",
+        "# Model weights and model cards",
         "",
-        "Each task's model is `<task>.safetensors` (EfficientNet-B0, fp16) plus its card `<task>.json`, the single",
-        "source of truth for labels, trained labels, preprocessing, input size and operating thresholds.",
-        "`<task>.split.json` lists the validation images (paths relative to the data folder) with the model's",
-        "probabilities; `eval/<task>/` holds `metrics.json` and ROC, precision-recall, confusion-matrix and",
-        "calibration plots on that validation split. A task without weights (chest pneumothorax: no labelled",
-        "data yet) is reported by the service as *model unavailable*.",
+        "<!-- generated from the cards by `python -m cds_service.training readme`; do not edit by hand -->",
         "",
-        "**AI-generated, preliminary, not a diagnosis.** These models only re-order a worklist; a radiologist",
-        "reads every study. All numbers below are on a held-out validation split of public data, which is also",
-        "the split the thresholds were chosen on, so the sensitivities at threshold are optimistic.",
+        "**AI-generated, preliminary, not a diagnosis.** These models only move studies up a radiologist's",
+        "worklist; a radiologist reads every study, in full.",
         "",
-        "Retrain / re-evaluate (CPU is fine; see `cds_service/training.py`):",
+        "Each task has `<task>.safetensors` (EfficientNet-B0, fp16) and its card `<task>.json`: labels,",
+        "preprocessing, operating thresholds, data, training, metrics with 95% intervals and limits. The",
+        "service reads only those two. `<task>.split.json` lists every validation and test image with its",
+        "truth and the model's probabilities, so anyone can recompute the card (tests/test_weights.py does).",
         "",
-        "```",
-        "cds-triage train --task brain_mri --data ../shared/data/brain_mri --epochs 32 --image-size 128",
-        "cds-triage train --task head_ct_ich --data ../shared/data/head_ct_png --init-from weights/brain_mri.safetensors",
-        "cds-triage evaluate --task brain_mri --data ../shared/data/brain_mri",
-        "```",
+        "How to read the figures: the data is split once, by patient or by groups of near-identical",
+        "images, into **train**, **validation** (chose the epoch and the thresholds) and **test** (chose",
+        "nothing). The test column is what to expect; both are small, so read the 95% interval in brackets",
+        "(Wilson for proportions, with the count; bootstrap for AUC), not only the number.",
         "",
+        "## Summary",
+        "",
+        "| model | flags | default mode | test figure that matters most |",
+        "|---|---|---|---|",
     ]
     for card in cards:
-        block = card.get("validation_metrics", {})
-        metrics = block.get("metrics", {})
-        training = card.get("training", {})
-        counts = card.get("data", {}).get("counts", {})
+        rows = _headline(card)
+        lines.append(f"| `{card['task']}` {card['version']} | {card['intended_use']} | {card.get('default_mode', 'active')} "
+                     f"| {rows[0][0]}: {rows[0][2]}; {rows[1][0]}: {rows[1][2]} |")
+    for card in cards:
+        training, data = card.get("training", {}), card.get("data", {})
+        counts, split = data.get("counts", {}), data.get("split", {})
+        init = training.get("imagenet_init") or {}
         lines += [
+            "",
             f"## {card['task']}: {card['name']} {card['version']} ({card.get('date', '')})",
             "",
-            f"- Outputs: {card['activation']} over {', '.join(card['labels'])}; trained: {', '.join(card['trained_labels'])}"
-            + (f"; **untrained** (never reported as findings): {', '.join(card['untrained_labels'])}" if card.get("untrained_labels") else ""),
-            f"- Input: {card['input_size']}x{card['input_size']}, preprocessing `{json.dumps(card['preprocessing'])}`",
-            f"- Data: {card.get('data', {}).get('provenance', '')}",
-            f"- Split: {counts.get('train_total')} train / {counts.get('validation_total')} validation images "
-            f"(train {counts.get('train')}, validation {counts.get('validation')}); seed {card['data']['split']['seed']}, "
-            f"validation fraction {card['data']['split']['val_fraction']}, by {card['data']['split']['unit']}",
-            f"- Training: {training.get('hardware')}, {training.get('time_minutes')} min, {training.get('epochs_run')} of "
-            f"{training.get('epochs_planned')} epochs (best epoch {training.get('best_epoch')}), image size "
-            f"{training.get('image_size')}, {training.get('optimizer')}, {training.get('schedule')}, init: {training.get('init_from')}",
+            f"**Intended use.** {card['intended_use']}",
             "",
-            f"Validation metrics (n = {block.get('n_images')}, decision rule {block.get('decision_rule')}; 95% bootstrap CIs):",
+            f"**Default mode:** {card.get('default_mode', 'active')}"
+            + (f" — {card['default_mode_reason']}." if card.get("default_mode_reason") else ".")
+            + " A site sets its own with `CDS_TASK_MODES`.",
             "",
-            "| metric | value (95% CI) |",
-            "|---|---|",
+            "| | validation | test |",
+            "|---|---|---|",
         ]
-        lines += [f"| {name} | {format_metric(metrics, name)} |" for name in metrics]
-        lines += ["", "Operating thresholds (highest threshold with sensitivity >= 0.95 on the validation split):", ""]
-        lines += [f"- `{label}`: {value}" for label, value in card["thresholds"].items()]
-        if "size_only_baseline" in card:
-            b = card["size_only_baseline"]
-            model_auc = b.get("model_validation_auc") or {}
-            cv = next((v for k, v in b.items() if k.startswith("cv")), None)
-            lines += [
-                "",
-                "Shortcut check: a size-only baseline (" + b.get("model", "") + ") reaches validation AUC "
-                f"{b['validation_auc']['value']:.3f} (95% CI {b['validation_auc']['ci95'][0]:.3f}-{b['validation_auc']['ci95'][1]:.3f})"
-                + (f", cross-validated AUC {cv:.3f} over all images" if cv is not None else "")
-                + (f"; the model's validation AUC is {model_auc.get('value'):.3f} (95% CI {model_auc['ci95'][0]:.3f}-{model_auc['ci95'][1]:.3f})." if model_auc else "."),
-            ]
-        lines += ["", "Limits:", ""] + [f"- {item}" for item in card.get("limitations", [])] + [""]
+        lines += [f"| {what} | {v} | {t} |" for what, v, t in _headline(card)]
+        lines += [
+            "",
+            f"- **Labels**: {', '.join(card['labels'])}; trained: {', '.join(card['trained_labels'])}"
+            + (f"; raise a study: {', '.join(card['priority_labels'])}" if card.get("priority_labels") else ""),
+            f"- **Operating thresholds**: " + ", ".join(f"`{k}` {v}" for k, v in card["thresholds"].items())
+            + f". {card.get('threshold_policy', '')}",
+            f"- **Input**: {card['input_size']} × {card['input_size']} px; {card.get('preprocessing_note', '')}",
+            f"- **Data**: {data.get('provenance', '')}",
+            f"- **Split**: {counts.get('train_total')} train / {counts.get('validation_total')} validation / "
+            f"{counts.get('test_total', 0)} test images (seed {split.get('seed')}), by {split.get('unit', '')}. "
+            f"Train {counts.get('train')}; validation {counts.get('validation')}; test {counts.get('test')}.",
+        ]
+        if data.get("extra_training_negatives"):
+            extra = data["extra_training_negatives"]
+            lines.append(f"- **Extra training negatives**: {extra['count']} images from `{extra['dir']}` ({extra['use']}).")
+        lines += [
+            f"- **Start**: {training.get('init_from', '')}"
+            + (f"; {init.get('source')}, file sha256 `{init.get('file_sha256')}`, "
+               f"{init.get('parameter_share_from_imagenet', 0):.0%} of the parameters from ImageNet" if init else ""),
+            f"- **Training**: {training.get('hardware')}; {training.get('epochs_run')} of {training.get('epochs_planned')} "
+            f"epochs, best {training.get('best_epoch')}; {training.get('time_minutes')} min "
+            f"({training.get('seconds_per_epoch')} s per epoch); {training.get('optimizer')}, {training.get('schedule')}.",
+            f"- **Command**: `{training.get('command') or 'see the card'}`",
+            "",
+            "Limits:",
+            "",
+        ]
+        lines += [f"- {item}" for item in card.get("limitations", [])]
+    lines += ["", "Re-score a committed model on its validation split: `cds-triage evaluate --task <task> --data ../shared/data`.",
+              "Re-choose its operating points from the stored probabilities (no images needed):",
+              "`python -m cds_service.training rethreshold --task <task> --target <sensitivity>`.", ""]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,7 @@ from .evaluation import (
     threshold_for_sensitivity,
     youden_threshold,
     format_metric,
+    weights_readme,
     metrics_with_ci,
     write_plots,
 )
@@ -131,8 +133,8 @@ TASK_SETUPS: dict[Task, TaskSetup] = {
         # brightness/contrast wide enough to cover the spread of DICOM brain windows the PNGs were made with
         # (30/80 to 40/150 HU) around the 40/80 HU window the service applies to DICOM
         Augmentation(rotate_deg=10, scale=(0.9, 1.1), translate=0.05, brightness=0.12, contrast=0.25, hflip=True),
-        "Flag axial non-contrast head CT slices that may show intracranial haemorrhage, to move the "
-        "study up a radiologist's worklist.",
+        "Flag non-contrast head CT series that may show intracranial haemorrhage (any type; the subtype is "
+        "named where the model is trusted for it), to move the study up a radiologist's worklist.",
         "The training PNGs are taken as brain-window images (centre 40 HU, width 80 HU): their grey "
         "levels 0..255 map to 0..1 directly. DICOM input is windowed with the same window "
         "(kind ct_windows, windows [[40,80],[40,80],[40,80]]) so it looks like the training PNGs. "
@@ -159,6 +161,16 @@ PROVENANCE: dict[str, str] = {
     "were removed. 2D slices, 224x224 JPEG, mixed greyscale/RGB; some 'notumor' images are CT, not MR.",
     "head_ct_png": "Public 'Head CT - hemorrhage' set (Kaggle, F. Kitamura): single axial head CT slices, "
     "already windowed to 8-bit PNG, varying sizes; 75 haemorrhage / 75 normal, labels from the folder.",
+    "head_ct_rsna_png": "RSNA 2019 Intracranial Hemorrhage Detection challenge (stage-1 train; Flanders et al., Radiology: AI "
+    "2020; non-commercial research and education): 1,222 axial head CT slices converted to 512x512 8-bit PNG, each "
+    "windowed with its own DICOM window (a brain window in nearly all), with the challenge's expert slice labels "
+    "(any 538; epidural 16, intraparenchymal 180, intraventricular 127, subarachnoid 177, subdural 237). No patient or "
+    "series ids survived the conversion. The 1,500 unlabelled slices of the same conversion (256x256, almost all normal) "
+    "are not in any split.",
+    "chest_xray_ptx": "NIH ChestX-ray14 (Wang et al., CVPR 2017; courtesy of the NIH Clinical Center), its radiologist-"
+    "boxed subset: 694 frontal radiographs (PA and AP) of 574 patients, 384x384 grey PNG (from 1024x1024); 126 with "
+    "pneumothorax, 568 with other findings only (no image without a finding). Labels mined from reports by NIH (noisy; "
+    "a 2019 expert re-read disagreed on about half of a small sample). Split by NIH Patient ID.",
 }
 
 
@@ -201,6 +213,7 @@ class TrainConfig:
     extra_negatives_part: str = "all"
     target_sensitivity: float = 0.95  # per label, on the validation split: the operating threshold
     threads: int = 0  # torch threads; 0 = every core (two trainings side by side: 1 each)
+    command: str = ""  # the command line that ran this training, for the card and weights/README.md
     resume: Path | None = None
     checkpoint: Path | None = None
     max_steps_per_epoch: int | None = None  # tests: a couple of steps, not an epoch
@@ -666,6 +679,45 @@ def series_block(setup: TaskSetup, val: Predictions, test: Predictions | None, t
     return block
 
 
+def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> dict[str, Any]:
+    """Rewrite a trained model's card with this code's card builder, from the card and its split file.
+
+    For a training that ran on an older revision of this module: the descriptive parts (data
+    provenance, limits, policies, counts) are rebuilt; what the run measured (training history,
+    probabilities) is kept; the operating points are re-chosen from the stored probabilities as
+    `train` would (`rethreshold`). The weights are not touched.
+    """
+    cpath = card_path(Path(weights_dir), task)
+    old = json.loads(cpath.read_text())
+    training, split = old["training"], old["data"]["split"]
+    config = TrainConfig(
+        task=task, data_dir=Path(data_dir), out_dir=Path(weights_dir), epochs=int(training["epochs_planned"]),
+        image_size=int(old["input_size"]), batch_size=int(training["batch_size"]),
+        val_fraction=float(split["val_fraction"]), test_fraction=float(split.get("test_fraction", 0.0)),
+        grouping=str(split.get("grouping", "patient")), seed=int(split.get("seed", 42)),
+        init="imagenet-lite0" if training.get("imagenet_init") else None,
+        target_sensitivity=float(old.get("target_sensitivity", 0.95)), version=str(old["version"]), date=str(old["date"]),
+        command=command or str(training.get("command") or ""), patience=int(training["early_stopping"]["patience_epochs"]),
+    )
+    extra_negatives = old["data"].get("extra_training_negatives")
+    if extra_negatives:
+        config.extra_negatives, config.extra_negatives_part = Path(extra_negatives["dir"]), extra_negatives["part"]
+    setup = TASK_SETUPS[task]
+    resolved = resolve_data_dir(task, Path(data_dir))
+    train_set, val_set, test_set = build_split(task, resolved, config.split_block())
+    if config.extra_negatives is not None:
+        train_set = train_set + probable_negatives(task, config.extra_negatives, config.extra_negatives_part)
+    keep = {k: v for k, v in training.items() if k not in ("command",)}
+    card = _card(config, default_spec(task, config.image_size), setup, tuple(old["trained_labels"]), old["thresholds"], {},
+                 {key: old[key] for key in ("size_only_baseline",) if key in old}, keep, train_set, val_set, test_set, resolved)
+    card["training"].update({k: v for k, v in keep.items() if k not in card["training"]})
+    for key in ("optimizer", "schedule", "loss", "dropout", "sampling", "augmentation"):
+        card["training"][key] = training.get(key, card["training"][key])  # what the run used, not today's defaults
+    card["weights_sha256"] = old["weights_sha256"]
+    cpath.write_text(json.dumps(card, indent=2) + "\n")
+    return rethreshold(weights_dir, task, config.target_sensitivity)
+
+
 def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1000) -> dict[str, Any]:
     """Re-choose a card's operating points from its stored split probabilities (no images needed).
 
@@ -870,7 +922,8 @@ def _card(
             "neighbouring slices to agree before it raises a study. A bleed seen on a single thin slice, "
             "or only in a subdural or bone window, can be missed.",
             "Trained on single slices (no whole scans): the series decision rests on slice results.",
-            "Subtypes with few examples (see priority_bar) are named when found but never raise a study on their own.",
+            "A subtype the model cannot yet be trusted on (too few examples or too weak on the test images; see "
+            "priority_bar) is shown as a probability only: never named as a finding, never a reason to raise a study.",
         ]
         if untrained:
             limitations.append(f"Outputs {', '.join(untrained)} were not trained and are never reported as findings.")
@@ -952,6 +1005,7 @@ def _card(
             "init_from_sha256": hashlib.sha256(config.init_from.read_bytes()).hexdigest() if config.init_from else None,
             "seed": config.seed,
             "torch": _torch_version(),
+            "command": config.command,
             **{k: v for k, v in run.items()},
             "time_minutes": round(run["seconds"] / 60.0, 1),
         },
@@ -1169,7 +1223,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     """`cds-triage train`: 0 on success, 2 on bad input (missing data, wrong checkpoint)."""
     try:
-        train(config_from_args(args))
+        config = config_from_args(args)
+        config.command = "cds-triage " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        train(config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
@@ -1208,8 +1264,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_arguments(sub.add_parser("train", help="train a task's model and write its card"))
     add_evaluate_arguments(sub.add_parser("evaluate", help="re-score a model on its validation split"))
+    readme = sub.add_parser("readme", help="write weights/README.md from the model cards")
+    readme.add_argument("--weights", type=Path, default=Path("weights"))
+    refresh = sub.add_parser("recard", help="rewrite a card with this code's card builder (keeps what the run measured)")
+    refresh.add_argument("--task", required=True, choices=TASK_CHOICES)
+    refresh.add_argument("--data", required=True, type=Path)
+    refresh.add_argument("--weights", type=Path, default=Path("weights"))
+    refresh.add_argument("--command", dest="command_line", default="", help="the command line that trained it, for the card")
+    again = sub.add_parser("rethreshold", help="re-choose a card's operating points from its stored probabilities")
+    again.add_argument("--task", required=True, choices=TASK_CHOICES)
+    again.add_argument("--target", type=float, required=True, help="sensitivity the validation split must keep")
+    again.add_argument("--weights", type=Path, default=Path("weights"))
     args = parser.parse_args(argv)
+    if args.command == "readme":
+        path = write_weights_readme(args.weights)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "recard":
+        recard(args.weights, Task(args.task), args.data, args.command_line)
+        print(f"rewrote {card_path(args.weights, Task(args.task))}")
+        return 0
+    if args.command == "rethreshold":
+        rethreshold(args.weights, Task(args.task), args.target)
+        print(f"rewrote {card_path(args.weights, Task(args.task))}")
+        return 0
     return run_train(args) if args.command == "train" else run_evaluate(args)
+
+
+def write_weights_readme(weights_dir: Path) -> Path:
+    """weights/README.md from every card there, in task order."""
+    cards = [json.loads(card_path(weights_dir, task).read_text()) for task in Task if card_path(weights_dir, task).exists()]
+    path = Path(weights_dir) / "README.md"
+    path.write_text(weights_readme(cards))
+    return path
 
 
 if __name__ == "__main__":
