@@ -249,6 +249,9 @@ def build_observation(
     if finding.label in NEGATIVE_LABELS:
         # POS/NEG on "no tumor" would read as a double negative; report the number only.
         note += "This label means 'nothing found' and is reported as a probability only. "
+    elif not finding.raises_priority:
+        note += ("Too few examples to trust this label as a finding (see the model card's priority_bar): "
+                 "reported as a probability only. ")
     else:
         interpretation = [_interpretation(finding.positive)]
     note += AI_DISCLAIMER

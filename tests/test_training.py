@@ -298,8 +298,10 @@ def test_cli_train_then_evaluate_writes_metrics_and_plots(tmp_path: Path) -> Non
     assert run_evaluate(args) == 0
     doc = json.loads((eval_out / "metrics.json").read_text())
     assert doc["split"] == "validation" and doc["validation_split_matches_card"] is True
-    for name in ("accuracy", "balanced_accuracy", "glioma.sensitivity", "glioma.specificity", "glioma.auc"):
+    for name in ("balanced_accuracy", "glioma.auc"):  # percentile bootstrap
         assert set(doc["metrics"][name]) == {"value", "ci95"}
+    for name in ("accuracy", "glioma.sensitivity", "glioma.specificity"):  # proportions: Wilson, with the count
+        assert set(doc["metrics"][name]) == {"value", "ci95", "count", "interval"} and doc["metrics"][name]["interval"] == "wilson"
     for png in ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png"):
         assert (eval_out / png).read_bytes().startswith(b"\x89PNG")
     card = json.loads((out / "brain_mri.json").read_text())

@@ -272,3 +272,12 @@ def test_an_unknown_runtime_is_refused_when_the_worker_starts() -> None:
 
     with pytest.raises(ValueError, match="CDS_INFERENCE_RUNTIME"):
         ModelRegistry(WEIGHTS, runtime="onnx")
+
+
+def test_the_weights_readme_is_generated_from_the_current_cards() -> None:
+    """weights/README.md is never edited by hand: it must equal what the cards generate now."""
+    from cds_service.evaluation import weights_readme
+
+    cards = [card(task) for task in Task if (WEIGHTS / f"{task.value}.json").exists()]
+    assert (WEIGHTS / "README.md").read_text() == weights_readme(cards), \
+        "regenerate with: .venv/bin/python -m cds_service.training readme"
