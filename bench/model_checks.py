@@ -9,8 +9,6 @@ What it prints (JSON), for the shipped operating point of the card:
 - `dicom_path`: the same share for the real RSNA DICOM slices of `head_ct_dicom_unlabelled`
   through the service's DICOM preprocessing (HU, the card's window, resize). Unlabelled too: if it
   were far above the PNG rate, DICOM input would not look like the training PNGs;
-- `series_bound`: for a normal series of n slices, P(raised) <= n x (the slice rate), since a
-  series is raised only if some slice is above the threshold (with adjacent pooling, two).
 Nothing here chooses a threshold.
 """
 
@@ -57,13 +55,11 @@ def main() -> int:
     png = scores(model, [load_image(s.path, spec) for s in negatives], "any")
     dicoms = sorted(p for p in (args.data / "head_ct_dicom_unlabelled").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     dcm = scores(model, [dicom_to_image(read_dicom(p), spec) for p in dicoms], "any")
-    slice_rate = float((png >= threshold).mean()) if len(png) else float("nan")
     print(json.dumps({
         "model": f"{model.card.name} {model.card.version}", "threshold_any": threshold,
         "series_pooling": model.card.series_pooling.to_card(),
         "probable_negatives": rate(png, threshold) | {"part": args.part},
         "dicom_path": rate(dcm, threshold),
-        "series_bound": {n: round(min(1.0, n * slice_rate), 3) for n in (30, 40)},
     }, indent=2))
     return 0
 

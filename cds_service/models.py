@@ -28,6 +28,9 @@ from .errors import ModelUnavailableError
 from .preprocessing import PreprocessingSpec
 
 ARCHITECTURE = "efficientnet_b0"
+# timm's EfficientNet-B0 in two paddings: PyTorch's symmetric one, and TensorFlow's "SAME" (with BN eps 1e-3),
+# which ImageNet weights trained in TensorFlow (EfficientNet-Lite0, imagenet_init) expect.
+ARCHITECTURES = ("efficientnet_b0", "tf_efficientnet_b0")
 ACTIVATIONS = ("softmax", "sigmoid")
 RUNTIMES = ("auto", "onnxruntime", "torch")
 log = logging.getLogger(__name__)
@@ -111,6 +114,8 @@ class ModelCard:
             raise ValueError("trained_labels must be a subset of labels")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}")
         missing = [label for label in self.trained_labels if label not in self.thresholds]
         if missing:
             raise ValueError(f"no operating threshold for trained labels {missing}")

@@ -67,7 +67,7 @@ from .evaluation import (
     metrics_with_ci,
     write_plots,
 )
-from .models import ARCHITECTURE, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
+from .models import ARCHITECTURE, ARCHITECTURES, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
 from .preprocessing import PreprocessingSpec, to_batch
 
 CARD_VERSION = "1.0.0"
@@ -207,6 +207,11 @@ class TrainConfig:
     device: str = "cpu"
     init_from: Path | None = None
     init: str | None = None  # "imagenet-lite0": ImageNet EfficientNet-Lite0 mapped into B0 (imagenet_init)
+    # timm's B0 with PyTorch padding, or with TensorFlow "SAME" padding (tf_efficientnet_b0), which the
+    # TensorFlow-trained Lite0 weights expect: with symmetric padding their features follow the position in
+    # the image, not its content (a flipped image's mean feature map correlated 0.00 with the original's
+    # flipped back, 0.55 with SAME padding), and Grad-CAM pointed at one spot of every image
+    architecture: str = ARCHITECTURE
     test_fraction: float = 0.0  # a test split that chooses nothing (no epoch, no threshold)
     grouping: str = "patient"  # or "similarity": near-identical images grouped before the split
     extra_negatives: Path | None = None  # unlabelled probable negatives, training split only
@@ -324,7 +329,8 @@ def masked_loss(logits: Any, targets: Any, mask: Any, activation: str, label_smo
     return (per * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def build_network(num_labels: int, drop_rate: float, init_from: Path | None) -> tuple[Any, list[str]]:
+def build_network(num_labels: int, drop_rate: float, init_from: Path | None,
+                  architecture: str = ARCHITECTURE) -> tuple[Any, list[str]]:
     """A fresh network, optionally starting from another card's weights (head re-initialised).
 
     Returns the network and the names of parameters that could not be taken over.
@@ -332,7 +338,7 @@ def build_network(num_labels: int, drop_rate: float, init_from: Path | None) -> 
     import torch
     from safetensors.torch import load_file
 
-    network = create_network(num_labels, ARCHITECTURE)
+    network = create_network(num_labels, architecture)
     network.drop_rate = drop_rate  # timm EfficientNet: dropout before the classifier
     skipped: list[str] = []
     if init_from is not None:
@@ -492,7 +498,7 @@ def train(config: TrainConfig) -> TrainResult:
     counts = {k: strata.count(k) for k in set(strata)}
     sample_weights = torch.tensor([1.0 / counts[k] for k in strata], dtype=torch.double)  # class-balanced
 
-    network, skipped = build_network(len(labels), config.drop_rate, config.init_from)
+    network, skipped = build_network(len(labels), config.drop_rate, config.init_from, config.architecture)
     if config.init_from is not None:
         _log(f"initialised from {config.init_from}; re-initialised: {', '.join(skipped) or 'nothing'}")
     imagenet: dict[str, Any] | None = None
@@ -633,16 +639,13 @@ def operating_points(setup: TaskSetup, trained: Sequence[str], val: Predictions,
     if setup.series_pooling.method is PoolingMethod.ADJACENT_MEAN and "any" in trained:
         out["series_operating_point"] = series_block(setup, val, test, target)
         thresholds["any"] = out["series_operating_point"]["threshold"]
-        expected = out["series_operating_point"]["validation"]
-        if (expected["normal_series_raised"] or 0) > SERIES_BAR["normal_series_raised_at_most"] \
-                or (expected["bleeding_series_raised"] or 0) < SERIES_BAR["bleeding_series_raised_at_least"]:
-            out["default_mode"] = "shadow"
-            out["default_mode_reason"] = (
-                f"at the series operating point the validation simulation expects {expected['bleeding_series_raised']:.0%} "
-                f"of bleeding and {expected['normal_series_raised']:.0%} of normal series raised; the bar is at least "
-                f"{SERIES_BAR['bleeding_series_raised_at_least']:.0%} and at most {SERIES_BAR['normal_series_raised_at_most']:.0%}")
     out["thresholds"] = thresholds
     out["validation_metrics"] = metrics_with_ci(val, thresholds, resamples=bootstrap)
+    out["go_live_bar"] = go_live_bar(setup, trained, out)
+    if not out["go_live_bar"]["met"]:
+        out["default_mode"] = "shadow"
+        out["default_mode_reason"] = "short of the go-live bar on validation: " + "; ".join(
+            f"{c['what']} is {c['value']} (needs {c['needs']})" for c in out["go_live_bar"]["checks"] if not c["met"])
     if test is not None:
         out["test_metrics"] = metrics_with_ci(test, thresholds, resamples=bootstrap)
         out["priority_labels"], out["priority_bar"] = priority_labels(setup, trained, out["test_metrics"])
@@ -651,6 +654,49 @@ def operating_points(setup: TaskSetup, trained: Sequence[str], val: Predictions,
 
 # What a head CT model must be expected to do on whole series before it may raise priorities (else: shadow).
 SERIES_BAR = {"bleeding_series_raised_at_least": 0.85, "normal_series_raised_at_most": 0.40}
+
+
+def go_live_bar(setup: TaskSetup, trained: Sequence[str], points: dict[str, Any]) -> dict[str, Any]:
+    """Whether a model may raise priorities by default (`active`), judged on validation only.
+
+    A figure counts by the end of its 95% interval that a sceptic would pick where the product's
+    aim is stated as a lower bound (AUC): a model whose interval reaches below the aim ships in
+    shadow mode, and a site turns it on after its own validation (`cds-triage validate`).
+    """
+    metrics = points["validation_metrics"]["metrics"]
+    checks: list[dict[str, Any]] = []
+
+    def check(what: str, value: float | None, needs: str, met: bool) -> None:
+        checks.append({"what": what, "value": None if value is None else round(float(value), 4), "needs": needs, "met": bool(met)})
+
+    if "presence" in points:
+        v = points["presence"]["validation"]
+        check("share of tumours raised", v["raised_with_finding"]["value"], ">= 0.97", (v["raised_with_finding"]["value"] or 0) >= 0.97)
+        check("share of tumour-free images raised", v["raised_without_finding"]["value"], "<= 0.05",
+              (v["raised_without_finding"]["value"] or 1) <= 0.05)
+        check("class accuracy", v["class_accuracy"]["value"], ">= 0.97", (v["class_accuracy"]["value"] or 0) >= 0.97)
+    elif setup.activation == "sigmoid" and trained:
+        main = trained[0]
+        lower = (metrics.get(f"{main}.auc", {}).get("ci95") or [None])[0]
+        aim = GO_LIVE_AUC.get(setup.task, 0.85)
+        check(f"{main} AUC, lower end of its 95% interval", lower, f">= {aim}", lower is not None and lower >= aim)
+        if "series_operating_point" in points:
+            expected = points["series_operating_point"]["validation"]
+            check("bleeding series raised (simulated)", expected["bleeding_series_raised"],
+                  f">= {SERIES_BAR['bleeding_series_raised_at_least']}",
+                  (expected["bleeding_series_raised"] or 0) >= SERIES_BAR["bleeding_series_raised_at_least"])
+            check("normal series raised (simulated)", expected["normal_series_raised"],
+                  f"<= {SERIES_BAR['normal_series_raised_at_most']}",
+                  (expected["normal_series_raised"] or 1) <= SERIES_BAR["normal_series_raised_at_most"])
+        else:
+            spec = metrics.get(f"{main}.specificity_at_threshold", {}).get("value")
+            check(f"{main} specificity at the threshold (share of images without it left alone)", spec, ">= 0.70",
+                  (spec or 0) >= 0.70)
+    return {"checks": checks, "met": all(c["met"] for c in checks) and bool(checks), "judged_on": "validation split"}
+
+
+# The AUC a task's main label must reach (by the lower end of its 95% interval) to go live by default.
+GO_LIVE_AUC = {Task.HEAD_CT_ICH: 0.85, Task.CHEST_PNEUMOTHORAX: 0.80}
 
 
 def series_block(setup: TaskSetup, val: Predictions, test: Predictions | None, target: float) -> dict[str, Any]:
@@ -695,7 +741,7 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
         image_size=int(old["input_size"]), batch_size=int(training["batch_size"]),
         val_fraction=float(split["val_fraction"]), test_fraction=float(split.get("test_fraction", 0.0)),
         grouping=str(split.get("grouping", "patient")), seed=int(split.get("seed", 42)),
-        init="imagenet-lite0" if training.get("imagenet_init") else None,
+        init="imagenet-lite0" if training.get("imagenet_init") else None, architecture=str(old.get("architecture", ARCHITECTURE)),
         target_sensitivity=float(old.get("target_sensitivity", 0.95)), version=str(old["version"]), date=str(old["date"]),
         command=command or str(training.get("command") or ""), patience=int(training["early_stopping"]["patience_epochs"]),
     )
@@ -739,12 +785,16 @@ def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1
     test = predictions(stored["test"]) if stored.get("test") else None
     points = operating_points(TASK_SETUPS[task], trained, val, test, target, bootstrap)
     for key in ("presence", "test_metrics", "priority_labels", "priority_bar", "series_operating_point",
-                "default_mode", "default_mode_reason"):
+                "default_mode", "default_mode_reason", "go_live_bar"):
         card.pop(key, None)
     card.update(points)
     card["target_sensitivity"] = target
     card["threshold_policy"] = threshold_policy(target, activation == "softmax", test is not None, "series_operating_point" in points)
     cpath.write_text(json.dumps(card, indent=2) + "\n")
+    plot_dir = Path(weights_dir) / "eval" / task.value
+    write_plots(val, card["thresholds"], plot_dir, f"{card['name']} {card['version']}")
+    (plot_dir / "metrics.json").write_text(
+        json.dumps(_metrics_document(card, card["validation_metrics"], card["thresholds"]), indent=2) + "\n")
     return card
 
 
@@ -847,7 +897,7 @@ def _finish(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").half().contiguous() for k, v in network.state_dict().items()}
     wpath = weights_path(out, task)
-    save_file(state, str(wpath), metadata={"task": task.value, "architecture": ARCHITECTURE, "dtype": "float16"})
+    save_file(state, str(wpath), metadata={"task": task.value, "architecture": config.architecture, "dtype": "float16"})
 
     # a provisional card lets us load exactly as the service does; thresholds follow below
     card = _card(config, spec, setup, trained, {label: 0.5 for label in trained}, {}, {}, run, train_set, val_set, test_set, data_dir)
@@ -942,7 +992,7 @@ def _card(
         "name": model_name(task),
         "version": config.version,
         "date": config.date,
-        "architecture": ARCHITECTURE,
+        "architecture": config.architecture,
         "labels": list(labels),
         "trained_labels": list(trained),
         "untrained_labels": untrained,
@@ -1171,6 +1221,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", type=Path, default=None, help="start from these weights (e.g. weights/brain_mri.safetensors); the classifier head is re-initialised")
     parser.add_argument("--init", choices=["imagenet-lite0"], default=None,
                         help="start from ImageNet EfficientNet-Lite0 weights mapped into B0 (needs the train extra)")
+    parser.add_argument("--architecture", choices=list(ARCHITECTURES), default=None,
+                        help="timm B0 variant (default: tf_efficientnet_b0 with --init imagenet-lite0, else efficientnet_b0)")
     parser.add_argument("--test-fraction", type=float, default=0.0, help="a test split that chooses nothing, reported beside validation")
     parser.add_argument("--grouping", choices=["patient", "similarity"], default="patient",
                         help="split unit: patient where known, else image; 'similarity' also groups near-identical images")
@@ -1203,6 +1255,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device,
         init_from=args.init_from,
         init=args.init,
+        architecture=args.architecture or ("tf_efficientnet_b0" if args.init == "imagenet-lite0" else ARCHITECTURE),
         test_fraction=args.test_fraction,
         grouping=args.grouping,
         extra_negatives=args.extra_negatives,
