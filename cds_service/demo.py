@@ -209,5 +209,7 @@ def describe_outcome(sample: dict[str, Any], job: dict[str, Any] | None) -> str:
     positives = [f"{f['label']} {f['probability']:.0%}" for f in result.get("findings") or [] if f["positive"]]
     change = result.get("priority") or {}
     priority = f"{change.get('from') or 'routine'} → {change['to']}" if change.get("changed") else "unchanged"
+    if result.get("mode") == "shadow":
+        priority += " (shadow)"
     detail = ", ".join(positives) or (job.get("reason") or "no finding above threshold")
     return f"{label} {job['status']:<18} priority {priority:<18} {detail}"

@@ -101,6 +101,8 @@ class Series:
     body_part: str = ""
     description: str = ""
     number_of_instances: int = 0
+    protocol: str = ""  # ProtocolName
+    study_description: str = ""  # StudyDescription (study level, repeated per series)
 
     def __post_init__(self) -> None:
         if not self.uid:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pydicom
 
-from .domain import Series, Task, TriageResult, TriageStatus
+from .domain import Series, Study, Task, TriageResult, TriageStatus
 from .errors import ModelUnavailableError, TriageError
 from .models import ModelRegistry
 from .pacs import sort_slices
 from .preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom
-from .routing import task_for_series
+from .routing import not_applicable_reason, task_for_series
 from .settings import Settings
 from .triage import triage_images
 
@@ -72,11 +72,12 @@ def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, 
     first = item.datasets[0]
     study_uid = str(getattr(first, "StudyInstanceUID", "") or item.name)
     series = Series(uid=str(getattr(first, "SeriesInstanceUID", "") or item.name), modality=str(getattr(first, "Modality", "")),
-                    body_part=str(getattr(first, "BodyPartExamined", "")), description=str(getattr(first, "SeriesDescription", "")))
+                    body_part=str(getattr(first, "BodyPartExamined", "")), description=str(getattr(first, "SeriesDescription", "")),
+                    protocol=str(getattr(first, "ProtocolName", "")), study_description=str(getattr(first, "StudyDescription", "")))
     chosen = task or task_for_series(series)
     if chosen is None:
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, series_uid=series.uid,
-                            reason=f"no model for {series.modality}/{series.body_part} '{series.description}'")
+                            reason=not_applicable_reason(Study(uid=study_uid, series=(series,)), with_fhir=False))
     model = registry.get(chosen)
     images = [dicom_to_image(ds, model.card.preprocessing) for ds in item.datasets]
     return triage_images(model, images, settings.priority_rules, study_uid=study_uid, series_uid=series.uid,

@@ -22,6 +22,8 @@ SERIES_DESCRIPTION = "0008103E"
 BODY_PART = "00180015"
 SERIES_UID = "0020000E"
 INSTANCES_IN_SERIES = "00201209"
+PROTOCOL_NAME = "00181030"
+STUDY_DESCRIPTION = "00081030"
 
 
 class StudyNotInPacsError(TransientError):
@@ -100,6 +102,8 @@ def series_from_qido(attrs: dict[str, Any]) -> Series:
         body_part=str(_value(attrs, BODY_PART)),
         description=str(_value(attrs, SERIES_DESCRIPTION)),
         number_of_instances=int(_value(attrs, INSTANCES_IN_SERIES, 0) or 0),
+        protocol=str(_value(attrs, PROTOCOL_NAME)),
+        study_description=str(_value(attrs, STUDY_DESCRIPTION)),
     )
 
 
@@ -122,7 +126,7 @@ class Pacs:
 
     def find_study(self, study_uid: str) -> Study:
         """The study's series from QIDO-RS; StudyNotInPacsError when there are none."""
-        fields = [MODALITY, SERIES_DESCRIPTION, BODY_PART, INSTANCES_IN_SERIES]
+        fields = [MODALITY, SERIES_DESCRIPTION, BODY_PART, INSTANCES_IN_SERIES, PROTOCOL_NAME, STUDY_DESCRIPTION]
         results = self._call(lambda: self.client.search_for_series(study_uid, fields=fields), study_uid)
         if not results:
             raise StudyNotInPacsError(f"study not found in the PACS at {self.config.url}")

@@ -29,7 +29,7 @@ from .models import ModelRegistry
 from .pacs import Pacs, slice_order
 from .preprocessing import dicom_to_image, display_image, resize
 from .priority import parse_priority, raised_priority
-from .routing import describe, route_study
+from .routing import fhir_hints, not_applicable_reason, route_study
 from .secondary_capture import heatmap_to_pacs
 from .settings import Settings
 from .triage import triage_scores
@@ -80,6 +80,7 @@ def result_summary(result: TriageResult) -> dict[str, Any]:
     }
 
 
+
 def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, Any]]:
     """Triage the job's ImagingStudy and write the result back. Raises TriageError kinds."""
     settings = deps.settings
@@ -95,9 +96,12 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     study = pacs.find_study(ctx.study_uid)
 
     # 3. Which model reads it, if any.
-    route = route_study(study)
+    route = route_study(study, fhir_hints(imaging_study))
+    if route is None and ctx.service_request_id:  # the order's code, read only when nothing else decided
+        order, _ = deps.fhir.read("ServiceRequest", ctx.service_request_id)
+        route = route_study(study, fhir_hints(imaging_study, order))
     if route is None:
-        return JobState.NOT_APPLICABLE, f"no triage model applies to this study ({describe(study)})", {}
+        return JobState.NOT_APPLICABLE, not_applicable_reason(study, with_fhir=True), {}
     try:
         model = deps.models.get(route.task)
     except ModelUnavailableError as exc:
@@ -150,7 +154,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
         change = {"changed": False, "reason": f"shadow mode: {route.task.value} never changes a priority here"}
     else:
         change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
-    summary = result_summary(result) | {"written": written, "priority": change}
+    summary = result_summary(result) | {"routedBy": route.evidence, "written": written, "priority": change}
 
     # 8. The heatmap back into the PACS, as a Secondary Capture in the same study (optional).
     #    Its failure is recorded in the job result; it never fails a triage already written.

@@ -1,13 +1,21 @@
-"""Which model reads which series: a pure decision from DICOM header fields.
+"""Which model reads which series: a pure decision on all the evidence, in a stated order.
 
-Modality, BodyPartExamined and SeriesDescription are filled inconsistently across
-scanners, so each task accepts a few synonyms. Anything else is "not applicable":
-recorded, but never guessed at.
+1. DICOM: Modality with BodyPartExamined, SeriesDescription, ProtocolName, StudyDescription
+   (filled inconsistently across scanners, and emptied by many de-identifiers, so each task
+   accepts a few synonyms);
+2. FHIR, where the EHR's ImagingStudy and order say more: ImagingStudy.series.bodySite,
+   ImagingStudy.procedureCode, the ServiceRequest's code (SNOMED CT body sites, LOINC and RadLex
+   Playbook procedure codes, or their text);
+3. nothing decides: "not applicable", with what was missing, never a guess.
+
+Series that are AI output, scouts or reports are never read. The job records which evidence
+decided (`Route.evidence`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
 from .domain import Series, Study, Task
 
@@ -16,48 +24,144 @@ CHEST_WORDS = ("CHEST", "THORAX", "LUNG", "PA ", "CXR")
 # Series that are not primary diagnostic images of the anatomy (AI output, scouts, reports).
 EXCLUDED_WORDS = ("AI-GENERATED", "HEATMAP", "SCOUT", "LOCALIZER", "TOPOGRAM", "DOSE", "REPORT")
 
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+RADLEX = "http://www.radlex.org"
+# Body sites (SNOMED CT) and procedures (LOINC, RadLex Playbook) that say "head" or "chest".
+HEAD_CODES = {(SNOMED, "69536005"), (SNOMED, "12738006"), (SNOMED, "774007"), (SNOMED, "118690002"),
+              (LOINC, "30799-1"), (LOINC, "24725-4"), (LOINC, "24726-2"), (LOINC, "24727-0"), (LOINC, "24590-2"),
+              (LOINC, "24591-0"), (LOINC, "24592-8"), (LOINC, "30655-7"), (RADLEX, "RPID16"), (RADLEX, "RPID22"),
+              (RADLEX, "RPID1637")}
+CHEST_CODES = {(SNOMED, "51185008"), (SNOMED, "43799004"), (SNOMED, "39607008"),
+               (LOINC, "36643-5"), (LOINC, "24648-8"), (LOINC, "30745-4"), (LOINC, "36554-4"), (LOINC, "36687-2"),
+               (RADLEX, "RPID2503"), (RADLEX, "RPID2484")}
+
 
 @dataclass(frozen=True)
 class Route:
-    """The chosen series and task for a study."""
+    """The chosen series and task for a study, and the evidence that decided."""
 
     task: Task
     series: Series
+    evidence: str = "dicom"
+
+
+@dataclass(frozen=True)
+class FhirHints:
+    """What the EHR says about the study's anatomy: codings and free text, per source."""
+
+    codings: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    texts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _text(series: Series) -> str:
-    return f"{series.body_part} {series.description}".upper() + " "
+    return f"{series.body_part} {series.description} {series.protocol} {series.study_description}".upper() + " "
 
 
-def task_for_series(series: Series) -> Task | None:
-    """The task for one series, or None when no model applies to it."""
-    text = _text(series)
-    if any(word in text for word in EXCLUDED_WORDS):
-        return None
-    modality = series.modality.upper()
-    if modality == "CT" and any(word in text for word in HEAD_WORDS):
+def excluded(series: Series) -> bool:
+    return any(word in _text(series) for word in EXCLUDED_WORDS)
+
+
+def task_for(modality: str, anatomy: str | None) -> Task | None:
+    """The task for a modality and an anatomy ("head", "chest")."""
+    modality = modality.upper()
+    if anatomy == "head" and modality == "CT":
         return Task.HEAD_CT_ICH
-    if modality == "MR" and any(word in text for word in HEAD_WORDS):
+    if anatomy == "head" and modality == "MR":
         return Task.BRAIN_MRI
-    if modality in ("CR", "DX") and any(word in text for word in CHEST_WORDS):
+    if anatomy == "chest" and modality in ("CR", "DX"):
         return Task.CHEST_PNEUMOTHORAX
     return None
 
 
-def route_study(study: Study) -> Route | None:
-    """Pick one series to triage: the applicable series with the most images.
+def anatomy_of_words(text: str) -> str | None:
+    text = text.upper() + " "
+    if any(word in text for word in HEAD_WORDS):
+        return "head"
+    if any(word in text for word in CHEST_WORDS):
+        return "chest"
+    return None
 
-    More images means the full volume rather than a partial reconstruction; ties go to
-    the first series in PACS order, so the choice is stable across retries.
+
+def task_for_series(series: Series) -> Task | None:
+    """The task for one series from its DICOM header alone, or None."""
+    if excluded(series):
+        return None
+    return task_for(series.modality, anatomy_of_words(_text(series)))
+
+
+def fhir_hints(imaging_study: Mapping[str, Any] | None, service_request: Mapping[str, Any] | None = None) -> FhirHints:
+    """The anatomy evidence of an ImagingStudy (series.bodySite, procedureCode) and its order (code)."""
+    def codings(concepts: Iterable[Any]) -> tuple[tuple[str, str], ...]:
+        out = []
+        for concept in concepts:
+            if isinstance(concept, dict):
+                items = concept.get("coding") if "coding" in concept else [concept]  # CodeableConcept or Coding
+                out += [(str(c.get("system", "")), str(c.get("code", ""))) for c in items or [] if isinstance(c, dict)]
+        return tuple(out)
+
+    def texts(concepts: Iterable[Any]) -> tuple[str, ...]:
+        out = []
+        for concept in concepts:
+            if isinstance(concept, dict):
+                out += [str(concept.get("text") or "")] + [str(c.get("display") or "") for c in concept.get("coding") or []
+                                                            if isinstance(c, dict)] + [str(concept.get("display") or "")]
+        return tuple(t for t in out if t)
+
+    study = imaging_study or {}
+    sites = [s.get("bodySite") for s in study.get("series") or [] if isinstance(s, dict) and s.get("bodySite")]
+    sources = {
+        "ImagingStudy.series.bodySite": sites,
+        "ImagingStudy.procedureCode": list(study.get("procedureCode") or []),
+        "ServiceRequest.code": [service_request.get("code")] if service_request and service_request.get("code") else [],
+    }
+    return FhirHints(codings={k: codings(v) for k, v in sources.items()}, texts={k: texts(v) for k, v in sources.items()})
+
+
+def anatomy_from_fhir(hints: FhirHints) -> tuple[str, str] | None:
+    """(anatomy, source) from the first FHIR source that names one: codes first, then their text."""
+    for source, found in hints.codings.items():
+        if any(c in HEAD_CODES for c in found):
+            return "head", source
+        if any(c in CHEST_CODES for c in found):
+            return "chest", source
+    for source, found in hints.texts.items():
+        anatomy = anatomy_of_words(" ".join(found))
+        if anatomy:
+            return anatomy, source
+    return None
+
+
+def route_study(study: Study, hints: FhirHints | None = None) -> Route | None:
+    """Pick one series to triage, on the DICOM header first, then on the EHR's FHIR resources.
+
+    Among applicable series the one with the most images wins (the full volume rather than a
+    partial reconstruction); ties go to the first in PACS order, so retries choose alike.
     """
-    candidates = [(s, task) for s in study.series if (task := task_for_series(s)) is not None]
+    readable = [s for s in study.series if not excluded(s)]
+    candidates = [(s, task) for s in readable if (task := task_for_series(s)) is not None]
+    evidence = "dicom"
+    if not candidates and hints is not None and (found := anatomy_from_fhir(hints)) is not None:
+        anatomy, source = found
+        candidates = [(s, task) for s in readable if (task := task_for(s.modality, anatomy)) is not None]
+        evidence = f"fhir:{source}"
     if not candidates:
         return None
     series, task = max(candidates, key=lambda pair: pair[0].number_of_instances)
-    return Route(task=task, series=series)
+    return Route(task=task, series=series, evidence=evidence)
 
 
 def describe(study: Study) -> str:
     """A one-line description of a study's series, for 'not applicable' reasons."""
     parts = [f"{s.modality or '?'}/{s.body_part or '?'} '{s.description}'" for s in study.series]
     return "; ".join(parts) or "no series"
+
+
+def not_applicable_reason(study: Study, with_fhir: bool) -> str:
+    """What a user can act on when nothing decided."""
+    where = ("BodyPartExamined, SeriesDescription, ProtocolName or StudyDescription in DICOM, or "
+             "ImagingStudy.series.bodySite, ImagingStudy.procedureCode or the order's code in FHIR"
+             if with_fhir else "BodyPartExamined, SeriesDescription, ProtocolName or StudyDescription in DICOM "
+             "(or give --task)")
+    return (f"no triage model applies to this study ({describe(study)}): head CT, brain MR and chest X-ray are read; "
+            f"the anatomy must be named by {where}")

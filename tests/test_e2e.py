@@ -237,6 +237,24 @@ def test_cds_hook_call_ends_in_the_same_job_and_a_person_set_priority_is_kept(pa
     assert job["result"]["priority"]["changed"] is False
 
 
+def test_a_head_ct_with_an_empty_header_is_routed_by_the_fhir_body_site(pacs, fhir, api):
+    """De-identified real-world CT: no BodyPartExamined or descriptions; the EHR's ImagingStudy says Head."""
+    slices = ct_slices(pydicom.uid.generate_uid(), 2, body_part="", description="")
+    ids = order_study(fhir, slices, store_in_pacs=pacs.url)
+    study, _ = fhir.read("ImagingStudy", ids["study"])
+    for series in study["series"]:
+        series["bodySite"] = {"system": "http://snomed.info/sct", "code": "69536005", "display": "Head structure"}
+    fhir.update(study, if_match=None)
+    job = wait_for_job(api, ids["study"])
+    assert job["status"] == "done" and job["result"]["task"] == "head_ct_ich", job
+    assert job["result"]["routedBy"] == "fhir:ImagingStudy.series.bodySite"
+
+    # without the body site, the reason says what was missing
+    bare = order_study(fhir, ct_slices(pydicom.uid.generate_uid(), 1, body_part="", description=""), store_in_pacs=pacs.url)
+    job = wait_for_job(api, bare["study"])
+    assert job["status"] == "not_applicable" and "bodySite" in job["reason"] and "BodyPartExamined" in job["reason"]
+
+
 def test_study_no_model_applies_to_is_recorded_without_findings(pacs, fhir, api):
     ids = order_study(fhir, ct_slices(pydicom.uid.generate_uid(), 1, body_part="ABDOMEN", description="CT ABDOMEN"),
                       store_in_pacs=pacs.url)

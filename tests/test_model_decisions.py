@@ -373,3 +373,30 @@ def test_the_observation_of_an_untrusted_subtype_says_probability_only() -> None
     observation = build_observation(OrderContext("is1", "p1"), result, finding, device_reference="Device/d",
                                     issued=datetime.now(timezone.utc))
     assert observation.interpretation is None and "probability only" in observation.note[0].text
+
+
+# --- routing on all the evidence ------------------------------------------------------------------
+
+
+def test_routing_order_dicom_then_fhir_and_what_decided() -> None:
+    from cds_service.domain import Series, Study
+    from cds_service.routing import fhir_hints, not_applicable_reason, route_study
+
+    silent = Study("1.2", (Series("1.2.1", "CT", number_of_instances=30),))
+    assert route_study(silent) is None
+    head_site = {"series": [{"bodySite": {"system": "http://snomed.info/sct", "code": "69536005"}}]}
+    route = route_study(silent, fhir_hints(head_site))
+    assert route is not None and route.task is Task.HEAD_CT_ICH and route.evidence == "fhir:ImagingStudy.series.bodySite"
+    by_order = route_study(silent, fhir_hints({}, {"code": {"coding": [{"system": "http://loinc.org", "code": "30799-1"}]}}))
+    assert by_order is not None and by_order.evidence == "fhir:ServiceRequest.code"
+    by_text = route_study(Study("1", (Series("1.1", "CR"),)), fhir_hints({}, {"code": {"text": "XR chest PA"}}))
+    assert by_text is not None and by_text.task is Task.CHEST_PNEUMOTHORAX
+    protocol = Study("1", (Series("1.1", "CT", protocol="ROUTINE HEAD"),))
+    assert route_study(protocol, fhir_hints({})).evidence == "dicom"
+    # the DICOM header wins over a contradicting EHR, and a chest site never makes an MR a brain study
+    assert route_study(protocol, fhir_hints({}, {"code": {"text": "chest"}})).task is Task.HEAD_CT_ICH
+    assert route_study(Study("1", (Series("1.1", "MR"),)), fhir_hints({}, {"code": {"text": "chest"}})) is None
+    # scouts and AI output are never read, whatever the EHR says
+    assert route_study(Study("1", (Series("1.1", "CT", description="SCOUT"),)), fhir_hints(head_site)) is None
+    assert "bodySite" in not_applicable_reason(silent, with_fhir=True)
+    assert "--task" in not_applicable_reason(silent, with_fhir=False)
