@@ -661,38 +661,35 @@ def go_live_bar(setup: TaskSetup, trained: Sequence[str], points: dict[str, Any]
 
     A figure counts by the end of its 95% interval that a sceptic would pick where the product's
     aim is stated as a lower bound (AUC): a model whose interval reaches below the aim ships in
-    shadow mode, and a site turns it on after its own validation (`cds-triage validate`).
+    shadow mode, and a site turns it on after its own validation.
     """
     metrics = points["validation_metrics"]["metrics"]
     checks: list[dict[str, Any]] = []
 
-    def check(what: str, value: float | None, needs: str, met: bool) -> None:
-        checks.append({"what": what, "value": None if value is None else round(float(value), 4), "needs": needs, "met": bool(met)})
+    def check(what: str, value: float | None, at_least: float | None = None, at_most: float | None = None) -> None:
+        met = value is not None and (at_least is None or value >= at_least) and (at_most is None or value <= at_most)
+        needs = f">= {at_least}" if at_least is not None else f"<= {at_most}"
+        checks.append({"what": what, "value": None if value is None else round(float(value), 4), "needs": needs, "met": met})
 
     if "presence" in points:
         v = points["presence"]["validation"]
-        check("share of tumours raised", v["raised_with_finding"]["value"], ">= 0.97", (v["raised_with_finding"]["value"] or 0) >= 0.97)
-        check("share of tumour-free images raised", v["raised_without_finding"]["value"], "<= 0.05",
-              (v["raised_without_finding"]["value"] or 1) <= 0.05)
-        check("class accuracy", v["class_accuracy"]["value"], ">= 0.97", (v["class_accuracy"]["value"] or 0) >= 0.97)
+        check("share of tumours raised", v["raised_with_finding"]["value"], at_least=0.97)
+        check("share of tumour-free images raised", v["raised_without_finding"]["value"], at_most=0.05)
+        check("class accuracy", v["class_accuracy"]["value"], at_least=0.97)
     elif setup.activation == "sigmoid" and trained:
         main = trained[0]
-        lower = (metrics.get(f"{main}.auc", {}).get("ci95") or [None])[0]
-        aim = GO_LIVE_AUC.get(setup.task, 0.85)
-        check(f"{main} AUC, lower end of its 95% interval", lower, f">= {aim}", lower is not None and lower >= aim)
+        check(f"{main} AUC, lower end of its 95% interval", (metrics.get(f"{main}.auc", {}).get("ci95") or [None])[0],
+              at_least=GO_LIVE_AUC.get(setup.task, 0.85))
         if "series_operating_point" in points:
             expected = points["series_operating_point"]["validation"]
             check("bleeding series raised (simulated)", expected["bleeding_series_raised"],
-                  f">= {SERIES_BAR['bleeding_series_raised_at_least']}",
-                  (expected["bleeding_series_raised"] or 0) >= SERIES_BAR["bleeding_series_raised_at_least"])
+                  at_least=SERIES_BAR["bleeding_series_raised_at_least"])
             check("normal series raised (simulated)", expected["normal_series_raised"],
-                  f"<= {SERIES_BAR['normal_series_raised_at_most']}",
-                  (expected["normal_series_raised"] or 1) <= SERIES_BAR["normal_series_raised_at_most"])
+                  at_most=SERIES_BAR["normal_series_raised_at_most"])
         else:
-            spec = metrics.get(f"{main}.specificity_at_threshold", {}).get("value")
-            check(f"{main} specificity at the threshold (share of images without it left alone)", spec, ">= 0.70",
-                  (spec or 0) >= 0.70)
-    return {"checks": checks, "met": all(c["met"] for c in checks) and bool(checks), "judged_on": "validation split"}
+            check(f"{main} specificity at the threshold (share of images without it left alone)",
+                  metrics.get(f"{main}.specificity_at_threshold", {}).get("value"), at_least=0.70)
+    return {"checks": checks, "met": bool(checks) and all(c["met"] for c in checks), "judged_on": "validation split"}
 
 
 # The AUC a task's main label must reach (by the lower end of its 95% interval) to go live by default.

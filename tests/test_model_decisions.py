@@ -400,3 +400,16 @@ def test_routing_order_dicom_then_fhir_and_what_decided() -> None:
     assert route_study(Study("1", (Series("1.1", "CT", description="SCOUT"),)), fhir_hints(head_site)) is None
     assert "bodySite" in not_applicable_reason(silent, with_fhir=True)
     assert "--task" in not_applicable_reason(silent, with_fhir=False)
+
+
+def test_the_go_live_bar_counts_a_zero_as_a_value() -> None:
+    """0 of 128 tumour-free images raised meets '<= 0.05' (a falsy 0.0 once failed it)."""
+    from cds_service.training import TASK_SETUPS, go_live_bar
+
+    block = {"value": 0.0, "ci95": [0.0, 0.03], "count": [0, 128]}
+    points = {"validation_metrics": {"metrics": {}}, "presence": {"validation": {
+        "raised_with_finding": {"value": 0.98}, "raised_without_finding": block, "class_accuracy": {"value": 0.975}}}}
+    bar = go_live_bar(TASK_SETUPS[Task.BRAIN_MRI], BRAIN, points)
+    assert bar["met"], bar
+    points["presence"]["validation"]["raised_with_finding"] = {"value": 0.95}
+    assert not go_live_bar(TASK_SETUPS[Task.BRAIN_MRI], BRAIN, points)["met"]

@@ -70,14 +70,15 @@ def pick(data: Path, rule: dict, task_name: str) -> list[str]:
 def truth_labels(data: Path, task_name: str, files: list[str]) -> list[str]:
     """The labels positive on any of `files` (from the data's own labels), in the model's order."""
     from cds_service.datasets import discover_samples, resolve_data_dir
-    from cds_service.domain import TASK_LABELS, Task
+    from cds_service.domain import NEGATIVE_LABELS, TASK_LABELS, Task
 
     task = Task(task_name)
     task_dir = resolve_data_dir(task, data / Path(files[0]).parts[0])
     wanted = {(data / f).resolve() for f in files}
     samples = [s for s in discover_samples(task, task_dir) if s.path.resolve() in wanted]
     labels = TASK_LABELS[task]
-    return [label for j, label in enumerate(labels) if any(s.known[j] and s.targets[j] > 0.5 for s in samples)]
+    return [label for j, label in enumerate(labels)
+            if label not in NEGATIVE_LABELS and any(s.known[j] and s.targets[j] > 0.5 for s in samples)]
 
 
 SEX = {"male": "M", "female": "F", "other": "O"}
