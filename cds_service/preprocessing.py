@@ -171,7 +171,7 @@ def check_pixel_size(ds: pydicom.Dataset) -> None:
         rows, columns = int(ds.Rows), int(ds.Columns)
         pixels = rows * columns * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
-        raise BadDicomError(f"unreadable image size in the DICOM header: {exc}") from exc
+        raise BadDicomError(f"cannot decode pixel data: unreadable image size in the DICOM header ({exc})") from exc
     if pixels > MAX_DECODED_PIXELS:
         raise BadDicomError(f"image of {pixels} pixels is above the limit of {MAX_DECODED_PIXELS} per instance")
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
