@@ -20,14 +20,13 @@ from fhir_mappings.builders import build_triage_transaction, reference_id, study
 
 from .domain import OrderContext, Priority, TaskMode, TriageResult
 from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
-from .explain import overlay_size
 from .fhir_client import FhirClient, VersionConflictError
 from .inference import score_stream
 from .jobs import Job, JobState
 from .metrics import observe_model_latency
 from .models import ModelRegistry
 from .pacs import Pacs, slice_order
-from .preprocessing import dicom_to_image, display_image, resize
+from .preprocessing import dicom_to_image, resize
 from .priority import parse_priority, raised_priority
 from .routing import fhir_hints, not_applicable_reason, route_study
 from .secondary_capture import heatmap_to_pacs
@@ -115,25 +114,22 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    the model card says, and each batch is scored while the next one is on its way.
     spec = model.card.preprocessing
     arrived: list[pydicom.Dataset] = []
-    pictures: list[np.ndarray] = []  # each slice as the overlay shows it (at most 512 px)
 
     def model_inputs() -> Iterator[np.ndarray]:
         for ds in pacs.iter_series(ctx.study_uid, route.series, settings.max_instances):
-            image = dicom_to_image(ds, spec)
             arrived.append(ds)
-            pictures.append(display_image(image, overlay_size(image)))
-            yield resize(image, spec.input_size)  # the full-size image is not kept
+            yield resize(dicom_to_image(ds, spec), spec.input_size)  # the full-size image is not kept
 
     started = time.perf_counter()
     scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.inference_batch_size)
     order = slice_order(arrived)
     datasets, scores = [arrived[index] for index in order], scores.reordered(order)
 
-    # 5. Findings, priority, and Grad-CAM of the top finding, drawn on its slice. From the scoring
-    #    pass's feature map the overlay needs only the kept picture; pytorch-grad-cam (the torch
-    #    runtime) needs the slice itself, decoded again.
+    # 5. Findings, priority, and Grad-CAM of the top finding, drawn on its slice: the one slice that
+    #    drove the finding is decoded again (the explanation scores it shifted, and the overlay draws
+    #    on it), so no per-slice picture is kept while the series arrives.
     def slice_image(index: int) -> np.ndarray:
-        return pictures[order[index]] if model.cam_weights is not None else dicom_to_image(datasets[index], spec)
+        return dicom_to_image(datasets[index], spec)
 
     result = triage_scores(
         model, scores, slice_image, settings.priority_rules,

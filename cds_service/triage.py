@@ -49,10 +49,9 @@ def triage_scores(
 ) -> TriageResult:
     """Findings and priority from a series' scores, and the top positive finding explained.
 
-    `image_of_slice` gives a slice's image (HxWx3 in [0, 1]); only the driving slice's is asked
-    for. Where Grad-CAM comes from the scoring pass (`model.cam_weights` and `scores.features`)
-    the image is only drawn on, so `display_image` at `overlay_size` of it gives the same overlay
-    (the pipeline keeps those rather than every full-size slice); pytorch-grad-cam needs the image.
+    `image_of_slice` gives a slice's image (HxWx3 in [0, 1], as preprocessed for the model); only
+    the driving slice's is asked for: the explanation scores it again (shifted, for a finer map, or
+    through pytorch-grad-cam) and draws the overlay on it.
     """
     findings = findings_from_scores(model.card, scores.study)
     result_top = max((f for f in findings if f.positive), key=lambda f: f.probability, default=None)

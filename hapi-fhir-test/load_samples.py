@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cds-hapi-test-"))
     port = free_port()
     settings = replace(base, host="127.0.0.1", port=port, public_url=f"http://127.0.0.1:{port}", data_dir=workdir / "data",
-                       subscription_secret=base.subscription_secret or secrets.token_urlsafe(24))
+                       subscription_secret=base.subscription_secret or secrets.token_urlsafe(24),
+                       operator_open_on_loopback=True)  # this script reads its own service's /jobs
     print(f"==> FHIR {settings.fhir_base_url}   PACS {settings.dicomweb_url}   service {settings.public_url}")
     service = start_service(settings, workdir / "logs")
     fhir = FhirClient(settings.fhir_base_url, timeout_s=settings.http_timeout_s)
