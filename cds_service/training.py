@@ -961,6 +961,8 @@ def _card(
             "Four classes only (glioma, meningioma, pituitary tumour, no tumour). Other disease (metastases, "
             "stroke, bleeding, ...) is outside what it was taught and may be called one of the four.",
             "The tumour type it names is secondary: it raises a study when it thinks any tumour is present.",
+            "Its heatmap is coarse and partly tied to the position in the image (this model was trained with "
+            "PyTorch padding on weights made with TensorFlow's); do not read the tumour's location from it.",
             "Single 2D slices from one public collection of JPEGs; some of its 'no tumour' images are CT.",
         ]
     if task is Task.HEAD_CT_ICH:
@@ -969,6 +971,8 @@ def _card(
             "neighbouring slices to agree before it raises a study. A bleed seen on a single thin slice, "
             "or only in a subdural or bone window, can be missed.",
             "Trained on single slices (no whole scans): the series decision rests on slice results.",
+            "The heatmap is broad: it covers the part of the brain that drove the score and centres on large bleeds, "
+            "but does not outline a small one. Look at the whole study, not only where it is red.",
             "A subtype the model cannot yet be trusted on (too few examples or too weak on the test images; see "
             "priority_bar) is shown as a probability only: never named as a finding, never a reason to raise a study.",
         ]
@@ -981,8 +985,10 @@ def _card(
             "Many pneumothorax images show a chest drain: an image with a drain (a treated pneumothorax) may "
             "be flagged because of the drain. It is not a check that a drain is in place, and it does not "
             "grade size or tension.",
-            "Must not be used to rule out a pneumothorax, on children, or on lateral or portable-only "
-            "protocols it was not shown.",
+            "Must not be used to rule out a pneumothorax, on children, or on lateral views. Where the model looks "
+            "(Grad-CAM on the test images): on the lung fields, mostly the right lung whatever the side; on one "
+            "pneumothorax image it centred on a pigtail drain, and the images without pneumothorax it scored highest "
+            "carry lines and tubes. Treat its heatmap as a hint, not as the location of the air.",
         ]
     card: dict[str, Any] = {
         "task": task.value,
