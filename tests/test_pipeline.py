@@ -49,12 +49,17 @@ def ordered_study(fhir: FhirClient, orthanc, slices: int) -> tuple[Job, list[pyd
                state=JobState.RUNNING), datasets
 
 
+def pipeline_settings(tmp_path: Path, orthanc, fhir_server, **overrides) -> Settings:
+    """Settings for run_triage in this process against the session's Orthanc and FHIR server."""
+    return Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url,
+                    http_timeout_s=30, **overrides)
+
+
 @pytest.mark.parametrize("runtime", ["auto", "torch"])  # ONNX Runtime's feature map, and pytorch-grad-cam
 def test_the_pacs_and_local_files_give_the_same_findings_and_overlay(orthanc, fhir_server, tmp_path: Path,
                                                                       runtime: str) -> None:
     weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)  # three different windows
-    settings = Settings(weights_dir=weights, data_dir=tmp_path / "data", fhir_base_url=fhir_server.url,
-                        dicomweb_url=orthanc.dicomweb_url, inference_runtime=runtime, http_timeout_s=30)
+    settings = pipeline_settings(tmp_path, orthanc, fhir_server, weights_dir=weights, inference_runtime=runtime)
     fhir = FhirClient(settings.fhir_base_url)
     deps = build_deps(settings)
     try:
@@ -94,8 +99,7 @@ def test_a_task_in_shadow_mode_writes_marked_results_and_never_touches_the_prior
         card_file.write_text(json.dumps(json.loads(card_file.read_text()) | {"default_mode": "shadow"}))
     else:
         modes = {Task.HEAD_CT_ICH: TaskMode.SHADOW}
-    settings = Settings(weights_dir=weights, data_dir=tmp_path / "data", fhir_base_url=fhir_server.url,
-                        dicomweb_url=orthanc.dicomweb_url, http_timeout_s=30, task_modes=modes)
+    settings = pipeline_settings(tmp_path, orthanc, fhir_server, weights_dir=weights, task_modes=modes)
     fhir = FhirClient(settings.fhir_base_url)
     deps = build_deps(settings)
     try:
@@ -122,8 +126,7 @@ def test_a_task_that_is_off_is_not_applicable_and_writes_nothing(orthanc, fhir_s
     from cds_service.domain import TaskMode
 
     weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
-    settings = Settings(weights_dir=weights, data_dir=tmp_path / "data", fhir_base_url=fhir_server.url,
-                        dicomweb_url=orthanc.dicomweb_url, http_timeout_s=30, task_modes={Task.HEAD_CT_ICH: TaskMode.OFF})
+    settings = pipeline_settings(tmp_path, orthanc, fhir_server, weights_dir=weights, task_modes={Task.HEAD_CT_ICH: TaskMode.OFF})
     deps = build_deps(settings)
     try:
         fhir = FhirClient(settings.fhir_base_url)
