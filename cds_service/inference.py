@@ -118,7 +118,9 @@ def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Fin
     """One Finding per label, positive where the card's threshold is reached.
 
     A label outside the card's priority labels (a subtype short of its bar on the test split) is
-    never positive: its probability is reported, it neither names a finding nor raises a study.
+    never positive: its probability is reported, it neither names a finding nor raises a study. In
+    a sigmoid card with several labels the first (`any`) is the main one: a subtype is positive only
+    beside it.
     """
     findings = []
     present = presence(card, study_scores)
@@ -132,4 +134,8 @@ def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Fin
         else:
             positive = trained and trusted and label == present
         findings.append(Finding(label, probability, positive, threshold, trained, trusted))
+    main = card.trained_labels[0] if card.activation == "sigmoid" and len(card.trained_labels) > 1 else None
+    if main is not None and not next(f.positive for f in findings if f.label == main):
+        # a subtype names the kind of what the main label found (RSNA: every subtype is also `any`)
+        findings = [replace(f, positive=False) if f.positive else f for f in findings]
     return tuple(findings)

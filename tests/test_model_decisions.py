@@ -94,10 +94,12 @@ def test_a_subtype_short_of_its_bar_is_reported_but_never_a_finding() -> None:
     assert suggest_priority(beside, DEFAULT_PRIORITY_RULES) is Priority.STAT
 
 
-def test_a_subtype_that_cleared_its_bar_may_raise() -> None:
-    raised = findings_from_scores(head_card(), scores(subdural=0.9))
-    assert [f.label for f in raised if f.positive] == ["subdural"]
-    assert suggest_priority(raised, {"subdural": Priority.URGENT}) is Priority.URGENT
+def test_a_subtype_that_cleared_its_bar_is_named_beside_any_and_never_without_it() -> None:
+    raised = findings_from_scores(head_card(), scores(any=0.7, subdural=0.9))
+    assert [f.label for f in raised if f.positive] == ["any", "subdural"]
+    assert suggest_priority(raised, {"any": Priority.URGENT, "subdural": Priority.STAT}) is Priority.STAT
+    alone = findings_from_scores(head_card(), scores(subdural=0.9))  # the demo once showed "intraventricular 10%"
+    assert not any(f.positive for f in alone)
 
 
 def test_a_finding_short_of_its_bar_cannot_be_positive() -> None:
