@@ -4,7 +4,7 @@ The study's probability per label comes from the slices as the card's `series_po
 (`models.SeriesPooling`: the best run of neighbouring slices for head CT, the maximum for cards
 without it), on the slices in anatomical order. The card's thresholds decide positivity; labels
 the card says were never trained are reported as untrained and are never positive; a label
-outside the card's `priority_labels` is reported but raises no priority on its own.
+outside the card's `priority_labels` is reported with its probability and is never positive.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .domain import NEGATIVE_LABELS, Finding
-from .models import LoadedModel, ModelCard, PoolingMethod, SeriesPooling
+from .models import LoadedModel, ModelCard, SeriesPooling
 from .preprocessing import to_batch
 from .settings import CPU_BATCH_SIZE
 
@@ -40,12 +40,7 @@ class SeriesScores:
 
     def driving_slice(self, label_index: int) -> int:
         """The slice that gave the study its score for this label (the top slice of the best run)."""
-        column = self.per_slice[:, label_index]
-        window = self.pooling.window if self.pooling.method is PoolingMethod.ADJACENT_MEAN else 1
-        if window <= 1 or len(column) <= window:
-            return int(np.argmax(column))
-        start = int(np.argmax(np.convolve(column, np.ones(window), mode="valid")))
-        return start + int(np.argmax(column[start : start + window]))
+        return self.pooling.driving_slice(self.per_slice[:, label_index])
 
     def reordered(self, order: Sequence[int]) -> "SeriesScores":
         """The same scores with the slices in `order` (e.g. arrival order to anatomical order)."""

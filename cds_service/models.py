@@ -71,16 +71,27 @@ class SeriesPooling:
     def to_card(self) -> dict[str, Any]:
         return {"method": self.method.value, "window": self.window}
 
+    def _runs(self, column: np.ndarray) -> np.ndarray | None:
+        """The mean of every run of `window` neighbouring slices; None where the maximum rules."""
+        if self.method is PoolingMethod.MAX or self.window == 1 or len(column) <= self.window:
+            return None
+        return np.convolve(column, np.ones(self.window) / self.window, mode="valid")
+
     def pool(self, per_slice: np.ndarray) -> np.ndarray:
         """slices x labels → labels."""
         per_slice = np.asarray(per_slice)
-        if self.method is PoolingMethod.MAX or self.window == 1:
-            return per_slice.max(axis=0)
-        if len(per_slice) <= self.window:
+        if self.method is not PoolingMethod.MAX and self.window > 1 and len(per_slice) <= self.window:
             return per_slice.mean(axis=0)
-        kernel = np.ones(self.window) / self.window
-        runs = np.stack([np.convolve(per_slice[:, j], kernel, mode="valid") for j in range(per_slice.shape[1])], axis=1)
-        return runs.max(axis=0)
+        runs = [self._runs(per_slice[:, j]) for j in range(per_slice.shape[1])]
+        return np.array([per_slice[:, j].max() if r is None else r.max() for j, r in enumerate(runs)])
+
+    def driving_slice(self, column: np.ndarray) -> int:
+        """The slice that gave the study its score: the top slice of the best run (or the top slice)."""
+        runs = self._runs(np.asarray(column))
+        if runs is None:
+            return int(np.argmax(column))
+        start = int(np.argmax(runs))
+        return start + int(np.argmax(column[start : start + self.window]))
 
 
 @dataclass(frozen=True)
