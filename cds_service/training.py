@@ -769,17 +769,9 @@ def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1
     """
     cpath = card_path(Path(weights_dir), task)
     card = json.loads(cpath.read_text())
-    stored = json.loads((Path(weights_dir) / f"{task.value}.split.json").read_text())
-    labels, trained, activation = tuple(card["labels"]), tuple(card["trained_labels"]), card["activation"]
-
-    def predictions(rows: list[dict[str, Any]]) -> Predictions:
-        targets = np.array([[t if t is not None else 0.0 for t in r["targets"]] for r in rows], np.float64)
-        known = np.array([[t is not None and label in trained for t, label in zip(r["targets"], labels)] for r in rows])
-        return Predictions(labels, activation, targets, known, np.array([r["probs"] for r in rows], np.float64),
-                           tuple(r["file"] for r in rows))
-
-    val = predictions(stored["validation"])
-    test = predictions(stored["test"]) if stored.get("test") else None
+    trained, activation = tuple(card["trained_labels"]), card["activation"]
+    val = stored_predictions(weights_dir, card, "validation")
+    test = stored_predictions(weights_dir, card, "test")
     points = operating_points(TASK_SETUPS[task], trained, val, test, target, bootstrap)
     for key in ("presence", "test_metrics", "priority_labels", "priority_bar", "series_operating_point",
                 "default_mode", "default_mode_reason", "go_live_bar"):
@@ -788,11 +780,28 @@ def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1
     card["target_sensitivity"] = target
     card["threshold_policy"] = threshold_policy(target, activation == "softmax", test is not None, "series_operating_point" in points)
     cpath.write_text(json.dumps(card, indent=2) + "\n")
-    plot_dir = Path(weights_dir) / "eval" / task.value
-    write_plots(val, card["thresholds"], plot_dir, f"{card['name']} {card['version']}")
-    (plot_dir / "metrics.json").write_text(
-        json.dumps(_metrics_document(card, card["validation_metrics"], card["thresholds"]), indent=2) + "\n")
+    write_evaluation(Path(weights_dir), card, val, card["validation_metrics"])
     return card
+
+
+def stored_predictions(weights_dir: Path, card: dict[str, Any], part: str) -> Predictions | None:
+    """The validation or test split as stored beside the weights (`<task>.split.json`): files, truth
+    (unknown or untrained labels masked) and probabilities; None when the file has no such part."""
+    rows = json.loads((Path(weights_dir) / f"{card['task']}.split.json").read_text()).get(part)
+    if not rows:
+        return None
+    labels, trained = tuple(card["labels"]), set(card["trained_labels"])
+    targets = np.array([[t if t is not None else 0.0 for t in r["targets"]] for r in rows], np.float64)
+    known = np.array([[t is not None and label in trained for t, label in zip(r["targets"], labels)] for r in rows])
+    return Predictions(labels, card["activation"], targets, known, np.array([r["probs"] for r in rows], np.float64),
+                       tuple(r["file"] for r in rows))
+
+
+def write_evaluation(weights_dir: Path, card: dict[str, Any], pred: Predictions, metrics: dict[str, Any]) -> None:
+    """`eval/<task>/`: the plots and metrics.json of the validation split at the card's thresholds."""
+    plot_dir = weights_dir / "eval" / card["task"]
+    write_plots(pred, card["thresholds"], plot_dir, f"{card['name']} {card['version']}")
+    (plot_dir / "metrics.json").write_text(json.dumps(_metrics_document(card, metrics, card["thresholds"]), indent=2) + "\n")
 
 
 def threshold_policy(target: float, softmax: bool, with_test: bool, series: bool = False) -> str:
@@ -918,9 +927,7 @@ def _finish(
     cpath.write_text(json.dumps(card, indent=2) + "\n")
     write_split_file(out, task, config, data_dir, train_set, val_set, pred, test_set, test_pred)
     if config.plots:
-        plot_dir = out / "eval" / task.value
-        write_plots(pred, thresholds, plot_dir, f"{card['name']} {card['version']}")
-        (plot_dir / "metrics.json").write_text(json.dumps(_metrics_document(card, metrics, thresholds), indent=2) + "\n")
+        write_evaluation(out, card, pred, metrics)
     load_model(out, task, config.device)  # the final card must load: fail here, not in production
     _log(f"wrote {cpath} and {wpath}")
     for line in _summary_lines(card):

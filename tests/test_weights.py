@@ -26,7 +26,7 @@ from cds_service.domain import TASK_LABELS, Task
 from cds_service.evaluation import Predictions, point_metrics
 from cds_service.models import load_model
 from cds_service.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
-from cds_service.training import as_predictions, predict_samples
+from cds_service.training import as_predictions, predict_samples, stored_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
@@ -179,14 +179,7 @@ def test_torch_runtime_and_fallbacks(monkeypatch: pytest.MonkeyPatch, caplog: py
 def _stored_predictions(task: Task, model, part: str = "validation") -> tuple[dict, Predictions]:
     """The validation (or test) split as stored beside the weights: files, truth and probabilities."""
     stored = json.loads((WEIGHTS / f"{task.value}.split.json").read_text())
-    rows = stored[part]
-    targets = np.array([[0.0 if v is None else v for v in row["targets"]] for row in rows])
-    known = np.array([[v is not None for v in row["targets"]] for row in rows])
-    known &= np.array([label in model.card.trained_labels for label in model.card.labels])[None, :]
-    probs = np.array([row["probs"] for row in rows])
-    pred = Predictions(tuple(model.card.labels), model.card.activation, targets, known, probs,
-                       tuple(row["file"] for row in rows))
-    return stored, pred
+    return stored, stored_predictions(WEIGHTS, card(task), part)
 
 
 @pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
