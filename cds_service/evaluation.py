@@ -17,7 +17,6 @@ Decision rules, matching `cds_service.inference`:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,7 +465,7 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
             "",
             f"- **Labels**: {', '.join(card['labels'])}; trained: {', '.join(card['trained_labels'])}"
             + (f"; raise a study: {', '.join(card['priority_labels'])}" if card.get("priority_labels") else ""),
-            f"- **Operating thresholds**: " + ", ".join(f"`{k}` {v}" for k, v in card["thresholds"].items())
+            "- **Operating thresholds**: " + ", ".join(f"`{k}` {v}" for k, v in card["thresholds"].items())
             + f". {card.get('threshold_policy', '')}",
             f"- **Input**: {card['input_size']} × {card['input_size']} px; {card.get('preprocessing_note', '')}",
             f"- **Data**: {data.get('provenance', '')}",
