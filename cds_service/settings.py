@@ -66,6 +66,25 @@ def parse_task_modes(text: str) -> dict[Task, TaskMode]:
     return modes
 
 
+DRIFT_WINDOW_MAX = 5000  # the job store indexes this many recent triages per task (jobs.RECENT_TRIAGES_KEPT)
+
+
+def parse_drift_bands(text: str) -> dict[Task, tuple[float, float]]:
+    """Parse `task=low-high,…` (shares, e.g. `head_ct_ich=0.05-0.6`); a task not named keeps its card's band."""
+    bands: dict[Task, tuple[float, float]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, _, band = item.partition("=")
+        low, _, high = band.partition("-")
+        try:
+            bands[Task(task.strip())] = (float(low), float(high))
+        except ValueError:
+            raise ValueError(f"CDS_DRIFT_BANDS item {item!r} is not task=low-high (shares from 0 to 1) with a task of "
+                             f"{', '.join(t.value for t in Task)}") from None
+        if not 0.0 <= float(low) <= float(high) <= 1.0:
+            raise ValueError(f"CDS_DRIFT_BANDS item {item!r}: needs 0 <= low <= high <= 1")
+    return bands
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with the variable each field is read from in `env`."""
@@ -100,6 +119,11 @@ class Settings:
     )
     # per task: off / shadow / active; a task not named here runs as its model card's default_mode says
     task_modes: Mapping[Task, TaskMode] = field(default_factory=dict, metadata={"env": "TASK_MODES"})
+    # Drift alarm (cds_service/drift.py): the share of each task's last CDS_DRIFT_WINDOW triages that were raised
+    # against the band its card expects (CDS_DRIFT_BANDS overrides it per task: `task=low-high`)
+    drift_window: int = field(default=50, metadata={"env": "DRIFT_WINDOW"})
+    drift_min_studies: int = field(default=20, metadata={"env": "DRIFT_MIN_STUDIES"})
+    drift_bands: Mapping[Task, tuple[float, float]] = field(default_factory=dict, metadata={"env": "DRIFT_BANDS"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
     # PACS-side trigger (POST /pacs/studies): off while the secret is empty.
     pacs_trigger_secret: str = field(default="", metadata={"env": "PACS_TRIGGER_SECRET", "secret": True})
@@ -148,6 +172,13 @@ class Settings:
     # /jobs, /audit, /metrics and the /readyz details; off, they need the token (default deny)
     operator_open_on_loopback: bool = field(default=False, metadata={"env": "OPERATOR_OPEN_ON_LOOPBACK"})
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.drift_window <= DRIFT_WINDOW_MAX:
+            raise ValueError(f"CDS_DRIFT_WINDOW must be from 1 to {DRIFT_WINDOW_MAX} studies, not {self.drift_window}")
+        if not 1 <= self.drift_min_studies <= self.drift_window:
+            raise ValueError(f"CDS_DRIFT_MIN_STUDIES must be from 1 to CDS_DRIFT_WINDOW ({self.drift_window}), "
+                             f"not {self.drift_min_studies}: the drift alarm could never fire")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
         """Build settings from `environ` (default: os.environ); explicit overrides win."""
@@ -165,6 +196,8 @@ class Settings:
                 values[f.name] = parse_priority_rules(raw)
             elif f.name == "task_modes":
                 values[f.name] = parse_task_modes(raw)
+            elif f.name == "drift_bands":
+                values[f.name] = parse_drift_bands(raw)
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
             elif f.type in ("bool", bool):
@@ -187,6 +220,8 @@ class Settings:
                 value = ",".join(f"{k}={v.value}" for k, v in value.items())
             elif f.name == "task_modes":
                 value = ",".join(f"{k.value}={v.value}" for k, v in value.items())
+            elif f.name == "drift_bands":
+                value = ",".join(f"{k.value}={low!r}-{high!r}" for k, (low, high) in value.items())
             env[PREFIX + f.metadata["env"]] = str(value)
         return env
 
