@@ -140,7 +140,8 @@ class Finding:
     `trained` is False for outputs the model card says were never trained: they are reported
     as such and are never positive. `raises_priority` is False for a trained label that missed
     its bar on the card's test split (a rare subtype): its probability is reported, but it is
-    never positive, so it neither names a finding nor moves the study up.
+    never positive, so it neither names a finding nor moves the study up. `threshold_source` names a
+    site threshold (CDS_SITE_THRESHOLDS) that replaced the card's; empty: the model card's own.
     """
 
     label: str
@@ -149,6 +150,7 @@ class Finding:
     threshold: float
     trained: bool = True
     raises_priority: bool = True
+    threshold_source: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:

@@ -128,7 +128,8 @@ def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Fin
             positive = trained and trusted and label not in NEGATIVE_LABELS and probability >= threshold
         else:
             positive = trained and trusted and label == present
-        findings.append(Finding(label, probability, positive, threshold, trained, trusted))
+        findings.append(Finding(label, probability, positive, threshold, trained, trusted,
+                                card.threshold_sources.get(label, "")))
     main = card.trained_labels[0] if card.activation == "sigmoid" and len(card.trained_labels) > 1 else None
     if main is not None and not next(f.positive for f in findings if f.label == main):
         # a subtype names the kind of what the main label found (RSNA: every subtype is also `any`)

@@ -62,13 +62,16 @@ def collect_inputs(paths: list[Path]) -> list[LocalInput]:
     return inputs
 
 
-def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, task: Task | None) -> TriageResult:
+def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, task: Task | None,
+                 with_heatmap: bool = True) -> TriageResult:
+    """One input as the service would triage it (`with_heatmap=False`: the same scores, no Grad-CAM)."""
     if item.image_path is not None:
         if task is None:
             raise TriageError(f"{item.name}: PNG/JPEG input needs --task")
         model = registry.get(task)
         images = [grey_to_image(load_grey(item.image_path), model.card.preprocessing)]
-        return triage_images(model, images, settings.priority_rules, study_uid=item.name, batch_size=settings.inference_batch_size)
+        return triage_images(model, images, settings.priority_rules, study_uid=item.name, batch_size=settings.inference_batch_size,
+                             with_heatmap=with_heatmap)
     first = item.datasets[0]
     study_uid = str(getattr(first, "StudyInstanceUID", "") or item.name)
     series = Series(uid=str(getattr(first, "SeriesInstanceUID", "") or item.name), modality=str(getattr(first, "Modality", "")),
@@ -82,7 +85,7 @@ def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, 
     images = [dicom_to_image(ds, model.card.preprocessing) for ds in item.datasets]
     return triage_images(model, images, settings.priority_rules, study_uid=study_uid, series_uid=series.uid,
                          sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in item.datasets],
-                         batch_size=settings.inference_batch_size)
+                         batch_size=settings.inference_batch_size, with_heatmap=with_heatmap)
 
 
 def result_json(name: str, result: TriageResult, task: Task | None = None) -> dict[str, object]:
@@ -101,7 +104,8 @@ def result_json(name: str, result: TriageResult, task: Task | None = None) -> di
 
 def triage_paths(paths: list[Path], settings: Settings, *, task: str | None, as_json: bool, heatmaps: Path | None) -> int:
     forced = Task(task) if task else None
-    registry = ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads)
+    registry = ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads,
+                             site_thresholds=settings.site_thresholds)  # what the service would conclude here
     exit_code = 0
     try:
         inputs = collect_inputs(paths)

@@ -19,13 +19,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .domain import ModelRef, Task, TaskMode, TASK_LABELS
 from .errors import ModelUnavailableError
 from .preprocessing import PreprocessingSpec
+
+if TYPE_CHECKING:
+    from .site_thresholds import SiteThresholds
 
 ARCHITECTURE = "efficientnet_b0"
 # timm's EfficientNet-B0 in two paddings: PyTorch's symmetric one, and TensorFlow's "SAME" (with BN eps 1e-3),
@@ -117,6 +120,8 @@ class ModelCard:
     # what a site gets unless CDS_TASK_MODES says otherwise: shadow for a model short of its bar
     default_mode: TaskMode = TaskMode.ACTIVE
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # label -> which site threshold replaced the card's, in words (site_thresholds.py); empty: the card's own
+    threshold_sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if set(self.labels) != set(TASK_LABELS[self.task]):
@@ -514,9 +519,10 @@ class ModelRegistry:
     """
 
     def __init__(self, weights_dir: Path, device: str = "cpu", runtime: str = "torch", threads: int = 0,
-                 onnx_dir: Path | None = None) -> None:
+                 onnx_dir: Path | None = None, site_thresholds: "SiteThresholds | None" = None) -> None:
         check_runtime(runtime)  # at start-up, not at the first study
         self.weights_dir = weights_dir
+        self.site_thresholds = site_thresholds  # CDS_SITE_THRESHOLDS: a site's own thresholds replace the card's
         self.device = device
         self.runtime = runtime
         self.threads = threads
@@ -527,6 +533,8 @@ class ModelRegistry:
     def get(self, task: Task) -> LoadedModel:
         with self._lock:  # worker threads asking at once load (and export) once
             if task not in self._models:
-                self._models[task] = load_model(self.weights_dir, task, self.device, self.runtime, self.threads,
-                                                self.onnx_dir)
+                model = load_model(self.weights_dir, task, self.device, self.runtime, self.threads, self.onnx_dir)
+                if self.site_thresholds is not None:
+                    model.card = self.site_thresholds.apply(model.card)
+                self._models[task] = model
             return self._models[task]

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from .domain import Priority, TaskMode, Task
+
+if TYPE_CHECKING:
+    from .site_thresholds import SiteThresholds
 
 PREFIX = "CDS_"
 
@@ -119,6 +123,8 @@ class Settings:
     )
     # per task: off / shadow / active; a task not named here runs as its model card's default_mode says
     task_modes: Mapping[Task, TaskMode] = field(default_factory=dict, metadata={"env": "TASK_MODES"})
+    # a site's own operating thresholds (`cds-triage validate --write-thresholds`), used instead of the cards'
+    site_thresholds_file: str = field(default="", metadata={"env": "SITE_THRESHOLDS"})
     # Drift alarm (cds_service/drift.py): the share of each task's last CDS_DRIFT_WINDOW triages that were raised
     # against the band its card expects (CDS_DRIFT_BANDS overrides it per task: `task=low-high`)
     drift_window: int = field(default=50, metadata={"env": "DRIFT_WINDOW"})
@@ -178,6 +184,17 @@ class Settings:
         if not 1 <= self.drift_min_studies <= self.drift_window:
             raise ValueError(f"CDS_DRIFT_MIN_STUDIES must be from 1 to CDS_DRIFT_WINDOW ({self.drift_window}), "
                              f"not {self.drift_min_studies}: the drift alarm could never fire")
+        if self.site_thresholds_file:
+            _ = self.site_thresholds  # checked at start-up: a bad file stops the process with an error naming the setting
+
+    @cached_property
+    def site_thresholds(self) -> "SiteThresholds | None":
+        """CDS_SITE_THRESHOLDS, read and checked against the cards in CDS_WEIGHTS_DIR (None: the cards decide)."""
+        if not self.site_thresholds_file:
+            return None
+        from .site_thresholds import load_site_thresholds
+
+        return load_site_thresholds(Path(self.site_thresholds_file), self.weights_dir)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":

@@ -242,10 +242,8 @@ def build_observation(
     display = codes.finding_display(finding.label)
 
     interpretation = None
-    note = (
-        f"AI-estimated probability {finding.probability:.2f} of {display}; operating threshold "
-        f"{finding.threshold:.2f} from the model card of {model.name} {model.version}. "
-    )
+    source = finding.threshold_source or f"the model card of {model.name} {model.version}"
+    note = f"AI-estimated probability {finding.probability:.2f} of {display}; operating threshold {finding.threshold:.2f}, from {source}. "
     if finding.label in NEGATIVE_LABELS:
         # POS/NEG on "no tumor" would read as a double negative; report the number only.
         note += "This label means 'nothing found' and is reported as a probability only. "
@@ -279,6 +277,7 @@ def build_observation(
         valueQuantity=_probability(finding.probability),
         interpretation=interpretation,
         note=[{"text": note}],
+        method=_threshold_method(finding, source),
         device=_ref(device_reference, f"{model.name} {model.version}"),
         derivedFrom=[_imaging_study(ctx)],
         component=[
@@ -291,11 +290,22 @@ def build_observation(
                             display="Operating threshold",
                         )
                     ],
-                    text="Operating threshold (model card)",
+                    text=f"Operating threshold ({'site' if finding.threshold_source else 'model card'})",
                 ),
                 valueQuantity=_probability(finding.threshold),
             )
         ],
+    )
+
+
+def _threshold_method(finding: Finding, source: str) -> CodeableConcept:
+    """Observation.method: which operating threshold decided, the model card's or the site's own."""
+    site = bool(finding.threshold_source)
+    return CodeableConcept(
+        coding=[Coding(system=codes.LOCAL_METHOD_SYSTEM,
+                       code=codes.METHOD_SITE_THRESHOLD if site else codes.METHOD_CARD_THRESHOLD,
+                       display="Site operating threshold" if site else "Model card operating threshold")],
+        text=f"AI probability against the operating threshold {finding.threshold:.4g} from {source}",
     )
 
 

@@ -30,6 +30,12 @@ LOCAL_FINDING_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-finding"
 LOCAL_COMPONENT_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-observation-component"
 COMPONENT_OPERATING_THRESHOLD = "operating-threshold"
 
+#: Local CodeSystem for Observation.method: which operating threshold decided the result, the
+#: model card's or the site's own (CDS_SITE_THRESHOLDS, chosen by `cds-triage validate`).
+LOCAL_METHOD_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-method"
+METHOD_CARD_THRESHOLD = "model-card-threshold"
+METHOD_SITE_THRESHOLD = "site-threshold"
+
 #: Identifier system of the results we write (DiagnosticReport, Observation, Media).
 #: Values are deterministic UUIDs (see builders.result_identifier).
 RESULT_IDENTIFIER_SYSTEM = f"{LOCAL_BASE}/sid/triage-result"
