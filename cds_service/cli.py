@@ -71,6 +71,12 @@ def _triage(args: argparse.Namespace, settings: Settings) -> int:
     return triage_paths(args.paths, settings, task=args.task, as_json=args.json, heatmaps=args.heatmaps)
 
 
+def _validate(args: argparse.Namespace, settings: Settings) -> int:
+    from .validate import run_validate
+
+    return run_validate(args, settings)
+
+
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     from .jobs import QueueUnavailableError, create_queue, open_job_store, register_triage_task
 
@@ -140,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per input (per series for DICOM folders)")
     p.add_argument("--heatmaps", type=Path, help="write Grad-CAM overlay PNGs into this folder")
     p.set_defaults(func=_triage)
+
+    from .validate import add_validate_arguments
+
+    p = sub.add_parser("validate", help="measure a model on this site's own labelled studies (AUC, operating points, "
+                       "calibration, HTML report) and optionally write site thresholds (CDS_SITE_THRESHOLDS)")
+    add_validate_arguments(p)
+    p.set_defaults(func=_validate)
 
     p = sub.add_parser("jobs", help="list, show or re-queue triage jobs")
     p.add_argument("action", choices=["list", "show", "requeue"])

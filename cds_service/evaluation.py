@@ -653,8 +653,12 @@ def auc_with_ci(y: np.ndarray, p: np.ndarray, resamples: int = 2000, seed: int =
     truth = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
     draws = [binary_auc(truth, np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(resamples)]
     lo, hi = np.percentile(draws, [2.5, 97.5])
-    return {"value": _r(value), "ci95": [_r(float(lo)), _r(float(hi))], "positives": len(pos), "negatives": len(neg),
-            "interval": f"stratified percentile bootstrap, {resamples} resamples"}
+    out = {"value": _r(value), "ci95": [_r(float(lo)), _r(float(hi))], "positives": len(pos), "negatives": len(neg),
+           "interval": f"stratified percentile bootstrap, {resamples} resamples"}
+    if hi - lo < 1e-9:
+        out["note"] = (f"every resample gives {value:.3f}: with {len(pos)} positives and {len(neg)} negatives the bootstrap "
+                       "cannot show how uncertain this is; read it as a rough figure")
+    return out
 
 
 def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict[str, Any]]:
@@ -706,12 +710,13 @@ def binary_validation(y: np.ndarray, p: np.ndarray, thresholds: dict[str, float]
 
     y, p = np.asarray(y).astype(bool), np.asarray(p, dtype=np.float64)
     positives, negatives = int(y.sum()), int((~y).sum())
+    auc = auc_with_ci(y, p, resamples)
     return {
         "n": len(y), "positives": positives, "negatives": negatives,
-        "auc": auc_with_ci(y, p, resamples),
+        "auc": auc,
         "average_precision": _r(float(average_precision_score(y, p))) if positives and negatives else None,
         "at_thresholds": {name: operating_point(y, p, t) for name, t in thresholds.items()},
         "at_target_sensitivity": sensitivity_operating_points(y, p, targets) if positives else [],
         "calibration": calibration_summary(y, p),
-        "warnings": small_number_warnings(positives, negatives),
+        "warnings": small_number_warnings(positives, negatives) + ([f"AUC: {auc['note']}"] if auc.get("note") else []),
     }
