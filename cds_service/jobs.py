@@ -38,7 +38,7 @@ from abc import ABC, abstractmethod
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.exceptions import RetryTask
@@ -46,10 +46,12 @@ from huey.exceptions import RetryTask
 from . import metrics
 from .errors import TransientError, TriageError
 from .logs import hashed, log_context
+from .settings import DRIFT_WINDOW_MAX
 
 log = logging.getLogger(__name__)
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+RECENT_TRIAGES_KEPT = DRIFT_WINDOW_MAX  # per task, in Redis's index of done triages (the drift alarm's window)
 
 
 class JobState(str, enum.Enum):
@@ -274,6 +276,14 @@ class BaseJobStore(ABC):
     def ping(self) -> None:
         """Raise QueueUnavailableError unless the store answers."""
 
+    @abstractmethod
+    def recent_triages(self, task: str, limit: int) -> Sequence[Job]:
+        """The task's last `limit` done jobs (their result names the task), the latest finished first."""
+
+    @abstractmethod
+    def swap_flag(self, name: str, value: str) -> str | None:
+        """Set a small flag shared by every process (a drift alarm's state); its value before, atomically."""
+
     # -- operations --
 
     def submit(self, request: TriageRequest, model_set: str) -> tuple[Job, bool]:
@@ -337,10 +347,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS flags (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL);
 """
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (imaging_study_id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_done_by_task ON jobs (json_extract(result, '$.task'), updated_at) WHERE state = 'done';
 """
 
 _COLUMNS = ("id", "dedup_key", "imaging_study_id", "service_request_id", "source", "model_set", "state", "reason",
@@ -482,12 +494,26 @@ class JobStore(BaseJobStore):
         with self._db() as db:
             db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
 
+    def recent_triages(self, task: str, limit: int) -> Sequence[Job]:
+        with self._db() as db:  # the partial index jobs_done_by_task answers this
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'done' AND json_extract(result, '$.task') = ? "
+                              "ORDER BY updated_at DESC LIMIT ?", (task, limit)).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def swap_flag(self, name: str, value: str) -> str | None:
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM flags WHERE name = ?", (name,)).fetchone()
+            db.execute("INSERT INTO flags (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "value = excluded.value, updated_at = excluded.updated_at", (name, value, time.time()))
+        return row["value"] if row else None
+
 
 class RedisJobStore(BaseJobStore):
     """Jobs in Redis, shared by the web services and workers of several machines.
 
     A job is a hash; sorted sets index it by creation time (all, per state), by lease
-    (unfinished jobs) and a set by ImagingStudy. Each change is an optimistic transaction
+    (unfinished jobs), a done job by finishing time per task (the latest RECENT_TRIAGES_KEPT)
+    and a set by ImagingStudy. Each change is an optimistic transaction
     (WATCH the job's key, compute with the pure functions above, MULTI/EXEC; retried when
     another client changed it in between), so two workers never both claim a job.
     """
@@ -530,6 +556,13 @@ class RedisJobStore(BaseJobStore):
             pipe.zrem(self._key("leases"), after.id)
         else:
             pipe.zadd(self._key("leases"), {after.id: after.lease_until})
+        task = after.result.get("task") if after.state is JobState.DONE else None
+        was = before.result.get("task") if before is not None and before.state is JobState.DONE else None
+        if was and was != task:
+            pipe.zrem(self._key("triaged", str(was)), after.id)
+        if task:
+            pipe.zadd(self._key("triaged", str(task)), {after.id: after.updated_at})
+            pipe.zremrangebyrank(self._key("triaged", str(task)), 0, -RECENT_TRIAGES_KEPT - 1)
 
     def _submit(self, key: str, create: Callable[[], Job], on_existing: Callable[[Job], Job | None]) -> tuple[Job, bool]:
         dedup = self._key("dedup", key)
@@ -612,6 +645,16 @@ class RedisJobStore(BaseJobStore):
         with self._guard():
             self.redis.ping()
 
+    def recent_triages(self, task: str, limit: int) -> Sequence[Job]:
+        with self._guard():
+            jobs = self._many([str(i) for i in self.redis.zrevrange(self._key("triaged", task), 0, limit - 1)])
+        return [job for job in jobs if job.state is JobState.DONE]
+
+    def swap_flag(self, name: str, value: str) -> str | None:
+        with self._guard():
+            before = self.redis.getset(self._key("flag", name), value)
+        return None if before is None else str(before)
+
 
 def is_redis_url(url: str) -> bool:
     return url.startswith(REDIS_SCHEMES)
@@ -681,12 +724,13 @@ JobHook = Callable[[Job, JobState, dict[str, Any]], None]
 
 def register_triage_task(huey: Huey, store: BaseJobStore, runner_factory: Callable[[], JobRunner], *,
                          max_attempts: int, retry_base_s: float, leases: Leases | None = None,
-                         on_finished: JobHook | None = None) -> Callable[[str], Any]:
+                         on_finished: JobHook | None = None, on_recorded: JobHook | None = None) -> Callable[[str], Any]:
     """Register the one task the queue carries: run job `job_id` once, retrying transient faults.
 
     `runner_factory` is called on first use in the worker process, so models load once
     per worker and never in the web process. `on_finished(job, state, result)` runs after
-    a successful attempt, before the outcome is recorded (the audit trail).
+    a successful attempt, before the outcome is recorded (the audit trail); `on_recorded`
+    after any outcome is recorded (the drift alarm), and its failure is only logged.
     """
     runner: list[JobRunner] = []
     leases = leases or Leases()
@@ -738,6 +782,11 @@ def register_triage_task(huey: Huey, store: BaseJobStore, runner_factory: Callab
         metrics.observe_finished(state.value, time.time() - (job.queued_at or job.created_at))
         log.info("job finished", extra={"outcome": state.value, "attempt": job.attempts,
                                         **({"error": type(error).__name__} if error else {})})
+        if on_recorded is not None:
+            try:
+                on_recorded(job, state, result)
+            except Exception:  # noqa: BLE001 - the outcome is recorded; a monitor's failure must not touch it
+                log.exception("after-outcome hook failed")
 
     triage_job.leases = leases  # type: ignore[attr-defined]
     return triage_job
