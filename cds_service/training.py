@@ -50,6 +50,7 @@ from .datasets import (
     resolve_data_dir,
 )
 from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from .drift import expected_raised_share
 from .evaluation import (
     Predictions,
     binary_auc,
@@ -649,6 +650,9 @@ def operating_points(setup: TaskSetup, trained: Sequence[str], val: Predictions,
     if test is not None:
         out["test_metrics"] = metrics_with_ci(test, thresholds, resamples=bootstrap)
         out["priority_labels"], out["priority_bar"] = priority_labels(setup, trained, out["test_metrics"])
+    band = expected_raised_share({"trained_labels": list(trained), **out})  # the drift alarm's band (drift.py)
+    if band is not None:
+        out["expected_raised_share"] = band
     return out
 
 
@@ -774,7 +778,7 @@ def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1
     test = stored_predictions(weights_dir, card, "test")
     points = operating_points(TASK_SETUPS[task], trained, val, test, target, bootstrap)
     for key in ("presence", "test_metrics", "priority_labels", "priority_bar", "series_operating_point",
-                "default_mode", "default_mode_reason", "go_live_bar"):
+                "default_mode", "default_mode_reason", "go_live_bar", "expected_raised_share"):
         card.pop(key, None)
     card.update(points)
     card["target_sensitivity"] = target
