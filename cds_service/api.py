@@ -17,8 +17,9 @@ from flask import Blueprint, jsonify, request
 from fhir_mappings.builders import is_fhir_id
 
 from .app import ctx, operation_outcome
+from .drift import drift_report
 from .errors import TriageError
-from .jobs import Job, JobState, TriageRequest
+from .jobs import Job, JobState, QueueUnavailableError, TriageRequest
 from .models import task_modes
 from .ops import operator_refusal
 from .security import parse_json_body
@@ -177,6 +178,11 @@ def requeue_job(job_id: str) -> Any:
 
 @api.get("/healthz")
 def healthz() -> Any:
+    """The process is up (always 200), the models and modes, and each task's drift window (drift.py)."""
     settings = ctx().settings
+    try:
+        drift: dict[str, Any] = {task.value: d.to_json() for task, d in drift_report(ctx().store, settings).items()}
+    except QueueUnavailableError:
+        drift = {"error": "job store unavailable"}
     return jsonify({"status": "ok", "models": ctx().model_set,
-                    "modes": task_modes(settings.task_modes, settings.weights_dir)})
+                    "modes": task_modes(settings.task_modes, settings.weights_dir), "drift": drift})

@@ -4,8 +4,9 @@ The service is several processes (gunicorn workers, one or more `cds-triage work
 on several machines), so the numbers come from two places:
 
 - **state**, read from the job store when Prometheus scrapes (`JobStoreCollector`): jobs by
-  state and live workers. The store is the truth and is shared (by every machine, on Redis),
-  so every `serve` reports the same totals: aggregate these with `max`, not `sum`.
+  state and live workers, and each task's drift window (`DriftCollector`, see drift.py). The
+  store is the truth and is shared (by every machine, on Redis), so every `serve` reports the
+  same totals: aggregate these with `max`, not `sum`.
 - **events**, counted where they happen (time-to-triage, model latency, retries, FHIR/PACS
   errors) with prometheus_client's multiprocess mode: each process writes its counters to
   files in `CDS_DATA_DIR/metrics`, and `/metrics` adds up the files of every process on
@@ -21,9 +22,11 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:
+    from .domain import Task
+    from .drift import TaskDrift
     from .jobs import BaseJobStore
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -139,6 +142,47 @@ class JobStoreCollector:
                                 value=len(workers))
 
 
+class DriftCollector:
+    """Per task, the drift window (drift.py) read from the job store at scrape time: the share raised,
+    how many studies it holds, the band, whether the alarm is on, and quantiles of the study scores."""
+
+    def __init__(self, report: "Callable[[], Mapping[Task, TaskDrift]]") -> None:
+        self.report = report
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .jobs import QueueUnavailableError
+
+        try:
+            drifts = self.report()
+        except QueueUnavailableError:
+            return  # cds_triage_job_store_up says so
+        share = GaugeMetricFamily("cds_triage_drift_raised_share",
+                                  "Share of the task's last studies (done triages, shadow included) raised", labels=["task"])
+        studies = GaugeMetricFamily("cds_triage_drift_window_studies",
+                                    "Done triages in the task's drift window (at most CDS_DRIFT_WINDOW)", labels=["task"])
+        band = GaugeMetricFamily("cds_triage_drift_expected_share",
+                                 "The band of shares raised the task's card (or CDS_DRIFT_BANDS) expects", labels=["task", "bound"])
+        alarm = GaugeMetricFamily("cds_triage_drift_alarm",
+                                  "1 while the share raised over the window lies beyond chance outside the band",
+                                  labels=["task"])
+        score = GaugeMetricFamily("cds_triage_drift_score",
+                                  "Quantiles of the study scores (deciding probability) in the task's drift window",
+                                  labels=["task", "quantile"])
+        for task, drift in drifts.items():
+            studies.add_metric([task.value], drift.studies)
+            alarm.add_metric([task.value], 1 if drift.alarm else 0)
+            if drift.share is not None:
+                share.add_metric([task.value], drift.share)
+            if drift.band is not None:
+                band.add_metric([task.value, "low"], drift.band.low)
+                band.add_metric([task.value, "high"], drift.band.high)
+            for q, value in drift.score_quantiles().items():
+                score.add_metric([task.value, f"{q:g}"], value)
+        yield from (share, studies, band, alarm, score)
+
+
 def _event_registry() -> Any:
     """This machine's event metrics: every process's files in multiprocess mode, else this process."""
     from prometheus_client import CollectorRegistry
@@ -151,8 +195,9 @@ def _event_registry() -> Any:
     return registry
 
 
-def render(store: "BaseJobStore | None", live_within_s: float = 90.0) -> bytes:
-    """The text exposition for `/metrics`: job-store state (if given) and event metrics."""
+def render(store: "BaseJobStore | None", live_within_s: float = 90.0,
+           drift: "Callable[[], Mapping[Task, TaskDrift]] | None" = None) -> bytes:
+    """The text exposition for `/metrics`: job-store state (if given), drift windows (if given) and event metrics."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     instruments()  # so every metric family appears, with zero counts, from the first scrape
@@ -160,6 +205,8 @@ def render(store: "BaseJobStore | None", live_within_s: float = 90.0) -> bytes:
     if store is not None:
         registry = CollectorRegistry()
         registry.register(JobStoreCollector(store, live_within_s))
+        if drift is not None:
+            registry.register(DriftCollector(drift))
         state = generate_latest(registry)
     return state + generate_latest(_event_registry())
 

@@ -28,6 +28,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from . import metrics
 from .app import ctx, operation_outcome
 from .audit import open_write_back_trail
+from .drift import drift_report
 from .jobs import QueueUnavailableError, is_redis_url
 from .logs import hashed
 from .models import available_cards
@@ -163,7 +164,8 @@ def readyz() -> Any:
 def prometheus_metrics() -> Any:
     if refused := operator_refusal():
         return refused
-    body = metrics.render(ctx().store, live_within_s=3 * ctx().settings.job_lease_s)
+    body = metrics.render(ctx().store, live_within_s=3 * ctx().settings.job_lease_s,
+                          drift=lambda: drift_report(ctx().store, ctx().settings))
     return Response(body, mimetype=metrics.CONTENT_TYPE.split(";")[0], content_type=metrics.CONTENT_TYPE)
 
 

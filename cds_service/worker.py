@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from . import metrics
 from .audit import open_write_back_trail, write_back_event
+from .drift import alarm_hook
 from .jobs import BaseJobStore, Job, JobState, Leases, QueueUnavailableError, create_queue, open_job_store, register_triage_task
 from .domain import Task
 from .models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
@@ -179,7 +180,7 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
 
     task = register_triage_task(huey, store, runner_factory, max_attempts=settings.job_retries,
                                 retry_base_s=settings.job_retry_delay_s, leases=leases,
-                                on_finished=audit_hook(settings, leases.worker))
+                                on_finished=audit_hook(settings, leases.worker), on_recorded=alarm_hook(store, settings))
     # Studies announced by the PACS (POST /pacs/studies) are resolved here, then queued as triage jobs.
     from .app import ServiceContext
     from .models import model_set_version

@@ -39,8 +39,9 @@ from fhir_mappings.builders import is_fhir_id, is_shadow, parse_fhir_datetime, r
 
 from .app import ctx, operation_outcome
 from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from .drift import drift_report
 from .errors import StudyNotFoundError, TriageError
-from .jobs import Job
+from .jobs import Job, QueueUnavailableError
 from .models import available_cards, ModelCard
 from .pacs import Pacs, PacsConfig
 from .pipeline import dicomweb_url_for
@@ -53,6 +54,8 @@ worklist = Blueprint("worklist", __name__, template_folder="templates", static_f
 PRIORITY_RANK = {"stat": 3, "asap": 2, "urgent": 1, "routine": 0}
 IMAGING_ORDER_CATEGORY = ("http://snomed.info/sct", "363679005")  # SNOMED CT "Imaging"
 DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
+DRIFT_ADVICE = ("Its flags may not mean what its model card says (a new scanner, protocol or population, or a fault): "
+                "check it before trusting them.")
 _AI_RAISE_NOTE = re.compile(r"Priority raised from (\w+) to (\w+) by AI triage")
 _SOP_IN_MEDIA_TEXT = re.compile(r"SOP Instance UID ([0-9]+(?:\.[0-9]+)+)")
 
@@ -390,6 +393,16 @@ def fetch_worklist(order_id: str | None = None) -> list[WorklistRow]:
     return build_worklist(resources, ctx().store.list(limit=5000), now=datetime.now(timezone.utc))
 
 
+def drift_alarms() -> list[dict[str, str]]:
+    """The tasks whose drift alarm is on (drift.py), for the banner: their flags may not mean what the card says."""
+    try:
+        report = drift_report(ctx().store, ctx().settings)
+    except QueueUnavailableError:
+        return []
+    return [{"task": task.value, "state": drift.state, "message": drift.describe() + ".", "advice": DRIFT_ADVICE}
+            for task, drift in report.items() if drift.alarm]
+
+
 def _row_or_404(order_id: str) -> WorklistRow:
     if not is_fhir_id(order_id):
         abort(404, "no such order")
@@ -437,13 +450,14 @@ def show_worklist() -> Any:
     now = datetime.now(timezone.utc)
     rows = [row.to_json(now) for row in fetch_worklist()]
     return render_template("worklist.html", rows=rows, refresh_s=ctx().settings.worklist_refresh_s,
-                           disclaimer=DISCLAIMER)
+                           disclaimer=DISCLAIMER, drift=drift_alarms())
 
 
 @worklist.get("/worklist/rows.json")
 def worklist_rows() -> Any:
     now = datetime.now(timezone.utc)
-    return jsonify({"rows": [row.to_json(now) for row in fetch_worklist()], "generated": now.isoformat()})
+    return jsonify({"rows": [row.to_json(now) for row in fetch_worklist()], "generated": now.isoformat(),
+                    "drift": drift_alarms()})
 
 
 @worklist.get("/worklist/orders/<order_id>")

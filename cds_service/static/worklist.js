@@ -89,6 +89,18 @@
     table.dataset.count = String(shown.length);
   }
 
+  // The drift alarms (tasks raising a share of studies their card does not expect), kept current;
+  // redrawn only when they change, so a screen reader announces each change once.
+  let driftShown = null;
+  function renderDrift(alarms) {
+    const box = document.getElementById("drift-alarms");
+    const next = JSON.stringify(alarms.map((a) => [a.task, a.message]));
+    if (!box || next === driftShown) return;
+    driftShown = next;
+    box.replaceChildren(...alarms.map((a) => el("p", { class: "drift-alarm", "data-task": a.task },
+      el("strong", {}, "Drift alarm."), " " + a.message + " " + a.advice)));
+  }
+
   async function refresh() {
     try {
       const response = await fetch(table.dataset.rowsUrl, { cache: "no-store", credentials: "same-origin",
@@ -100,6 +112,7 @@
       signature = next;
       rows = data.rows;
       render();
+      renderDrift(data.drift || []);
       updated.textContent = "Updated " + new Date().toLocaleTimeString();
       table.dataset.refreshed = String(Date.now());
     } catch (err) {
