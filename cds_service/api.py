@@ -185,4 +185,6 @@ def healthz() -> Any:
     except QueueUnavailableError:
         drift = {"error": "job store unavailable"}
     return jsonify({"status": "ok", "models": ctx().model_set,
-                    "modes": task_modes(settings.task_modes, settings.weights_dir), "drift": drift})
+                    "modes": task_modes(settings.task_modes, settings.weights_dir), "drift": drift,
+                    # CDS_SITE_THRESHOLDS: the site's own thresholds and whether each task uses them
+                    "siteThresholds": settings.site_thresholds.to_health() if settings.site_thresholds else None})

@@ -92,7 +92,7 @@ def build_deps(settings: Settings) -> PipelineDeps:
         settings=settings,
         fhir=fhir_client(settings, fhir_auth(settings)),  # SMART Backend Services when configured
         models=ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads,
-                             onnx_dir=onnx_dir(settings)),
+                             onnx_dir=onnx_dir(settings), site_thresholds=settings.site_thresholds),
         pacs_for=pacs_for,
     )
 

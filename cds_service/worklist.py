@@ -366,6 +366,7 @@ def model_card_summary(card: ModelCard | None) -> dict[str, Any] | None:
         "intended_use": raw.get("intended_use"),
         "limitations": [limitations] if isinstance(limitations, str) else list(limitations)[:6],
         "thresholds": card.thresholds,
+        "threshold_sources": card.threshold_sources,  # labels deciding with a site threshold (CDS_SITE_THRESHOLDS)
     }
 
 
@@ -466,6 +467,8 @@ def study_view(order_id: str) -> Any:
     top = row.top_finding or next(iter(row.findings), None)
     task = task_for_label(top.label) if top else None
     card = available_cards(ctx().settings.weights_dir).get(task) if task else None
+    if card is not None and ctx().settings.site_thresholds is not None:
+        card = ctx().settings.site_thresholds.apply(card)  # the thresholds the service decides with
     return render_template("study.html", row=row, data=row.to_json(datetime.now(timezone.utc)),
                            card=model_card_summary(card), disclaimer=DISCLAIMER,
                            viewer_url=viewer_url(ctx().settings.pacs_viewer_url, row))
