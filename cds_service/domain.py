@@ -103,6 +103,10 @@ class Series:
     number_of_instances: int = 0
     protocol: str = ""  # ProtocolName
     study_description: str = ""  # StudyDescription (study level, repeated per series)
+    requested_procedure: str = ""  # RequestedProcedureDescription (what the order asked for)
+    # AnatomicRegionSequence as (FHIR system, code) pairs and the codes' meanings, as text
+    anatomic_region: tuple[tuple[str, str], ...] = ()
+    anatomic_region_text: str = ""
 
     def __post_init__(self) -> None:
         if not self.uid:

@@ -476,6 +476,13 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
         if data.get("extra_training_negatives"):
             extra = data["extra_training_negatives"]
             lines.append(f"- **Extra training negatives**: {extra['count']} images from `{extra['dir']}` ({extra['use']}).")
+        if card.get("input_check"):
+            check = card["input_check"]
+            accepted = "; ".join(f"{name} {v['count']}/{v['of']}" for name, v in check.get("accepted", {}).items())
+            refused = "; ".join(f"{name} {v['count']}/{v['of']}" for name, v in check.get("refused_other_tasks", {}).items())
+            lines.append(f"- **Input check** (`{check['file']}`): {check['statistics']}; refused above "
+                         f"{check['threshold']} ({check['threshold_policy']}). Accepted: {accepted}. "
+                         f"Refused, images of other tasks: {refused}.")
         lines += [
             f"- **Start**: {training.get('init_from', '')}"
             + (f"; {init.get('source')}, file sha256 `{init.get('file_sha256')}`, "

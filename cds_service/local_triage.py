@@ -11,16 +11,18 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-
+import numpy as np
 import pydicom
 
 from .domain import Series, Study, Task, TriageResult, TriageStatus
 from .errors import ModelUnavailableError, TriageError
-from .models import ModelRegistry
-from .pacs import sort_slices
-from .preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom
-from .routing import not_applicable_reason, task_for_series
+from .input_profile import image_statistics, series_verdict
+from .models import LoadedModel, ModelRegistry
+from .pacs import series_from_dataset, sort_slices
+from .preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, resize
+from .routing import not_applicable_reason, pixel_candidates, task_for_series, task_from_pixels
 from .settings import Settings
 from .triage import triage_images
 
@@ -64,27 +66,44 @@ def collect_inputs(paths: list[Path]) -> list[LocalInput]:
 
 def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, task: Task | None,
                  with_heatmap: bool = True) -> TriageResult:
-    """One input as the service would triage it (`with_heatmap=False`: the same scores, no Grad-CAM)."""
+    """Route (given task, else DICOM header, else pixels), check the input fits the model, score
+    (`with_heatmap=False`: the same scores without Grad-CAM, for `cds-triage validate`)."""
     if item.image_path is not None:
         if task is None:
             raise TriageError(f"{item.name}: PNG/JPEG input needs --task")
         model = registry.get(task)
         images = [grey_to_image(load_grey(item.image_path), model.card.preprocessing)]
-        return triage_images(model, images, settings.priority_rules, study_uid=item.name, batch_size=settings.inference_batch_size,
-                             with_heatmap=with_heatmap)
+        return _checked_triage(model, images, registry, settings, study_uid=item.name, with_heatmap=with_heatmap)
     first = item.datasets[0]
     study_uid = str(getattr(first, "StudyInstanceUID", "") or item.name)
-    series = Series(uid=str(getattr(first, "SeriesInstanceUID", "") or item.name), modality=str(getattr(first, "Modality", "")),
-                    body_part=str(getattr(first, "BodyPartExamined", "")), description=str(getattr(first, "SeriesDescription", "")),
-                    protocol=str(getattr(first, "ProtocolName", "")), study_description=str(getattr(first, "StudyDescription", "")))
+    series = series_from_dataset(first, len(item.datasets), fallback_uid=item.name)
+    study = Study(uid=study_uid, series=(series,))
     chosen = task or task_for_series(series)
+    looked = chosen is None and bool(pixel_candidates(study))
+    if looked:
+        chosen = task_from_pixels(item.datasets[len(item.datasets) // 2], registry.pixel_models())
     if chosen is None:
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, series_uid=series.uid,
-                            reason=not_applicable_reason(Study(uid=study_uid, series=(series,)), with_fhir=False))
+                            reason=not_applicable_reason(study, with_fhir=False, pixels_looked_at=looked))
     model = registry.get(chosen)
     images = [dicom_to_image(ds, model.card.preprocessing) for ds in item.datasets]
-    return triage_images(model, images, settings.priority_rules, study_uid=study_uid, series_uid=series.uid,
-                         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in item.datasets],
+    return _checked_triage(model, images, registry, settings, study_uid=study_uid, series_uid=series.uid,
+                           datasets=item.datasets, with_heatmap=with_heatmap)
+
+
+def _checked_triage(model: LoadedModel, images: list[np.ndarray], registry: ModelRegistry, settings: Settings, *,
+                    study_uid: str, series_uid: str = "", datasets: Sequence[pydicom.Dataset] = (),
+                    with_heatmap: bool = True) -> TriageResult:
+    """The service's input check (`input_profile.series_verdict`), then the triage itself."""
+    task = model.card.task
+    spec = model.card.preprocessing
+    statistics = [image_statistics(resize(image, spec.input_size)) for image in images]
+    verdict = series_verdict(task, registry.input_profile(task), statistics, datasets)
+    if verdict.fits is False:
+        return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, task=task, series_uid=series_uid,
+                            reason=verdict.reason)
+    return triage_images(model, images, settings.priority_rules, study_uid=study_uid, series_uid=series_uid,
+                         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
                          batch_size=settings.inference_batch_size, with_heatmap=with_heatmap)
 
 

@@ -25,9 +25,11 @@ import numpy as np
 
 from .domain import ModelRef, Task, TaskMode, TASK_LABELS
 from .errors import ModelUnavailableError
+from .input_profile import InputProfile, load_profile
 from .preprocessing import PreprocessingSpec
 
 if TYPE_CHECKING:
+    from .routing import PixelModel
     from .site_thresholds import SiteThresholds
 
 ARCHITECTURE = "efficientnet_b0"
@@ -528,7 +530,32 @@ class ModelRegistry:
         self.threads = threads
         self.onnx_dir = onnx_dir
         self._models: dict[Task, LoadedModel] = {}
+        self._profiles: dict[Task, InputProfile | None] = {}
         self._lock = threading.Lock()
+
+    def input_profile(self, task: Task) -> "InputProfile | None":
+        """The task's input profile (out-of-distribution check), if its card names one; loaded once.
+        ModelUnavailableError when the card names a profile that is missing or does not match it."""
+        with self._lock:
+            if task not in self._profiles:
+                card = ModelCard.load(card_path(self.weights_dir, task))
+                try:
+                    self._profiles[task] = load_profile(self.weights_dir, task.value, card.raw)
+                except (OSError, ValueError) as exc:
+                    raise ModelUnavailableError(f"input profile of {task.value}: {exc}") from exc
+            return self._profiles[task]
+
+    def pixel_models(self) -> "dict[Task, PixelModel]":
+        """What routing by pixels needs of every task with a card here (no network is loaded)."""
+        from .routing import PixelModel
+
+        found = {}
+        for task, card in available_cards(self.weights_dir).items():
+            try:
+                found[task] = PixelModel(spec=card.preprocessing, profile=self.input_profile(task))
+            except ModelUnavailableError:
+                continue  # the task's own triage will report it
+        return found
 
     def get(self, task: Task) -> LoadedModel:
         with self._lock:  # worker threads asking at once load (and export) once

@@ -24,6 +24,13 @@ SERIES_UID = "0020000E"
 INSTANCES_IN_SERIES = "00201209"
 PROTOCOL_NAME = "00181030"
 STUDY_DESCRIPTION = "00081030"
+REQUESTED_PROCEDURE = "00321060"
+ANATOMIC_REGION = "00082218"
+INSTANCE_NUMBER = "00200013"
+SOP_UID = "00080018"
+# DICOM coding schemes of body parts, as FHIR systems
+CODING_SCHEMES = {"SCT": "http://snomed.info/sct", "SRT": "http://snomed.info/sct", "LN": "http://loinc.org",
+                  "RADLEX": "http://www.radlex.org"}
 
 
 class StudyNotInPacsError(TransientError):
@@ -94,8 +101,24 @@ def _value(attrs: dict[str, Any], tag: str, default: Any = "") -> Any:
     return values[0]
 
 
+def _region_codes(items: Sequence[Any]) -> tuple[tuple[tuple[str, str], ...], str]:
+    """AnatomicRegionSequence items (DICOM JSON dicts or pydicom Datasets) as codings and text."""
+    codings, meanings = [], []
+    for item in items:
+        if isinstance(item, dict):
+            scheme, code, meaning = (str(_value(item, tag)) for tag in ("00080102", "00080100", "00080104"))
+        else:
+            scheme, code, meaning = (str(getattr(item, name, "") or "") for name in
+                                     ("CodingSchemeDesignator", "CodeValue", "CodeMeaning"))
+        if code:
+            codings.append((CODING_SCHEMES.get(scheme.upper(), scheme), code))
+        meanings.append(meaning)
+    return tuple(codings), " ".join(m for m in meanings if m)
+
+
 def series_from_qido(attrs: dict[str, Any]) -> Series:
     """One QIDO-RS series result (DICOM JSON) as a Series."""
+    region, region_text = _region_codes(attrs.get(ANATOMIC_REGION, {}).get("Value") or [])
     return Series(
         uid=str(_value(attrs, SERIES_UID)),
         modality=str(_value(attrs, MODALITY)),
@@ -104,6 +127,26 @@ def series_from_qido(attrs: dict[str, Any]) -> Series:
         number_of_instances=int(_value(attrs, INSTANCES_IN_SERIES, 0) or 0),
         protocol=str(_value(attrs, PROTOCOL_NAME)),
         study_description=str(_value(attrs, STUDY_DESCRIPTION)),
+        requested_procedure=str(_value(attrs, REQUESTED_PROCEDURE)),
+        anatomic_region=region,
+        anatomic_region_text=region_text,
+    )
+
+
+def series_from_dataset(ds: pydicom.Dataset, count: int = 0, fallback_uid: str = "") -> Series:
+    """The same description of a series from one of its instances (local files, `cds-triage triage`)."""
+    region, region_text = _region_codes(list(ds.get("AnatomicRegionSequence") or []))
+    return Series(
+        uid=str(getattr(ds, "SeriesInstanceUID", "") or fallback_uid),
+        modality=str(getattr(ds, "Modality", "") or ""),
+        body_part=str(getattr(ds, "BodyPartExamined", "") or ""),
+        description=str(getattr(ds, "SeriesDescription", "") or ""),
+        number_of_instances=count,
+        protocol=str(getattr(ds, "ProtocolName", "") or ""),
+        study_description=str(getattr(ds, "StudyDescription", "") or ""),
+        requested_procedure=str(getattr(ds, "RequestedProcedureDescription", "") or ""),
+        anatomic_region=region,
+        anatomic_region_text=region_text,
     )
 
 
@@ -126,11 +169,34 @@ class Pacs:
 
     def find_study(self, study_uid: str) -> Study:
         """The study's series from QIDO-RS; StudyNotInPacsError when there are none."""
-        fields = [MODALITY, SERIES_DESCRIPTION, BODY_PART, INSTANCES_IN_SERIES, PROTOCOL_NAME, STUDY_DESCRIPTION]
+        fields = [MODALITY, SERIES_DESCRIPTION, BODY_PART, INSTANCES_IN_SERIES, PROTOCOL_NAME, STUDY_DESCRIPTION,
+                  REQUESTED_PROCEDURE, ANATOMIC_REGION]
         results = self._call(lambda: self.client.search_for_series(study_uid, fields=fields), study_uid)
         if not results:
             raise StudyNotInPacsError(f"study not found in the PACS at {self.config.url}")
         return Study(uid=study_uid, series=tuple(series_from_qido(attrs) for attrs in results))
+
+    def middle_instance(self, study_uid: str, series: Series) -> pydicom.Dataset:
+        """One instance from the middle of a series (by InstanceNumber): a cheap look at its pixels
+        when neither the DICOM header nor the EHR says what the series shows."""
+        found = self._call(lambda: self.client.search_for_instances(study_uid, series.uid,
+                                                                    fields=[INSTANCE_NUMBER]), study_uid)
+        if not found:
+            raise StudyNotInPacsError("series has no instances in the PACS")
+
+        def number(attrs: dict[str, Any]) -> tuple[int, str]:
+            try:
+                return int(_value(attrs, INSTANCE_NUMBER, 0) or 0), str(_value(attrs, SOP_UID))
+            except (TypeError, ValueError):
+                return 0, str(_value(attrs, SOP_UID))
+
+        middle = sorted(found, key=number)[len(found) // 2]
+        ds = self._call(lambda: self.client.retrieve_instance(study_uid, series.uid, str(_value(middle, SOP_UID))),
+                        study_uid)
+        if self.config.max_series_bytes and instance_bytes(ds) > self.config.max_series_bytes:
+            raise StudyTooLargeError(f"an instance is larger than the limit of {self.config.max_series_bytes} bytes "
+                                     "(CDS_MAX_SERIES_BYTES)")
+        return ds
 
     def iter_series(self, study_uid: str, series: Series, max_instances: int) -> Iterator[pydicom.Dataset]:
         """The series' instances as WADO-RS delivers them, in the stored transfer syntax, so the

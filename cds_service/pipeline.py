@@ -18,17 +18,18 @@ import pydicom
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
-from .domain import OrderContext, Priority, TaskMode, TriageResult
+from .domain import OrderContext, Priority, Series, Task, TaskMode, TriageResult
 from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
 from .inference import score_stream
+from .input_profile import image_statistics, series_verdict
 from .jobs import Job, JobState
 from .metrics import observe_model_latency
 from .models import ModelRegistry
 from .pacs import Pacs, slice_order
 from .preprocessing import dicom_to_image, resize
 from .priority import parse_priority, raised_priority
-from .routing import fhir_hints, not_applicable_reason, route_study
+from .routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
 from .secondary_capture import heatmap_to_pacs
 from .settings import Settings
 from .triage import triage_scores
@@ -95,14 +96,20 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     study = pacs.find_study(ctx.study_uid)
 
     # 3. Which model reads it, if any.
-    route = route_study(study, fhir_hints(imaging_study))
+    hints = fhir_hints(imaging_study)
+    route = route_study(study, hints)
     if route is None and ctx.service_request_id:  # the order's code, read only when nothing else decided
         order, _ = deps.fhir.read("ServiceRequest", ctx.service_request_id)
-        route = route_study(study, fhir_hints(imaging_study, order))
+        hints = fhir_hints(imaging_study, order)
+        route = route_study(study, hints)
+    candidates = pixel_candidates(study, hints) if route is None else []
+    if candidates:  # neither DICOM nor FHIR named the anatomy: one image per candidate series, looked at
+        route = route_by_pixels(study, pixel_looks(pacs, ctx.study_uid, candidates, deps.models), hints)
     if route is None:
-        return JobState.NOT_APPLICABLE, not_applicable_reason(study, with_fhir=True), {}
+        return JobState.NOT_APPLICABLE, not_applicable_reason(study, with_fhir=True, pixels_looked_at=bool(candidates)), {}
     try:
         model = deps.models.get(route.task)
+        profile = deps.models.input_profile(route.task)
     except ModelUnavailableError as exc:
         return JobState.MODEL_UNAVAILABLE, str(exc), {"task": route.task.value}
     mode = settings.mode_for(route.task, model.card.default_mode)
@@ -114,16 +121,26 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    the model card says, and each batch is scored while the next one is on its way.
     spec = model.card.preprocessing
     arrived: list[pydicom.Dataset] = []
+    statistics: list[np.ndarray] = []  # per slice, for the input check (a few hundred numbers each)
 
     def model_inputs() -> Iterator[np.ndarray]:
         for ds in pacs.iter_series(ctx.study_uid, route.series, settings.max_instances):
             arrived.append(ds)
-            yield resize(dicom_to_image(ds, spec), spec.input_size)  # the full-size image is not kept
+            image = resize(dicom_to_image(ds, spec), spec.input_size)  # the full-size image is not kept
+            statistics.append(image_statistics(image))
+            yield image
 
     started = time.perf_counter()
     scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.inference_batch_size)
     order = slice_order(arrived)
     datasets, scores = [arrived[index] for index in order], scores.reordered(order)
+
+    # 4b. Refuse what the model was not made for (a chest CT whose header says head, an X-ray of a
+    #     knee), before anything is written: the reason names the measurement.
+    verdict = series_verdict(route.task, profile, [statistics[index] for index in order], datasets)
+    if verdict.fits is False:
+        return (JobState.NOT_APPLICABLE, verdict.reason,
+                {"task": route.task.value, "routedBy": route.evidence, "inputCheck": verdict.to_summary()})
 
     # 5. Findings, priority, and Grad-CAM of the top finding, drawn on its slice: the one slice that
     #    drove the finding is decoded again (the explanation scores it shifted, and the overlay draws
@@ -150,7 +167,8 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
         change = {"changed": False, "reason": f"shadow mode: {route.task.value} never changes a priority here"}
     else:
         change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
-    summary = result_summary(result) | {"routedBy": route.evidence, "written": written, "priority": change}
+    summary = result_summary(result) | {"routedBy": route.evidence, "inputCheck": verdict.to_summary(),
+                                        "written": written, "priority": change}
 
     # 8. The heatmap back into the PACS, as a Secondary Capture in the same study (optional).
     #    Its failure is recorded in the job result; it never fails a triage already written.
@@ -159,6 +177,18 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
 
     log.info("triage done", extra={"job": job.id, "task": route.task.value, "priority": change})
     return JobState.DONE, "", summary
+
+
+def pixel_looks(pacs: Pacs, study_uid: str, candidates: list[Series], models: ModelRegistry) -> dict[str, Task | None]:
+    """Series UID -> the task its middle image shows, for the candidate series in order, stopping at
+    the first that decides (each look fetches one instance)."""
+    looks: dict[str, Task | None] = {}
+    pixel_models = models.pixel_models() if candidates else {}
+    for series in candidates:
+        looks[series.uid] = task_from_pixels(pacs.middle_instance(study_uid, series), pixel_models)
+        if looks[series.uid] is not None:
+            break
+    return looks
 
 
 def dicomweb_url_for(imaging_study: dict[str, Any], fhir: FhirClient, settings: Settings) -> str:

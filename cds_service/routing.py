@@ -1,12 +1,16 @@
 """Which model reads which series: a pure decision on all the evidence, in a stated order.
 
-1. DICOM: Modality with BodyPartExamined, SeriesDescription, ProtocolName, StudyDescription
-   (filled inconsistently across scanners, and emptied by many de-identifiers, so each task
-   accepts a few synonyms);
+1. DICOM: Modality with AnatomicRegionSequence (SNOMED CT codes), BodyPartExamined,
+   SeriesDescription, ProtocolName, StudyDescription and RequestedProcedureDescription (filled
+   inconsistently across scanners, and emptied by many de-identifiers, so each task accepts a few
+   synonyms);
 2. FHIR, where the EHR's ImagingStudy and order say more: ImagingStudy.series.bodySite,
    ImagingStudy.procedureCode, the ServiceRequest's code (SNOMED CT body sites, LOINC and RadLex
    Playbook procedure codes, or their text);
-3. nothing decides: "not applicable", with what was missing, never a guess.
+3. pixels: a cheap look at one image from the middle of each candidate series
+   (`task_from_pixels`): a CT whose body is head-sized with no lung in it (`anatomy`), an MR or
+   X-ray whose input fits the brain or chest model's input profile (`input_profile`);
+4. nothing decides: "not applicable", with what was missing, never a guess.
 
 Series that are AI output, scouts or reports are never read. The job records which evidence
 decided (`Route.evidence`).
@@ -17,7 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+import pydicom
+
+from .anatomy import ct_series_verdict
 from .domain import Series, Study, Task
+from .input_profile import InputProfile, image_statistics
+from .preprocessing import PreprocessingSpec, dicom_to_image, resize
 
 HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBR", "NEURO")
 CHEST_WORDS = ("CHEST", "THORAX", "LUNG", "PA ", "CXR")
@@ -55,7 +65,8 @@ class FhirHints:
 
 
 def _text(series: Series) -> str:
-    return f"{series.body_part} {series.description} {series.protocol} {series.study_description}".upper() + " "
+    return (f"{series.anatomic_region_text} {series.body_part} {series.description} {series.protocol} "
+            f"{series.study_description} {series.requested_procedure}").upper() + " "
 
 
 def excluded(series: Series) -> bool:
@@ -83,11 +94,20 @@ def anatomy_of_words(text: str) -> str | None:
     return None
 
 
+def anatomy_of_codes(codings: Iterable[tuple[str, str]]) -> str | None:
+    found = set(codings)
+    if found & HEAD_CODES:
+        return "head"
+    if found & CHEST_CODES:
+        return "chest"
+    return None
+
+
 def task_for_series(series: Series) -> Task | None:
     """The task for one series from its DICOM header alone, or None."""
     if excluded(series):
         return None
-    return task_for(series.modality, anatomy_of_words(_text(series)))
+    return task_for(series.modality, anatomy_of_codes(series.anatomic_region) or anatomy_of_words(_text(series)))
 
 
 def fhir_hints(imaging_study: Mapping[str, Any] | None, service_request: Mapping[str, Any] | None = None) -> FhirHints:
@@ -151,17 +171,73 @@ def route_study(study: Study, hints: FhirHints | None = None) -> Route | None:
     return Route(task=task, series=series, evidence=evidence)
 
 
+PIXEL_MODALITIES = ("CT", "MR", "CR", "DX")
+PIXEL_LOOKS = 3  # at most this many series are looked at: one instance each
+
+
+@dataclass(frozen=True)
+class PixelModel:
+    """What a look at the pixels needs of a task's card: its preprocessing and its input profile."""
+
+    spec: PreprocessingSpec
+    profile: InputProfile | None
+
+
+def names_other_anatomy(series: Series) -> bool:
+    """The header names a body part (BodyPartExamined, AnatomicRegionSequence) that no model reads:
+    then it has spoken, and the pixels are not asked to overrule it."""
+    return bool(series.body_part.strip() or series.anatomic_region) and task_for_series(series) is None
+
+
+def pixel_candidates(study: Study, hints: FhirHints | None = None) -> list[Series]:
+    """The series worth a look at the pixels: readable, of a modality a model reads, whose header
+    names no other body part, largest first; none when the EHR's bodySite names another body part."""
+    if hints is not None and (hints.codings.get("ImagingStudy.series.bodySite") or hints.texts.get("ImagingStudy.series.bodySite")):
+        return []  # the EHR named the body part, and it was not one a model reads
+    readable = [s for s in study.series if not excluded(s) and not names_other_anatomy(s)
+                and s.modality.upper() in PIXEL_MODALITIES]
+    return sorted(readable, key=lambda s: -s.number_of_instances)[:PIXEL_LOOKS]
+
+
+def task_from_pixels(ds: pydicom.Dataset, models: Mapping[Task, PixelModel]) -> Task | None:
+    """The task one image shows, from its pixels: a head-sized CT slice with no lung (and, where the
+    head CT card has one, within its input profile); an MR or X-ray within the brain or chest model's
+    input profile. None when the pixels do not decide (no profile: no guess)."""
+    modality = str(getattr(ds, "Modality", "") or "").upper()
+    task = {"CT": Task.HEAD_CT_ICH, "MR": Task.BRAIN_MRI, "CR": Task.CHEST_PNEUMOTHORAX,
+            "DX": Task.CHEST_PNEUMOTHORAX}.get(modality)
+    if task is None or task not in models:
+        return None
+    if task is Task.HEAD_CT_ICH and not ct_series_verdict([ds]).is_head:
+        return None
+    model = models[task]
+    if model.profile is None:
+        return task if task is Task.HEAD_CT_ICH else None  # the CT's physical look decided; nothing else may
+    statistics = image_statistics(resize(dicom_to_image(ds, model.spec), model.spec.input_size))
+    return task if float(model.profile.distances(statistics[np.newaxis])[0]) <= model.profile.threshold else None
+
+
+def route_by_pixels(study: Study, looks: Mapping[str, Task | None], hints: FhirHints | None = None) -> Route | None:
+    """The route a look at the pixels found (series UID -> task), largest series first."""
+    for series in pixel_candidates(study, hints):
+        task = looks.get(series.uid)
+        if task is not None:
+            return Route(task=task, series=series, evidence="pixels")
+    return None
+
+
 def describe(study: Study) -> str:
     """A one-line description of a study's series, for 'not applicable' reasons."""
     parts = [f"{s.modality or '?'}/{s.body_part or '?'} '{s.description}'" for s in study.series]
     return "; ".join(parts) or "no series"
 
 
-def not_applicable_reason(study: Study, with_fhir: bool) -> str:
+def not_applicable_reason(study: Study, with_fhir: bool, pixels_looked_at: bool = False) -> str:
     """What a user can act on when nothing decided."""
-    where = ("BodyPartExamined, SeriesDescription, ProtocolName or StudyDescription in DICOM, or "
-             "ImagingStudy.series.bodySite, ImagingStudy.procedureCode or the order's code in FHIR"
-             if with_fhir else "BodyPartExamined, SeriesDescription, ProtocolName or StudyDescription in DICOM "
-             "(or give --task)")
+    dicom = ("AnatomicRegionSequence, BodyPartExamined, SeriesDescription, ProtocolName, StudyDescription or "
+             "RequestedProcedureDescription in DICOM")
+    where = (f"{dicom}, or ImagingStudy.series.bodySite, ImagingStudy.procedureCode or the order's code in FHIR"
+             if with_fhir else f"{dicom} (or give --task)")
     return (f"no triage model applies to this study ({describe(study)}): head CT, brain MR and chest X-ray are read; "
-            f"the anatomy must be named by {where}")
+            f"the anatomy must be named by {where}"
+            + ("; one image of the study was looked at, and it did not look like any of them" if pixels_looked_at else ""))

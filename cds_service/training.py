@@ -42,6 +42,7 @@ from .datasets import (
     Sample,
     build_split,
     class_counts,
+    discover_samples,
     find_rsna_csv,
     load_image,
     original_size_features,
@@ -69,7 +70,8 @@ from .evaluation import (
     write_plots,
 )
 from .models import ARCHITECTURE, ARCHITECTURES, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
-from .preprocessing import PreprocessingSpec, to_batch
+from .input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
+from .preprocessing import PreprocessingSpec, resize, to_batch
 
 CARD_VERSION = "1.0.0"
 DISCLAIMER = "AI-generated, preliminary, not a diagnosis. For worklist prioritisation only; a radiologist reads every study."
@@ -761,6 +763,8 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
     for key in ("optimizer", "schedule", "loss", "dropout", "sampling", "augmentation"):
         card["training"][key] = training.get(key, card["training"][key])  # what the run used, not today's defaults
     card["weights_sha256"] = old["weights_sha256"]
+    if "input_check" in old:  # measured by `input-profile`, not by training
+        card["input_check"] = old["input_check"]
     cpath.write_text(json.dumps(card, indent=2) + "\n")
     return rethreshold(weights_dir, task, config.target_sensitivity)
 
@@ -786,6 +790,66 @@ def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1
     cpath.write_text(json.dumps(card, indent=2) + "\n")
     write_evaluation(Path(weights_dir), card, val, card["validation_metrics"])
     return card
+
+
+# Images the service's DICOM path must accept for a task (real DICOM of the training source).
+DICOM_CHECKS = {Task.HEAD_CT_ICH: "head_ct_dicom_unlabelled"}
+# Other image sets of the same task, measured and reported (not fitted on): how far the check reaches.
+SAME_TASK_OTHER_SOURCES = {Task.HEAD_CT_ICH: {"head_ct_rsna_png/unlabelled": "same source (RSNA), unlabelled slices",
+                                              "head_ct_png": "another public head CT set (Kitamura), windowed differently"}}
+OTHER_TASK_SAMPLE = 300
+
+
+def write_input_profile(weights_dir: Path, task: Task, data_dir: Path, quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
+    """Fit the task's input profile (cds_service.input_profile) on the card's training split, choose
+    its threshold on the validation split, and measure on the test split, the real DICOM path, the
+    other tasks' images and other sources; write `<task>.input-profile.npz` and the card's block."""
+    cpath = card_path(Path(weights_dir), task)
+    card = json.loads(cpath.read_text())
+    spec = PreprocessingSpec.from_card(card["preprocessing"], card["input_size"])
+    data_dir = Path(data_dir)
+    train_set, val_set, test_set = build_split(task, resolve_data_dir(task, data_dir), card["data"]["split"])
+
+    def stats(paths: Sequence[Path]) -> np.ndarray:  # of the model input, as the service computes them
+        return np.stack([image_statistics(resize(load_image(Path(p), spec), spec.input_size)) for p in paths])
+
+    def rate(statistics: np.ndarray, refused: bool) -> dict[str, Any]:
+        over = int((profile.distances(statistics) > profile.threshold).sum())
+        count = over if refused else len(statistics) - over
+        return {"count": count, "of": len(statistics), "rate": round(count / len(statistics), 4)}
+
+    def sample(paths: list[Path]) -> list[Path]:
+        return [paths[i] for i in sorted(np.random.default_rng(0).permutation(len(paths))[:OTHER_TASK_SAMPLE])]
+
+    profile = fit_profile(stats([s.path for s in train_set]), stats([s.path for s in val_set]), quantile)
+    blob = profile.to_bytes()
+    profile_path(Path(weights_dir), task.value).write_bytes(blob)
+    accepted = {"validation": rate(stats([s.path for s in val_set]), refused=False)}
+    if test_set:
+        accepted["test"] = rate(stats([s.path for s in test_set]), refused=False)
+    if task in DICOM_CHECKS and (folder := data_dir / DICOM_CHECKS[task]).is_dir():
+        accepted[f"{DICOM_CHECKS[task]} (real DICOM, the service's decoding path)"] = rate(
+            stats(sorted(folder.glob("*.dcm"))), refused=False)
+    for folder_name, what in SAME_TASK_OTHER_SOURCES.get(task, {}).items():
+        if (folder := data_dir / folder_name).is_dir():
+            accepted[f"{folder_name} ({what})"] = rate(stats(sample(sorted(folder.rglob("*.png")))), refused=False)
+    refused = {other.value: rate(stats(sample([s.path for s in discover_samples(other, resolve_data_dir(other, data_dir))])), refused=True)
+               for other in Task if other is not task}
+    card["input_check"] = {
+        "file": profile_path(Path(weights_dir), task.value).name,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "statistics": STATISTICS,
+        "fitted_on": f"the training split ({len(train_set)} images): mean and Ledoit-Wolf shrunk covariance",
+        "threshold": round(profile.threshold, 3),
+        "threshold_policy": f"the {100 * quantile:g}th percentile of the validation split's Mahalanobis distances",
+        "accepted": accepted,
+        "refused_other_tasks": refused,
+        "limits": "Refuses images far from the training inputs (another body part or modality, another windowing); it does "
+                  "not tell a good image from a poor one of the right kind, and a series is judged on the median of its "
+                  "middle slices.",
+    }
+    cpath.write_text(json.dumps(card, indent=2) + "\n")
+    return card["input_check"]
 
 
 def stored_predictions(weights_dir: Path, card: dict[str, Any], part: str) -> Predictions | None:
@@ -1342,7 +1406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     again.add_argument("--task", required=True, choices=TASK_CHOICES)
     again.add_argument("--target", type=float, required=True, help="sensitivity the validation split must keep")
     again.add_argument("--weights", type=Path, default=Path("weights"))
+    profile = sub.add_parser("input-profile", help="fit a task's input profile (out-of-distribution check) and record it in the card")
+    profile.add_argument("--task", required=True, choices=TASK_CHOICES)
+    profile.add_argument("--data", required=True, type=Path)
+    profile.add_argument("--weights", type=Path, default=Path("weights"))
     args = parser.parse_args(argv)
+    if args.command == "input-profile":
+        print(json.dumps(write_input_profile(args.weights, Task(args.task), args.data), indent=2))
+        return 0
     if args.command == "readme":
         path = write_weights_readme(args.weights)
         print(f"wrote {path}")
