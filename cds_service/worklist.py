@@ -467,8 +467,9 @@ def study_view(order_id: str) -> Any:
     top = row.top_finding or next(iter(row.findings), None)
     task = task_for_label(top.label) if top else None
     card = available_cards(ctx().settings.weights_dir).get(task) if task else None
-    if card is not None and ctx().settings.site_thresholds is not None:
-        card = ctx().settings.site_thresholds.apply(card)  # the thresholds the service decides with
+    site = ctx().settings.site_thresholds
+    if card is not None and site is not None:
+        card = site.apply(card)  # the thresholds the service decides with
     return render_template("study.html", row=row, data=row.to_json(datetime.now(timezone.utc)),
                            card=model_card_summary(card), disclaimer=DISCLAIMER,
                            viewer_url=viewer_url(ctx().settings.pacs_viewer_url, row))
