@@ -49,6 +49,7 @@ from .settings import Settings
 from .site_thresholds import PRESENCE, has_presence_rule, write_site_entry
 
 CLASS_ALIASES = {"notumor": "no_tumor", "no tumor": "no_tumor", "no_tumour": "no_tumor", "no tumour": "no_tumor"}
+LISTED = 200  # skipped inputs and rows the report lists by name
 TRUE_WORDS, FALSE_WORDS = {"1", "1.0", "true", "yes", "positive"}, {"0", "0.0", "false", "no", "negative"}
 
 
@@ -159,6 +160,15 @@ def match_units(rows: Sequence[LabelRow], inputs: Sequence[LocalInput], labels_d
     uids = {id(item): {str(getattr(ds, attr, "")) for ds in item.datasets[:1] for attr in ("StudyInstanceUID", "SeriesInstanceUID")}
             for item in series}
     owner: dict[int, LabelRow] = {}  # id(input) -> the row that labels it
+    beside: set[str] = set()
+
+    def names_beside_labels() -> set[str]:
+        """File names anywhere under the CSV's folder (read once): a bare name found there is a labelled
+        file that is not among the inputs, not an unknown one."""
+        if not beside:
+            beside.update(path.name for path in labels_dir.rglob("*") if path.is_file())
+            beside.add("")  # read
+        return beside
     units: list[Unit] = []
     unmatched: list[LabelRow] = []
 
@@ -191,7 +201,7 @@ def match_units(rows: Sequence[LabelRow], inputs: Sequence[LocalInput], labels_d
                     raise LabelsError(f"line {row.line}: file {row.value!r} names {len(named)} inputs; give its path "
                                       f"relative to the CSV's folder")
                 found = named
-                if not found:
+                if not found and not (Path(row.value).name == row.value and row.value in names_beside_labels()):
                     raise LabelsError(f"line {row.line}: file {row.value!r} not found (relative to {labels_dir}) "
                                       f"and no input has that name")
             if not found:
@@ -529,8 +539,11 @@ def html_report(doc: dict[str, Any]) -> str:
     for key, title in (("failed", "Could not be scored"), ("unlabelled", "Inputs without a label (skipped)"),
                        ("unmatched_rows", "Labels that match no input (skipped)")):
         if doc.get(key):
-            parts.append(f"<h2>{title}</h2><ul>" + "".join(f"<li>{e(json.dumps(x) if isinstance(x, dict) else str(x))}</li>"
-                                                           for x in doc[key]) + "</ul>")
+            listed = doc[key][:LISTED]
+            more = f"<li>… and {len(doc[key]) - LISTED} more (all in --json)</li>" if len(doc[key]) > LISTED else ""
+            parts.append(f"<h2>{title} ({len(doc[key])})</h2><ul>"
+                         + "".join(f"<li>{e(json.dumps(x) if isinstance(x, dict) else str(x))}</li>" for x in listed)
+                         + more + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

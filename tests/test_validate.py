@@ -30,7 +30,7 @@ from cds_service.local_triage import collect_inputs, triage_input
 from cds_service.models import ModelCard, ModelRegistry
 from cds_service.settings import Settings
 from cds_service.site_thresholds import FORMAT
-from cds_service.validate import run_validate
+from cds_service.validate import LabelsError, match_units, read_labels, run_validate
 from cds_service.worklist import model_card_summary
 from fhir_mappings import codes
 from fhir_mappings.builders import build_observation
@@ -123,6 +123,21 @@ def test_a_brain_label_must_be_0_1_or_a_class_and_a_missing_labels_file_is_exit_
     assert "line 2: label 'astrocytoma' is not 0, 1 or one of glioma" in capsys.readouterr().err
     assert validate("--task", "brain_mri", "--labels", tmp_path / "none.csv", tmp_path / "imgs") == 2
     assert "no such labels file" in capsys.readouterr().err
+
+
+def test_a_bare_file_name_is_looked_up_among_the_inputs_and_beside_the_labels(tmp_path):
+    """NIH's metadata.csv names bare files that lie in class folders below it."""
+    png(tmp_path / "data" / "pos" / "a.png")
+    png(tmp_path / "data" / "neg" / "b.png")  # labelled, not passed: skipped
+    (tmp_path / "data" / "labels.csv").write_text("file,label\na.png,1\nb.png,0\n")
+    rows = read_labels(tmp_path / "data" / "labels.csv", Task.CHEST_PNEUMOTHORAX)
+    units, unlabelled, unmatched = match_units(rows, collect_inputs([tmp_path / "data" / "pos"]), tmp_path / "data")
+    assert [u.name for u in units] == [str(tmp_path / "data" / "pos" / "a.png")] and unlabelled == []
+    assert [r.value for r in unmatched] == ["b.png"]
+    (tmp_path / "data" / "labels.csv").write_text("file,label\na.png,1\nc.png,0\n")
+    rows = read_labels(tmp_path / "data" / "labels.csv", Task.CHEST_PNEUMOTHORAX)
+    with pytest.raises(LabelsError, match="line 3: file 'c.png' not found"):
+        match_units(rows, collect_inputs([tmp_path / "data" / "pos"]), tmp_path / "data")
 
 
 # --- series: a DICOM series or a folder of images is one study, pooled as the service pools -------------------
