@@ -25,19 +25,23 @@ from cds_service.triage import triage_images
 from cds_service.worker import build_deps
 from fhir_mappings.imaging_study import build_imaging_study
 from support import make_test_weights
+from test_anatomy import phantom
+from test_pixel_routing import ROOT, RSNA_DICOM, rsna_series
 
 pytestmark = pytest.mark.integration
 
 
-def ordered_study(fhir: FhirClient, orthanc, slices: int) -> tuple[Job, list[pydicom.Dataset]]:
-    """A head CT in the PACS and its order in the EHR (slices uploaded in reverse order)."""
+def ordered_study(fhir: FhirClient, orthanc, slices: int,
+                  datasets: list[pydicom.Dataset] | None = None) -> tuple[Job, list[pydicom.Dataset]]:
+    """A head CT in the PACS and its order in the EHR (slices uploaded in reverse order); or the
+    given `datasets` (one study) and their order."""
     study_uid, series_uid, tag = pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), uuid.uuid4().hex[:10]
     rng = np.random.default_rng(7)
-    datasets = [make_dataset((rng.normal(40, 60, (96, 96)) + 1024).clip(0, 4095).astype(np.uint16),
-                             modality="CT", body_part="HEAD", series_description="CT HEAD WO",
-                             study_uid=study_uid, series_uid=series_uid, instance_number=slices - index,
-                             rescale_slope=1, rescale_intercept=-1024)
-                for index in range(slices)]
+    datasets = datasets or [make_dataset((rng.normal(40, 60, (96, 96)) + 1024).clip(0, 4095).astype(np.uint16),
+                                         modality="CT", body_part="HEAD", series_description="CT HEAD WO",
+                                         study_uid=study_uid, series_uid=series_uid, instance_number=slices - index,
+                                         rescale_slope=1, rescale_intercept=-1024)
+                            for index in range(slices)]
     upload_dicom(orthanc.url, datasets)
     patient, order, study = f"pp-{tag}", f"psr-{tag}", f"pis-{tag}"
     fhir.update({"resourceType": "Patient", "id": patient}, if_match=None)
@@ -136,4 +140,46 @@ def test_a_task_that_is_off_is_not_applicable_and_writes_nothing(orthanc, fhir_s
         assert fhir.read("ServiceRequest", job.service_request_id)[0]["priority"] == "routine"
         fhir.close()
     finally:
+        deps.fhir.close()
+
+
+@pytest.mark.skipif(not RSNA_DICOM.is_dir(), reason="../shared/data is not here")
+def test_a_real_head_ct_with_a_silent_header_and_no_body_site_is_routed_by_its_pixels(orthanc, fhir_server, tmp_path: Path) -> None:
+    """The committed models, real RSNA slices with empty header fields, an ImagingStudy without bodySite
+    and an order without a code: the PACS gives one middle image, its pixels say head CT."""
+    settings = pipeline_settings(tmp_path, orthanc, fhir_server, weights_dir=ROOT / "weights", inference_runtime="torch")
+    deps = build_deps(settings)
+    fhir = FhirClient(settings.fhir_base_url)
+    try:
+        job, _ = ordered_study(fhir, orthanc, 0, datasets=rsna_series(5))
+        state, reason, summary = run_triage(job, deps)
+        assert state is JobState.DONE, reason
+        assert summary["task"] == "head_ct_ich" and summary["routedBy"] == "pixels"
+        assert summary["inputCheck"]["fits"] is True and summary["written"]["DiagnosticReport"]
+    finally:
+        fhir.close()
+        deps.fhir.close()
+
+
+def test_a_chest_ct_whose_header_says_head_is_refused_and_nothing_is_written(orthanc, fhir_server, tmp_path: Path) -> None:
+    weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)  # would call anything stat
+    settings = pipeline_settings(tmp_path, orthanc, fhir_server, weights_dir=weights)
+    study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    slices = []
+    for number in range(1, 5):
+        ds = phantom(340, 240, lungs=True, spacing=0.9)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study_uid, series_uid, number
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.BodyPartExamined, ds.SeriesDescription = "HEAD", "CT HEAD WO"
+        slices.append(ds)
+    deps = build_deps(settings)
+    fhir = FhirClient(settings.fhir_base_url)
+    try:
+        job, _ = ordered_study(fhir, orthanc, 0, datasets=slices)
+        state, reason, summary = run_triage(job, deps)
+        assert state is JobState.NOT_APPLICABLE and reason.startswith("not a head CT") and "mm across" in reason
+        assert summary["inputCheck"]["fits"] is False and "written" not in summary
+        assert fhir.read("ServiceRequest", job.service_request_id)[0]["priority"] == "routine"
+    finally:
+        fhir.close()
         deps.fhir.close()

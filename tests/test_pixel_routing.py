@@ -42,8 +42,8 @@ def registry() -> ModelRegistry:
 
 
 def rsna_series(count: int = 6) -> list[pydicom.Dataset]:
-    """Real head CT slices as one de-identified series: no BodyPartExamined, no descriptions, new UIDs
-    (RSNA's own are "ID_…" pseudo-UIDs)."""
+    """Real head CT slices (of different patients) as one de-identified series: no BodyPartExamined, no
+    descriptions, new UIDs (RSNA's own are "ID_…" pseudo-UIDs), one patient id."""
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     slices = []
     for number, path in enumerate(sorted(RSNA_DICOM.glob("*.dcm"))[:count], start=1):
@@ -52,6 +52,8 @@ def rsna_series(count: int = 6) -> list[pydicom.Dataset]:
             if keyword in ds:
                 delattr(ds, keyword)
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, pydicom.uid.generate_uid()
+        ds.PatientID, ds.PatientName = "RSNA-SLICES", "RSNA^Slices"  # each slice is another patient's
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = number
         slices.append(ds)
