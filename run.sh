@@ -23,28 +23,35 @@ install_system_packages() {
   fi
 }
 
+# $1: the extras, "" for the runtime alone (no torch: the models run from the ONNX graphs in weights/).
+# A venv installed with more extras (the tests') serves the demo as it is.
 install_python_packages() {
-  local stamp="$VENV/.installed" want
+  local extras="$1" want stamp
   want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
-  echo "==> creating $VENV and installing the project (torch is large: a few minutes)"
+  for stamp in "$VENV/.installed-$extras" "$VENV/.installed-test,train"; do
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
+  done
+  if [ -n "$extras" ]; then
+    echo "==> creating $VENV and installing the project with [$extras] (torch for the tests: a few minutes)"
+  else
+    echo "==> creating $VENV and installing the project's runtime (no torch)"
+  fi
   [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test,train]"
-  echo "$want" > "$stamp"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".${extras:+[$extras]}"
+  echo "$want" > "$VENV/.installed-$extras"
 }
-
 cmd="${1:-}"
 case "$cmd" in
   demo)
     install_system_packages
-    install_python_packages
+    install_python_packages ""
     shift
     exec "$VENV/bin/cds-triage" demo "$@"
     ;;
   test)
     install_system_packages
-    install_python_packages
+    install_python_packages "test,train"
     shift
     exec "$VENV/bin/python" -m pytest -ra "$@"
     ;;

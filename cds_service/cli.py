@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .domain import Task
 from .settings import Settings
 
 
@@ -48,6 +49,16 @@ def _prepare_models(args: argparse.Namespace, settings: Settings) -> int:
     for task, (_, what) in outcome.items():
         print(f"{task.value}: {what}")
     return 0 if all(ok for ok, _ in outcome.values()) else 1
+
+
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    from .models import available_cards, write_shipped_graph
+
+    cards = available_cards(settings.weights_dir)
+    for task in [Task(value) for value in args.task] if args.task else list(cards):
+        block = write_shipped_graph(settings.weights_dir, task)
+        print(f"{task.value}: {settings.weights_dir / block['file']} (sha256 {block['sha256'][:12]}…)")
+    return 0
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
@@ -128,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-models", help="export each model's ONNX graph for the workers before the first study")
     p.set_defaults(func=_prepare_models)
+
+    p = sub.add_parser("export", help="write each model's ONNX graph into the weights folder and vouch for it in its card "
+                       "(needs torch; the graphs let serve, worker and triage run without torch)")
+    p.add_argument("--task", action="append", choices=[task.value for task in Task], help="only this task (repeatable)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("subscribe", help="create (idempotently) the ImagingStudy rest-hook Subscription on the FHIR server")
     p.add_argument("--endpoint", help="notification URL (default CDS_PUBLIC_URL + /fhir-notify)")

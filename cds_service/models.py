@@ -382,23 +382,74 @@ def weights_digest(weights_dir: Path, task: Task) -> str:
     return digest.hexdigest()[:20]
 
 
-def exported_graph(weights_dir: Path, task: Task, onnx_dir: Path) -> Path:
-    """The ONNX graph of these exact weights, exported once in a child process and kept.
+def shipped_graph_path(weights_dir: Path, task: Task) -> Path:
+    return Path(weights_dir) / f"{task.value}.onnx"
 
-    The child (`python -m cds_service.onnx_export`) imports torch, exports, checks the graph
-    against torch and exits, so the worker that scores with the graph never imports torch:
-    measured here, torch and timm are 650 MB of a worker's resident memory.
-    """
-    target = onnx_dir / f"{task.value}-{weights_digest(weights_dir, task)}.onnx"
-    if target.exists():
-        return target
-    onnx_dir.mkdir(parents=True, exist_ok=True)
+
+def shipped_graph(weights_dir: Path, task: Task, card: ModelCard) -> Path | None:
+    """The ONNX graph committed beside the weights (`cds-triage export`), when the card vouches for
+    it: the graph's sha256, the weights it was exported from and the export format all match.
+    None otherwise; a graph present but not vouched for is logged, never used."""
+    block = card.raw.get("onnx") or {}
+    path = shipped_graph_path(weights_dir, task)
+    if not block or not path.exists():
+        return None
+    problem = ""
+    if block.get("export_format") != ONNX_EXPORT_FORMAT:
+        problem = f"exported as {block.get('export_format')}, this code reads {ONNX_EXPORT_FORMAT}"
+    elif block.get("weights_sha256") != card.raw.get("weights_sha256"):
+        problem = "exported from other weights than the card's"
+    elif hashlib.sha256(path.read_bytes()).hexdigest() != block.get("sha256"):
+        problem = "its sha256 differs from the card's"
+    if problem:
+        log.warning("ignoring %s: %s (run cds-triage export)", path, problem)
+        return None
+    return path
+
+
+def write_shipped_graph(weights_dir: Path, task: Task) -> dict[str, Any]:
+    """`cds-triage export`: export the task's graph from its safetensors (in a child process that
+    checks it against torch) to weights/<task>.onnx, and record it in the card's `onnx` block."""
+    cpath = card_path(weights_dir, task)
+    target = shipped_graph_path(weights_dir, task)
+    export_in_child(weights_dir, task, target)
+    card = json.loads(cpath.read_text())
+    card["onnx"] = {"file": target.name, "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+                    "export_format": ONNX_EXPORT_FORMAT, "weights_sha256": card.get("weights_sha256"),
+                    "checked": f"probabilities and feature map within {ONNX_MAX_DEVIATION} of torch on a test batch",
+                    "opset": 17}
+    cpath.write_text(json.dumps(card, indent=2) + "\n")
+    return card["onnx"]
+
+
+def export_in_child(weights_dir: Path, task: Task, target: Path) -> None:
+    """`python -m cds_service.onnx_export`: imports torch, exports, checks the graph against torch,
+    writes `target` whole and exits, so the process that scores never imports torch."""
     package_root = str(Path(__file__).resolve().parents[1])
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     child = subprocess.run([sys.executable, "-m", "cds_service.onnx_export", str(weights_dir), task.value, str(target)],
                            capture_output=True, text=True, env=env, timeout=ONNX_EXPORT_TIMEOUT_S)
     if child.returncode != 0 or not target.exists():
         raise RuntimeError(f"ONNX export failed ({child.returncode}): {child.stderr.strip()[-500:]}")
+
+
+def exported_graph(weights_dir: Path, task: Task, onnx_dir: Path | None) -> Path:
+    """The ONNX graph of these exact weights: the one shipped in weights/ when its card vouches for
+    it, else exported once in a child process (which needs torch) and kept in `onnx_dir`.
+
+    Measured here, torch and timm are 650 MB of a worker's resident memory; with a shipped graph
+    a worker (and `cds-triage triage`) never imports them, and a runtime install needs no torch.
+    """
+    shipped = shipped_graph(weights_dir, task, ModelCard.load(card_path(weights_dir, task)))
+    if shipped is not None:
+        return shipped
+    if onnx_dir is None:
+        raise RuntimeError(f"no ONNX graph shipped for {task.value} (cds-triage export) and nowhere to export one")
+    target = onnx_dir / f"{task.value}-{weights_digest(weights_dir, task)}.onnx"
+    if target.exists():
+        return target
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    export_in_child(weights_dir, task, target)
     prune_exported(onnx_dir, task, keep=target)
     return target
 
@@ -421,7 +472,7 @@ def prune_exported(onnx_dir: Path, task: Task, keep: Path, now: float | None = N
     return removed
 
 
-def load_exported(weights_dir: Path, task: Task, card: ModelCard, onnx_dir: Path, threads: int) -> LoadedModel | None:
+def load_exported(weights_dir: Path, task: Task, card: ModelCard, onnx_dir: Path | None, threads: int) -> LoadedModel | None:
     """A torch-free model: the exported graph scores and gives Grad-CAM's feature map, and the
     classifier weights come straight from the safetensors. None (load with torch) if the export
     fails or the head needs a backward pass for Grad-CAM."""
@@ -444,9 +495,10 @@ def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str 
     """Read card and safetensors; ModelUnavailableError if either is missing or mismatched.
 
     runtime "onnxruntime" (or "auto" on a CPU) also opens an ONNX Runtime session for
-    scoring, after checking on a test batch that it agrees with torch. With `onnx_dir` (the
-    worker's) the graph is exported in a child process and kept there, and this process
-    does not import torch at all (`load_exported`).
+    scoring, after checking on a test batch that it agrees with torch. With the graph shipped
+    in weights/ (`cds-triage export`, vouched for by the card), or with `onnx_dir` (the
+    worker's: the graph is exported in a child process and kept there), this process does not
+    import torch at all (`load_exported`).
     """
     check_runtime(runtime)
     card = ModelCard.load(card_path(weights_dir, task))
@@ -454,13 +506,18 @@ def load_model(weights_dir: Path, task: Task, device: str = "cpu", runtime: str 
     if not wpath.exists():
         raise ModelUnavailableError(f"model unavailable: no trained weights for {task.value} at {wpath}")
     wants_onnx = uses_onnx_runtime(runtime, device)
-    if wants_onnx and onnx_dir is not None:
+    if wants_onnx and (onnx_dir is not None or shipped_graph(weights_dir, task, card) is not None):
         exported = load_exported(weights_dir, task, card, onnx_dir, threads)
         if exported is not None:
             return exported
 
-    import torch
-    from safetensors.torch import load_file
+    try:
+        import torch
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise ModelUnavailableError(
+            f"model unavailable: {task.value} needs torch (CDS_INFERENCE_RUNTIME={runtime}, or no ONNX graph shipped "
+            f"for these weights): install the torch extra (pip install '.[torch]') or run cds-triage export") from exc
 
     if threads:
         torch.set_num_threads(threads)  # process-wide: fewer when several workers share the cores

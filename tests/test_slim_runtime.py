@@ -1,0 +1,103 @@
+"""The runtime without torch: the ONNX graphs shipped in weights/ are vouched for by their cards,
+agree with torch, and let `cds-triage triage` and `prepare-models` run where torch cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cds_service.domain import Task
+from cds_service.errors import ModelUnavailableError
+from cds_service.models import ONNX_MAX_DEVIATION, ModelCard, card_path, load_model, onnx_deviation, shipped_graph
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "weights"
+RSNA_DICOM = ROOT.parent / "shared" / "data" / "head_ct_dicom_unlabelled"
+TORCH_PACKAGES = {"torch", "torchvision", "timm", "grad-cam", "pytorch-grad-cam"}
+
+BLOCKER = '''
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "torchvision", "timm", "pytorch_grad_cam"}:
+            raise ImportError(f"{name} is not installed here (runtime without torch)")
+        return None
+sys.meta_path.insert(0, _NoTorch())
+'''
+
+
+@pytest.fixture()
+def no_torch_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python cannot import torch, timm, torchvision or pytorch_grad_cam."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "CDS_DATA_DIR": str(tmp_path / "var")}
+
+
+def test_the_runtime_dependencies_hold_no_torch() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {dep.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for dep in project["dependencies"]}
+    assert not names & TORCH_PACKAGES
+    assert any(dep.startswith("torch==") for dep in project["optional-dependencies"]["torch"])
+
+
+@pytest.mark.parametrize("task", list(Task))
+def test_each_shipped_graph_is_vouched_for_by_its_card_and_agrees_with_torch(task: Task) -> None:
+    card = ModelCard.load(card_path(WEIGHTS, task))
+    assert shipped_graph(WEIGHTS, task, card) == WEIGHTS / f"{task.value}.onnx"
+    torch_model = load_model(WEIGHTS, task, runtime="torch")
+    from cds_service.models import open_session
+
+    assert onnx_deviation(torch_model, open_session((WEIGHTS / f"{task.value}.onnx").read_bytes())) <= ONNX_MAX_DEVIATION
+
+
+def test_a_graph_its_card_does_not_vouch_for_is_never_used(tmp_path: Path, no_torch_env: dict[str, str]) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for suffix in (".json", ".safetensors", ".onnx"):
+        shutil.copy(WEIGHTS / f"chest_pneumothorax{suffix}", weights / f"chest_pneumothorax{suffix}")
+    card_file = weights / "chest_pneumothorax.json"
+    card = json.loads(card_file.read_text())
+    card["onnx"]["sha256"] = "0" * 64
+    card_file.write_text(json.dumps(card))
+    assert shipped_graph(weights, Task.CHEST_PNEUMOTHORAX, ModelCard.load(card_file)) is None
+    script = ("from pathlib import Path; from cds_service.models import load_model; from cds_service.domain import Task\n"
+              f"load_model(Path({str(weights)!r}), Task.CHEST_PNEUMOTHORAX, runtime='auto')")
+    child = subprocess.run([sys.executable, "-c", script], env=no_torch_env, capture_output=True, text=True, timeout=120)
+    assert child.returncode != 0 and ModelUnavailableError.__name__ in child.stderr
+    assert "pip install '.[torch]'" in child.stderr and "cds-triage export" in child.stderr
+
+
+@pytest.mark.skipif(not RSNA_DICOM.is_dir(), reason="../shared/data is not here")
+def test_triage_and_prepare_models_run_where_torch_cannot_be_imported(no_torch_env: dict[str, str]) -> None:
+    files = [str(path) for path in sorted(RSNA_DICOM.glob("*.dcm"))[:3]]
+    env = no_torch_env | {"CDS_WEIGHTS_DIR": str(WEIGHTS)}
+    run = subprocess.run([sys.executable, "-m", "cds_service.cli", "triage", "--task", "head_ct_ich", "--json", *files],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [row["status"] for row in rows] == ["done"] * 3
+
+    with_torch = subprocess.run([sys.executable, "-m", "cds_service.cli", "triage", "--task", "head_ct_ich", "--json",
+                                 *files], env={**os.environ, "CDS_WEIGHTS_DIR": str(WEIGHTS),
+                                               "CDS_INFERENCE_RUNTIME": "torch", "CDS_DATA_DIR": env["CDS_DATA_DIR"]},
+                                capture_output=True, text=True, timeout=300)
+    assert with_torch.returncode == 0, with_torch.stderr
+    reference = [json.loads(line) for line in with_torch.stdout.splitlines()]
+    for row, ref in zip(rows, reference):
+        assert np.allclose([f["probability"] for f in row["findings"]], [f["probability"] for f in ref["findings"]],
+                           atol=ONNX_MAX_DEVIATION)
+
+    prepared = subprocess.run([sys.executable, "-m", "cds_service.cli", "prepare-models"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    assert prepared.stdout.count(f"ready: {WEIGHTS}") == len(Task)
