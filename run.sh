@@ -23,19 +23,19 @@ install_system_packages() {
   fi
 }
 
-# $1: the extras, "" for the runtime alone (no torch: the models run from the ONNX graphs in weights/).
+# $1: the extras: "demo" is the runtime (no torch: the models run from the ONNX graphs in weights/)
+# and the demo's FHIR server; the tests add torch.
 # A venv installed with more extras (the tests') serves the demo as it is.
 install_python_packages() {
   local extras="$1" want stamp
   want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-  for stamp in "$VENV/.installed-$extras" "$VENV/.installed-test,train"; do
+  for stamp in "$VENV/.installed-$extras" "$VENV/.installed-demo,test,train"; do
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
   done
-  if [ -n "$extras" ]; then
-    echo "==> creating $VENV and installing the project with [$extras] (torch for the tests: a few minutes)"
-  else
-    echo "==> creating $VENV and installing the project's runtime (no torch)"
-  fi
+  case "$extras" in
+    demo) echo "==> creating $VENV and installing the runtime and the demo's FHIR server (no torch: about 0.8 GB)" ;;
+    *) echo "==> creating $VENV and installing the project with [$extras] (torch for the tests: a few GB, minutes)" ;;
+  esac
   [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".${extras:+[$extras]}"
@@ -45,13 +45,13 @@ cmd="${1:-}"
 case "$cmd" in
   demo)
     install_system_packages
-    install_python_packages ""
+    install_python_packages "demo"
     shift
     exec "$VENV/bin/cds-triage" demo "$@"
     ;;
   test)
     install_system_packages
-    install_python_packages "test,train"
+    install_python_packages "demo,test,train"
     shift
     exec "$VENV/bin/python" -m pytest -ra "$@"
     ;;
