@@ -30,6 +30,7 @@ from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.coding import Coding
 from fhir.resources.R4B.device import Device, DeviceDeviceName, DeviceVersion
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport, DiagnosticReportMedia
+from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.media import Media
 from fhir.resources.R4B.meta import Meta
@@ -81,6 +82,8 @@ _DEVICE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, codes.DEVICE_IDENTIFIER_SYSTE
 
 # A DICOM UID: dot-separated numbers without leading zeros, at most 64 characters (PS3.5 9.1).
 _DICOM_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+# FHIR's oid type (without its urn:oid: prefix): what an extension's valueOid accepts.
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,6 +366,7 @@ def build_media(
         subject=_patient(ctx),
         issued=issued,
         device=_ref(device_reference, f"{model.name} {model.version}"),
+        extension=_heatmap_source_extension(heatmap.sop_instance_uid),
         # positiveInt: leave out a size the heatmap did not know rather than write 0.
         width=heatmap.width if heatmap.width > 0 else None,
         height=heatmap.height if heatmap.height > 0 else None,
@@ -374,6 +378,24 @@ def build_media(
         ),
         note=[{"text": note}],
     )
+
+
+def _heatmap_source_extension(sop_instance_uid: str | None) -> list[Extension] | None:
+    """The explained slice's SOP Instance UID as an extension, when it is a UID FHIR's oid type takes."""
+    if not sop_instance_uid or not _OID.fullmatch(sop_instance_uid):
+        return None
+    return [Extension(url=codes.HEATMAP_SOURCE_INSTANCE_EXTENSION, valueOid=f"{codes.URN_OID_PREFIX}{sop_instance_uid}")]
+
+
+def heatmap_source_instance(media: Any) -> str | None:
+    """The SOP Instance UID of the slice our heatmap Media explains (its extension), else None."""
+    extensions = media.get("extension") if isinstance(media, dict) else None
+    for extension in extensions or []:
+        if isinstance(extension, dict) and extension.get("url") == codes.HEATMAP_SOURCE_INSTANCE_EXTENSION:
+            value = extension.get("valueOid")
+            uid = value.removeprefix(codes.URN_OID_PREFIX) if isinstance(value, str) else ""
+            return uid if _OID.fullmatch(uid) else None
+    return None
 
 
 def build_conclusion(result: TriageResult) -> str:
@@ -737,14 +759,21 @@ def with_priority(service_request: dict[str, Any], priority: Priority, *, note: 
 
     Works on the dict, not on a re-serialised model, so everything else the EHR stored
     (extensions, meta.versionId for If-Match) goes back unchanged. `note` is appended to
-    ServiceRequest.note, so whoever opens the order sees that the AI raised it and from what.
+    ServiceRequest.note, so whoever opens the order sees that the AI raised it and from what;
+    the note carries the change itself as data too (PRIORITY_CHANGE_EXTENSION: from, to), which
+    is what readers use (`ai_priority_change`), never the note's words.
     """
     if not isinstance(service_request, dict) or service_request.get("resourceType") != "ServiceRequest":
         raise InvalidResourceError("expected a ServiceRequest resource")
     updated = copy.deepcopy(service_request)
     updated["priority"] = Priority(priority).value
     if note:
-        updated["note"] = [*(updated.get("note") or []), {"text": note}]
+        change = [{"url": codes.PRIORITY_CHANGE_TO, "valueCode": updated["priority"]}]
+        before = service_request.get("priority")
+        if isinstance(before, str) and before:
+            change.insert(0, {"url": codes.PRIORITY_CHANGE_FROM, "valueCode": before})
+        updated["note"] = [*(updated.get("note") or []), {
+            "extension": [{"url": codes.PRIORITY_CHANGE_EXTENSION, "extension": change}], "text": note}]
     try:
         ServiceRequest.model_validate(updated)
     except ValidationError as exc:
@@ -752,3 +781,20 @@ def with_priority(service_request: dict[str, Any], priority: Priority, *, note: 
             f"ServiceRequest/{service_request.get('id', '?')} is not valid R4B: {exc}"
         ) from exc
     return updated
+
+
+def ai_priority_change(service_request: Any) -> tuple[str | None, str] | None:
+    """The newest priority change the AI recorded on this order, as (from, to); from is None when
+    the order had no priority. None when the AI never raised it. Read from the note's extension."""
+    notes = service_request.get("note") if isinstance(service_request, dict) else None
+    for note in reversed(notes or []):
+        for extension in (note.get("extension") or []) if isinstance(note, dict) else []:
+            if not isinstance(extension, dict) or extension.get("url") != codes.PRIORITY_CHANGE_EXTENSION:
+                continue
+            parts = {part.get("url"): part.get("valueCode") for part in extension.get("extension") or []
+                     if isinstance(part, dict)}
+            to = parts.get(codes.PRIORITY_CHANGE_TO)
+            if isinstance(to, str) and to:
+                before = parts.get(codes.PRIORITY_CHANGE_FROM)
+                return (before if isinstance(before, str) and before else None), to
+    return None

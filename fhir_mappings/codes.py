@@ -56,6 +56,17 @@ SUBSCRIPTION_TAG_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-tag"
 SUBSCRIPTION_TAG_CODE = "cds-triage-subscription"
 SUBSCRIPTION_TAG_DISPLAY = "Subscription owned by the cds-triage service"
 
+#: Extension on the ServiceRequest.note the AI leaves when it raises an order's priority:
+#: sub-extensions `from` (valueCode; absent when the order had none) and `to` (valueCode).
+#: Readers (the worklist) take the change from here, never from the note's prose.
+PRIORITY_CHANGE_EXTENSION = f"{LOCAL_BASE}/StructureDefinition/ai-priority-change"
+PRIORITY_CHANGE_FROM = "from"
+PRIORITY_CHANGE_TO = "to"
+
+#: Extension on our heatmap Media: the DICOM SOP Instance UID of the slice the overlay explains
+#: (valueOid, "urn:oid:<uid>"), so a viewer can fetch that slice from the PACS to lay it under.
+HEATMAP_SOURCE_INSTANCE_EXTENSION = f"{LOCAL_BASE}/StructureDefinition/heatmap-source-instance"
+
 # ---------------------------------------------------------------------------------------
 # HL7 / FHIR terminology
 # ---------------------------------------------------------------------------------------

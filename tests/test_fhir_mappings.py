@@ -35,6 +35,7 @@ from fhir_mappings.builders import (
     SUBSCRIPTION_SECRET_HEADER,
     SUBSCRIPTION_TAG,
     SUBSCRIPTION_TAG_QUERY,
+    ai_priority_change,
     build_conclusion,
     build_device,
     build_observation,
@@ -42,6 +43,7 @@ from fhir_mappings.builders import (
     build_triage_transaction,
     device_identifier,
     finding_code,
+    heatmap_source_instance,
     result_identifier,
     study_uid_from_imaging_study,
     with_priority,
@@ -336,6 +338,8 @@ def test_media_only_when_there_is_a_heatmap() -> None:
     assert media["device"]["reference"] == entries(data, "Device")[0]["fullUrl"]
     note = media["note"][0]["text"]
     assert "'any'" in note and "slice 17" in note
+    assert media["extension"] == [{"url": codes.HEATMAP_SOURCE_INSTANCE_EXTENSION, "valueOid": f"urn:oid:{STUDY_UID}.1.17"}]
+    assert heatmap_source_instance(media) == f"{STUDY_UID}.1.17"  # what the worklist reads back
 
     report = resources(data, "DiagnosticReport")[0]
     assert report["media"][0]["link"]["reference"] == entries(data, "Media")[0]["fullUrl"]
@@ -621,3 +625,16 @@ def test_with_priority_appends_a_note_and_keeps_existing_ones() -> None:
     updated = with_priority(original, Priority.STAT, note="raised by AI from routine")
     assert [n["text"] for n in updated["note"]] == ["by hand", "raised by AI from routine"]
     assert original["note"] == [{"text": "by hand"}]
+
+
+def test_the_ai_priority_change_is_data_on_its_note() -> None:
+    original = {"resourceType": "ServiceRequest", "id": "sr", "status": "active", "intent": "order",
+                "subject": {"reference": "Patient/p"}, "priority": "urgent", "note": [{"text": "by hand"}]}
+    assert ai_priority_change(original) is None
+    updated = with_priority(original, Priority.STAT, note="Priority raised from urgent to stat by AI triage.")
+    assert updated["note"][-1]["extension"] == [{"url": codes.PRIORITY_CHANGE_EXTENSION, "extension": [
+        {"url": "from", "valueCode": "urgent"}, {"url": "to", "valueCode": "stat"}]}]
+    assert ai_priority_change(updated) == ("urgent", "stat")
+    unset = with_priority({k: v for k, v in original.items() if k != "priority"}, Priority.ASAP, note="raised")
+    assert ai_priority_change(unset) == (None, "asap")
+    assert "extension" not in with_priority(original, Priority.STAT).get("note", [{}])[-1]  # no note, no change recorded
