@@ -2,7 +2,11 @@
 
 Read from the FHIR server in one search: active ServiceRequests with their Patient, the
 ImagingStudy based on each, and our DiagnosticReport with its Observations and heatmap
-Media. Only the job status (queued/running/done/failed) comes from our own job store.
+Media. Everything a row says about the AI comes from there (finding, probability, model,
+shadow mode, heatmap, the priority the AI raised, from the note's structured extension), so
+every service instance pointed at the same FHIR server shows the same list. The local job
+store only adds progress for a study that has no AI result in FHIR yet (queued, running,
+retrying, failed, not applicable, with the reason).
 
 `build_worklist` is the pure core (FHIR JSON and job records in, ordered rows out); the
 routes only fetch and render. Order: priority (stat > asap > urgent > routine), then the
@@ -24,7 +28,6 @@ from __future__ import annotations
 import base64
 import hmac
 import io
-import re
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, Iterable, Mapping
@@ -35,13 +38,14 @@ from flask import Blueprint, Response, abort, jsonify, render_template, request
 from PIL import Image
 
 from fhir_mappings import codes
-from fhir_mappings.builders import is_fhir_id, is_shadow, parse_fhir_datetime, reference_id
+from fhir_mappings.builders import ai_priority_change, heatmap_source_instance, is_fhir_id, parse_fhir_datetime, reference_id
 
 from .app import ctx, operation_outcome
+from .cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report
 from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
 from .drift import drift_report
 from .errors import StudyNotFoundError, TriageError
-from .jobs import Job, QueueUnavailableError
+from .jobs import Job, JobState, QueueUnavailableError
 from .models import available_cards, ModelCard
 from .pacs import Pacs, PacsConfig
 from .pipeline import dicomweb_url_for
@@ -56,8 +60,6 @@ IMAGING_ORDER_CATEGORY = ("http://snomed.info/sct", "363679005")  # SNOMED CT "I
 DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
 DRIFT_ADVICE = ("Its flags may not mean what its model card says (a new scanner, protocol or population, or a fault): "
                 "check it before trusting them.")
-_AI_RAISE_NOTE = re.compile(r"Priority raised from (\w+) to (\w+) by AI triage")
-_SOP_IN_MEDIA_TEXT = re.compile(r"SOP Instance UID ([0-9]+(?:\.[0-9]+)+)")
 
 
 # --- the pure core ------------------------------------------------------------------------
@@ -65,11 +67,12 @@ _SOP_IN_MEDIA_TEXT = re.compile(r"SOP Instance UID ([0-9]+(?:\.[0-9]+)+)")
 
 @dataclass(frozen=True)
 class RowFinding:
-    """One trained label's AI probability, as our Observation states it."""
+    """One trained label's AI probability, as our Observation states it (None: only the report's
+    conclusionCode names it, its Observation was not returned)."""
 
     label: str
     display: str
-    probability: float
+    probability: float | None
     positive: bool
 
 
@@ -95,7 +98,7 @@ class WorklistRow:
     heatmap_media_id: str | None
     heatmap_size: tuple[int, int] | None
     key_instance_uid: str | None
-    heatmap_in_pacs: dict[str, Any] | None
+    heatmap_in_pacs: bool  # our Media names a Secondary Capture in the PACS (identifier urn:dicom:uid)
     shadow: bool = False  # the AI result came from a task in shadow mode: shown, never used to order rows
 
     @property
@@ -106,7 +109,7 @@ class WorklistRow:
     def score(self) -> float:
         """The AI score used to order rows of equal priority (none for a shadow-mode result)."""
         top = self.top_finding
-        return top.probability if top and not self.shadow else 0.0
+        return (top.probability or 0.0) if top and not self.shadow else 0.0
 
     def waiting_minutes(self, now: datetime) -> int | None:
         return max(0, int((now - self.ordered).total_seconds() // 60)) if self.ordered else None
@@ -197,50 +200,65 @@ def study_uid_of(study: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def finding_of(observation: Mapping[str, Any]) -> RowFinding | None:
-    """Our Observation as a finding: label from our code system, POS interpretation = positive."""
-    coding = next((c for c in (observation.get("code") or {}).get("coding") or []
-                   if c.get("system") == codes.LOCAL_FINDING_SYSTEM), None)
-    value = (observation.get("valueQuantity") or {}).get("value")
-    if coding is None or value is None:
-        return None
-    positive = (codes.INTERPRETATION_SYSTEM, codes.INTERPRETATION_POSITIVE) in _codes(observation.get("interpretation"))
-    return RowFinding(label=str(coding["code"]), display=str(coding.get("display") or coding["code"]),
-                      probability=float(value), positive=positive and coding["code"] not in NEGATIVE_LABELS)
+def row_findings(report: AiReport | None) -> tuple[RowFinding, ...]:
+    """The report's findings for display: positive first, then by probability."""
+    findings = (RowFinding(label=f.label, display=codes.finding_display(f.label), probability=f.probability,
+                           positive=f.positive and f.label not in NEGATIVE_LABELS)
+                for f in (report.findings if report else ()))
+    return tuple(sorted(findings, key=lambda f: (not f.positive, -(f.probability or 0.0))))
 
 
-def key_instance_uid(media: Mapping[str, Any] | None) -> str | None:
-    """The SOP Instance UID of the slice the heatmap explains, as our Media's title/note names it."""
-    if not media:
-        return None
-    texts = [(media.get("content") or {}).get("title", ""), *(n.get("text", "") for n in media.get("note") or [])]
-    for text in texts:
-        found = _SOP_IN_MEDIA_TEXT.search(str(text))
-        if found:
-            return found.group(1)
-    return None
-
-
-def ai_raised_from(order: Mapping[str, Any], job: Job | None) -> str | None:
+def ai_raised_from(order: Mapping[str, Any]) -> str | None:
     """The priority before the AI raised it, while the AI's value still stands (else None).
 
-    From our job record, else from the note the pipeline leaves on the order; if a person
-    changed the priority since, the marker no longer applies.
+    From the change the pipeline records on the order (the note's PRIORITY_CHANGE_EXTENSION),
+    so every service instance reads the same; if a person changed the priority since, the
+    marker no longer applies.
     """
-    current = order.get("priority") or "routine"
-    change = (job.result or {}).get("priority") if job else None
-    if change and change.get("changed") and change.get("to") == current:
-        return change.get("from") or "unset"
-    for note in reversed(order.get("note") or []):
-        found = _AI_RAISE_NOTE.search(str(note.get("text", "")))
-        if found:
-            return found.group(1) if found.group(2) == current else None
-    return None
+    change = ai_priority_change(dict(order))
+    if change is None:
+        return None
+    before, to = change
+    return (before or "unset") if to == (order.get("priority") or "routine") else None
+
+
+def in_pacs(media: Mapping[str, Any] | None) -> bool:
+    """Our Media names the Secondary Capture stored in the PACS (secondary_capture.with_capture_reference)."""
+    return any(i.get("system") == codes.DICOM_UID_SYSTEM and i.get("value") for i in (media or {}).get("identifier") or [])
+
+
+def ai_status(report: AiReport | None, job: Job | None, has_study: bool) -> tuple[str, str | None]:
+    """(status, reason): `done` when the FHIR server holds our result; otherwise the job's progress
+    (queued, running, retrying, failed, not_applicable, model_unavailable, with its reason), when
+    this service's job store knows the study; otherwise `not triaged` (`no study yet`).
+
+    A job done here whose result is no longer in FHIR (withdrawn) adds nothing: the list is
+    the same on every instance."""
+    if report is not None:
+        return "done", None
+    if job is not None and job.state is not JobState.DONE:
+        return job.state.value, job.reason or None
+    return ("not triaged" if has_study else "no study yet"), None
 
 
 def is_imaging_order(order: Mapping[str, Any], has_study: bool) -> bool:
     """An order belongs on the worklist if it has an ImagingStudy or is categorised as imaging."""
     return has_study or IMAGING_ORDER_CATEGORY in _codes(order.get("category"))
+
+
+def ai_reports_by_order(by_type: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, AiReport]:
+    """Order id -> the newest standing AI report based on it (cards.ai_report_from_fhir reads it)."""
+    observations = {f"Observation/{i}": o for i, o in by_type.get("Observation", {}).items()}
+    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    reports = [(report, ai_report_from_fhir(report, observations)) for report in by_type.get("DiagnosticReport", {}).values()
+               if is_ai_report(report) and report.get("status") not in WITHDRAWN_STATUSES]
+    newest: dict[str, AiReport] = {}
+    for report, ai in sorted(reports, key=lambda pair: (pair[1].issued or oldest, pair[1].report_id or "")):
+        for ref in report.get("basedOn") or []:
+            order_id = reference_id(ref.get("reference"), "ServiceRequest")
+            if order_id:
+                newest[order_id] = ai  # the newest wins
+    return newest
 
 
 def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], *, now: datetime) -> list[WorklistRow]:
@@ -257,12 +275,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             order_id = reference_id(ref.get("reference"), "ServiceRequest")
             if order_id:
                 study_by_order.setdefault(order_id, study)
-    report_by_order: dict[str, Mapping[str, Any]] = {}
-    for report in sorted(filter(is_ours, by_type.get("DiagnosticReport", {}).values()), key=lambda r: r.get("issued", "")):
-        for ref in report.get("basedOn") or []:
-            order_id = reference_id(ref.get("reference"), "ServiceRequest")
-            if order_id:
-                report_by_order[order_id] = report  # the newest wins
+    report_by_order = ai_reports_by_order(by_type)
     newest_job: dict[str, Job] = {}
     for job in sorted(jobs, key=lambda j: j.created_at):
         newest_job[job.imaging_study_id] = job
@@ -272,36 +285,34 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
         study = study_by_order.get(order_id)
         if not is_imaging_order(order, study is not None):
             continue
-        report = report_by_order.get(order_id) or {}
-        observations = [get("Observation", r.get("reference")) for r in report.get("result") or []]
-        findings = sorted(filter(None, (finding_of(o) for o in observations if o)),
-                          key=lambda f: (not f.positive, -f.probability))
-        model = next((o["device"].get("display") for o in observations if o and (o.get("device") or {}).get("display")), None)
-        media = next((get("Media", m.get("link", {}).get("reference")) for m in report.get("media") or []), None)
+        report = report_by_order.get(order_id)
+        media = by_type.get("Media", {}).get(report.media_id) if report and report.media_id else None
         job = newest_job.get(str(study["id"])) if study else None
+        status, reason = ai_status(report, job, study is not None)
         series = (study or {}).get("series") or []
+        patient = get("Patient", (order.get("subject") or {}).get("reference"))
         rows.append(WorklistRow(
             order_id=order_id,
             imaging_study_id=str(study["id"]) if study else None,
             study_uid=study_uid_of(study),
-            patient=patient_name(get("Patient", (order.get("subject") or {}).get("reference"))),
-            patient_details=patient_details(get("Patient", (order.get("subject") or {}).get("reference")), now.date()),
+            patient=patient_name(patient),
+            patient_details=patient_details(patient, now.date()),
             modality=", ".join(sorted({m.get("code", "") for m in (study or {}).get("modality") or []} - {""})),
             body_part=", ".join(sorted({(s.get("bodySite") or {}).get("display") or (s.get("bodySite") or {}).get("code") or ""
                                         for s in series} - {""})),
             study=(study or {}).get("description") or (order.get("code") or {}).get("text") or "",
             ordered=parse_fhir_datetime(order.get("authoredOn")),
             priority=order.get("priority") if order.get("priority") in PRIORITY_RANK else "routine",
-            ai_raised_from=ai_raised_from(order, job),
-            findings=tuple(findings),
-            model=model,
-            status=job.state.value if job else ("no study yet" if study is None else "not triaged"),
-            reason=job.reason or None if job else None,
+            ai_raised_from=ai_raised_from(order),
+            findings=row_findings(report),
+            model=report.model if report else None,
+            status=status,
+            reason=reason,
             heatmap_media_id=str(media["id"]) if media else None,
             heatmap_size=(int(media["width"]), int(media["height"])) if media and media.get("width") and media.get("height") else None,
-            key_instance_uid=key_instance_uid(media),
-            heatmap_in_pacs=(job.result or {}).get("heatmapToPacs") if job else None,
-            shadow=is_shadow(report),
+            key_instance_uid=heatmap_source_instance(dict(media)) if media else None,
+            heatmap_in_pacs=in_pacs(media),
+            shadow=report.shadow if report else False,
         ))
     return sorted(rows, key=order_key(now))
 
@@ -374,7 +385,8 @@ def model_card_summary(card: ModelCard | None) -> dict[str, Any] | None:
 
 
 def fetch_worklist(order_id: str | None = None) -> list[WorklistRow]:
-    """One FHIR search (orders + patient + study + our report, observations, media) and the jobs."""
+    """One FHIR search (orders + patient + study + our report, observations, media), which says
+    everything about the AI; the job store only adds the progress of studies without a result."""
     settings = ctx().settings
     params: dict[str, Any] = {
         "_count": str(settings.worklist_max_orders),

@@ -24,11 +24,10 @@ from cds_service.worklist import (
     ai_raised_from,
     build_worklist,
     format_waiting,
-    key_instance_uid,
     patient_details,
     viewer_url,
 )
-from fhir_mappings.builders import build_triage_transaction
+from fhir_mappings.builders import build_triage_transaction, heatmap_source_instance, with_priority
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 MODEL = ModelRef("ich-efficientnet-b0", "1.2.0")
@@ -40,7 +39,7 @@ def png() -> bytes:
     return buffer.getvalue()
 
 
-def order(order_id: str, priority: str = "routine", *, minutes_ago: int = 30, patient: str = "p1",
+def order(order_id: str, priority: str | None = "routine", *, minutes_ago: int = 30, patient: str = "p1",
           category: bool = False, note: str | None = None) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "resourceType": "ServiceRequest", "id": order_id, "status": "active", "intent": "order", "priority": priority,
@@ -50,7 +49,14 @@ def order(order_id: str, priority: str = "routine", *, minutes_ago: int = 30, pa
         resource["category"] = [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005"}]}]
     if note:
         resource["note"] = [{"text": note}]
+    if priority is None:
+        del resource["priority"]
     return resource
+
+
+def raised_by_ai(resource: dict[str, Any], to: str) -> dict[str, Any]:
+    """The order after the pipeline raised it (builders.with_priority, as pipeline.raise_order_priority calls it)."""
+    return with_priority(resource, Priority(to), note=f"Priority raised to {to} by AI triage (any 93%; m 1).")
 
 
 def study(study_id: str, order_id: str, *, uid: str = "1.2.3", modality: str = "CT", body_part: str = "HEAD",
@@ -129,9 +135,9 @@ def test_equal_priority_and_score_goes_to_the_longest_waiting():
 
 
 def test_a_row_shows_what_the_ehr_and_the_ai_wrote():
-    resources = [patient(), order("o1", "stat"), study("s1", "o1", uid="1.2.3"), *triaged("o1", "s1", "1.2.3", 0.93)]
-    jobs = [job("s1", result={"priority": {"changed": True, "from": "routine", "to": "stat"}})]
-    [row] = build_worklist(resources, jobs, now=NOW)
+    resources = [patient(), raised_by_ai(order("o1", "routine"), "stat"), study("s1", "o1", uid="1.2.3"),
+                 *triaged("o1", "s1", "1.2.3", 0.93)]
+    [row] = build_worklist(resources, [], now=NOW)  # no job here: another instance triaged it
     assert row.patient == "Jane Doe" and row.patient_details == "67 y, female"
     assert (row.modality, row.body_part, row.study) == ("CT", "HEAD", "CT HEAD")
     assert row.imaging_study_id == "s1" and row.study_uid == "1.2.3"
@@ -141,7 +147,8 @@ def test_a_row_shows_what_the_ehr_and_the_ai_wrote():
     assert row.status == "done"
     assert row.heatmap_media_id is not None and row.heatmap_media_id.startswith("o1-")
     assert row.heatmap_size == (32, 32)
-    assert row.key_instance_uid == "1.2.3.1.1"  # the slice the Media says it explains
+    assert row.key_instance_uid == "1.2.3.1.1"  # the slice the Media's extension says it explains
+    assert row.heatmap_in_pacs is False and row.shadow is False
     data = row.to_json(NOW)
     assert data["waiting"] == "30 min" and data["url"] == "/worklist/orders/o1"
     assert data["heatmap"] == f"/heatmaps/{row.heatmap_media_id}.png"
@@ -163,6 +170,57 @@ def test_job_status_comes_from_the_newest_job_of_the_study():
     assert row.status == "running"
 
 
+def test_the_ai_status_comes_from_fhir_and_the_job_store_only_adds_progress():
+    """Two instances, one FHIR server: the one whose job store knows nothing shows the same row."""
+    resources = [patient(), raised_by_ai(order("o1", "routine"), "stat"), study("s1", "o1", uid="4.1"),
+                 *triaged("o1", "s1", "4.1", 0.97)]
+    here = build_worklist(resources, [job("s1", JobState.DONE)], now=NOW)
+    elsewhere = build_worklist(resources, [], now=NOW)
+    assert [r.to_json(NOW) for r in here] == [r.to_json(NOW) for r in elsewhere]
+    [row] = elsewhere
+    assert (row.status, row.priority, row.ai_raised_from) == ("done", "stat", "routine")
+    assert row.top_finding is not None and row.top_finding.probability == 0.97
+
+    # a result in FHIR wins over any job state (a re-run failing, a retry pending)
+    [row] = build_worklist(resources, [job("s1", JobState.FAILED)], now=NOW)
+    assert row.status == "done" and row.reason is None
+    # no result in FHIR yet: the job's progress, with its reason
+    waiting = [order("o2"), study("s2", "o2", uid="4.2")]
+    failed = Job(**{**job("s2", JobState.FAILED).__dict__, "reason": "PACS unreachable"})
+    assert [(r.status, r.reason) for r in build_worklist(waiting, [failed], now=NOW)] == [("failed", "PACS unreachable")]
+    assert [r.status for r in build_worklist(waiting, [job("s2", JobState.QUEUED)], now=NOW)] == ["queued"]
+    # a job done here whose result is not (or no longer) in FHIR: what every instance shows
+    assert [r.status for r in build_worklist(waiting, [job("s2", JobState.DONE)], now=NOW)] == ["not triaged"]
+
+
+def test_withdrawn_reports_and_shadow_mode_are_read_from_fhir():
+    resources = [order("o1"), study("s1", "o1", uid="5.1"), *triaged("o1", "s1", "5.1", 0.9)]
+    report = next(r for r in resources if r["resourceType"] == "DiagnosticReport")
+    report["meta"]["tag"] = [{"system": "https://cds-triage.example.org/fhir/CodeSystem/triage-tag", "code": "shadow-mode"}]
+    [row] = build_worklist(resources, [], now=NOW)
+    assert row.shadow is True and row.score == 0.0 and row.top_finding is not None
+    report["status"] = "entered-in-error"
+    [row] = build_worklist(resources, [], now=NOW)
+    assert row.status == "not triaged" and row.findings == () and row.heatmap_media_id is None
+
+
+def test_a_heatmap_in_the_pacs_is_read_from_our_media():
+    resources = [order("o1"), study("s1", "o1", uid="6.1"), *triaged("o1", "s1", "6.1", 0.9)]
+    media = next(r for r in resources if r["resourceType"] == "Media")
+    media["identifier"].append({"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.9"})
+    [row] = build_worklist(resources, [], now=NOW)
+    assert row.heatmap_in_pacs is True
+
+
+def test_findings_named_only_by_the_conclusion_have_no_probability():
+    """The report's conclusionCode names a positive finding even when its Observation was not returned."""
+    resources = [r for r in [order("o1"), study("s1", "o1", uid="7.1"), *triaged("o1", "s1", "7.1", 0.9)]
+                 if r["resourceType"] != "Observation"]
+    [row] = build_worklist(resources, [], now=NOW)
+    assert row.top_finding is not None and row.top_finding.label == "any" and row.top_finding.probability is None
+    assert row.to_json(NOW)["topFinding"]["probability"] is None and row.model is None
+
+
 def test_only_imaging_orders_are_listed():
     resources = [order("lab"), order("ordered-imaging", category=True), order("with-study"), study("s1", "with-study"),
                  {"resourceType": "OperationOutcome", "id": "x", "issue": []}]
@@ -179,24 +237,36 @@ def test_reports_not_written_by_us_are_ignored():
     assert row.findings == () and row.model is None
 
 
-@pytest.mark.parametrize(("current", "note", "job_change", "expected"), [
-    ("stat", None, {"changed": True, "from": "routine", "to": "stat"}, "routine"),
-    ("stat", None, {"changed": True, "from": None, "to": "stat"}, "unset"),
-    ("stat", None, {"changed": False, "from": "stat", "to": "stat"}, None),
-    ("asap", None, {"changed": True, "from": "routine", "to": "stat"}, None),  # a person changed it since
-    ("stat", "Priority raised from urgent to stat by AI triage (any 93%; m 1).", None, "urgent"),
-    ("routine", "Priority raised from routine to stat by AI triage (any 93%; m 1).", None, None),
-    ("stat", "ordered by Dr X", None, None),
+@pytest.mark.parametrize(("before", "raised_to", "now_", "expected"), [
+    ("routine", "stat", "stat", "routine"),
+    (None, "stat", "stat", "unset"),
+    ("urgent", "stat", "stat", "urgent"),
+    ("routine", "stat", "asap", None),  # a person changed it since
+    ("routine", None, "stat", None),  # the AI never touched it
 ])
-def test_ai_raised_marker(current, note, job_change, expected):
-    the_job = job("s1", result={"priority": job_change}) if job_change else None
-    assert ai_raised_from(order("o1", current, note=note), the_job) == expected
+def test_ai_raised_marker_is_read_from_the_notes_extension(before, raised_to, now_, expected):
+    resource = order("o1", before)
+    if raised_to:
+        resource = raised_by_ai(resource, raised_to)
+    resource["priority"] = now_
+    assert ai_raised_from(resource) == expected
 
 
-def test_key_instance_is_read_from_our_media_text():
-    assert key_instance_uid({"content": {"title": "Grad-CAM heatmap: x, slice 2 (SOP Instance UID 1.2.840.5)"}}) == "1.2.840.5"
-    assert key_instance_uid({"content": {"title": "Grad-CAM heatmap: x, slice 2"}}) is None
-    assert key_instance_uid(None) is None
+def test_the_ai_raised_marker_is_never_read_from_prose():
+    """A note that merely says so (typed by a person, or written before the extension) is not the AI's change."""
+    resource = order("o1", "stat", note="Priority raised from urgent to stat by AI triage (any 93%; m 1).")
+    assert ai_raised_from(resource) is None
+    raised = raised_by_ai(order("o1", "urgent"), "stat")
+    raised["note"].append({"text": "Priority raised from routine to stat by AI triage"})  # prose after it
+    assert ai_raised_from(raised) == "urgent"
+
+
+def test_key_instance_is_read_from_our_medias_extension():
+    media = {"extension": [{"url": "https://cds-triage.example.org/fhir/StructureDefinition/heatmap-source-instance",
+                            "valueOid": "urn:oid:1.2.840.5"}]}
+    assert heatmap_source_instance(media) == "1.2.840.5"
+    assert heatmap_source_instance({"content": {"title": "Grad-CAM heatmap: x, slice 2 (SOP Instance UID 1.2.840.5)"}}) is None
+    assert heatmap_source_instance(None) is None
 
 
 def test_patient_details_handle_partial_dates_and_missing_data():

@@ -42,8 +42,9 @@
     tr.append(el("td", {}, row.waiting));
     let finding = "—";
     if (row.topFinding) {
-      finding = el("span", {}, el("span", { class: "finding" }, row.topFinding.display), " " +
-        Math.round(row.topFinding.probability * 100) + " %",
+      const probability = row.topFinding.probability;  // null: the report names it, its Observation was not returned
+      finding = el("span", {}, el("span", { class: "finding" }, row.topFinding.display),
+        probability == null ? "" : " " + Math.round(probability * 100) + " %",
         row.shadow ? el("span", { class: "sub shadow" }, "shadow mode: not used to order") : null);
     } else if (row.status === "done") {
       finding = "no finding above threshold";
