@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -108,6 +109,18 @@ def service(orthanc, own_fhir_server, tmp_path_factory) -> Iterator[Settings]:
     )
     processes = start_service(settings, root / "logs")
     ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
+    yield settings
+    processes.stop()
+
+
+@pytest.fixture(scope="module")
+def second_service(service, tmp_path_factory) -> Iterator[Settings]:
+    """A second `serve` (and its idle worker) on the same FHIR server and PACS, with a data dir and
+    job store of its own: it triages nothing (the Subscription calls the first), it only shows."""
+    root = tmp_path_factory.mktemp("browser-second-service")
+    port = free_port()
+    settings = replace(service, port=port, public_url=f"http://127.0.0.1:{port}", data_dir=root / "data")
+    processes = start_service(settings, root / "logs")
     yield settings
     processes.stop()
 
@@ -279,6 +292,59 @@ def test_study_view_shows_the_overlay_and_the_slider_changes_it(page, service, r
     assert page.get_attribute("#toggle", "aria-pressed") == "false"
     page.keyboard.press("Escape")
     page.wait_for_url("**/worklist")
+
+
+SAME_ON_EVERY_INSTANCE = ("orderId", "patient", "patientDetails", "modality", "bodyPart", "study", "ordered", "priority",
+                          "aiRaisedFrom", "topFinding", "findings", "model", "status", "reason", "heatmap", "url", "shadow")
+
+
+def test_a_second_instance_shows_the_ai_result_from_the_fhir_server(page, service, second_service, routine_worklist):
+    """Two `serve` processes, two job stores, one FHIR server: a study triaged through the first shows
+    identically (AI status, finding, priority, heatmap) in the second's rows.json, worklist and study page."""
+    ehr = routine_worklist
+    ids = ehr.orders.get("Sam Bleed") or ehr.order("Sam Bleed", images("CT", "HEAD", "CT HEAD WO", count=3), minutes_ago=1)
+    ehr.wait_for_job(ids["study"])
+    with httpx.Client(base_url=second_service.public_url, timeout=10) as second:
+        assert second.get("/jobs", params={"imagingStudy": ids["study"]}).json()["jobs"] == []  # it ran nothing
+        first_rows = {r["orderId"]: r for r in ehr.api.get("/worklist/rows.json").json()["rows"]}
+        second_rows = {r["orderId"]: r for r in second.get("/worklist/rows.json").json()["rows"]}
+    assert list(second_rows) == list(first_rows)  # the same rows in the same order
+    triaged = [ids["order"], ehr.orders["Mona Brain"]["order"]]
+    for order_id in triaged:
+        mine, theirs = first_rows[order_id], second_rows[order_id]
+        assert {k: theirs[k] for k in SAME_ON_EVERY_INSTANCE} == {k: mine[k] for k in SAME_ON_EVERY_INSTANCE}, order_id
+    sam = second_rows[ids["order"]]
+    assert (sam["status"], sam["priority"], sam["aiRaisedFrom"]) == ("done", "stat", "routine")
+    assert sam["topFinding"]["label"] == "any" and sam["model"] == "test-untrained-head_ct_ich 0.0.0-test" and sam["heatmap"]
+    # what only a job store knows (a study no model reads) is progress of the instance that ran it
+    abdomen = ehr.orders["Ann Abdomen"]["order"]
+    assert first_rows[abdomen]["status"] == "not_applicable" and second_rows[abdomen]["status"] == "not triaged"
+
+    page.goto(f"{second_service.public_url}/worklist")
+    page.wait_for_selector(f'tr[data-order="{ids["order"]}"]')
+    row = page.locator(f'tr[data-order="{ids["order"]}"]')
+    text = row.inner_text()
+    assert row.locator(".badge").inner_text().lower() == "stat" and "raised by AI from routine" in text
+    assert "%" in text and "test-untrained-head_ct_ich 0.0.0-test" in text and "done" in text and "not triaged" not in text
+    assert row_orders(page) == list(second_rows)
+    screenshot(page, "worklist-second-instance.png")
+
+    page.goto(f"{second_service.public_url}/worklist/orders/{ids['order']}")
+    page.wait_for_function("() => { const i = document.getElementById('overlay'); return i.complete && i.naturalWidth > 0 }")
+    page.wait_for_function("() => { const i = document.getElementById('key-image'); return i.complete && i.naturalWidth > 0 }")
+    theirs = study_page_facts(page)
+    assert "also in the PACS" in page.locator("main").inner_text()
+    assert "raised by AI from routine" in theirs[".facts"] and "done" in theirs[".facts"]
+    page.goto(f"{service.public_url}/worklist/orders/{ids['order']}")
+    page.wait_for_selector("#viewer-caption")
+    assert study_page_facts(page) == theirs
+
+
+def study_page_facts(page: Any) -> dict[str, str]:
+    """What the study page says about the patient, order and AI (without the waiting time, which ticks)."""
+    facts = {part: page.locator(part).inner_text() for part in ("h1", ".facts", ".findings", "#viewer-caption", ".model-card")}
+    facts[".facts"] = "\n".join(line for line in facts[".facts"].splitlines() if "waiting" not in line)
+    return facts
 
 
 def test_filters_and_keyboard_navigation(page, service, routine_worklist):
