@@ -156,11 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="stop everything once the samples are triaged")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("triage", help="triage local DICOM files/folders (or PNG/JPEG with --task) without servers")
+    from .local_triage import EXIT_STATUSES as TRIAGE_EXIT_STATUSES
+
+    p = sub.add_parser("triage", help="triage local DICOM files/folders (or PNG/JPEG with --task) without servers",
+                       epilog=TRIAGE_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", type=Path, help="DICOM files, folders of DICOM, or images with --task")
-    p.add_argument("--task", choices=["head_ct_ich", "brain_mri", "chest_pneumothorax"], help="force the task (needed for PNG/JPEG)")
+    p.add_argument("--task", choices=["head_ct_ich", "brain_mri", "chest_pneumothorax"],
+                   help="force the task (needed for PNG/JPEG); a DICOM of another modality is warned about and its "
+                        "row marked (\"warning\" in --json)")
     p.add_argument("--json", action="store_true", help="print one JSON object per input (per series for DICOM folders)")
-    p.add_argument("--heatmaps", type=Path, help="write Grad-CAM overlay PNGs into this folder")
+    p.add_argument("--heatmaps", type=Path, help="write Grad-CAM overlay PNGs into this folder, named after their input "
+                   "(<file>_<label>.png, <folder>_<series uid>_<label>.png)")
     p.set_defaults(func=_triage)
 
     from .validate import add_validate_arguments

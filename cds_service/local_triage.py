@@ -2,11 +2,17 @@
 
 No servers: useful to check a model on a few studies, and the quickest way to see what
 the service would conclude. DICOM folders are grouped by series; PNG/JPEG need --task.
+
+An input that cannot be triaged (a missing path, an unreadable file, a folder with nothing to read, no
+model) is one `failed` (or `model_unavailable`) row naming it, and the batch goes on. Exit status
+(`EXIT_STATUSES`): 0 every input was triaged (done or not_applicable), 1 at least one was not, 2 the
+command line or a setting is wrong.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,7 +23,7 @@ import numpy as np
 import pydicom
 
 from .domain import Series, Study, Task, TriageResult, TriageStatus
-from .errors import ModelUnavailableError, TriageError
+from .errors import BadDicomError, ModelUnavailableError, TriageError
 from .input_profile import image_statistics, series_verdict
 from .models import LoadedModel, ModelRegistry
 from .pacs import series_from_dataset, sort_slices
@@ -27,6 +33,20 @@ from .settings import Settings
 from .triage import triage_images
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+
+EXIT_STATUSES = """exit status:
+  0  every input was triaged (done, or not_applicable with the reason)
+  1  at least one input was not: unreadable, no model for it, or a folder with nothing to read
+     (its row says why; the other inputs are still triaged)
+  2  bad command line or setting (the message names it)"""
+
+# The modalities each task's model reads: `--task` on another modality warns and marks the row.
+TASK_MODALITIES: dict[Task, tuple[str, ...]] = {
+    Task.HEAD_CT_ICH: ("CT",),
+    Task.BRAIN_MRI: ("MR",),
+    Task.CHEST_PNEUMOTHORAX: ("CR", "DX"),
+}
 
 
 @dataclass
@@ -36,32 +56,88 @@ class LocalInput:
     name: str
     datasets: list[pydicom.Dataset] = field(default_factory=list)
     image_path: Path | None = None
+    error: str | None = None  # could not be read (with `unreadable_rows`): a failed row naming it
 
 
-def collect_inputs(paths: list[Path]) -> list[LocalInput]:
-    """Files as given; folders walked, their DICOM files grouped by SeriesInstanceUID."""
+def looks_like_dicom(file: Path) -> bool:
+    """A file meant to be DICOM (its suffix, or the DICM marker after the preamble): unreadable, it is reported."""
+    if file.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with file.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def collect_inputs(paths: list[Path], *, unreadable_rows: bool = False) -> list[LocalInput]:
+    """Files as given; folders walked, their DICOM files grouped by SeriesInstanceUID.
+
+    By default a missing path or an unreadable file given by name raises TriageError and unreadable
+    files in folders are skipped; with `unreadable_rows` (`cds-triage triage`) each is an input with
+    `error` set, and so is a folder with nothing to read, so that the batch goes on and says so."""
     inputs: list[LocalInput] = []
     for path in paths:
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             inputs.append(LocalInput(name=str(path), image_path=path))
         elif path.is_file():
-            inputs.append(LocalInput(name=str(path), datasets=[read_dicom(path)]))
+            try:
+                inputs.append(LocalInput(name=str(path), datasets=[read_dicom(path)]))
+            except TriageError as exc:
+                if not unreadable_rows:
+                    raise
+                inputs.append(LocalInput(name=str(path), error=str(exc)))
         elif path.is_dir():
+            found: list[LocalInput] = []
             series: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+            others = 0
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
                 if file.suffix.lower() in IMAGE_SUFFIXES:
-                    inputs.append(LocalInput(name=str(file), image_path=file))
+                    found.append(LocalInput(name=str(file), image_path=file))
                     continue
                 try:
                     ds = read_dicom(file)
-                except TriageError:
-                    continue  # not DICOM: README files, thumbnails
+                except TriageError as exc:
+                    if unreadable_rows and looks_like_dicom(file):
+                        found.append(LocalInput(name=str(file), error=str(exc)))
+                    else:
+                        others += 1  # not DICOM: README files, thumbnails
+                    continue
                 series[str(getattr(ds, "SeriesInstanceUID", file))].append(ds)
             for uid, datasets in series.items():
-                inputs.append(LocalInput(name=f"{path}#{uid}", datasets=sort_slices(datasets)))
+                found.append(LocalInput(name=f"{path}#{uid}", datasets=sort_slices(datasets)))
+            if not found and unreadable_rows:
+                what = f"no DICOM, PNG or JPEG file among its {others} files" if others else "empty folder"
+                found.append(LocalInput(name=str(path), error=f"nothing to triage: {what}"))
+            inputs.extend(found)
+        elif unreadable_rows:
+            inputs.append(LocalInput(name=str(path), error="no such file or folder"))
         else:
             raise TriageError(f"{path}: no such file or folder")
     return inputs
+
+
+def modality_warning(item: LocalInput, task: Task | None) -> str | None:
+    """Why the forced `--task` does not fit this DICOM input's modality (None: it fits, or nothing to compare)."""
+    if task is None or not item.datasets:
+        return None
+    modality = str(getattr(item.datasets[0], "Modality", "") or "").upper()
+    expected = TASK_MODALITIES.get(task, ())
+    if not modality or not expected or modality in expected:
+        return None
+    return (f"--task {task.value} reads {' or '.join(expected)} images; this input is {modality}: "
+            "the model was not made for it")
+
+
+def _dicom_image(ds: pydicom.Dataset, model: LoadedModel) -> np.ndarray:
+    """One slice as the model's input; a slice that cannot be decoded names its file."""
+    try:
+        return dicom_to_image(ds, model.card.preprocessing)
+    except BadDicomError as exc:
+        filename = getattr(ds, "filename", None)
+        if isinstance(filename, (str, Path)) and str(filename) not in str(exc):
+            raise BadDicomError(f"{filename}: {exc}") from exc
+        raise
 
 
 def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, task: Task | None,
@@ -86,7 +162,7 @@ def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, 
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, series_uid=series.uid,
                             reason=not_applicable_reason(study, with_fhir=False, pixels_looked_at=looked))
     model = registry.get(chosen)
-    images = [dicom_to_image(ds, model.card.preprocessing) for ds in item.datasets]
+    images = [_dicom_image(ds, model) for ds in item.datasets]
     return _checked_triage(model, images, registry, settings, study_uid=study_uid, series_uid=series.uid,
                            datasets=item.datasets, with_heatmap=with_heatmap)
 
@@ -121,33 +197,71 @@ def result_json(name: str, result: TriageResult, task: Task | None = None) -> di
     }
 
 
+def heatmap_name(name: str, label: str, taken: set[str]) -> str:
+    """The overlay's file name, after its input: `ct_001_any.png` for ct_001.dcm, `study_<series uid>_any.png`
+    for a series of folder `study`; `-2`, `-3`… when two inputs would share a name."""
+    folder, _, series_uid = name.partition("#")
+    stem = f"{Path(folder).name}_{series_uid}" if series_uid else Path(folder).stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "input"
+    base = f"{stem}_{label}"
+    candidate, n = f"{base}.png", 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}.png"
+    taken.add(candidate)
+    return candidate
+
+
+def failed_row(name: str, task: Task | None, reason: str, status: str = "failed") -> dict[str, object]:
+    return {"input": name, "task": task.value if task else None, "status": status,
+            "findings": [], "priority": None, "model": None, "reason": reason}
+
+
 def triage_paths(paths: list[Path], settings: Settings, *, task: str | None, as_json: bool, heatmaps: Path | None) -> int:
+    """Triage each input and print its row (one JSON object per line with `as_json`); the exit status
+    as EXIT_STATUSES says."""
     forced = Task(task) if task else None
     registry = ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads,
                              site_thresholds=settings.site_thresholds)  # what the service would conclude here
     exit_code = 0
-    try:
-        inputs = collect_inputs(paths)
-    except TriageError as exc:
-        print(f"cds-triage triage: {exc}", file=sys.stderr)
-        return 1
-    for index, item in enumerate(inputs):
-        try:
-            result = triage_input(item, registry, settings, forced)
-        except TriageError as exc:
-            status = "model_unavailable" if isinstance(exc, ModelUnavailableError) else "failed"
-            out = {"input": item.name, "task": forced.value if forced else None, "status": status,
-                   "findings": [], "priority": None, "model": None, "reason": str(exc)}
+    inputs = collect_inputs(paths, unreadable_rows=True)
+    written: set[str] = set()
+    for item in inputs:
+        warning = modality_warning(item, forced)
+        if warning:
+            print(f"cds-triage triage: warning: {item.name}: {warning}", file=sys.stderr)
+        out: dict[str, object]
+        if item.error is not None:
+            out = failed_row(item.name, forced, item.error)
             exit_code = 1
         else:
-            out = result_json(item.name, result, forced)
-            if heatmaps and result.heatmap:
-                heatmaps.mkdir(parents=True, exist_ok=True)
-                (heatmaps / f"{index:03d}_{result.heatmap.label}.png").write_bytes(result.heatmap.png)
+            try:
+                result = triage_input(item, registry, settings, forced)
+            except TriageError as exc:
+                status = "model_unavailable" if isinstance(exc, ModelUnavailableError) else "failed"
+                out = failed_row(item.name, forced, str(exc), status)
+                exit_code = 1
+            except Exception as exc:  # noqa: BLE001 - one input that breaks the code must not stop the batch
+                out = failed_row(item.name, forced, f"could not be triaged: {type(exc).__name__}: {exc}")
+                exit_code = 1
+            else:
+                out = result_json(item.name, result, forced)
+                if heatmaps and result.heatmap:
+                    heatmaps.mkdir(parents=True, exist_ok=True)
+                    target = heatmaps / heatmap_name(item.name, result.heatmap.label, written)
+                    target.write_bytes(result.heatmap.png)
+                    out["heatmap"] = str(target)
+        if warning:
+            out["warning"] = warning
         if as_json:
-            print(json.dumps(out))
+            print(json.dumps(out), flush=True)
+        elif out["status"] in ("failed", "model_unavailable"):
+            print(f"{out['input']}: {out['status']}: {out['reason']}" + (f" [warning: {warning}]" if warning else ""),
+                  flush=True)
         else:
-            top = [f"{f['label']} {f['probability']:.2f}" for f in out["findings"] if f["positive"]]  # type: ignore[index]
+            top = [f"{f['label']} {f['probability']:.2f}" for f in out["findings"] if f["positive"]]  # type: ignore[attr-defined]
             print(f"{out['input']}: {out['status']} {out['task'] or ''} → {', '.join(top) or 'no finding'}; priority {out['priority'] or 'unchanged'}"
-                  + (f" ({out['reason']})" if out.get("reason") else ""))
+                  + (f" ({out['reason']})" if out.get("reason") else "")
+                  + (f" [warning: {warning}]" if warning else "")
+                  + (f"; heatmap {out['heatmap']}" if out.get("heatmap") else ""), flush=True)
     return exit_code
