@@ -1,15 +1,47 @@
-"""`cds-triage`: the product's command line. Every subcommand is documented in the README."""
+"""`cds-triage`: the product's command line. Every subcommand is documented in the README.
+
+The errors it expects are one line on stderr, not a traceback: a bad setting, or a server named by a
+setting that cannot be reached or answers like something else, names the variable (`main`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .domain import Task
-from .settings import Settings
+from .errors import TriageError
+from .settings import HTTP_URL_SETTINGS, Settings, env_name
+
+EXIT_STATUSES = """exit status:
+  0  done
+  1  the command ran but did not succeed (an input not triaged, a model not exported, a job not found)
+  2  bad command line, a bad setting, or a server named by a setting that cannot be reached
+     (one line on stderr names the setting and its value)"""
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cds-triage")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def port_number(text: str) -> int:
+    """argparse type of --port: 0-65535 (0: a free port, chosen by the system)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
+    return port
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -20,13 +52,25 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     metrics.configure(settings.metrics_dir)  # before gunicorn forks: /metrics adds up every process
 
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port  # 0: the system picks a free port
+
+    def say_where(server) -> None:  # type: ignore[no-untyped-def]
+        """gunicorn's when_ready: the address actually bound (the port the system chose for --port 0)."""
+        for listener in server.LISTENERS:
+            bound_host, bound_port = listener.sock.getsockname()[:2]
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            print(f"cds-triage serve: listening on http://{shown}:{bound_port} "
+                  f"(worklist: http://{shown}:{bound_port}/worklist)", flush=True)
+
     class Server(BaseApplication):  # gunicorn's documented way to embed a WSGI app
         def load_config(self) -> None:
-            self.cfg.set("bind", f"{args.host or settings.host}:{args.port or settings.port}")
+            self.cfg.set("bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             self.cfg.set("workers", args.http_workers)
             self.cfg.set("threads", 4)
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)  # ops.py logs each request as JSON, without resource ids
+            self.cfg.set("when_ready", say_where)
 
         def load(self):  # type: ignore[no-untyped-def]
             return create_app(settings)
@@ -89,46 +133,51 @@ def _validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
-    from .jobs import QueueUnavailableError, create_queue, open_job_store, register_triage_task
+    """A job store or queue that cannot be reached raises QueueUnavailableError: `main` names the setting."""
+    from .jobs import create_queue, open_job_store, register_triage_task
 
-    try:
-        store = open_job_store(settings)
-        if args.action == "list":
-            for job in store.list(state=args.status, limit=args.limit):
-                print(f"{job.id}  {job.state.value:18} {job.attempts:>2} attempts  ImagingStudy/{job.imaging_study_id}  {job.reason}")
-            return 0
-        if not args.job_id:
-            print("a job id is needed", file=sys.stderr)
-            return 2
-        job = store.get(args.job_id)
-        if job is None:
-            print(f"no job {args.job_id}", file=sys.stderr)
-            return 1
-        if args.action == "requeue":
-            job = store.requeue(job.id)
-            if job is not None and job.state.value == "running":
-                print(f"job {job.id} is running on {job.worker}; it is re-queued by itself if that worker stops",
-                      file=sys.stderr)
-                return 1
-            huey = create_queue(settings.queue_url, settings.queue_db_path, timeout_s=settings.http_timeout_s)
-            task = register_triage_task(huey, store, lambda: None, max_attempts=settings.job_retries,  # type: ignore[arg-type,return-value]
-                                        retry_base_s=settings.job_retry_delay_s)
-            task(args.job_id)
-            job = store.get(args.job_id)
-    except QueueUnavailableError as exc:
-        print(f"cds-triage jobs: {exc}", file=sys.stderr)
+    store = open_job_store(settings)
+    if args.action == "list":
+        jobs = store.list(state=args.status, limit=args.limit)
+        print(f"{'JOB':<36}  {'STATE':<18} {'TRIES':>5}  {'STUDY':<30} REASON")
+        for job in jobs:
+            print(f"{job.id:<36}  {job.state.value:<18} {job.attempts:>5}  "
+                  f"{'ImagingStudy/' + job.imaging_study_id:<30} {job.reason or ''}".rstrip())
+        if not jobs:
+            print(f"(no {args.status + ' ' if args.status else ''}jobs)", file=sys.stderr)
+        return 0
+    if not args.job_id:
+        print(f"cds-triage jobs {args.action}: a job id is needed", file=sys.stderr)
+        return 2
+    job = store.get(args.job_id)
+    if job is None:
+        print(f"no job {args.job_id}", file=sys.stderr)
         return 1
+    if args.action == "requeue":
+        job = store.requeue(job.id)
+        if job is not None and job.state.value == "running":
+            print(f"job {job.id} is running on {job.worker}; it is re-queued by itself if that worker stops",
+                  file=sys.stderr)
+            return 1
+        huey = create_queue(settings.queue_url, settings.queue_db_path, timeout_s=settings.http_timeout_s)
+        task = register_triage_task(huey, store, lambda: None, max_attempts=settings.job_retries,  # type: ignore[arg-type,return-value]
+                                    retry_base_s=settings.job_retry_delay_s)
+        task(args.job_id)
+        job = store.get(args.job_id)
     print(json.dumps(job.to_json() if job else {}, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cds-triage", description="AI radiology triage for the EHR (FHIR R4, CDS Hooks, DICOMweb).")
+    parser = argparse.ArgumentParser(prog="cds-triage", description="AI radiology triage for the EHR (FHIR R4, CDS Hooks, DICOMweb).",
+                                     epilog=EXIT_STATUSES + "\n\nSettings come from CDS_* environment variables (README, Settings).",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the web service (subscription endpoint, CDS Hooks, worklist) under gunicorn")
     p.add_argument("--host", help="bind address (default CDS_HOST)")
-    p.add_argument("--port", type=int, help="port (default CDS_PORT)")
+    p.add_argument("--port", type=port_number, help="port (default CDS_PORT; 0: a free port, printed once bound)")
     p.add_argument("--http-workers", type=int, default=2, help="gunicorn worker processes (default 2)")
     p.set_defaults(func=_serve)
 
@@ -152,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start Orthanc, the FHIR server and the service; triage the sample studies")
     p.add_argument("--workdir", type=Path, help="where the demo servers keep their data and logs, kept afterwards "
                    "(default: a temp dir, removed when the demo ends well)")
-    p.add_argument("--port", type=int, default=0, help="port of the service (default: a free port)")
+    p.add_argument("--port", type=port_number, help="port of the service (default CDS_PORT, 8000, when it is free, "
+                   "else a free port; 0: a free port)")
     p.add_argument("--no-wait", action="store_true", help="stop everything once the samples are triaged")
     p.set_defaults(func=_demo)
 
@@ -179,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list, show or re-queue triage jobs")
     p.add_argument("action", choices=["list", "show", "requeue"])
     p.add_argument("job_id", nargs="?")
-    p.add_argument("--status", help="only jobs in this state (list)")
+    from .jobs import JobState
+
+    p.add_argument("--status", choices=[state.value for state in JobState], help="only jobs in this state (list)")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_jobs)
 
@@ -194,17 +246,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setting_named_in(message: str, settings: Settings) -> tuple[str, str] | None:
+    """The URL setting (variable, value) whose server an error message is about, if any: the longest
+    configured URL the message contains, else the server it starts with (the FHIR client's messages
+    start `FHIR `, the PACS client's `PACS `)."""
+    urls = [(env_name(name), getattr(settings, name)) for name in HTTP_URL_SETTINGS]
+    urls += [("CDS_DICOMWEB_ALLOWED_ENDPOINTS", url.strip()) for url in settings.dicomweb_allowed_endpoints.split(",")]
+    named = [(variable, value) for variable, value in urls if value and value.rstrip("/") in message]
+    if named:
+        return max(named, key=lambda pair: len(pair[1]))
+    if message.startswith("FHIR "):
+        return "CDS_FHIR_BASE_URL", settings.fhir_base_url
+    if message.startswith("PACS "):
+        return "CDS_DICOMWEB_URL", settings.dicomweb_url
+    return None
+
+
+def one_line(message: str, limit: int = 300) -> str:
+    """An error message as one line: a server's HTML error page loses its tags, and long bodies are cut."""
+    if "<html" in message.lower() or "<!doctype" in message.lower():
+        message = re.sub(r"<[^>]*>", " ", message)
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[:limit - 1] + "…"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; its exit status as EXIT_STATUSES says. Errors it did not handle are one line on stderr."""
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-    except ValueError as exc:
+    except ValueError as exc:  # SettingsError, and the checks that name their variable (drift, site thresholds)
         print(f"cds-triage: bad setting: {exc}", file=sys.stderr)
         return 2
+    from .jobs import QueueUnavailableError
     from .logs import configure_logging
 
     configure_logging(settings.log_level)
-    return int(args.func(args, settings) or 0)
+    try:
+        return int(args.func(args, settings) or 0)
+    except QueueUnavailableError as exc:
+        where = f"CDS_QUEUE_URL={settings.queue_url}" if settings.queue_url else f"CDS_DATA_DIR={settings.data_dir}"
+        print(f"cds-triage {args.command}: {one_line(str(exc))} ({where}: is it right, and is the server up?)",
+              file=sys.stderr)
+        return 2
+    except TriageError as exc:  # the FHIR server or the PACS failed or refused; the message is safe to show
+        message = one_line(str(exc))
+        named = setting_named_in(message, settings)
+        if named is None:
+            print(f"cds-triage {args.command}: {message}", file=sys.stderr)
+            return 1
+        variable, value = named
+        where = variable if value.rstrip("/") in message else f"{variable}={value}"
+        print(f"cds-triage {args.command}: {message} ({where}: is it right, and is the server up?)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

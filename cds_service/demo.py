@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -25,8 +26,8 @@ import pydicom
 
 from fhir_mappings.imaging_study import build_imaging_study
 
-from .devservers import (ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc, stopped_like_ctrl_c,
-                         upload_dicom)
+from .devservers import (LOOPBACK, ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc,
+                         stopped_like_ctrl_c, upload_dicom)
 from .fhir_client import FhirClient
 from .settings import Settings
 from .subscribe import ensure_subscription
@@ -132,9 +133,48 @@ def wait_for_jobs(settings: Settings, study_ids: list[str], timeout_s: float) ->
     return finished
 
 
-def run_demo(settings: Settings, *, workdir: Path | None = None, keep_running: bool = True, port: int = 0) -> int:
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether `port` can be bound on `host` now (as gunicorn binds it: SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class PortInUseError(RuntimeError):
+    """The port asked for with `demo --port` is taken."""
+
+
+def demo_port(requested: int | None, default: int) -> int:
+    """The service's port: `--port` (0: a free one), else CDS_PORT (8000) when it is free, so the worklist's URL
+    is the same from one demo to the next; else a free port, and the demo says so."""
+    if requested == 0:
+        return free_port()
+    if requested is not None:
+        if not port_is_free(requested):
+            raise PortInUseError(f"port {requested} (--port) is in use on {LOOPBACK}: stop what uses it, "
+                                 "or run the demo without --port (or with --port 0 for any free port)")
+        return requested
+    if not default:  # CDS_PORT=0: any free port
+        return free_port()
+    if port_is_free(default):
+        return default
+    chosen = free_port()
+    print(f"==> port {default} (CDS_PORT) is in use on {LOOPBACK}: the service takes port {chosen} instead")
+    return chosen
+
+
+def run_demo(settings: Settings, *, workdir: Path | None = None, keep_running: bool = True, port: int | None = None) -> int:
     """The demo in a folder of the caller's (kept) or a temp folder of its own, removed when the
-    demo ends well and kept, with the servers' logs, when it does not."""
+    demo ends well and kept, with the servers' logs, when it does not. The service's port: `demo_port`."""
+    try:
+        port = demo_port(port, settings.port)
+    except PortInUseError as exc:
+        print(f"cds-triage demo: {exc}", file=sys.stderr)
+        return 2
     own_workdir = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cds-triage-demo-"))
     with stopped_like_ctrl_c():  # `kill` or a closed terminal stop the demo as Ctrl-C does
@@ -158,7 +198,6 @@ def _run_demo(settings: Settings, workdir: Path, own_workdir: bool, keep_running
         processes.append(orthanc)
         fhir_server = start_fhir_server(workdir / "fhir")
         processes.append(fhir_server)
-        port = port or free_port()
         settings = replace(
             settings, host="127.0.0.1", port=port, public_url=f"http://127.0.0.1:{port}",
             fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, data_dir=workdir / "service",

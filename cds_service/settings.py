@@ -6,11 +6,13 @@ environment. Each field's default fits the local demo; the README lists them all
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import urlsplit
 
 from .domain import Priority, TaskMode, Task
 
@@ -18,6 +20,30 @@ if TYPE_CHECKING:
     from .site_thresholds import SiteThresholds
 
 PREFIX = "CDS_"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used. The message starts with the variable's name (`CDS_PORT='abc' is …`):
+    `cds-triage` prints it as one line and exits 2."""
+
+
+# the settings that name an HTTP(S) server: checked at start-up, and named when that server cannot be reached
+HTTP_URL_SETTINGS = ("fhir_base_url", "dicomweb_url", "public_url", "fhir_smart_token_url")
+QUEUE_URL_SCHEMES = ("redis://", "rediss://", "unix://")  # jobs.REDIS_SCHEMES
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+def http_url_problem(value: str) -> str | None:
+    """Why `value` is not an http(s) URL with a host (None: it is one)."""
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # a port that is not a number raises here
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL with a host (like http://fhir.example.org/fhir)"
+    return None
 
 DEFAULT_PRIORITY_RULES: dict[str, Priority] = {
     "any": Priority.STAT,
@@ -87,6 +113,43 @@ def parse_drift_bands(text: str) -> dict[Task, tuple[float, float]]:
         if not 0.0 <= float(low) <= float(high) <= 1.0:
             raise ValueError(f"CDS_DRIFT_BANDS item {item!r}: needs 0 <= low <= high <= 1")
     return bands
+
+
+def env_name(field_name: str) -> str:
+    """The variable a Settings field is read from (`port` → `CDS_PORT`)."""
+    return PREFIX + Settings.__dataclass_fields__[field_name].metadata["env"]
+
+
+def _parse_value(f: "Field[Any]", name: str, raw: str) -> object:
+    """One variable's text as its field's type; a SettingsError naming the variable when it is not."""
+    try:
+        if f.name == "priority_rules":
+            return parse_priority_rules(raw)
+        if f.name == "task_modes":
+            return parse_task_modes(raw)
+        if f.name == "drift_bands":
+            return parse_drift_bands(raw)
+    except ValueError as exc:
+        message = str(exc)
+        raise SettingsError(message if message.startswith(name) else f"{name}={raw!r}: {message}") from None
+    if f.type in ("int", int):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if f.type in ("float", float):
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if f.type in ("bool", bool):
+        word = raw.strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise SettingsError(f"{name}={raw!r} is not on or off (1/0, true/false, yes/no, on/off)")
+        return word in TRUE_WORDS
+    if f.type in ("Path", Path):
+        return Path(raw)
+    return raw
 
 
 @dataclass(frozen=True)
@@ -179,6 +242,23 @@ class Settings:
     operator_open_on_loopback: bool = field(default=False, metadata={"env": "OPERATOR_OPEN_ON_LOOPBACK"})
 
     def __post_init__(self) -> None:
+        for name in HTTP_URL_SETTINGS:
+            value = getattr(self, name)
+            problem = http_url_problem(value) if value or name != "fhir_smart_token_url" else None
+            if problem:
+                raise SettingsError(f"{env_name(name)}={value!r} {problem}")
+        for url in filter(None, (u.strip() for u in self.dicomweb_allowed_endpoints.split(","))):
+            if problem := http_url_problem(url):
+                raise SettingsError(f"CDS_DICOMWEB_ALLOWED_ENDPOINTS: {url!r} {problem}")
+        if self.queue_url and not self.queue_url.startswith(QUEUE_URL_SCHEMES):
+            raise SettingsError(f"CDS_QUEUE_URL={self.queue_url!r} is not a Redis URL (redis://host:6379/0, "
+                                "rediss://… or unix://…); leave it empty for the SQLite queue")
+        for name in ("port", "worker_metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise SettingsError(f"{env_name(name)}={getattr(self, name)} is not a port (0-65535)")
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise SettingsError(f"CDS_LOG_LEVEL={self.log_level!r} is not a log level "
+                                "(DEBUG, INFO, WARNING, ERROR or CRITICAL)")
         if not 1 <= self.drift_window <= DRIFT_WINDOW_MAX:
             raise ValueError(f"CDS_DRIFT_WINDOW must be from 1 to {DRIFT_WINDOW_MAX} studies, not {self.drift_window}")
         if not 1 <= self.drift_min_studies <= self.drift_window:
@@ -206,25 +286,14 @@ class Settings:
             raw = env.get(name)
             if raw is None and f.metadata.get("secret") and name + "_FILE" in env:
                 # A secret may come from a file named by CDS_<NAME>_FILE (Docker/Kubernetes secrets).
-                raw = Path(env[name + "_FILE"]).read_text().strip()
+                try:
+                    raw = Path(env[name + "_FILE"]).read_text().strip()
+                except OSError as exc:
+                    raise SettingsError(f"{name}_FILE={env[name + '_FILE']!r} cannot be read: "
+                                        f"{exc.strerror or exc}") from None
             if raw is None:
                 continue
-            if f.name == "priority_rules":
-                values[f.name] = parse_priority_rules(raw)
-            elif f.name == "task_modes":
-                values[f.name] = parse_task_modes(raw)
-            elif f.name == "drift_bands":
-                values[f.name] = parse_drift_bands(raw)
-            elif f.type in ("int", int):
-                values[f.name] = int(raw)
-            elif f.type in ("bool", bool):
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif f.type in ("float", float):
-                values[f.name] = float(raw)
-            elif f.type in ("Path", Path):
-                values[f.name] = Path(raw)
-            else:
-                values[f.name] = raw
+            values[f.name] = _parse_value(f, name, raw)
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
