@@ -425,6 +425,25 @@ def _row_or_404(order_id: str) -> WorklistRow:
     return rows[0]
 
 
+def wants_json() -> bool:
+    """An API client that asked for JSON (Accept: application/json or FHIR JSON before text/html); a browser,
+    or a client that states no preference, gets the HTML page."""
+    best = request.accept_mimetypes.best_match(["text/html", "application/json", "application/fhir+json"],
+                                               default="text/html")
+    return best != "text/html"
+
+
+def study_not_found(order_id: str, message: str) -> Any:
+    """The study page of an order that is not on the worklist: a page with the way back (404), or the
+    OperationOutcome for an API client asking for JSON."""
+    if wants_json():
+        return operation_outcome(404, message, "not-found")
+    shown = order_id if is_fhir_id(order_id) else None  # a malformed id is not echoed into the page
+    text = (f"There is no imaging order {shown} on the worklist." if shown
+            else "This link does not name an imaging order.")
+    return render_template("not_found.html", message=text, disclaimer=DISCLAIMER), 404
+
+
 @worklist.before_request
 def check_access() -> Any:
     denied = access_denied(ctx().settings, request.headers)
@@ -475,7 +494,15 @@ def worklist_rows() -> Any:
 
 @worklist.get("/worklist/orders/<order_id>")
 def study_view(order_id: str) -> Any:
-    row = _row_or_404(order_id)
+    if not is_fhir_id(order_id):
+        return study_not_found(order_id, "no such order")
+    try:
+        rows = fetch_worklist(order_id)
+    except StudyNotFoundError as exc:
+        return study_not_found(order_id, str(exc))
+    if not rows:
+        return study_not_found(order_id, "no imaging order with this id")
+    row = rows[0]
     top = row.top_finding or next(iter(row.findings), None)
     task = task_for_label(top.label) if top else None
     card = available_cards(ctx().settings.weights_dir).get(task) if task else None

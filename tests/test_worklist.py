@@ -335,3 +335,29 @@ def test_static_assets_are_served_by_us(client):
     for name in ("worklist.js", "study.js", "worklist.css"):
         response = client.get(f"/worklist/static/{name}", headers={"X-Forwarded-User": "dr.house"})
         assert response.status_code == 200 and response.data
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def test_a_study_page_that_does_not_exist_is_a_page_with_the_way_back(client, monkeypatch):
+    import cds_service.worklist as worklist_module
+
+    monkeypatch.setattr(worklist_module, "fetch_worklist", lambda order_id=None: [])  # the EHR has no such order
+    user = {"X-Forwarded-User": "dr.house"}
+    for accept in (BROWSER_ACCEPT, None):  # a browser, and a client that states no preference
+        headers = {**user, **({"Accept": accept} if accept else {})}
+        page = client.get("/worklist/orders/o-gone", headers=headers)
+        assert page.status_code == 404 and page.mimetype == "text/html", page.data[:200]
+        html = page.get_data(as_text=True)
+        assert "Study not found" in html and "o-gone" in html
+        assert 'href="/worklist" id="back"' in html  # the way back
+        assert "resourceType" not in html
+        assert page.headers["Cache-Control"] == "no-store" and "default-src 'self'" in page.headers["Content-Security-Policy"]
+    malformed = client.get("/worklist/orders/%3Cscript%3E", headers={**user, "Accept": BROWSER_ACCEPT})
+    assert malformed.status_code == 404 and malformed.mimetype == "text/html"
+    assert "<script>" not in malformed.get_data(as_text=True)  # not echoed
+    for accept in ("application/json", "application/fhir+json"):  # API clients keep their OperationOutcome
+        api = client.get("/worklist/orders/o-gone", headers={**user, "Accept": accept})
+        assert api.status_code == 404 and api.json["resourceType"] == "OperationOutcome"
+        assert api.json["issue"][0]["code"] == "not-found"
