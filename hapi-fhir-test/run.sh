@@ -5,27 +5,31 @@
 #   hapi-fhir-test/run.sh                 start HAPI + Orthanc (Docker), load the samples, run
 #                                         tests/test_e2e.py against them, stop the containers
 #   hapi-fhir-test/run.sh --keep          leave the containers running afterwards
-#   hapi-fhir-test/run.sh --no-docker     use servers already running at CDS_FHIR_BASE_URL and
-#                                         CDS_DICOMWEB_URL (e.g. a HAPI you run yourself)
+#   hapi-fhir-test/run.sh --no-docker     no Docker: use the servers at CDS_FHIR_BASE_URL and
+#                                         CDS_DICOMWEB_URL where set; otherwise build HAPI from
+#                                         hapi-fhir-test/pom.xml (Maven, once: skipped while the jar
+#                                         is newer than its sources), start it on a free loopback
+#                                         port, and start Orthanc (Debian package) the same way
 # Extra arguments go to pytest, e.g. `hapi-fhir-test/run.sh -k subscribe -x`.
 #
-# Needs: Linux with a Docker engine and compose v2 (host networking), and the project's .venv
-# (`./run.sh test` creates it once). See hapi-fhir-test/README.md.
+# Needs: the project's .venv (`./run.sh test` creates it once), and either Linux with a Docker
+# engine and compose v2 (host networking), or (--no-docker) a JDK 17+ and Maven 3.8+.
+# See hapi-fhir-test/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 HERE=hapi-fhir-test
 PYTHON=.venv/bin/python
-export CDS_FHIR_BASE_URL="${CDS_FHIR_BASE_URL:-http://127.0.0.1:8080/fhir}"
-export CDS_DICOMWEB_URL="${CDS_DICOMWEB_URL:-http://127.0.0.1:8042/dicom-web}"
 COMPOSE=(docker compose --file "$HERE/compose.yaml")
 
 docker=1
 keep=0
+servers_ready=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep) keep=1; shift ;;
     --no-docker) docker=0; shift ;;
+    --servers-ready) servers_ready=1; shift ;;  # internal: tests/hapi_support.py has started the servers
     *) break ;;
   esac
 done
@@ -37,6 +41,14 @@ wait_for() {  # URL, what, seconds
     sleep 3
   done
 }
+
+if [ $docker = 0 ] && [ $servers_ready = 0 ]; then
+  # HAPI unless CDS_FHIR_BASE_URL is set, Orthanc unless CDS_DICOMWEB_URL is set; both stopped afterwards
+  exec "$PYTHON" tests/hapi_support.py run -- "$HERE/run.sh" --no-docker --servers-ready "$@"
+fi
+
+export CDS_FHIR_BASE_URL="${CDS_FHIR_BASE_URL:-http://127.0.0.1:8080/fhir}"
+export CDS_DICOMWEB_URL="${CDS_DICOMWEB_URL:-http://127.0.0.1:8042/dicom-web}"
 
 if [ $docker = 1 ]; then
   echo "==> starting HAPI FHIR and Orthanc ($HERE/compose.yaml)"

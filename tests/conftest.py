@@ -1,7 +1,8 @@
-"""Shared fixtures: a real Orthanc and a real sekmet FHIR server on loopback, once per session.
+"""Shared fixtures: a real Orthanc, a real sekmet FHIR server and a real HAPI FHIR JPA server on
+loopback, once per session.
 
-Both skip (with the reason) when the executable is missing on a developer machine; with the
-CI environment variable set they fail instead, so CI never passes by skipping.
+Each skips (with the reason) when its executable is missing on a developer machine (HAPI: java or
+mvn); with the CI environment variable set they fail instead, so CI never passes by skipping.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Iterator
 
 import pytest
 
+import hapi_support
 from cds_service import devservers
 
 SAMPLES_DIR = Path(devservers.__file__).resolve().parent / "samples"
@@ -63,6 +65,24 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devservers
     finally:
         proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hapi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hapi_support.HapiProcess]:
+    """A started HAPI FHIR JPA server (`.url` is the FHIR base), shared by the whole session.
+
+    hapi-fhir-test/ is built by Maven first when its jar is missing or stale (once: the jar then
+    is newer than its sources); a build or start failure fails the tests that use it."""
+    require(not hapi_support.missing_tools(), hapi_support.missing_tools() or "")
+    workdir = tmp_path_factory.mktemp("hapi")
+    try:
+        proc = hapi_support.start_hapi(workdir)
+    except (hapi_support.HapiBuildError, devservers.ServerStartError) as exc:
+        pytest.fail(f"HAPI FHIR test server: {exc}", pytrace=False)
+    try:
+        yield proc
+    finally:
+        proc.stop(timeout=20)  # its log (hapi.log) stays in pytest's temp dir, like the tests' own files
 
 
 @pytest.fixture
