@@ -107,6 +107,32 @@ def recently_changed_studies() -> list[str]:
     return [str(r["id"]) for r in found if r.get("resourceType") == "ImagingStudy" and r.get("id")]
 
 
+FHIR_MEDIA_TYPES = ("application/fhir+json", "application/json+fhir", "application/fhir+xml", "application/xml+fhir")
+
+
+def fhir_client_calling() -> bool:
+    """Whether the caller asks for FHIR (its Accept names a FHIR media type), as a FHIR server's
+    rest-hook client does: HAPI's parses our answer as a FHIR resource and counts anything else as
+    a failed delivery, which it retries for a minute."""
+    accept = request.headers.get("Accept", "").lower()
+    return any(media_type in accept for media_type in FHIR_MEDIA_TYPES)
+
+
+def notification_answer(jobs: list[Job]) -> Any:
+    """200 with the jobs: an OperationOutcome (application/fhir+json) for a FHIR client, one
+    information issue per study; `{"jobs": [...]}` (application/json) for anyone else."""
+    if not fhir_client_calling():
+        return jsonify({"jobs": [job.to_json() for job in jobs]}), 200
+    issues = [{"severity": "information", "code": "informational",
+               "diagnostics": f"ImagingStudy/{job.imaging_study_id}: triage job {job.id} {job.state.value}"} for job in jobs]
+    body = {"resourceType": "OperationOutcome",
+            "issue": issues or [{"severity": "information", "code": "informational",
+                                 "diagnostics": "no ImagingStudy changed; nothing to triage"}]}
+    response = jsonify(body)
+    response.mimetype = "application/fhir+json"
+    return response, 200
+
+
 @api.route("/fhir-notify", methods=["POST", "PUT"], defaults={"path": ""})
 @api.route("/fhir-notify/<path:path>", methods=["POST", "PUT"])
 def fhir_notification(path: str) -> Any:
@@ -127,7 +153,25 @@ def fhir_notification(path: str) -> Any:
     except TriageError as exc:
         return operation_outcome(503, f"could not look up changed studies: {exc}", "transient")
     jobs = [ctx().submit(TriageRequest(imaging_study_id=i, source="subscription"))[0] for i in ids]
-    return jsonify({"jobs": [job.to_json() for job in jobs]}), 200
+    return notification_answer(jobs)
+
+
+@api.delete("/fhir-notify/<path:path>")
+def fhir_deletion(path: str) -> Any:
+    """A rest-hook's `DELETE {endpoint}/ImagingStudy/<id>` (HAPI sends one for a deleted study when
+    the Subscription asks for deletes): acknowledged with an OperationOutcome, nothing to triage.
+    A job already queued for the study fails on its own (the study reads as 404/410 Gone)."""
+    if not _secret_ok():
+        return operation_outcome(401, "missing or wrong subscription secret", "login")
+    parts = [p for p in path.split("/") if p]
+    if len(parts) != 2 or parts[0] != "ImagingStudy" or not is_fhir_id(parts[1]):
+        return operation_outcome(400, "expected DELETE /fhir-notify/ImagingStudy/<id>", "invalid")
+    body = {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "information", "code": "informational",
+                       "diagnostics": f"ImagingStudy/{parts[1]} deleted: nothing to triage"}]}
+    response = jsonify(body)
+    response.mimetype = "application/fhir+json"
+    return response, 200
 
 
 # --- Jobs and health ----------------------------------------------------------------------------

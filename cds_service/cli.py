@@ -106,11 +106,20 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
-    from .subscribe import ensure_subscription
+    from .subscribe import SubscriptionNotActiveError, ensure_subscription, wait_until_active
 
     endpoint = args.endpoint or f"{settings.public_url.rstrip('/')}/fhir-notify"
     subscription_id, created = ensure_subscription(settings, endpoint)
-    print(f"{'created' if created else 'already present'}: Subscription/{subscription_id} → {endpoint}")
+    print(f"{'created' if created else 'already present'}: Subscription/{subscription_id} → {endpoint}", flush=True)
+    if args.wait <= 0:
+        return 0
+    print(f"waiting up to {args.wait:.0f} s for the FHIR server to activate it", flush=True)
+    try:
+        waited = wait_until_active(settings, subscription_id, timeout_s=args.wait)
+    except SubscriptionNotActiveError as exc:
+        print(f"not active: {exc}", file=sys.stderr)
+        return 1
+    print(f"active: Subscription/{subscription_id} (after {waited:.1f} s)")
     return 0
 
 
@@ -196,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("subscribe", help="create (idempotently) the ImagingStudy rest-hook Subscription on the FHIR server")
     p.add_argument("--endpoint", help="notification URL (default CDS_PUBLIC_URL + /fhir-notify)")
+    p.add_argument("--wait", type=float, default=120, metavar="SECONDS",
+                   help="wait until the server has activated the Subscription (HAPI does so asynchronously); "
+                        "exit 1 if it is not active within SECONDS (default 120; 0: do not wait)")
     p.set_defaults(func=_subscribe)
 
     p = sub.add_parser("demo", help="start Orthanc, the FHIR server and the service; triage the sample studies")

@@ -19,8 +19,14 @@ from .metrics import count_upstream_error
 FHIR_JSON = "application/fhir+json"
 
 
+#: A stale If-Match: 412 Precondition Failed (the HTTP and FHIR R4 answer, sekmet's), or 409 Conflict
+#: (HAPI FHIR: "HAPI-0989: Trying to update ... but this is not the current version").
+VERSION_CONFLICT_STATUSES = (409, 412)
+
+
 class VersionConflictError(UpstreamRejectedError):
-    """If-Match did not match (HTTP 412): someone else changed the resource first."""
+    """If-Match did not match (HTTP 412, or 409 from HAPI): someone else changed the resource first.
+    The caller re-reads the resource and decides again."""
 
 
 def outcome_text(response: httpx.Response) -> str:
@@ -88,8 +94,8 @@ class FhirClient:
         reason = f"FHIR {method} {url.split('?')[0]} answered {response.status_code}: {outcome_text(response)}"
         if response.status_code in (404, 410):
             raise StudyNotFoundError(reason)
-        if response.status_code == 412:
-            raise VersionConflictError(reason, 412, response.text)
+        if response.status_code in VERSION_CONFLICT_STATUSES:
+            raise VersionConflictError(reason, response.status_code, response.text)
         if response.status_code in (408, 429) or response.status_code >= 500:
             retry_after = response.headers.get("Retry-After")
             raise UpstreamError(reason, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)

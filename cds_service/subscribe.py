@@ -1,12 +1,18 @@
-"""`cds-triage subscribe`: create our ImagingStudy rest-hook Subscription, once.
+"""`cds-triage subscribe`: create our ImagingStudy rest-hook Subscription, once, and wait until it is active.
 
 Idempotent: a Subscription carrying our tag and pointing at the same endpoint is reused;
 running the command again (or from several machines) creates nothing new. Our own
 Subscriptions are recognised client-side by tag, so servers that do not index `_tag` on
 Subscription work the same.
+
+Servers activate a Subscription on their own time: HAPI FHIR stores it as `requested` and turns
+it `active` a few seconds later, asynchronously; a study created before then is not notified.
+`wait_until_active` polls the Subscription until it is `active` (or `error`/`off`, or a timeout).
 """
 
 from __future__ import annotations
+
+import time
 
 from fhir_mappings.builders import SUBSCRIPTION_TAG, build_subscription
 
@@ -30,5 +36,39 @@ def ensure_subscription(settings: Settings, endpoint: str) -> tuple[str, bool]:
         resource = build_subscription(endpoint, header_secret=settings.subscription_secret or None)
         created = fhir.create(resource.model_dump(mode="json", exclude_none=True))
         return str(created["id"]), True
+    finally:
+        fhir.close()
+
+
+class SubscriptionNotActiveError(RuntimeError):
+    """The FHIR server did not activate our Subscription (it says `error` or `off`, or kept it `requested`)."""
+
+    def __init__(self, message: str, status: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def wait_until_active(settings: Settings, subscription_id: str, *, timeout_s: float = 120.0,
+                      interval_s: float = 0.5) -> float:
+    """Poll Subscription/<id> until its status is `active`; the seconds that took.
+
+    Raises SubscriptionNotActiveError when the server sets it `error` or `off` (with the server's
+    `error` text) or leaves it `requested` past `timeout_s`."""
+    fhir = fhir_client(settings, fhir_auth(settings))
+    started = time.monotonic()
+    try:
+        while True:
+            subscription, _ = fhir.read("Subscription", subscription_id)
+            status = subscription.get("status")
+            if status == "active":
+                return time.monotonic() - started
+            if status not in ("requested", None):
+                why = f": {subscription['error']}" if subscription.get("error") else ""
+                raise SubscriptionNotActiveError(f"Subscription/{subscription_id} is {status!r}{why}", status)
+            if time.monotonic() - started >= timeout_s:
+                raise SubscriptionNotActiveError(
+                    f"Subscription/{subscription_id} is still {status!r} after {timeout_s:.0f} s "
+                    "(rest-hook Subscriptions may be off on the FHIR server)", status)
+            time.sleep(interval_s)
     finally:
         fhir.close()

@@ -8,14 +8,21 @@ The models here are card-compatible *untrained* weights made in a temp dir with
 thresholds at 0, so every trained label is positive: these tests are about the plumbing.
 Model quality is tested against the committed weights in test_weights.py.
 
-Server-agnostic: with CDS_FHIR_BASE_URL (and CDS_DICOMWEB_URL) set, the same tests run against
-that FHIR server (and PACS) instead of the local ones: `hapi-fhir-test/run.sh` does this with
-HAPI FHIR. Nothing here relies on a server's id or version formats, search quirks or wording.
+Every test runs against two FHIR servers, `[sekmet]` (the local Python server, SQLite) and `[hapi]`
+(HAPI FHIR's JPA server from hapi-fhir-test/, built once by Maven and started by the `hapi_server`
+fixture); with CDS_FHIR_BASE_URL (and CDS_DICOMWEB_URL) set, only against that server (and PACS),
+as `[external]`: `hapi-fhir-test/run.sh` does this with HAPI in Docker. Nothing here relies on a
+server's id or version formats, search quirks or wording; where the servers differ (409 or 412 for
+a stale If-Match) the test says which answer each gives. The HAPI log is read to check each
+notification was delivered once and none failed (HAPI retries a failed delivery for a minute).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -26,10 +33,13 @@ import numpy as np
 import pydicom
 import pytest
 
+import hapi_support
+from cds_service.cds_hooks import render_query
 from cds_service.demo import start_service
 from cds_service.devservers import free_port, make_dataset, upload_dicom
-from cds_service.domain import Task
-from cds_service.fhir_client import FhirClient
+from cds_service.domain import Finding, ModelRef, Priority, Task, TriageResult, TriageStatus
+from cds_service.fhir_client import FhirClient, VersionConflictError
+from cds_service.pipeline import raise_order_priority
 from cds_service.settings import Settings
 from cds_service.subscribe import ensure_subscription
 from fhir_mappings.imaging_study import build_imaging_study
@@ -51,10 +61,34 @@ class ExternalPacs:
     dicomweb_url: str
 
 
+#: Every test here runs against each FHIR server: sekmet (SQLite, Python) and HAPI FHIR's JPA server
+#: (hapi-fhir-test/, built by Maven and started by the `hapi_server` fixture), or only against the one
+#: CDS_FHIR_BASE_URL names.
+FHIR_SERVERS = ["external"] if os.environ.get("CDS_FHIR_BASE_URL") else ["sekmet", "hapi"]
+
+
+@dataclass(frozen=True)
+class FhirUnderTest:
+    name: str  # "sekmet", "hapi" or "external" (CDS_FHIR_BASE_URL)
+    url: str
+    hapi: hapi_support.HapiLogReader | None = None  # HAPI's log, when we started HAPI ourselves
+
+
+@pytest.fixture(scope="module", params=FHIR_SERVERS)
+def fhir_under_test(request) -> FhirUnderTest:
+    """The FHIR server under test: sekmet and HAPI in turn, or the one at CDS_FHIR_BASE_URL."""
+    if request.param == "external":  # with the log of the HAPI that hapi-fhir-test/run.sh --no-docker started
+        log = os.environ.get("CDS_TEST_HAPI_LOG")
+        return FhirUnderTest("external", os.environ["CDS_FHIR_BASE_URL"], hapi_support.HapiLog(log) if log else None)
+    if request.param == "hapi":
+        hapi = request.getfixturevalue("hapi_server")
+        return FhirUnderTest("hapi", hapi.url, hapi)
+    return FhirUnderTest("sekmet", request.getfixturevalue("fhir_server").url)
+
+
 @pytest.fixture(scope="module")
-def fhir_base_url(request) -> str:
-    """The FHIR server under test: CDS_FHIR_BASE_URL (e.g. HAPI), else the local sekmet server."""
-    return os.environ.get("CDS_FHIR_BASE_URL") or request.getfixturevalue("fhir_server").url
+def fhir_base_url(fhir_under_test) -> str:
+    return fhir_under_test.url
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +100,34 @@ def pacs(request):
     return request.getfixturevalue("orthanc")
 
 
-def wait_until_active(settings: Settings, subscription_id: str, timeout: float = 60) -> None:
-    """Servers activate a Subscription on their own time (HAPI asynchronously): wait for `active`."""
-    client = FhirClient(settings.fhir_base_url)
-    try:
-        deadline = time.monotonic() + timeout
-        while (status := client.read("Subscription", subscription_id)[0].get("status")) != "active":
-            assert status in ("requested", None) and time.monotonic() < deadline, f"Subscription status {status!r}"
-            time.sleep(0.5)
-    finally:
-        client.close()
+@dataclass(frozen=True)
+class Subscribed:
+    subscription_id: str
+    stdout: str  # what `cds-triage subscribe` said
+
+
+def run_subscribe(settings: Settings) -> Subscribed:
+    """`cds-triage subscribe`, as an operator runs it: creates the Subscription and waits until it is active."""
+    done = subprocess.run([sys.executable, "-m", "cds_service.cli", "subscribe", "--wait", "120"],
+                          env={**os.environ, **settings.to_env()}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = re.search(r"Subscription/([A-Za-z0-9\-.]{1,64})", done.stdout)
+    assert found, done.stdout
+    return Subscribed(found.group(1), done.stdout)
 
 
 @pytest.fixture(scope="module")
-def service(pacs, fhir_base_url, tmp_path_factory):
+def subscribed(service_and_subscription) -> Subscribed:
+    return service_and_subscription[1]
+
+
+@pytest.fixture(scope="module")
+def service(service_and_subscription) -> Settings:
+    return service_and_subscription[0]
+
+
+@pytest.fixture(scope="module")
+def service_and_subscription(pacs, fhir_base_url, tmp_path_factory):
     """Our service, subscribed to ImagingStudy on the FHIR server; stopped after the module."""
     root = tmp_path_factory.mktemp("service")
     weights = make_test_weights(root / "weights", Task.HEAD_CT_ICH)
@@ -93,13 +141,16 @@ def service(pacs, fhir_base_url, tmp_path_factory):
         **EHR.hook_settings(root / "ehr-jwks.json"),  # CDS Hooks calls must carry the EHR's signed JWT
     )
     processes = start_service(settings, root / "logs")
-    subscription_id, _ = ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
-    wait_until_active(settings, subscription_id)
-    yield settings
+    try:
+        subscribed = run_subscribe(settings)
+    except BaseException:
+        processes.stop()
+        raise
+    yield settings, subscribed
     processes.stop()
     cleanup = FhirClient(settings.fhir_base_url)  # a long-lived server must not keep notifying a stopped service
     try:
-        cleanup.delete("Subscription", subscription_id)
+        cleanup.delete("Subscription", subscribed.subscription_id)
     finally:
         cleanup.close()
 
@@ -168,7 +219,7 @@ def results_for(fhir: FhirClient, patient_id: str) -> dict[str, list[dict]]:
     }
 
 
-def test_new_imaging_study_is_triaged_and_written_back(pacs, fhir, api):
+def test_new_imaging_study_is_triaged_and_written_back(pacs, fhir, api, fhir_under_test):
     study_uid = pydicom.uid.generate_uid()
     started = time.monotonic()
     ids = order_study(fhir, ct_slices(study_uid, 4), store_in_pacs=pacs.url)
@@ -199,6 +250,9 @@ def test_new_imaging_study_is_triaged_and_written_back(pacs, fhir, api):
     assert "raised from routine to stat by AI triage" in order["note"][-1]["text"]
     assert job["result"]["priority"] == {"changed": True, "from": "routine", "to": "stat"}
     assert elapsed < 60, f"triage took {elapsed:.1f}s"
+    if fhir_under_test.hapi:  # HAPI took our OperationOutcome answer: one delivery, no retry
+        assert len(fhir_under_test.hapi.deliveries(f"ImagingStudy/{ids['study']}")) == 1
+        assert fhir_under_test.hapi.delivery_failures() == []
 
 
 def test_repeated_and_update_notifications_leave_one_set_of_results(pacs, fhir, api, service):
@@ -345,3 +399,164 @@ def test_subscribe_is_idempotent(service):
     first = ensure_subscription(service, f"{service.public_url}/fhir-notify")
     second = ensure_subscription(service, f"{service.public_url}/fhir-notify")
     assert first[0] == second[0] and second[1] is False
+
+
+def test_subscribe_command_waited_until_the_server_activated_it(service, subscribed, fhir):
+    """HAPI stores a new Subscription as `requested` and activates it asynchronously; sekmet after a handshake."""
+    lines = subscribed.stdout.splitlines()
+    assert lines[0] == f"created: Subscription/{subscribed.subscription_id} → {service.public_url}/fhir-notify"
+    assert lines[-1].startswith(f"active: Subscription/{subscribed.subscription_id} (after ")
+    subscription, _ = fhir.read("Subscription", subscribed.subscription_id)
+    assert subscription["status"] == "active" and subscription["channel"]["type"] == "rest-hook"
+    assert subscription["channel"]["header"] == [f"X-CDS-Subscription-Secret: {SECRET}"]
+    again = run_subscribe(service)  # a second run finds it, already active
+    assert again.subscription_id == subscribed.subscription_id and again.stdout.startswith("already present:")
+
+
+def test_a_stale_if_match_is_a_conflict_and_the_priority_raise_re_reads(fhir, fhir_under_test):
+    """If-Match with an old version: 412 from sekmet, 409 (HAPI-0989) from HAPI; both are a version
+    conflict, and raising the priority re-reads the order and keeps what a person wrote meanwhile."""
+    ids = order_study(fhir, [], imaging_study={"resourceType": "ImagingStudy", "status": "registered"})
+    order, version = fhir.read("ServiceRequest", ids["order"])
+    fhir.update(dict(order, note=[{"text": "patient is anxious"}]), if_match=version)
+    with pytest.raises(VersionConflictError) as conflict:
+        fhir.update(dict(order, priority="asap"), if_match=version)
+    expected = {"sekmet": 412, "hapi": 409}.get(fhir_under_test.name, conflict.value.status_code)  # external: either
+    assert conflict.value.status_code == expected and expected in (409, 412)
+
+    person = FhirClient(fhir.base_url)
+    racing = PersonEditsBetweenOurReadAndWrite(fhir.base_url, person)
+    result = TriageResult("1.2.3", TriageStatus.DONE, Task.HEAD_CT_ICH, findings=(Finding("any", 0.97, True, 0.5),),
+                          suggested_priority=Priority.STAT, model=ModelRef("test-model", "0.0.0-test"))
+    try:
+        outcome = raise_order_priority(racing, ids["order"], Priority.STAT, result)
+    finally:
+        racing.close()
+        person.close()
+    assert racing.conflicts == [expected]  # one conflict, then the re-read and a second write succeeded
+    assert outcome == {"changed": True, "from": "urgent", "to": "stat"}
+    final, _ = fhir.read("ServiceRequest", ids["order"])
+    assert final["priority"] == "stat"
+    notes = [n["text"] for n in final["note"]]
+    assert "called in by the ward: urgent" in notes and "raised from urgent to stat by AI triage" in notes[-1]
+
+
+class PersonEditsBetweenOurReadAndWrite(FhirClient):
+    """A FhirClient during whose first read of the order a person raises it to urgent (so our If-Match is stale)."""
+
+    def __init__(self, base_url: str, person: FhirClient) -> None:
+        super().__init__(base_url)
+        self.person = person
+        self.raced = False
+        self.conflicts: list[int] = []
+
+    def read(self, resource_type: str, resource_id: str):
+        resource, version = super().read(resource_type, resource_id)
+        if resource_type == "ServiceRequest" and not self.raced:
+            self.raced = True
+            notes = [*resource.get("note", []), {"text": "called in by the ward: urgent"}]
+            self.person.update(dict(resource, priority="urgent", note=notes), if_match=version)
+        return resource, version
+
+    def update(self, resource, *, if_match):
+        try:
+            return super().update(resource, if_match=if_match)
+        except VersionConflictError as exc:
+            self.conflicts.append(exc.status_code)
+            raise
+
+
+def test_searches_follow_the_servers_paging_links(fhir):
+    """HAPI pages with `?_getpages=…` links on its own base, sekmet with its own: both are followed."""
+    family = f"Paging{uuid.uuid4().hex[:8]}"
+    for i in range(5):
+        fhir.update({"resourceType": "Patient", "id": f"p-{family.lower()}-{i}", "name": [{"family": family}]}, if_match=None)
+    found = fhir.search("Patient", {"family": family, "_count": "2"})
+    assert sorted(p["id"] for p in found) == [f"p-{family.lower()}-{i}" for i in range(5)]
+    assert len(fhir.search("Patient", {"family": family, "_count": "2"}, max_pages=2)) == 4
+
+
+def ehr_prefetch(fhir: FhirClient, templates: dict[str, str], context: dict[str, str]) -> dict[str, dict]:
+    """What the EHR sends as `prefetch`: each of the service's templates run against its own FHIR server."""
+    prefetch = {}
+    for key, template in templates.items():
+        response = fhir.http.get(render_query(template, context))
+        assert response.status_code == 200, f"{key}: {template} answered {response.status_code}: {response.text[:300]}"
+        prefetch[key] = response.json()
+    return prefetch
+
+
+def test_worklist_and_cds_hooks_with_prefetch_show_the_result(pacs, fhir, api):
+    """After triage: the worklist (one search with _include/_revinclude/_include:iterate) shows the
+    raised order; the EHR runs our prefetch templates on its FHIR server and the hooks show the result."""
+    ids = order_study(fhir, ct_slices(pydicom.uid.generate_uid(), 3), store_in_pacs=pacs.url)
+    job = wait_for_job(api, ids["study"])
+    assert job["status"] == "done", job
+
+    rows = {row["orderId"]: row for row in api.get("/worklist/rows.json").json()["rows"]}
+    row = rows[ids["order"]]
+    assert row["priority"] == "stat" and row["aiRaisedFrom"] == "routine" and row["status"] == "done"
+    assert row["topFinding"]["label"] == "any" and row["patient"] and row["study"]
+    assert api.get(row["heatmap"]).content.startswith(b"\x89PNG")
+    page = api.get(row["url"])
+    assert page.status_code == 200 and "AI-generated" in page.text
+
+    discovery_url = str(api.base_url).rstrip("/") + "/cds-services"
+    services = {s["id"]: s for s in api.get("/cds-services", headers=EHR.auth(discovery_url)).json()["services"]}
+    context = {"patientId": ids["patient"], "imagingStudyId": ids["study"], "serviceRequestId": ids["order"]}
+
+    def call(service_id: str, hook_context: dict) -> dict:
+        body = {"hook": services[service_id]["hook"], "hookInstance": str(uuid.uuid4()), "context": hook_context,
+                "fhirServer": fhir.base_url, "prefetch": ehr_prefetch(fhir, services[service_id]["prefetch"], context)}
+        url = str(api.base_url).rstrip("/") + f"/cds-services/{service_id}"
+        response = api.post(f"/cds-services/{service_id}", json=body, headers=EHR.auth(url))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    [card] = call("imagingstudy-create", context)["cards"]
+    assert card["indicator"] == "critical" and any("/heatmaps/" in link["url"] for link in card["links"])
+    [card] = call("patient-view", {"patientId": ids["patient"]})["cards"]  # aiReports: _include, _sort, identifier=system|
+    assert card["indicator"] == "critical" and "Intracranial hemorrhage" in card["summary"]
+
+
+def test_a_deleted_study_is_notified_as_a_delete_and_acknowledged(fhir, api, service, fhir_under_test):
+    """HAPI sends `DELETE {endpoint}/ImagingStudy/<id>` when a Subscription asks for deletes (its own
+    extension); /fhir-notify acknowledges it with an OperationOutcome and HAPI counts it delivered."""
+    if fhir_under_test.hapi is None:
+        pytest.skip("HAPI only: asks for delete notifications with HAPI's own Subscription extension and reads "
+                    "HAPI's log to see the DELETE delivered")
+    tag = uuid.uuid4().hex
+    ids = order_study(fhir, [], imaging_study={"resourceType": "ImagingStudy", "status": "registered",
+                                               "identifier": [{"system": "urn:cds-triage:test", "value": tag}]})
+    assert wait_for_job(api, ids["study"])["status"] == "failed"  # no Study UID: nothing written that refers to it
+    subscription = fhir.create({
+        "resourceType": "Subscription", "status": "requested", "reason": "test: deletes",
+        "criteria": f"ImagingStudy?identifier=urn:cds-triage:test|{tag}",
+        "channel": {"type": "rest-hook", "endpoint": f"{service.public_url}/fhir-notify", "payload": "application/fhir+json",
+                    "header": [f"X-CDS-Subscription-Secret: {SECRET}"],
+                    "extension": [{"url": "http://hapifhir.io/fhir/StructureDefinition/subscription-send-delete-messages",
+                                   "valueBoolean": True}]}})
+    try:
+        deadline = time.monotonic() + 60
+        while fhir.read("Subscription", subscription["id"])[0]["status"] != "active":
+            assert time.monotonic() < deadline, "the delete Subscription was not activated"
+            time.sleep(0.5)
+        fhir.delete("ImagingStudy", ids["study"])
+        hapi = fhir_under_test.hapi
+        deadline = time.monotonic() + 30
+        while not any("Delivered DELETE" in line for line in hapi.deliveries(f"ImagingStudy/{ids['study']}")):
+            assert time.monotonic() < deadline, "HAPI delivered no DELETE"
+            time.sleep(0.5)
+        assert hapi.delivery_failures() == []
+    finally:
+        fhir.delete("Subscription", subscription["id"])
+
+
+def test_every_notification_was_delivered_without_failure(fhir, subscribed, fhir_under_test):
+    """Last in the module: the FHIR server never counted a notification as failed. sekmet would set the
+    Subscription to `error`; HAPI logs the failure (and retries for a minute), so its log is read too."""
+    time.sleep(2)  # a failure of the last delivery would be logged by now
+    subscription, _ = fhir.read("Subscription", subscribed.subscription_id)
+    assert subscription["status"] == "active" and not subscription.get("error")
+    if fhir_under_test.hapi:
+        assert fhir_under_test.hapi.delivery_failures() == []
