@@ -3,7 +3,7 @@
 #   ./run.sh demo    local demo: Orthanc + FHIR server + the service, sample studies triaged
 #   ./run.sh test    the whole test suite (what CI runs)
 # Needs root or sudo once, for `apt-get install` of Orthanc and its DICOMweb plugin (and, for the
-# tests, a browser, dicom3tools and Redis). It waits for another apt/dpkg run to finish (up to
+# tests, a browser, dicom3tools, Redis, a JDK and Maven). It waits for another apt/dpkg run to finish (up to
 # APT_LOCK_TIMEOUT seconds, default 300) instead of failing at once. Orthanc and Redis come as Debian
 # packages that start a system service on install; the service and the tests start their own
 # processes on loopback, so a service this script installs is stopped and disabled again (and it says so).
@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DEMO_APT_PACKAGES=(orthanc orthanc-dicomweb python3-venv)
-TEST_APT_PACKAGES=("${DEMO_APT_PACKAGES[@]}" chromium dicom3tools redis-server)
+# the tests also build and run a HAPI FHIR JPA server (hapi-fhir-test/, Maven, Java 17): tests/hapi_support.py
+TEST_APT_PACKAGES=("${DEMO_APT_PACKAGES[@]}" chromium dicom3tools redis-server openjdk-17-jdk-headless maven)
 # package → the system service its install enables and starts
 declare -A PACKAGE_SERVICES=([orthanc]=orthanc [redis-server]=redis-server)
 APT_LOCK_TIMEOUT="${APT_LOCK_TIMEOUT:-300}"

@@ -219,7 +219,11 @@ def _run(command: list[str]) -> int:
             orthanc = servers.enter_context(start_orthanc(workdir / "orthanc"))
             print(f"==> Orthanc at {orthanc.dicomweb_url}", file=sys.stderr)
             env["CDS_DICOMWEB_URL"] = orthanc.dicomweb_url
+        started = time.monotonic()
         done = subprocess.run(command, env=env)
+        if "CDS_TEST_HAPI_LOG" in env:
+            print(f"==> HAPI FHIR after {time.monotonic() - started:.0f} s of {command[0]}: "
+                  f"{resident_memory_mib(hapi.pid) or 0:.0f} MiB resident", file=sys.stderr)
     if done.returncode == 0:
         shutil.rmtree(workdir, ignore_errors=True)
     return done.returncode
