@@ -28,6 +28,10 @@ class BadDicomError(PermanentError):
     """A DICOM object that cannot be read or decoded into pixels."""
 
 
+class StudyTooLargeError(PermanentError):
+    """More instances or bytes than the configured limits: refused before (or while) downloading or decoding."""
+
+
 class StudyNotFoundError(PermanentError):
     """The study, series or FHIR resource named by the trigger does not exist."""
 

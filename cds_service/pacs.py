@@ -14,8 +14,10 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from .domain import Series, Study
-from .errors import BadDicomError, PermanentError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
+from .errors import (BadDicomError, PermanentError, StudyTooLargeError, TransientError, TriageError, UpstreamError,
+                     UpstreamRejectedError)
 from .metrics import count_upstream_error
+from .preprocessing import decode_cost, instance_bytes
 
 MODALITY = "00080060"
 SERIES_DESCRIPTION = "0008103E"
@@ -37,23 +39,8 @@ class StudyNotInPacsError(TransientError):
     """QIDO-RS finds no series: the images may still be on their way, so it is retried."""
 
 
-class StudyTooLargeError(PermanentError):
-    """More instances or bytes than the configured limits: refused before (or while) downloading."""
-
-
-def instance_bytes(ds: pydicom.Dataset) -> int:
-    """What an instance costs in memory: its pixel data as stored, or as decoded if larger.
-
-    The decoded size comes from the header (Rows x Columns x frames x samples x bits), so a
-    header claiming a 65535 x 65535 image is caught before any decoder allocates it.
-    """
-    stored = len(ds.get("PixelData") or b"")
-    try:
-        decoded = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
-                   * int(ds.get("SamplesPerPixel", 1) or 1) * max(1, int(ds.get("BitsAllocated", 8) or 8) // 8))
-    except (TypeError, ValueError):
-        decoded = 0  # unreadable header values: the decoder will report them
-    return max(stored, decoded)
+__all__ = ["Pacs", "PacsConfig", "StudyNotInPacsError", "StudyTooLargeError", "instance_bytes", "slice_order",
+           "sort_slices"]
 
 
 @dataclass(frozen=True)
@@ -193,7 +180,7 @@ class Pacs:
         middle = sorted(found, key=number)[len(found) // 2]
         ds = self._call(lambda: self.client.retrieve_instance(study_uid, series.uid, str(_value(middle, SOP_UID))),
                         study_uid)
-        if self.config.max_series_bytes and instance_bytes(ds) > self.config.max_series_bytes:
+        if self.config.max_series_bytes and max(instance_bytes(ds), decode_cost(ds)) > self.config.max_series_bytes:
             raise StudyTooLargeError(f"an instance is larger than the limit of {self.config.max_series_bytes} bytes "
                                      "(CDS_MAX_SERIES_BYTES)")
         return ds

@@ -26,7 +26,7 @@ import pydicom
 import pydicom.encaps
 import pydicom.uid
 from PIL import Image
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
 from .errors import BadDicomError
 
@@ -80,18 +80,20 @@ class PreprocessingSpec:
 # --- intensity steps -----------------------------------------------------------------
 
 
-def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Linear window to [0, 1]: center-width/2 maps to 0, center+width/2 to 1."""
+def window(values: np.ndarray, center: float, width: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Linear window to [0, 1]: center-width/2 maps to 0, center+width/2 to 1. With `out` (float32,
+    e.g. `values` itself when the caller owns it) no new array is made: the same arithmetic, in place."""
     lo = center - width / 2.0
-    out = np.subtract(values, np.float32(lo), dtype=np.float32)  # one new array, then in place
+    out = np.subtract(values, np.float32(lo), out=out, dtype=np.float32)  # one new array (or `out`), then in place
     out /= np.float32(width)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def robust_normalise(values: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """Scale so the lo/hi percentiles map to 0/1; a flat image becomes all zeros."""
-    out = np.array(values, dtype=np.float32)  # our own copy, then changed in place (a 2,048² X-ray:
-    lo, hi = np.percentile(out, percentiles)  # 4 float64 temporaries fewer, ~60 ms less)
+def robust_normalise(values: np.ndarray, percentiles: tuple[float, float], in_place: bool = False) -> np.ndarray:
+    """Scale so the lo/hi percentiles map to 0/1; a flat image becomes all zeros. `in_place`: `values`
+    (float32, the caller's own) is changed and returned instead of a copy."""
+    out = values if in_place and values.dtype == np.float32 else np.array(values, dtype=np.float32)  # our own
+    lo, hi = np.percentile(out, percentiles)  # copy, then changed in place (a 2,048² X-ray: 4 float64 temporaries fewer)
     if hi - lo < 1e-6:
         return np.zeros_like(out)
     out -= np.float32(lo)
@@ -196,26 +198,117 @@ def check_pixel_size(ds: pydicom.Dataset) -> None:
         raise BadDicomError(f"compressed frame is {size[0]} x {size[1]} but the DICOM header says {rows} x {columns}")
 
 
-def dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Decoded stored pixels of a single-frame greyscale image, as float32.
+# Where several decoders are installed, the one used first for a transfer syntax. CharLS (pyjpegls)
+# decodes JPEG-LS about four times faster than libjpeg, pydicom's first choice: 6 against 37 ms of CPU
+# for a 512 x 512 CT slice here. JPEG-LS decoding is exactly specified, so every decoder gives the same
+# values (tests/test_large_studies.py compares them).
+PREFERRED_DECODERS = {pydicom.uid.JPEGLSLossless: "pyjpegls", pydicom.uid.JPEGLSNearLossless: "pyjpegls"}
 
-    Compressed transfer syntaxes are decoded by the pylibjpeg plugins that pydicom finds, after
-    `check_pixel_size` has compared the frame's own header with the DICOM header.
+# The largest side an image is worked on at. A larger one (a 8000 x 8000 scan) is reduced by a whole
+# factor at once, in its decoded dtype (the mean of each f x f block), before any float copy is made:
+# every model input (at most 1,024 px) and overlay (512 px) is far smaller, and no CT, MR or radiograph
+# up to 4,096 px a side is touched, so their results are what they always were.
+MAX_WORKING_SIDE = 4096
+
+
+def working_factor(rows: int, columns: int) -> int:
+    """The whole factor an image of this size is reduced by after decoding (1: not reduced)."""
+    return max(1, -(-max(rows, columns) // MAX_WORKING_SIDE))
+
+
+def reduced(pixels: np.ndarray) -> np.ndarray:
+    """`pixels` (rows x columns, or x samples) with each side divided by `working_factor`: the mean of
+    each block, in the same dtype (OpenCV's area interpolation at a whole factor); unchanged when small."""
+    factor = working_factor(pixels.shape[0], pixels.shape[1])
+    if factor == 1:
+        return pixels
+    rows, columns = pixels.shape[0] // factor, pixels.shape[1] // factor
+    block = pixels[: rows * factor, : columns * factor]
+    samples = pixels.shape[2] if pixels.ndim == 3 else 1
+    if pixels.dtype in (np.uint8, np.uint16, np.int16, np.float32) and samples <= 4:
+        import cv2
+
+        return cv2.resize(np.ascontiguousarray(block), (columns, rows), interpolation=cv2.INTER_AREA)
+    shape = (rows, factor, columns, factor) + pixels.shape[2:]  # other dtypes (32-bit integers): in float32
+    return block.reshape(shape).mean(axis=(1, 3), dtype=np.float32)
+
+
+def instance_bytes(ds: pydicom.Dataset) -> int:
+    """What an instance weighs, as CDS_MAX_SERIES_BYTES counts a series: its pixel data as stored, or
+    as decoded if larger. The decoded size comes from the header (Rows x Columns x frames x samples x
+    bits), so a header claiming a 65535 x 65535 image is caught before any decoder allocates it.
+    """
+    stored = len(ds.get("PixelData") or b"")
+    try:
+        decoded = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+                   * int(ds.get("SamplesPerPixel", 1) or 1) * max(1, int(ds.get("BitsAllocated", 8) or 8) // 8))
+    except (TypeError, ValueError):
+        decoded = 0  # unreadable header values: the decoder will report them
+    return max(stored, decoded)
+
+
+def decode_cost(ds: pydicom.Dataset) -> int:
+    """The most memory decoding and preprocessing this instance takes at once, in bytes, from its header:
+    its stored pixel data, and the larger of two moments: decoding its first frame (twice the frame for
+    a compressed one: the decoder's own buffer and the array it is copied into), and working on the
+    image at its working size (`reduced`, then three float32 copies: the values, a windowed or sorted
+    copy, the resampler's).
+
+    An 8000 x 8000 16-bit RLE instance: 275 MB (19 MB stored, 2 x 128 MB decoding), and decoding it
+    grew a process by 275 MB (tests/test_large_studies.py measures it), where it grew by 909 MB before
+    the image was reduced at once. Unreadable header values count as 0: the decoder reports them."""
+    stored = len(ds.get("PixelData") or b"")
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        samples, bytes_per_sample = int(ds.get("SamplesPerPixel", 1) or 1), max(1, int(ds.get("BitsAllocated", 8) or 8) // 8)
+    except (TypeError, ValueError):
+        return stored
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        encapsulated = ts is not None and ts.is_encapsulated
+    except ValueError:
+        encapsulated = False
+    frame = rows * columns * samples * bytes_per_sample
+    factor = working_factor(rows, columns)
+    working_pixels = (rows // factor) * (columns // factor)
+    working = working_pixels * samples * bytes_per_sample + working_pixels * 4 * 3
+    return stored + max(frame * (2 if encapsulated else 1), working)
+
+
+def _decoding_plugin(ts: object) -> str:
+    preferred = PREFERRED_DECODERS.get(ts)  # type: ignore[call-overload]
+    if preferred is None:
+        return ""
+    try:
+        return preferred if preferred in get_decoder(ts).available_plugins else ""  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - no decoder for this syntax at all: pydicom says so when decoding
+        return ""
+
+
+def dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """Decoded stored pixels of a single-frame greyscale image (the first frame of a multi-frame one).
+
+    Compressed transfer syntaxes are decoded by the pylibjpeg or pyjpegls plugins that pydicom finds,
+    after `check_pixel_size` has compared the frame's own header with the DICOM header. Only the first
+    frame is decoded, nothing is cached on `ds` (pydicom's `pixel_array` would keep the array beside the
+    pixel data), and an image larger than MAX_WORKING_SIDE is reduced at once (`reduced`).
     """
     if "PixelData" not in ds:
         raise BadDicomError("DICOM object has no pixel data")
     check_pixel_size(ds)
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        pixels = ds.pixel_array
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        pixels = pixel_array(ds, index=0 if frames > 1 else None, decoding_plugin=_decoding_plugin(ts))
     except Exception as exc:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise BadDicomError(f"cannot decode pixel data (transfer syntax {ts}): {exc}") from exc
+        raise BadDicomError(f"cannot decode pixel data (transfer syntax {ts or 'unknown'}): {exc}") from exc
     if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame stands for the image
+    if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) < 8:
+        raise BadDicomError(f"unexpected pixel array shape {pixels.shape}")
+    pixels = reduced(pixels)
     if pixels.ndim == 3:  # colour (e.g. a secondary capture): luminance
         pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    if pixels.ndim != 2 or min(pixels.shape) < 8:
-        raise BadDicomError(f"unexpected pixel array shape {pixels.shape}")
     return pixels
 
 
@@ -242,18 +335,37 @@ def modality_values(ds: pydicom.Dataset) -> np.ndarray:
 
 def dicom_to_image(ds: pydicom.Dataset, spec: PreprocessingSpec) -> np.ndarray:
     """One DICOM image to an HxWx3 float32 array in [0, 1], as the card says."""
-    values = modality_values(ds)
+    values = modality_values(ds)  # our own float32 copy: windowed or normalised in place
     if spec.kind == "ct_windows":
         if len(set(spec.windows)) == 1:  # one window on all channels (the shipped head CT card)
-            return _three_channels(window(values, *spec.windows[0]))
+            return _three_channels(window(values, *spec.windows[0], out=values))
         return np.stack([window(values, c, w) for c, w in spec.windows], axis=2)
     if spec.kind == "xray":
         if "VOILUTSequence" in ds or "WindowCenter" in ds:
             values = apply_voi_lut(values, ds).astype(np.float32)
         if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             values = values.max() - values
-        return _three_channels(robust_normalise(values, spec.percentiles))
-    return _three_channels(robust_normalise(values, spec.percentiles))
+        return _three_channels(robust_normalise(values, spec.percentiles, in_place=True))
+    return _three_channels(robust_normalise(values, spec.percentiles, in_place=True))
+
+
+def dicom_to_model_input(ds: pydicom.Dataset, spec: PreprocessingSpec) -> np.ndarray:
+    """`resize(dicom_to_image(ds, spec), spec.input_size)`, the same numbers, without ever holding three
+    full-size channels: with one window, one plane is windowed in place and resized; with several, each
+    channel is windowed and resized before the next. Returns size x size (one plane, which the model
+    sees on all three channels: `as_model_input`) or size x size x 3."""
+    size = spec.input_size
+    if spec.kind != "ct_windows":
+        return resize(dicom_to_image(ds, spec), size)[..., 0]  # one plane repeated (_three_channels)
+    values = modality_values(ds)
+    if len(set(spec.windows)) == 1:
+        return resize(window(values, *spec.windows[0], out=values)[..., None], size)[..., 0]
+    return np.stack([resize(window(values, c, w)[..., None], size)[..., 0] for c, w in spec.windows], axis=2)
+
+
+def as_model_input(image: np.ndarray) -> np.ndarray:
+    """A `dicom_to_model_input` result as HxWx3 (a one-plane result repeated, without a copy)."""
+    return _three_channels(image) if image.ndim == 2 else image
 
 
 # --- 8-bit image files (training data, `triage --task` on PNG/JPEG) ------------------
@@ -289,8 +401,9 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
         return image if image.dtype == np.float32 else image.astype(np.float32)
     if image.shape[2] == 3 and image.strides[2] == 0:  # one plane repeated (_three_channels): resize it once
         return _three_channels(resize(image[..., :1], size)[..., 0])
-    channels = [
-        np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+    channels = [  # a contiguous float32 plane goes to Pillow as it is (Pillow copies it anyway)
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F")
+                   .resize((size, size), Image.BILINEAR))
         for c in range(image.shape[2])
     ]
     return np.stack(channels, axis=2).astype(np.float32)
