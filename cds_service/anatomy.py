@@ -126,7 +126,14 @@ def middle_slices(count: int, wanted: int = SLICES_LOOKED_AT) -> list[int]:
 def ct_series_verdict(datasets: Sequence[pydicom.Dataset]) -> CtVerdict:
     """A head when most measured middle slices look like one, not a head when most look like a trunk,
     else undecided (datasets in anatomical order)."""
-    shapes = [shape for i in middle_slices(len(datasets)) if (shape := dataset_shape(datasets[i])) is not None]
+    return ct_shapes_verdict([dataset_shape(datasets[i]) for i in middle_slices(len(datasets))])
+
+
+def ct_shapes_verdict(shapes: Sequence[CtSliceShape | None]) -> CtVerdict:
+    """`ct_series_verdict` from the measured shapes of the series' middle slices (`middle_slices` of
+    the ordered series, in that order; None where a slice could not be measured). What the pipeline
+    keeps of a streamed series instead of its datasets: a few numbers for five slices."""
+    shapes = [shape for shape in shapes if shape is not None]
     if not shapes:
         return CtVerdict(None, "the CT slices could not be measured (no PixelSpacing, or no body in the image)")
     kinds = [shape.kind for shape in shapes]

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pydicom
 
-from .anatomy import ct_series_verdict, middle_slices
+from .anatomy import CtSliceShape, ct_shapes_verdict, dataset_shape, middle_slices
 from .domain import Task
 
 HISTOGRAM_BINS = 24
@@ -135,12 +135,19 @@ def load_profile(weights_dir: Path, task_value: str, card: dict[str, Any]) -> In
 
 
 def series_verdict(task: Task, profile: InputProfile | None, statistics: Sequence[np.ndarray],
-                   datasets: Sequence[pydicom.Dataset] = ()) -> InputVerdict:
+                   datasets: Sequence[pydicom.Dataset] = (),
+                   ct_shapes: Sequence[CtSliceShape | None] | None = None) -> InputVerdict:
     """The input check of a routed study, before anything is written: for a head CT first the
     physical look (`anatomy`: head-sized, no lung), then the input profile on the middle slices.
-    `statistics` and `datasets` in anatomical order (datasets may be empty: image files)."""
-    if task is Task.HEAD_CT_ICH and datasets and str(getattr(datasets[0], "Modality", "")).upper() == "CT":
-        anatomy = ct_series_verdict(datasets)
+    `statistics` and `datasets` in anatomical order (datasets may be empty: image files).
+
+    `ct_shapes`, for a CT series streamed without keeping its datasets: the measured shapes of its
+    middle slices (`anatomy.middle_slices(len(statistics))`, in that order), in place of `datasets`."""
+    if (ct_shapes is None and task is Task.HEAD_CT_ICH and datasets
+            and str(getattr(datasets[0], "Modality", "")).upper() == "CT"):
+        ct_shapes = [dataset_shape(datasets[i]) for i in middle_slices(len(datasets))]
+    if task is Task.HEAD_CT_ICH and ct_shapes is not None:
+        anatomy = ct_shapes_verdict(ct_shapes)
         if anatomy.is_head is False:
             return InputVerdict(False, f"not a head CT: {anatomy.reason}; refused rather than guessed at")
     return study_verdict(profile, [statistics[i] for i in middle_slices(len(statistics))], task.value)
