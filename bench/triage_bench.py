@@ -72,10 +72,13 @@ SUBSCRIPTION_SECRET = "bench-secret"
 WEIGHTS_NOTE = ("card-compatible untrained weights (tests/support.py make_test_weights) at the production input "
                 "size with the shipped cards' preprocessing, thresholds 0: same network and compute as trained "
                 "weights; every study positive")
-# Wall-clock stages of run_triage: they add up to the total ("other" is the rest).
-STAGES = ("fhir_read", "qido", "fetch_decode_score", "gradcam", "fhir_write", "priority_update", "other")
-# Busy time inside fetch_decode_score, whose parts overlap (scoring runs in its own thread):
-# waiting for WADO-RS instances, decoding + preprocessing them, and the model.
+# Wall-clock stages of run_triage: they add up to the total ("other" is the rest). input_check: waiting
+# for the middle slices fetched again and measured (head CT), and the verdict; gradcam: the driving
+# slice fetched again, decoded, explained and drawn.
+STAGES = ("fhir_read", "qido", "fetch_decode_score", "input_check", "gradcam", "fhir_write", "priority_update", "other")
+# Busy time inside fetch_decode_score, whose parts overlap (scoring runs in its own thread, decoding in
+# the decoder processes): waiting for WADO-RS instances, decoding + preprocessing them (summed over the
+# decoder processes), and the model.
 OVERLAPPED = ("wado", "decode_preprocess", "inference")
 
 
@@ -318,19 +321,30 @@ class StageClock:
     def installed(self, deps: pipeline.PipelineDeps, model: Any) -> Iterator[None]:
         """Wrap the pipeline's steps for the duration (in this process only)."""
         pacs = deps.pacs_for(deps.settings.dicomweb_url)  # the worker keeps one client per PACS URL
+        series = pipeline.StreamedSeries
+        real_add = series.add
+
+        def add(streamed: Any, prepared: Any) -> None:  # decoding ran in a decoder process: its own time
+            self.add("decode_preprocess", prepared.seconds)
+            real_add(streamed, prepared)
+
         with ExitStack() as stack:
-            for module, name, stage in ((pipeline, "dicom_to_image", "decode_preprocess"),  # + the overlay's slice
-                                        (pipeline, "resize", "decode_preprocess"),
-                                        (pipeline, "score_stream", "fetch_decode_score"),
-                                        (pipeline, "build_triage_transaction", "fhir_write"),
-                                        (pipeline, "raise_order_priority", "priority_update"),
-                                        (triage, "explain", "gradcam")):
-                stack.enter_context(mock.patch.object(module, name, self.wrap(stage, getattr(module, name))))
+            for owner, name, stage in ((pipeline, "score_stream", "fetch_decode_score"),
+                                       (series, "middle_shapes", "input_check"),
+                                       (pipeline, "series_verdict", "input_check"),
+                                       (series, "dataset", "gradcam"),  # the driving slice, fetched again
+                                       (pipeline, "dicom_to_image", "gradcam"),  # and decoded
+                                       (pipeline, "build_triage_transaction", "fhir_write"),
+                                       (pipeline, "raise_order_priority", "priority_update"),
+                                       (triage, "explain", "gradcam")):
+                stack.enter_context(mock.patch.object(owner, name, self.wrap(stage, getattr(owner, name))))
+            stack.enter_context(mock.patch.object(series, "add", add))
             stack.enter_context(mock.patch.object(deps.fhir, "read", self.wrap("fhir_read", deps.fhir.read)))
             stack.enter_context(mock.patch.object(deps.fhir, "transaction",
                                                   self.wrap("fhir_write", deps.fhir.transaction)))
             stack.enter_context(mock.patch.object(pacs, "find_study", self.wrap("qido", pacs.find_study)))
-            stack.enter_context(mock.patch.object(pacs, "iter_series", self.wrap_iterator("wado", pacs.iter_series)))
+            stack.enter_context(mock.patch.object(pacs, "iter_series_parts",
+                                                  self.wrap_iterator("wado", pacs.iter_series_parts)))
             stack.enter_context(mock.patch.object(model, "predict_with_features",
                                                   self.wrap("inference", model.predict_with_features)))
             yield

@@ -56,14 +56,17 @@ def raw_cam(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def refined_class_activation_map(model: LoadedModel, image: np.ndarray, label_index: int,
-                                 features: np.ndarray) -> np.ndarray:
+                                 features: np.ndarray | None = None) -> np.ndarray:
     """Grad-CAM at twice the feature map's resolution, from three more forward passes of one slice.
 
     The last feature map has one cell per 32 px (5 x 5 at 160 px: one blob over half a head).
     The slice is also scored shifted by half a cell to the left, up, and both; each shifted map's
     cells sit half-way between the unshifted ones, so the four interleave into a 2h x 2w map with
     a cell every 16 px. The same classifier weights give each map (`class_activation_map`), so
-    it stays exact Grad-CAM at every sampled position. Costs one batch of 3 on the driving slice.
+    it stays exact Grad-CAM at every sampled position. Costs one batch of 3 on the driving slice,
+    or of 4 when the scoring pass's `features` were not kept (the slice itself is scored again with the
+    shifted copies: ONNX Runtime gives a slice the same feature map in any batch, checked in
+    tests/test_large_studies.py).
     """
     spec = model.card.preprocessing
     size = spec.input_size
@@ -71,7 +74,11 @@ def refined_class_activation_map(model: LoadedModel, image: np.ndarray, label_in
     base = resize(image, size)
     shifted = [np.pad(base, ((0, dy), (0, dx), (0, 0)), mode="edge")[dy:, dx:]
                for dy, dx in ((0, half), (half, 0), (half, half))]
-    _, more = model.predict_with_features(to_batch(shifted, spec))
+    if features is None:
+        _, maps = model.predict_with_features(to_batch([base, *shifted], spec))
+        features, more = maps[0], maps[1:]
+    else:
+        _, more = model.predict_with_features(to_batch(shifted, spec))
     weights = model.cam_weights[label_index]
     maps = [raw_cam(features, weights)] + [raw_cam(m, weights) for m in more]
     height, width = maps[0].shape
@@ -145,12 +152,13 @@ def explain(model: LoadedModel, image: np.ndarray, label: str, slice_index: int 
             features: np.ndarray | None = None) -> Heatmap:
     """The Heatmap for `label` on `image` (the driving slice).
 
-    With the slice's feature map from scoring and a linear head, Grad-CAM is computed from
-    them, at twice the feature map's resolution (`refined_class_activation_map`); otherwise
-    pytorch-grad-cam runs its forward and backward pass on the torch network.
+    With a linear head whose runtime gives the feature map (`cam_weights`), Grad-CAM is computed from
+    the slice's feature map (from scoring, or scored again when not kept), at twice the feature map's
+    resolution (`refined_class_activation_map`); otherwise pytorch-grad-cam runs its forward and
+    backward pass on the torch network.
     """
     label_index = model.card.labels.index(label)
-    if features is not None and model.cam_weights is not None:
+    if model.cam_weights is not None:
         cam = refined_class_activation_map(model, image, label_index, features)
     else:
         cam = grad_cam(model, image, label_index)

@@ -66,31 +66,38 @@ def score_images(model: LoadedModel, images: Sequence[np.ndarray], batch_size: i
 
 
 def score_stream(model: LoadedModel, images: Iterable[np.ndarray], expected: int,
-                 batch_size: int = CPU_BATCH_SIZE) -> SeriesScores:
+                 batch_size: int = CPU_BATCH_SIZE, keep_features: bool = True) -> SeriesScores:
     """`score_images` for images still arriving: each batch is scored in a second thread
     while the next images are fetched and decoded in this one (the model releases the GIL).
 
     `expected` (the PACS's instance count, 0 if unknown) sets equal batches; more or fewer
-    images than expected are all scored all the same.
+    images than expected are all scored all the same. `keep_features=False` drops each batch's
+    feature maps (1,280 x 7 x 7 floats a slice at 224 px: 75 MB for 300 slices): the explanation
+    then scores its one slice again (`explain.refined_class_activation_map`).
     """
     spec = model.card.preprocessing
     sizes = batch_sizes(expected, batch_size)
     futures: list[Future] = []
+
+    def score(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        probabilities, maps = model.predict_with_features(batch)
+        return probabilities, maps if keep_features else None
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as scorer:
         pending: list[np.ndarray] = []
         for image in images:
             pending.append(image)
             if len(pending) >= (sizes[0] if sizes else batch_size):
-                futures.append(scorer.submit(model.predict_with_features, to_batch(pending, spec)))
+                futures.append(scorer.submit(score, to_batch(pending, spec)))
                 pending, sizes = [], sizes[1:]
         if pending:
-            futures.append(scorer.submit(model.predict_with_features, to_batch(pending, spec)))
+            futures.append(scorer.submit(score, to_batch(pending, spec)))
     if not futures:
         raise ValueError("no images to score")
     chunks = [future.result() for future in futures]
     per_slice = np.concatenate([probabilities for probabilities, _ in chunks], axis=0)
     features = None
-    if all(maps is not None for _, maps in chunks):
+    if keep_features and all(maps is not None for _, maps in chunks):
         features = np.concatenate([maps for _, maps in chunks], axis=0)
     return SeriesScores(per_slice=per_slice, features=features, pooling=model.card.series_pooling)
 

@@ -6,6 +6,8 @@ service's error kinds: down/5xx/timeouts are transient, 4xx are permanent.
 
 from __future__ import annotations
 
+import io
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -16,6 +18,7 @@ from dicomweb_client import DICOMwebClient
 from .domain import Series, Study
 from .errors import (BadDicomError, PermanentError, StudyTooLargeError, TransientError, TriageError, UpstreamError,
                      UpstreamRejectedError)
+from .decoding import slice_position
 from .metrics import count_upstream_error
 from .preprocessing import decode_cost, instance_bytes
 
@@ -30,6 +33,8 @@ REQUESTED_PROCEDURE = "00321060"
 ANATOMIC_REGION = "00082218"
 INSTANCE_NUMBER = "00200013"
 SOP_UID = "00080018"
+AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'  # WADO-RS, in the stored syntax
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 # DICOM coding schemes of body parts, as FHIR systems
 CODING_SCHEMES = {"SCT": "http://snomed.info/sct", "SRT": "http://snomed.info/sct", "LN": "http://loinc.org",
                   "RADLEX": "http://www.radlex.org"}
@@ -152,6 +157,7 @@ class Pacs:
         if config.bearer_token:
             session.headers["Authorization"] = f"Bearer {config.bearer_token}"
         self.config = config
+        self.session = session
         self.client = DICOMwebClient(url=config.url.rstrip("/"), session=session, timeout=config.timeout_s)
 
     def find_study(self, study_uid: str) -> Study:
@@ -185,29 +191,64 @@ class Pacs:
                                      "(CDS_MAX_SERIES_BYTES)")
         return ds
 
-    def iter_series(self, study_uid: str, series: Series, max_instances: int) -> Iterator[pydicom.Dataset]:
-        """The series' instances as WADO-RS delivers them, in the stored transfer syntax, so the
-        caller can work on each while the next is on its way. Stops with StudyTooLargeError as
-        soon as the instance or byte limit is passed; transfer faults are mapped like every other call."""
+    def iter_series_parts(self, study_uid: str, series: Series, max_instances: int) -> Iterator[bytes]:
+        """The series' instances as WADO-RS delivers them, each as its Part-10 bytes in the stored transfer
+        syntax, unparsed (the pipeline's decoder processes parse them), so the caller can work on each
+        while the next is on its way. Stops with StudyTooLargeError as soon as the instance limit is
+        passed; transfer faults are mapped like every other call."""
         if series.number_of_instances > max_instances:
             raise StudyTooLargeError(
                 f"series has {series.number_of_instances} instances, above the limit of {max_instances}"
             )
-        stream = self._call(lambda: iter(self.client.iter_series(study_uid, series.uid,  # sends the request
-                                                                 media_types=(("application/dicom", "*"),))),
-                            study_uid)
-        count = total = 0
-        while (ds := self._call(lambda: next(stream, None), study_uid)) is not None:
+        parts = self._parts("studies", study_uid, "series", series.uid)
+        count = 0
+        while (part := self._call(lambda: next(parts, None), study_uid)) is not None:
             count += 1
-            total += instance_bytes(ds)
             if count > max_instances:
+                parts.close()
                 raise StudyTooLargeError(f"series has more than {max_instances} instances, above the limit")
-            if self.config.max_series_bytes and total > self.config.max_series_bytes:
-                raise StudyTooLargeError(f"series is larger than the limit of {self.config.max_series_bytes} bytes "
-                                         f"(CDS_MAX_SERIES_BYTES) after {count} instances")
-            yield ds
+            yield part
         if not count:
             raise StudyNotInPacsError("series has no instances in the PACS")
+
+    def iter_series(self, study_uid: str, series: Series, max_instances: int) -> Iterator[pydicom.Dataset]:
+        """`iter_series_parts`, each instance parsed; also stops when the series passes CDS_MAX_SERIES_BYTES."""
+        total = 0
+        for count, part in enumerate(self.iter_series_parts(study_uid, series, max_instances), start=1):
+            ds = self._call(lambda: pydicom.dcmread(io.BytesIO(part)), study_uid)
+            total += instance_bytes(ds)
+            self.check_series_bytes(total, count)
+            yield ds
+
+    def check_series_bytes(self, total: int, count: int) -> None:
+        """StudyTooLargeError once the first `count` instances weigh more than CDS_MAX_SERIES_BYTES."""
+        if self.config.max_series_bytes and total > self.config.max_series_bytes:
+            raise StudyTooLargeError(f"series is larger than the limit of {self.config.max_series_bytes} bytes "
+                                     f"(CDS_MAX_SERIES_BYTES) after {count} instances")
+
+    def retrieve_part(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> bytes:
+        """One instance's Part-10 bytes in its stored transfer syntax (a slice fetched again: the few the
+        input check and the explanation need after a series was streamed and forgotten)."""
+        parts = self._parts("studies", study_uid, "series", series_uid, "instances", sop_instance_uid)
+        try:
+            part = self._call(lambda: next(parts, None), study_uid)
+        finally:
+            parts.close()
+        if part is None:
+            raise StudyNotInPacsError("instance not in the PACS any more")
+        return part
+
+    def _parts(self, *path: str) -> Iterator[bytes]:
+        """GET a WADO-RS resource as stored; its multipart body's parts, as they arrive (a generator:
+        nothing is sent before the first `next`)."""
+        for uid in path[1::2]:
+            if not UID_PATTERN.fullmatch(uid) or len(uid) > 64:
+                raise PermanentError(f"not a DICOM UID: {uid[:80]!r}")
+        url = "/".join([self.config.url.rstrip("/"), *path])
+        response = self.session.get(url, headers={"Accept": AS_STORED}, stream=True, timeout=self.config.timeout_s)
+        with response:
+            response.raise_for_status()
+            yield from multipart_parts(response)
 
     def _call(self, request: Any, study_uid: str) -> Any:
         try:
@@ -237,16 +278,43 @@ class Pacs:
             raise BadDicomError(f"PACS sent a DICOM object that could not be read: {type(exc).__name__}: {exc}") from exc
 
 
+def multipart_parts(response: requests.Response, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """The bodies of a multipart/related answer's parts, each as soon as its closing delimiter arrived
+    (a non-multipart application/dicom answer, which some servers send for one instance: its body)."""
+    media_type, _, params = response.headers.get("Content-Type", "").partition(";")
+    media_type = media_type.strip().lower()
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in params.split(";")
+                     if p.strip().lower().startswith("boundary=")), "")
+    if media_type == "application/dicom":
+        yield response.content
+        return
+    if media_type != "multipart/related" or not boundary:
+        raise ValueError(f"expected a multipart/related answer, got {media_type or 'no content type'}")
+    delimiter = b"\r\n--" + boundary.encode()
+    data = bytearray(b"\r\n")  # so the opening boundary reads like every other delimiter
+    search = 0
+    for chunk in response.iter_content(chunk_size=chunk_size):
+        data += chunk
+        start = 0
+        while (end := data.find(delimiter, search)) >= 0:
+            part = data[start:end]
+            start = search = end + len(delimiter)
+            header_end = part.find(b"\r\n\r\n")
+            if header_end >= 0:  # the preamble and the closing "--" carry no headers
+                yield bytes(part[header_end + 4:])
+        if start:
+            del data[:start]
+        search = max(0, len(data) - len(delimiter) + 1)
+
+
 def slice_order(datasets: Sequence[pydicom.Dataset]) -> list[int]:
     """Indices of the slices in anatomical order (ImagePositionPatient z, else InstanceNumber)."""
+    return positions_order([slice_position(ds) for ds in datasets])
 
-    def key(index: int) -> tuple[float, float]:
-        ds = datasets[index]
-        position = getattr(ds, "ImagePositionPatient", None)
-        z = float(position[2]) if position is not None and len(position) == 3 else 0.0
-        return (z, float(getattr(ds, "InstanceNumber", 0) or 0))
 
-    return sorted(range(len(datasets)), key=key)
+def positions_order(positions: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices in anatomical order of slices at these `decoding.slice_position`s."""
+    return sorted(range(len(positions)), key=positions.__getitem__)
 
 
 def sort_slices(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:

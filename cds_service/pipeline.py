@@ -8,8 +8,10 @@ a thin adapter (FhirClient, Pacs) that raises the service's error kinds.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -18,16 +20,18 @@ import pydicom
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
+from .anatomy import CtSliceShape, middle_slices
+from .decoding import DecodePool, PreparedSlice, decode_pool, measure_shape, prepare_slice
 from .domain import OrderContext, Priority, Series, Task, TaskMode, TriageResult
 from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
 from .inference import score_stream
-from .input_profile import image_statistics, series_verdict
+from .input_profile import series_verdict
 from .jobs import Job, JobState
 from .metrics import observe_model_latency
 from .models import ModelRegistry
-from .pacs import Pacs, slice_order
-from .preprocessing import dicom_to_image, resize
+from .pacs import Pacs, positions_order
+from .preprocessing import dicom_to_image, read_dicom
 from .priority import parse_priority, raised_priority
 from .routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
 from .secondary_capture import heatmap_to_pacs
@@ -117,41 +121,43 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
         return (JobState.NOT_APPLICABLE, f"{route.task.value} is off at this site (CDS_TASK_MODES)",
                 {"task": route.task.value, "mode": mode.value})
 
-    # 4. Fetch the series and score it as it arrives: each slice is decoded and preprocessed as
-    #    the model card says, and each batch is scored while the next one is on its way.
+    # 4. Fetch the series and score it as it arrives: each slice is decoded and preprocessed as the
+    #    model card says, in the decoder processes (every core), while the model scores the batch
+    #    before. Of each slice only its place, its SOP Instance UID and a few hundred numbers for the
+    #    input check are kept: memory does not grow with the series.
     spec = model.card.preprocessing
-    arrived: list[pydicom.Dataset] = []
-    statistics: list[np.ndarray] = []  # per slice, for the input check (a few hundred numbers each)
+    pool = decode_pool(settings.decode_processes)
+    series = StreamedSeries(pacs, ctx.study_uid, route.series.uid, pool, settings.max_series_bytes)
 
     def model_inputs() -> Iterator[np.ndarray]:
-        for ds in pacs.iter_series(ctx.study_uid, route.series, settings.max_instances):
-            arrived.append(ds)
-            image = resize(dicom_to_image(ds, spec), spec.input_size)  # the full-size image is not kept
-            statistics.append(image_statistics(image))
-            yield image
+        parts = pacs.iter_series_parts(ctx.study_uid, route.series, settings.max_instances)
+        for prepared in pool.map(prepare_slice, parts, spec, settings.max_series_bytes):
+            series.add(prepared)
+            yield prepared.image
+        if route.task is Task.HEAD_CT_ICH and series.modality.upper() == "CT":
+            series.measure_middle_slices()  # fetched again while the last batch is scored
 
     started = time.perf_counter()
-    scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.inference_batch_size)
-    order = slice_order(arrived)
-    datasets, scores = [arrived[index] for index in order], scores.reordered(order)
+    scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.inference_batch_size,
+                          keep_features=False)
+    scores = scores.reordered(series.order)
 
     # 4b. Refuse what the model was not made for (a chest CT whose header says head, an X-ray of a
     #     knee), before anything is written: the reason names the measurement.
-    verdict = series_verdict(route.task, profile, [statistics[index] for index in order], datasets)
+    verdict = series_verdict(route.task, profile, series.statistics(), ct_shapes=series.middle_shapes())
     if verdict.fits is False:
         return (JobState.NOT_APPLICABLE, verdict.reason,
                 {"task": route.task.value, "routedBy": route.evidence, "inputCheck": verdict.to_summary()})
 
     # 5. Findings, priority, and Grad-CAM of the top finding, drawn on its slice: the one slice that
-    #    drove the finding is decoded again (the explanation scores it shifted, and the overlay draws
-    #    on it), so no per-slice picture is kept while the series arrives.
+    #    drove the finding is fetched and decoded again (the explanation scores it, shifted, and the
+    #    overlay draws on it), so no slice is kept while the series arrives.
     def slice_image(index: int) -> np.ndarray:
-        return dicom_to_image(datasets[index], spec)
+        return dicom_to_image(series.dataset(index), spec)
 
     result = triage_scores(
         model, scores, slice_image, settings.priority_rules,
-        study_uid=ctx.study_uid, series_uid=route.series.uid,
-        sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
+        study_uid=ctx.study_uid, series_uid=route.series.uid, sop_instance_uids=series.sop_instance_uids(),
     )
     result = replace(result, mode=mode)
     observe_model_latency(route.task.value, time.perf_counter() - started)
@@ -173,10 +179,104 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     # 8. The heatmap back into the PACS, as a Secondary Capture in the same study (optional).
     #    Its failure is recorded in the job result; it never fails a triage already written.
     if settings.heatmap_to_pacs and result.heatmap is not None:
-        summary["heatmapToPacs"] = heatmap_to_pacs(pacs, deps.fhir, datasets, result, written.get("Media") or [])
+        summary["heatmapToPacs"] = heatmap_to_pacs(pacs, deps.fhir, series.fetched_datasets(), result,
+                                                   written.get("Media") or [])
 
     log.info("triage done", extra={"job": job.id, "task": route.task.value, "priority": change})
     return JobState.DONE, "", summary
+
+
+@dataclass
+class StreamedSeries:
+    """What the pipeline keeps of a series streamed through the decoders, a few numbers per slice, and
+    the few slices it fetches again afterwards (the input check's middle slices, the driving slice)."""
+
+    pacs: Pacs
+    study_uid: str
+    series_uid: str
+    pool: DecodePool
+    max_decode_bytes: int
+    positions: list[tuple[float, float]] = field(default_factory=list)
+    sops: list[str] = field(default_factory=list)
+    stats: list[np.ndarray] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=list)
+    weight: int = 0  # what CDS_MAX_SERIES_BYTES counts
+    _order: list[int] | None = None
+    _parts: dict[str, bytes] = field(default_factory=dict)  # SOP Instance UID -> fetched again
+    _datasets: dict[str, pydicom.Dataset] = field(default_factory=dict)
+    _middle: Future | None = None
+
+    def add(self, prepared: PreparedSlice) -> None:
+        self.weight += prepared.instance_bytes
+        self.pacs.check_series_bytes(self.weight, len(self.sops) + 1)
+        self.positions.append(prepared.position)
+        self.sops.append(prepared.sop_instance_uid)
+        self.stats.append(prepared.statistics)
+        self.modalities.append(prepared.modality)
+
+    @property
+    def order(self) -> list[int]:
+        """Arrival indices in anatomical order."""
+        if self._order is None or len(self._order) != len(self.sops):
+            self._order = positions_order(self.positions)
+        return self._order
+
+    @property
+    def modality(self) -> str:
+        """The modality of the first slice in anatomical order."""
+        return self.modalities[self.order[0]] if self.sops else ""
+
+    def statistics(self) -> list[np.ndarray]:
+        return [self.stats[index] for index in self.order]
+
+    def sop_instance_uids(self) -> list[str]:
+        return [self.sops[index] for index in self.order]
+
+    def measure_middle_slices(self) -> None:
+        """Start fetching the middle slices again and measuring them (`anatomy.dataset_shape`), in the
+        background: the input check waits for them in `middle_shapes`."""
+        sops = [self.sop_instance_uids()[index] for index in middle_slices(len(self.sops))]
+
+        def fetch_and_measure() -> list[CtSliceShape | None]:
+            with ThreadPoolExecutor(max_workers=max(1, len(sops)), thread_name_prefix="refetch") as fetcher:
+                parts = list(fetcher.map(self._part, sops))
+            return self.pool.map_all(measure_shape, parts, self.max_decode_bytes)
+
+        self._middle = in_background(fetch_and_measure, "middle-slices")
+
+    def middle_shapes(self) -> list[CtSliceShape | None] | None:
+        """The measured middle slices (None: not measured, not a CT routed to the head CT model)."""
+        return None if self._middle is None else self._middle.result()
+
+    def _part(self, sop: str) -> bytes:
+        if sop not in self._parts:
+            self._parts[sop] = self.pacs.retrieve_part(self.study_uid, self.series_uid, sop)
+        return self._parts[sop]
+
+    def dataset(self, index: int) -> pydicom.Dataset:
+        """The slice at `index` in anatomical order, fetched again (or kept from the input check's fetch)."""
+        sop = self.sop_instance_uids()[index]
+        if sop not in self._datasets:
+            ds = read_dicom(self._part(sop))
+            self._datasets[sop] = ds
+        return self._datasets[sop]
+
+    def fetched_datasets(self) -> list[pydicom.Dataset]:
+        return list(self._datasets.values())
+
+
+def in_background(function: Callable[[], Any], name: str) -> Future:
+    """Run `function` in a thread of its own; its result (or exception) in the returned Future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def pixel_looks(pacs: Pacs, study_uid: str, candidates: list[Series], models: ModelRegistry) -> dict[str, Task | None]:

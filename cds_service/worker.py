@@ -22,6 +22,7 @@ from typing import Any, Callable
 from . import metrics
 from .audit import open_write_back_trail, write_back_event
 from .drift import alarm_hook
+from .decoding import decode_pool
 from .jobs import BaseJobStore, Job, JobState, Leases, QueueUnavailableError, create_queue, open_job_store, register_triage_task
 from .domain import Task
 from .models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
@@ -190,6 +191,15 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
                                                model_set=model_set_version(settings.weights_dir)))
     log.info("worker started", extra={"worker": leases.worker, "threads": settings.workers})
     start_keeper(store, leases, task, settings)
+    # the decoder processes start beside the consumer, so the first study does not wait for them
+    threading.Thread(target=warm_decoders, args=(settings,), name="decoders", daemon=True).start()
     consumer = huey.create_consumer(workers=settings.workers, worker_type="thread", periodic=False,
                                     initial_delay=0.05, max_delay=0.5, backoff=1.15)
     consumer.run()
+
+
+def warm_decoders(settings: Settings) -> None:
+    try:
+        decode_pool(settings.decode_processes).warm()
+    except Exception:  # noqa: BLE001 - the first study starts them, or says why it cannot
+        log.exception("decoder processes did not start")

@@ -1,0 +1,247 @@
+"""A series' slices decoded beside the model, on every core: bytes in, the model's input and a few numbers out.
+
+The JPEG-LS, JPEG and JPEG 2000 decoders (CharLS, libjpeg, OpenJPEG) hold Python's GIL while they
+decode (measured: two threads decode no faster than one), so a worker that decoded in threads would
+decode on one core while the model waits. The pipeline hands each instance's bytes, as WADO-RS
+delivered them, to a small pool of processes (CDS_DECODE_PROCESSES, default one per core; 0 decodes
+in the worker's own thread). Each parses, checks, decodes and preprocesses one slice
+(`prepare_slice`) and sends back the model's input and what the pipeline keeps of a slice: its SOP
+Instance UID, its place in the series and the input check's statistics. Results come back in the
+order the instances arrived, so the model's batches are what they were when the worker decoded them
+itself, and only a few instances are in flight, so memory does not grow with the series.
+
+Asking the PACS for an uncompressed transfer syntax instead was measured and not kept: Orthanc
+transcoding a 512 x 512 JPEG-LS slice took 12 ms of its CPU and ~20 ms a slice in series, where
+CharLS decodes it here in about 6 ms (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.spawn
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pydicom
+
+from .anatomy import CtSliceShape, dataset_shape
+from .errors import BadDicomError, StudyTooLargeError
+from .input_profile import image_statistics
+from .preprocessing import PreprocessingSpec, as_model_input, decode_cost, dicom_to_model_input, instance_bytes, read_dicom
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_PROCESS = 2  # instances handed to a decoder process ahead of the one being read
+
+
+def slice_position(ds: pydicom.Dataset) -> tuple[float, float]:
+    """Where a slice sits in its series: (ImagePositionPatient z, InstanceNumber); sorting by it gives
+    the anatomical order (`pacs.slice_order`)."""
+    position = getattr(ds, "ImagePositionPatient", None)
+    z = float(position[2]) if position is not None and len(position) == 3 else 0.0
+    return (z, float(getattr(ds, "InstanceNumber", 0) or 0))
+
+
+@dataclass(frozen=True)
+class PreparedSlice:
+    """One slice, decoded and preprocessed: its model input and what the pipeline keeps of it."""
+
+    sop_instance_uid: str
+    position: tuple[float, float]  # slice_position
+    modality: str
+    model_input: np.ndarray  # size x size (one plane the model sees on all three channels) or size x size x 3
+    statistics: np.ndarray  # input_profile.image_statistics of the model input
+    instance_bytes: int  # what CDS_MAX_SERIES_BYTES counts of it
+    seconds: float  # time spent parsing, decoding and preprocessing it, where that ran
+
+    @property
+    def image(self) -> np.ndarray:
+        """The model input as HxWx3 (a one-plane input repeated, without a copy)."""
+        return as_model_input(self.model_input)
+
+
+def check_decode_cost(ds: pydicom.Dataset, max_bytes: int) -> None:
+    """StudyTooLargeError when decoding this instance would take more memory at once than `max_bytes`
+    (CDS_MAX_SERIES_BYTES: one instance may not cost more than a whole series may weigh)."""
+    cost = decode_cost(ds)
+    if max_bytes and cost > max_bytes:
+        raise StudyTooLargeError(f"decoding an instance ({int(ds.get('Rows', 0) or 0)} x {int(ds.get('Columns', 0) or 0)}) "
+                                 f"would take {cost} bytes, above the limit of {max_bytes} bytes (CDS_MAX_SERIES_BYTES)")
+
+
+def prepare_slice(data: bytes, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedSlice:
+    """Parse, check, decode and preprocess one instance (Part-10 bytes) as the card says. Pure: runs
+    in a decoder process or in the caller's thread with the same result."""
+    started = time.perf_counter()
+    ds = read_dicom(data)
+    check_decode_cost(ds, max_decode_bytes)
+    model_input = dicom_to_model_input(ds, spec)
+    return PreparedSlice(
+        sop_instance_uid=str(getattr(ds, "SOPInstanceUID", "") or ""),
+        position=slice_position(ds),
+        modality=str(getattr(ds, "Modality", "") or ""),
+        model_input=model_input,
+        statistics=image_statistics(as_model_input(model_input)),
+        instance_bytes=instance_bytes(ds),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def measure_shape(data: bytes, max_decode_bytes: int = 0) -> CtSliceShape | None:
+    """`anatomy.dataset_shape` of one instance's bytes (a middle slice, fetched again for the input check)."""
+    ds = read_dicom(data)
+    check_decode_cost(ds, max_decode_bytes)
+    return dataset_shape(ds)
+
+
+_spawning = threading.Lock()
+
+
+@contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Decoder processes started meanwhile do not import the parent's `__main__` again.
+
+    A spawned child normally re-runs the parent's main script (or module) before its first task:
+    the bench's whole script, or a caller's unguarded script with everything it does at import. The
+    decoders need only this module, which they import by name to unpickle `prepare_slice`. Processes
+    are started inside ProcessPoolExecutor.submit, so only submits are wrapped (one at a time)."""
+    original = multiprocessing.spawn.get_preparation_data
+
+    def without_main(name: str) -> dict[str, Any]:
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    with _spawning:
+        multiprocessing.spawn.get_preparation_data = without_main  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            multiprocessing.spawn.get_preparation_data = original  # type: ignore[assignment]
+
+
+def _child_ready(pause_s: float) -> int:
+    time.sleep(pause_s)  # long enough that each warm-up call lands in its own process
+    return os.getpid()
+
+
+def _child_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one slice per process: the parallelism is the pool's
+
+
+class DecodePool:
+    """`processes` decoder processes (spawned, not forked: the worker runs threads), or none (0): the
+    same functions then run in the caller's thread. One pool serves every worker thread of a process."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = default_processes() if processes < 0 else processes
+        self._executor: Executor | None = None
+        self._lock = threading.Lock()
+
+    def _pool(self) -> Executor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=_child_init)
+            return self._executor
+
+    def warm(self) -> None:
+        """Start every decoder process now (each imports numpy, pydicom, OpenCV: about a second), so
+        the first study does not wait for them."""
+        if self.processes:
+            self.map_all(_child_ready, [0.2] * self.processes)
+
+    def pids(self) -> list[int]:
+        """The decoder processes' ids (those started so far)."""
+        executor = self._executor
+        return sorted(getattr(executor, "_processes", None) or {}) if executor is not None else []
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        if not self.processes:
+            future: Future = Future()
+            try:
+                future.set_result(function(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the result
+                future.set_exception(exc)
+            return future
+        try:
+            with _without_main_module():
+                return self._pool().submit(function, *args)
+        except BrokenProcessPool:
+            self._reset()
+            with _without_main_module():
+                return self._pool().submit(function, *args)
+
+    def result(self, future: Future) -> Any:
+        """The call's result; a decoder process that died (killed for memory, crashed in a codec) is
+        BadDicomError, and the pool is started afresh for the next call."""
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            self._reset()
+            raise BadDicomError("a decoder process died while decoding an instance (out of memory, or a codec "
+                                "crashed on it)") from exc
+
+    def map(self, function: Callable[..., Any], items: Iterable[Any], *args: Any) -> Iterator[Any]:
+        """`function(item, *args)` for each item, results in the items' order, as soon as each is ready;
+        at most IN_FLIGHT_PER_PROCESS per process are handed out ahead of the one waited for."""
+        if not self.processes:
+            for item in items:
+                yield function(item, *args)
+            return
+        ahead = IN_FLIGHT_PER_PROCESS * self.processes
+        pending: deque[Future] = deque()
+        try:
+            for item in items:
+                pending.append(self.submit(function, item, *args))
+                while pending and (len(pending) > ahead or pending[0].done()):
+                    yield self.result(pending.popleft())
+            while pending:
+                yield self.result(pending.popleft())
+        finally:
+            for future in pending:  # the consumer stopped (a limit, a failed transfer): drop the rest
+                future.cancel()
+
+    def map_all(self, function: Callable[..., Any], items: Sequence[Any], *args: Any) -> list[Any]:
+        """Every result at once (a few instances: the middle slices)."""
+        futures = [self.submit(function, item, *args) for item in items]
+        return [self.result(future) for future in futures]
+
+    def _reset(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self._reset()
+
+
+_pools: dict[int, DecodePool] = {}
+_pools_lock = threading.Lock()
+
+
+def decode_pool(processes: int) -> DecodePool:
+    """This process's pool of `processes` decoders (-1: one per core; created once, shared by its
+    worker threads)."""
+    with _pools_lock:
+        if processes not in _pools:
+            _pools[processes] = DecodePool(processes)
+        return _pools[processes]
+
+
+def default_processes() -> int:
+    """One decoder process per core."""
+    return os.cpu_count() or 1

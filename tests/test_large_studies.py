@@ -1,0 +1,223 @@
+"""Large studies, fast and lean (issue #21).
+
+- A series streamed through the decoder processes and forgotten gets the findings, probabilities,
+  input check and Grad-CAM overlay it got before (recorded in tests/references/large_study_reference.json
+  with the code before this change, and computed here again by a copy of that code);
+- the decoder pool keeps the arrival order, reports its failures, and does not run the caller's script;
+- an instance that would cost more to decode than CDS_MAX_SERIES_BYTES is refused undecoded;
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from cds_service.decoding import DecodePool, PreparedSlice, prepare_slice
+from cds_service.devservers import dicom_bytes, upload_dicom
+from cds_service.domain import Task
+from cds_service.errors import BadDicomError, StudyTooLargeError
+from cds_service.preprocessing import PreprocessingSpec, decode_cost, read_dicom
+from support import make_test_weights
+from test_decode_memory import head_ct_series, todays_image
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = json.loads((ROOT / "tests" / "references" / "large_study_reference.json").read_text())
+CARDS = {"three_windows": {"seed": 0, "preprocessing": None},
+         "one_window": {"seed": 3, "preprocessing": {"kind": "ct_windows", "windows": [[40, 80]] * 3}}}
+
+
+# --- the decoder pool ------------------------------------------------------------------------------
+
+
+SPEC = PreprocessingSpec("ct_windows", 64, ((40.0, 80.0),) * 3)
+
+
+def test_the_pool_gives_what_the_caller_would_in_the_order_the_slices_came() -> None:
+    parts = [dicom_bytes(ds) for ds in head_ct_series(7, size=96)]
+    here = [prepare_slice(part, SPEC) for part in parts]
+    pool = DecodePool(2)
+    try:
+        pooled = list(pool.map(prepare_slice, parts, SPEC))
+        assert len(pool.pids()) == 2 and os.getpid() not in pool.pids()
+    finally:
+        pool.close()
+    assert [p.sop_instance_uid for p in pooled] == [h.sop_instance_uid for h in here]
+    for a, b in zip(pooled, here):
+        np.testing.assert_array_equal(a.model_input, b.model_input)
+        np.testing.assert_array_equal(a.statistics, b.statistics)
+        assert a.position == b.position and a.instance_bytes == b.instance_bytes and a.modality == "CT"
+    assert pooled[0].model_input.shape == (64, 64)  # one plane crosses the pipe; the model sees it three times
+    assert pooled[0].image.shape == (64, 64, 3) and pooled[0].image.strides[2] == 0
+
+
+def test_a_bad_slice_in_a_decoder_process_fails_the_study_like_one_decoded_here(tmp_path: Path) -> None:
+    good = dicom_bytes(head_ct_series(1, size=64)[0])
+    pool = DecodePool(1)
+    try:
+        with pytest.raises(BadDicomError, match="not a readable DICOM"):
+            list(pool.map(prepare_slice, [good, b"not dicom at all"], SPEC))
+        with pytest.raises(BadDicomError, match="not a readable DICOM"):
+            list(DecodePool(0).map(prepare_slice, [good, b"not dicom at all"], SPEC))
+        with pytest.raises(BadDicomError, match="decoder process died"):
+            list(pool.map(killed_while_decoding, [good], SPEC))  # killed for memory, or crashed in a codec
+        assert isinstance(next(pool.map(prepare_slice, [good], SPEC)), PreparedSlice)  # started afresh
+        [pid] = pool.pids()
+        os.kill(pid, signal.SIGKILL)  # one that dies between studies is replaced unnoticed
+        time.sleep(0.5)
+        assert isinstance(next(pool.map(prepare_slice, [good], SPEC)), PreparedSlice)
+    finally:
+        pool.close()
+
+
+def killed_while_decoding(data: bytes, spec: PreprocessingSpec) -> PreparedSlice:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return prepare_slice(data, spec)
+
+
+def test_decoder_processes_do_not_run_the_callers_main_script(tmp_path: Path) -> None:
+    """A spawned child would normally import the parent's __main__ again (the bench's whole script, or
+    an unguarded one that starts servers at import); the decoders import only what they use."""
+    marker = tmp_path / "imported"
+    script = tmp_path / "caller.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+        open({str(marker)!r}, "a").write("x")  # what an unguarded script does at import
+        from cds_service.decoding import DecodePool, prepare_slice
+        from cds_service.devservers import dicom_bytes
+        from test_large_studies import SPEC, head_ct_series
+        pool = DecodePool(2)
+        print(len(list(pool.map(prepare_slice, [dicom_bytes(ds) for ds in head_ct_series(3, size=64)], SPEC))))
+        pool.close()
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "3" and marker.read_text() == "x"
+
+
+# --- what decoding may cost
+
+
+def test_an_instance_that_would_cost_more_than_the_limit_is_refused_before_decoding(monkeypatch) -> None:
+    """CDS_MAX_SERIES_BYTES bounds what one instance may take to decode (`decode_cost`), as well as
+    what the series weighs: the worker holds one instance per decoder at a time, not the series."""
+    part = dicom_bytes(head_ct_series(1, transfer_syntax="rle")[0])
+    cost = decode_cost(read_dicom(part))
+    assert prepare_slice(part, SPEC, max_decode_bytes=cost).sop_instance_uid
+    monkeypatch.setattr("cds_service.preprocessing.pixel_array", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(StudyTooLargeError, match="CDS_MAX_SERIES_BYTES"):
+        prepare_slice(part, SPEC, max_decode_bytes=cost - 1)
+
+
+# --- the pipeline, end to end on Orthanc and the FHIR server ------------------------------------------
+
+
+def order_study(fhir, orthanc, datasets: list[pydicom.Dataset]):
+    from cds_service.jobs import Job, JobState
+    from fhir_mappings.imaging_study import build_imaging_study
+
+    upload_dicom(orthanc.url, datasets[::-1])
+    tag = uuid.uuid4().hex[:10]
+    patient, order, study = f"lp-{tag}", f"lsr-{tag}", f"lis-{tag}"
+    fhir.update({"resourceType": "Patient", "id": patient}, if_match=None)
+    fhir.update({"resourceType": "ServiceRequest", "id": order, "status": "active", "intent": "order",
+                 "priority": "routine", "subject": {"reference": f"Patient/{patient}"}}, if_match=None)
+    fhir.update(build_imaging_study(datasets, patient_id=patient, service_request_id=order, study_id=study)
+                .model_dump(mode="json", exclude_none=True), if_match=None)
+    return Job(id=tag, imaging_study_id=study, service_request_id=order, source="test", model_set="test",
+               state=JobState.RUNNING)
+
+
+def streamed_and_before(orthanc, fhir_server, tmp_path: Path, weights: Path, datasets: list[pydicom.Dataset],
+                        **overrides):
+    """run_triage's summary and overlay PNG, and the in-memory triage of the same slices by the code before."""
+    from cds_service.fhir_client import FhirClient
+    from cds_service.jobs import JobState
+    from cds_service.models import ModelRegistry
+    from cds_service.pacs import sort_slices
+    from cds_service.pipeline import run_triage
+    from cds_service.settings import Settings
+    from cds_service.triage import triage_images
+    from cds_service.worker import build_deps
+
+    settings = Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url,
+                        http_timeout_s=30, weights_dir=weights, **overrides)
+    fhir = FhirClient(settings.fhir_base_url)
+    deps = build_deps(settings)
+    try:
+        state, reason, summary = run_triage(order_study(fhir, orthanc, datasets), deps)
+        assert state is JobState.DONE, reason
+        media, _ = fhir.read(*summary["written"]["Media"][0].split("/"))
+    finally:
+        fhir.close()
+        deps.fhir.close()
+    model = ModelRegistry(weights, runtime="auto").get(Task.HEAD_CT_ICH)
+    images = [todays_image(ds, model.card.preprocessing, 0) for ds in sort_slices(datasets)]
+    before = triage_images(model, images, settings.priority_rules, study_uid="before",
+                           batch_size=settings.inference_batch_size)
+    return summary, base64.b64decode(media["content"]["data"]), before
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("storage", ["explicit", "jpegls"])
+@pytest.mark.parametrize("card", sorted(CARDS))
+def test_a_streamed_series_gets_the_findings_and_overlay_it_got_before(orthanc, fhir_server, tmp_path: Path,
+                                                                       card: str, storage: str) -> None:
+    weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64, **CARDS[card])
+    reference = REFERENCE["phantom"]["cards"][card][storage]
+    summary, png, before = streamed_and_before(orthanc, fhir_server, tmp_path, weights,
+                                               head_ct_series(24, transfer_syntax=storage))
+    assert summary["findings"] == reference["pipeline_findings"]
+    assert summary["slices"] == 24
+    assert [f.probability for f in before.findings] == pytest.approx(
+        [f["probability"] for f in reference["findings"]], abs=1e-6)
+    assert [f.positive for f in before.findings] == [f["positive"] for f in reference["findings"]]
+    assert before.heatmap.slice_index == reference["heatmap_slice"]
+    assert png == before.heatmap.png  # the driving slice fetched again and scored again: the same overlay
+
+
+RSNA_DICOM = ROOT.parent / "shared" / "data" / "head_ct_dicom_unlabelled"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not RSNA_DICOM.is_dir(), reason="../shared/data is not here")
+@pytest.mark.parametrize("storage", ["explicit", "jpegls"])
+def test_forty_real_slices_get_the_shipped_models_findings_and_input_check_they_got_before(
+        orthanc, fhir_server, tmp_path: Path, storage: str) -> None:
+    """The committed head CT model on 40 real RSNA slices (one series), streamed through two decoder
+    processes, and through none: what it concluded before this change, to the fourth decimal."""
+    from test_pixel_routing import rsna_series
+
+    datasets = rsna_series(40)
+    for ds in datasets:
+        ds.BodyPartExamined = "HEAD"
+        if storage == "jpegls":
+            ds.compress(pydicom.uid.JPEGLSLossless, generate_instance_uid=False)
+    datasets = [read_dicom(dicom_bytes(ds)) for ds in datasets]
+    reference = REFERENCE["rsna"][storage]
+    for processes in (2, 0):
+        for ds in datasets:  # the same slices, again: new UIDs
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        for ds in datasets:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        summary, png, before = streamed_and_before(orthanc, fhir_server, tmp_path / str(processes), ROOT / "weights",
+                                                   datasets, decode_processes=processes)
+        assert summary["findings"] == reference["pipeline"]["findings"]
+        assert summary["inputCheck"] == reference["pipeline"]["inputCheck"]
+        assert [f.probability for f in before.findings] == pytest.approx(
+            [f["probability"] for f in reference["local_findings"]], abs=1e-6)
+        assert before.heatmap.slice_index == reference["local_heatmap"][0]
+        assert png == before.heatmap.png
