@@ -23,7 +23,8 @@ from . import metrics
 from .audit import open_write_back_trail, write_back_event
 from .drift import alarm_hook
 from .decoding import decode_pool
-from .jobs import BaseJobStore, Job, JobState, Leases, QueueUnavailableError, create_queue, open_job_store, register_triage_task
+from .jobs import (BaseJobStore, Job, JobState, Leases, QueueUnavailableError, consumer_delays, create_queue, open_job_store,
+                   register_triage_task)
 from .domain import Task
 from .models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
 from .pacs import Pacs, PacsConfig
@@ -194,7 +195,7 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
     # the decoder processes start beside the consumer, so the first study does not wait for them
     threading.Thread(target=warm_decoders, args=(settings,), name="decoders", daemon=True).start()
     consumer = huey.create_consumer(workers=settings.workers, worker_type="thread", periodic=False,
-                                    initial_delay=0.05, max_delay=0.5, backoff=1.15)
+                                    **consumer_delays(huey))
     consumer.run()
 
 

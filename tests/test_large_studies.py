@@ -5,6 +5,7 @@
   with the code before this change, and computed here again by a copy of that code);
 - the decoder pool keeps the arrival order, reports its failures, and does not run the caller's script;
 - an instance that would cost more to decode than CDS_MAX_SERIES_BYTES is refused undecoded;
+- an idle worker asks a SQLite queue every 20 ms; on Redis it blocks on the queue.
 """
 
 from __future__ import annotations
@@ -119,6 +120,25 @@ def test_an_instance_that_would_cost_more_than_the_limit_is_refused_before_decod
     monkeypatch.setattr("cds_service.preprocessing.pixel_array", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(StudyTooLargeError, match="CDS_MAX_SERIES_BYTES"):
         prepare_slice(part, SPEC, max_decode_bytes=cost - 1)
+
+
+# --- the queue wakes the worker -------------------------------------------------------------------
+
+
+def test_an_idle_worker_asks_a_sqlite_queue_every_20_ms_and_blocks_on_redis(tmp_path: Path) -> None:
+    from huey import RedisHuey
+
+    from cds_service.jobs import SQLITE_POLL_S, consumer_delays, create_queue
+
+    sqlite = create_queue("", tmp_path / "queue.db")
+    assert not sqlite.storage.blocking
+    consumer = sqlite.create_consumer(workers=1, worker_type="thread", periodic=False, **consumer_delays(sqlite))
+    worker = consumer.worker_threads[0][0]
+    for _ in range(50):  # idle: it never backs off beyond SQLITE_POLL_S (it went to 0.5 s before)
+        worker.loop()
+    assert worker.delay <= SQLITE_POLL_S == 0.02
+    redis = RedisHuey("cds-triage-test", url="redis://127.0.0.1:1/0", results=False)
+    assert redis.storage.blocking and consumer_delays(redis)["initial_delay"] > 0  # BRPOP: a queued job wakes it
 
 
 # --- the pipeline, end to end on Orthanc and the FHIR server ------------------------------------------
