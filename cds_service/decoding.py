@@ -28,6 +28,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -94,6 +95,17 @@ def prepare_slice(data: bytes, spec: PreprocessingSpec, max_decode_bytes: int = 
         instance_bytes=instance_bytes(ds),
         seconds=time.perf_counter() - started,
     )
+
+
+def prepare_file(path: str, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedSlice:
+    """`prepare_slice` of a DICOM file (`cds-triage triage` on a folder); a slice that cannot be
+    decoded names its file."""
+    try:
+        return prepare_slice(Path(path).read_bytes(), spec, max_decode_bytes)
+    except OSError as exc:
+        raise BadDicomError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    except BadDicomError as exc:
+        raise BadDicomError(f"{path}: {exc}") from exc
 
 
 def measure_shape(data: bytes, max_decode_bytes: int = 0) -> CtSliceShape | None:

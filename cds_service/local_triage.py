@@ -3,6 +3,10 @@
 No servers: useful to check a model on a few studies, and the quickest way to see what
 the service would conclude. DICOM folders are grouped by series; PNG/JPEG need --task.
 
+A series is scored like the worker scores one: slice by slice as it is decoded, each batch while the
+next slices are decoded (by the decoder processes for a large series), keeping of each slice only its
+header; the driving slice and the input check's middle slices are read again from their files.
+
 An input that cannot be triaged (a missing path, an unreadable file, a folder with nothing to read, no
 model) is one `failed` (or `model_unavailable`) row naming it, and the batch goes on. Exit status
 (`EXIT_STATUSES`): 0 every input was triaged (done or not_applicable), 1 at least one was not, 2 the
@@ -17,23 +21,29 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pydicom
 
+from .anatomy import dataset_shape, middle_slices
+from .decoding import decode_pool, prepare_file
 from .domain import Series, Study, Task, TriageResult, TriageStatus
 from .errors import BadDicomError, ModelUnavailableError, TriageError
+from .inference import score_stream
 from .input_profile import image_statistics, series_verdict
 from .models import LoadedModel, ModelRegistry
 from .pacs import series_from_dataset, sort_slices
-from .preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, resize
+from .preprocessing import as_model_input, dicom_to_image, dicom_to_model_input, grey_to_image, load_grey, read_dicom, resize
 from .routing import not_applicable_reason, pixel_candidates, task_for_series, task_from_pixels
 from .settings import Settings
-from .triage import triage_images
+from .triage import triage_images, triage_scores
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# A series at least this long is decoded by the decoder processes (CDS_DECODE_PROCESSES); a shorter
+# one in this process: starting the decoders (about a second) would cost more than they save.
+POOL_MIN_SLICES = 32
 
 EXIT_STATUSES = """exit status:
   0  every input was triaged (done, or not_applicable with the reason)
@@ -96,7 +106,7 @@ def collect_inputs(paths: list[Path], *, unreadable_rows: bool = False) -> list[
                     found.append(LocalInput(name=str(file), image_path=file))
                     continue
                 try:
-                    ds = read_dicom(file)
+                    ds = headers_of(read_dicom(file))
                 except TriageError as exc:
                     if unreadable_rows and looks_like_dicom(file):
                         found.append(LocalInput(name=str(file), error=str(exc)))
@@ -117,6 +127,21 @@ def collect_inputs(paths: list[Path], *, unreadable_rows: bool = False) -> list[
     return inputs
 
 
+def headers_of(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A slice read from a file, without its pixel data (read again from `ds.filename` when decoded):
+    a folder's series is not held in memory while it waits its turn, nor while it is scored."""
+    if "PixelData" in ds and isinstance(getattr(ds, "filename", None), (str, Path)):
+        del ds.PixelData
+    return ds
+
+
+def with_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The slice with its pixel data: itself, or read again from its file (`headers_of`)."""
+    if "PixelData" in ds or not isinstance(getattr(ds, "filename", None), (str, Path)):
+        return ds
+    return read_dicom(ds.filename)
+
+
 def modality_warning(item: LocalInput, task: Task | None) -> str | None:
     """Why the forced `--task` does not fit this DICOM input's modality (None: it fits, or nothing to compare)."""
     if task is None or not item.datasets:
@@ -129,10 +154,13 @@ def modality_warning(item: LocalInput, task: Task | None) -> str | None:
             "the model was not made for it")
 
 
-def _dicom_image(ds: pydicom.Dataset, model: LoadedModel) -> np.ndarray:
-    """One slice as the model's input; a slice that cannot be decoded names its file."""
+def _dicom_image(ds: pydicom.Dataset, model: LoadedModel, model_size: bool = False) -> np.ndarray:
+    """One slice as the model's input (`model_size`: at the model's size, as `dicom_to_model_input`
+    gives it); a slice that cannot be decoded names its file."""
     try:
-        return dicom_to_image(ds, model.card.preprocessing)
+        full = with_pixels(ds)
+        spec = model.card.preprocessing
+        return dicom_to_model_input(full, spec) if model_size else dicom_to_image(full, spec)
     except BadDicomError as exc:
         filename = getattr(ds, "filename", None)
         if isinstance(filename, (str, Path)) and str(filename) not in str(exc):
@@ -157,14 +185,48 @@ def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, 
     chosen = task or task_for_series(series)
     looked = chosen is None and bool(pixel_candidates(study))
     if looked:
-        chosen = task_from_pixels(item.datasets[len(item.datasets) // 2], registry.pixel_models())
+        chosen = task_from_pixels(with_pixels(item.datasets[len(item.datasets) // 2]), registry.pixel_models())
     if chosen is None:
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, series_uid=series.uid,
                             reason=not_applicable_reason(study, with_fhir=False, pixels_looked_at=looked))
-    model = registry.get(chosen)
-    images = [_dicom_image(ds, model) for ds in item.datasets]
-    return _checked_triage(model, images, registry, settings, study_uid=study_uid, series_uid=series.uid,
-                           datasets=item.datasets, with_heatmap=with_heatmap)
+    return _streamed_triage(registry.get(chosen), item.datasets, registry, settings, study_uid=study_uid,
+                            series_uid=series.uid, with_heatmap=with_heatmap)
+
+
+def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], registry: ModelRegistry,
+                     settings: Settings, *, study_uid: str, series_uid: str, with_heatmap: bool) -> TriageResult:
+    """A DICOM series scored as the worker scores one (`pipeline.run_triage`): each slice decoded and
+    scored as it comes, its model input then dropped; the input check's middle slices and the driving
+    slice decoded again. The same numbers as decoding every slice first (tests/test_large_studies.py)."""
+    task, spec = model.card.task, model.card.preprocessing
+    statistics: list[np.ndarray] = []
+    files = [getattr(ds, "filename", None) for ds in datasets]
+    pooled = (settings.decode_processes != 0 and len(datasets) >= POOL_MIN_SLICES
+              and all("PixelData" not in ds and isinstance(f, (str, Path)) for ds, f in zip(datasets, files)))
+
+    def model_inputs() -> Iterator[np.ndarray]:
+        if pooled:
+            for prepared in decode_pool(settings.decode_processes).map(prepare_file, [str(f) for f in files], spec):
+                statistics.append(prepared.statistics)
+                yield prepared.image
+            return
+        for ds in datasets:
+            image = as_model_input(_dicom_image(ds, model, model_size=True))
+            statistics.append(image_statistics(image))
+            yield image
+
+    scores = score_stream(model, model_inputs(), len(datasets), settings.inference_batch_size, keep_features=False)
+    ct_shapes = None
+    if task is Task.HEAD_CT_ICH and str(getattr(datasets[0], "Modality", "")).upper() == "CT":
+        ct_shapes = [dataset_shape(with_pixels(datasets[index])) for index in middle_slices(len(datasets))]
+    verdict = series_verdict(task, registry.input_profile(task), statistics, ct_shapes=ct_shapes)
+    if verdict.fits is False:
+        return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, task=task, series_uid=series_uid,
+                            reason=verdict.reason)
+    return triage_scores(model, scores, lambda index: _dicom_image(datasets[index], model), settings.priority_rules,
+                         study_uid=study_uid, series_uid=series_uid,
+                         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
+                         with_heatmap=with_heatmap)
 
 
 def _checked_triage(model: LoadedModel, images: list[np.ndarray], registry: ModelRegistry, settings: Settings, *,

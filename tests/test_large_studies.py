@@ -241,3 +241,35 @@ def test_forty_real_slices_get_the_shipped_models_findings_and_input_check_they_
             [f["probability"] for f in reference["local_findings"]], abs=1e-6)
         assert before.heatmap.slice_index == reference["local_heatmap"][0]
         assert png == before.heatmap.png
+
+
+# --- cds-triage triage streams the same way ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("processes", [2, 0])
+def test_a_folder_series_is_streamed_from_its_files_with_the_findings_it_got_before(tmp_path: Path,
+                                                                                   processes: int) -> None:
+    """40 JPEG-LS slices in a folder: held as headers only, decoded as they are scored (by two decoder
+    processes, or here), the same findings and overlay as decoding every slice first."""
+    from cds_service.local_triage import collect_inputs, triage_input
+    from cds_service.models import ModelRegistry
+    from cds_service.settings import Settings
+    from cds_service.triage import triage_images
+
+    weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64, **CARDS["three_windows"])
+    folder = tmp_path / "study"
+    folder.mkdir()
+    datasets = head_ct_series(40, size=128, transfer_syntax="jpegls")
+    for index, ds in enumerate(datasets[::-1]):
+        (folder / f"{index:03d}.dcm").write_bytes(dicom_bytes(ds))
+    [item] = collect_inputs([folder])
+    assert len(item.datasets) == 40 and not any("PixelData" in ds for ds in item.datasets)
+    registry = ModelRegistry(weights, runtime="auto")
+    streamed = triage_input(item, registry, Settings(weights_dir=weights, decode_processes=processes), None)
+    model = registry.get(Task.HEAD_CT_ICH)
+    images = [todays_image(read_dicom(Path(ds.filename).read_bytes()), model.card.preprocessing, 0) for ds in item.datasets]
+    before = triage_images(model, images, Settings().priority_rules, study_uid="before")
+    assert [(f.label, f.probability, f.positive) for f in streamed.findings] == \
+        [(f.label, f.probability, f.positive) for f in before.findings]
+    assert streamed.heatmap.slice_index == before.heatmap.slice_index and streamed.heatmap.png == before.heatmap.png
+    assert streamed.slices_scored == 40
