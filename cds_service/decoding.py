@@ -151,6 +151,16 @@ def _child_init() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one slice per process: the parallelism is the pool's
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
+    """A decoder whose worker died without shutting the pool down (SIGKILL, the OOM killer) would wait for
+    work forever: it holds its own end of the task queue, so it never sees the queue close. It leaves
+    within a second of being orphaned."""
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    os._exit(0)
 
 
 class DecodePool:

@@ -273,3 +273,29 @@ def test_a_folder_series_is_streamed_from_its_files_with_the_findings_it_got_bef
         [(f.label, f.probability, f.positive) for f in before.findings]
     assert streamed.heatmap.slice_index == before.heatmap.slice_index and streamed.heatmap.png == before.heatmap.png
     assert streamed.slices_scored == 40
+
+
+def test_decoders_leave_when_their_worker_is_killed(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL (the OOM killer, `docker kill`) cannot shut its pool down; its decoder
+    processes notice they are orphaned and leave, instead of holding their memory forever."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = [{str(ROOT)!r}]
+        from cds_service.decoding import DecodePool
+        pool = DecodePool(2)
+        pool.warm()
+        print(" ".join(map(str, pool.pids())), flush=True)
+        time.sleep(600)
+    """))
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        decoders = [int(pid) for pid in worker.stdout.readline().split()]
+        assert len(decoders) == 2
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in decoders) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in decoders if Path(f"/proc/{pid}").exists()]
