@@ -1,14 +1,15 @@
-"""A series' slices decoded beside the model, on every core: bytes in, the model's input and a few numbers out.
+"""A series' slices decoded beside the model: bytes in, the model's input and a few numbers out.
 
 The JPEG-LS, JPEG and JPEG 2000 decoders (CharLS, libjpeg, OpenJPEG) hold Python's GIL while they
-decode (measured: two threads decode no faster than one), so a worker that decoded in threads would
-decode on one core while the model waits. The pipeline hands each instance's bytes, as WADO-RS
-delivered them, to a small pool of processes (CDS_DECODE_PROCESSES, default one per core; 0 decodes
-in the worker's own thread). Each parses, checks, decodes and preprocesses one slice
-(`prepare_slice`) and sends back the model's input and what the pipeline keeps of a slice: its SOP
-Instance UID, its place in the series and the input check's statistics. Results come back in the
-order the instances arrived, so the model's batches are what they were when the worker decoded them
-itself, and only a few instances are in flight, so memory does not grow with the series.
+decode (measured: two threads decode no faster than one), so threads cannot spread decoding over the
+cores. The pipeline hands each instance's bytes, as WADO-RS delivered them, to `DecodePool.map`: with
+CDS_DECODE_PROCESSES decoder processes (spawned) each parses, checks, decodes and preprocesses one
+slice (`prepare_slice`); with none, the worker's own thread does, while the model's threads score the
+batch before. On two cores none is the default and the faster (`default_processes`, measured); a
+larger machine gets processes. Either way a slice comes back as the model's input and what the
+pipeline keeps of it: its SOP Instance UID, its place in the series and the input check's statistics,
+in the order the instances arrived (so the model's batches are what they were), with only a few
+instances in flight, so memory does not grow with the series.
 
 Asking the PACS for an uncompressed transfer syntax instead was measured and not kept: Orthanc
 transcoding a 512 x 512 JPEG-LS slice took 12 ms of its CPU and ~20 ms a slice in series, where
@@ -264,6 +265,15 @@ def decode_pool(processes: int) -> DecodePool:
         return _pools[processes]
 
 
-def default_processes() -> int:
-    """One decoder process per core."""
-    return os.cpu_count() or 1
+def default_processes(cores: int | None = None) -> int:
+    """How many decoder processes a worker starts unless CDS_DECODE_PROCESSES says: none on up to three
+    cores, else all cores but two (the model's intra-op threads and the worker's own), at most eight.
+
+    Measured on two cores (bench/README.md, 300-slice head CT, in-process, alternating): decoding in
+    the worker's own thread beside the model's two threads took 2.2-2.5 s for JPEG-LS against 2.1-2.7 s
+    with two decoder processes, and 1.3 against 1.5 s uncompressed: the processes compete with the model
+    for the same two cores (its batches took twice as long), and they weigh ~90 MB each. Above two
+    cores a lone thread cannot decode as fast as the model scores (7 ms a JPEG-LS slice against
+    ~4 ms of model CPU); that default is not measured here."""
+    cores = cores or os.cpu_count() or 1
+    return 0 if cores <= 3 else min(cores - 2, 8)

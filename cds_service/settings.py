@@ -174,8 +174,8 @@ class Settings:
     torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS"})
     inference_runtime: str = field(default="auto", metadata={"env": "INFERENCE_RUNTIME"})
     batch_size: int = field(default=0, metadata={"env": "BATCH_SIZE"})
-    # processes that decode a series' slices while the model scores (-1: one per core; 0: none, the
-    # worker's own thread decodes; see cds_service/decoding.py)
+    # processes that decode a series' slices while the model scores (0: none, the worker's own thread
+    # decodes; -1: decoding.default_processes, none on up to 3 cores, else cores - 2)
     decode_processes: int = field(default=-1, metadata={"env": "DECODE_PROCESSES"})
     max_body_bytes: int = field(default=2_000_000, metadata={"env": "MAX_BODY_BYTES"})
     notification_lookback_s: int = field(default=600, metadata={"env": "NOTIFICATION_LOOKBACK_S"})

@@ -63,6 +63,14 @@ def test_the_pool_gives_what_the_caller_would_in_the_order_the_slices_came() -> 
     assert pooled[0].image.shape == (64, 64, 3) and pooled[0].image.strides[2] == 0
 
 
+def test_small_machines_decode_in_the_workers_thread_by_default() -> None:
+    """On two cores the decoder processes were no faster than the worker's own thread (bench/README.md)."""
+    from cds_service.decoding import decode_pool, default_processes
+
+    assert [default_processes(cores) for cores in (1, 2, 3, 4, 8, 16, 64)] == [0, 0, 0, 2, 6, 8, 8]
+    assert decode_pool(0).processes == 0 and DecodePool(-1).processes == default_processes()
+
+
 def test_a_bad_slice_in_a_decoder_process_fails_the_study_like_one_decoded_here(tmp_path: Path) -> None:
     good = dicom_bytes(head_ct_series(1, size=64)[0])
     pool = DecodePool(1)
