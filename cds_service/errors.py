@@ -8,6 +8,12 @@ because retrying a corrupt DICOM or a study without a UID will never help.
 from __future__ import annotations
 
 
+def is_retryable_status(status: int) -> bool:
+    """The one rule for HTTP answers: 408 (timeout), 429 (throttled) or any 5xx may pass, so retry later;
+    any other 4xx is a refusal that retrying will not change."""
+    return status in (408, 429) or status >= 500
+
+
 class TriageError(Exception):
     """Base of every error the service raises on purpose; its message is safe to show."""
 

@@ -13,7 +13,7 @@ import httpx
 
 from fhir_mappings.builders import is_fhir_id
 
-from .errors import InvalidResourceError, StudyNotFoundError, UpstreamError, UpstreamRejectedError
+from .errors import InvalidResourceError, StudyNotFoundError, UpstreamError, UpstreamRejectedError, is_retryable_status
 from .metrics import count_upstream_error
 
 FHIR_JSON = "application/fhir+json"
@@ -96,7 +96,7 @@ class FhirClient:
             raise StudyNotFoundError(reason)
         if response.status_code in VERSION_CONFLICT_STATUSES:
             raise VersionConflictError(reason, response.status_code, response.text)
-        if response.status_code in (408, 429) or response.status_code >= 500:
+        if is_retryable_status(response.status_code):
             retry_after = response.headers.get("Retry-After")
             raise UpstreamError(reason, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
         raise UpstreamRejectedError(reason, response.status_code, response.text)

@@ -16,11 +16,12 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from .domain import Series, Study
-from .errors import (BadDicomError, PermanentError, StudyTooLargeError, TransientError, TriageError, UpstreamError,
-                     UpstreamRejectedError)
+from .errors import (BadDicomError, PermanentError, StudyNotFoundError, StudyTooLargeError, TransientError, TriageError,
+                     UpstreamError, UpstreamRejectedError, is_retryable_status)
 from .decoding import slice_position
 from .metrics import count_upstream_error
 from .preprocessing import decode_cost, instance_bytes
+from .settings import Settings
 
 MODALITY = "00080060"
 SERIES_DESCRIPTION = "0008103E"
@@ -44,7 +45,7 @@ class StudyNotInPacsError(TransientError):
     """QIDO-RS finds no series: the images may still be on their way, so it is retried."""
 
 
-__all__ = ["Pacs", "PacsConfig", "StudyNotInPacsError", "StudyTooLargeError", "instance_bytes", "slice_order",
+__all__ = ["Pacs", "PacsConfig", "pacs_from_settings", "StudyNotInPacsError", "StudyTooLargeError", "instance_bytes", "slice_order",
            "sort_slices"]
 
 
@@ -140,6 +141,14 @@ def series_from_dataset(ds: pydicom.Dataset, count: int = 0, fallback_uid: str =
         anatomic_region=region,
         anatomic_region_text=region_text,
     )
+
+
+def pacs_from_settings(settings: Settings, url: str = "") -> "Pacs":
+    """The PACS at `url` (default CDS_DICOMWEB_URL) with the settings' credentials, timeout and series size
+    limit: every caller builds its Pacs here, so none drops a limit."""
+    return Pacs(PacsConfig(url=url or settings.dicomweb_url, username=settings.dicomweb_username,
+                           password=settings.dicomweb_password, bearer_token=settings.dicomweb_bearer_token,
+                           timeout_s=settings.http_timeout_s, max_series_bytes=settings.max_series_bytes))
 
 
 class Pacs:
@@ -238,6 +247,51 @@ class Pacs:
             raise StudyNotInPacsError("instance not in the PACS any more")
         return part
 
+    def study_metadata(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's instances' headers as DICOM JSON (WADO-RS metadata); StudyNotFoundError when the PACS
+        lacks the study (404, 410 or an empty answer)."""
+        try:
+            items = self.client.retrieve_study_metadata(study_uid)
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if status in (404, 410):
+                raise StudyNotFoundError(f"study not found in the PACS at {self.config.url}") from exc
+            if is_retryable_status(status):
+                raise UpstreamError(f"PACS answered {status} to WADO-RS metadata") from exc
+            raise UpstreamRejectedError(f"PACS refused WADO-RS metadata with {status}", status) from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise UpstreamError(f"PACS unreachable at {self.config.url}: {type(exc).__name__}") from exc
+        if not items:
+            raise StudyNotFoundError(f"study not found in the PACS at {self.config.url}")
+        return list(items)
+
+    def store(self, dataset: pydicom.Dataset) -> None:
+        """STOW-RS one instance into its study; UpstreamError / UpstreamRejectedError when the PACS says no
+        (an answer that lists the instance as failed is a refusal, 409)."""
+        try:
+            response = self.client.store_instances(datasets=[dataset], study_instance_uid=str(dataset.StudyInstanceUID))
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if is_retryable_status(status):
+                raise UpstreamError(f"PACS answered {status} to STOW-RS") from exc
+            raise UpstreamRejectedError(f"PACS refused the Secondary Capture with {status}", status) from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise UpstreamError(f"PACS unreachable for STOW-RS: {type(exc).__name__}") from exc
+        failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
+        if failed:
+            reason = getattr(failed[0], "FailureReason", "?")
+            raise UpstreamRejectedError(f"PACS did not store the Secondary Capture (failure reason {reason})", 409)
+
+    def retrieve_instance(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> pydicom.Dataset:
+        """One instance, parsed (WADO-RS); HTTP trouble is left as requests raises it (the worklist answers 502)."""
+        return self.client.retrieve_instance(study_uid, series_uid, sop_instance_uid)
+
+    def series_of_instance(self, study_uid: str, sop_instance_uid: str) -> str | None:
+        """The series UID of one instance, from QIDO-RS; None when the PACS does not list it."""
+        found = self.client.search_for_instances(study_uid, search_filters={"SOPInstanceUID": sop_instance_uid})
+        values = [((item.get(SERIES_UID) or {}).get("Value") or [None])[0] for item in found or []]
+        return next((str(v) for v in values if v), None)
+
     def _parts(self, *path: str) -> Iterator[bytes]:
         """GET a WADO-RS resource as stored; its multipart body's parts, as they arrive (a generator:
         nothing is sent before the first `next`)."""
@@ -258,7 +312,7 @@ class Pacs:
             count_upstream_error("pacs", f"http_{status}")
             if status == 404:
                 raise StudyNotInPacsError(f"PACS answered 404 for the study at {self.config.url}") from exc
-            if status in (408, 429) or status >= 500:
+            if is_retryable_status(status):
                 raise UpstreamError(f"PACS answered {status}") from exc
             raise UpstreamRejectedError(f"PACS refused the request with {status}", status) from exc
         except requests.Timeout as exc:

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pydicom
-import requests
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from huey.exceptions import RetryTask
@@ -49,10 +48,10 @@ from fhir_mappings import codes
 from fhir_mappings.imaging_study import build_imaging_study, build_patient_from_dicom
 
 from .app import ServiceContext, ctx, operation_outcome
-from .errors import PermanentError, StudyNotFoundError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
+from .errors import PermanentError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
 from .fhir_client import FhirClient
 from .jobs import TriageRequest, backoff_delay, create_queue
-from .pacs import Pacs, PacsConfig
+from .pacs import pacs_from_settings
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -166,22 +165,7 @@ def unknown_patient_policy(settings: Settings) -> UnknownPatientPolicy:
 
 def read_study_headers(settings: Settings, study_uid: str) -> list[pydicom.Dataset]:
     """The study's instances' headers over WADO-RS metadata; StudyNotFoundError if the PACS lacks it."""
-    pacs = Pacs(PacsConfig(url=settings.dicomweb_url, username=settings.dicomweb_username,
-                           password=settings.dicomweb_password, bearer_token=settings.dicomweb_bearer_token,
-                           timeout_s=settings.http_timeout_s))
-    try:
-        items = pacs.client.retrieve_study_metadata(study_uid)
-    except requests.HTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else 0
-        if status in (404, 410):
-            raise StudyNotFoundError(f"study not found in the PACS at {settings.dicomweb_url}") from exc
-        if status in (408, 429) or status >= 500:
-            raise UpstreamError(f"PACS answered {status} to WADO-RS metadata") from exc
-        raise UpstreamRejectedError(f"PACS refused WADO-RS metadata with {status}", status) from exc
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise UpstreamError(f"PACS unreachable at {settings.dicomweb_url}: {type(exc).__name__}") from exc
-    if not items:
-        raise StudyNotFoundError(f"study not found in the PACS at {settings.dicomweb_url}")
+    items = pacs_from_settings(settings).study_metadata(study_uid)
     return datasets_from_metadata(items)
 
 

@@ -28,7 +28,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pydicom
-import requests
 from highdicom.sc import SCImage
 from PIL import Image
 from pydicom.uid import generate_uid
@@ -36,7 +35,7 @@ from pydicom.uid import generate_uid
 from fhir_mappings import codes
 
 from .domain import Heatmap, TriageResult
-from .errors import UpstreamError, UpstreamRejectedError
+from .errors import UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
 from .pacs import Pacs
 
@@ -153,19 +152,7 @@ def build_heatmap_capture(source: pydicom.Dataset, heatmap: Heatmap, *, task: st
 
 def store_capture(pacs: Pacs, capture: pydicom.Dataset) -> StoredCapture:
     """STOW-RS one instance; UpstreamError / UpstreamRejectedError when the PACS says no."""
-    try:
-        response = pacs.client.store_instances(datasets=[capture], study_instance_uid=str(capture.StudyInstanceUID))
-    except requests.HTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else 0
-        if status in (408, 429) or status >= 500:
-            raise UpstreamError(f"PACS answered {status} to STOW-RS") from exc
-        raise UpstreamRejectedError(f"PACS refused the Secondary Capture with {status}", status) from exc
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise UpstreamError(f"PACS unreachable for STOW-RS: {type(exc).__name__}") from exc
-    failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
-    if failed:
-        reason = getattr(failed[0], "FailureReason", "?")
-        raise UpstreamRejectedError(f"PACS did not store the Secondary Capture (failure reason {reason})", 409)
+    pacs.store(capture)
     return StoredCapture(str(capture.StudyInstanceUID), str(capture.SeriesInstanceUID), str(capture.SOPInstanceUID))
 
 

@@ -27,7 +27,7 @@ from .jobs import (BaseJobStore, Job, JobState, Leases, QueueUnavailableError, c
                    register_triage_task)
 from .domain import Task
 from .models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
-from .pacs import Pacs, PacsConfig
+from .pacs import Pacs, pacs_from_settings
 from .pipeline import PipelineDeps, run_triage
 from .settings import Settings
 from .smart_auth import fhir_auth, fhir_client
@@ -86,9 +86,7 @@ def build_deps(settings: Settings) -> PipelineDeps:
 
     @lru_cache(maxsize=8)
     def pacs_for(url: str) -> Pacs:
-        return Pacs(PacsConfig(url=url, username=settings.dicomweb_username, password=settings.dicomweb_password,
-                               bearer_token=settings.dicomweb_bearer_token, timeout_s=settings.http_timeout_s,
-                               max_series_bytes=settings.max_series_bytes))
+        return pacs_from_settings(settings, url)
 
     return PipelineDeps(
         settings=settings,

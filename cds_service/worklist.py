@@ -47,7 +47,7 @@ from .drift import drift_report
 from .errors import StudyNotFoundError, TriageError
 from .jobs import Job, JobState, QueueUnavailableError
 from .models import available_cards, ModelCard
-from .pacs import Pacs, PacsConfig
+from .pacs import pacs_from_settings
 from .pipeline import dicomweb_url_for
 from .preprocessing import dicom_to_image, display_image
 from .settings import Settings
@@ -530,13 +530,12 @@ def key_image(order_id: str) -> Any:
         url = dicomweb_url_for(study, fhir, settings)
     finally:
         fhir.close()
-    pacs = Pacs(PacsConfig(url=url, username=settings.dicomweb_username, password=settings.dicomweb_password,
-                           bearer_token=settings.dicomweb_bearer_token, timeout_s=settings.http_timeout_s))
+    pacs = pacs_from_settings(settings, url)
     try:
-        series_uid = series_of_instance(study, row.key_instance_uid) or _series_from_qido(pacs, row.study_uid, row.key_instance_uid)
+        series_uid = series_of_instance(study, row.key_instance_uid) or pacs.series_of_instance(row.study_uid, row.key_instance_uid)
         if series_uid is None:
             return operation_outcome(404, "key image not found in the PACS", "not-found")
-        ds = pacs.client.retrieve_instance(row.study_uid, series_uid, row.key_instance_uid)
+        ds = pacs.retrieve_instance(row.study_uid, series_uid, row.key_instance_uid)
     except (requests.RequestException, ValueError) as exc:
         return operation_outcome(502, f"key image unavailable from the PACS: {type(exc).__name__}", "transient")
     return Response(key_image_png(ds, card, row.heatmap_size), mimetype="image/png")
@@ -548,12 +547,6 @@ def series_of_instance(study: Mapping[str, Any], sop_instance_uid: str) -> str |
         if any(i.get("uid") == sop_instance_uid for i in series.get("instance") or []):
             return str(series.get("uid"))
     return None
-
-
-def _series_from_qido(pacs: Pacs, study_uid: str, sop_instance_uid: str) -> str | None:
-    found = pacs.client.search_for_instances(study_uid, search_filters={"SOPInstanceUID": sop_instance_uid})
-    values = [((item.get("0020000E") or {}).get("Value") or [None])[0] for item in found or []]
-    return next((str(v) for v in values if v), None)
 
 
 @worklist.get("/heatmaps/<media_id>.png")

@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-import requests
 
 from cds_service.devservers import make_dataset
 from cds_service.domain import Series, Study, Task, TaskMode
@@ -78,12 +77,9 @@ class FakePacs:
     def __init__(self, datasets: list[pydicom.Dataset]) -> None:
         self.datasets = datasets
         self.parts = {str(ds.SOPInstanceUID): part_bytes(ds) for ds in datasets}
-        self.client = self
 
-    def store_instances(self, datasets: list[pydicom.Dataset], study_instance_uid: str) -> None:
-        refused = requests.Response()
-        refused.status_code = 503
-        raise requests.HTTPError("503 Service Unavailable", response=refused)
+    def store(self, dataset: pydicom.Dataset) -> None:
+        raise UpstreamError("PACS answered 503 to STOW-RS")
 
     def find_study(self, study_uid: str) -> Study:
         return Study(uid=study_uid, series=(series_from_dataset(self.datasets[0], len(self.datasets)),))
