@@ -10,6 +10,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+#: The safety disclaimer on everything the AI writes (FHIR resources, cards, DICOM, pages): defined here only.
+DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
+
 
 class Priority(str, enum.Enum):
     """FHIR request-priority codes, ordered: routine < urgent < asap < stat."""

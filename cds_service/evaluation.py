@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .domain import DISCLAIMER
+
 TARGET_SENSITIVITY = 0.95
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -421,7 +423,7 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
         "",
         "<!-- generated from the cards by `python -m cds_service.training readme`; do not edit by hand -->",
         "",
-        "**AI-generated, preliminary, not a diagnosis.** These models only move studies up a radiologist's",
+        f"**{DISCLAIMER}** These models only move studies up a radiologist's",
         "worklist; a radiologist reads every study, in full.",
         "",
         "Each task has `<task>.safetensors` (EfficientNet-B0, fp16) and its card `<task>.json`: labels,",

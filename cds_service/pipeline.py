@@ -22,7 +22,7 @@ from fhir_mappings.builders import build_triage_transaction, reference_id, study
 
 from .anatomy import CtSliceShape, middle_slices
 from .decoding import DecodePool, PreparedSlice, decode_pool, measure_shape, prepare_slice
-from .domain import OrderContext, Priority, Series, Task, TaskMode, TriageResult
+from .domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
 from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
 from .inference import score_stream
@@ -345,7 +345,7 @@ def priority_note(current: Priority | None, new: Priority, result: TriageResult)
     why = f"{top.label} {top.probability:.0%}" if top else "AI finding"
     model = f"{result.model.name} {result.model.version}" if result.model else "AI model"
     return (f"Priority raised from {_code(current) or 'unset'} to {new.value} by AI triage ({why}; {model}). "
-            "AI-generated, preliminary, not a diagnosis.")
+            f"{DISCLAIMER}")
 
 
 def _code(priority: Priority | None) -> str | None:

@@ -34,7 +34,7 @@ from pydicom.uid import generate_uid
 
 from fhir_mappings import codes
 
-from .domain import Heatmap, TriageResult
+from .domain import DISCLAIMER, Heatmap, TriageResult
 from .errors import UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
 from .pacs import Pacs
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 AI_SERIES_PREFIX = "AI-generated"
 SERIES_NUMBER = 9901  # high, so the AI series sorts after the acquired ones in most viewers
 MANUFACTURER = "cds-triage"
-DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
 MEDIA_UPDATE_ATTEMPTS = 3
 
 

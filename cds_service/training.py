@@ -50,6 +50,7 @@ from .datasets import (
     probable_negatives,
     resolve_data_dir,
 )
+from . import domain
 from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
 from .drift import expected_raised_share
 from .evaluation import (
@@ -74,7 +75,7 @@ from .input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_stat
 from .preprocessing import PreprocessingSpec, resize, to_batch
 
 CARD_VERSION = "1.0.0"
-DISCLAIMER = "AI-generated, preliminary, not a diagnosis. For worklist prioritisation only; a radiologist reads every study."
+DISCLAIMER = f"{domain.DISCLAIMER} For worklist prioritisation only; a radiologist reads every study."
 
 
 # --- what differs between tasks ------------------------------------------------------------

@@ -38,13 +38,14 @@ from flask import Blueprint, Response, abort, jsonify, render_template, request
 from PIL import Image
 
 from fhir_mappings import codes
-from fhir_mappings.builders import ai_priority_change, heatmap_source_instance, is_fhir_id, parse_fhir_datetime, reference_id
+from fhir_mappings.builders import (ai_priority_change, heatmap_source_instance, is_fhir_id, parse_fhir_datetime, reference_id,
+                                     study_uid_from_imaging_study)
 
 from .app import ctx, operation_outcome
-from .cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report
-from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from .cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
+from .domain import DISCLAIMER, NEGATIVE_LABELS, TASK_LABELS, Task
 from .drift import drift_report
-from .errors import StudyNotFoundError, TriageError
+from .errors import InvalidResourceError, StudyNotFoundError, TriageError
 from .jobs import Job, JobState, QueueUnavailableError
 from .models import available_cards, ModelCard
 from .pacs import pacs_from_settings
@@ -56,8 +57,6 @@ worklist = Blueprint("worklist", __name__, template_folder="templates", static_f
                      static_url_path="/worklist/static")
 
 PRIORITY_RANK = {"stat": 3, "asap": 2, "urgent": 1, "routine": 0}
-IMAGING_ORDER_CATEGORY = ("http://snomed.info/sct", "363679005")  # SNOMED CT "Imaging"
-DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
 DRIFT_ADVICE = ("Its flags may not mean what its model card says (a new scanner, protocol or population, or a fault): "
                 "check it before trusting them.")
 
@@ -194,10 +193,13 @@ def is_ours(resource: Mapping[str, Any]) -> bool:
 
 
 def study_uid_of(study: Mapping[str, Any] | None) -> str | None:
-    for identifier in (study or {}).get("identifier") or []:
-        if identifier.get("system") == codes.DICOM_UID_SYSTEM and identifier.get("value"):
-            return str(identifier["value"]).removeprefix(codes.URN_OID_PREFIX)
-    return None
+    """The study's UID as the worker reads it (builders.study_uid_from_imaging_study); None when it has no usable one."""
+    if study is None:
+        return None
+    try:
+        return study_uid_from_imaging_study(dict(study))
+    except InvalidResourceError:
+        return None
 
 
 def row_findings(report: AiReport | None) -> tuple[RowFinding, ...]:
@@ -241,9 +243,9 @@ def ai_status(report: AiReport | None, job: Job | None, has_study: bool) -> tupl
     return ("not triaged" if has_study else "no study yet"), None
 
 
-def is_imaging_order(order: Mapping[str, Any], has_study: bool) -> bool:
-    """An order belongs on the worklist if it has an ImagingStudy or is categorised as imaging."""
-    return has_study or IMAGING_ORDER_CATEGORY in _codes(order.get("category"))
+def belongs_on_worklist(order: Mapping[str, Any], has_study: bool) -> bool:
+    """An order belongs on the worklist if it has an ImagingStudy or is an imaging order (cards.is_imaging_order)."""
+    return has_study or is_imaging_order(order)
 
 
 def ai_reports_by_order(by_type: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, AiReport]:
@@ -283,7 +285,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
     rows = []
     for order_id, order in by_type.get("ServiceRequest", {}).items():
         study = study_by_order.get(order_id)
-        if not is_imaging_order(order, study is not None):
+        if not belongs_on_worklist(order, study is not None):
             continue
         report = report_by_order.get(order_id)
         media = by_type.get("Media", {}).get(report.media_id) if report and report.media_id else None

@@ -44,6 +44,7 @@ from fhir.resources.R4B.subscription import Subscription, SubscriptionChannel
 from pydantic import ValidationError
 
 from cds_service.domain import (
+    DISCLAIMER,
     NEGATIVE_LABELS,
     Finding,
     ModelRef,
@@ -59,7 +60,7 @@ from cds_service.errors import InvalidResourceError
 from . import codes
 
 #: Last sentence of every conclusion and note: the words a clinician must see.
-AI_DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
+AI_DISCLAIMER = DISCLAIMER  # the name FHIR builders and their tests use
 
 #: Header the FHIR server sends with each notification so our webhook can check it.
 SUBSCRIPTION_SECRET_HEADER = "X-CDS-Subscription-Secret"
