@@ -258,19 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setting_named_in(message: str, settings: Settings) -> tuple[str, str] | None:
-    """The URL setting (variable, value) whose server an error message is about, if any: the longest
-    configured URL the message contains, else the server it starts with (the FHIR client's messages
-    start `FHIR `, the PACS client's `PACS `)."""
-    urls = [(env_name(name), getattr(settings, name)) for name in HTTP_URL_SETTINGS]
-    urls += [("CDS_DICOMWEB_ALLOWED_ENDPOINTS", url.strip()) for url in settings.dicomweb_allowed_endpoints.split(",")]
-    named = [(variable, value) for variable, value in urls if value and value.rstrip("/") in message]
-    if named:
-        return max(named, key=lambda pair: len(pair[1]))
-    if message.startswith("FHIR "):
-        return "CDS_FHIR_BASE_URL", settings.fhir_base_url
-    if message.startswith("PACS "):
-        return "CDS_DICOMWEB_URL", settings.dicomweb_url
+#: The setting that points at each kind of server an error can name (errors.Server).
+SERVER_SETTINGS = {"fhir": "fhir_base_url", "pacs": "dicomweb_url", "auth": "fhir_smart_token_url"}
+
+
+def setting_named_by(error: TriageError, settings: Settings) -> tuple[str, str] | None:
+    """The URL setting (variable, value) of the server an error is about, from its structured fields
+    (`url`, `server`): the longest configured URL that the error's URL starts with, else the setting of
+    its kind of server; None when the error is not about a server."""
+    if error.url:
+        urls = [(env_name(name), getattr(settings, name)) for name in HTTP_URL_SETTINGS]
+        urls += [("CDS_DICOMWEB_ALLOWED_ENDPOINTS", url.strip()) for url in settings.dicomweb_allowed_endpoints.split(",")]
+        named = [(variable, value) for variable, value in urls if value and error.url.rstrip("/").startswith(value.rstrip("/"))]
+        if named:
+            return max(named, key=lambda pair: len(pair[1]))
+    name = SERVER_SETTINGS.get(error.server or "")
+    if name and getattr(settings, name):
+        return env_name(name), getattr(settings, name)
     return None
 
 
@@ -303,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except TriageError as exc:  # the FHIR server or the PACS failed or refused; the message is safe to show
         message = one_line(str(exc))
-        named = setting_named_in(message, settings)
+        named = setting_named_by(exc, settings)
         if named is None:
             print(f"cds-triage {args.command}: {message}", file=sys.stderr)
             return 1

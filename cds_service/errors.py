@@ -7,6 +7,11 @@ because retrying a corrupt DICOM or a study without a UID will never help.
 
 from __future__ import annotations
 
+from typing import Literal
+
+#: Which kind of server an error is about, so `cli.main` can name the setting that points at it.
+Server = Literal["fhir", "pacs", "queue", "auth"]
+
 
 def is_retryable_status(status: int) -> bool:
     """The one rule for HTTP answers: 408 (timeout), 429 (throttled) or any 5xx may pass, so retry later;
@@ -15,7 +20,16 @@ def is_retryable_status(status: int) -> bool:
 
 
 class TriageError(Exception):
-    """Base of every error the service raises on purpose; its message is safe to show."""
+    """Base of every error the service raises on purpose; its message is safe to show.
+
+    An adapter says which server failed in structured fields, never only in its message:
+    `server` (the kind) and `url` (the base URL it was talking to), both empty when the
+    error is not about a server."""
+
+    def __init__(self, message: str = "", *, server: Server | None = None, url: str = "") -> None:
+        super().__init__(message)
+        self.server: Server | None = server
+        self.url = url
 
 
 class PermanentError(TriageError):
@@ -25,8 +39,9 @@ class PermanentError(TriageError):
 class TransientError(TriageError):
     """Retrying may help: a server down, a timeout, a 5xx or 429."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: float | None = None, *, server: Server | None = None,
+                 url: str = "") -> None:
+        super().__init__(message, server=server, url=url)
         self.retry_after = retry_after
 
 
@@ -57,7 +72,8 @@ class UpstreamError(TransientError):
 class UpstreamRejectedError(PermanentError):
     """The PACS or the FHIR server refused what we sent (4xx other than 408/429)."""
 
-    def __init__(self, message: str, status_code: int, body: str = "") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status_code: int, body: str = "", *, server: Server | None = None,
+                 url: str = "") -> None:
+        super().__init__(message, server=server, url=url)
         self.status_code = status_code
         self.body = body

@@ -77,6 +77,11 @@ class FhirClient:
     def close(self) -> None:
         self.http.close()
 
+    @property
+    def _where(self) -> dict[str, Any]:
+        """The structured fields of every error this client raises (errors.TriageError)."""
+        return {"server": "fhir", "url": self.base_url}
+
     # --- plumbing ---------------------------------------------------------------------
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -84,22 +89,23 @@ class FhirClient:
             response = self.http.request(method, url, **kwargs)
         except httpx.TimeoutException as exc:
             count_upstream_error("fhir", "timeout")
-            raise UpstreamError(f"FHIR server timed out on {method} {url.split('?')[0]}") from exc
+            raise UpstreamError(f"FHIR server timed out on {method} {url.split('?')[0]}", **self._where) from exc
         except httpx.TransportError as exc:
             count_upstream_error("fhir", "unreachable")
-            raise UpstreamError(f"FHIR server unreachable at {self.base_url}: {type(exc).__name__}") from exc
+            raise UpstreamError(f"FHIR server unreachable at {self.base_url}: {type(exc).__name__}", **self._where) from exc
         if response.status_code < 400:
             return response
         count_upstream_error("fhir", f"http_{response.status_code}")
         reason = f"FHIR {method} {url.split('?')[0]} answered {response.status_code}: {outcome_text(response)}"
         if response.status_code in (404, 410):
-            raise StudyNotFoundError(reason)
+            raise StudyNotFoundError(reason, **self._where)
         if response.status_code in VERSION_CONFLICT_STATUSES:
-            raise VersionConflictError(reason, response.status_code, response.text)
+            raise VersionConflictError(reason, response.status_code, response.text, **self._where)
         if is_retryable_status(response.status_code):
             retry_after = response.headers.get("Retry-After")
-            raise UpstreamError(reason, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
-        raise UpstreamRejectedError(reason, response.status_code, response.text)
+            raise UpstreamError(reason, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
+                               **self._where)
+        raise UpstreamRejectedError(reason, response.status_code, response.text, **self._where)
 
     # --- REST interactions --------------------------------------------------------------
 

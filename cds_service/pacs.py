@@ -169,13 +169,18 @@ class Pacs:
         self.session = session
         self.client = DICOMwebClient(url=config.url.rstrip("/"), session=session, timeout=config.timeout_s)
 
+    @property
+    def _where(self) -> dict[str, Any]:
+        """The structured fields of every error about this PACS (errors.TriageError)."""
+        return {"server": "pacs", "url": self.config.url}
+
     def find_study(self, study_uid: str) -> Study:
         """The study's series from QIDO-RS; StudyNotInPacsError when there are none."""
         fields = [MODALITY, SERIES_DESCRIPTION, BODY_PART, INSTANCES_IN_SERIES, PROTOCOL_NAME, STUDY_DESCRIPTION,
                   REQUESTED_PROCEDURE, ANATOMIC_REGION]
         results = self._call(lambda: self.client.search_for_series(study_uid, fields=fields), study_uid)
         if not results:
-            raise StudyNotInPacsError(f"study not found in the PACS at {self.config.url}")
+            raise StudyNotInPacsError(f"study not found in the PACS at {self.config.url}", **self._where)
         return Study(uid=study_uid, series=tuple(series_from_qido(attrs) for attrs in results))
 
     def middle_instance(self, study_uid: str, series: Series) -> pydicom.Dataset:
@@ -184,7 +189,7 @@ class Pacs:
         found = self._call(lambda: self.client.search_for_instances(study_uid, series.uid,
                                                                     fields=[INSTANCE_NUMBER]), study_uid)
         if not found:
-            raise StudyNotInPacsError("series has no instances in the PACS")
+            raise StudyNotInPacsError("series has no instances in the PACS", **self._where)
 
         def number(attrs: dict[str, Any]) -> tuple[int, str]:
             try:
@@ -218,7 +223,7 @@ class Pacs:
                 raise StudyTooLargeError(f"series has more than {max_instances} instances, above the limit")
             yield part
         if not count:
-            raise StudyNotInPacsError("series has no instances in the PACS")
+            raise StudyNotInPacsError("series has no instances in the PACS", **self._where)
 
     def iter_series(self, study_uid: str, series: Series, max_instances: int) -> Iterator[pydicom.Dataset]:
         """`iter_series_parts`, each instance parsed; also stops when the series passes CDS_MAX_SERIES_BYTES."""
@@ -244,7 +249,7 @@ class Pacs:
         finally:
             parts.close()
         if part is None:
-            raise StudyNotInPacsError("instance not in the PACS any more")
+            raise StudyNotInPacsError("instance not in the PACS any more", **self._where)
         return part
 
     def study_metadata(self, study_uid: str) -> list[dict[str, Any]]:
@@ -255,14 +260,14 @@ class Pacs:
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             if status in (404, 410):
-                raise StudyNotFoundError(f"study not found in the PACS at {self.config.url}") from exc
+                raise StudyNotFoundError(f"study not found in the PACS at {self.config.url}", **self._where) from exc
             if is_retryable_status(status):
-                raise UpstreamError(f"PACS answered {status} to WADO-RS metadata") from exc
-            raise UpstreamRejectedError(f"PACS refused WADO-RS metadata with {status}", status) from exc
+                raise UpstreamError(f"PACS answered {status} to WADO-RS metadata", **self._where) from exc
+            raise UpstreamRejectedError(f"PACS refused WADO-RS metadata with {status}", status, **self._where) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise UpstreamError(f"PACS unreachable at {self.config.url}: {type(exc).__name__}") from exc
+            raise UpstreamError(f"PACS unreachable at {self.config.url}: {type(exc).__name__}", **self._where) from exc
         if not items:
-            raise StudyNotFoundError(f"study not found in the PACS at {self.config.url}")
+            raise StudyNotFoundError(f"study not found in the PACS at {self.config.url}", **self._where)
         return list(items)
 
     def store(self, dataset: pydicom.Dataset) -> None:
@@ -273,14 +278,14 @@ class Pacs:
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             if is_retryable_status(status):
-                raise UpstreamError(f"PACS answered {status} to STOW-RS") from exc
-            raise UpstreamRejectedError(f"PACS refused the Secondary Capture with {status}", status) from exc
+                raise UpstreamError(f"PACS answered {status} to STOW-RS", **self._where) from exc
+            raise UpstreamRejectedError(f"PACS refused the Secondary Capture with {status}", status, **self._where) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise UpstreamError(f"PACS unreachable for STOW-RS: {type(exc).__name__}") from exc
+            raise UpstreamError(f"PACS unreachable for STOW-RS: {type(exc).__name__}", **self._where) from exc
         failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
         if failed:
             reason = getattr(failed[0], "FailureReason", "?")
-            raise UpstreamRejectedError(f"PACS did not store the Secondary Capture (failure reason {reason})", 409)
+            raise UpstreamRejectedError(f"PACS did not store the Secondary Capture (failure reason {reason})", 409, **self._where)
 
     def retrieve_instance(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> pydicom.Dataset:
         """One instance, parsed (WADO-RS); HTTP trouble is left as requests raises it (the worklist answers 502)."""
@@ -311,19 +316,19 @@ class Pacs:
             status = exc.response.status_code if exc.response is not None else 0
             count_upstream_error("pacs", f"http_{status}")
             if status == 404:
-                raise StudyNotInPacsError(f"PACS answered 404 for the study at {self.config.url}") from exc
+                raise StudyNotInPacsError(f"PACS answered 404 for the study at {self.config.url}", **self._where) from exc
             if is_retryable_status(status):
-                raise UpstreamError(f"PACS answered {status}") from exc
-            raise UpstreamRejectedError(f"PACS refused the request with {status}", status) from exc
+                raise UpstreamError(f"PACS answered {status}", **self._where) from exc
+            raise UpstreamRejectedError(f"PACS refused the request with {status}", status, **self._where) from exc
         except requests.Timeout as exc:
             count_upstream_error("pacs", "timeout")
-            raise UpstreamError(f"PACS timed out at {self.config.url}: {type(exc).__name__}") from exc
+            raise UpstreamError(f"PACS timed out at {self.config.url}: {type(exc).__name__}", **self._where) from exc
         except requests.exceptions.ChunkedEncodingError as exc:
             count_upstream_error("pacs", "cut_short")
-            raise UpstreamError(f"PACS transfer was cut short at {self.config.url}: {exc}") from exc
+            raise UpstreamError(f"PACS transfer was cut short at {self.config.url}: {exc}", **self._where) from exc
         except requests.RequestException as exc:  # refused, reset
             count_upstream_error("pacs", "unreachable")
-            raise UpstreamError(f"PACS unreachable at {self.config.url}: {type(exc).__name__}") from exc
+            raise UpstreamError(f"PACS unreachable at {self.config.url}: {type(exc).__name__}", **self._where) from exc
         except TriageError:
             raise
         except (ValueError, pydicom.errors.InvalidDicomError) as exc:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from .errors import PermanentError, UpstreamError
+from .errors import PermanentError, UpstreamError, is_retryable_status
 from .fhir_client import FhirClient
 from .security import is_loopback_url
 from .settings import Settings
@@ -177,7 +177,7 @@ class SmartBackendAuth(httpx.Auth):
             except (ValueError, AttributeError):
                 endpoint = None
             if not isinstance(endpoint, str) or not endpoint:
-                raise SmartAuthError(f"{url} names no token_endpoint; set CDS_FHIR_SMART_TOKEN_URL")
+                raise SmartAuthError(f"{url} names no token_endpoint; set CDS_FHIR_SMART_TOKEN_URL", server="auth", url=url)
             self._token_url = endpoint
         _require_secure(self._token_url, "the SMART token endpoint")
         return self._token_url
@@ -202,11 +202,13 @@ class SmartBackendAuth(httpx.Auth):
         try:
             response = self.http.request(method, url, headers={"Accept": "application/json"}, **kwargs)
         except httpx.TransportError as exc:
-            raise UpstreamError(f"SMART authorization server unreachable ({url}): {type(exc).__name__}") from exc
-        if response.status_code >= 500 or response.status_code == 429:
-            raise UpstreamError(f"SMART authorization server answered {response.status_code} at {url}")
+            raise UpstreamError(f"SMART authorization server unreachable ({url}): {type(exc).__name__}", server="auth",
+                                url=url) from exc
+        if is_retryable_status(response.status_code):
+            raise UpstreamError(f"SMART authorization server answered {response.status_code} at {url}", server="auth", url=url)
         if response.status_code >= 400:
-            raise SmartAuthError(f"SMART authorization refused ({response.status_code}): {_oauth_error(response)}")
+            raise SmartAuthError(f"SMART authorization refused ({response.status_code}): {_oauth_error(response)}",
+                                 server="auth", url=url)
         return response
 
 

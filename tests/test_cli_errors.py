@@ -219,3 +219,16 @@ def test_the_readme_command_section_documents_exit_statuses_version_and_port_0()
     section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
     assert "cds-triage --version" in section and "--port 0" in section
     assert "Exit status" in section and "**2** a bad command line or setting" in section
+
+
+def test_the_setting_is_named_from_the_error_fields_not_its_message():
+    from cds_service.cli import setting_named_by
+    from cds_service.errors import UpstreamError
+
+    settings = Settings.from_env({"CDS_FHIR_BASE_URL": "https://ehr.example.org/fhir", "CDS_DICOMWEB_URL": "https://pacs.example.org/dicom-web"})
+    assert setting_named_by(UpstreamError("timed out", server="pacs", url="https://pacs.example.org/dicom-web"), settings) == \
+        ("CDS_DICOMWEB_URL", "https://pacs.example.org/dicom-web")
+    assert setting_named_by(UpstreamError("PACS down"), settings) is None  # prose is not read back
+    smart = UpstreamError("unreachable", server="auth", url="https://ehr.example.org/fhir/.well-known/smart-configuration")
+    assert setting_named_by(smart, settings) == ("CDS_FHIR_BASE_URL", "https://ehr.example.org/fhir")
+    assert setting_named_by(UpstreamError("404", server="fhir"), settings) == ("CDS_FHIR_BASE_URL", "https://ehr.example.org/fhir")
