@@ -251,10 +251,6 @@ def hook_data(call: HookCall, key: str, query: str) -> tuple[list[dict[str, Any]
 # --- handlers (each returns cards and systemActions) ------------------------------------------
 
 
-def _on(value: str) -> bool:
-    return value.strip().lower() in ("on", "true", "yes", "1")
-
-
 def imagingstudy_create(call: HookCall, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Queue triage (the same job a Subscription notification makes) and answer at once."""
     study_id = _fhir_id(call.context.get("imagingStudyId"), "imagingStudyId", "ImagingStudy")
@@ -294,7 +290,7 @@ def priority_system_actions(call: HookCall, job: Job, settings: Settings) -> lis
     """With CDS_HOOKS_SYSTEM_ACTIONS=on: the order's raised priority as a systemAction (never lowers it)."""
     suggested = parse_priority(job.result.get("suggestedPriority"))
     order_id = job.service_request_id
-    if not _on(settings.cds_hooks_system_actions) or suggested is None or not order_id:
+    if not settings.cds_hooks_system_actions or suggested is None or not order_id:
         return []
     if job.result.get("mode") == TaskMode.SHADOW.value:
         return []  # a task in shadow mode never changes a priority, here neither

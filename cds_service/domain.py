@@ -47,6 +47,36 @@ class Priority(str, enum.Enum):
         return self.rank >= other.rank
 
 
+class InferenceRuntime(enum.StrEnum):
+    """Where models score (CDS_INFERENCE_RUNTIME): ONNX Runtime, torch, or auto (ONNX Runtime on a CPU)."""
+
+    AUTO = "auto"
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"
+
+
+class WorklistAuth(enum.StrEnum):
+    """How the worklist page checks who asks (CDS_WORKLIST_AUTH)."""
+
+    NONE = "none"
+    PROXY_HEADER = "proxy-header"
+    BEARER = "bearer"
+
+
+class HooksAuth(enum.StrEnum):
+    """Whether CDS Hooks calls must carry a JWT (CDS_HOOKS_AUTH; off only on loopback)."""
+
+    JWT = "jwt"
+    OFF = "off"
+
+
+class UnknownPatientPolicy(enum.StrEnum):
+    """What to do when no Patient carries the study's PatientID (CDS_PACS_UNKNOWN_PATIENT)."""
+
+    REJECT = "reject"  # the EHR owns patient identity: fail the arrival, a person looks at it
+    CREATE = "create"  # create the Patient from the DICOM patient module (test and demo set-ups)
+
+
 _PRIORITY_ORDER = [Priority.ROUTINE, Priority.URGENT, Priority.ASAP, Priority.STAT]
 
 

@@ -41,7 +41,6 @@ from typing import Any, Callable, Iterator
 
 import pydicom
 from flask import Blueprint, Flask, current_app, jsonify, request
-from flask.blueprints import BlueprintSetupState
 from huey.exceptions import RetryTask
 
 from fhir_mappings import codes
@@ -52,6 +51,7 @@ from .errors import PermanentError, TransientError, TriageError, UpstreamError, 
 from .fhir_client import FhirClient
 from .jobs import TriageRequest, backoff_delay, create_queue
 from .pacs import pacs_from_settings
+from .domain import UnknownPatientPolicy
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,6 @@ HEADER_KEYWORDS = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
 )
 _HEADER_TAGS = {f"{pydicom.datadict.tag_for_keyword(k):08X}" for k in HEADER_KEYWORDS}
-
-
-class UnknownPatientPolicy(str, enum.Enum):
-    """What to do when no Patient carries the study's PatientID (CDS_PACS_UNKNOWN_PATIENT)."""
-
-    REJECT = "reject"  # the EHR owns patient identity: fail the arrival, a person looks at it
-    CREATE = "create"  # create the Patient from the DICOM patient module (test and demo set-ups)
 
 
 class PatientMatchError(PermanentError):
@@ -153,13 +146,6 @@ def choose_order(matches: list[dict[str, Any]]) -> str | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def unknown_patient_policy(settings: Settings) -> UnknownPatientPolicy:
-    try:
-        return UnknownPatientPolicy(settings.pacs_unknown_patient.strip().lower())
-    except ValueError:
-        raise ValueError(f"CDS_PACS_UNKNOWN_PATIENT must be 'reject' or 'create', got {settings.pacs_unknown_patient!r}") from None
-
-
 # --- adapters: the PACS, the FHIR server, the arrivals table ---------------------------------------
 
 
@@ -181,7 +167,7 @@ def match_patient(fhir: FhirClient, header: pydicom.Dataset, settings: Settings)
         raise PatientMatchError("the study has no PatientID, so no Patient can be matched")
     token = f"{settings.patient_identifier_system}|{patient_id}"
     matches = fhir.search("Patient", {"identifier": token})
-    chosen = choose_patient(matches, unknown_patient_policy(settings), settings.patient_identifier_system)
+    chosen = choose_patient(matches, settings.pacs_unknown_patient, settings.patient_identifier_system)
     if chosen:
         return chosen, False
     patient = build_patient_from_dicom(header, identifier_system=settings.patient_identifier_system)
@@ -334,12 +320,6 @@ def register_arrival_task(huey: Any, service: ServiceContext) -> Callable[[str],
 
 
 # --- HTTP (runs in `cds-triage serve`) ------------------------------------------------------------
-
-
-@pacs_trigger.record_once
-def _check_settings(state: BlueprintSetupState) -> None:
-    """Fail at start-up, not on the first study, when the unknown-patient policy is misspelt."""
-    unknown_patient_policy(state.app.extensions["cds_triage"].settings)
 
 
 def _enqueue_arrival(app: Flask) -> Callable[[str], Any]:

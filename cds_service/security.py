@@ -41,6 +41,7 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from .logs import hashed
+from .domain import HooksAuth
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -296,12 +297,12 @@ def hooks_auth_enabled(settings: Settings) -> bool:
     Raises ValueError for an unknown mode or for `off` on a public URL: a service reachable
     from the network never runs its hooks unauthenticated by mistake.
     """
-    mode = settings.cds_hooks_auth.strip().lower()
-    if mode == "jwt":
+    mode = settings.cds_hooks_auth  # checked at start-up (Settings)
+    if mode is HooksAuth.JWT:
         if not split_list(settings.cds_hooks_issuers):
             log.warning("CDS_HOOKS_ISSUERS is empty: every CDS Hooks call will be refused until a trusted issuer is configured")
         return True
-    if mode == "off":
+    if mode is HooksAuth.OFF:
         if not is_loopback_url(settings.public_url):
             raise ValueError("CDS_HOOKS_AUTH=off is only allowed when CDS_PUBLIC_URL is a loopback address")
         log.warning("!!! CDS_HOOKS_AUTH=off: CDS Hooks calls are NOT authenticated. Local development only. !!!")

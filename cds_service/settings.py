@@ -6,15 +6,17 @@ environment. Each field's default fits the local demo; the README lists them all
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
+import re
 from dataclasses import Field, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
-from .domain import Priority, TaskMode, Task
+from .domain import HooksAuth, InferenceRuntime, Priority, TaskMode, Task, UnknownPatientPolicy, WorklistAuth
 
 if TYPE_CHECKING:
     from .site_thresholds import SiteThresholds
@@ -96,6 +98,14 @@ def parse_task_modes(text: str) -> dict[Task, TaskMode]:
     return modes
 
 
+#: The settings whose values form a closed set, and that set (checked and converted in Settings.__post_init__).
+ENUM_SETTINGS: dict[str, type[enum.StrEnum]] = {
+    "inference_runtime": InferenceRuntime, "worklist_auth": WorklistAuth, "cds_hooks_auth": HooksAuth,
+    "pacs_unknown_patient": UnknownPatientPolicy,
+}
+#: CDS_DEVICE: a CPU or a CUDA device (`cuda`, `cuda:1`).
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
+
 DRIFT_WINDOW_MAX = 5000  # the job store indexes this many recent triages per task (jobs.RECENT_TRIAGES_KEPT)
 
 
@@ -172,7 +182,7 @@ class Settings:
     workers: int = field(default=1, metadata={"env": "WORKERS"})
     device: str = field(default="cpu", metadata={"env": "DEVICE"})
     torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS"})
-    inference_runtime: str = field(default="auto", metadata={"env": "INFERENCE_RUNTIME"})
+    inference_runtime: InferenceRuntime = field(default=InferenceRuntime.AUTO, metadata={"env": "INFERENCE_RUNTIME"})
     batch_size: int = field(default=0, metadata={"env": "BATCH_SIZE"})
     # processes that decode a series' slices while the model scores (0: none, the worker's own thread
     # decodes; -1: decoding.default_processes, none on up to 3 cores, else cores - 2)
@@ -200,19 +210,19 @@ class Settings:
     # PACS-side trigger (POST /pacs/studies): off while the secret is empty.
     pacs_trigger_secret: str = field(default="", metadata={"env": "PACS_TRIGGER_SECRET", "secret": True})
     patient_identifier_system: str = field(default="urn:demo:mrn", metadata={"env": "PATIENT_IDENTIFIER_SYSTEM"})
-    pacs_unknown_patient: str = field(default="reject", metadata={"env": "PACS_UNKNOWN_PATIENT"})
+    pacs_unknown_patient: UnknownPatientPolicy = field(default=UnknownPatientPolicy.REJECT, metadata={"env": "PACS_UNKNOWN_PATIENT"})
 
     # Worklist page and heatmap in the PACS (cds_service/worklist.py, secondary_capture.py).
     heatmap_to_pacs: bool = field(default=False, metadata={"env": "HEATMAP_TO_PACS"})
     pacs_viewer_url: str = field(default="", metadata={"env": "PACS_VIEWER_URL"})
     worklist_refresh_s: float = field(default=5.0, metadata={"env": "WORKLIST_REFRESH_S"})
     worklist_max_orders: int = field(default=200, metadata={"env": "WORKLIST_MAX_ORDERS"})
-    worklist_auth: str = field(default="none", metadata={"env": "WORKLIST_AUTH"})
+    worklist_auth: WorklistAuth = field(default=WorklistAuth.NONE, metadata={"env": "WORKLIST_AUTH"})
     worklist_auth_header: str = field(default="X-Forwarded-User", metadata={"env": "WORKLIST_AUTH_HEADER"})
     worklist_bearer_token: str = field(default="", metadata={"env": "WORKLIST_BEARER_TOKEN", "secret": True})
 
     # CDS Hooks: inbound JWT (see cds_service/security.py), CORS, limits, system actions.
-    cds_hooks_auth: str = field(default="jwt", metadata={"env": "HOOKS_AUTH"})
+    cds_hooks_auth: HooksAuth = field(default=HooksAuth.JWT, metadata={"env": "HOOKS_AUTH"})
     cds_hooks_issuers: str = field(default="", metadata={"env": "HOOKS_ISSUERS"})
     cds_hooks_jku_allowlist: str = field(default="", metadata={"env": "HOOKS_JKU_ALLOWLIST"})
     cds_hooks_jwks_file: str = field(default="", metadata={"env": "HOOKS_JWKS_FILE"})
@@ -221,7 +231,7 @@ class Settings:
     cds_hooks_rate_limit: str = field(default="120/minute", metadata={"env": "HOOKS_RATE_LIMIT"})
     rate_limit_storage_url: str = field(default="memory://", metadata={"env": "RATE_LIMIT_STORAGE_URL"})
     max_json_depth: int = field(default=64, metadata={"env": "MAX_JSON_DEPTH"})
-    cds_hooks_system_actions: str = field(default="off", metadata={"env": "HOOKS_SYSTEM_ACTIONS"})
+    cds_hooks_system_actions: bool = field(default=False, metadata={"env": "HOOKS_SYSTEM_ACTIONS"})
     # FHIR servers a hook's `fhirServer` may name: comma-separated base URLs, each optionally as
     # `issuer|url` to allow it for one trusted issuer only. Anything else is never called.
     cds_hooks_fhir_servers: str = field(default="", metadata={"env": "HOOKS_FHIR_SERVERS"})
@@ -245,6 +255,21 @@ class Settings:
     operator_open_on_loopback: bool = field(default=False, metadata={"env": "OPERATOR_OPEN_ON_LOOPBACK"})
 
     def __post_init__(self) -> None:
+        for name, kind in ENUM_SETTINGS.items():  # a string from the environment or a caller becomes its enum member
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(str(value).strip().lower()))
+            except ValueError:
+                raise SettingsError(f"{env_name(name)}={value!r} is not one of {', '.join(m.value for m in kind)}") from None
+        for name in ("cds_hooks_system_actions",):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                word = value.strip().lower()
+                if word not in TRUE_WORDS + FALSE_WORDS:
+                    raise SettingsError(f"{env_name(name)}={value!r} is not on or off (1/0, true/false, yes/no, on/off)")
+                object.__setattr__(self, name, word in TRUE_WORDS)
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise SettingsError(f"CDS_DEVICE={self.device!r} is not a device (cpu, cuda or cuda:<index>)")
         for name in HTTP_URL_SETTINGS:
             value = getattr(self, name)
             problem = http_url_problem(value) if value or name != "fhir_smart_token_url" else None

@@ -43,7 +43,7 @@ from fhir_mappings.builders import (ai_priority_change, heatmap_source_instance,
 
 from .app import ctx, operation_outcome
 from .cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
-from .domain import DISCLAIMER, NEGATIVE_LABELS, TASK_LABELS, Task
+from .domain import DISCLAIMER, NEGATIVE_LABELS, TASK_LABELS, Task, WorklistAuth
 from .drift import drift_report
 from .errors import InvalidResourceError, StudyNotFoundError, TriageError
 from .jobs import Job, JobState, QueueUnavailableError
@@ -341,13 +341,13 @@ def access_denied(settings: Settings, headers: Mapping[str, str]) -> str | None:
     - `bearer`: `Authorization: Bearer <CDS_WORKLIST_BEARER_TOKEN>` (scripts, EHR embedding).
     Anything else fails closed.
     """
-    mode = settings.worklist_auth
-    if mode == "none":
+    mode = settings.worklist_auth  # one of WorklistAuth: checked at start-up (Settings)
+    if mode is WorklistAuth.NONE:
         return None
-    if mode == "proxy-header":
+    if mode is WorklistAuth.PROXY_HEADER:
         return None if headers.get(settings.worklist_auth_header, "").strip() else \
             f"not signed in (no {settings.worklist_auth_header} header from the reverse proxy)"
-    if mode == "bearer":
+    if mode is WorklistAuth.BEARER:
         scheme, _, token = headers.get("Authorization", "").partition(" ")
         expected = settings.worklist_bearer_token
         if expected and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode()):
@@ -454,7 +454,7 @@ def check_access() -> Any:
     if denied.startswith("CDS_WORKLIST_AUTH"):
         return operation_outcome(500, f"worklist access misconfigured: {denied}", "exception")
     response, status = operation_outcome(401, denied, "login")
-    if ctx().settings.worklist_auth == "bearer":
+    if ctx().settings.worklist_auth is WorklistAuth.BEARER:
         response.headers["WWW-Authenticate"] = 'Bearer realm="cds-triage worklist"'
     return response, status
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from cds_service.domain import Finding, Priority, Series, Study, Task
+from cds_service.domain import Finding, InferenceRuntime, Priority, Series, Study, Task
 from cds_service.priority import parse_priority, raised_priority, suggest_priority
 from cds_service.routing import route_study, task_for_series
-from cds_service.settings import DEFAULT_PRIORITY_RULES, Settings, parse_priority_rules
+from cds_service.settings import DEFAULT_PRIORITY_RULES, Settings, SettingsError, parse_priority_rules
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,13 @@ def test_inference_threads_share_the_cores_between_workers(monkeypatch):
     assert Settings(workers=3).inference_threads == 2
     assert Settings(workers=16).inference_threads == 1
     assert Settings(workers=2, torch_threads=3).inference_threads == 3  # set by hand: taken as is
-    assert Settings.from_env({"CDS_INFERENCE_RUNTIME": "torch"}).inference_runtime == "torch"
+    assert Settings.from_env({"CDS_INFERENCE_RUNTIME": "torch"}).inference_runtime is InferenceRuntime.TORCH
+    for variable, typo in (("CDS_INFERENCE_RUNTIME", "onnx"), ("CDS_DEVICE", "gpu"), ("CDS_HOOKS_AUTH", "maybe"),
+                           ("CDS_PACS_UNKNOWN_PATIENT", "ignore"), ("CDS_HOOKS_SYSTEM_ACTIONS", "sometimes")):
+        with pytest.raises(SettingsError, match=variable):
+            Settings.from_env({variable: typo})
+    assert Settings.from_env(Settings(inference_runtime="onnxruntime", cds_hooks_system_actions="on").to_env()) == \
+        Settings(inference_runtime=InferenceRuntime.ONNXRUNTIME, cds_hooks_system_actions=True)
 
 
 def test_batch_size_small_on_a_cpu_unless_set():

@@ -18,7 +18,7 @@ from cds_service.app import ServiceContext, create_app
 from cds_service.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
 from cds_service.devservers import free_port
 from cds_service.jobs import Job, JobState, JobStore
-from cds_service.settings import Settings
+from cds_service.settings import Settings, SettingsError
 from cds_service.worklist import (
     access_denied,
     ai_raised_from,
@@ -296,10 +296,14 @@ def test_pacs_viewer_link_from_the_template():
     (Settings(worklist_auth="bearer", worklist_bearer_token="t0ken"), {"Authorization": "Bearer t0ken"}, True),
     (Settings(worklist_auth="bearer", worklist_bearer_token="t0ken"), {"Authorization": "Bearer wrong"}, False),
     (Settings(worklist_auth="bearer", worklist_bearer_token=""), {"Authorization": "Bearer "}, False),
-    (Settings(worklist_auth="bogus"), {}, False),
 ])
 def test_access_check(settings, headers, allowed):
     assert (access_denied(settings, headers) is None) is allowed
+
+
+def test_a_misspelt_auth_mode_stops_the_start_naming_the_variable():
+    with pytest.raises(SettingsError, match="CDS_WORKLIST_AUTH='bogus' is not one of none, proxy-header, bearer"):
+        Settings(worklist_auth="bogus")
 
 
 @pytest.fixture
