@@ -58,7 +58,7 @@ from cds_service.devservers import (free_port, make_dataset, start_fhir_server, 
                                    stopped_like_ctrl_c, upload_dicom)
 from cds_service.domain import Task  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
-from cds_service.jobs import Job, JobState  # noqa: E402
+from cds_service.jobs.state import Job, JobState# noqa: E402
 from cds_service.models import ModelCard, card_path, load_model  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
 from cds_service.subscribe import ensure_subscription  # noqa: E402

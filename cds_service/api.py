@@ -16,10 +16,11 @@ from flask import Blueprint, jsonify, request
 
 from fhir_mappings.builders import is_fhir_id
 
-from .app import ctx, operation_outcome
+from .web_context import ctx, operation_outcome
 from .drift import drift_report
 from .errors import TriageError
-from .jobs import Job, JobState, QueueUnavailableError, TriageRequest
+from .jobs.state import Job, JobState, TriageRequest
+from .errors import QueueUnavailableError
 from .models import task_modes
 from .ops import operator_refusal
 from .security import parse_json_body

@@ -7,63 +7,18 @@ process (`cds-triage worker`) does the inference.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import httpx
-from flask import Flask, current_app, jsonify
+from flask import Flask
 from werkzeug.exceptions import HTTPException
 
-from .fhir_client import FhirClient
-from .jobs import BaseJobStore, Job, TriageRequest, create_queue, open_job_store, register_triage_task
+from .context import ServiceContext
+from .jobs.queue import create_queue, open_job_store, register_triage_task
 from .models import model_set_version
 from .settings import Settings
+from .web_context import operation_outcome
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServiceContext:
-    """What request handlers need, built once per process and kept on the app."""
-
-    settings: Settings
-    store: BaseJobStore
-    enqueue: Callable[[str], Any]
-    model_set: str
-    #: SMART Backend Services auth for our FHIR server, shared so its token cache serves every request.
-    fhir_auth: httpx.Auth | None = None
-
-    def __post_init__(self) -> None:
-        if self.fhir_auth is None:
-            from .smart_auth import fhir_auth
-
-            self.fhir_auth = fhir_auth(self.settings)
-
-    def fhir(self) -> FhirClient:
-        return FhirClient(self.settings.fhir_base_url, timeout_s=self.settings.http_timeout_s, auth=self.fhir_auth,
-                          bearer_token=self.settings.fhir_bearer_token)
-
-    def submit(self, request: TriageRequest) -> tuple[Job, bool]:
-        """Persist the job, then queue it; a duplicate trigger returns the existing job."""
-        job, needs_queueing = self.store.submit(request, self.model_set)
-        if needs_queueing:
-            self.enqueue(job.id)
-        return job, needs_queueing
-
-
-def ctx() -> ServiceContext:
-    return current_app.extensions["cds_triage"]
-
-
-def operation_outcome(status: int, message: str, code: str = "processing") -> tuple[Any, int]:
-    """An OperationOutcome body: what FHIR-speaking callers expect for an error."""
-    body = {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": code, "diagnostics": message}],
-    }
-    response = jsonify(body)
-    response.mimetype = "application/fhir+json"
-    return response, status
 
 
 def build_context(settings: Settings) -> ServiceContext:

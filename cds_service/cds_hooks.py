@@ -29,7 +29,7 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from fhir_mappings import codes
 from fhir_mappings.builders import is_fhir_id, reference_id, with_priority
 
-from .app import ctx, operation_outcome
+from .web_context import ctx, operation_outcome
 from .audit import AuditLog, Feedback
 from .cards import (
     DISCLAIMER,
@@ -46,7 +46,7 @@ from .cards import (
 from .domain import Priority, TaskMode
 from .errors import TriageError, UpstreamRejectedError
 from .fhir_client import FhirClient
-from .jobs import Job, JobState, TriageRequest
+from .jobs.state import Job, JobState, TriageRequest
 from .logs import hashed
 from .priority import parse_priority, raised_priority
 from .security import (

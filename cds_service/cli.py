@@ -143,7 +143,7 @@ def _validate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     """A job store or queue that cannot be reached raises QueueUnavailableError: `main` names the setting."""
-    from .jobs import create_queue, open_job_store, register_triage_task
+    from .jobs.queue import create_queue, open_job_store, register_triage_task
 
     store = open_job_store(settings)
     if args.action == "list":
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list, show or re-queue triage jobs")
     p.add_argument("action", choices=["list", "show", "requeue"])
     p.add_argument("job_id", nargs="?")
-    from .jobs import JobState
+    from .jobs.state import JobState
 
     p.add_argument("--status", choices=[state.value for state in JobState], help="only jobs in this state (list)")
     p.add_argument("--limit", type=int, default=50)
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # SettingsError, and the checks that name their variable (drift, site thresholds)
         print(f"cds-triage: bad setting: {exc}", file=sys.stderr)
         return 2
-    from .jobs import QueueUnavailableError
+    from .errors import QueueUnavailableError
     from .logs import configure_logging
 
     configure_logging(settings.log_level)

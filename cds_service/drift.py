@@ -30,7 +30,7 @@ from .domain import NEGATIVE_LABELS, Task
 from .evaluation import wilson_interval
 
 if TYPE_CHECKING:
-    from .jobs import BaseJobStore, Job, JobState
+    from .jobs.state import BaseJobStore, Job, JobState
     from .models import ModelCard
     from .settings import Settings
 

@@ -77,3 +77,7 @@ class UpstreamRejectedError(PermanentError):
         super().__init__(message, server=server, url=url)
         self.status_code = status_code
         self.body = body
+
+
+class QueueUnavailableError(TransientError):
+    """The job store or queue cannot be reached: nothing was accepted, the caller should retry."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 if TYPE_CHECKING:
     from .domain import Task
     from .drift import TaskDrift
-    from .jobs import BaseJobStore
+    from .jobs.state import BaseJobStore
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -122,7 +122,7 @@ class JobStoreCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from .jobs import QueueUnavailableError
+        from .errors import QueueUnavailableError
 
         up = GaugeMetricFamily("cds_triage_job_store_up", "1 if the job store answered this scrape")
         try:
@@ -152,7 +152,7 @@ class DriftCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from .jobs import QueueUnavailableError
+        from .errors import QueueUnavailableError
 
         try:
             drifts = self.report()

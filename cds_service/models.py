@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,7 +30,6 @@ from .preprocessing import PreprocessingSpec
 
 if TYPE_CHECKING:
     from .routing import PixelModel
-    from .site_thresholds import SiteThresholds
 
 ARCHITECTURE = "efficientnet_b0"
 # timm's EfficientNet-B0 in two paddings: PyTorch's symmetric one, and TensorFlow's "SAME" (with BN eps 1e-3),
@@ -571,6 +570,13 @@ def onnx_deviation(model: LoadedModel, session: Any) -> float:
     return deviation
 
 
+class CardAdjustment(Protocol):
+    """What changes a loaded card (site_thresholds.SiteThresholds: a site's own thresholds). A protocol, so
+    this module need not import site_thresholds, which reads cards from here."""
+
+    def apply(self, card: ModelCard) -> ModelCard: ...
+
+
 class ModelRegistry:
     """Loads each task's model once per process, on first use, and keeps it.
 
@@ -578,7 +584,7 @@ class ModelRegistry:
     """
 
     def __init__(self, weights_dir: Path, device: str = "cpu", runtime: str = "torch", threads: int = 0,
-                 onnx_dir: Path | None = None, site_thresholds: "SiteThresholds | None" = None) -> None:
+                 onnx_dir: Path | None = None, site_thresholds: "CardAdjustment | None" = None) -> None:
         check_runtime(runtime)  # at start-up, not at the first study
         self.weights_dir = weights_dir
         self.site_thresholds = site_thresholds  # CDS_SITE_THRESHOLDS: a site's own thresholds replace the card's

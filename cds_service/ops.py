@@ -26,10 +26,11 @@ import requests
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from . import metrics
-from .app import ctx, operation_outcome
+from .web_context import ctx, operation_outcome
 from .audit import open_write_back_trail
 from .drift import drift_report
-from .jobs import QueueUnavailableError, is_redis_url
+from .errors import QueueUnavailableError
+from .jobs.queue import is_redis_url
 from .logs import hashed
 from .models import available_cards
 from .settings import Settings

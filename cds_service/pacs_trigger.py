@@ -46,10 +46,12 @@ from huey.exceptions import RetryTask
 from fhir_mappings import codes
 from fhir_mappings.imaging_study import build_imaging_study, build_patient_from_dicom
 
-from .app import ServiceContext, ctx, operation_outcome
+from .context import ServiceContext
+from .web_context import ctx, operation_outcome
 from .errors import PermanentError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
 from .fhir_client import FhirClient
-from .jobs import TriageRequest, backoff_delay, create_queue
+from .jobs.state import TriageRequest, backoff_delay
+from .jobs.queue import create_queue
 from .pacs import pacs_from_settings
 from .domain import UnknownPatientPolicy
 from .settings import Settings

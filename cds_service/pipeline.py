@@ -27,7 +27,7 @@ from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
 from .inference import score_stream
 from .input_profile import series_verdict
-from .jobs import Job, JobState
+from .jobs.state import Job, JobState
 from .metrics import observe_model_latency
 from .models import ModelRegistry
 from .pacs import Pacs, positions_order

@@ -23,8 +23,9 @@ from . import metrics
 from .audit import open_write_back_trail, write_back_event
 from .drift import alarm_hook
 from .decoding import decode_pool
-from .jobs import (BaseJobStore, Job, JobState, Leases, QueueUnavailableError, consumer_delays, create_queue, open_job_store,
-                   register_triage_task)
+from .jobs.state import BaseJobStore, Job, JobState
+from .jobs.queue import Leases, consumer_delays, create_queue, open_job_store, register_triage_task
+from .errors import QueueUnavailableError
 from .domain import Task
 from .models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
 from .pacs import Pacs, pacs_from_settings
@@ -182,7 +183,7 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
                                 retry_base_s=settings.job_retry_delay_s, leases=leases,
                                 on_finished=audit_hook(settings, leases.worker), on_recorded=alarm_hook(store, settings))
     # Studies announced by the PACS (POST /pacs/studies) are resolved here, then queued as triage jobs.
-    from .app import ServiceContext
+    from .context import ServiceContext
     from .models import model_set_version
     from .pacs_trigger import register_arrival_task
 

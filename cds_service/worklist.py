@@ -41,12 +41,13 @@ from fhir_mappings import codes
 from fhir_mappings.builders import (ai_priority_change, heatmap_source_instance, is_fhir_id, parse_fhir_datetime, reference_id,
                                      study_uid_from_imaging_study)
 
-from .app import ctx, operation_outcome
+from .web_context import ctx, operation_outcome
 from .cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
 from .domain import DISCLAIMER, NEGATIVE_LABELS, TASK_LABELS, Task, WorklistAuth
 from .drift import drift_report
 from .errors import InvalidResourceError, StudyNotFoundError, TriageError
-from .jobs import Job, JobState, QueueUnavailableError
+from .jobs.state import Job, JobState
+from .errors import QueueUnavailableError
 from .models import available_cards, ModelCard
 from .pacs import pacs_from_settings
 from .pipeline import dicomweb_url_for

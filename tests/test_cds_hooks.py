@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from cds_service.app import ServiceContext, create_app
+from cds_service.app import create_app
+from cds_service.context import ServiceContext
 from cds_service.cards import (
     AiReport,
     ReportedFinding,
@@ -34,7 +35,8 @@ from cds_service.cards import (
 from cds_service.cds_hooks import SERVICES, HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
 from cds_service.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
 from cds_service.fhir_client import FhirClient
-from cds_service.jobs import JobState, JobStore, TriageRequest
+from cds_service.jobs.state import JobState, TriageRequest
+from cds_service.jobs.sqlite_store import JobStore
 from cds_service.settings import DEFAULT_PRIORITY_RULES, Settings
 from fhir_mappings.builders import build_triage_transaction
 from hook_client import EhrSigner, assert_valid, hook_request, schema_errors

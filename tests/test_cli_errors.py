@@ -147,7 +147,8 @@ def test_version_and_the_exit_statuses_in_the_help(tmp_path):
 
 
 def test_jobs_list_has_a_header_and_refuses_an_unknown_status(tmp_path):
-    from cds_service.jobs import JobStore, TriageRequest
+    from cds_service.jobs.sqlite_store import JobStore
+    from cds_service.jobs.state import TriageRequest
 
     store = JobStore(tmp_path / "var" / "jobs.sqlite3")
     store.submit(TriageRequest(imaging_study_id="study-1", source="test"), model_set="m@1")

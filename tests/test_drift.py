@@ -16,11 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cds_service.app import ServiceContext, create_app
+from cds_service.app import create_app
+from cds_service.context import ServiceContext
 from cds_service.domain import Task
 from cds_service.drift import (Band, alarm_hook, assess, band_for, check_alarm, expected_raised_share, operating_rates,
                                study_score, triaged)
-from cds_service.jobs import JobState, JobStore, RedisJobStore, TriageRequest
+from cds_service.jobs.state import JobState, TriageRequest
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.jobs.redis_store import RedisJobStore
 from cds_service.models import ModelCard
 from cds_service.settings import Settings
 from redis_support import start_redis
@@ -296,7 +299,7 @@ def test_healthz_metrics_and_worklist_show_the_alarm(tmp_path, monkeypatch) -> N
 
 
 def test_healthz_still_answers_when_the_store_does_not(tmp_path, monkeypatch) -> None:
-    from cds_service.jobs import QueueUnavailableError
+    from cds_service.errors import QueueUnavailableError
 
     settings = Settings(data_dir=tmp_path / "data", weights_dir=make_test_weights(tmp_path / "w", Task.HEAD_CT_ICH))
     store = JobStore(settings.job_db_path)

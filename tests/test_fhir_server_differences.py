@@ -27,10 +27,11 @@ import yaml
 
 import hapi_support
 from cds_service import cli, subscribe
-from cds_service.app import ServiceContext, create_app
+from cds_service.app import create_app
+from cds_service.context import ServiceContext
 from cds_service.errors import UpstreamRejectedError
 from cds_service.fhir_client import FhirClient, VersionConflictError
-from cds_service.jobs import JobStore
+from cds_service.jobs.sqlite_store import JobStore
 from cds_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,10 @@ import threading
 import pytest
 
 from cds_service.api import imaging_study_ids
-from cds_service.app import ServiceContext, create_app
-from cds_service.jobs import JobState, JobStore, TriageRequest, backoff_delay
+from cds_service.app import create_app
+from cds_service.context import ServiceContext
+from cds_service.jobs.state import JobState, TriageRequest, backoff_delay
+from cds_service.jobs.sqlite_store import JobStore
 from cds_service.settings import Settings
 from hook_client import EhrSigner
 

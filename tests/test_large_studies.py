@@ -136,7 +136,7 @@ def test_an_instance_that_would_cost_more_than_the_limit_is_refused_before_decod
 def test_an_idle_worker_asks_a_sqlite_queue_every_20_ms_and_blocks_on_redis(tmp_path: Path) -> None:
     from huey import RedisHuey
 
-    from cds_service.jobs import SQLITE_POLL_S, consumer_delays, create_queue
+    from cds_service.jobs.queue import SQLITE_POLL_S, consumer_delays, create_queue
 
     sqlite = create_queue("", tmp_path / "queue.db")
     assert not sqlite.storage.blocking
@@ -153,7 +153,7 @@ def test_an_idle_worker_asks_a_sqlite_queue_every_20_ms_and_blocks_on_redis(tmp_
 
 
 def order_study(fhir, orthanc, datasets: list[pydicom.Dataset]):
-    from cds_service.jobs import Job, JobState
+    from cds_service.jobs.state import Job, JobState
     from fhir_mappings.imaging_study import build_imaging_study
 
     upload_dicom(orthanc.url, datasets[::-1])
@@ -172,7 +172,7 @@ def streamed_and_before(orthanc, fhir_server, tmp_path: Path, weights: Path, dat
                         **overrides):
     """run_triage's summary and overlay PNG, and the in-memory triage of the same slices by the code before."""
     from cds_service.fhir_client import FhirClient
-    from cds_service.jobs import JobState
+    from cds_service.jobs.state import JobState
     from cds_service.models import ModelRegistry
     from cds_service.pacs import sort_slices
     from cds_service.pipeline import run_triage

@@ -15,7 +15,7 @@ import pytest
 from cds_service.devservers import make_dataset, upload_dicom
 from cds_service.domain import Task
 from cds_service.fhir_client import FhirClient
-from cds_service.jobs import Job, JobState
+from cds_service.jobs.state import Job, JobState
 from cds_service.models import load_model
 from cds_service.pacs import sort_slices
 from cds_service.pipeline import run_triage

@@ -20,7 +20,7 @@ from cds_service.devservers import make_dataset
 from cds_service.domain import Series, Study, Task, TaskMode
 from cds_service.errors import UpstreamError
 from cds_service.fhir_client import FHIR_JSON, FhirClient
-from cds_service.jobs import Job, JobState
+from cds_service.jobs.state import Job, JobState
 from cds_service.models import ModelRegistry
 from cds_service.pacs import series_from_dataset
 from cds_service.pipeline import PipelineDeps, run_triage

@@ -17,9 +17,10 @@ from pathlib import Path
 import jwt
 import pytest
 
-from cds_service.app import ServiceContext, create_app
+from cds_service.app import create_app
+from cds_service.context import ServiceContext
 from cds_service.devservers import free_port
-from cds_service.jobs import JobStore
+from cds_service.jobs.sqlite_store import JobStore
 from cds_service.security import KeyRing, ReplayCache, json_depth, parse_json_body
 from cds_service.settings import Settings
 from hook_client import EhrSigner, hook_request

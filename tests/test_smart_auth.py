@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cds_service import devservers
-from cds_service.app import ServiceContext
+from cds_service.context import ServiceContext
 from cds_service.errors import UpstreamError, UpstreamRejectedError
 from cds_service.fhir_client import FhirClient
-from cds_service.jobs import JobStore
+from cds_service.jobs.sqlite_store import JobStore
 from cds_service.settings import Settings
 from cds_service.smart_auth import (
     AccessToken,

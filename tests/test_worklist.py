@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cds_service.app import ServiceContext, create_app
+from cds_service.app import create_app
+from cds_service.context import ServiceContext
 from cds_service.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
 from cds_service.devservers import free_port
-from cds_service.jobs import Job, JobState, JobStore
+from cds_service.jobs.state import Job, JobState
+from cds_service.jobs.sqlite_store import JobStore
 from cds_service.settings import Settings, SettingsError
 from cds_service.worklist import (
     access_denied,

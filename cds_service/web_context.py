@@ -1,0 +1,26 @@
+"""The helpers every blueprint uses: the process's ServiceContext, and FHIR-style error answers.
+
+The blueprints import these from here, not from app.py, which imports the blueprints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, jsonify
+
+from .context import ServiceContext
+
+
+def ctx() -> ServiceContext:
+    return current_app.extensions["cds_triage"]
+
+
+def operation_outcome(status: int, message: str, code: str = "processing") -> tuple[Any, int]:
+    """An OperationOutcome body: what FHIR-speaking callers expect for an error."""
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": message}],
+    }
+    response = jsonify(body)
+    response.mimetype = "application/fhir+json"
+    return response, status

@@ -1,0 +1,129 @@
+"""The layout's rules, checked by reading the imports (module level, function level and under
+TYPE_CHECKING alike) with `ast`: no import cycles, and the pure core imports no adapter.
+
+Layers (docs/architecture.md):
+- core: decisions on data already in memory (domain, routing, anatomy, input check, priority,
+  preprocessing, decoding, inference, explain, triage, models, cards, settings, errors) and
+  fhir_mappings (which may use only cds_service.domain and cds_service.errors);
+- adapters: the PACS, the FHIR server, SMART auth, the job store and queue, metrics, audit;
+- web: the Flask app, its context and blueprints; entry points (cli, worker, pipeline, demo);
+- training and development tools, never imported by the core.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cds_service", "fhir_mappings")
+
+CORE = {f"cds_service.{name}" for name in (
+    "domain", "errors", "routing", "anatomy", "input_profile", "priority", "preprocessing", "decoding", "inference",
+    "explain", "triage", "models", "cards", "settings", "site_thresholds",
+)}
+NOT_FOR_THE_CORE = tuple(f"cds_service.{name}" for name in (
+    # adapters
+    "pacs", "fhir_client", "smart_auth", "jobs", "metrics", "audit", "secondary_capture", "subscribe", "security",
+    # web and entry points
+    "app", "api", "ops", "worklist", "cds_hooks", "pacs_trigger", "context", "web_context", "worker", "pipeline", "cli",
+    "demo", "local_triage", "validate",
+    # training and development tools
+    "training", "evaluation", "datasets", "imagenet_init", "devservers",
+))
+FHIR_MAPPINGS_MAY_USE = {"cds_service.domain", "cds_service.errors"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def our_modules() -> dict[str, Path]:
+    return {module_name(path): path for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules a module imports anywhere in its body (each resolved to the deepest known module)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                else node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    resolved = set()
+    for target in found:
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            resolved.add(target)
+    return resolved
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = our_modules()
+    return {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_scan_sees_function_level_and_type_checking_imports():
+    graph = import_graph()
+    assert "cds_service.jobs.state" in graph["cds_service.drift"]  # under TYPE_CHECKING
+    assert "cds_service.app" in graph["cds_service.cli"]  # inside a function
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_core_imports_no_adapter_web_training_or_dev_tool():
+    graph = import_graph()
+    assert CORE <= set(graph), CORE - set(graph)
+    wrong = {module: sorted(t for t in graph[module] if t.startswith(NOT_FOR_THE_CORE)) for module in CORE}
+    assert {module: targets for module, targets in wrong.items() if targets} == {}
+
+
+def test_fhir_mappings_use_only_the_domain_and_the_errors():
+    graph = import_graph()
+    used = {t for module, targets in graph.items() if module.startswith("fhir_mappings") for t in targets
+            if t.startswith("cds_service")}
+    assert used <= FHIR_MAPPINGS_MAY_USE, used - FHIR_MAPPINGS_MAY_USE
