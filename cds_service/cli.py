@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_jobs)
 
-    from .training import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
+    from cds_training.training import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
 
     p = sub.add_parser("train", help="train a task's model and write weights + model card")
     add_train_arguments(p)

@@ -417,11 +417,11 @@ def _headline(card: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
     """weights/README.md from the model cards: regenerated after every training, never edited by hand
-    (`python -m cds_service.training readme`; tests/test_weights.py checks it is current)."""
+    (`python -m cds_training.training readme`; tests/test_weights.py checks it is current)."""
     lines = [
         "# Model weights and model cards",
         "",
-        "<!-- generated from the cards by `python -m cds_service.training readme`; do not edit by hand -->",
+        "<!-- generated from the cards by `python -m cds_training.training readme`; do not edit by hand -->",
         "",
         f"**{DISCLAIMER}** These models only move studies up a radiologist's",
         "worklist; a radiologist reads every study, in full.",
@@ -500,7 +500,7 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
         lines += [f"- {item}" for item in card.get("limitations", [])]
     lines += ["", "Re-score a committed model on its validation split: `cds-triage evaluate --task <task> --data ../shared/data`.",
               "Re-choose its operating points from the stored probabilities (no images needed):",
-              "`python -m cds_service.training rethreshold --task <task> --target <sensitivity>`.", ""]
+              "`python -m cds_training.training rethreshold --task <task> --target <sensitivity>`.", ""]
     return "\n".join(lines)
 
 

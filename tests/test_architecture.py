@@ -7,7 +7,7 @@ Layers (docs/architecture.md):
   fhir_mappings (which may use only cds_service.domain and cds_service.errors);
 - adapters: the PACS, the FHIR server, SMART auth, the job store and queue, metrics, audit;
 - web: the Flask app, its context and blueprints; entry points (cli, worker, pipeline, demo);
-- training and development tools, never imported by the core.
+- cds_training (training time) and development tools, never imported by the core.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cds_service", "fhir_mappings")
+PACKAGES = ("cds_service", "fhir_mappings", "cds_training")
 
 CORE = {f"cds_service.{name}" for name in (
     "domain", "errors", "routing", "anatomy", "input_profile", "priority", "preprocessing", "decoding", "inference",
@@ -28,9 +28,9 @@ NOT_FOR_THE_CORE = tuple(f"cds_service.{name}" for name in (
     # web and entry points
     "app", "api", "ops", "worklist", "cds_hooks", "pacs_trigger", "context", "web_context", "worker", "pipeline", "cli",
     "demo", "local_triage", "validate",
-    # training and development tools
-    "training", "evaluation", "datasets", "imagenet_init", "devservers",
-))
+    # development tools
+    "devservers",
+)) + ("cds_training",)  # training time only, outside the runtime package
 FHIR_MAPPINGS_MAY_USE = {"cds_service.domain", "cds_service.errors"}
 
 

@@ -98,7 +98,7 @@ def test_a_wider_prevalence_range_widens_the_band() -> None:
 
 def test_rethreshold_writes_the_band_into_the_card(tmp_path: Path) -> None:
     """What `recard` runs last: from the stored probabilities, the card as committed, band included."""
-    from cds_service.training import rethreshold
+    from cds_training.training import rethreshold
 
     task = Task.CHEST_PNEUMOTHORAX
     for suffix in (".json", ".split.json"):

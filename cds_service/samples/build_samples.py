@@ -49,7 +49,7 @@ def pick(data: Path, rule: dict, task_name: str) -> list[str]:
     folder = data / rule["folder"]
     files = sorted(p for p in folder.glob(rule.get("glob", "*")) if p.is_file())
     if rule.get("split") in ("validation", "test"):
-        from cds_service.datasets import build_split, resolve_data_dir
+        from cds_training.datasets import build_split, resolve_data_dir
         from cds_service.domain import TASK_LABELS, Task
 
         task = Task(task_name)
@@ -69,7 +69,7 @@ def pick(data: Path, rule: dict, task_name: str) -> list[str]:
 
 def truth_labels(data: Path, task_name: str, files: list[str]) -> list[str]:
     """The labels positive on any of `files` (from the data's own labels), in the model's order."""
-    from cds_service.datasets import discover_samples, resolve_data_dir
+    from cds_training.datasets import discover_samples, resolve_data_dir
     from cds_service.domain import NEGATIVE_LABELS, TASK_LABELS, Task
 
     task = Task(task_name)

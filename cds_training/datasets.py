@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: the three data sets' layouts and the one grouped split, which must be read together.
 """Training data on disk → labelled samples, a reproducible validation split, model input.
 
 Two layouts are understood:
@@ -29,8 +30,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pydicom
 
-from .domain import TASK_LABELS, Task
-from .preprocessing import PreprocessingSpec, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
+from cds_service.domain import TASK_LABELS, Task
+from cds_service.preprocessing import PreprocessingSpec, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 

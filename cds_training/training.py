@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: one training run's script (data, loop, calibration, card) read top to bottom; training time only.
 """`cds-triage train` and `cds-triage evaluate`: fit an EfficientNet-B0 and write its card.
 
 What a training run does, in order:
@@ -50,10 +51,10 @@ from .datasets import (
     probable_negatives,
     resolve_data_dir,
 )
-from . import domain
-from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
-from .drift import expected_raised_share
-from .evaluation import (
+from cds_service import domain
+from cds_service.domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from cds_service.drift import expected_raised_share
+from cds_service.evaluation import (
     Predictions,
     binary_auc,
     bootstrap_ci,
@@ -70,9 +71,9 @@ from .evaluation import (
     metrics_with_ci,
     write_plots,
 )
-from .models import ARCHITECTURE, ARCHITECTURES, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
-from .input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
-from .preprocessing import PreprocessingSpec, resize, to_batch
+from cds_service.models import ARCHITECTURE, ARCHITECTURES, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
+from cds_service.input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
+from cds_service.preprocessing import PreprocessingSpec, resize, to_batch
 
 CARD_VERSION = "1.0.0"
 DISCLAIMER = f"{domain.DISCLAIMER} For worklist prioritisation only; a radiologist reads every study."
@@ -1096,7 +1097,7 @@ def _card(
                 "unit": _split_unit(config),
                 "stratified_by": "class",
                 "method": "sha256(seed:group) rank per class: the lowest ranks to test, the next to validation; "
-                          "see cds_service.datasets.split_three",
+                          "see cds_training.datasets.split_three",
                 "validation_list": f"{task.value}.split.json",
             },
             "counts": {
@@ -1377,7 +1378,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """`cds-triage evaluate`: prints the headline metrics; 0 on success, 2 on bad input."""
-    from .errors import ModelUnavailableError
+    from cds_service.errors import ModelUnavailableError
 
     try:
         doc = evaluate(Task(args.task), args.data, args.weights, args.out, args.bootstrap, args.device, not args.no_progress)
@@ -1391,8 +1392,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cds_service.training train|evaluate ...` until cli.py wires these in."""
-    parser = argparse.ArgumentParser(prog="python -m cds_service.training")
+    """`python -m cds_training.training train|evaluate ...` until cli.py wires these in."""
+    parser = argparse.ArgumentParser(prog="python -m cds_training.training")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_arguments(sub.add_parser("train", help="train a task's model and write its card"))
     add_evaluate_arguments(sub.add_parser("evaluate", help="re-score a model on its validation split"))
