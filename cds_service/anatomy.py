@@ -133,16 +133,16 @@ def ct_shapes_verdict(shapes: Sequence[CtSliceShape | None]) -> CtVerdict:
     """`ct_series_verdict` from the measured shapes of the series' middle slices (`middle_slices` of
     the ordered series, in that order; None where a slice could not be measured). What the pipeline
     keeps of a streamed series instead of its datasets: a few numbers for five slices."""
-    shapes = [shape for shape in shapes if shape is not None]
-    if not shapes:
+    measured = [shape for shape in shapes if shape is not None]
+    if not measured:
         return CtVerdict(None, "the CT slices could not be measured (no PixelSpacing, or no body in the image)")
-    kinds = [shape.kind for shape in shapes]
-    typical = sorted(shapes, key=lambda s: s.extent_mm)[len(shapes) // 2].describe()
+    kinds = [shape.kind for shape in measured]
+    typical = sorted(measured, key=lambda s: s.extent_mm)[len(measured) // 2].describe()
     heads, trunks = kinds.count(SliceKind.HEAD), kinds.count(SliceKind.TRUNK)
-    if heads * 2 > len(shapes):
-        return CtVerdict(True, f"{heads} of {len(shapes)} middle slices look like a head ({typical})")
-    if trunks * 2 > len(shapes):
-        return CtVerdict(False, f"{trunks} of {len(shapes)} middle slices do not look like a head ({typical}; a head "
+    if heads * 2 > len(measured):
+        return CtVerdict(True, f"{heads} of {len(measured)} middle slices look like a head ({typical})")
+    if trunks * 2 > len(measured):
+        return CtVerdict(False, f"{trunks} of {len(measured)} middle slices do not look like a head ({typical}; a head "
                                 f"is at most {HEAD_MAX_EXTENT_MM:.0f} mm across, deeper than {HEAD_MIN_DEPTH_TO_WIDTH:.1f} "
                                 f"of its width, and at most {100 * HEAD_MAX_AIR_FRACTION:.0f} % air)")
     return CtVerdict(None, f"the middle slices neither look like a head nor like a trunk ({typical})")

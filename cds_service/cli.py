@@ -149,9 +149,9 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "list":
         jobs = store.list(state=args.status, limit=args.limit)
         print(f"{'JOB':<36}  {'STATE':<18} {'TRIES':>5}  {'STUDY':<30} REASON")
-        for job in jobs:
-            print(f"{job.id:<36}  {job.state.value:<18} {job.attempts:>5}  "
-                  f"{'ImagingStudy/' + job.imaging_study_id:<30} {job.reason or ''}".rstrip())
+        for listed in jobs:
+            print(f"{listed.id:<36}  {listed.state.value:<18} {listed.attempts:>5}  "
+                  f"{'ImagingStudy/' + listed.imaging_study_id:<30} {listed.reason or ''}".rstrip())
         if not jobs:
             print(f"(no {args.status + ' ' if args.status else ''}jobs)", file=sys.stderr)
         return 0

@@ -28,7 +28,7 @@ import pydicom
 
 from .anatomy import dataset_shape, middle_slices
 from .decoding import decode_pool, prepare_file
-from .domain import Series, Study, Task, TriageResult, TriageStatus
+from .domain import Study, Task, TriageResult, TriageStatus
 from .errors import BadDicomError, ModelUnavailableError, TriageError
 from .inference import score_stream
 from .input_profile import image_statistics, series_verdict
@@ -249,7 +249,7 @@ def result_json(name: str, result: TriageResult, task: Task | None = None) -> di
     """The documented `--json` schema."""
     return {
         "input": name,
-        "task": (result.task or task).value if (result.task or task) else None,
+        "task": chosen.value if (chosen := result.task or task) else None,
         "status": result.status.value,
         "findings": [{"label": f.label, "probability": round(f.probability, 6), "positive": f.positive}
                      for f in result.findings if f.trained],

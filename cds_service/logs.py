@@ -12,7 +12,8 @@ import logging
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -22,7 +23,8 @@ def hashed(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:12]
 
 
-_CONTEXT: ContextVar[dict[str, Any]] = ContextVar("cds_log_context", default={})
+# read-only default: log_context always sets a new mapping, never changes one in place
+_CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("cds_log_context", default=MappingProxyType({}))
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import pydicom
 import requests
@@ -229,7 +229,7 @@ class Pacs:
         """`iter_series_parts`, each instance parsed; also stops when the series passes CDS_MAX_SERIES_BYTES."""
         total = 0
         for count, part in enumerate(self.iter_series_parts(study_uid, series, max_instances), start=1):
-            ds = self._call(lambda: pydicom.dcmread(io.BytesIO(part)), study_uid)
+            ds = self._call(lambda part=part: pydicom.dcmread(io.BytesIO(part)), study_uid)
             total += instance_bytes(ds)
             self.check_series_bytes(total, count)
             yield ds
@@ -297,7 +297,7 @@ class Pacs:
         values = [((item.get(SERIES_UID) or {}).get("Value") or [None])[0] for item in found or []]
         return next((str(v) for v in values if v), None)
 
-    def _parts(self, *path: str) -> Iterator[bytes]:
+    def _parts(self, *path: str) -> Generator[bytes, None, None]:
         """GET a WADO-RS resource as stored; its multipart body's parts, as they arrive (a generator:
         nothing is sent before the first `next`)."""
         for uid in path[1::2]:

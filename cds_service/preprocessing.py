@@ -403,7 +403,7 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
         return _three_channels(resize(image[..., :1], size)[..., 0])
     channels = [  # a contiguous float32 plane goes to Pillow as it is (Pillow copies it anyway)
         np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F")
-                   .resize((size, size), Image.BILINEAR))
+                   .resize((size, size), Image.Resampling.BILINEAR))
         for c in range(image.shape[2])
     ]
     return np.stack(channels, axis=2).astype(np.float32)

@@ -145,8 +145,8 @@ def anatomy_from_fhir(hints: FhirHints) -> tuple[str, str] | None:
             return "head", source
         if any(c in CHEST_CODES for c in found):
             return "chest", source
-    for source, found in hints.texts.items():
-        anatomy = anatomy_of_words(" ".join(found))
+    for source, words in hints.texts.items():
+        anatomy = anatomy_of_words(" ".join(words))
         if anatomy:
             return anatomy, source
     return None

@@ -179,7 +179,7 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
 
         return run
 
-    task = register_triage_task(huey, store, runner_factory, max_attempts=settings.job_retries,
+    triage_job = register_triage_task(huey, store, runner_factory, max_attempts=settings.job_retries,
                                 retry_base_s=settings.job_retry_delay_s, leases=leases,
                                 on_finished=audit_hook(settings, leases.worker), on_recorded=alarm_hook(store, settings))
     # Studies announced by the PACS (POST /pacs/studies) are resolved here, then queued as triage jobs.
@@ -187,10 +187,10 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
     from .models import model_set_version
     from .pacs_trigger import register_arrival_task
 
-    register_arrival_task(huey, ServiceContext(settings=settings, store=store, enqueue=task,
+    register_arrival_task(huey, ServiceContext(settings=settings, store=store, enqueue=triage_job,
                                                model_set=model_set_version(settings.weights_dir)))
     log.info("worker started", extra={"worker": leases.worker, "threads": settings.workers})
-    start_keeper(store, leases, task, settings)
+    start_keeper(store, leases, triage_job, settings)
     # the decoder processes start beside the consumer, so the first study does not wait for them
     threading.Thread(target=warm_decoders, args=(settings,), name="decoders", daemon=True).start()
     consumer = huey.create_consumer(workers=settings.workers, worker_type="thread", periodic=False,

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping
 import pydicom
 import requests
 from flask import Blueprint, Response, abort, jsonify, render_template, request
+from werkzeug.datastructures import Headers
 from PIL import Image
 
 from fhir_mappings import codes
@@ -273,15 +274,15 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
     get = lambda kind, ref: by_type.get(kind, {}).get(reference_id(ref, kind) or "")  # noqa: E731
 
     study_by_order: dict[str, Mapping[str, Any]] = {}
-    for study in by_type.get("ImagingStudy", {}).values():
-        for ref in study.get("basedOn") or []:
+    for imaging_study in by_type.get("ImagingStudy", {}).values():
+        for ref in imaging_study.get("basedOn") or []:
             order_id = reference_id(ref.get("reference"), "ServiceRequest")
             if order_id:
-                study_by_order.setdefault(order_id, study)
+                study_by_order.setdefault(order_id, imaging_study)
     report_by_order = ai_reports_by_order(by_type)
     newest_job: dict[str, Job] = {}
-    for job in sorted(jobs, key=lambda j: j.created_at):
-        newest_job[job.imaging_study_id] = job
+    for each_job in sorted(jobs, key=lambda j: j.created_at):
+        newest_job[each_job.imaging_study_id] = each_job
 
     rows = []
     for order_id, order in by_type.get("ServiceRequest", {}).items():
@@ -305,7 +306,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
                                         for s in series} - {""})),
             study=(study or {}).get("description") or (order.get("code") or {}).get("text") or "",
             ordered=parse_fhir_datetime(order.get("authoredOn")),
-            priority=order.get("priority") if order.get("priority") in PRIORITY_RANK else "routine",
+            priority=str(order.get("priority")) if order.get("priority") in PRIORITY_RANK else "routine",
             ai_raised_from=ai_raised_from(order),
             findings=row_findings(report),
             model=report.model if report else None,
@@ -333,7 +334,7 @@ def viewer_url(template: str, row: WorklistRow) -> str | None:
     return template.replace("{study_uid}", row.study_uid)
 
 
-def access_denied(settings: Settings, headers: Mapping[str, str]) -> str | None:
+def access_denied(settings: Settings, headers: Mapping[str, str] | Headers) -> str | None:
     """Why a request may not see the worklist, or None when it may (CDS_WORKLIST_AUTH).
 
     - `none`: open (the default, for the loopback demo);

@@ -238,7 +238,7 @@ def similarity_groups(samples: Sequence[Sample], threshold: float = SIMILARITY_T
         if samples[i].path.suffix.lower() == ".dcm":
             return list(samples)  # DICOM without PatientID: nothing comparable here; split by image
         with Image.open(samples[i].path) as img:
-            grey = img.convert("L").resize((SIMILARITY_THUMBNAIL, SIMILARITY_THUMBNAIL), Image.BILINEAR)
+            grey = img.convert("L").resize((SIMILARITY_THUMBNAIL, SIMILARITY_THUMBNAIL), Image.Resampling.BILINEAR)
         thumbs[row] = np.asarray(grey, np.float32).ravel()
     thumbs -= thumbs.mean(1, keepdims=True)
     thumbs /= np.linalg.norm(thumbs, axis=1, keepdims=True) + 1e-6

@@ -36,8 +36,10 @@ def test_concurrent_submissions_create_one_job(store):
     def submit():
         results.append(store.submit(TriageRequest("race", "subscription"), "m@1"))
     threads = [threading.Thread(target=submit) for _ in range(8)]
-    for t in threads: t.start()
-    for t in threads: t.join()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert len({job.id for job, _ in results}) == 1
     assert sum(queued for _, queued in results) == 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -108,7 +109,7 @@ class RedisJobStore(BaseJobStore):
         with self._guard():
             return self.redis.transaction(attempt, key, value_from_callable=True)
 
-    def _many(self, ids: list[str]) -> list[Job]:
+    def _many(self, ids: builtins.list[str]) -> builtins.list[Job]:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self._key("job", job_id))
@@ -118,7 +119,7 @@ class RedisJobStore(BaseJobStore):
         with self._guard():
             return self._decode(self.redis.hgetall(self._key("job", job_id)))
 
-    def list(self, *, imaging_study_id: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]:
+    def list(self, *, imaging_study_id: str | None = None, state: str | None = None, limit: int = 100) -> builtins.list[Job]:
         with self._guard():
             if imaging_study_id:
                 jobs = self._many(sorted(self.redis.smembers(self._key("study", imaging_study_id))))
@@ -134,7 +135,7 @@ class RedisJobStore(BaseJobStore):
                 pipe.zcard(self._key("state", state.value))
             return {state.value: int(n) for state, n in zip(JobState, pipe.execute())}
 
-    def lapsed(self, now: float, limit: int = 100) -> list[str]:
+    def lapsed(self, now: float, limit: int = 100) -> builtins.list[str]:
         with self._guard():
             return list(self.redis.zrangebyscore(self._key("leases"), "-inf", f"({now}", start=0, num=limit))
 
@@ -142,7 +143,7 @@ class RedisJobStore(BaseJobStore):
         with self._guard():
             self.redis.zadd(self._key("workers"), {worker: now})
 
-    def live_workers(self, since: float) -> list[str]:
+    def live_workers(self, since: float) -> builtins.list[str]:
         with self._guard():
             return sorted(self.redis.zrangebyscore(self._key("workers"), since, "+inf"))
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import sqlite3
 import time
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 from ..errors import QueueUnavailableError
@@ -130,8 +131,8 @@ class JobStore(BaseJobStore):
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return job_from_row(row) if row else None
 
-    def list(self, *, imaging_study_id: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]:
-        query, args = "SELECT * FROM jobs WHERE 1=1", []
+    def list(self, *, imaging_study_id: str | None = None, state: str | None = None, limit: int = 100) -> builtins.list[Job]:
+        query, args = "SELECT * FROM jobs WHERE 1=1", builtins.list[Any]()
         if imaging_study_id:
             query += " AND imaging_study_id = ?"
             args.append(imaging_study_id)
@@ -148,7 +149,7 @@ class JobStore(BaseJobStore):
             found = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
         return {state.value: int(found.get(state.value, 0)) for state in JobState}
 
-    def lapsed(self, now: float, limit: int = 100) -> list[str]:
+    def lapsed(self, now: float, limit: int = 100) -> builtins.list[str]:
         marks = ",".join("?" * len(UNFINISHED))
         with self._db() as db:
             rows = db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) AND lease_until < ? LIMIT ?",
@@ -160,7 +161,7 @@ class JobStore(BaseJobStore):
             db.execute("INSERT INTO workers (id, seen_at) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET seen_at = excluded.seen_at",
                        (worker, now))
 
-    def live_workers(self, since: float) -> list[str]:
+    def live_workers(self, since: float) -> builtins.list[str]:
         with self._db() as db:
             return [row["id"] for row in db.execute("SELECT id FROM workers WHERE seen_at >= ? ORDER BY id", (since,))]
 

@@ -4,6 +4,7 @@ The rules for what may happen to a job live here, once; the stores apply them at
 
 from __future__ import annotations
 
+import builtins
 import enum
 import json
 import logging
@@ -221,7 +222,7 @@ class BaseJobStore(ABC):
     def get(self, job_id: str) -> Job | None: ...
 
     @abstractmethod
-    def list(self, *, imaging_study_id: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]:
+    def list(self, *, imaging_study_id: str | None = None, state: str | None = None, limit: int = 100) -> builtins.list[Job]:
         """Newest first."""
 
     @abstractmethod
@@ -229,14 +230,14 @@ class BaseJobStore(ABC):
         """Number of jobs in each state (every state present)."""
 
     @abstractmethod
-    def lapsed(self, now: float, limit: int = 100) -> list[str]:
+    def lapsed(self, now: float, limit: int = 100) -> builtins.list[str]:
         """Ids of unfinished jobs whose lease is over."""
 
     @abstractmethod
     def heartbeat(self, worker: str, now: float) -> None: ...
 
     @abstractmethod
-    def live_workers(self, since: float) -> list[str]: ...
+    def live_workers(self, since: float) -> builtins.list[str]: ...
 
     @abstractmethod
     def ping(self) -> None:
@@ -281,7 +282,7 @@ class BaseJobStore(ABC):
         before, after = self._update(job_id, lambda job: requeued(job, time.time(), self.redeliver_s))
         return after or before
 
-    def recover(self, max_attempts: int, now: float | None = None) -> list[Job]:
+    def recover(self, max_attempts: int, now: float | None = None) -> builtins.list[Job]:
         """Jobs whose lease lapsed, put back on their way; returns those to enqueue again."""
         now = time.time() if now is None else now
         to_enqueue = []
