@@ -1,3 +1,4 @@
+# Over 400 lines, to split next (issue #19): the service registry, request parsing, FHIR access, four handlers and routes.
 """CDS Hooks 2.0: discovery, four services and feedback, behind the JWT check of security.py.
 
 | service | hook | answers with |

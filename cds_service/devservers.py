@@ -1,3 +1,4 @@
+# Over 400 lines, to move out of the runtime package next (issue #19): Orthanc and FHIR launchers and the DICOM test-data factory (development only).
 """Local development servers and DICOM test data, shared by the tests and `cds-triage demo`.
 
 - `start_orthanc()` runs an Orthanc PACS (DICOMweb plugin at `/dicom-web/`) from a config it

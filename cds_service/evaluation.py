@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: one set of statistics (ROC, Wilson and bootstrap intervals, operating points) and its reports, shared by training, validate and drift.
 """Validation metrics, operating thresholds and plots for a trained triage model.
 
 Pure numpy/scikit-learn functions over (targets, probabilities) arrays, so that training

@@ -1,3 +1,4 @@
+# Over 400 lines, to split next (issue #19): model cards, loading in torch and ONNX Runtime, export and the registry.
 """Model cards and weights: load `weights/<task>.json` + `<task>.safetensors` into a network.
 
 The card is the single source of truth for labels, which labels were trained, input

@@ -1,3 +1,4 @@
+# Over 400 lines, to split next (issue #19): the validate command's inputs, metrics and HTML report.
 """`cds-triage validate --task T --labels L.csv PATHS…`: a site measures a model on its own labelled studies.
 
 The studies are scored exactly as `cds-triage triage` scores them (`local_triage.collect_inputs` and

@@ -1,3 +1,4 @@
+# Over 400 lines, to split next (issue #19): the worklist's FHIR query, its rows, its routes and the key-image rendering.
 """The radiologist's worklist: imaging orders, most dangerous first, with the AI's evidence.
 
 Read from the FHIR server in one search: active ServiceRequests with their Patient, the

@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: every FHIR resource of one triage, built by pure functions that share its identifiers and codes.
 """Pure builders: one study's TriageResult becomes FHIR R4B resources and one transaction.
 
 No I/O and no HTTP here: every function takes plain values and returns `fhir.resources`
