@@ -243,7 +243,7 @@ class Settings:
     fhir_smart_key_id: str = field(default="", metadata={"env": "FHIR_SMART_KEY_ID"})
     fhir_smart_token_url: str = field(default="", metadata={"env": "FHIR_SMART_TOKEN_URL"})
     fhir_smart_scope: str = field(default="system/*.rs system/*.cu", metadata={"env": "FHIR_SMART_SCOPE"})
-    # Jobs that survive crashes (cds_service/jobs.py), size limits, operations (metrics.py, ops.py).
+    # Jobs that survive crashes (cds_service/jobs/), size limits, operations (metrics.py, ops.py).
     job_lease_s: float = field(default=30.0, metadata={"env": "JOB_LEASE_S"})
     job_redeliver_s: float = field(default=300.0, metadata={"env": "JOB_REDELIVER_S"})
     job_timeout_s: float = field(default=900.0, metadata={"env": "JOB_TIMEOUT_S"})
