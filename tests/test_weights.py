@@ -51,19 +51,26 @@ def card(task: Task) -> dict:
 
 @pytest.fixture(scope="module")
 def models() -> dict:
+    """The service's default: ONNX Runtime on the graph shipped in weights/, no torch network."""
+    return {task: load_model(WEIGHTS, task, runtime="auto") for task in SHIPPED}
+
+
+@pytest.fixture(scope="module")
+def torch_models() -> dict:
+    """The same weights in torch: the reference the shipped graphs are checked against."""
     import torch
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    return {task: load_model(WEIGHTS, task, runtime="auto") for task in SHIPPED}  # the service's default
+    return {task: load_model(WEIGHTS, task, runtime="torch") for task in SHIPPED}
 
 
 # --- files and cards -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
-def test_weights_match_their_card(task: Task, models: dict) -> None:
+def test_weights_match_their_card(task: Task, torch_models: dict) -> None:
     c = card(task)
-    model = models[task]
+    model = torch_models[task]
     assert model.card.labels == TASK_LABELS[task]
     assert c["input_size"] == model.card.preprocessing.input_size
     assert model.network.classifier.out_features == len(TASK_LABELS[task])
@@ -119,17 +126,17 @@ def test_identical_input_gives_identical_output(task: Task, models: dict) -> Non
 
 
 @pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
-def test_onnx_runtime_scores_like_torch(task: Task, models: dict) -> None:
-    """The default CPU runtime is ONNX Runtime on a graph exported from the same weights."""
+def test_onnx_runtime_scores_like_torch(task: Task, models: dict, torch_models: dict) -> None:
+    """The default CPU runtime is ONNX Runtime on the graph shipped beside the weights, with no torch network."""
     model = models[task]
-    assert model.runtime == "onnxruntime"
+    assert model.runtime == "onnxruntime" and model.network is None
     size = model.card.preprocessing.input_size
     batch = np.random.default_rng(1).normal(0, 1, (5, 3, size, size)).astype(np.float32)
-    np.testing.assert_allclose(model.predict(batch), model.predict_torch(batch), atol=1e-4)
+    np.testing.assert_allclose(model.predict(batch), torch_models[task].predict_torch(batch), atol=1e-4)
 
 
 @pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
-def test_grad_cam_from_the_forward_pass_equals_pytorch_grad_cam(task: Task, models: dict) -> None:
+def test_grad_cam_from_the_forward_pass_equals_pytorch_grad_cam(task: Task, models: dict, torch_models: dict) -> None:
     """The serving path's Grad-CAM (classifier weights x the feature map ONNX Runtime returned)
     is pytorch-grad-cam's GradCAM (forward + backward on the torch network), label by label."""
     from cds_service.explain import class_activation_map, grad_cam
@@ -143,24 +150,33 @@ def test_grad_cam_from_the_forward_pass_equals_pytorch_grad_cam(task: Task, mode
     assert features is not None and features.shape[:2] == (2, 1280)
     for index, image in enumerate(images):
         for label in range(len(model.card.labels)):
-            reference = grad_cam(model, image, label)
+            reference = grad_cam(torch_models[task], image, label)
             fast = class_activation_map(features[index], model.cam_weights[label], size)
             assert fast.shape == reference.shape == (size, size)
             np.testing.assert_allclose(fast, reference, atol=1e-4)
 
 
-def test_torch_runtime_and_fallbacks(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_torch_runtime_and_fallbacks(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                    tmp_path: Path) -> None:
+    import shutil
+
     import cds_service.models as models_module
 
     assert load_model(WEIGHTS, Task.BRAIN_MRI, runtime="torch").runtime == "torch"
     with pytest.raises(ValueError, match="unknown inference runtime"):
         load_model(WEIGHTS, Task.BRAIN_MRI, runtime="tensorrt")
 
+    # weights without a shipped graph: exported at load time, and torch when that fails
+    unshipped = tmp_path / "weights"
+    unshipped.mkdir()
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(WEIGHTS / f"brain_mri{suffix}", unshipped / f"brain_mri{suffix}")
+
     def broken_export(*args, **kwargs):
         raise RuntimeError("exporter exploded")
 
     monkeypatch.setattr(models_module, "onnx_session", broken_export)
-    model = load_model(WEIGHTS, Task.BRAIN_MRI, runtime="onnxruntime")
+    model = load_model(unshipped, Task.BRAIN_MRI, runtime="onnxruntime")
     assert model.runtime == "torch"  # triage keeps running, on torch
     assert "exporter exploded" in caplog.text
 
@@ -169,7 +185,7 @@ def test_torch_runtime_and_fallbacks(monkeypatch: pytest.MonkeyPatch, caplog: py
             return [np.zeros((len(feeds["image"]), 4), np.float32)]
 
     monkeypatch.setattr(models_module, "onnx_session", lambda *args, **kwargs: Disagreeing())
-    assert load_model(WEIGHTS, Task.BRAIN_MRI, runtime="onnxruntime").runtime == "torch"
+    assert load_model(unshipped, Task.BRAIN_MRI, runtime="onnxruntime").runtime == "torch"
     assert "disagrees with torch" in caplog.text
 
 
