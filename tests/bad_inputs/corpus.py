@@ -128,7 +128,7 @@ EHR_CASES = [
 ]
 
 PACS_CASES = [
-    PacsCase("header claims 65535 x 65535 pixels", dicom.huge_dimensions, "larger than the limit"),
+    PacsCase("header claims 65535 x 65535 pixels", dicom.huge_dimensions, "CDS_MAX_SERIES_BYTES"),
     PacsCase("pixel data shorter than the image", dicom.pixel_data_short, "pixel data"),
     PacsCase("image of 4 x 4 pixels", dicom.tiny_image, "pixel array shape"),
     PacsCase("unsupported transfer syntax (MPEG-2 video)", dicom.unsupported_transfer_syntax, "transfer syntax"),
