@@ -376,14 +376,15 @@ def summarise(labels: Sequence[str], block: dict[str, Any]) -> list[str]:
 # --- weights/README.md ---------------------------------------------------------------------
 
 
-def _fmt(block: dict[str, Any] | None) -> str:
+def format_estimate(block: dict[str, Any] | None, digits: int = 3, missing: str = "—") -> str:
     """`0.912 (0.871–0.944)`, with the count for proportions: `0.912 (0.871–0.944; 93/102)`."""
     if not block or block.get("value") is None:
-        return "—"
+        return missing
     lo, hi = block.get("ci95") or [None, None]
     count = f"; {block['count'][0]}/{block['count'][1]}" if block.get("count") else ""
-    ci = f" ({lo:.3f}–{hi:.3f}{count})" if lo is not None and hi is not None else ""
-    return f"{block['value']:.3f}{ci}"
+    ci = f" ({lo:.{digits}f}–{hi:.{digits}f}{count})" if lo is not None and hi is not None else ""
+    return f"{block['value']:.{digits}f}{ci}"
+
 
 
 def _headline(card: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -392,19 +393,19 @@ def _headline(card: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     if "presence" in card:
         pv, pt = card["presence"].get("validation", {}), card["presence"].get("test", {})
-        rows += [("tumour present: AUC", _fmt(pv.get("auc")), _fmt(pt.get("auc"))),
-                 ("tumours raised (sensitivity)", _fmt(pv.get("raised_with_finding")), _fmt(pt.get("raised_with_finding"))),
-                 ("tumour-free images raised", _fmt(pv.get("raised_without_finding")), _fmt(pt.get("raised_without_finding")))]
+        rows += [("tumour present: AUC", format_estimate(pv.get("auc")), format_estimate(pt.get("auc"))),
+                 ("tumours raised (sensitivity)", format_estimate(pv.get("raised_with_finding")), format_estimate(pt.get("raised_with_finding"))),
+                 ("tumour-free images raised", format_estimate(pv.get("raised_without_finding")), format_estimate(pt.get("raised_without_finding")))]
         for label in pv.get("raised_per_class", {}):
-            rows.append((f"{label} raised", _fmt(pv["raised_per_class"][label]), _fmt(pt.get("raised_per_class", {}).get(label))))
-        rows.append(("class accuracy (argmax)", _fmt(pv.get("class_accuracy")), _fmt(pt.get("class_accuracy"))))
+            rows.append((f"{label} raised", format_estimate(pv["raised_per_class"][label]), format_estimate(pt.get("raised_per_class", {}).get(label))))
+        rows.append(("class accuracy (argmax)", format_estimate(pv.get("class_accuracy")), format_estimate(pt.get("class_accuracy"))))
         return rows
     main = card["trained_labels"][0]
-    rows += [(f"{main}: AUC per image", _fmt(val.get(f"{main}.auc")), _fmt(test.get(f"{main}.auc"))),
-             (f"{main}: sensitivity per image at the threshold", _fmt(val.get(f"{main}.sensitivity_at_threshold")),
-              _fmt(test.get(f"{main}.sensitivity_at_threshold"))),
-             (f"{main}: specificity per image at the threshold", _fmt(val.get(f"{main}.specificity_at_threshold")),
-              _fmt(test.get(f"{main}.specificity_at_threshold")))]
+    rows += [(f"{main}: AUC per image", format_estimate(val.get(f"{main}.auc")), format_estimate(test.get(f"{main}.auc"))),
+             (f"{main}: sensitivity per image at the threshold", format_estimate(val.get(f"{main}.sensitivity_at_threshold")),
+              format_estimate(test.get(f"{main}.sensitivity_at_threshold"))),
+             (f"{main}: specificity per image at the threshold", format_estimate(val.get(f"{main}.specificity_at_threshold")),
+              format_estimate(test.get(f"{main}.specificity_at_threshold")))]
     series = card.get("series_operating_point")
     if series:
         for key, what in (("series_auc", "series AUC (simulated series)"),
@@ -412,7 +413,7 @@ def _headline(card: dict[str, Any]) -> list[tuple[str, str, str]]:
                           ("normal_series_raised", "normal series raised (simulated)")):
             rows.append((what, f"{series['validation'][key]:.3f}", f"{series.get('test', {}).get(key, float('nan')):.3f}"))
     for label in card["trained_labels"][1:]:
-        rows.append((f"{label}: AUC per image", _fmt(val.get(f"{label}.auc")), _fmt(test.get(f"{label}.auc"))))
+        rows.append((f"{label}: AUC per image", format_estimate(val.get(f"{label}.auc")), format_estimate(test.get(f"{label}.auc"))))
     return rows
 
 

@@ -40,6 +40,7 @@ from .evaluation import (
     SMALL_SAMPLE,
     auc_with_ci,
     binary_validation,
+    format_estimate,
     operating_point,
     proportion,
     threshold_for_sensitivity,
@@ -370,13 +371,8 @@ def site_entry(doc: dict[str, Any], card: ModelCard, target: float, labels: Path
 
 
 def _ci(block: dict[str, Any] | None, digits: int = 3) -> str:
-    """'0.912 (0.871–0.944; 93/102)'."""
-    if not block or block.get("value") is None:
-        return "n/a"
-    lo, hi = block.get("ci95") or [None, None]
-    count = f"; {block['count'][0]}/{block['count'][1]}" if block.get("count") else ""
-    interval = f" ({lo:.{digits}f}–{hi:.{digits}f}{count})" if lo is not None and hi is not None else ""
-    return f"{block['value']:.{digits}f}{interval}"
+    """'0.912 (0.871–0.944; 93/102)', or 'n/a'."""
+    return format_estimate(block, digits, missing="n/a")
 
 
 def operating_rows(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
