@@ -122,9 +122,10 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
                 {"task": route.task.value, "mode": mode.value})
 
     # 4. Fetch the series and score it as it arrives: each slice is decoded and preprocessed as the
-    #    model card says, in the decoder processes (every core), while the model scores the batch
-    #    before. Of each slice only its place, its SOP Instance UID and a few hundred numbers for the
-    #    input check are kept: memory does not grow with the series.
+    #    model card says (by the decoder processes, CDS_DECODE_PROCESSES, or in this thread: the
+    #    default on small machines) while the model's threads score the batch before. Of each slice
+    #    only its place, its SOP Instance UID and a few hundred numbers for the input check are kept:
+    #    memory does not grow with the series.
     spec = model.card.preprocessing
     pool = decode_pool(settings.decode_processes)
     series = StreamedSeries(pacs, ctx.study_uid, route.series.uid, pool, settings.max_series_bytes)
