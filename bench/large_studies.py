@@ -63,9 +63,8 @@ from cds_service.jobs.state import Job, JobState  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
 from cds_service.subscribe import ensure_subscription  # noqa: E402
 from cds_service.worker import build_deps  # noqa: E402
-from fhir_mappings.imaging_study import build_imaging_study  # noqa: E402
 from support import make_test_weights  # noqa: E402
-from triage_bench import (OVERLAPPED, STAGES, SUBSCRIPTION_SECRET, Order, StageClock, job_times,  # noqa: E402
+from triage_bench import (OVERLAPPED, new_order, STAGES, SUBSCRIPTION_SECRET, Order, StageClock, job_times,  # noqa: E402
                           latency_record, log, peak_memory_mb, priority_raised, production_preprocessing, rounded,
                           summarise_latencies, wait_subscription_active, wait_until)
 from cds_service import pipeline  # noqa: E402
@@ -131,18 +130,10 @@ def place_order(fhir: FhirClient, orthanc_url: str, template: StudyTemplate) -> 
     ids = upload_dicom(orthanc_url, datasets)
     with httpx.Client(base_url=orthanc_url, timeout=30, trust_env=False) as client:
         orthanc_study = client.get(f"/instances/{ids[0]}/study").json()["ID"]
-    tag = uuid.uuid4().hex[:12]
-    order = Order(f"lp-{tag}", f"lsr-{tag}", f"lis-{tag}", {})
-    fhir.update({"resourceType": "Patient", "id": order.patient, "name": [{"family": "Bench", "given": [tag]}]},
-                if_match=None)
-    fhir.update({"resourceType": "ServiceRequest", "id": order.service_request, "status": "active",
-                 "intent": "order", "priority": "routine", "subject": {"reference": f"Patient/{order.patient}"}},
-                if_match=None)
-    study = build_imaging_study(datasets, patient_id=order.patient, service_request_id=order.service_request,
-                                study_id=order.imaging_study).model_dump(mode="json", exclude_none=True)
+    order = new_order(fhir, datasets, "l")
     os.sync()  # Orthanc's new files (160 MB for 300 uncompressed slices) written out before the clock starts:
     time.sleep(SETTLE_S)  # their write-back otherwise overlapped the triage (p95 2x the p50 in a first run)
-    return replace(order, study_resource=study), orthanc_study
+    return order, orthanc_study
 
 
 def forget(orthanc_url: str, orthanc_study: str) -> None:

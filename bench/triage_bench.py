@@ -233,8 +233,14 @@ def place_order(fhir: FhirClient, orthanc_url: str, kind: StudyKind, rng: np.ran
     ImagingStudy, which is what starts triage, is returned uncreated."""
     datasets = study_datasets(kind, rng)
     upload_dicom(orthanc_url, datasets)
+    return new_order(fhir, datasets, "b")
+
+
+def new_order(fhir: FhirClient, datasets: list, prefix: str) -> Order:
+    """Patient + ServiceRequest (routine) created in the EHR for these images, with their ImagingStudy
+    (what starts triage) returned uncreated; ids start with `prefix`."""
     tag = uuid.uuid4().hex[:12]
-    order = Order(f"bp-{tag}", f"bsr-{tag}", f"bis-{tag}", {})
+    order = Order(f"{prefix}p-{tag}", f"{prefix}sr-{tag}", f"{prefix}is-{tag}", {})
     fhir.update({"resourceType": "Patient", "id": order.patient, "name": [{"family": "Bench", "given": [tag]}]},
                 if_match=None)
     fhir.update({"resourceType": "ServiceRequest", "id": order.service_request, "status": "active",

@@ -123,3 +123,13 @@ def fhir_server_factory(tmp_path: Path) -> Iterator:
 def samples_dir() -> Path:
     """cds_service/samples (DICOM studies + manifest.json)."""
     return SAMPLES_DIR
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of this module's own on loopback (tests/redis_support.py)."""
+    from redis_support import start_redis
+
+    proc = start_redis(tmp_path_factory.mktemp("redis"))
+    yield proc.url
+    proc.stop()

@@ -26,7 +26,6 @@ from cds_service.jobs.sqlite_store import JobStore
 from cds_service.jobs.redis_store import RedisJobStore
 from cds_service.models import ModelCard
 from cds_service.settings import Settings
-from redis_support import start_redis
 from stack_support import SECRET, ct_series, metric_value, notify, order_study, wait_finished
 from support import make_test_weights
 
@@ -188,13 +187,6 @@ def test_drift_settings_are_parsed_and_checked_at_start_up() -> None:
 
 
 # --- the job store: the window and the alarm's state, shared by every process ---------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    proc = start_redis(tmp_path_factory.mktemp("redis"))
-    yield proc.url
-    proc.stop()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

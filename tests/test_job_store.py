@@ -20,13 +20,6 @@ from cds_service.jobs.redis_store import RedisJobStore
 from redis_support import start_redis
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    proc = start_redis(tmp_path_factory.mktemp("redis"))
-    yield proc.url
-    proc.stop()
-
-
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request, tmp_path):
     options = {"redeliver_s": 60.0, "lease_s": 30.0}

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,13 @@ import pydicom
 import pytest
 
 from cds_service.decoding import DecodePool, PreparedSlice, prepare_slice
-from cds_service.devservers import dicom_bytes, upload_dicom
+from cds_service.devservers import dicom_bytes
 from cds_service.domain import Task
 from cds_service.errors import BadDicomError, StudyTooLargeError
 from cds_service.preprocessing import PreprocessingSpec, decode_cost, read_dicom
 from support import make_test_weights
 from test_decode_memory import head_ct_series, todays_image
+from test_pipeline import ordered_study
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((ROOT / "tests" / "references" / "large_study_reference.json").read_text())
@@ -152,22 +152,6 @@ def test_an_idle_worker_asks_a_sqlite_queue_every_20_ms_and_blocks_on_redis(tmp_
 # --- the pipeline, end to end on Orthanc and the FHIR server ------------------------------------------
 
 
-def order_study(fhir, orthanc, datasets: list[pydicom.Dataset]):
-    from cds_service.jobs.state import Job, JobState
-    from fhir_mappings.imaging_study import build_imaging_study
-
-    upload_dicom(orthanc.url, datasets[::-1])
-    tag = uuid.uuid4().hex[:10]
-    patient, order, study = f"lp-{tag}", f"lsr-{tag}", f"lis-{tag}"
-    fhir.update({"resourceType": "Patient", "id": patient}, if_match=None)
-    fhir.update({"resourceType": "ServiceRequest", "id": order, "status": "active", "intent": "order",
-                 "priority": "routine", "subject": {"reference": f"Patient/{patient}"}}, if_match=None)
-    fhir.update(build_imaging_study(datasets, patient_id=patient, service_request_id=order, study_id=study)
-                .model_dump(mode="json", exclude_none=True), if_match=None)
-    return Job(id=tag, imaging_study_id=study, service_request_id=order, source="test", model_set="test",
-               state=JobState.RUNNING)
-
-
 def streamed_and_before(orthanc, fhir_server, tmp_path: Path, weights: Path, datasets: list[pydicom.Dataset],
                         **overrides):
     """run_triage's summary and overlay PNG, and the in-memory triage of the same slices by the code before."""
@@ -185,7 +169,7 @@ def streamed_and_before(orthanc, fhir_server, tmp_path: Path, weights: Path, dat
     fhir = FhirClient(settings.fhir_base_url)
     deps = build_deps(settings)
     try:
-        state, reason, summary = run_triage(order_study(fhir, orthanc, datasets), deps)
+        state, reason, summary = run_triage(ordered_study(fhir, orthanc, 0, datasets=datasets[::-1])[0], deps)
         assert state is JobState.DONE, reason
         media, _ = fhir.read(*summary["written"]["Media"][0].split("/"))
     finally:
