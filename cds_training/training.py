@@ -207,6 +207,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     drop_rate: float = 0.2
     val_fraction: float = 0.2
+    # exponential moving average of the weights, per optimiser step (0 = off): on a few hundred images the
+    # weights of one epoch are noisy; the average is what is validated, kept and shipped
+    ema_decay: float = 0.0
     seed: int = 42
     patience: int = 6
     device: str = "cpu"
@@ -516,6 +519,11 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError(f"unknown --init {config.init!r} (known: imagenet-lite0)")
     network.to(config.device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = None
+    if config.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(network, decay=config.ema_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -533,6 +541,8 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, history, best, stale = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["stale"]
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
         elapsed_before = ckpt.get("elapsed_s", 0.0)
         _log(f"resumed from {config.resume} after epoch {ckpt['epoch']}")
         if stale >= config.patience:  # that run had already stopped early: only write the outputs
@@ -560,10 +570,13 @@ def train(config: TrainConfig) -> TrainResult:
             optimizer.step()
             scheduler.step()
             running += loss.item()
+            if ema is not None:
+                ema.update(network)
             bar.set_postfix(loss=f"{running / (step + 1):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
 
-        val_probs = network_probs(network, x_val, setup.activation, config.device)
+        scored = ema.module if ema is not None else network
+        val_probs = network_probs(scored, x_val, setup.activation, config.device)
         val_pred = as_predictions(val_set, val_probs, labels, setup.activation, trained)
         val_loss = _prob_loss(val_pred)
         score = validation_score(val_pred)
@@ -574,7 +587,7 @@ def train(config: TrainConfig) -> TrainResult:
         history.append(row)
         improved = (score, -val_loss) > (best["score"], -best["loss"])
         if improved:
-            best = {"score": score, "loss": val_loss, "epoch": epoch, "state": copy.deepcopy(network.state_dict())}
+            best = {"score": score, "loss": val_loss, "epoch": epoch, "state": copy.deepcopy(scored.state_dict())}
             stale = 0
         else:
             stale += 1
@@ -585,7 +598,8 @@ def train(config: TrainConfig) -> TrainResult:
             + (" (best)" if improved else f" (best {best['score']:.4f} at epoch {best['epoch']})")
             + f" [{(time.time() - started + elapsed_before) / 60:.1f} min]"
         )
-        _save_checkpoint(config, network, optimizer, scheduler, epoch, history, best, stale, _split_digest(val_set), time.time() - started + elapsed_before)
+        _save_checkpoint(config, network, optimizer, scheduler, epoch, history, best, stale, _split_digest(val_set), time.time() - started + elapsed_before,
+                         ema.module if ema is not None else None)
         if stale >= config.patience:
             _log(f"early stop: no improvement for {stale} epochs")
             stopped_early = True
@@ -762,7 +776,7 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
     card = _card(config, default_spec(task, config.image_size), setup, tuple(old["trained_labels"]), old["thresholds"], {},
                  {key: old[key] for key in ("size_only_baseline",) if key in old}, keep, train_set, val_set, test_set, resolved)
     card["training"].update({k: v for k, v in keep.items() if k not in card["training"]})
-    for key in ("optimizer", "schedule", "loss", "dropout", "sampling", "augmentation"):
+    for key in ("optimizer", "schedule", "loss", "dropout", "weight_average", "sampling", "augmentation"):
         card["training"][key] = training.get(key, card["training"][key])  # what the run used, not today's defaults
     card["weights_sha256"] = old["weights_sha256"]
     if "input_check" in old:  # measured by `input-profile`, not by training
@@ -927,7 +941,8 @@ def _prob_loss(pred: Predictions) -> float:
     return float((bce * pred.known).sum() / max(1, pred.known.sum()))
 
 
-def _save_checkpoint(config: TrainConfig, network: Any, optimizer: Any, scheduler: Any, epoch: int, history: list, best: dict, stale: int, digest: str, elapsed: float) -> None:
+def _save_checkpoint(config: TrainConfig, network: Any, optimizer: Any, scheduler: Any, epoch: int, history: list, best: dict, stale: int, digest: str, elapsed: float,
+                     ema_network: Any = None) -> None:
     import torch
 
     path = config.checkpoint_path()
@@ -939,6 +954,7 @@ def _save_checkpoint(config: TrainConfig, network: Any, optimizer: Any, schedule
             "epoch": epoch,
             "network": network.state_dict(),
             "optimizer": optimizer.state_dict(),
+            **({"ema": ema_network.state_dict()} if ema_network is not None else {}),
             "scheduler": scheduler.state_dict(),
             "history": history,
             "best": best,
@@ -1127,6 +1143,8 @@ def _card(
             else "binary cross-entropy masked to trained labels with known truth",
             "dropout": config.drop_rate,
             "sampling": "class-balanced (inverse class frequency, with replacement)",
+            **({"weight_average": f"exponential moving average of the weights, decay {config.ema_decay} per step; the average is validated and shipped"}
+               if config.ema_decay > 0 else {}),
             "augmentation": asdict(setup.augmentation),
             "early_stopping": {"patience_epochs": config.patience, "score": "validation balanced accuracy" if softmax else "validation mean AUC"},
             "init_from": _display_path(config.init_from) if config.init_from else (
@@ -1295,6 +1313,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--ema", type=float, default=0.0, dest="ema_decay",
+                        help="exponential moving average of the weights, decay per step (e.g. 0.97); 0 = off")
     parser.add_argument("--patience", type=int, default=6, help="early stopping: epochs without validation improvement")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=Path("weights"), help="where <task>.safetensors and <task>.json go")
@@ -1331,6 +1351,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         weight_decay=args.weight_decay,
         val_fraction=args.val_fraction,
+        ema_decay=args.ema_decay,
         patience=args.patience,
         device=args.device,
         init_from=args.init_from,

@@ -258,6 +258,24 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
         train(tiny_config(Task.CHEST_PNEUMOTHORAX, other, tmp_path / "c", epochs=2, resume=ckpt, checkpoint=tmp_path / "x.pt"))
 
 
+def test_weight_average_is_what_is_validated_and_shipped(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    data = make_folders(tmp_path / "data", CHEST)
+    ckpt = tmp_path / "ckpt.pt"
+    result = train(tiny_config(Task.CHEST_PNEUMOTHORAX, data, tmp_path / "out", ema_decay=0.5, checkpoint=ckpt, lr=5e-2))
+    saved = torch.load(str(ckpt), map_location="cpu", weights_only=False)
+    shipped = load_file(str(tmp_path / "out" / "chest_pneumothorax.safetensors"))
+    name = "classifier.weight"
+    assert torch.allclose(shipped[name].float(), saved["ema"][name].float().half().float())
+    assert not torch.allclose(saved["ema"][name], saved["network"][name])  # the average is not the last step
+    assert "moving average" in result.card["training"]["weight_average"]
+
+    resumed = train(tiny_config(Task.CHEST_PNEUMOTHORAX, data, tmp_path / "b", epochs=2, ema_decay=0.5, checkpoint=ckpt, resume=ckpt))
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+
+
 def test_chest_augmentation_never_flips_left_right() -> None:
     import torch
 
