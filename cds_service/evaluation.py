@@ -431,7 +431,7 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
         "Each task has `<task>.safetensors` (EfficientNet-B0, fp16) and its card `<task>.json`: labels,",
         "preprocessing, operating thresholds, data, training, metrics with 95% intervals and limits. The",
         "service reads only those two. `<task>.split.json` lists every validation and test image with its",
-        "truth and the model's probabilities, so anyone can recompute the card (tests/test_weights.py does).",
+        "truth and the model's probabilities, so anyone can recompute the card (the project's tests do).",
         "",
         "How to read the figures: the data is split once, by patient or by groups of near-identical",
         "images, into **train**, **validation** (chose the epoch and the thresholds) and **test** (chose",

@@ -380,7 +380,7 @@ def model_card_summary(card: ModelCard | None) -> dict[str, Any] | None:
     return {
         "name": card.name, "version": card.version, "date": raw.get("date"),
         "intended_use": raw.get("intended_use"),
-        "limitations": [limitations] if isinstance(limitations, str) else list(limitations)[:6],
+        "limitations": [limitations] if isinstance(limitations, str) else list(limitations),
         "thresholds": card.thresholds,
         "threshold_sources": card.threshold_sources,  # labels deciding with a site threshold (CDS_SITE_THRESHOLDS)
     }

@@ -144,7 +144,8 @@ TASK_SETUPS: dict[Task, TaskSetup] = {
         "levels 0..255 map to 0..1 directly. DICOM input is windowed with the same window "
         "(kind ct_windows, windows [[40,80],[40,80],[40,80]]) so it looks like the training PNGs. "
         "Every image is converted to one grey channel and resized to a fixed square size first, "
-        "which removes the original image size and RGBA/RGB layout (a known shortcut in this data).",
+        "which removes the original image size and RGBA/RGB layout (in this data they differ between sources, "
+        "a shortcut the model must not learn).",
         SeriesPooling(PoolingMethod.ADJACENT_MEAN, 2),
     ),
     Task.CHEST_PNEUMOTHORAX: TaskSetup(
@@ -893,7 +894,7 @@ def threshold_policy(target: float, softmax: bool, with_test: bool, series: bool
     if series:
         rule = ("For `any` (the label that raises a study), the threshold is the series operating point: the highest "
                 f"whose share of bleeding series raised reaches {target} in series assembled from the validation "
-                "slices (see series_operating_point). The subtypes, which only name what was found, use the threshold "
+                "slices (the card's `series_operating_point`). The subtypes, which only name what was found, use the threshold "
                 "that maximises sensitivity + specificity on validation")
     elif softmax:
         rule = (f"Per trained label, the highest threshold with sensitivity >= {target} on the validation split "
@@ -1054,9 +1055,9 @@ def _card(
             "Four classes only (glioma, meningioma, pituitary tumour, no tumour). Other disease (metastases, "
             "stroke, bleeding, ...) is outside what it was taught and may be called one of the four.",
             "The tumour type it names is secondary: it raises a study when it thinks any tumour is present.",
-            "Its heatmap is coarse and partly tied to the position in the image (this model was trained with "
-            "PyTorch padding on weights made with TensorFlow's); do not read the tumour's location from it.",
-            "Single 2D slices from one public collection of JPEGs; some of its 'no tumour' images are CT.",
+            "Its heatmap is coarse and partly tied to the position in the image rather than to what the image "
+            "shows; do not read the tumour's location from it.",
+            "Trained on single 2D slices from one public collection of JPEG images; some of its 'no tumour' images are CT.",
         ]
     if task is Task.HEAD_CT_ICH:
         limitations += [
@@ -1066,8 +1067,8 @@ def _card(
             "Trained on single slices (no whole scans): the series decision rests on slice results.",
             "The heatmap is broad: it covers the part of the brain that drove the score and centres on large bleeds, "
             "but does not outline a small one. Look at the whole study, not only where it is red.",
-            "A subtype the model cannot yet be trusted on (too few examples or too weak on the test images; see "
-            "priority_bar) is shown as a probability only: never named as a finding, never a reason to raise a study.",
+            "A subtype the model cannot yet be trusted on (too few examples, or too weak on the test images) is shown "
+            "as a probability only: never named as a finding, never a reason to raise a study.",
         ]
         if untrained:
             limitations.append(f"Outputs {', '.join(untrained)} were not trained and are never reported as findings.")
@@ -1079,7 +1080,7 @@ def _card(
             "be flagged because of the drain. It is not a check that a drain is in place, and it does not "
             "grade size or tension.",
             "Must not be used to rule out a pneumothorax, on children, or on lateral views. Where the model looks "
-            "(Grad-CAM on the test images): on the lung fields, mostly the right lung whatever the side; on one "
+            "(its heatmaps on the test images): on the lung fields, mostly the right lung whatever the side; on one "
             "pneumothorax image it centred on a pigtail drain, and the images without pneumothorax it scored highest "
             "carry lines and tubes. Treat its heatmap as a hint, not as the location of the air.",
         ]
@@ -1148,7 +1149,7 @@ def _card(
             "augmentation": asdict(setup.augmentation),
             "early_stopping": {"patience_epochs": config.patience, "score": "validation balanced accuracy" if softmax else "validation mean AUC"},
             "init_from": _display_path(config.init_from) if config.init_from else (
-                "ImageNet EfficientNet-Lite0 mapped into B0 (see imagenet_init)" if config.init else "random initialisation (no pre-training)"),
+                "ImageNet EfficientNet-Lite0 mapped into B0" if config.init else "random initialisation (no pre-training)"),
             # the file's hash, because a later training may replace the file at that path
             "init_from_sha256": hashlib.sha256(config.init_from.read_bytes()).hexdigest() if config.init_from else None,
             "seed": config.seed,

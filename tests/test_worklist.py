@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from datetime import datetime, timedelta, timezone
+from html import unescape
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -367,3 +370,37 @@ def test_a_study_page_that_does_not_exist_is_a_page_with_the_way_back(client, mo
         api = client.get("/worklist/orders/o-gone", headers={**user, "Accept": accept})
         assert api.status_code == 404 and api.json["resourceType"] == "OperationOutcome"
         assert api.json["issue"][0]["code"] == "not-found"
+
+
+# --- the study page's "About the model" speaks to clinicians ----------------------------------------
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+#: what belongs in the model card (weights/README.md), not on the clinician's page: hashes, files, code
+DEVELOPER_WORDS = re.compile(
+    r"sha256|\.safetensors|\.json|\.onnx|\.npz|\.py\b|weights/|\.\./|/\w+/|\b[a-z]+_[a-z_]+\b"  # paths, snake_case ids
+    r"|pytorch|tensorflow|\btimm\b|grad-cam|\bcds[-_]|\bsee [a-z_]+\)", re.IGNORECASE)
+FINDING_OF_TASK = {Task.HEAD_CT_ICH: "any", Task.BRAIN_MRI: "glioma", Task.CHEST_PNEUMOTHORAX: "pneumothorax"}
+
+
+@pytest.mark.parametrize("task", list(FINDING_OF_TASK))
+def test_the_study_page_shows_every_limitation_of_the_shipped_card_in_clinical_words(task, tmp_path, monkeypatch):
+    import cds_service.worklist as worklist_module
+
+    label = FINDING_OF_TASK[task]
+    result = TriageResult(study_uid="1.2.3", status=TriageStatus.DONE, task=task, series_uid="1.2.3.1",
+                          findings=(Finding(label, 0.9, True, 0.5),), suggested_priority=Priority.URGENT, model=MODEL,
+                          heatmap=None, slices_scored=1)
+    ctx = OrderContext(imaging_study_id="s1", patient_id="p1", service_request_id="o1", study_uid="1.2.3")
+    bundle = build_triage_transaction(ctx, result, issued=NOW).model_dump(mode="json", exclude_none=True)
+    rows = build_worklist([order("o1"), study("s1", "o1"), patient(), *as_stored(bundle, "o1")], [], now=NOW)
+    monkeypatch.setattr(worklist_module, "fetch_worklist", lambda order_id=None: rows)
+    settings = Settings(data_dir=tmp_path, weights_dir=SHIPPED_WEIGHTS)
+    context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=lambda _: None, model_set="m@1")
+    page = create_app(settings, context).test_client().get("/worklist/orders/o1", headers={"Accept": BROWSER_ACCEPT})
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    shown = [unescape(item) for item in re.findall(r"<li>(.*?)</li>", html.split("Limitations:", 1)[1].split("</ul>", 1)[0])]
+    card = json.loads((SHIPPED_WEIGHTS / f"{task.value}.json").read_text())
+    assert shown == card["limitations"]  # all of them, none cut off
+    for item in shown:
+        assert not DEVELOPER_WORDS.search(item), f"developer wording on the study page: {DEVELOPER_WORDS.search(item)[0]!r} in {item!r}"
