@@ -35,8 +35,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import httpx  # noqa: E402
 
-from cds_service.demo import start_service  # noqa: E402
-from cds_service.devservers import free_port, start_fhir_server, stopped_like_ctrl_c  # noqa: E402
+from cds_devtools.demo import start_service  # noqa: E402
+from cds_devtools.devservers import free_port, start_fhir_server, stopped_like_ctrl_c  # noqa: E402
 from cds_service.domain import Task  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402

@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cds_service import devservers  # noqa: E402
-from cds_service.demo import start_service  # noqa: E402
+from cds_devtools import devservers  # noqa: E402
+from cds_devtools.demo import start_service  # noqa: E402
 from cds_service.domain import Task  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.models import available_cards  # noqa: E402

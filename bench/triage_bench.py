@@ -53,9 +53,9 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 
 from cds_service import pipeline, triage  # noqa: E402
-from cds_service.demo import ServiceProcesses, start_service, start_worker  # noqa: E402
-from cds_service.devservers import (free_port, make_dataset, start_fhir_server, start_orthanc,  # noqa: E402
-                                   stopped_like_ctrl_c, upload_dicom)
+from cds_devtools.demo import ServiceProcesses, start_service, start_worker  # noqa: E402
+from cds_devtools.devservers import (free_port, make_dataset, start_fhir_server, start_orthanc,  # noqa: E402
+                                     stopped_like_ctrl_c, upload_dicom)
 from cds_service.domain import Task  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs.state import Job, JobState# noqa: E402

@@ -124,7 +124,7 @@ def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from .demo import run_demo
+    from cds_devtools.demo import run_demo
 
     return run_demo(settings, workdir=args.workdir, keep_running=not args.no_wait, port=args.port)
 

@@ -29,8 +29,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cds_service.demo import SAMPLES_DIR, describe_outcome, ehr_order, load_manifest, start_service, wait_for_jobs
-from cds_service.devservers import free_port, upload_dicom
+from cds_devtools.demo import SAMPLES_DIR, describe_outcome, ehr_order, load_manifest, start_service, wait_for_jobs
+from cds_devtools.devservers import free_port, upload_dicom
 from cds_service.fhir_client import FhirClient
 from cds_service.settings import Settings
 

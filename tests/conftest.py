@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 import hapi_support
-from cds_service import devservers
+from cds_devtools import devservers
 
 SAMPLES_DIR = Path(devservers.__file__).resolve().parent / "samples"
 

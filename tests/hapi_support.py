@@ -32,7 +32,7 @@ from typing import Iterator
 if __package__ in (None, ""):  # run as a script: the project root on the path, like pytest's rootdir
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cds_service.devservers import ManagedProcess, ServerStartError, free_port, http_ok, stopped_like_ctrl_c
+from cds_devtools.devservers import ManagedProcess, ServerStartError, free_port, http_ok, stopped_like_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPI_DIR = ROOT / "hapi-fhir-test"
@@ -214,7 +214,7 @@ def _run(command: list[str]) -> int:
             env["CDS_FHIR_BASE_URL"] = hapi.url
             env["CDS_TEST_HAPI_LOG"] = str(hapi.log_path)  # tests/test_e2e.py reads the deliveries from it
         if not env.get("CDS_DICOMWEB_URL"):
-            from cds_service.devservers import start_orthanc
+            from cds_devtools.devservers import start_orthanc
 
             orthanc = servers.enter_context(start_orthanc(workdir / "orthanc"))
             print(f"==> Orthanc at {orthanc.dicomweb_url}", file=sys.stderr)

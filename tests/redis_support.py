@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from cds_service.devservers import ManagedProcess, free_port, port_open
+from cds_devtools.devservers import ManagedProcess, free_port, port_open
 from conftest import require
 
 

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pydicom
 
-from cds_service.devservers import make_dataset, upload_dicom
+from cds_devtools.devservers import make_dataset, upload_dicom
 from cds_service.fhir_client import FhirClient
 from fhir_mappings.imaging_study import build_imaging_study
 

@@ -7,7 +7,8 @@ Layers (docs/architecture.md):
   fhir_mappings (which may use only cds_service.domain and cds_service.errors);
 - adapters: the PACS, the FHIR server, SMART auth, the job store and queue, metrics, audit;
 - web: the Flask app, its context and blueprints; entry points (cli, worker, pipeline, demo);
-- cds_training (training time) and development tools, never imported by the core.
+- cds_training (training time) and cds_devtools (development servers, test data, the demo), never
+  imported by the core; the runtime imports cds_devtools only where `cds-triage demo` runs (lazily).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cds_service", "fhir_mappings", "cds_training")
+PACKAGES = ("cds_service", "fhir_mappings", "cds_training", "cds_devtools")
 
 CORE = {f"cds_service.{name}" for name in (
     "domain", "errors", "routing", "anatomy", "input_profile", "priority", "preprocessing", "decoding", "inference",
@@ -27,10 +28,8 @@ NOT_FOR_THE_CORE = tuple(f"cds_service.{name}" for name in (
     "pacs", "fhir_client", "smart_auth", "jobs", "metrics", "audit", "secondary_capture", "subscribe", "security",
     # web and entry points
     "app", "api", "ops", "worklist", "cds_hooks", "pacs_trigger", "context", "web_context", "worker", "pipeline", "cli",
-    "demo", "local_triage", "validate",
-    # development tools
-    "devservers",
-)) + ("cds_training",)  # training time only, outside the runtime package
+    "local_triage", "validate",
+)) + ("cds_training", "cds_devtools")  # training time and development tools, outside the runtime package
 FHIR_MAPPINGS_MAY_USE = {"cds_service.domain", "cds_service.errors"}
 
 
@@ -127,3 +126,17 @@ def test_fhir_mappings_use_only_the_domain_and_the_errors():
     used = {t for module, targets in graph.items() if module.startswith("fhir_mappings") for t in targets
             if t.startswith("cds_service")}
     assert used <= FHIR_MAPPINGS_MAY_USE, used - FHIR_MAPPINGS_MAY_USE
+
+
+# where the runtime may reach the development tools: `cds-triage demo`, imported inside its command
+MAY_USE_THE_DEVTOOLS = {"cds_service.cli"}
+
+
+def test_the_runtime_leaves_the_development_tools_alone():
+    graph = import_graph()
+    users = {module for module, targets in graph.items() if module.startswith("cds_service")
+             and any(t.startswith("cds_devtools") for t in targets)}
+    assert users <= MAY_USE_THE_DEVTOOLS, users - MAY_USE_THE_DEVTOOLS
+    cli = ast.parse((ROOT / "cds_service" / "cli.py").read_text())
+    at_module_level = {node.module for node in cli.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {m for m in at_module_level if m.startswith("cds_devtools")}, "the CLI imports the demo inside its command"

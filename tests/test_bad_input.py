@@ -12,8 +12,8 @@ import pydicom
 import pytest
 
 from bad_inputs.corpus import EHR_CASES, FILE_CASES, HTTP_CASES, PACS_CASES, SECRET_HEADER, ALL_CASES, http_body
-from cds_service.demo import start_service
-from cds_service.devservers import free_port, upload_dicom
+from cds_devtools.demo import start_service
+from cds_devtools.devservers import free_port, upload_dicom
 from cds_service.domain import Task
 from cds_service.fhir_client import FhirClient
 from cds_service.local_triage import triage_paths

@@ -27,8 +27,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_service.demo import start_service
-from cds_service.devservers import find_sekmet, free_port, make_dataset, start_fhir_server, upload_dicom
+from cds_devtools.demo import start_service
+from cds_devtools.devservers import find_sekmet, free_port, make_dataset, start_fhir_server, upload_dicom
 from cds_service.domain import Task
 from cds_service.fhir_client import FhirClient
 from cds_service.settings import Settings

@@ -355,7 +355,7 @@ def test_patient_view_without_data_or_access_is_412(service, prefetch):
 
 
 def test_patient_view_when_the_fhir_server_is_unreachable_is_412(service):
-    from cds_service.devservers import free_port
+    from cds_devtools.devservers import free_port
 
     url = f"http://127.0.0.1:{free_port()}/fhir"
     body = hook_request("patient-view", {"patientId": "p1"}, fhirServer=url,
@@ -477,8 +477,8 @@ def secured_product(orthanc, tmp_path_factory):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from cds_service import devservers
-    from cds_service.demo import start_service
+    from cds_devtools import devservers
+    from cds_devtools.demo import start_service
     from cds_service.smart_auth import public_jwk
     from conftest import require
     from support import make_test_weights
@@ -521,7 +521,7 @@ def test_hook_call_to_critical_patient_view_card_end_to_end(secured_product):
     import pydicom
 
     from cds_service.audit import AuditLog
-    from cds_service.devservers import make_dataset, upload_dicom
+    from cds_devtools.devservers import make_dataset, upload_dicom
     from fhir_mappings.imaging_study import build_imaging_study
 
     settings, orthanc = secured_product

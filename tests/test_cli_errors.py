@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from cds_service.cli import build_parser, main
-from cds_service.demo import PortInUseError, demo_port
-from cds_service.devservers import free_port
+from cds_devtools.demo import PortInUseError, demo_port
+from cds_devtools.devservers import free_port
 from cds_service.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_service.devservers import make_dataset
+from cds_devtools.devservers import make_dataset
 from cds_service.domain import Task
 from support import make_test_weights
 

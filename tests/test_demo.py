@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cds_service.demo import load_manifest, truth_of
+from cds_devtools.demo import load_manifest, truth_of
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def test_the_demo_triages_the_samples_and_stops_everything_on_sigterm(tmp_path: 
 @pytest.mark.parametrize("code", [0, 1])
 def test_the_demo_removes_its_temp_folder_only_when_it_ends_well(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str], code: int) -> None:
-    from cds_service import demo
+    from cds_devtools import demo
     from cds_service.settings import Settings
 
     def fake_run(settings: Settings, workdir: Path, own_workdir: bool, keep_running: bool, port: int) -> int:

@@ -1,4 +1,4 @@
-"""cds_service.devservers: real Orthanc + sekmet on loopback, DICOM building, the demo samples."""
+"""cds_devtools.devservers: real Orthanc + sekmet on loopback, DICOM building, the demo samples."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 
-from cds_service import devservers
-from cds_service.devservers import ServerStartError, image_to_dicom, make_dicom, upload_dicom
+from cds_devtools import devservers
+from cds_devtools.devservers import ServerStartError, image_to_dicom, make_dicom, upload_dicom
 
 from conftest import require
 
@@ -424,7 +424,7 @@ def test_samples_upload_and_each_study_is_one_series(orthanc, samples_dir):
 
 def test_sigterm_and_sighup_stop_a_script_as_ctrl_c_does():
     """The demo and the benchmarks run their clean-up (stop every server) when killed."""
-    from cds_service.devservers import stopped_like_ctrl_c
+    from cds_devtools.devservers import stopped_like_ctrl_c
 
     before = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGHUP)}
     for stop in (signal.SIGTERM, signal.SIGHUP):

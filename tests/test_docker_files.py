@@ -29,7 +29,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cds_service import devservers
+from cds_devtools import devservers
 from cds_service.cli import build_parser
 from cds_service.domain import Task
 from conftest import _require_orthanc, require

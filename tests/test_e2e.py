@@ -35,8 +35,8 @@ import pytest
 
 import hapi_support
 from cds_service.cds_hooks import render_query
-from cds_service.demo import start_service
-from cds_service.devservers import free_port, make_dataset, upload_dicom
+from cds_devtools.demo import start_service
+from cds_devtools.devservers import free_port, make_dataset, upload_dicom
 from cds_service.domain import Finding, ModelRef, Priority, Task, TriageResult, TriageStatus
 from cds_service.fhir_client import FhirClient, VersionConflictError
 from cds_service.pipeline import raise_order_priority

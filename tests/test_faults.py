@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cds_service import devservers
-from cds_service.demo import ServiceProcesses, start_service, start_worker
+from cds_devtools import devservers
+from cds_devtools.demo import ServiceProcesses, start_service, start_worker
 from cds_service.domain import Task
 from cds_service.fhir_client import FhirClient
 from cds_service.settings import Settings

@@ -64,7 +64,7 @@ def test_mutated_real_dicom_only_ever_says_bad_dicom(mutation: int) -> None:
     """A valid JPEG-LS CT slice with a few bytes changed: decoded, or refused clearly."""
     import numpy as np
 
-    from cds_service.devservers import dicom_bytes, encoder_available, make_dataset
+    from cds_devtools.devservers import dicom_bytes, encoder_available, make_dataset
 
     if not encoder_available("jpegls"):
         pytest.skip("no JPEG-LS encoder")

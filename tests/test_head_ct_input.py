@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cds_service.devservers import make_dataset
+from cds_devtools.devservers import make_dataset
 from cds_service.domain import Task
 from cds_service.models import load_model
 from cds_service.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch

@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_service.devservers import make_dataset, upload_dicom
+from cds_devtools.devservers import make_dataset, upload_dicom
 from cds_service.domain import Series
 from cds_service.pacs import Pacs, PacsConfig, StudyNotInPacsError, StudyTooLargeError, slice_order, sort_slices
 

@@ -18,9 +18,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_service import devservers
+from cds_devtools import devservers
 from cds_service.app import create_app
-from cds_service.demo import start_service
+from cds_devtools.demo import start_service
 from cds_service.domain import Task
 from cds_service.errors import StudyNotFoundError
 from cds_service.fhir_client import FhirClient

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_service.devservers import make_dataset, upload_dicom
+from cds_devtools.devservers import make_dataset, upload_dicom
 from cds_service.domain import Task
 from cds_service.fhir_client import FhirClient
 from cds_service.jobs.state import Job, JobState

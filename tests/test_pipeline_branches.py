@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_service.devservers import make_dataset
+from cds_devtools.devservers import make_dataset
 from cds_service.domain import Series, Study, Task, TaskMode
 from cds_service.errors import UpstreamError
 from cds_service.fhir_client import FHIR_JSON, FhirClient

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_service.devservers import make_dataset
+from cds_devtools.devservers import make_dataset
 from cds_service.domain import Series, Study, Task, TriageStatus
 from cds_service.errors import ModelUnavailableError
 from cds_service.local_triage import LocalInput, triage_input

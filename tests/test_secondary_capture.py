@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_service.devservers import free_port, make_dataset, upload_dicom
+from cds_devtools.devservers import free_port, make_dataset, upload_dicom
 from cds_service.domain import Finding, Heatmap, ModelRef, Series, Task, TriageResult, TriageStatus
 from cds_service.fhir_client import FhirClient
 from cds_service.pacs import Pacs, PacsConfig

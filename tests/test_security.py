@@ -19,7 +19,7 @@ import pytest
 
 from cds_service.app import create_app
 from cds_service.context import ServiceContext
-from cds_service.devservers import free_port
+from cds_devtools.devservers import free_port
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.security import KeyRing, ReplayCache, json_depth, parse_json_body
 from cds_service.settings import Settings

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from cds_service import devservers
+from cds_devtools import devservers
 from cds_service.context import ServiceContext
 from cds_service.errors import UpstreamError, UpstreamRejectedError
 from cds_service.fhir_client import FhirClient

@@ -22,7 +22,7 @@ from PIL import Image
 from cds_service.app import create_app
 from cds_service.context import ServiceContext
 from cds_service.cli import build_parser, main
-from cds_service.devservers import make_dataset
+from cds_devtools.devservers import make_dataset
 from cds_service.domain import OrderContext, Task
 from cds_service.evaluation import binary_validation, calibration_summary, sensitivity_operating_points, small_number_warnings
 from cds_service.inference import findings_from_scores

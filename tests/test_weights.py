@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from safetensors import safe_open
 
 from cds_training.datasets import build_split
-from cds_service.devservers import dicom_bytes, make_dataset
+from cds_devtools.devservers import dicom_bytes, make_dataset
 from cds_service.domain import TASK_LABELS, Task
 from cds_service.evaluation import Predictions, point_metrics
 from cds_service.models import load_model

@@ -144,7 +144,7 @@ def test_prepare_models_exports_ahead_so_the_first_study_does_not_wait(tmp_path:
 
 
 def test_a_worker_started_with_prepare_models_exports_before_taking_jobs(tmp_path: Path) -> None:
-    from cds_service.demo import start_worker
+    from cds_devtools.demo import start_worker
     from cds_service.settings import Settings
 
     make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)

@@ -20,7 +20,7 @@ from PIL import Image
 from cds_service.app import create_app
 from cds_service.context import ServiceContext
 from cds_service.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
-from cds_service.devservers import free_port
+from cds_devtools.devservers import free_port
 from cds_service.jobs.state import Job, JobState
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.settings import Settings, SettingsError

@@ -24,15 +24,16 @@ from typing import Any
 import httpx
 import pydicom
 
+import cds_service
 from fhir_mappings.imaging_study import build_imaging_study
 
-from .devservers import (LOOPBACK, ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc,
-                         stopped_like_ctrl_c, upload_dicom)
-from .fhir_client import FhirClient
-from .settings import Settings
-from .subscribe import ensure_subscription
+from cds_devtools.devservers import (LOOPBACK, ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc,
+                                    stopped_like_ctrl_c, upload_dicom)
+from cds_service.fhir_client import FhirClient
+from cds_service.settings import Settings
+from cds_service.subscribe import ensure_subscription
 
-SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+SAMPLES_DIR = Path(cds_service.__file__).resolve().parent / "samples"
 
 
 @dataclass

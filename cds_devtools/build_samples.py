@@ -1,8 +1,8 @@
-"""Regenerate the demo DICOM studies in this folder from the shared data set.
+"""Regenerate the demo DICOM studies in cds_service/samples/ from the shared data set.
 
-    .venv/bin/python cds_service/samples/build_samples.py [--data ../shared/data] [--repick]
+    .venv/bin/python cds_devtools/build_samples.py [--data ../shared/data] [--repick]
 
-What to build comes from manifest.json next to this script: a list of studies, each with its
+What to build comes from cds_service/samples/manifest.json: a list of studies, each with its
 `folder`, the patient, the series tags, the expected finding and `source_files` (paths relative
 to the data folder). An entry whose `source_files` is empty, or every entry with --repick, gets its
 files from its `pick` rule (the first `count` files of `folder` in sorted name order; with
@@ -26,15 +26,15 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID, generate_uid
 
-HERE = Path(__file__).resolve().parent
-PROJECT = HERE.parent.parent
+PROJECT = Path(__file__).resolve().parents[1]
+HERE = PROJECT / "cds_service" / "samples"  # the sample studies and their manifest
 DEFAULT_DATA = PROJECT.parent / "shared" / "data"
 MANIFEST = HERE / "manifest.json"
 UID_SEED = "cds-triage-samples-v1"
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 
 sys.path.insert(0, str(PROJECT))  # run as a plain script from a source checkout
-from cds_service.devservers import dicom_bytes, image_to_dicom, make_dataset  # noqa: E402
+from cds_devtools.devservers import dicom_bytes, image_to_dicom, make_dataset  # noqa: E402
 
 
 def uid(*parts: object) -> str:
