@@ -57,10 +57,10 @@ import pydicom  # noqa: E402
 from cds_devtools.demo import start_service, start_worker  # noqa: E402
 from cds_devtools.devservers import (free_port, make_dataset, start_fhir_server, start_orthanc,  # noqa: E402
                                      stopped_like_ctrl_c, upload_dicom)
-from cds_service.domain import Task  # noqa: E402
+from cds_service.core.domain import Task  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs.state import Job, JobState  # noqa: E402
-from cds_service.settings import Settings  # noqa: E402
+from cds_service.core.settings import Settings  # noqa: E402
 from cds_service.subscribe import ensure_subscription  # noqa: E402
 from cds_service.worker import build_deps  # noqa: E402
 from support import make_test_weights  # noqa: E402
@@ -229,7 +229,7 @@ def stages(settings: Settings, orthanc_url: str, template: StudyTemplate, runs: 
 
 def bare_model(weights: Path, input_size: int, batch: int, threads: int) -> float:
     """Seconds per image of the model alone (ONNX Runtime, batch `batch`), the floor of any pipeline."""
-    from cds_service.models import load_model
+    from cds_service.core.models import load_model
 
     model = load_model(weights, Task.HEAD_CT_ICH, runtime="onnxruntime", threads=threads)
     images = np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size)).astype(np.float32)

@@ -52,15 +52,16 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 
-from cds_service import pipeline, triage  # noqa: E402
+from cds_service import pipeline  # noqa: E402
+from cds_service.core import triage  # noqa: E402
 from cds_devtools.demo import ServiceProcesses, start_service, start_worker  # noqa: E402
 from cds_devtools.devservers import (free_port, make_dataset, start_fhir_server, start_orthanc,  # noqa: E402
                                      stopped_like_ctrl_c, upload_dicom)
-from cds_service.domain import Task  # noqa: E402
+from cds_service.core.domain import Task  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs.state import Job, JobState# noqa: E402
-from cds_service.models import ModelCard, card_path, load_model  # noqa: E402
-from cds_service.settings import Settings  # noqa: E402
+from cds_service.core.models import ModelCard, card_path, load_model  # noqa: E402
+from cds_service.core.settings import Settings  # noqa: E402
 from cds_service.subscribe import ensure_subscription  # noqa: E402
 from cds_service.worker import build_deps  # noqa: E402
 from fhir_mappings.imaging_study import build_imaging_study  # noqa: E402

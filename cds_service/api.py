@@ -18,10 +18,10 @@ from fhir_mappings.builders import is_fhir_id
 
 from .web_context import ctx, operation_outcome
 from .drift import drift_report
-from .errors import TriageError
+from cds_service.core.errors import TriageError
 from .jobs.state import Job, JobState, TriageRequest
-from .errors import QueueUnavailableError
-from .models import task_modes
+from cds_service.core.errors import QueueUnavailableError
+from cds_service.core.models import task_modes
 from .ops import operator_refusal
 from .security import parse_json_body
 

@@ -14,8 +14,8 @@ from werkzeug.exceptions import HTTPException
 
 from .context import ServiceContext
 from .jobs.queue import create_queue, open_job_store, register_triage_task
-from .models import model_set_version
-from .settings import Settings
+from cds_service.core.models import model_set_version
+from cds_service.core.settings import Settings
 from .web_context import operation_outcome
 
 log = logging.getLogger(__name__)

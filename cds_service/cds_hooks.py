@@ -32,24 +32,24 @@ from fhir_mappings.builders import is_fhir_id, reference_id, with_priority
 
 from .web_context import ctx, operation_outcome
 from .audit import AuditLog, Feedback
-from .cards import (
-    DISCLAIMER,
-    ai_report_from_job,
-    ai_reports_from_fhir,
-    is_imaging_order,
-    no_result_card,
-    pending_card,
-    priority_action,
-    report_card,
-    severity,
-    unread_critical_card,
-)
-from .domain import Priority, TaskMode
-from .errors import TriageError, UpstreamRejectedError
+from cds_service.core.cards import (
+                    DISCLAIMER,
+                    ai_report_from_job,
+                    ai_reports_from_fhir,
+                    is_imaging_order,
+                    no_result_card,
+                    pending_card,
+                    priority_action,
+                    report_card,
+                    severity,
+                    unread_critical_card,
+                )
+from cds_service.core.domain import Priority, TaskMode
+from cds_service.core.errors import TriageError, UpstreamRejectedError
 from .fhir_client import FhirClient
 from .jobs.state import Job, JobState, TriageRequest
 from .logs import hashed
-from .priority import parse_priority, raised_priority
+from cds_service.core.priority import parse_priority, raised_priority
 from .security import (
     HookAuthError,
     HookClient,
@@ -63,7 +63,7 @@ from .security import (
     parse_json_body,
     split_list,
 )
-from .settings import Settings
+from cds_service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .domain import Task
-from .errors import TriageError
-from .settings import HTTP_URL_SETTINGS, Settings, env_name
+from cds_service.core.domain import Task
+from cds_service.core.errors import TriageError
+from cds_service.core.settings import HTTP_URL_SETTINGS, Settings, env_name
 
 EXIT_STATUSES = """exit status:
   0  done
@@ -96,7 +96,7 @@ def _prepare_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _export(args: argparse.Namespace, settings: Settings) -> int:
-    from .models import available_cards, write_shipped_graph
+    from cds_service.core.models import available_cards, write_shipped_graph
 
     cards = available_cards(settings.weights_dir)
     for task in [Task(value) for value in args.task] if args.task else list(cards):
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # SettingsError, and the checks that name their variable (drift, site thresholds)
         print(f"cds-triage: bad setting: {exc}", file=sys.stderr)
         return 2
-    from .errors import QueueUnavailableError
+    from cds_service.core.errors import QueueUnavailableError
     from .logs import configure_logging
 
     configure_logging(settings.log_level)

@@ -12,7 +12,7 @@ import httpx
 
 from .fhir_client import FhirClient
 from .jobs.state import BaseJobStore, Job, TriageRequest
-from .settings import Settings
+from cds_service.core.settings import Settings
 
 
 @dataclass

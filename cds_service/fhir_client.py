@@ -13,7 +13,7 @@ import httpx
 
 from fhir_mappings.builders import is_fhir_id
 
-from .errors import InvalidResourceError, StudyNotFoundError, UpstreamError, UpstreamRejectedError, is_retryable_status
+from cds_service.core.errors import InvalidResourceError, StudyNotFoundError, UpstreamError, UpstreamRejectedError, is_retryable_status
 from .metrics import count_upstream_error
 
 FHIR_JSON = "application/fhir+json"

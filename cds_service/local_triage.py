@@ -26,18 +26,18 @@ from typing import Iterator, Sequence
 import numpy as np
 import pydicom
 
-from .anatomy import dataset_shape, middle_slices
-from .decoding import decode_pool, prepare_file
-from .domain import Study, Task, TriageResult, TriageStatus
-from .errors import BadDicomError, ModelUnavailableError, TriageError
-from .inference import score_stream
-from .input_profile import image_statistics, series_verdict
-from .models import LoadedModel, ModelRegistry
+from cds_service.core.anatomy import dataset_shape, middle_slices
+from cds_service.core.decoding import decode_pool, prepare_file
+from cds_service.core.domain import Study, Task, TriageResult, TriageStatus
+from cds_service.core.errors import BadDicomError, ModelUnavailableError, TriageError
+from cds_service.core.inference import score_stream
+from cds_service.core.input_profile import image_statistics, series_verdict
+from cds_service.core.models import LoadedModel, ModelRegistry
 from .pacs import series_from_dataset, sort_slices
-from .preprocessing import as_model_input, dicom_to_image, dicom_to_model_input, grey_to_image, load_grey, read_dicom, resize
-from .routing import not_applicable_reason, pixel_candidates, task_for_series, task_from_pixels
-from .settings import Settings
-from .triage import triage_images, triage_scores
+from cds_service.core.preprocessing import as_model_input, dicom_to_image, dicom_to_model_input, grey_to_image, load_grey, read_dicom, resize
+from cds_service.core.routing import not_applicable_reason, pixel_candidates, task_for_series, task_from_pixels
+from cds_service.core.settings import Settings
+from cds_service.core.triage import triage_images, triage_scores
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}

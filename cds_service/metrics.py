@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:
-    from .domain import Task
+    from cds_service.core.domain import Task
     from .drift import TaskDrift
     from .jobs.state import BaseJobStore
 
@@ -122,7 +122,7 @@ class JobStoreCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from .errors import QueueUnavailableError
+        from cds_service.core.errors import QueueUnavailableError
 
         up = GaugeMetricFamily("cds_triage_job_store_up", "1 if the job store answered this scrape")
         try:
@@ -152,7 +152,7 @@ class DriftCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from .errors import QueueUnavailableError
+        from cds_service.core.errors import QueueUnavailableError
 
         try:
             drifts = self.report()

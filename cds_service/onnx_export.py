@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .domain import Task
-from .models import ONNX_MAX_DEVIATION, export_onnx, load_model, onnx_deviation, open_session
+from cds_service.core.domain import Task
+from cds_service.core.models import ONNX_MAX_DEVIATION, export_onnx, load_model, onnx_deviation, open_session
 
 
 def main(argv: Sequence[str] | None = None) -> int:

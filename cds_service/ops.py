@@ -29,11 +29,11 @@ from . import metrics
 from .web_context import ctx, operation_outcome
 from .audit import open_write_back_trail
 from .drift import drift_report
-from .errors import QueueUnavailableError
+from cds_service.core.errors import QueueUnavailableError
 from .jobs.queue import is_redis_url
 from .logs import hashed
-from .models import available_cards
-from .settings import Settings
+from cds_service.core.models import available_cards
+from cds_service.core.settings import Settings
 
 log = logging.getLogger("cds_service.http")
 

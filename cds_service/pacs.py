@@ -15,13 +15,13 @@ import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 
-from .domain import Series, Study
-from .errors import (BadDicomError, PermanentError, StudyNotFoundError, StudyTooLargeError, TransientError, TriageError,
-                     UpstreamError, UpstreamRejectedError, is_retryable_status)
-from .decoding import slice_position
+from cds_service.core.domain import Series, Study
+from cds_service.core.errors import (BadDicomError, PermanentError, StudyNotFoundError, StudyTooLargeError, TransientError, TriageError,
+                                     UpstreamError, UpstreamRejectedError, is_retryable_status)
+from cds_service.core.decoding import slice_position
 from .metrics import count_upstream_error
-from .preprocessing import decode_cost, instance_bytes
-from .settings import Settings
+from cds_service.core.preprocessing import decode_cost, instance_bytes
+from cds_service.core.settings import Settings
 
 MODALITY = "00080060"
 SERIES_DESCRIPTION = "0008103E"

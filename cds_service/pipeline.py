@@ -20,23 +20,23 @@ import pydicom
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
-from .anatomy import CtSliceShape, middle_slices
-from .decoding import DecodePool, PreparedSlice, decode_pool, measure_shape, prepare_slice
-from .domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
-from .errors import InvalidResourceError, ModelUnavailableError, UpstreamError
+from cds_service.core.anatomy import CtSliceShape, middle_slices
+from cds_service.core.decoding import DecodePool, PreparedSlice, decode_pool, measure_shape, prepare_slice
+from cds_service.core.domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
+from cds_service.core.errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
-from .inference import score_stream
-from .input_profile import series_verdict
+from cds_service.core.inference import score_stream
+from cds_service.core.input_profile import series_verdict
 from .jobs.state import Job, JobState
 from .metrics import observe_model_latency
-from .models import ModelRegistry
+from cds_service.core.models import ModelRegistry
 from .pacs import Pacs, positions_order
-from .preprocessing import dicom_to_image, read_dicom
-from .priority import parse_priority, raised_priority
-from .routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
+from cds_service.core.preprocessing import dicom_to_image, read_dicom
+from cds_service.core.priority import parse_priority, raised_priority
+from cds_service.core.routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
 from .secondary_capture import heatmap_to_pacs
-from .settings import Settings
-from .triage import triage_scores
+from cds_service.core.settings import Settings
+from cds_service.core.triage import triage_scores
 
 log = logging.getLogger(__name__)
 

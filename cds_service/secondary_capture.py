@@ -12,7 +12,7 @@ alone: it belongs to the EHR / PACS bridge, and changing it would fire the Imagi
 Subscription again; a bridge that re-reads the PACS will list the new series by itself.
 
 The series is never triaged itself: routing skips series described "AI-generated"
-(cds_service/routing.py). UIDs are derived from (study, task, model version), so a re-run
+(cds_service/core/routing.py). UIDs are derived from (study, task, model version), so a re-run
 of the same job stores the same instance again instead of a second copy.
 
 `heatmap_to_pacs` is the pipeline step; it never raises: a PACS that refuses the object must
@@ -34,8 +34,8 @@ from pydicom.uid import generate_uid
 
 from fhir_mappings import codes
 
-from .domain import DISCLAIMER, Heatmap, TriageResult
-from .errors import UpstreamError
+from cds_service.core.domain import DISCLAIMER, Heatmap, TriageResult
+from cds_service.core.errors import UpstreamError
 from .fhir_client import FhirClient, VersionConflictError
 from .pacs import Pacs
 

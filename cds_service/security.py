@@ -41,8 +41,8 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from .logs import hashed
-from .domain import HooksAuth
-from .settings import Settings
+from cds_service.core.domain import HooksAuth
+from cds_service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

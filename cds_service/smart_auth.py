@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from .errors import PermanentError, UpstreamError, is_retryable_status
+from cds_service.core.errors import PermanentError, UpstreamError, is_retryable_status
 from .fhir_client import FhirClient
 from .security import is_loopback_url
-from .settings import Settings
+from cds_service.core.settings import Settings
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: SMART: the assertion's exp is no more than five minutes in the future.

@@ -16,7 +16,7 @@ import time
 
 from fhir_mappings.builders import SUBSCRIPTION_TAG, build_subscription
 
-from .settings import Settings
+from cds_service.core.settings import Settings
 from .smart_auth import fhir_auth, fhir_client
 
 

@@ -34,21 +34,21 @@ from typing import Any
 
 import numpy as np
 
-from .domain import NEGATIVE_LABELS, TASK_LABELS, Task, TriageStatus
-from .errors import TriageError
-from .evaluation import (
-    SMALL_SAMPLE,
-    auc_with_ci,
-    binary_validation,
-    format_estimate,
-    operating_point,
-    proportion,
-    threshold_for_sensitivity,
-)
+from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task, TriageStatus
+from cds_service.core.errors import TriageError
+from cds_service.core.evaluation import (
+                    SMALL_SAMPLE,
+                    auc_with_ci,
+                    binary_validation,
+                    format_estimate,
+                    operating_point,
+                    proportion,
+                    threshold_for_sensitivity,
+                )
 from .local_triage import LocalInput, collect_inputs, result_json, triage_input
-from .models import ModelCard, ModelRegistry
-from .settings import Settings
-from .site_thresholds import PRESENCE, has_presence_rule, write_site_entry
+from cds_service.core.models import ModelCard, ModelRegistry
+from cds_service.core.settings import Settings
+from cds_service.core.site_thresholds import PRESENCE, has_presence_rule, write_site_entry
 
 CLASS_ALIASES = {"notumor": "no_tumor", "no tumor": "no_tumor", "no_tumour": "no_tumor", "no tumour": "no_tumor"}
 LISTED = 200  # skipped inputs and rows the report lists by name

@@ -22,15 +22,15 @@ from typing import Any, Callable
 from . import metrics
 from .audit import open_write_back_trail, write_back_event
 from .drift import alarm_hook
-from .decoding import decode_pool
+from cds_service.core.decoding import decode_pool
 from .jobs.state import BaseJobStore, Job, JobState
 from .jobs.queue import Leases, consumer_delays, create_queue, open_job_store, register_triage_task
-from .errors import QueueUnavailableError
-from .domain import Task
-from .models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
+from cds_service.core.errors import QueueUnavailableError
+from cds_service.core.domain import Task
+from cds_service.core.models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
 from .pacs import Pacs, pacs_from_settings
 from .pipeline import PipelineDeps, run_triage
-from .settings import Settings
+from cds_service.core.settings import Settings
 from .smart_auth import fhir_auth, fhir_client
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
                                 on_finished=audit_hook(settings, leases.worker), on_recorded=alarm_hook(store, settings))
     # Studies announced by the PACS (POST /pacs/studies) are resolved here, then queued as triage jobs.
     from .context import ServiceContext
-    from .models import model_set_version
+    from cds_service.core.models import model_set_version
     from .pacs_trigger import register_arrival_task
 
     register_arrival_task(huey, ServiceContext(settings=settings, store=store, enqueue=triage_job,

@@ -44,17 +44,17 @@ from fhir_mappings.builders import (ai_priority_change, heatmap_source_instance,
                                      study_uid_from_imaging_study)
 
 from .web_context import ctx, operation_outcome
-from .cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
-from .domain import DISCLAIMER, NEGATIVE_LABELS, TASK_LABELS, Task, WorklistAuth
+from cds_service.core.cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
+from cds_service.core.domain import DISCLAIMER, NEGATIVE_LABELS, TASK_LABELS, Task, WorklistAuth
 from .drift import drift_report
-from .errors import InvalidResourceError, StudyNotFoundError, TriageError
+from cds_service.core.errors import InvalidResourceError, StudyNotFoundError, TriageError
 from .jobs.state import Job, JobState
-from .errors import QueueUnavailableError
-from .models import available_cards, ModelCard
+from cds_service.core.errors import QueueUnavailableError
+from cds_service.core.models import available_cards, ModelCard
 from .pacs import pacs_from_settings
 from .pipeline import dicomweb_url_for
-from .preprocessing import dicom_to_image, display_image
-from .settings import Settings
+from cds_service.core.preprocessing import dicom_to_image, display_image
+from cds_service.core.settings import Settings
 
 worklist = Blueprint("worklist", __name__, template_folder="templates", static_folder="static",
                      static_url_path="/worklist/static")

@@ -13,7 +13,7 @@ Two layouts are understood:
 Images without a patient id (PNG conversions) are grouped by image similarity before the
 split (`similarity_groups`), so that neighbouring slices of one scan stay on one side.
 
-Pixels go through `cds_service.preprocessing` only (`load_grey` + `grey_to_image` for
+Pixels go through `cds_service.core.preprocessing` only (`load_grey` + `grey_to_image` for
 8-bit files, `dicom_to_image` for DICOM, then `to_batch`), so training sees exactly what
 the service sees at inference.
 """
@@ -30,8 +30,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pydicom
 
-from cds_service.domain import TASK_LABELS, Task
-from cds_service.preprocessing import PreprocessingSpec, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
+from cds_service.core.domain import TASK_LABELS, Task
+from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 

@@ -51,29 +51,29 @@ from .datasets import (
     probable_negatives,
     resolve_data_dir,
 )
-from cds_service import domain
-from cds_service.domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from cds_service.core import domain
+from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
 from cds_service.drift import expected_raised_share
-from cds_service.evaluation import (
-    Predictions,
-    binary_auc,
-    bootstrap_ci,
-    choose_thresholds,
-    SeriesSimulation,
-    presence_metrics,
-    presence_scores,
-    series_operating_point,
-    series_rates,
-    threshold_for_sensitivity,
-    youden_threshold,
-    format_metric,
-    weights_readme,
-    metrics_with_ci,
-    write_plots,
-)
-from cds_service.models import ARCHITECTURE, ARCHITECTURES, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
-from cds_service.input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
-from cds_service.preprocessing import PreprocessingSpec, resize, to_batch
+from cds_service.core.evaluation import (
+         Predictions,
+         binary_auc,
+         bootstrap_ci,
+         choose_thresholds,
+         SeriesSimulation,
+         presence_metrics,
+         presence_scores,
+         series_operating_point,
+         series_rates,
+         threshold_for_sensitivity,
+         youden_threshold,
+         format_metric,
+         weights_readme,
+         metrics_with_ci,
+         write_plots,
+     )
+from cds_service.core.models import ARCHITECTURE, ARCHITECTURES, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
+from cds_service.core.input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
+from cds_service.core.preprocessing import PreprocessingSpec, resize, to_batch
 
 CARD_VERSION = "1.0.0"
 DISCLAIMER = f"{domain.DISCLAIMER} For worklist prioritisation only; a radiologist reads every study."
@@ -818,7 +818,7 @@ OTHER_TASK_SAMPLE = 300
 
 
 def write_input_profile(weights_dir: Path, task: Task, data_dir: Path, quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
-    """Fit the task's input profile (cds_service.input_profile) on the card's training split, choose
+    """Fit the task's input profile (cds_service.core.input_profile) on the card's training split, choose
     its threshold on the validation split, and measure on the test split, the real DICOM path, the
     other tasks' images and other sources; write `<task>.input-profile.npz` and the card's block."""
     cpath = card_path(Path(weights_dir), task)
@@ -1400,7 +1400,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """`cds-triage evaluate`: prints the headline metrics; 0 on success, 2 on bad input."""
-    from cds_service.errors import ModelUnavailableError
+    from cds_service.core.errors import ModelUnavailableError
 
     try:
         doc = evaluate(Task(args.task), args.data, args.weights, args.out, args.bootstrap, args.device, not args.no_progress)

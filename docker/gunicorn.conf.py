@@ -7,7 +7,7 @@ address comes from the service's settings (CDS_HOST, CDS_PORT); the number of wo
 processes from WEB_CONCURRENCY, gunicorn's own variable (the image sets 2).
 """
 
-from cds_service.settings import Settings
+from cds_service.core.settings import Settings
 
 _settings = Settings.from_env()
 

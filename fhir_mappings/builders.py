@@ -44,19 +44,19 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.subscription import Subscription, SubscriptionChannel
 from pydantic import ValidationError
 
-from cds_service.domain import (
-    DISCLAIMER,
-    NEGATIVE_LABELS,
-    Finding,
-    ModelRef,
-    OrderContext,
-    Priority,
-    Task,
-    TaskMode,
-    TriageResult,
-    TriageStatus,
-)
-from cds_service.errors import InvalidResourceError
+from cds_service.core.domain import (
+         DISCLAIMER,
+         NEGATIVE_LABELS,
+         Finding,
+         ModelRef,
+         OrderContext,
+         Priority,
+         Task,
+         TaskMode,
+         TriageResult,
+         TriageStatus,
+     )
+from cds_service.core.errors import InvalidResourceError
 
 from . import codes
 

@@ -124,7 +124,7 @@ MEDIA_TYPE_IMAGE_DISPLAY = "Image"
 
 #: ServiceRequest.priority codes routine | urgent | asap | stat (FHIR code system
 #: http://hl7.org/fhir/request-priority). Verified: https://hl7.org/fhir/R4B/codesystem-request-priority.html.
-#: The values themselves live in cds_service.domain.Priority; the element is a plain
+#: The values themselves live in cds_service.core.domain.Priority; the element is a plain
 #: `code`, so only the system URI is needed here for documentation.
 REQUEST_PRIORITY_SYSTEM = "http://hl7.org/fhir/request-priority"
 
@@ -151,7 +151,7 @@ LOINC_DIAGNOSTIC_IMAGING_STUDY_DISPLAY = "Diagnostic imaging study"
 
 #: Unit of the probability in Observation.valueQuantity: UCUM unity "1" (dimensionless),
 #: with the value on a 0-1 scale. Chosen over "%" because the model, the model card's
-#: thresholds and cds_service.domain.Finding all use 0-1: writing "1" means no x100
+#: thresholds and cds_service.core.domain.Finding all use 0-1: writing "1" means no x100
 #: conversion anywhere, so a threshold of 0.5 and a value of 0.93 compare directly.
 #: ("1" is UCUM's unit one; the HL7 EU Laboratory IG uses code "1" for unitless values.)
 UCUM_SYSTEM = "http://unitsofmeasure.org"

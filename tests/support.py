@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cds_service.domain import TASK_LABELS, Task
+from cds_service.core.domain import TASK_LABELS, Task
 
 PREPROCESSING = {
     Task.HEAD_CT_ICH: {"kind": "ct_windows", "windows": [[40, 80], [80, 200], [600, 2800]]},
@@ -28,7 +28,7 @@ def make_test_weights(weights_dir: Path, task: Task, *, threshold: float = 0.0, 
     import torch
     from safetensors.torch import save_file
 
-    from cds_service.models import create_network
+    from cds_service.core.models import create_network
 
     labels = list(TASK_LABELS[task])
     trained = ["any"] if task is Task.HEAD_CT_ICH else labels

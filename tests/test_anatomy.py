@@ -1,4 +1,4 @@
-"""The pixel look at a CT (cds_service.anatomy): real head slices pass, trunk phantoms do not."""
+"""The pixel look at a CT (cds_service.core.anatomy): real head slices pass, trunk phantoms do not."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_service.anatomy import SliceKind, ct_series_verdict, dataset_shape, middle_slices
+from cds_service.core.anatomy import SliceKind, ct_series_verdict, dataset_shape, middle_slices
 from cds_devtools.devservers import make_dataset
 
 RSNA_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "head_ct_dicom_unlabelled"

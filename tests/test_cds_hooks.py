@@ -20,24 +20,24 @@ import pytest
 
 from cds_service.app import create_app
 from cds_service.context import ServiceContext
-from cds_service.cards import (
-    AiReport,
-    ReportedFinding,
-    ai_report_from_job,
-    ai_reports_from_fhir,
-    indicator_for,
-    is_imaging_order,
-    md,
-    prune,
-    report_card,
-    severity,
-)
+from cds_service.core.cards import (
+         AiReport,
+         ReportedFinding,
+         ai_report_from_job,
+         ai_reports_from_fhir,
+         indicator_for,
+         is_imaging_order,
+         md,
+         prune,
+         report_card,
+         severity,
+     )
 from cds_service.cds_hooks import SERVICES, HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
-from cds_service.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
+from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
 from cds_service.fhir_client import FhirClient
 from cds_service.jobs.state import JobState, TriageRequest
 from cds_service.jobs.sqlite_store import JobStore
-from cds_service.settings import DEFAULT_PRIORITY_RULES, Settings
+from cds_service.core.settings import DEFAULT_PRIORITY_RULES, Settings
 from fhir_mappings.builders import build_triage_transaction
 from hook_client import EhrSigner, assert_valid, hook_request, schema_errors
 

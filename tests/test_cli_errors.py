@@ -20,7 +20,7 @@ import pytest
 from cds_service.cli import build_parser, main
 from cds_devtools.demo import PortInUseError, demo_port
 from cds_devtools.devservers import free_port
-from cds_service.settings import Settings, SettingsError
+from cds_service.core.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ def test_jobs_with_an_unreachable_redis_names_the_queue_setting(tmp_path):
 
 def test_an_error_not_about_a_setting_is_one_line_and_exit_1(monkeypatch, capsys):
     from cds_service import subscribe
-    from cds_service.errors import UpstreamRejectedError
+    from cds_service.core.errors import UpstreamRejectedError
 
     def refused(settings, endpoint):
         raise UpstreamRejectedError("the server refused the Subscription: HAPI-1234 rest-hook channels are disabled", 422)
@@ -224,7 +224,7 @@ def test_the_readme_command_section_documents_exit_statuses_version_and_port_0()
 
 def test_the_setting_is_named_from_the_error_fields_not_its_message():
     from cds_service.cli import setting_named_by
-    from cds_service.errors import UpstreamError
+    from cds_service.core.errors import UpstreamError
 
     settings = Settings.from_env({"CDS_FHIR_BASE_URL": "https://ehr.example.org/fhir", "CDS_DICOMWEB_URL": "https://pacs.example.org/dicom-web"})
     assert setting_named_by(UpstreamError("timed out", server="pacs", url="https://pacs.example.org/dicom-web"), settings) == \

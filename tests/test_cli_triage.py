@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cds_devtools.devservers import make_dataset
-from cds_service.domain import Task
+from cds_service.core.domain import Task
 from support import make_test_weights
 
 SCHEMA_KEYS = {"input", "task", "status", "findings", "priority", "model"}

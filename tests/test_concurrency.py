@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from cds_service.domain import Task
+from cds_service.core.domain import Task
 from support import make_test_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,10 +21,10 @@ CHILD = textwrap.dedent('''
     import sys, threading
     import numpy as np, torch
     from pathlib import Path
-    from cds_service.domain import Task
-    from cds_service.explain import explain
-    from cds_service.inference import score_images
-    from cds_service.models import load_model
+    from cds_service.core.domain import Task
+    from cds_service.core.explain import explain
+    from cds_service.core.inference import score_images
+    from cds_service.core.models import load_model
 
     torch.set_num_threads(1)
     model = load_model(Path(sys.argv[1]), Task.HEAD_CT_ICH, runtime="auto", threads=1)

@@ -9,8 +9,8 @@ import pydicom
 import pytest
 
 from cds_devtools.devservers import dicom_bytes, encoder_available, make_dataset
-from cds_service.errors import BadDicomError
-from cds_service.preprocessing import MAX_DECODED_PIXELS, codestream_size, dicom_pixels, read_dicom
+from cds_service.core.errors import BadDicomError
+from cds_service.core.preprocessing import MAX_DECODED_PIXELS, codestream_size, dicom_pixels, read_dicom
 
 
 def encoded(transfer_syntax: str, size: int = 256) -> pydicom.Dataset:

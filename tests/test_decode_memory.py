@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cds_devtools.devservers import dicom_bytes, encoder_available, make_dataset
-from cds_service.preprocessing import PreprocessingSpec, dicom_to_image, dicom_to_model_input, read_dicom, resize
+from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, dicom_to_model_input, read_dicom, resize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_the_jpeg_ls_decoders_agree_and_charls_is_the_one_used() -> None:
     give the same values, unsigned 12-bit and signed 16-bit alike."""
     from pydicom.pixels import pixel_array
 
-    from cds_service.preprocessing import _decoding_plugin, dicom_pixels
+    from cds_service.core.preprocessing import _decoding_plugin, dicom_pixels
 
     rng = np.random.default_rng(3)
     unsigned = make_dataset(rng.integers(0, 4096, (64, 80)).astype(np.uint16), modality="CT", transfer_syntax="jpegls")
@@ -149,7 +149,7 @@ MEMORY_PROBE = """
 import sys, json
 sys.path[:0] = [{root!r}]
 import numpy as np, pydicom, cv2, PIL.Image
-from cds_service.preprocessing import PreprocessingSpec, decode_cost, dicom_to_model_input
+from cds_service.core.preprocessing import PreprocessingSpec, decode_cost, dicom_to_model_input
 ds = pydicom.dcmread({path!r})
 def status(name):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(name + ":"))

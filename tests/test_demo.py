@@ -124,7 +124,7 @@ def test_the_demo_triages_the_samples_and_stops_everything_on_sigterm(tmp_path: 
 def test_the_demo_removes_its_temp_folder_only_when_it_ends_well(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str], code: int) -> None:
     from cds_devtools import demo
-    from cds_service.settings import Settings
+    from cds_service.core.settings import Settings
 
     def fake_run(settings: Settings, workdir: Path, own_workdir: bool, keep_running: bool, port: int) -> int:
         (workdir / "orthanc.log").write_text("the log a failed demo is read by")

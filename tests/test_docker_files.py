@@ -31,7 +31,7 @@ import yaml
 
 from cds_devtools import devservers
 from cds_service.cli import build_parser
-from cds_service.domain import Task
+from cds_service.core.domain import Task
 from conftest import _require_orthanc, require
 from support import make_test_weights
 

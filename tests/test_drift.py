@@ -18,14 +18,14 @@ import pytest
 
 from cds_service.app import create_app
 from cds_service.context import ServiceContext
-from cds_service.domain import Task
+from cds_service.core.domain import Task
 from cds_service.drift import (Band, alarm_hook, assess, band_for, check_alarm, expected_raised_share, operating_rates,
                                study_score, triaged)
 from cds_service.jobs.state import JobState, TriageRequest
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.jobs.redis_store import RedisJobStore
-from cds_service.models import ModelCard
-from cds_service.settings import Settings
+from cds_service.core.models import ModelCard
+from cds_service.core.settings import Settings
 from stack_support import SECRET, ct_series, metric_value, notify, order_study, wait_finished
 from support import make_test_weights
 
@@ -291,7 +291,7 @@ def test_healthz_metrics_and_worklist_show_the_alarm(tmp_path, monkeypatch) -> N
 
 
 def test_healthz_still_answers_when_the_store_does_not(tmp_path, monkeypatch) -> None:
-    from cds_service.errors import QueueUnavailableError
+    from cds_service.core.errors import QueueUnavailableError
 
     settings = Settings(data_dir=tmp_path / "data", weights_dir=make_test_weights(tmp_path / "w", Task.HEAD_CT_ICH))
     store = JobStore(settings.job_db_path)

@@ -17,18 +17,18 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.subscription import Subscription
 from PIL import Image
 
-from cds_service.domain import (
-    TASK_LABELS,
-    Finding,
-    Heatmap,
-    ModelRef,
-    OrderContext,
-    Priority,
-    Task,
-    TriageResult,
-    TriageStatus,
-)
-from cds_service.errors import InvalidResourceError
+from cds_service.core.domain import (
+         TASK_LABELS,
+         Finding,
+         Heatmap,
+         ModelRef,
+         OrderContext,
+         Priority,
+         Task,
+         TriageResult,
+         TriageStatus,
+     )
+from cds_service.core.errors import InvalidResourceError
 from fhir_mappings import codes
 from fhir_mappings.builders import (
     AI_DISCLAIMER,

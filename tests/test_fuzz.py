@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from cds_service.api import imaging_study_ids
 from cds_service.cds_hooks import SERVICES, HookCallError, parse_hook_call
-from cds_service.errors import BadDicomError
-from cds_service.preprocessing import PreprocessingSpec, dicom_to_image, read_dicom
+from cds_service.core.errors import BadDicomError
+from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, read_dicom
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from cds_devtools.devservers import make_dataset
-from cds_service.domain import Task
-from cds_service.models import load_model
-from cds_service.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
+from cds_service.core.domain import Task
+from cds_service.core.models import load_model
+from cds_service.core.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 DICOM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "head_ct_dicom_unlabelled"

@@ -15,7 +15,7 @@ import pytest
 
 from cds_service.jobs.state import JobState, TriageRequest
 from cds_service.jobs.sqlite_store import JobStore
-from cds_service.errors import QueueUnavailableError
+from cds_service.core.errors import QueueUnavailableError
 from cds_service.jobs.redis_store import RedisJobStore
 from redis_support import start_redis
 

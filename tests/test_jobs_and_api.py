@@ -14,7 +14,7 @@ from cds_service.app import create_app
 from cds_service.context import ServiceContext
 from cds_service.jobs.state import JobState, TriageRequest, backoff_delay
 from cds_service.jobs.sqlite_store import JobStore
-from cds_service.settings import Settings
+from cds_service.core.settings import Settings
 from hook_client import EhrSigner
 
 

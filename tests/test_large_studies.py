@@ -24,11 +24,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_service.decoding import DecodePool, PreparedSlice, prepare_slice
+from cds_service.core.decoding import DecodePool, PreparedSlice, prepare_slice
 from cds_devtools.devservers import dicom_bytes
-from cds_service.domain import Task
-from cds_service.errors import BadDicomError, StudyTooLargeError
-from cds_service.preprocessing import PreprocessingSpec, decode_cost, read_dicom
+from cds_service.core.domain import Task
+from cds_service.core.errors import BadDicomError, StudyTooLargeError
+from cds_service.core.preprocessing import PreprocessingSpec, decode_cost, read_dicom
 from support import make_test_weights
 from test_decode_memory import head_ct_series, todays_image
 from test_pipeline import ordered_study
@@ -65,7 +65,7 @@ def test_the_pool_gives_what_the_caller_would_in_the_order_the_slices_came() -> 
 
 def test_small_machines_decode_in_the_workers_thread_by_default() -> None:
     """On two cores the decoder processes were no faster than the worker's own thread (bench/README.md)."""
-    from cds_service.decoding import decode_pool, default_processes
+    from cds_service.core.decoding import decode_pool, default_processes
 
     assert [default_processes(cores) for cores in (1, 2, 3, 4, 8, 16, 64)] == [0, 0, 0, 2, 6, 8, 8]
     assert decode_pool(0).processes == 0 and DecodePool(-1).processes == default_processes()
@@ -104,7 +104,7 @@ def test_decoder_processes_do_not_run_the_callers_main_script(tmp_path: Path) ->
         import sys
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
         open({str(marker)!r}, "a").write("x")  # what an unguarded script does at import
-        from cds_service.decoding import DecodePool, prepare_slice
+        from cds_service.core.decoding import DecodePool, prepare_slice
         from cds_devtools.devservers import dicom_bytes
         from test_large_studies import SPEC, head_ct_series
         pool = DecodePool(2)
@@ -125,7 +125,7 @@ def test_an_instance_that_would_cost_more_than_the_limit_is_refused_before_decod
     part = dicom_bytes(head_ct_series(1, transfer_syntax="rle")[0])
     cost = decode_cost(read_dicom(part))
     assert prepare_slice(part, SPEC, max_decode_bytes=cost).sop_instance_uid
-    monkeypatch.setattr("cds_service.preprocessing.pixel_array", lambda *a, **k: pytest.fail("decoded"))
+    monkeypatch.setattr("cds_service.core.preprocessing.pixel_array", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(StudyTooLargeError, match="CDS_MAX_SERIES_BYTES"):
         prepare_slice(part, SPEC, max_decode_bytes=cost - 1)
 
@@ -157,11 +157,11 @@ def streamed_and_before(orthanc, fhir_server, tmp_path: Path, weights: Path, dat
     """run_triage's summary and overlay PNG, and the in-memory triage of the same slices by the code before."""
     from cds_service.fhir_client import FhirClient
     from cds_service.jobs.state import JobState
-    from cds_service.models import ModelRegistry
+    from cds_service.core.models import ModelRegistry
     from cds_service.pacs import sort_slices
     from cds_service.pipeline import run_triage
-    from cds_service.settings import Settings
-    from cds_service.triage import triage_images
+    from cds_service.core.settings import Settings
+    from cds_service.core.triage import triage_images
     from cds_service.worker import build_deps
 
     settings = Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url,
@@ -244,9 +244,9 @@ def test_a_folder_series_is_streamed_from_its_files_with_the_findings_it_got_bef
     """40 JPEG-LS slices in a folder: held as headers only, decoded as they are scored (by two decoder
     processes, or here), the same findings and overlay as decoding every slice first."""
     from cds_service.local_triage import collect_inputs, triage_input
-    from cds_service.models import ModelRegistry
-    from cds_service.settings import Settings
-    from cds_service.triage import triage_images
+    from cds_service.core.models import ModelRegistry
+    from cds_service.core.settings import Settings
+    from cds_service.core.triage import triage_images
 
     weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64, **CARDS["three_windows"])
     folder = tmp_path / "study"
@@ -274,7 +274,7 @@ def test_decoders_leave_when_their_worker_is_killed(tmp_path: Path) -> None:
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path[:0] = [{str(ROOT)!r}]
-        from cds_service.decoding import DecodePool
+        from cds_service.core.decoding import DecodePool
         pool = DecodePool(2)
         pool.warm()
         print(" ".join(map(str, pool.pids())), flush=True)

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from cds_training.datasets import Sample, similarity_groups, split_samples, split_three
-from cds_service.domain import TASK_LABELS, Finding, Priority, Task
-from cds_service.evaluation import Predictions, presence_metrics, proportion_counts, wilson_interval
-from cds_service.inference import SeriesScores, findings_from_scores
-from cds_service.models import ModelCard, PoolingMethod, SeriesPooling
-from cds_service.priority import suggest_priority
-from cds_service.settings import DEFAULT_PRIORITY_RULES
+from cds_service.core.domain import TASK_LABELS, Finding, Priority, Task
+from cds_service.core.evaluation import Predictions, presence_metrics, proportion_counts, wilson_interval
+from cds_service.core.inference import SeriesScores, findings_from_scores
+from cds_service.core.models import ModelCard, PoolingMethod, SeriesPooling
+from cds_service.core.priority import suggest_priority
+from cds_service.core.settings import DEFAULT_PRIORITY_RULES
 
 HEAD = TASK_LABELS[Task.HEAD_CT_ICH]
 BRAIN = TASK_LABELS[Task.BRAIN_MRI]
@@ -202,7 +202,7 @@ def test_near_identical_images_are_grouped_before_the_split(tmp_path: Path) -> N
 
 def test_lite0_names_map_onto_every_b0_conv_and_batch_norm() -> None:
     from cds_training.imagenet_init import lite0_to_b0_names, map_lite0_state
-    from cds_service.models import create_network
+    from cds_service.core.models import create_network
 
     b0 = create_network(3).state_dict()
     reverse = {dst: src for src, dst in lite0_to_b0_names().items()}
@@ -223,7 +223,7 @@ def test_lite0_weights_load_into_b0_with_open_se_gates() -> None:
     import torch
 
     from cds_training.imagenet_init import SE_GATE_BIAS, load_lite0_into
-    from cds_service.models import create_network
+    from cds_service.core.models import create_network
 
     network = create_network(2)
     info = load_lite0_into(network)
@@ -241,8 +241,8 @@ def test_lite0_weights_load_into_b0_with_open_se_gates() -> None:
 
 
 def test_task_modes_parse_and_name_the_setting_when_wrong() -> None:
-    from cds_service.domain import TaskMode
-    from cds_service.settings import Settings
+    from cds_service.core.domain import TaskMode
+    from cds_service.core.settings import Settings
 
     settings = Settings.from_env({"CDS_TASK_MODES": "head_ct_ich=shadow, brain_mri=OFF"})
     assert settings.mode_for(Task.HEAD_CT_ICH) is TaskMode.SHADOW
@@ -262,7 +262,7 @@ class BlockAverageModel:
     channel), its classifier weight 1, so Grad-CAM is exactly where the image is bright."""
 
     def __init__(self, size: int) -> None:
-        from cds_service.preprocessing import PreprocessingSpec
+        from cds_service.core.preprocessing import PreprocessingSpec
 
         self.card = type("Card", (), {"preprocessing": PreprocessingSpec(kind="mr_robust", input_size=size)})()
         self.cam_weights = np.ones((1, 1), np.float32)
@@ -277,7 +277,7 @@ class BlockAverageModel:
 
 
 def test_the_refined_heatmap_puts_a_small_bright_spot_where_it_is() -> None:
-    from cds_service.explain import class_activation_map, refined_class_activation_map
+    from cds_service.core.explain import class_activation_map, refined_class_activation_map
 
     size, spot = 160, (52, 100)  # centre of a 10 x 10 spot, away from the 32-px cell centres
     image = np.zeros((size, size, 3), np.float32)
@@ -323,7 +323,7 @@ def bundle(ids: list[str], next_url: str | None) -> dict:
 
 
 def test_next_links_are_followed_only_on_our_origin_and_only_when_more_pages_are_wanted() -> None:
-    from cds_service.errors import InvalidResourceError
+    from cds_service.core.errors import InvalidResourceError
 
     seen: list[str] = []
     pages = {"/fhir/Patient": bundle(["a"], "http://evil.example:80/steal"), "/steal": bundle(["x"], None)}
@@ -347,7 +347,7 @@ def test_next_links_are_followed_only_on_our_origin_and_only_when_more_pages_are
 
 
 def test_the_series_operating_point_reaches_its_target_and_counts_false_raises() -> None:
-    from cds_service.evaluation import SeriesSimulation, series_operating_point, series_rates
+    from cds_service.core.evaluation import SeriesSimulation, series_operating_point, series_rates
 
     rng = np.random.default_rng(0)
     positives, negatives = rng.beta(5, 2, 300), rng.beta(1, 8, 600)  # a useful model
@@ -367,7 +367,7 @@ def test_the_series_operating_point_reaches_its_target_and_counts_false_raises()
 def test_the_observation_of_an_untrusted_subtype_says_probability_only() -> None:
     from datetime import datetime, timezone
 
-    from cds_service.domain import ModelRef, OrderContext, TriageResult, TriageStatus
+    from cds_service.core.domain import ModelRef, OrderContext, TriageResult, TriageStatus
     from fhir_mappings.builders import build_observation
 
     finding = Finding("epidural", 0.9, False, 0.5, True, raises_priority=False)
@@ -381,8 +381,8 @@ def test_the_observation_of_an_untrusted_subtype_says_probability_only() -> None
 
 
 def test_routing_order_dicom_then_fhir_and_what_decided() -> None:
-    from cds_service.domain import Series, Study
-    from cds_service.routing import fhir_hints, not_applicable_reason, route_study
+    from cds_service.core.domain import Series, Study
+    from cds_service.core.routing import fhir_hints, not_applicable_reason, route_study
 
     silent = Study("1.2", (Series("1.2.1", "CT", number_of_instances=30),))
     assert route_study(silent) is None

@@ -21,8 +21,8 @@ import pytest
 from cds_devtools import devservers
 from cds_service.app import create_app
 from cds_devtools.demo import start_service
-from cds_service.domain import Task
-from cds_service.errors import StudyNotFoundError
+from cds_service.core.domain import Task
+from cds_service.core.errors import StudyNotFoundError
 from cds_service.fhir_client import FhirClient
 from cds_service.pacs_trigger import (
     PACS_SECRET_HEADER,
@@ -35,7 +35,7 @@ from cds_service.pacs_trigger import (
     study_identifier_token,
     study_uid_from_body,
 )
-from cds_service.settings import Settings
+from cds_service.core.settings import Settings
 from conftest import _require_orthanc
 from fhir_mappings.imaging_study import build_imaging_study
 from support import make_test_weights

@@ -13,15 +13,15 @@ import pydicom
 import pytest
 
 from cds_devtools.devservers import make_dataset, upload_dicom
-from cds_service.domain import Task
+from cds_service.core.domain import Task
 from cds_service.fhir_client import FhirClient
 from cds_service.jobs.state import Job, JobState
-from cds_service.models import load_model
+from cds_service.core.models import load_model
 from cds_service.pacs import sort_slices
 from cds_service.pipeline import run_triage
-from cds_service.preprocessing import dicom_to_image
-from cds_service.settings import Settings
-from cds_service.triage import triage_images
+from cds_service.core.preprocessing import dicom_to_image
+from cds_service.core.settings import Settings
+from cds_service.core.triage import triage_images
 from cds_service.worker import build_deps
 from fhir_mappings.imaging_study import build_imaging_study
 from support import make_test_weights
@@ -92,8 +92,8 @@ def test_a_task_in_shadow_mode_writes_marked_results_and_never_touches_the_prior
     written with the shadow tag and sentence, the order stays routine, the card is information only."""
     import json
 
-    from cds_service.cards import ai_report_from_fhir, report_card
-    from cds_service.domain import TaskMode
+    from cds_service.core.cards import ai_report_from_fhir, report_card
+    from cds_service.core.domain import TaskMode
     from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow
 
     weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)  # threshold 0: positive
@@ -127,7 +127,7 @@ def test_a_task_in_shadow_mode_writes_marked_results_and_never_touches_the_prior
 
 
 def test_a_task_that_is_off_is_not_applicable_and_writes_nothing(orthanc, fhir_server, tmp_path: Path) -> None:
-    from cds_service.domain import TaskMode
+    from cds_service.core.domain import TaskMode
 
     weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
     settings = pipeline_settings(tmp_path, orthanc, fhir_server, weights_dir=weights, task_modes={Task.HEAD_CT_ICH: TaskMode.OFF})

@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 
 from cds_devtools.devservers import make_dataset
-from cds_service.domain import Series, Study, Task, TriageStatus
-from cds_service.errors import ModelUnavailableError
+from cds_service.core.domain import Series, Study, Task, TriageStatus
+from cds_service.core.errors import ModelUnavailableError
 from cds_service.local_triage import LocalInput, triage_input
-from cds_service.models import ModelRegistry
-from cds_service.routing import FhirHints, pixel_candidates, route_by_pixels, task_from_pixels
-from cds_service.settings import Settings
+from cds_service.core.models import ModelRegistry
+from cds_service.core.routing import FhirHints, pixel_candidates, route_by_pixels, task_from_pixels
+from cds_service.core.settings import Settings
 from test_anatomy import phantom
 
 ROOT = Path(__file__).resolve().parents[1]

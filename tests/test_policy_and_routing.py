@@ -2,10 +2,10 @@
 
 import pytest
 
-from cds_service.domain import Finding, InferenceRuntime, Priority, Series, Study, Task
-from cds_service.priority import parse_priority, raised_priority, suggest_priority
-from cds_service.routing import route_study, task_for_series
-from cds_service.settings import DEFAULT_PRIORITY_RULES, Settings, SettingsError, parse_priority_rules
+from cds_service.core.domain import Finding, InferenceRuntime, Priority, Series, Study, Task
+from cds_service.core.priority import parse_priority, raised_priority, suggest_priority
+from cds_service.core.routing import route_study, task_for_series
+from cds_service.core.settings import DEFAULT_PRIORITY_RULES, Settings, SettingsError, parse_priority_rules
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_inference_threads_share_the_cores_between_workers(monkeypatch):
 
 
 def test_batch_size_small_on_a_cpu_unless_set():
-    from cds_service.settings import CPU_BATCH_SIZE
+    from cds_service.core.settings import CPU_BATCH_SIZE
 
     assert Settings().inference_batch_size == CPU_BATCH_SIZE == 6
     assert Settings(device="cuda").inference_batch_size == Settings(device="cuda:1").inference_batch_size == 16

@@ -8,12 +8,12 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cds_service.domain import Task
-from cds_service.errors import BadDicomError
-from cds_service.inference import findings_from_scores
-from cds_service.models import ModelCard
-from cds_service.preprocessing import (PreprocessingSpec, dicom_to_image, grey_to_image, read_dicom, robust_normalise,
-                                       to_batch, window)
+from cds_service.core.domain import Task
+from cds_service.core.errors import BadDicomError
+from cds_service.core.inference import findings_from_scores
+from cds_service.core.models import ModelCard
+from cds_service.core.preprocessing import (PreprocessingSpec, dicom_to_image, grey_to_image, read_dicom, robust_normalise,
+                                            to_batch, window)
 from support import PREPROCESSING, make_test_weights
 
 
@@ -114,7 +114,7 @@ def test_findings_use_card_thresholds_and_never_report_untrained_labels_as_posit
 
 def test_card_validation():
     data = card().raw | {"thresholds": {}}
-    from cds_service.errors import ModelUnavailableError
+    from cds_service.core.errors import ModelUnavailableError
     with pytest.raises(ModelUnavailableError, match="threshold"):
         ModelCard.from_dict(data)
     with pytest.raises(ModelUnavailableError, match="labels"):
@@ -168,7 +168,7 @@ def _part10(ds: pydicom.Dataset) -> bytes:
 
 def test_one_window_on_three_channels_is_resized_once_with_the_same_result():
     """The shipped head CT card puts one window on all channels; that shortcut must not change pixels."""
-    from cds_service.preprocessing import PreprocessingSpec, dicom_to_image, resize, to_batch
+    from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, resize, to_batch
     from cds_devtools.devservers import make_dataset
 
     stored = (np.arange(96 * 80).reshape(96, 80) % 1500).astype(np.uint16)
@@ -189,7 +189,7 @@ def test_modality_values_match_pydicom(slope, intercept):
     """The float32 in-place rescale gives what pydicom's apply_modality_lut gives."""
     from pydicom.pixels import apply_modality_lut
 
-    from cds_service.preprocessing import modality_values
+    from cds_service.core.preprocessing import modality_values
 
     stored = (np.arange(64 * 48).reshape(64, 48) * 7 % 4096).astype(np.uint16)
     ds = read_dicom(_part10(dicom(stored, RescaleSlope=slope, RescaleIntercept=intercept)))
@@ -202,7 +202,7 @@ def test_modality_values_match_pydicom(slope, intercept):
 def test_modality_lut_sequence_is_still_applied():
     from pydicom.dataset import Dataset
 
-    from cds_service.preprocessing import modality_values
+    from cds_service.core.preprocessing import modality_values
 
     ds = dicom(np.array([[0, 1], [2, 3]] * 4, np.uint16).reshape(8, 2).repeat(4, axis=1))
     lut = Dataset()
@@ -218,8 +218,8 @@ def test_slices_are_scored_in_batches_of_equal_size():
     """40 slices at batch 16 go as 13+14+13: a short last batch costs almost as much per image as one."""
     from types import SimpleNamespace
 
-    from cds_service.inference import score_images
-    from cds_service.models import SeriesPooling
+    from cds_service.core.inference import score_images
+    from cds_service.core.models import SeriesPooling
 
     sizes: list[int] = []
 
@@ -245,7 +245,7 @@ def test_slices_are_scored_in_batches_of_equal_size():
 def test_only_a_pooled_linear_head_gets_grad_cam_without_a_backward_pass():
     import torch
 
-    from cds_service.models import create_network, linear_head_weights
+    from cds_service.core.models import create_network, linear_head_weights
 
     network = create_network(6)
     weights = linear_head_weights(network)
@@ -259,10 +259,10 @@ def test_only_a_pooled_linear_head_gets_grad_cam_without_a_backward_pass():
 @pytest.mark.parametrize("runtime", ["auto", "torch"])
 def test_triage_explains_from_the_scoring_pass_only_where_it_can(tmp_path, monkeypatch, runtime):
     """ONNX Runtime returns the feature map: no backward pass. torch: pytorch-grad-cam runs."""
-    import cds_service.explain as explain_module
-    from cds_service.domain import Priority
-    from cds_service.models import load_model
-    from cds_service.triage import triage_images
+    import cds_service.core.explain as explain_module
+    from cds_service.core.domain import Priority
+    from cds_service.core.models import load_model
+    from cds_service.core.triage import triage_images
 
     make_test_weights(tmp_path, Task.HEAD_CT_ICH, input_size=64)
     model = load_model(tmp_path, Task.HEAD_CT_ICH, runtime=runtime)
@@ -281,8 +281,8 @@ def test_slices_scored_as_they_arrive_get_the_same_scores_in_equal_batches():
     PACS's announced count; a failing transfer fails the scoring."""
     from types import SimpleNamespace
 
-    from cds_service.inference import batch_sizes, score_images, score_stream
-    from cds_service.models import SeriesPooling
+    from cds_service.core.inference import batch_sizes, score_images, score_stream
+    from cds_service.core.models import SeriesPooling
 
     sizes: list[int] = []
 
@@ -318,8 +318,8 @@ def test_slices_scored_as_they_arrive_get_the_same_scores_in_equal_batches():
 
 
 def test_the_overlay_is_the_same_drawn_on_the_display_copy_the_pipeline_keeps():
-    from cds_service.explain import overlay_png, overlay_size
-    from cds_service.preprocessing import display_image
+    from cds_service.core.explain import overlay_png, overlay_size
+    from cds_service.core.preprocessing import display_image
 
     rng = np.random.default_rng(4)
     cam = rng.random((16, 16), dtype=np.float32)
@@ -334,7 +334,7 @@ def test_the_overlay_png_is_lossless_rgb():
     """The fast PNG settings (one filter, run-length zlib) still give back every pixel, in RGB order."""
     from PIL import Image
 
-    from cds_service.explain import png_bytes
+    from cds_service.core.explain import png_bytes
 
     rng = np.random.default_rng(5)
     smooth = np.repeat(np.linspace(0, 255, 300, dtype=np.uint8)[None, :, None], 200, axis=0)

@@ -20,9 +20,9 @@ import pytest
 
 from cds_devtools import devservers
 from cds_devtools.demo import start_service, start_worker
-from cds_service.domain import Task
+from cds_service.core.domain import Task
 from cds_service.fhir_client import FhirClient
-from cds_service.settings import Settings
+from cds_service.core.settings import Settings
 from cds_service.subscribe import ensure_subscription
 from conftest import require
 from redis_support import start_redis

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from cds_devtools.devservers import free_port, make_dataset, upload_dicom
-from cds_service.domain import Finding, Heatmap, ModelRef, Series, Task, TriageResult, TriageStatus
+from cds_service.core.domain import Finding, Heatmap, ModelRef, Series, Task, TriageResult, TriageStatus
 from cds_service.fhir_client import FhirClient
 from cds_service.pacs import Pacs, PacsConfig
-from cds_service.routing import task_for_series
+from cds_service.core.routing import task_for_series
 from cds_service.secondary_capture import (
     build_heatmap_capture,
     capture_uids,

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cds_service.domain import Task
-from cds_service.errors import ModelUnavailableError
-from cds_service.models import ONNX_MAX_DEVIATION, ModelCard, card_path, load_model, onnx_deviation, shipped_graph
+from cds_service.core.domain import Task
+from cds_service.core.errors import ModelUnavailableError
+from cds_service.core.models import ONNX_MAX_DEVIATION, ModelCard, card_path, load_model, onnx_deviation, shipped_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights"
@@ -55,7 +55,7 @@ def test_each_shipped_graph_is_vouched_for_by_its_card_and_agrees_with_torch(tas
     card = ModelCard.load(card_path(WEIGHTS, task))
     assert shipped_graph(WEIGHTS, task, card) == WEIGHTS / f"{task.value}.onnx"
     torch_model = load_model(WEIGHTS, task, runtime="torch")
-    from cds_service.models import open_session
+    from cds_service.core.models import open_session
 
     assert onnx_deviation(torch_model, open_session((WEIGHTS / f"{task.value}.onnx").read_bytes())) <= ONNX_MAX_DEVIATION
 
@@ -70,7 +70,7 @@ def test_a_graph_its_card_does_not_vouch_for_is_never_used(tmp_path: Path, no_to
     card["onnx"]["sha256"] = "0" * 64
     card_file.write_text(json.dumps(card))
     assert shipped_graph(weights, Task.CHEST_PNEUMOTHORAX, ModelCard.load(card_file)) is None
-    script = ("from pathlib import Path; from cds_service.models import load_model; from cds_service.domain import Task\n"
+    script = ("from pathlib import Path; from cds_service.core.models import load_model; from cds_service.core.domain import Task\n"
               f"load_model(Path({str(weights)!r}), Task.CHEST_PNEUMOTHORAX, runtime='auto')")
     child = subprocess.run([sys.executable, "-c", script], env=no_torch_env, capture_output=True, text=True, timeout=120)
     assert child.returncode != 0 and ModelUnavailableError.__name__ in child.stderr

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cds_devtools import devservers
 from cds_service.context import ServiceContext
-from cds_service.errors import UpstreamError, UpstreamRejectedError
+from cds_service.core.errors import UpstreamError, UpstreamRejectedError
 from cds_service.fhir_client import FhirClient
 from cds_service.jobs.sqlite_store import JobStore
-from cds_service.settings import Settings
+from cds_service.core.settings import Settings
 from cds_service.smart_auth import (
     AccessToken,
     SmartAuthError,

@@ -20,9 +20,9 @@ from safetensors import safe_open
 
 from cds_training.datasets import discover_samples, split_samples
 from cds_devtools.devservers import make_dataset
-from cds_service.domain import TASK_LABELS, Task
-from cds_service.evaluation import binary_auc, choose_thresholds, sensitivity_specificity, threshold_for_sensitivity
-from cds_service.models import load_model
+from cds_service.core.domain import TASK_LABELS, Task
+from cds_service.core.evaluation import binary_auc, choose_thresholds, sensitivity_specificity, threshold_for_sensitivity
+from cds_service.core.models import load_model
 from cds_training.training import (
     TASK_SETUPS,
     TrainConfig,
@@ -335,7 +335,7 @@ def test_cli_reports_missing_data(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_choose_thresholds_one_vs_rest_for_softmax() -> None:
-    from cds_service.evaluation import Predictions
+    from cds_service.core.evaluation import Predictions
 
     labels = TASK_LABELS[Task.BRAIN_MRI]
     rng = np.random.default_rng(0)

@@ -23,14 +23,14 @@ from cds_service.app import create_app
 from cds_service.context import ServiceContext
 from cds_service.cli import build_parser, main
 from cds_devtools.devservers import make_dataset
-from cds_service.domain import OrderContext, Task
-from cds_service.evaluation import binary_validation, calibration_summary, sensitivity_operating_points, small_number_warnings
-from cds_service.inference import findings_from_scores
+from cds_service.core.domain import OrderContext, Task
+from cds_service.core.evaluation import binary_validation, calibration_summary, sensitivity_operating_points, small_number_warnings
+from cds_service.core.inference import findings_from_scores
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.local_triage import collect_inputs, triage_input
-from cds_service.models import ModelCard, ModelRegistry
-from cds_service.settings import Settings
-from cds_service.site_thresholds import FORMAT
+from cds_service.core.models import ModelCard, ModelRegistry
+from cds_service.core.settings import Settings
+from cds_service.core.site_thresholds import FORMAT
 from cds_service.validate import LabelsError, match_units, read_labels, run_validate
 from cds_service.worklist import model_card_summary
 from fhir_mappings import codes

@@ -22,10 +22,10 @@ from safetensors import safe_open
 
 from cds_training.datasets import build_split
 from cds_devtools.devservers import dicom_bytes, make_dataset
-from cds_service.domain import TASK_LABELS, Task
-from cds_service.evaluation import Predictions, point_metrics
-from cds_service.models import load_model
-from cds_service.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
+from cds_service.core.domain import TASK_LABELS, Task
+from cds_service.core.evaluation import Predictions, point_metrics
+from cds_service.core.models import load_model
+from cds_service.core.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
 from cds_training.training import as_predictions, predict_samples, stored_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_onnx_runtime_scores_like_torch(task: Task, models: dict, torch_models: 
 def test_grad_cam_from_the_forward_pass_equals_pytorch_grad_cam(task: Task, models: dict, torch_models: dict) -> None:
     """The serving path's Grad-CAM (classifier weights x the feature map ONNX Runtime returned)
     is pytorch-grad-cam's GradCAM (forward + backward on the torch network), label by label."""
-    from cds_service.explain import class_activation_map, grad_cam
+    from cds_service.core.explain import class_activation_map, grad_cam
 
     model = models[task]
     assert model.cam_weights is not None and model.cam_weights.shape == (len(model.card.labels), 1280)
@@ -160,7 +160,7 @@ def test_torch_runtime_and_fallbacks(monkeypatch: pytest.MonkeyPatch, caplog: py
                                     tmp_path: Path) -> None:
     import shutil
 
-    import cds_service.models as models_module
+    import cds_service.core.models as models_module
 
     assert load_model(WEIGHTS, Task.BRAIN_MRI, runtime="torch").runtime == "torch"
     with pytest.raises(ValueError, match="unknown inference runtime"):
@@ -277,7 +277,7 @@ def test_head_ct_dicom_and_png_give_the_same_probabilities(models: dict) -> None
 
 
 def test_an_unknown_runtime_is_refused_when_the_worker_starts() -> None:
-    from cds_service.models import ModelRegistry
+    from cds_service.core.models import ModelRegistry
 
     with pytest.raises(ValueError, match="CDS_INFERENCE_RUNTIME"):
         ModelRegistry(WEIGHTS, runtime="onnx")
@@ -285,7 +285,7 @@ def test_an_unknown_runtime_is_refused_when_the_worker_starts() -> None:
 
 def test_the_weights_readme_is_generated_from_the_current_cards() -> None:
     """weights/README.md is never edited by hand: it must equal what the cards generate now."""
-    from cds_service.evaluation import weights_readme
+    from cds_service.core.evaluation import weights_readme
 
     cards = [card(task) for task in Task if (WEIGHTS / f"{task.value}.json").exists()]
     assert (WEIGHTS / "README.md").read_text() == weights_readme(cards), \

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cds_service.domain import Task
-from cds_service.models import ModelRegistry, load_model
+from cds_service.core.domain import Task
+from cds_service.core.models import ModelRegistry, load_model
 from support import make_test_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +28,9 @@ WORKER_CHILD = textwrap.dedent('''
     import json, sys
     from pathlib import Path
     import numpy as np
-    from cds_service.domain import Priority, Task
-    from cds_service.models import ModelRegistry
-    from cds_service.triage import triage_images
+    from cds_service.core.domain import Priority, Task
+    from cds_service.core.models import ModelRegistry
+    from cds_service.core.triage import triage_images
 
     registry = ModelRegistry(Path(sys.argv[1]), runtime="auto", threads=1, onnx_dir=Path(sys.argv[2]))
     model = registry.get(Task.HEAD_CT_ICH)
@@ -64,8 +64,8 @@ def test_a_worker_scores_and_explains_without_importing_torch(tmp_path: Path) ->
     assert seen["imported"] == []
 
     # the same findings as the in-process model (torch network + ONNX session from the same weights)
-    from cds_service.domain import Priority
-    from cds_service.triage import triage_images
+    from cds_service.core.domain import Priority
+    from cds_service.core.triage import triage_images
 
     reference = load_model(tmp_path / "weights", Task.HEAD_CT_ICH, runtime="auto")
     rng = np.random.default_rng(0)
@@ -95,7 +95,7 @@ def test_the_exported_graph_is_kept_and_follows_the_weights(tmp_path: Path) -> N
 
 
 def test_pruning_keeps_the_current_graph_and_other_tasks(tmp_path: Path) -> None:
-    from cds_service.models import ONNX_EXPORT_TIMEOUT_S, prune_exported
+    from cds_service.core.models import ONNX_EXPORT_TIMEOUT_S, prune_exported
 
     keep = tmp_path / f"head_ct_ich-{'a' * 20}.onnx"
     old = tmp_path / f"head_ct_ich-{'b' * 20}.onnx"
@@ -116,7 +116,7 @@ def test_pruning_keeps_the_current_graph_and_other_tasks(tmp_path: Path) -> None
 
 def test_prepare_models_exports_ahead_so_the_first_study_does_not_wait(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import cds_service.models as models_module
+    import cds_service.core.models as models_module
 
     weights, data = tmp_path / "weights", tmp_path / "data"
     make_test_weights(weights, Task.HEAD_CT_ICH, input_size=64)  # the other two tasks have no weights here
@@ -136,7 +136,7 @@ def test_prepare_models_exports_ahead_so_the_first_study_does_not_wait(tmp_path:
     model = ModelRegistry(weights, runtime="auto", onnx_dir=data / "onnx").get(Task.HEAD_CT_ICH)
     assert model.runtime == "onnxruntime" and model.network is None
 
-    from cds_service.settings import Settings
+    from cds_service.core.settings import Settings
     from cds_service.worker import prepare_models
 
     torch_only = prepare_models(Settings(weights_dir=weights, data_dir=data, inference_runtime="torch"))
@@ -145,7 +145,7 @@ def test_prepare_models_exports_ahead_so_the_first_study_does_not_wait(tmp_path:
 
 def test_a_worker_started_with_prepare_models_exports_before_taking_jobs(tmp_path: Path) -> None:
     from cds_devtools.demo import start_worker
-    from cds_service.settings import Settings
+    from cds_service.core.settings import Settings
 
     make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
     settings = Settings(weights_dir=tmp_path / "weights", data_dir=tmp_path / "data", log_level="INFO")
@@ -177,7 +177,7 @@ def test_prepare_models_fails_loudly_when_an_export_fails(tmp_path: Path, monkey
 
 def test_a_failed_export_falls_back_to_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    import cds_service.models as models_module
+    import cds_service.core.models as models_module
 
     make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
 
@@ -191,7 +191,7 @@ def test_a_failed_export_falls_back_to_torch(tmp_path: Path, monkeypatch: pytest
 def test_the_worker_s_overlay_and_scaling_are_pytorch_grad_cam_s() -> None:
     from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image
 
-    from cds_service.explain import _scaled_to_unit, jet_overlay
+    from cds_service.core.explain import _scaled_to_unit, jet_overlay
 
     rng = np.random.default_rng(5)
     cam = rng.random((4, 4), dtype=np.float32) * 3 - 1

@@ -19,11 +19,11 @@ from PIL import Image
 
 from cds_service.app import create_app
 from cds_service.context import ServiceContext
-from cds_service.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
+from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
 from cds_devtools.devservers import free_port
 from cds_service.jobs.state import Job, JobState
 from cds_service.jobs.sqlite_store import JobStore
-from cds_service.settings import Settings, SettingsError
+from cds_service.core.settings import Settings, SettingsError
 from cds_service.worklist import (
     access_denied,
     ai_raised_from,

@@ -17,7 +17,7 @@ from huey import Huey, RedisHuey, SqliteHuey
 from huey.exceptions import RetryTask
 
 from .. import metrics
-from ..errors import TransientError, TriageError
+from cds_service.core.errors import TransientError, TriageError
 from ..logs import hashed, log_context
 
 from .state import BaseJobStore, Job, JobState, REDIS_SCHEMES, backoff_delay

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 
-from ..errors import QueueUnavailableError
+from cds_service.core.errors import QueueUnavailableError
 
 from .state import BaseJobStore, job_from_row, job_to_row, Job, JobState, RECENT_TRIAGES_KEPT
 

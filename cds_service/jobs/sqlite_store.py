@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 
-from ..errors import QueueUnavailableError
+from cds_service.core.errors import QueueUnavailableError
 
 from .state import ROW_COLUMNS, BaseJobStore, job_from_row, job_to_row, Job, JobState, UNFINISHED
 

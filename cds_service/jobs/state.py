@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 
-from ..settings import DRIFT_WINDOW_MAX
+from cds_service.core.settings import DRIFT_WINDOW_MAX
 
 
 log = logging.getLogger(__name__)

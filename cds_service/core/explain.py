@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .domain import Heatmap
-from .models import LoadedModel
-from .preprocessing import display_image, resize, to_batch
+from cds_service.core.domain import Heatmap
+from cds_service.core.models import LoadedModel
+from cds_service.core.preprocessing import display_image, resize, to_batch
 
 MAX_OVERLAY_SIZE = 512
 

@@ -15,10 +15,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .domain import NEGATIVE_LABELS, Finding
-from .models import LoadedModel, ModelCard, SeriesPooling
-from .preprocessing import to_batch
-from .settings import CPU_BATCH_SIZE
+from cds_service.core.domain import NEGATIVE_LABELS, Finding
+from cds_service.core.models import LoadedModel, ModelCard, SeriesPooling
+from cds_service.core.preprocessing import to_batch
+from cds_service.core.settings import CPU_BATCH_SIZE
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import pydicom.uid
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
-from .errors import BadDicomError
+from cds_service.core.errors import BadDicomError
 
 SPEC_KINDS = ("ct_windows", "mr_robust", "xray")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
-from .domain import HooksAuth, InferenceRuntime, Priority, TaskMode, Task, UnknownPatientPolicy, WorklistAuth
+from cds_service.core.domain import HooksAuth, InferenceRuntime, Priority, TaskMode, Task, UnknownPatientPolicy, WorklistAuth
 
 if TYPE_CHECKING:
-    from .site_thresholds import SiteThresholds
+    from cds_service.core.site_thresholds import SiteThresholds
 
 PREFIX = "CDS_"
 
@@ -69,7 +69,7 @@ CPU_BATCH_SIZE = 6
 
 
 def _repo_weights_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "weights"
+    return Path(__file__).resolve().parents[2] / "weights"
 
 
 def parse_priority_rules(text: str) -> dict[str, Priority]:
@@ -300,7 +300,7 @@ class Settings:
         """CDS_SITE_THRESHOLDS, read and checked against the cards in CDS_WEIGHTS_DIR (None: the cards decide)."""
         if not self.site_thresholds_file:
             return None
-        from .site_thresholds import load_site_thresholds
+        from cds_service.core.site_thresholds import load_site_thresholds
 
         return load_site_thresholds(Path(self.site_thresholds_file), self.weights_dir)
 

@@ -9,7 +9,7 @@ where a percentile bootstrap reports 1.000 [1.000, 1.000] from 15 positives), a 
 bootstrap for AUC and balanced accuracy. With a few dozen to a few hundred images the
 interval says more than the point estimate.
 
-Decision rules, matching `cds_service.inference`:
+Decision rules, matching `cds_service.core.inference`:
 - softmax (brain MRI): the predicted class is the most probable label; accuracy and the
   confusion matrix use that. Each label's operating threshold (one-vs-rest, p >= t) is
   reported beside it.
@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .domain import DISCLAIMER
+from cds_service.core.domain import DISCLAIMER
 
 TARGET_SENSITIVITY = 0.95
 BOOTSTRAP_RESAMPLES = 1000

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .domain import ModelRef, Task, TaskMode, TASK_LABELS
-from .errors import ModelUnavailableError
-from .input_profile import InputProfile, load_profile
-from .preprocessing import PreprocessingSpec
+from cds_service.core.domain import ModelRef, Task, TaskMode, TASK_LABELS
+from cds_service.core.errors import ModelUnavailableError
+from cds_service.core.input_profile import InputProfile, load_profile
+from cds_service.core.preprocessing import PreprocessingSpec
 
 if TYPE_CHECKING:
-    from .routing import PixelModel
+    from cds_service.core.routing import PixelModel
 
 ARCHITECTURE = "efficientnet_b0"
 # timm's EfficientNet-B0 in two paddings: PyTorch's symmetric one, and TensorFlow's "SAME" (with BN eps 1e-3),
@@ -425,7 +425,7 @@ def write_shipped_graph(weights_dir: Path, task: Task) -> dict[str, Any]:
 def export_in_child(weights_dir: Path, task: Task, target: Path) -> None:
     """`python -m cds_service.onnx_export`: imports torch, exports, checks the graph against torch,
     writes `target` whole and exits, so the process that scores never imports torch."""
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder that holds cds_service
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     child = subprocess.run([sys.executable, "-m", "cds_service.onnx_export", str(weights_dir), task.value, str(target)],
                            capture_output=True, text=True, env=env, timeout=ONNX_EXPORT_TIMEOUT_S)
@@ -611,7 +611,7 @@ class ModelRegistry:
 
     def pixel_models(self) -> "dict[Task, PixelModel]":
         """What routing by pixels needs of every task with a card here (no network is loaded)."""
-        from .routing import PixelModel
+        from cds_service.core.routing import PixelModel
 
         found = {}
         for task, card in available_cards(self.weights_dir).items():

@@ -28,8 +28,8 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
-from .domain import NEGATIVE_LABELS, TASK_LABELS, Task
-from .models import ModelCard, available_cards
+from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from cds_service.core.models import ModelCard, available_cards
 
 FORMAT = "cds-triage-site-thresholds/1"
 SETTING = "CDS_SITE_THRESHOLDS"

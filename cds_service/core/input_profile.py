@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 import pydicom
 
-from .anatomy import CtSliceShape, ct_shapes_verdict, dataset_shape, middle_slices
-from .domain import Task
+from cds_service.core.anatomy import CtSliceShape, ct_shapes_verdict, dataset_shape, middle_slices
+from cds_service.core.domain import Task
 
 HISTOGRAM_BINS = 24
 THUMBNAIL = 12

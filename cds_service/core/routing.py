@@ -24,10 +24,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pydicom
 
-from .anatomy import ct_series_verdict
-from .domain import Series, Study, Task
-from .input_profile import InputProfile, image_statistics
-from .preprocessing import PreprocessingSpec, dicom_to_image, resize
+from cds_service.core.anatomy import ct_series_verdict
+from cds_service.core.domain import Series, Study, Task
+from cds_service.core.input_profile import InputProfile, image_statistics
+from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, resize
 
 HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBR", "NEURO")
 CHEST_WORDS = ("CHEST", "THORAX", "LUNG", "PA ", "CXR")

@@ -11,12 +11,12 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .domain import Priority, TriageResult, TriageStatus
-from .explain import explain
-from .inference import SeriesScores, findings_from_scores, score_images
-from .models import LoadedModel
-from .priority import suggest_priority
-from .settings import CPU_BATCH_SIZE
+from cds_service.core.domain import Priority, TriageResult, TriageStatus
+from cds_service.core.explain import explain
+from cds_service.core.inference import SeriesScores, findings_from_scores, score_images
+from cds_service.core.models import LoadedModel
+from cds_service.core.priority import suggest_priority
+from cds_service.core.settings import CPU_BATCH_SIZE
 
 
 def triage_images(

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import pydicom
 
-from .preprocessing import modality_values
+from cds_service.core.preprocessing import modality_values
 
 HEAD_MAX_EXTENT_MM = 260.0  # RSNA head slices 13–245 mm (nose to occiput); an adult chest or abdomen ≥ 280 mm wide
 HEAD_MIN_EXTENT_MM = 90.0  # a middle slice of an adult head is ≥ 120 mm; smaller ones are the vertex, or not a head

@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pydicom
 
-from .anatomy import CtSliceShape, dataset_shape
-from .errors import BadDicomError, StudyTooLargeError
-from .input_profile import image_statistics
-from .preprocessing import PreprocessingSpec, as_model_input, decode_cost, dicom_to_model_input, instance_bytes, read_dicom
+from cds_service.core.anatomy import CtSliceShape, dataset_shape
+from cds_service.core.errors import BadDicomError, StudyTooLargeError
+from cds_service.core.input_profile import image_statistics
+from cds_service.core.preprocessing import PreprocessingSpec, as_model_input, decode_cost, dicom_to_model_input, instance_bytes, read_dicom
 
 log = logging.getLogger(__name__)
 

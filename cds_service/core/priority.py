@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from .domain import Finding, Priority
+from cds_service.core.domain import Finding, Priority
 
 
 def suggest_priority(findings: Iterable[Finding], rules: Mapping[str, Priority]) -> Priority | None:
