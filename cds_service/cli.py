@@ -1,4 +1,4 @@
-"""`cds-triage`: the product's command line. Every subcommand is documented in the README.
+"""`cds-triage`: the product's command line. Every subcommand is documented in docs/cli.md.
 
 The errors it expects are one line on stderr, not a traceback: a bad setting, or a server named by a
 setting that cannot be reached or answers like something else, names the variable (`main`).
@@ -179,7 +179,7 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cds-triage", description="AI radiology triage for the EHR (FHIR R4, CDS Hooks, DICOMweb).",
-                                     epilog=EXIT_STATUSES + "\n\nSettings come from CDS_* environment variables (README, Settings).",
+                                     epilog=EXIT_STATUSES + "\n\nSettings come from CDS_* environment variables (docs/settings.md).",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)

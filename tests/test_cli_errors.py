@@ -215,9 +215,8 @@ def test_the_demo_takes_its_stable_port_when_free_and_says_when_it_cannot(capsys
     assert capsys.readouterr().out == ""
 
 
-def test_the_readme_command_section_documents_exit_statuses_version_and_port_0():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+def test_the_command_reference_documents_exit_statuses_version_and_port_0():
+    section = (REPO / "docs" / "cli.md").read_text()
     assert "cds-triage --version" in section and "--port 0" in section
     assert "Exit status" in section and "**2** a bad command line or setting" in section
 

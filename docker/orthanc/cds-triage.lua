@@ -13,7 +13,7 @@
 -- Keep this callback short. Orthanc holds its Lua lock while HttpPost waits, and every HTTP
 -- request to Orthanc (DICOMweb included) waits for that lock; the service therefore answers
 -- at once (202) and reads the study's headers from the PACS afterwards. A failed call is
--- logged here and not retried: re-send it with the same POST (see the README).
+-- logged here and not retried: re-send it with the same POST (see docs/operations.md).
 
 local function setting(key, env_name)
   local section = GetOrthancConfiguration()["CdsTriage"]
