@@ -58,10 +58,10 @@ from cds_devtools.demo import start_service, start_worker  # noqa: E402
 from cds_devtools.devservers import (free_port, make_dataset, start_fhir_server, start_orthanc,  # noqa: E402
                                      stopped_like_ctrl_c, upload_dicom)
 from cds_service.core.domain import Task  # noqa: E402
-from cds_service.fhir_client import FhirClient  # noqa: E402
+from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs.state import Job, JobState  # noqa: E402
 from cds_service.core.settings import Settings  # noqa: E402
-from cds_service.subscribe import ensure_subscription  # noqa: E402
+from cds_service.adapters.subscribe import ensure_subscription  # noqa: E402
 from cds_service.worker import build_deps  # noqa: E402
 from support import make_test_weights  # noqa: E402
 from triage_bench import (OVERLAPPED, new_order, STAGES, SUBSCRIPTION_SECRET, Order, StageClock, job_times,  # noqa: E402

@@ -58,11 +58,11 @@ from cds_devtools.demo import ServiceProcesses, start_service, start_worker  # n
 from cds_devtools.devservers import (free_port, make_dataset, start_fhir_server, start_orthanc,  # noqa: E402
                                      stopped_like_ctrl_c, upload_dicom)
 from cds_service.core.domain import Task  # noqa: E402
-from cds_service.fhir_client import FhirClient  # noqa: E402
+from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs.state import Job, JobState# noqa: E402
 from cds_service.core.models import ModelCard, card_path, load_model  # noqa: E402
 from cds_service.core.settings import Settings  # noqa: E402
-from cds_service.subscribe import ensure_subscription  # noqa: E402
+from cds_service.adapters.subscribe import ensure_subscription  # noqa: E402
 from cds_service.worker import build_deps  # noqa: E402
 from fhir_mappings.imaging_study import build_imaging_study  # noqa: E402
 from support import make_test_weights  # noqa: E402

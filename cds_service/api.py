@@ -23,7 +23,7 @@ from .jobs.state import Job, JobState, TriageRequest
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.core.models import task_modes
 from .ops import operator_refusal
-from .security import parse_json_body
+from cds_service.adapters.security import parse_json_body
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from fhir_mappings import codes
 from fhir_mappings.builders import is_fhir_id, reference_id, with_priority
 
 from .web_context import ctx, operation_outcome
-from .audit import AuditLog, Feedback
+from cds_service.adapters.audit import AuditLog, Feedback
 from cds_service.core.cards import (
                     DISCLAIMER,
                     ai_report_from_job,
@@ -46,23 +46,23 @@ from cds_service.core.cards import (
                 )
 from cds_service.core.domain import Priority, TaskMode
 from cds_service.core.errors import TriageError, UpstreamRejectedError
-from .fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from .jobs.state import Job, JobState, TriageRequest
 from .logs import hashed
 from cds_service.core.priority import parse_priority, raised_priority
-from .security import (
-    HookAuthError,
-    HookClient,
-    HookRateLimiter,
-    KeysUnavailableError,
-    TokenVerifier,
-    build_verifier,
-    enable_cors,
-    hooks_auth_enabled,
-    is_loopback_url,
-    parse_json_body,
-    split_list,
-)
+from cds_service.adapters.security import (
+                        HookAuthError,
+                        HookClient,
+                        HookRateLimiter,
+                        KeysUnavailableError,
+                        TokenVerifier,
+                        build_verifier,
+                        enable_cors,
+                        hooks_auth_enabled,
+                        is_loopback_url,
+                        parse_json_body,
+                        split_list,
+                    )
 from cds_service.core.settings import Settings
 
 log = logging.getLogger(__name__)

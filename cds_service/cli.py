@@ -47,7 +47,7 @@ def port_number(text: str) -> int:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from gunicorn.app.base import BaseApplication
 
-    from . import metrics
+    from cds_service.adapters import metrics
     from .app import create_app
 
     metrics.configure(settings.metrics_dir)  # before gunicorn forks: /metrics adds up every process
@@ -106,7 +106,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
-    from .subscribe import SubscriptionNotActiveError, ensure_subscription, wait_until_active
+    from cds_service.adapters.subscribe import SubscriptionNotActiveError, ensure_subscription, wait_until_active
 
     endpoint = args.endpoint or f"{settings.public_url.rstrip('/')}/fhir-notify"
     subscription_id, created = ensure_subscription(settings, endpoint)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import httpx
 
-from .fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from .jobs.state import BaseJobStore, Job, TriageRequest
 from cds_service.core.settings import Settings
 
@@ -28,7 +28,7 @@ class ServiceContext:
 
     def __post_init__(self) -> None:
         if self.fhir_auth is None:
-            from .smart_auth import fhir_auth
+            from cds_service.adapters.smart_auth import fhir_auth
 
             self.fhir_auth = fhir_auth(self.settings)
 

@@ -25,9 +25,9 @@ import httpx
 import requests
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from . import metrics
+from cds_service.adapters import metrics
 from .web_context import ctx, operation_outcome
-from .audit import open_write_back_trail
+from cds_service.adapters.audit import open_write_back_trail
 from .drift import drift_report
 from cds_service.core.errors import QueueUnavailableError
 from .jobs.queue import is_redis_url

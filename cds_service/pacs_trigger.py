@@ -49,10 +49,10 @@ from fhir_mappings.imaging_study import build_imaging_study, build_patient_from_
 from .context import ServiceContext
 from .web_context import ctx, operation_outcome
 from cds_service.core.errors import PermanentError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
-from .fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from .jobs.state import TriageRequest, backoff_delay
 from .jobs.queue import create_queue
-from .pacs import pacs_from_settings
+from cds_service.adapters.pacs import pacs_from_settings
 from cds_service.core.domain import UnknownPatientPolicy
 from cds_service.core.settings import Settings
 

@@ -24,17 +24,17 @@ from cds_service.core.anatomy import CtSliceShape, middle_slices
 from cds_service.core.decoding import DecodePool, PreparedSlice, decode_pool, measure_shape, prepare_slice
 from cds_service.core.domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
 from cds_service.core.errors import InvalidResourceError, ModelUnavailableError, UpstreamError
-from .fhir_client import FhirClient, VersionConflictError
+from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
 from cds_service.core.inference import score_stream
 from cds_service.core.input_profile import series_verdict
 from .jobs.state import Job, JobState
-from .metrics import observe_model_latency
+from cds_service.adapters.metrics import observe_model_latency
 from cds_service.core.models import ModelRegistry
-from .pacs import Pacs, positions_order
+from cds_service.adapters.pacs import Pacs, positions_order
 from cds_service.core.preprocessing import dicom_to_image, read_dicom
 from cds_service.core.priority import parse_priority, raised_priority
 from cds_service.core.routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
-from .secondary_capture import heatmap_to_pacs
+from cds_service.adapters.secondary_capture import heatmap_to_pacs
 from cds_service.core.settings import Settings
 from cds_service.core.triage import triage_scores
 

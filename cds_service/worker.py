@@ -19,8 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from . import metrics
-from .audit import open_write_back_trail, write_back_event
+from cds_service.adapters import metrics
+from cds_service.adapters.audit import open_write_back_trail, write_back_event
 from .drift import alarm_hook
 from cds_service.core.decoding import decode_pool
 from .jobs.state import BaseJobStore, Job, JobState
@@ -28,10 +28,10 @@ from .jobs.queue import Leases, consumer_delays, create_queue, open_job_store, r
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.core.domain import Task
 from cds_service.core.models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
-from .pacs import Pacs, pacs_from_settings
+from cds_service.adapters.pacs import Pacs, pacs_from_settings
 from .pipeline import PipelineDeps, run_triage
 from cds_service.core.settings import Settings
-from .smart_auth import fhir_auth, fhir_client
+from cds_service.adapters.smart_auth import fhir_auth, fhir_client
 
 log = logging.getLogger(__name__)
 

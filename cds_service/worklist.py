@@ -51,7 +51,7 @@ from cds_service.core.errors import InvalidResourceError, StudyNotFoundError, Tr
 from .jobs.state import Job, JobState
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.core.models import available_cards, ModelCard
-from .pacs import pacs_from_settings
+from cds_service.adapters.pacs import pacs_from_settings
 from .pipeline import dicomweb_url_for
 from cds_service.core.preprocessing import dicom_to_image, display_image
 from cds_service.core.settings import Settings

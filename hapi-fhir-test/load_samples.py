@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cds_devtools.demo import SAMPLES_DIR, describe_outcome, ehr_order, load_manifest, start_service, wait_for_jobs
 from cds_devtools.devservers import free_port, upload_dicom
-from cds_service.fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.settings import Settings
 
 

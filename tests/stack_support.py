@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 
 from cds_devtools.devservers import make_dataset, upload_dicom
-from cds_service.fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from fhir_mappings.imaging_study import build_imaging_study
 
 FINISHED = {"done", "failed", "not_applicable", "model_unavailable"}

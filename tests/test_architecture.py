@@ -6,7 +6,8 @@ Layers (docs/architecture.md):
   priority, preprocessing, decoding, inference, explain, triage, models, cards, settings, errors,
   evaluation statistics); it imports only itself and fhir_mappings (which may use only
   cds_service.core.domain and cds_service.core.errors);
-- adapters: the PACS, the FHIR server, SMART auth, the job store and queue, metrics, audit;
+- adapters (cds_service/adapters/): the PACS, the FHIR server, SMART auth and token checks, metrics,
+  audit; they never import the web layer or an entry point. The job store and queue: cds_service/jobs/;
 - web: the Flask app, its context and blueprints; entry points (cli, worker, pipeline, demo);
 - cds_training (training time) and cds_devtools (development servers, test data, the demo), never
   imported by the core; the runtime imports cds_devtools only where `cds-triage demo` runs (lazily).
@@ -23,6 +24,10 @@ PACKAGES = ("cds_service", "fhir_mappings", "cds_training", "cds_devtools")
 CORE = "cds_service.core"
 # what the core may import of ours: itself and the FHIR builders (and the package root, cds_service/__init__.py)
 CORE_MAY_USE = ("cds_service.core", "fhir_mappings")
+ADAPTERS = "cds_service.adapters"
+# the web layer, the entry points and the tools outside the runtime: never imported by an adapter
+NOT_FOR_THE_ADAPTERS = ("cds_service.web", "cds_service.cli", "cds_service.worker", "cds_service.pipeline",
+                        "cds_training", "cds_devtools")
 FHIR_MAPPINGS_MAY_USE = {"cds_service.core.domain", "cds_service.core.errors"}
 
 
@@ -117,6 +122,14 @@ def test_the_core_imports_no_adapter_web_training_or_dev_tool():
     assert {"cds_service.core.domain", "cds_service.core.settings", "cds_service.core.models"} <= core
     wrong = {module: sorted(t for t in graph[module] if t != "cds_service" and not in_package(t, CORE_MAY_USE))
              for module in core}
+    assert {module: targets for module, targets in wrong.items() if targets} == {}
+
+
+def test_the_adapters_import_no_web_entry_point_training_or_dev_tool():
+    graph = import_graph()
+    adapters = {module for module in graph if in_package(module, ADAPTERS)}
+    assert {"cds_service.adapters.pacs", "cds_service.adapters.fhir_client"} <= adapters
+    wrong = {module: sorted(t for t in graph[module] if in_package(t, NOT_FOR_THE_ADAPTERS)) for module in adapters}
     assert {module: targets for module, targets in wrong.items() if targets} == {}
 
 

@@ -15,7 +15,7 @@ from bad_inputs.corpus import EHR_CASES, FILE_CASES, HTTP_CASES, PACS_CASES, SEC
 from cds_devtools.demo import start_service
 from cds_devtools.devservers import free_port, upload_dicom
 from cds_service.core.domain import Task
-from cds_service.fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.local_triage import triage_paths
 from cds_service.core.settings import Settings
 from stack_support import SECRET, assert_triaged_once, ct_series, notify, order_study, wait_finished

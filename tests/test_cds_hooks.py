@@ -34,7 +34,7 @@ from cds_service.core.cards import (
      )
 from cds_service.cds_hooks import SERVICES, HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
 from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
-from cds_service.fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.jobs.state import JobState, TriageRequest
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.core.settings import DEFAULT_PRIORITY_RULES, Settings
@@ -479,7 +479,7 @@ def secured_product(orthanc, tmp_path_factory):
 
     from cds_devtools import devservers
     from cds_devtools.demo import start_service
-    from cds_service.smart_auth import public_jwk
+    from cds_service.adapters.smart_auth import public_jwk
     from conftest import require
     from support import make_test_weights
 
@@ -520,7 +520,7 @@ def test_hook_call_to_critical_patient_view_card_end_to_end(secured_product):
     import numpy as np
     import pydicom
 
-    from cds_service.audit import AuditLog
+    from cds_service.adapters.audit import AuditLog
     from cds_devtools.devservers import make_dataset, upload_dicom
     from fhir_mappings.imaging_study import build_imaging_study
 

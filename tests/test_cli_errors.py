@@ -122,7 +122,7 @@ def test_jobs_with_an_unreachable_redis_names_the_queue_setting(tmp_path):
 
 
 def test_an_error_not_about_a_setting_is_one_line_and_exit_1(monkeypatch, capsys):
-    from cds_service import subscribe
+    from cds_service.adapters import subscribe
     from cds_service.core.errors import UpstreamRejectedError
 
     def refused(settings, endpoint):

@@ -313,7 +313,7 @@ def test_healthz_still_answers_when_the_store_does_not(tmp_path, monkeypatch) ->
 def test_a_burst_of_raised_studies_trips_the_alarm_on_the_real_servers(orthanc, fhir_server, tmp_path) -> None:
     from cds_devtools.demo import start_service
     from cds_devtools.devservers import free_port
-    from cds_service.fhir_client import FhirClient
+    from cds_service.adapters.fhir_client import FhirClient
 
     port = free_port()
     settings = Settings(

@@ -155,10 +155,10 @@ def test_an_idle_worker_asks_a_sqlite_queue_every_20_ms_and_blocks_on_redis(tmp_
 def streamed_and_before(orthanc, fhir_server, tmp_path: Path, weights: Path, datasets: list[pydicom.Dataset],
                         **overrides):
     """run_triage's summary and overlay PNG, and the in-memory triage of the same slices by the code before."""
-    from cds_service.fhir_client import FhirClient
+    from cds_service.adapters.fhir_client import FhirClient
     from cds_service.jobs.state import JobState
     from cds_service.core.models import ModelRegistry
-    from cds_service.pacs import sort_slices
+    from cds_service.adapters.pacs import sort_slices
     from cds_service.pipeline import run_triage
     from cds_service.core.settings import Settings
     from cds_service.core.triage import triage_images

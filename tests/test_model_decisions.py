@@ -306,7 +306,7 @@ def test_fhir_ids_refuse_path_segments() -> None:
 def paging_client(pages: dict[str, dict], seen: list[str]):
     import httpx
 
-    from cds_service.fhir_client import FhirClient
+    from cds_service.adapters.fhir_client import FhirClient
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(f"{request.url.host}:{request.url.port}{request.url.path} auth={request.headers.get('Authorization')}")

@@ -8,7 +8,7 @@ import pytest
 
 from cds_devtools.devservers import make_dataset, upload_dicom
 from cds_service.core.domain import Series
-from cds_service.pacs import Pacs, PacsConfig, StudyNotInPacsError, StudyTooLargeError, slice_order, sort_slices
+from cds_service.adapters.pacs import Pacs, PacsConfig, StudyNotInPacsError, StudyTooLargeError, slice_order, sort_slices
 
 pytestmark = pytest.mark.integration
 

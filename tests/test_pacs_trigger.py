@@ -23,7 +23,7 @@ from cds_service.app import create_app
 from cds_devtools.demo import start_service
 from cds_service.core.domain import Task
 from cds_service.core.errors import StudyNotFoundError
-from cds_service.fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.pacs_trigger import (
     PACS_SECRET_HEADER,
     PatientMatchError,

@@ -14,10 +14,10 @@ import pytest
 
 from cds_devtools.devservers import make_dataset, upload_dicom
 from cds_service.core.domain import Task
-from cds_service.fhir_client import FhirClient
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.jobs.state import Job, JobState
 from cds_service.core.models import load_model
-from cds_service.pacs import sort_slices
+from cds_service.adapters.pacs import sort_slices
 from cds_service.pipeline import run_triage
 from cds_service.core.preprocessing import dicom_to_image
 from cds_service.core.settings import Settings

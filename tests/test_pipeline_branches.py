@@ -19,10 +19,10 @@ import pytest
 from cds_devtools.devservers import make_dataset
 from cds_service.core.domain import Series, Study, Task, TaskMode
 from cds_service.core.errors import UpstreamError
-from cds_service.fhir_client import FHIR_JSON, FhirClient
+from cds_service.adapters.fhir_client import FHIR_JSON, FhirClient
 from cds_service.jobs.state import Job, JobState
 from cds_service.core.models import ModelRegistry
-from cds_service.pacs import series_from_dataset
+from cds_service.adapters.pacs import series_from_dataset
 from cds_service.pipeline import PipelineDeps, run_triage
 from cds_service.core.settings import Settings
 from fhir_mappings.imaging_study import build_imaging_study

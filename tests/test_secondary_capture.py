@@ -14,17 +14,17 @@ from PIL import Image
 
 from cds_devtools.devservers import free_port, make_dataset, upload_dicom
 from cds_service.core.domain import Finding, Heatmap, ModelRef, Series, Task, TriageResult, TriageStatus
-from cds_service.fhir_client import FhirClient
-from cds_service.pacs import Pacs, PacsConfig
+from cds_service.adapters.fhir_client import FhirClient
+from cds_service.adapters.pacs import Pacs, PacsConfig
 from cds_service.core.routing import task_for_series
-from cds_service.secondary_capture import (
-    build_heatmap_capture,
-    capture_uids,
-    heatmap_to_pacs,
-    patient_orientation,
-    with_capture_reference,
-    StoredCapture,
-)
+from cds_service.adapters.secondary_capture import (
+             build_heatmap_capture,
+             capture_uids,
+             heatmap_to_pacs,
+             patient_orientation,
+             with_capture_reference,
+             StoredCapture,
+         )
 
 MODEL = ModelRef("test-untrained-head_ct_ich", "0.0.0-test")
 

@@ -21,7 +21,7 @@ from cds_service.app import create_app
 from cds_service.context import ServiceContext
 from cds_devtools.devservers import free_port
 from cds_service.jobs.sqlite_store import JobStore
-from cds_service.security import KeyRing, ReplayCache, json_depth, parse_json_body
+from cds_service.adapters.security import KeyRing, ReplayCache, json_depth, parse_json_body
 from cds_service.core.settings import Settings
 from hook_client import EhrSigner, hook_request
 

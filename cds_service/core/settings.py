@@ -221,7 +221,7 @@ class Settings:
     worklist_auth_header: str = field(default="X-Forwarded-User", metadata={"env": "WORKLIST_AUTH_HEADER"})
     worklist_bearer_token: str = field(default="", metadata={"env": "WORKLIST_BEARER_TOKEN", "secret": True})
 
-    # CDS Hooks: inbound JWT (see cds_service/security.py), CORS, limits, system actions.
+    # CDS Hooks: inbound JWT (see cds_service/adapters/security.py), CORS, limits, system actions.
     cds_hooks_auth: HooksAuth = field(default=HooksAuth.JWT, metadata={"env": "HOOKS_AUTH"})
     cds_hooks_issuers: str = field(default="", metadata={"env": "HOOKS_ISSUERS"})
     cds_hooks_jku_allowlist: str = field(default="", metadata={"env": "HOOKS_JKU_ALLOWLIST"})

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.exceptions import RetryTask
 
-from .. import metrics
+from cds_service.adapters import metrics
 from cds_service.core.errors import TransientError, TriageError
 from ..logs import hashed, log_context
 

@@ -36,8 +36,8 @@ from fhir_mappings import codes
 
 from cds_service.core.domain import DISCLAIMER, Heatmap, TriageResult
 from cds_service.core.errors import UpstreamError
-from .fhir_client import FhirClient, VersionConflictError
-from .pacs import Pacs
+from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
+from cds_service.adapters.pacs import Pacs
 
 log = logging.getLogger(__name__)
 

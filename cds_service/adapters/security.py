@@ -40,7 +40,7 @@ from limits import parse as parse_rate
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from .logs import hashed
+from cds_service.logs import hashed
 from cds_service.core.domain import HooksAuth
 from cds_service.core.settings import Settings
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-log = logging.getLogger("cds_service.audit")
+log = logging.getLogger("cds_service.audit")  # the audit stream's name, kept when the module moved
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_event (
@@ -160,7 +160,7 @@ WRITE_BACK = "write-back"
 def write_back_event(job_id: str, imaging_study_id: str, worker: str, fhir_base: str,
                      result: dict[str, Any], at: float | None = None) -> dict[str, Any]:
     """The audit record of one finished triage (pure: from the job's result summary)."""
-    from .logs import hashed
+    from cds_service.logs import hashed
 
     model = result.get("model") or {}
     return {

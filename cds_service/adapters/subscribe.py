@@ -17,7 +17,7 @@ import time
 from fhir_mappings.builders import SUBSCRIPTION_TAG, build_subscription
 
 from cds_service.core.settings import Settings
-from .smart_auth import fhir_auth, fhir_client
+from cds_service.adapters.smart_auth import fhir_auth, fhir_client
 
 
 def is_ours(subscription: dict, endpoint: str) -> bool:

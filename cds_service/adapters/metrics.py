@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:
     from cds_service.core.domain import Task
-    from .drift import TaskDrift
-    from .jobs.state import BaseJobStore
+    from cds_service.drift import TaskDrift
+    from cds_service.jobs.state import BaseJobStore
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -14,7 +14,7 @@ import httpx
 from fhir_mappings.builders import is_fhir_id
 
 from cds_service.core.errors import InvalidResourceError, StudyNotFoundError, UpstreamError, UpstreamRejectedError, is_retryable_status
-from .metrics import count_upstream_error
+from cds_service.adapters.metrics import count_upstream_error
 
 FHIR_JSON = "application/fhir+json"
 

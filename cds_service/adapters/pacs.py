@@ -19,7 +19,7 @@ from cds_service.core.domain import Series, Study
 from cds_service.core.errors import (BadDicomError, PermanentError, StudyNotFoundError, StudyTooLargeError, TransientError, TriageError,
                                      UpstreamError, UpstreamRejectedError, is_retryable_status)
 from cds_service.core.decoding import slice_position
-from .metrics import count_upstream_error
+from cds_service.adapters.metrics import count_upstream_error
 from cds_service.core.preprocessing import decode_cost, instance_bytes
 from cds_service.core.settings import Settings
 
