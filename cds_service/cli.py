@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from gunicorn.app.base import BaseApplication
 
     from cds_service.adapters import metrics
-    from .app import create_app
+    from cds_service.web.app import create_app
 
     metrics.configure(settings.metrics_dir)  # before gunicorn forks: /metrics adds up every process
 

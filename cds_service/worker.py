@@ -183,9 +183,9 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
                                 retry_base_s=settings.job_retry_delay_s, leases=leases,
                                 on_finished=audit_hook(settings, leases.worker), on_recorded=alarm_hook(store, settings))
     # Studies announced by the PACS (POST /pacs/studies) are resolved here, then queued as triage jobs.
-    from .context import ServiceContext
+    from cds_service.web.context import ServiceContext
     from cds_service.core.models import model_set_version
-    from .pacs_trigger import register_arrival_task
+    from cds_service.web.pacs_trigger import register_arrival_task
 
     register_arrival_task(huey, ServiceContext(settings=settings, store=store, enqueue=triage_job,
                                                model_set=model_set_version(settings.weights_dir)))

@@ -43,7 +43,7 @@ from fhir_mappings import codes
 from fhir_mappings.builders import (ai_priority_change, heatmap_source_instance, is_fhir_id, parse_fhir_datetime, reference_id,
                                      study_uid_from_imaging_study)
 
-from .web_context import ctx, operation_outcome
+from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.core.cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
 from cds_service.core.domain import DISCLAIMER, NEGATIVE_LABELS, TASK_LABELS, Task, WorklistAuth
 from .drift import drift_report

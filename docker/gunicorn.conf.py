@@ -1,6 +1,6 @@
 """gunicorn settings for the web process in a container (also runs as is outside one):
 
-    gunicorn --config docker/gunicorn.conf.py "cds_service.app:create_app()"
+    gunicorn --config docker/gunicorn.conf.py "cds_service.web.app:create_app()"
 
 The same server `cds-triage serve` embeds, in the form container platforms expect. The bind
 address comes from the service's settings (CDS_HOST, CDS_PORT); the number of worker

@@ -104,7 +104,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_scan_sees_function_level_and_type_checking_imports():
     graph = import_graph()
     assert "cds_service.jobs.state" in graph["cds_service.drift"]  # under TYPE_CHECKING
-    assert "cds_service.app" in graph["cds_service.cli"]  # inside a function
+    assert "cds_service.web.app" in graph["cds_service.cli"]  # inside a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

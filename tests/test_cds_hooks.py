@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from cds_service.app import create_app
-from cds_service.context import ServiceContext
+from cds_service.web.app import create_app
+from cds_service.web.context import ServiceContext
 from cds_service.core.cards import (
          AiReport,
          ReportedFinding,
@@ -32,7 +32,7 @@ from cds_service.core.cards import (
          report_card,
          severity,
      )
-from cds_service.cds_hooks import SERVICES, HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
+from cds_service.web.cds_hooks import SERVICES, HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
 from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.jobs.state import JobState, TriageRequest

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cds_service.app import create_app
-from cds_service.context import ServiceContext
+from cds_service.web.app import create_app
+from cds_service.web.context import ServiceContext
 from cds_service.core.domain import Task
 from cds_service.drift import (Band, alarm_hook, assess, band_for, check_alarm, expected_raised_share, operating_rates,
                                study_score, triaged)

@@ -28,8 +28,8 @@ import yaml
 import hapi_support
 from cds_service import cli
 from cds_service.adapters import subscribe
-from cds_service.app import create_app
-from cds_service.context import ServiceContext
+from cds_service.web.app import create_app
+from cds_service.web.context import ServiceContext
 from cds_service.core.errors import UpstreamRejectedError
 from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
 from cds_service.jobs.sqlite_store import JobStore

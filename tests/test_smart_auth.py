@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cds_devtools import devservers
-from cds_service.context import ServiceContext
+from cds_service.web.context import ServiceContext
 from cds_service.core.errors import UpstreamError, UpstreamRejectedError
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.jobs.sqlite_store import JobStore

@@ -19,8 +19,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_service.app import create_app
-from cds_service.context import ServiceContext
+from cds_service.web.app import create_app
+from cds_service.web.context import ServiceContext
 from cds_service.cli import build_parser, main
 from cds_devtools.devservers import make_dataset
 from cds_service.core.domain import OrderContext, Task

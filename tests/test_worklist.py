@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cds_service.app import create_app
-from cds_service.context import ServiceContext
+from cds_service.web.app import create_app
+from cds_service.web.context import ServiceContext
 from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
 from cds_devtools.devservers import free_port
 from cds_service.jobs.state import Job, JobState

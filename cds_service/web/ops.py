@@ -26,12 +26,12 @@ import requests
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from cds_service.adapters import metrics
-from .web_context import ctx, operation_outcome
+from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.adapters.audit import open_write_back_trail
-from .drift import drift_report
+from cds_service.drift import drift_report
 from cds_service.core.errors import QueueUnavailableError
-from .jobs.queue import is_redis_url
-from .logs import hashed
+from cds_service.jobs.queue import is_redis_url
+from cds_service.logs import hashed
 from cds_service.core.models import available_cards
 from cds_service.core.settings import Settings
 

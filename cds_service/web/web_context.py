@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import current_app, jsonify
 
-from .context import ServiceContext
+from cds_service.web.context import ServiceContext
 
 
 def ctx() -> ServiceContext:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import httpx
 
 from cds_service.adapters.fhir_client import FhirClient
-from .jobs.state import BaseJobStore, Job, TriageRequest
+from cds_service.jobs.state import BaseJobStore, Job, TriageRequest
 from cds_service.core.settings import Settings
 
 

@@ -7,18 +7,21 @@ process (`cds-triage worker`) does the inference.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
-from .context import ServiceContext
-from .jobs.queue import create_queue, open_job_store, register_triage_task
+from cds_service.web.context import ServiceContext
+from cds_service.jobs.queue import create_queue, open_job_store, register_triage_task
 from cds_service.core.models import model_set_version
 from cds_service.core.settings import Settings
-from .web_context import operation_outcome
+from cds_service.web.web_context import operation_outcome
 
 log = logging.getLogger(__name__)
+# the pages' templates and static files stay in cds_service/templates and cds_service/static
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def build_context(settings: Settings) -> ServiceContext:
@@ -37,15 +40,15 @@ def _no_runner() -> Any:
 def create_app(settings: Settings | None = None, context: ServiceContext | None = None) -> Flask:
     """The WSGI app: `cds-triage serve` runs it under gunicorn."""
     settings = settings or Settings.from_env()
-    app = Flask(__name__)
+    app = Flask(__name__, template_folder=PACKAGE_DIR / "templates", static_folder=PACKAGE_DIR / "static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["cds_triage"] = context or build_context(settings)
 
-    from .api import api
-    from .cds_hooks import register_cds_hooks
-    from .ops import ops
-    from .pacs_trigger import pacs_trigger
-    from .worklist import worklist
+    from cds_service.web.api import api
+    from cds_service.web.cds_hooks import register_cds_hooks
+    from cds_service.web.ops import ops
+    from cds_service.web.pacs_trigger import pacs_trigger
+    from cds_service.worklist import worklist
 
     app.register_blueprint(api)
     register_cds_hooks(app, settings)  # CDS Hooks behind their JWT check (security.py)

@@ -16,13 +16,13 @@ from flask import Blueprint, jsonify, request
 
 from fhir_mappings.builders import is_fhir_id
 
-from .web_context import ctx, operation_outcome
-from .drift import drift_report
+from cds_service.web.web_context import ctx, operation_outcome
+from cds_service.drift import drift_report
 from cds_service.core.errors import TriageError
-from .jobs.state import Job, JobState, TriageRequest
+from cds_service.jobs.state import Job, JobState, TriageRequest
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.core.models import task_modes
-from .ops import operator_refusal
+from cds_service.web.ops import operator_refusal
 from cds_service.adapters.security import parse_json_body
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from fhir_mappings import codes
 from fhir_mappings.builders import is_fhir_id, reference_id, with_priority
 
-from .web_context import ctx, operation_outcome
+from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.adapters.audit import AuditLog, Feedback
 from cds_service.core.cards import (
                     DISCLAIMER,
@@ -47,8 +47,8 @@ from cds_service.core.cards import (
 from cds_service.core.domain import Priority, TaskMode
 from cds_service.core.errors import TriageError, UpstreamRejectedError
 from cds_service.adapters.fhir_client import FhirClient
-from .jobs.state import Job, JobState, TriageRequest
-from .logs import hashed
+from cds_service.jobs.state import Job, JobState, TriageRequest
+from cds_service.logs import hashed
 from cds_service.core.priority import parse_priority, raised_priority
 from cds_service.adapters.security import (
                         HookAuthError,
