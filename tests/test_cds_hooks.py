@@ -32,7 +32,8 @@ from cds_service.core.cards import (
          report_card,
          severity,
      )
-from cds_service.web.cds_hooks import SERVICES, HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
+from cds_service.web.cds_hooks.calls import HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
+from cds_service.web.cds_hooks.services import SERVICES
 from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.jobs.state import JobState, TriageRequest

@@ -34,7 +34,7 @@ import pydicom
 import pytest
 
 import hapi_support
-from cds_service.web.cds_hooks import render_query
+from cds_service.web.cds_hooks.calls import render_query
 from cds_devtools.demo import start_service
 from cds_devtools.devservers import free_port, make_dataset, upload_dicom
 from cds_service.core.domain import Finding, ModelRef, Priority, Task, TriageResult, TriageStatus

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cds_service.web.api import imaging_study_ids
-from cds_service.web.cds_hooks import SERVICES, HookCallError, parse_hook_call
+from cds_service.web.cds_hooks.calls import HookCallError, parse_hook_call
+from cds_service.web.cds_hooks.services import SERVICES
 from cds_service.core.errors import BadDicomError
 from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, read_dicom
 

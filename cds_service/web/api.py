@@ -1,7 +1,7 @@
 """HTTP triggers and job status: the Subscription endpoint, /jobs, /healthz.
 
 Every trigger ends in `ServiceContext.submit`, so a rest-hook notification and a CDS Hooks
-call (cds_hooks.py) for the same study become the same job.
+call (cds_hooks/) for the same study become the same job.
 """
 
 from __future__ import annotations

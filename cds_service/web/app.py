@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.extensions["cds_triage"] = context or build_context(settings)
 
     from cds_service.web.api import api
-    from cds_service.web.cds_hooks import register_cds_hooks
+    from cds_service.web.cds_hooks.routes import register_cds_hooks
     from cds_service.web.ops import ops
     from cds_service.web.pacs_trigger import pacs_trigger
     from cds_service.worklist import worklist
