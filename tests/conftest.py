@@ -14,10 +14,11 @@ from typing import Iterator
 
 import pytest
 
+import cds_service
 import hapi_support
 from cds_devtools import devservers
 
-SAMPLES_DIR = Path(devservers.__file__).resolve().parent / "samples"
+SAMPLES_DIR = Path(cds_service.__file__).resolve().parent / "samples"
 
 
 def require(condition: object, reason: str) -> None:
