@@ -148,7 +148,7 @@ def _refile_rsna(name: str, study: dict, path: Path, i: int, when: datetime) -> 
     sop_uid = str(ds.file_meta.MediaStorageSOPInstanceUID)
     if not UID(sop_uid).is_valid:
         sop_uid = uid(name, "instance", i)
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
     ds.SOPClassUID = CT_IMAGE_STORAGE
     ds.SOPInstanceUID = sop_uid

@@ -23,8 +23,10 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from decimal import Decimal
+from typing import Any, TypeVar
 
+from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.attachment import Attachment
 from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
 from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -179,7 +181,7 @@ def _based_on(ctx: OrderContext) -> list[Reference] | None:
 def _probability(value: float) -> Quantity:
     """A 0-1 probability as a UCUM unity quantity (see codes.UCUM_UNITY for why not %)."""
     return Quantity(
-        value=round(float(value), 4),
+        value=Decimal(str(round(float(value), 4))),  # the decimal pydantic made of the rounded float before
         unit=codes.UCUM_UNITY,
         system=codes.UCUM_SYSTEM,
         code=codes.UCUM_UNITY,
@@ -190,6 +192,23 @@ def _require_timezone(issued: datetime) -> None:
     # FHIR instants must carry a zone; a naive datetime would be read as server-local time.
     if issued.tzinfo is None or issued.utcoffset() is None:
         raise ValueError("issued must be timezone-aware (e.g. datetime.now(timezone.utc))")
+
+
+_T = TypeVar("_T")
+
+
+def _first(items: list[_T] | None) -> _T:
+    """The first of a list our builders always fill (an identifier, a tag)."""
+    if not items:
+        raise ValueError("a resource built here lacks the identifier or tag it always gets")
+    return items[0]
+
+
+def _task_of(result: TriageResult) -> Task:
+    """The task of a result that has FHIR resources (a done triage always names its task)."""
+    if result.task is None:
+        raise ValueError("a triage result without a task has no FHIR resources")
+    return result.task
 
 
 def _task_value(task: Task | str) -> str:
@@ -224,7 +243,7 @@ def build_device(model: ModelRef, task: Task | str) -> Device:
         deviceName=[DeviceDeviceName(name=model.name, type="model-name")],
         version=[DeviceVersion(value=model.version)],
         type=CodeableConcept(text=f"AI triage classifier ({_task_value(task)})"),
-        note=[{"text": "Software model of the cds-triage service. Its outputs are " + AI_DISCLAIMER}],
+        note=[Annotation(text="Software model of the cds-triage service. Its outputs are " + AI_DISCLAIMER)],
     )
 
 
@@ -261,7 +280,7 @@ def build_observation(
 
     return Observation(
         meta=_ai_asserted_meta(result.mode),
-        identifier=[result_identifier(result.study_uid, result.task, model.version,
+        identifier=[result_identifier(result.study_uid, _task_of(result), model.version,
                                       f"observation-{finding.label}")],
         basedOn=_based_on(ctx),
         status="preliminary",
@@ -281,7 +300,7 @@ def build_observation(
         issued=issued,
         valueQuantity=_probability(finding.probability),
         interpretation=interpretation,
-        note=[{"text": note}],
+        note=[Annotation(text=note)],
         method=_threshold_method(finding, source),
         device=_ref(device_reference, f"{model.name} {model.version}"),
         derivedFrom=[_imaging_study(ctx)],
@@ -353,7 +372,7 @@ def build_media(
     )
     return Media(
         meta=_ai_asserted_meta(result.mode),
-        identifier=[result_identifier(result.study_uid, result.task, model.version, "media")],
+        identifier=[result_identifier(result.study_uid, _task_of(result), model.version, "media")],
         basedOn=_based_on(ctx),
         status="completed",
         type=CodeableConcept(
@@ -374,11 +393,11 @@ def build_media(
         height=heatmap.height if heatmap.height > 0 else None,
         content=Attachment(
             contentType="image/png",
-            data=base64.b64encode(heatmap.png).decode("ascii"),
+            data=base64.b64encode(heatmap.png),
             size=len(heatmap.png),
             title=f"Grad-CAM heatmap: {display}, {where}",
         ),
-        note=[{"text": note}],
+        note=[Annotation(text=note)],
     )
 
 
@@ -467,7 +486,7 @@ def build_diagnostic_report(
         ]
     return DiagnosticReport(
         meta=_ai_asserted_meta(result.mode),
-        identifier=[result_identifier(result.study_uid, result.task, model.version, "report")],
+        identifier=[result_identifier(result.study_uid, _task_of(result), model.version, "report")],
         basedOn=_based_on(ctx),
         status="preliminary",
         category=[
@@ -519,7 +538,7 @@ def build_provenance(
     if not target_references:
         raise ValueError("a Provenance needs at least one target")
     model = _require_done(result)
-    tag_code = result_identifier(result.study_uid, result.task, model.version, "provenance").value
+    tag_code = result_identifier(result.study_uid, _task_of(result), model.version, "provenance").value
     return Provenance(
         meta=Meta(tag=[Coding(system=codes.PROVENANCE_TAG_SYSTEM, code=tag_code)]),
         target=[_ref(r) for r in target_references],
@@ -603,8 +622,8 @@ def build_triage_transaction(
 
     entries: list[BundleEntry] = []
 
-    device = build_device(model, result.task)
-    device_id = device.identifier[0]
+    device = build_device(model, _task_of(result))
+    device_id = _first(device.identifier)
     device_url = full_url(device_id)
     entries.append(_entry(device, device_url, identifier_query(device_id)))
 
@@ -615,15 +634,17 @@ def build_triage_transaction(
         observation = build_observation(
             ctx, result, finding, device_reference=device_url, issued=issued
         )
-        url = full_url(observation.identifier[0])
+        observation_id = _first(observation.identifier)
+        url = full_url(observation_id)
         observation_urls.append(url)
-        entries.append(_entry(observation, url, identifier_query(observation.identifier[0])))
+        entries.append(_entry(observation, url, identifier_query(observation_id)))
 
     media_url: str | None = None
     if result.heatmap is not None:
         media = build_media(ctx, result, device_reference=device_url, issued=issued)
-        media_url = full_url(media.identifier[0])
-        entries.append(_entry(media, media_url, identifier_query(media.identifier[0])))
+        media_id = _first(media.identifier)
+        media_url = full_url(media_id)
+        entries.append(_entry(media, media_url, identifier_query(media_id)))
 
     report = build_diagnostic_report(
         ctx,
@@ -633,14 +654,15 @@ def build_triage_transaction(
         issued=issued,
         worklist_url=worklist_url,
     )
-    report_url = full_url(report.identifier[0])
-    entries.append(_entry(report, report_url, identifier_query(report.identifier[0])))
+    report_id = _first(report.identifier)
+    report_url = full_url(report_id)
+    entries.append(_entry(report, report_url, identifier_query(report_id)))
 
     targets = observation_urls + ([media_url] if media_url else []) + [report_url]
     provenance = build_provenance(
         ctx, result, target_references=targets, device_reference=device_url, issued=issued
     )
-    tag = provenance.meta.tag[0]
+    tag = _first(provenance.meta.tag if provenance.meta else None)
     entries.append(
         _entry(provenance, f"urn:uuid:{tag.code}", f"_tag={tag.system}|{tag.code}")
     )
@@ -668,7 +690,7 @@ def build_subscription(
     """
     if not endpoint.startswith(("http://", "https://")):
         raise ValueError(f"subscription endpoint must be an http(s) URL, got {endpoint!r}")
-    headers = None
+    headers: list[str | None] | None = None
     if header_secret is not None:
         if not header_secret.strip() or any(c in header_secret for c in "\r\n"):
             raise ValueError("header secret must be non-empty and contain no line breaks")

@@ -7,6 +7,7 @@ the PACS before any ImagingStudy exists. Only header fields are read (no pixels)
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import date
 from typing import Any, Sequence
 
 from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -81,7 +82,7 @@ def build_imaging_study(
             ],
         ))
     first = datasets[0]
-    modalities = sorted({s.modality.code for s in series})
+    modalities = sorted({code for s in series if (code := s.modality.code)})  # each series has one ("OT" at least)
     identifiers = [Identifier(system=codes.DICOM_UID_SYSTEM, value=f"{codes.URN_OID_PREFIX}{study_uids.pop()}")]
     if accession := _text(first, "AccessionNumber"):
         identifiers.append(Identifier(
@@ -119,5 +120,5 @@ def build_patient_from_dicom(ds: Any, *, identifier_system: str) -> Patient:
         identifier=[Identifier(system=identifier_system, value=patient_id)],
         name=[name] if name else None,
         gender=_GENDER.get(_text(ds, "PatientSex").upper(), "unknown"),
-        birthDate=f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if len(birth) == 8 and birth.isdigit() else None,
+        birthDate=date.fromisoformat(f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}") if len(birth) == 8 and birth.isdigit() else None,
     )

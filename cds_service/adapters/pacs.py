@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import pydicom
 import requests
@@ -75,7 +75,7 @@ def require_complete_multipart(response: requests.Response, *args: Any, **kwargs
     if media_type.strip().lower() != "multipart/related" or not boundary:
         return response
     closing_delimiter = b"--" + boundary.encode() + b"--"
-    stream = response.iter_content
+    stream: Callable[..., Iterator[bytes]] = response.iter_content  # read as bytes: the tail below is bytes
 
     def checked(chunk_size: int | None = 1, decode_unicode: bool = False) -> Any:
         tail = b""

@@ -130,7 +130,7 @@ def build_heatmap_capture(source: pydicom.Dataset, heatmap: Heatmap, *, task: st
         software_versions=model_version[:64],
     )
     if orientation is None:
-        capture.PatientOrientation = ""  # Type 2C: present, empty when the source does not say
+        capture["PatientOrientation"].value = ""  # Type 2C: present, empty when the source does not say
     for keyword in ("StudyDescription", "IssuerOfPatientID", "BodyPartExamined", "Laterality"):
         if keyword in source:
             setattr(capture, keyword, getattr(source, keyword))

@@ -89,14 +89,14 @@ def ct_slice_shape(hu: np.ndarray, spacing_mm: tuple[float, float]) -> CtSliceSh
     body = np.ascontiguousarray(hu > BODY_HU, dtype=np.uint8)
     # An opening of about 7 mm cuts the thin table and head holder off the body (they touch it).
     size = max(3, int(round(TABLE_CUT_MM / min(spacing_mm))) | 1)
-    body = cv2.morphologyEx(body, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
-    contours, _ = cv2.findContours(body, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    opened = cv2.morphologyEx(body, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+    contours, _ = cv2.findContours(opened, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
     outline = max(contours, key=cv2.contourArea)
     if cv2.contourArea(outline) < 100:
         return None
-    filled = np.zeros_like(body)
+    filled = np.zeros_like(opened)
     cv2.drawContours(filled, [outline], -1, 1, thickness=-1)
     inside = filled.astype(bool)
     left, top, width, height = cv2.boundingRect(outline)

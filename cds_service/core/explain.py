@@ -75,10 +75,12 @@ def refined_class_activation_map(model: LoadedModel, image: np.ndarray, label_in
     shifted = [np.pad(base, ((0, dy), (0, dx), (0, 0)), mode="edge")[dy:, dx:]
                for dy, dx in ((0, half), (half, 0), (half, half))]
     if features is None:
-        _, maps = model.predict_with_features(to_batch([base, *shifted], spec))
-        features, more = maps[0], maps[1:]
+        scored = _feature_maps(model, to_batch([base, *shifted], spec))
+        features, more = scored[0], scored[1:]
     else:
-        _, more = model.predict_with_features(to_batch(shifted, spec))
+        more = _feature_maps(model, to_batch(shifted, spec))
+    if model.cam_weights is None:
+        raise ValueError(f"{model.card.task.value}: no classifier weights for Grad-CAM from feature maps")
     weights = model.cam_weights[label_index]
     maps = [raw_cam(features, weights)] + [raw_cam(m, weights) for m in more]
     height, width = maps[0].shape
@@ -92,6 +94,14 @@ def refined_class_activation_map(model: LoadedModel, image: np.ndarray, label_in
     return np.clip(_scaled_to_unit(scaled), 0.0, 1.0)
 
 
+def _feature_maps(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
+    """The last feature maps of a batch (N x C x h x w): a model that gives none cannot refine a map."""
+    _, maps = model.predict_with_features(batch)
+    if maps is None:
+        raise ValueError(f"{model.card.task.value}: no feature maps from this model, so no refined Grad-CAM")
+    return maps
+
+
 def _scaled_to_unit(cam: np.ndarray, size: int | None = None) -> np.ndarray:
     """pytorch-grad-cam's scale_cam_image for one map: min to 0, max to 1, resized (bilinear).
 
@@ -102,7 +112,8 @@ def _scaled_to_unit(cam: np.ndarray, size: int | None = None) -> np.ndarray:
 
     cam = cam - np.min(cam)
     cam = cam / (1e-7 + np.max(cam))
-    return np.float32(cv2.resize(np.float32(cam), (size, size)) if size is not None else cam)
+    unit = cam.astype(np.float32)
+    return np.asarray(cv2.resize(unit, (size, size)), dtype=np.float32) if size is not None else unit
 
 
 def jet_overlay(background: np.ndarray, mask: np.ndarray, image_weight: float) -> np.ndarray:
@@ -110,9 +121,9 @@ def jet_overlay(background: np.ndarray, mask: np.ndarray, image_weight: float) -
     in [0, 1], as uint8 RGB. Restated for the same reason as `_scaled_to_unit` (tested equal)."""
     import cv2
 
-    heatmap = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * mask), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    heatmap = cv2.cvtColor(cv2.applyColorMap((255 * mask).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     blend = (1 - image_weight) * (np.float32(heatmap) / 255) + image_weight * background
-    return np.uint8(255 * (blend / np.max(blend)))
+    return (255 * (blend / np.max(blend))).astype(np.uint8)
 
 
 def overlay_size(image: np.ndarray) -> int:

@@ -343,7 +343,8 @@ def export_onnx(network: Any, card: ModelCard) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
-        torch.onnx.export(module.eval().cpu(), (torch.zeros(1, 3, size, size),), buffer,
+        # a file-like object is documented for `f`; torch's annotation names paths only
+        torch.onnx.export(module.eval().cpu(), (torch.zeros(1, 3, size, size),), buffer,  # type: ignore[arg-type]
                           input_names=["image"], output_names=outputs, opset_version=17, dynamo=False,
                           dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]})
     return buffer.getvalue()

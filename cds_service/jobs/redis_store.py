@@ -31,8 +31,10 @@ class RedisJobStore(BaseJobStore):
         self.url = url
         self.prefix = prefix
         self._errors = (redis.RedisError,)
-        self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                          decode_responses=True, health_check_interval=30)
+        # Any: redis-py's annotations cannot say that decode_responses=True answers str, never bytes, nor
+        # that transaction(value_from_callable=True) returns what the callable returns
+        self.redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                               decode_responses=True, health_check_interval=30)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
