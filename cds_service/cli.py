@@ -136,7 +136,7 @@ def _triage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _validate(args: argparse.Namespace, settings: Settings) -> int:
-    from .validate import run_validate
+    from cds_service.validate.command import run_validate
 
     return run_validate(args, settings)
 
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(<file>_<label>.png, <folder>_<series uid>_<label>.png)")
     p.set_defaults(func=_triage)
 
-    from .validate import add_validate_arguments
+    from cds_service.validate.command import add_validate_arguments
 
     p = sub.add_parser("validate", help="measure a model on this site's own labelled studies (AUC, operating points, "
                        "calibration, HTML report) and optionally write site thresholds (CDS_SITE_THRESHOLDS)")

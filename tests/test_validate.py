@@ -31,7 +31,8 @@ from cds_service.local_triage import collect_inputs, triage_input
 from cds_service.core.models import ModelCard, ModelRegistry
 from cds_service.core.settings import Settings
 from cds_service.core.site_thresholds import FORMAT
-from cds_service.validate import LabelsError, match_units, read_labels, run_validate
+from cds_service.validate.command import run_validate
+from cds_service.validate.labels import LabelsError, match_units, read_labels
 from cds_service.worklist import model_card_summary
 from fhir_mappings import codes
 from fhir_mappings.builders import build_observation
