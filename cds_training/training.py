@@ -71,7 +71,8 @@ from cds_service.core.evaluation import (
          metrics_with_ci,
          write_plots,
      )
-from cds_service.core.models import ARCHITECTURE, ARCHITECTURES, LoadedModel, PoolingMethod, SeriesPooling, card_path, create_network, load_model, weights_path
+from cds_service.core.model_cards import ARCHITECTURE, ARCHITECTURES, PoolingMethod, SeriesPooling, card_path, weights_path
+from cds_service.core.models import LoadedModel, create_network, load_model
 from cds_service.core.input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
 from cds_service.core.preprocessing import PreprocessingSpec, resize, to_batch
 
@@ -211,6 +212,8 @@ class TrainConfig:
     # exponential moving average of the weights, per optimiser step (0 = off): on a few hundred images the
     # weights of one epoch are noisy; the average is what is validated, kept and shipped
     ema_decay: float = 0.0
+    # stochastic depth: each residual block skipped with a probability rising to this rate with depth (0 = off)
+    drop_path_rate: float = 0.0
     seed: int = 42
     patience: int = 6
     device: str = "cpu"
@@ -364,6 +367,23 @@ def build_network(num_labels: int, drop_rate: float, init_from: Path | None,
     return network.to(memory_format=torch.channels_last), sorted(set(skipped))
 
 
+def add_stochastic_depth(network: Any, rate: float) -> int:
+    """timm's `drop_path_rate`, set on a created network: block i of n is skipped with probability
+    rate * i / n during training (an identity in eval, so the service's network needs nothing).
+    Returns the number of residual blocks that got it."""
+    from timm.layers import DropPath
+
+    if rate <= 0:
+        return 0
+    blocks = [block for stage in network.blocks for block in stage]
+    changed = 0
+    for i, block in enumerate(blocks):
+        if getattr(block, "has_skip", False) and hasattr(block, "drop_path"):
+            block.drop_path = DropPath(rate * i / len(blocks)).train(block.training)
+            changed += 1
+    return changed
+
+
 def network_probs(network: Any, x: np.ndarray, activation: str, device: str, batch_size: int = 128) -> np.ndarray:
     """Probabilities of an in-training network on preprocessed inputs (eval mode)."""
     import torch
@@ -508,6 +528,7 @@ def train(config: TrainConfig) -> TrainResult:
     sample_weights = torch.tensor([1.0 / counts[k] for k in strata], dtype=torch.double)  # class-balanced
 
     network, skipped = build_network(len(labels), config.drop_rate, config.init_from, config.architecture)
+    add_stochastic_depth(network, config.drop_path_rate)
     if config.init_from is not None:
         _log(f"initialised from {config.init_from}; re-initialised: {', '.join(skipped) or 'nothing'}")
     imagenet: dict[str, Any] | None = None
@@ -777,7 +798,7 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
     card = _card(config, default_spec(task, config.image_size), setup, tuple(old["trained_labels"]), old["thresholds"], {},
                  {key: old[key] for key in ("size_only_baseline",) if key in old}, keep, train_set, val_set, test_set, resolved)
     card["training"].update({k: v for k, v in keep.items() if k not in card["training"]})
-    for key in ("optimizer", "schedule", "loss", "dropout", "weight_average", "sampling", "augmentation"):
+    for key in ("optimizer", "schedule", "loss", "dropout", "stochastic_depth", "weight_average", "sampling", "augmentation"):
         card["training"][key] = training.get(key, card["training"][key])  # what the run used, not today's defaults
     card["weights_sha256"] = old["weights_sha256"]
     if "input_check" in old:  # measured by `input-profile`, not by training
@@ -1144,6 +1165,8 @@ def _card(
             else "binary cross-entropy masked to trained labels with known truth",
             "dropout": config.drop_rate,
             "sampling": "class-balanced (inverse class frequency, with replacement)",
+            **({"stochastic_depth": f"residual blocks skipped with a probability rising with depth to {config.drop_path_rate}"}
+               if config.drop_path_rate > 0 else {}),
             **({"weight_average": f"exponential moving average of the weights, decay {config.ema_decay} per step; the average is validated and shipped"}
                if config.ema_decay > 0 else {}),
             "augmentation": asdict(setup.augmentation),
@@ -1313,6 +1336,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--drop-path", type=float, default=0.0, dest="drop_path_rate",
+                        help="stochastic depth: the deepest residual block's skip probability (e.g. 0.2); 0 = off")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--ema", type=float, default=0.0, dest="ema_decay",
                         help="exponential moving average of the weights, decay per step (e.g. 0.97); 0 = off")
@@ -1353,6 +1378,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         val_fraction=args.val_fraction,
         ema_decay=args.ema_decay,
+        drop_path_rate=args.drop_path_rate,
         patience=args.patience,
         device=args.device,
         init_from=args.init_from,

@@ -276,6 +276,24 @@ def test_weight_average_is_what_is_validated_and_shipped(tmp_path: Path) -> None
     assert [row["epoch"] for row in resumed.history] == [1, 2]
 
 
+def test_stochastic_depth_only_while_training() -> None:
+    import torch
+    from cds_service.core.models import create_network
+    from cds_training.training import add_stochastic_depth
+
+    network = create_network(2, "tf_efficientnet_b0")
+    x = torch.rand(2, 3, SIZE, SIZE)
+    network.eval()
+    before = network(x)
+    assert add_stochastic_depth(network, 0.5) >= 8  # B0 has nine residual blocks with a skip
+    assert torch.equal(network(x), before)  # eval: identity
+    network.train()
+    torch.manual_seed(0)
+    first = network(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, network(x))  # training: blocks dropped at random
+
+
 def test_chest_augmentation_never_flips_left_right() -> None:
     import torch
 
