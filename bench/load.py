@@ -42,7 +42,7 @@ from cds_devtools import devservers  # noqa: E402
 from cds_devtools.demo import start_service  # noqa: E402
 from cds_service.core.domain import Task  # noqa: E402
 from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
-from cds_service.core.models import available_cards  # noqa: E402
+from cds_service.core.model_cards import available_cards  # noqa: E402
 from cds_service.core.settings import Settings  # noqa: E402
 
 SECRET = "bench-secret"

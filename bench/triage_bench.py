@@ -60,7 +60,8 @@ from cds_devtools.devservers import (free_port, make_dataset, start_fhir_server,
 from cds_service.core.domain import Task  # noqa: E402
 from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs.state import Job, JobState# noqa: E402
-from cds_service.core.models import ModelCard, card_path, load_model  # noqa: E402
+from cds_service.core.model_cards import ModelCard, card_path  # noqa: E402
+from cds_service.core.models import load_model  # noqa: E402
 from cds_service.core.settings import Settings  # noqa: E402
 from cds_service.adapters.subscribe import ensure_subscription  # noqa: E402
 from cds_service.worker import build_deps  # noqa: E402

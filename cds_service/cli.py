@@ -96,7 +96,8 @@ def _prepare_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _export(args: argparse.Namespace, settings: Settings) -> int:
-    from cds_service.core.models import available_cards, write_shipped_graph
+    from cds_service.core.model_cards import available_cards
+    from cds_service.core.onnx_graphs import write_shipped_graph
 
     cards = available_cards(settings.weights_dir)
     for task in [Task(value) for value in args.task] if args.task else list(cards):

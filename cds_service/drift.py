@@ -31,7 +31,7 @@ from cds_service.core.evaluation import wilson_interval
 
 if TYPE_CHECKING:
     from .jobs.state import BaseJobStore, Job, JobState
-    from cds_service.core.models import ModelCard
+    from cds_service.core.model_cards import ModelCard
     from cds_service.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ def task_drift(store: "BaseJobStore", settings: "Settings", task: Task, card: "M
 
 def drift_report(store: "BaseJobStore", settings: "Settings") -> dict[Task, TaskDrift]:
     """Every task with a model (card and weights) here. Raises QueueUnavailableError with the store."""
-    from cds_service.core.models import available_cards
+    from cds_service.core.model_cards import available_cards
 
     cards = available_cards(settings.weights_dir)
     return {task: task_drift(store, settings, task, card) for task, card in cards.items()}
@@ -287,7 +287,7 @@ def check_alarm(store: "BaseJobStore", settings: "Settings", task: Task) -> Task
     The alarm's state is a flag in the shared job store, swapped atomically, so of several workers
     finishing jobs at once exactly one logs each change.
     """
-    from cds_service.core.models import available_cards
+    from cds_service.core.model_cards import available_cards
 
     drift = task_drift(store, settings, task, available_cards(settings.weights_dir).get(task))
     before = store.swap_flag(f"drift-alarm:{task.value}", drift.state if drift.alarm else "off")

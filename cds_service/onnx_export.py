@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from cds_service.core.domain import Task
-from cds_service.core.models import ONNX_MAX_DEVIATION, export_onnx, load_model, onnx_deviation, open_session
+from cds_service.core.models import export_onnx, load_model, onnx_deviation, open_session
+from cds_service.core.onnx_graphs import ONNX_MAX_DEVIATION
 
 
 def main(argv: Sequence[str] | None = None) -> int:

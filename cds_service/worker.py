@@ -27,7 +27,9 @@ from .jobs.state import BaseJobStore, Job, JobState
 from .jobs.queue import Leases, consumer_delays, create_queue, open_job_store, register_triage_task
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.core.domain import Task
-from cds_service.core.models import ModelRegistry, available_cards, exported_graph, uses_onnx_runtime
+from cds_service.core.model_cards import available_cards
+from cds_service.core.models import ModelRegistry, uses_onnx_runtime
+from cds_service.core.onnx_graphs import exported_graph
 from cds_service.adapters.pacs import Pacs, pacs_from_settings
 from .pipeline import PipelineDeps, run_triage
 from cds_service.core.settings import Settings
@@ -184,7 +186,7 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
                                 on_finished=audit_hook(settings, leases.worker), on_recorded=alarm_hook(store, settings))
     # Studies announced by the PACS (POST /pacs/studies) are resolved here, then queued as triage jobs.
     from cds_service.web.context import ServiceContext
-    from cds_service.core.models import model_set_version
+    from cds_service.core.model_cards import model_set_version
     from cds_service.web.pacs_trigger import register_arrival_task
 
     register_arrival_task(huey, ServiceContext(settings=settings, store=store, enqueue=triage_job,

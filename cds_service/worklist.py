@@ -50,7 +50,7 @@ from .drift import drift_report
 from cds_service.core.errors import InvalidResourceError, StudyNotFoundError, TriageError
 from .jobs.state import Job, JobState
 from cds_service.core.errors import QueueUnavailableError
-from cds_service.core.models import available_cards, ModelCard
+from cds_service.core.model_cards import available_cards, ModelCard
 from cds_service.adapters.pacs import pacs_from_settings
 from .pipeline import dicomweb_url_for
 from cds_service.core.preprocessing import dicom_to_image, display_image

@@ -18,7 +18,7 @@ from cds_training.datasets import Sample, similarity_groups, split_samples, spli
 from cds_service.core.domain import TASK_LABELS, Finding, Priority, Task
 from cds_service.core.evaluation import Predictions, presence_metrics, proportion_counts, wilson_interval
 from cds_service.core.inference import SeriesScores, findings_from_scores
-from cds_service.core.models import ModelCard, PoolingMethod, SeriesPooling
+from cds_service.core.model_cards import ModelCard, PoolingMethod, SeriesPooling
 from cds_service.core.priority import suggest_priority
 from cds_service.core.settings import DEFAULT_PRIORITY_RULES
 

@@ -11,7 +11,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from cds_service.core.domain import Task
 from cds_service.core.errors import BadDicomError
 from cds_service.core.inference import findings_from_scores
-from cds_service.core.models import ModelCard
+from cds_service.core.model_cards import ModelCard
 from cds_service.core.preprocessing import (PreprocessingSpec, dicom_to_image, grey_to_image, read_dicom, robust_normalise,
                                             to_batch, window)
 from support import PREPROCESSING, make_test_weights
@@ -219,7 +219,7 @@ def test_slices_are_scored_in_batches_of_equal_size():
     from types import SimpleNamespace
 
     from cds_service.core.inference import score_images
-    from cds_service.core.models import SeriesPooling
+    from cds_service.core.model_cards import SeriesPooling
 
     sizes: list[int] = []
 
@@ -282,7 +282,7 @@ def test_slices_scored_as_they_arrive_get_the_same_scores_in_equal_batches():
     from types import SimpleNamespace
 
     from cds_service.core.inference import batch_sizes, score_images, score_stream
-    from cds_service.core.models import SeriesPooling
+    from cds_service.core.model_cards import SeriesPooling
 
     sizes: list[int] = []
 

@@ -16,7 +16,9 @@ import pytest
 
 from cds_service.core.domain import Task
 from cds_service.core.errors import ModelUnavailableError
-from cds_service.core.models import ONNX_MAX_DEVIATION, ModelCard, card_path, load_model, onnx_deviation, shipped_graph
+from cds_service.core.model_cards import ModelCard, card_path
+from cds_service.core.models import load_model, onnx_deviation
+from cds_service.core.onnx_graphs import ONNX_MAX_DEVIATION, shipped_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights"

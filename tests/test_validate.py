@@ -28,7 +28,8 @@ from cds_service.core.evaluation import binary_validation, calibration_summary, 
 from cds_service.core.inference import findings_from_scores
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.local_triage import collect_inputs, triage_input
-from cds_service.core.models import ModelCard, ModelRegistry
+from cds_service.core.model_cards import ModelCard
+from cds_service.core.models import ModelRegistry
 from cds_service.core.settings import Settings
 from cds_service.core.site_thresholds import FORMAT
 from cds_service.validate.command import run_validate

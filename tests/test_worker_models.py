@@ -95,7 +95,7 @@ def test_the_exported_graph_is_kept_and_follows_the_weights(tmp_path: Path) -> N
 
 
 def test_pruning_keeps_the_current_graph_and_other_tasks(tmp_path: Path) -> None:
-    from cds_service.core.models import ONNX_EXPORT_TIMEOUT_S, prune_exported
+    from cds_service.core.onnx_graphs import ONNX_EXPORT_TIMEOUT_S, prune_exported
 
     keep = tmp_path / f"head_ct_ich-{'a' * 20}.onnx"
     old = tmp_path / f"head_ct_ich-{'b' * 20}.onnx"
@@ -116,7 +116,7 @@ def test_pruning_keeps_the_current_graph_and_other_tasks(tmp_path: Path) -> None
 
 def test_prepare_models_exports_ahead_so_the_first_study_does_not_wait(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import cds_service.core.models as models_module
+    import cds_service.core.onnx_graphs as graphs_module
 
     weights, data = tmp_path / "weights", tmp_path / "data"
     make_test_weights(weights, Task.HEAD_CT_ICH, input_size=64)  # the other two tasks have no weights here
@@ -132,7 +132,7 @@ def test_prepare_models_exports_ahead_so_the_first_study_does_not_wait(tmp_path:
     def no_export(*args, **kwargs):
         raise AssertionError("the worker exported again")
 
-    monkeypatch.setattr(models_module.subprocess, "run", no_export)
+    monkeypatch.setattr(graphs_module.subprocess, "run", no_export)
     model = ModelRegistry(weights, runtime="auto", onnx_dir=data / "onnx").get(Task.HEAD_CT_ICH)
     assert model.runtime == "onnxruntime" and model.network is None
 

@@ -16,7 +16,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cds_service.core.domain import NEGATIVE_LABELS, Finding
-from cds_service.core.models import LoadedModel, ModelCard, SeriesPooling
+from cds_service.core.model_cards import ModelCard, SeriesPooling
+from cds_service.core.models import LoadedModel
 from cds_service.core.preprocessing import to_batch
 from cds_service.core.settings import CPU_BATCH_SIZE
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
-from cds_service.core.models import ModelCard, available_cards
+from cds_service.core.model_cards import ModelCard, available_cards
 
 FORMAT = "cds-triage-site-thresholds/1"
 SETTING = "CDS_SITE_THRESHOLDS"

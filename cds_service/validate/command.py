@@ -24,7 +24,8 @@ from cds_service.core.evaluation import (
     proportion,
     threshold_for_sensitivity,
 )
-from cds_service.core.models import ModelCard, ModelRegistry
+from cds_service.core.model_cards import ModelCard
+from cds_service.core.models import ModelRegistry
 from cds_service.core.settings import Settings
 from cds_service.core.site_thresholds import has_presence_rule, write_site_entry
 from cds_service.local_triage import collect_inputs, result_json, triage_input

@@ -21,7 +21,7 @@ from cds_service.drift import drift_report
 from cds_service.core.errors import TriageError
 from cds_service.jobs.state import Job, JobState, TriageRequest
 from cds_service.core.errors import QueueUnavailableError
-from cds_service.core.models import task_modes
+from cds_service.core.model_cards import task_modes
 from cds_service.web.ops import operator_refusal
 from cds_service.adapters.security import parse_json_body
 

@@ -32,7 +32,7 @@ from cds_service.drift import drift_report
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.jobs.queue import is_redis_url
 from cds_service.logs import hashed
-from cds_service.core.models import available_cards
+from cds_service.core.model_cards import available_cards
 from cds_service.core.settings import Settings
 
 log = logging.getLogger("cds_service.http")
