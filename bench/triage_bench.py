@@ -55,8 +55,8 @@ import pydicom  # noqa: E402
 from cds_service import pipeline  # noqa: E402
 from cds_service.core import triage  # noqa: E402
 from cds_devtools.demo import ServiceProcesses, start_service, start_worker  # noqa: E402
-from cds_devtools.devservers import (free_port, make_dataset, start_fhir_server, start_orthanc,  # noqa: E402
-                                     stopped_like_ctrl_c, upload_dicom)
+from cds_devtools.devservers import free_port, start_fhir_server, start_orthanc, stopped_like_ctrl_c, upload_dicom  # noqa: E402
+from cds_devtools.dicom_data import make_dataset  # noqa: E402
 from cds_service.core.domain import Task  # noqa: E402
 from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs.state import Job, JobState# noqa: E402

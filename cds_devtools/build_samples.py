@@ -34,7 +34,7 @@ UID_SEED = "cds-triage-samples-v1"
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 
 sys.path.insert(0, str(PROJECT))  # run as a plain script from a source checkout
-from cds_devtools.devservers import dicom_bytes, image_to_dicom, make_dataset  # noqa: E402
+from cds_devtools.dicom_data import dicom_bytes, image_to_dicom, make_dataset  # noqa: E402
 
 
 def uid(*parts: object) -> str:

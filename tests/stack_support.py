@@ -16,7 +16,8 @@ import httpx
 import numpy as np
 import pydicom
 
-from cds_devtools.devservers import make_dataset, upload_dicom
+from cds_devtools.devservers import upload_dicom
+from cds_devtools.dicom_data import make_dataset
 from cds_service.adapters.fhir_client import FhirClient
 from fhir_mappings.imaging_study import build_imaging_study
 

@@ -28,7 +28,8 @@ import pytest
 from PIL import Image
 
 from cds_devtools.demo import start_service
-from cds_devtools.devservers import find_sekmet, free_port, make_dataset, start_fhir_server, upload_dicom
+from cds_devtools.devservers import find_sekmet, free_port, start_fhir_server, upload_dicom
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Task
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.settings import Settings

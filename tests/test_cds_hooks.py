@@ -522,7 +522,8 @@ def test_hook_call_to_critical_patient_view_card_end_to_end(secured_product):
     import pydicom
 
     from cds_service.adapters.audit import AuditLog
-    from cds_devtools.devservers import make_dataset, upload_dicom
+    from cds_devtools.devservers import upload_dicom
+    from cds_devtools.dicom_data import make_dataset
     from fhir_mappings.imaging_study import build_imaging_study
 
     settings, orthanc = secured_product

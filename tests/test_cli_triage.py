@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_devtools.devservers import make_dataset
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Task
 from support import make_test_weights
 

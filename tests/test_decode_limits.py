@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_devtools.devservers import dicom_bytes, encoder_available, make_dataset
+from cds_devtools.dicom_data import dicom_bytes, encoder_available, make_dataset
 from cds_service.core.errors import BadDicomError
 from cds_service.core.preprocessing import MAX_DECODED_PIXELS, codestream_size, dicom_pixels, read_dicom
 

@@ -17,8 +17,9 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 
-from cds_devtools import devservers
-from cds_devtools.devservers import ServerStartError, image_to_dicom, make_dicom, upload_dicom
+from cds_devtools import devservers, dicom_data
+from cds_devtools.devservers import ServerStartError, upload_dicom
+from cds_devtools.dicom_data import image_to_dicom, make_dicom
 
 from conftest import require
 
@@ -70,7 +71,7 @@ def test_make_dicom_is_a_valid_part10_file(modality):
     assert blob[128:132] == b"DICM"
     ds = _read(blob)
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
-    assert ds.SOPClassUID == devservers.SOP_CLASSES[modality]
+    assert ds.SOPClassUID == dicom_data.SOP_CLASSES[modality]
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert (ds.Modality, ds.BodyPartExamined, ds.SeriesDescription) == (modality, "HEAD", "TEST SERIES")
     assert (ds.PatientID, str(ds.PatientName), ds.InstanceNumber) == ("P123", "Test^Anna", 7)
@@ -106,13 +107,13 @@ def test_make_dicom_rejects_bad_input():
 def test_compressed_transfer_syntaxes_round_trip_losslessly(syntax):
     if syntax == "jpegls":
         # pyjpegls is installed in the dev venv but not a declared dependency of the project
-        if not devservers.encoder_available(syntax):
+        if not dicom_data.encoder_available(syntax):
             pytest.skip("no JPEG-LS encoder (pip install pyjpegls)")
     else:
-        require(devservers.encoder_available(syntax), f"no {syntax} encoder (pylibjpeg plugins missing)")
+        require(dicom_data.encoder_available(syntax), f"no {syntax} encoder (pylibjpeg plugins missing)")
     pixels = ((np.arange(60 * 50).reshape(60, 50) * 7) % 4096).astype(np.uint16)
     ds = _read(make_dicom(pixels, modality="CT", transfer_syntax=syntax, sop_instance_uid="1.2.3.4"))
-    assert ds.file_meta.TransferSyntaxUID == devservers.TRANSFER_SYNTAXES[syntax]
+    assert ds.file_meta.TransferSyntaxUID == dicom_data.TRANSFER_SYNTAXES[syntax]
     assert ds.SOPInstanceUID == "1.2.3.4"  # compression must not invent a new instance UID
     np.testing.assert_array_equal(ds.pixel_array, pixels)
 
@@ -251,7 +252,7 @@ def test_compressed_instances_come_back_as_stored_when_asked_for_any_syntax(orth
     client accepts transfer-syntax=*."""
     from dicomweb_client import DICOMwebClient
 
-    syntaxes = [s for s in ("explicit", "rle", "jpeg2000") if devservers.encoder_available(s)]
+    syntaxes = [s for s in ("explicit", "rle", "jpeg2000") if dicom_data.encoder_available(s)]
     study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     pixels = ((np.arange(32 * 32).reshape(32, 32) * 3) % 4096).astype(np.uint16)
     upload_dicom(
@@ -264,7 +265,7 @@ def test_compressed_instances_come_back_as_stored_when_asked_for_any_syntax(orth
     client = DICOMwebClient(url=orthanc.dicomweb_url)
     as_stored = client.retrieve_series(study_uid, series_uid, media_types=(("application/dicom", "*"),))
     assert sorted(str(ds.file_meta.TransferSyntaxUID) for ds in as_stored) == sorted(
-        str(devservers.TRANSFER_SYNTAXES[s]) for s in syntaxes
+        str(dicom_data.TRANSFER_SYNTAXES[s]) for s in syntaxes
     )
     for ds in as_stored:
         np.testing.assert_array_equal(ds.pixel_array, pixels)

@@ -65,7 +65,7 @@ def test_mutated_real_dicom_only_ever_says_bad_dicom(mutation: int) -> None:
     """A valid JPEG-LS CT slice with a few bytes changed: decoded, or refused clearly."""
     import numpy as np
 
-    from cds_devtools.devservers import dicom_bytes, encoder_available, make_dataset
+    from cds_devtools.dicom_data import dicom_bytes, encoder_available, make_dataset
 
     if not encoder_available("jpegls"):
         pytest.skip("no JPEG-LS encoder")

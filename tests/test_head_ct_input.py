@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cds_devtools.devservers import make_dataset
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Task
 from cds_service.core.models import load_model
 from cds_service.core.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch

@@ -25,7 +25,7 @@ import pydicom
 import pytest
 
 from cds_service.core.decoding import DecodePool, PreparedSlice, prepare_slice
-from cds_devtools.devservers import dicom_bytes
+from cds_devtools.dicom_data import dicom_bytes
 from cds_service.core.domain import Task
 from cds_service.core.errors import BadDicomError, StudyTooLargeError
 from cds_service.core.preprocessing import PreprocessingSpec, decode_cost, read_dicom
@@ -105,7 +105,7 @@ def test_decoder_processes_do_not_run_the_callers_main_script(tmp_path: Path) ->
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
         open({str(marker)!r}, "a").write("x")  # what an unguarded script does at import
         from cds_service.core.decoding import DecodePool, prepare_slice
-        from cds_devtools.devservers import dicom_bytes
+        from cds_devtools.dicom_data import dicom_bytes
         from test_large_studies import SPEC, head_ct_series
         pool = DecodePool(2)
         print(len(list(pool.map(prepare_slice, [dicom_bytes(ds) for ds in head_ct_series(3, size=64)], SPEC))))

@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_devtools import devservers
+from cds_devtools import devservers, dicom_data
 from cds_service.web.app import create_app
 from cds_devtools.demo import start_service
 from cds_service.core.domain import Task
@@ -102,7 +102,7 @@ def api(service):
 def ct_head(patient_id: str, accession: str = "", count: int = 2, **kwargs) -> list[pydicom.Dataset]:
     study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     rng = np.random.default_rng(0)
-    return [devservers.make_dataset((rng.normal(35, 10, (64, 64)) + 1024).astype(np.uint16), modality="CT",
+    return [dicom_data.make_dataset((rng.normal(35, 10, (64, 64)) + 1024).astype(np.uint16), modality="CT",
                                     body_part="HEAD", series_description="CT HEAD WO", patient_id=patient_id,
                                     accession_number=accession, study_uid=study_uid, series_uid=series_uid,
                                     instance_number=i + 1, **kwargs)
@@ -181,7 +181,7 @@ def test_stable_study_gets_an_imaging_study_for_the_known_patient_and_order_and_
 
 def test_unknown_patient_is_created_from_the_dicom_headers_when_the_policy_says_so(lua_orthanc, fhir, api):
     mrn = f"NEW-{uuid.uuid4().hex[:8]}"
-    mr = devservers.make_dataset(np.random.default_rng(1).integers(0, 800, (64, 64)).astype(np.uint16), modality="MR",
+    mr = dicom_data.make_dataset(np.random.default_rng(1).integers(0, 800, (64, 64)).astype(np.uint16), modality="MR",
                                  body_part="BRAIN", series_description="MR BRAIN T1 POST", patient_id=mrn,
                                  patient_name="Doe^Jane", patient_birth_date="19700102", patient_sex="F")
     devservers.upload_dicom(lua_orthanc.url, [mr])

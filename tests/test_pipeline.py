@@ -12,7 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_devtools.devservers import make_dataset, upload_dicom
+from cds_devtools.devservers import upload_dicom
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Task
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.jobs.state import Job, JobState

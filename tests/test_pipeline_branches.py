@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_devtools.devservers import make_dataset
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Series, Study, Task, TaskMode
 from cds_service.core.errors import UpstreamError
 from cds_service.adapters.fhir_client import FHIR_JSON, FhirClient

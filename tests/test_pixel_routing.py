@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_devtools.devservers import make_dataset
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Series, Study, Task, TriageStatus
 from cds_service.core.errors import ModelUnavailableError
 from cds_service.local_triage import LocalInput, triage_input

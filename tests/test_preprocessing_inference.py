@@ -126,7 +126,7 @@ def test_card_validation():
 
 @pytest.mark.parametrize("syntax", ["rle", "jpegls", "jpeg2000"])
 def test_lossless_compressed_ct_decodes_to_the_same_image(syntax):
-    from cds_devtools.devservers import make_dataset
+    from cds_devtools.dicom_data import make_dataset
 
     stored = (np.arange(64 * 64).reshape(64, 64) % 2000).astype(np.uint16)
     plain = make_dataset(stored, modality="CT", rescale_slope=1, rescale_intercept=-1024)
@@ -169,7 +169,7 @@ def _part10(ds: pydicom.Dataset) -> bytes:
 def test_one_window_on_three_channels_is_resized_once_with_the_same_result():
     """The shipped head CT card puts one window on all channels; that shortcut must not change pixels."""
     from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, resize, to_batch
-    from cds_devtools.devservers import make_dataset
+    from cds_devtools.dicom_data import make_dataset
 
     stored = (np.arange(96 * 80).reshape(96, 80) % 1500).astype(np.uint16)
     ds = make_dataset(stored, modality="CT", rescale_slope=1, rescale_intercept=-1024)

@@ -12,7 +12,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_devtools.devservers import free_port, make_dataset, upload_dicom
+from cds_devtools.devservers import free_port, upload_dicom
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Finding, Heatmap, ModelRef, Series, Task, TriageResult, TriageStatus
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.adapters.pacs import Pacs, PacsConfig

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from safetensors import safe_open
 
 from cds_training.datasets import discover_samples, split_samples
-from cds_devtools.devservers import make_dataset
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import TASK_LABELS, Task
 from cds_service.core.evaluation import binary_auc, choose_thresholds, sensitivity_specificity, threshold_for_sensitivity
 from cds_service.core.models import load_model

@@ -22,7 +22,7 @@ from PIL import Image
 from cds_service.web.app import create_app
 from cds_service.web.context import ServiceContext
 from cds_service.cli import build_parser, main
-from cds_devtools.devservers import make_dataset
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import OrderContext, Task
 from cds_service.core.evaluation import binary_validation, calibration_summary, sensitivity_operating_points, small_number_warnings
 from cds_service.core.inference import findings_from_scores

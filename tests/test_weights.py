@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from safetensors import safe_open
 
 from cds_training.datasets import build_split
-from cds_devtools.devservers import dicom_bytes, make_dataset
+from cds_devtools.dicom_data import dicom_bytes, make_dataset
 from cds_service.core.domain import TASK_LABELS, Task
 from cds_service.core.evaluation import Predictions, point_metrics
 from cds_service.core.models import load_model

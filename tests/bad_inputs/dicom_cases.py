@@ -14,7 +14,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 
-from cds_devtools.devservers import dicom_bytes, make_dataset
+from cds_devtools.dicom_data import dicom_bytes, make_dataset
 
 MPEG2_MAIN_PROFILE = "1.2.840.10008.1.2.4.100"  # video: no image decoder here
 
