@@ -1,5 +1,5 @@
 """The layout's rules, checked by reading the imports (module level, function level and under
-TYPE_CHECKING alike) with `ast`: no import cycles, and the pure core imports no adapter.
+TYPE_CHECKING alike) with `ast`: no import cycles, and each layer imports only the layers below it.
 
 Layers (docs/architecture.md):
 - core (cds_service/core/): decisions on data already in memory (domain, routing, anatomy, input check,
@@ -7,10 +7,14 @@ Layers (docs/architecture.md):
   evaluation statistics); it imports only itself and fhir_mappings (which may use only
   cds_service.core.domain and cds_service.core.errors);
 - adapters (cds_service/adapters/): the PACS, the FHIR server, SMART auth and token checks, metrics,
-  audit; they never import the web layer or an entry point. The job store and queue: cds_service/jobs/;
-- web: the Flask app, its context and blueprints; entry points (cli, worker, pipeline, demo);
+  audit, and the job store and queue (cds_service/jobs/); they never import the web layer or an entry point;
+- web (cds_service/web/): the Flask app, its context and blueprints; above it the orchestration
+  (pipeline) and the entry points (cli, worker, local_triage, validate) at the top of cds_service/;
 - cds_training (training time) and cds_devtools (development servers, test data, the demo), never
-  imported by the core; the runtime imports cds_devtools only where `cds-triage demo` runs (lazily).
+  imported by the core or an adapter; the runtime imports cds_devtools only where `cds-triage demo`
+  runs (inside the CLI's command).
+Also: the paths in docs/architecture.md's "Where the code is" table exist, and a module over 400
+lines says why at its top.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ PACKAGES = ("cds_service", "fhir_mappings", "cds_training", "cds_devtools")
 CORE = "cds_service.core"
 # what the core may import of ours: itself and the FHIR builders (and the package root, cds_service/__init__.py)
 CORE_MAY_USE = ("cds_service.core", "fhir_mappings")
-ADAPTERS = "cds_service.adapters"
+ADAPTERS = ("cds_service.adapters", "cds_service.jobs")  # the job store and queue talk to SQLite, Redis and huey
 # the web layer, the entry points and the tools outside the runtime: never imported by an adapter
 NOT_FOR_THE_ADAPTERS = ("cds_service.web", "cds_service.cli", "cds_service.worker", "cds_service.pipeline",
                         "cds_training", "cds_devtools")
@@ -129,8 +133,21 @@ def test_the_core_imports_no_adapter_web_training_or_dev_tool():
 def test_the_adapters_import_no_web_entry_point_training_or_dev_tool():
     graph = import_graph()
     adapters = {module for module in graph if in_package(module, ADAPTERS)}
-    assert {"cds_service.adapters.pacs", "cds_service.adapters.fhir_client"} <= adapters
+    assert {"cds_service.adapters.pacs", "cds_service.adapters.fhir_client", "cds_service.jobs.queue"} <= adapters
     wrong = {module: sorted(t for t in graph[module] if in_package(t, NOT_FOR_THE_ADAPTERS)) for module in adapters}
+    assert {module: targets for module, targets in wrong.items() if targets} == {}
+
+
+WEB = "cds_service.web"
+NOT_FOR_THE_WEB = ("cds_service.cli", "cds_service.worker", "cds_service.local_triage", "cds_service.validate",
+                   "cds_training", "cds_devtools")
+
+
+def test_the_web_layer_imports_no_entry_point_training_or_dev_tool():
+    graph = import_graph()
+    web = {module for module in graph if in_package(module, WEB)}
+    assert {"cds_service.web.app", "cds_service.web.cds_hooks.routes"} <= web
+    wrong = {module: sorted(t for t in graph[module] if in_package(t, NOT_FOR_THE_WEB)) for module in web}
     assert {module: targets for module, targets in wrong.items() if targets} == {}
 
 
