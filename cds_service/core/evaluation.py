@@ -493,7 +493,8 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
                f"{init.get('parameter_share_from_imagenet', 0):.0%} of the parameters from ImageNet" if init else ""),
             f"- **Training**: {training.get('hardware')}; {training.get('epochs_run')} of {training.get('epochs_planned')} "
             f"epochs, best {training.get('best_epoch')}; {training.get('time_minutes')} min "
-            f"({training.get('seconds_per_epoch')} s per epoch); {training.get('optimizer')}, {training.get('schedule')}.",
+            f"({training.get('seconds_per_epoch')} s per epoch); {training.get('optimizer')}, {training.get('schedule')}"
+            + "".join(f"; {training[key]}" for key in ("stochastic_depth", "weight_average") if training.get(key)) + ".",
             f"- **Command**: `{training.get('command') or 'see the card'}`",
             "",
             "Limits:",
