@@ -111,7 +111,7 @@ class TaskSetup:
     intended_use: str
     preprocessing_note: str
     series_pooling: SeriesPooling = SeriesPooling()
-    # the bar a trained label must clear on the test split before its finding may raise a priority
+    # the bar a trained label must clear on the validation split before its finding may raise a priority
     priority_bar_min_positives: int = 20
     priority_bar_min_auc_lower95: float = 0.80
 
@@ -658,8 +658,8 @@ def operating_points(setup: TaskSetup, trained: Sequence[str], val: Predictions,
     Thresholds: per trained label, the highest with sensitivity >= `target` on validation. A
     softmax task with a negative class (brain MRI) also gets a presence rule: raise when
     1 - p(negative) reaches the threshold chosen the same way; its tumour classes' thresholds
-    are that threshold. The test split (if any) chooses nothing: it reports the same thresholds
-    and decides which labels may raise a priority (`priority_labels`).
+    are that threshold. Validation also decides which labels may raise a priority
+    (`priority_labels`). The test split (if any) chooses nothing: it reports the same thresholds.
     """
     thresholds = choose_thresholds(val, target)
     out: dict[str, Any] = {}
@@ -687,9 +687,10 @@ def operating_points(setup: TaskSetup, trained: Sequence[str], val: Predictions,
         out["default_mode"] = "shadow"
         out["default_mode_reason"] = "short of the go-live bar on validation: " + "; ".join(
             f"{c['what']} is {c['value']} (needs {c['needs']})" for c in out["go_live_bar"]["checks"] if not c["met"])
+    # which labels may raise a priority is a choice, so it is made on validation: the test split chooses nothing
+    out["priority_labels"], out["priority_bar"] = priority_labels(setup, trained, out["validation_metrics"])
     if test is not None:
         out["test_metrics"] = metrics_with_ci(test, thresholds, resamples=bootstrap)
-        out["priority_labels"], out["priority_bar"] = priority_labels(setup, trained, out["test_metrics"])
     band = expected_raised_share({"trained_labels": list(trained), **out})  # the drift alarm's band (drift.py)
     if band is not None:
         out["expected_raised_share"] = band
@@ -927,15 +928,16 @@ def threshold_policy(target: float, softmax: bool, with_test: bool, series: bool
             + ("; the test split chose nothing and reports the same thresholds." if with_test else "."))
 
 
-def priority_labels(setup: TaskSetup, trained: Sequence[str], test: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+def priority_labels(setup: TaskSetup, trained: Sequence[str], validation: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """The trained labels whose findings may raise a priority, and why.
 
     The task's main label (a sigmoid task's first: `any`, `pneumothorax`) and a softmax task's
     positive classes always may: whether the task raises at all is its mode (active / shadow).
-    A further label (a hemorrhage subtype) must show enough positives in the test split and a test
-    AUC whose lower 95% bound clears the task's bar; the others are still reported.
+    A further label (a hemorrhage subtype) must show enough positives in the validation split and a
+    validation AUC whose lower 95% bound clears the task's bar; the others are still reported. (The
+    test split, which chooses nothing, shows afterwards how the chosen labels fare.)
     """
-    metrics, positives = test["metrics"], test["positives_per_label"]
+    metrics, positives = validation["metrics"], validation["positives_per_label"]
     keep, verdicts = [], {}
     for index, label in enumerate(trained):
         if label in NEGATIVE_LABELS:
@@ -944,12 +946,12 @@ def priority_labels(setup: TaskSetup, trained: Sequence[str], test: dict[str, An
         n = positives.get(label, 0)
         main = setup.activation == "softmax" or index == 0
         ok = main or (n >= setup.priority_bar_min_positives and lower is not None and lower >= setup.priority_bar_min_auc_lower95)
-        verdicts[label] = {"test_positives": n, "test_auc_lower95": lower, "raises_priority": ok,
+        verdicts[label] = {"validation_positives": n, "validation_auc_lower95": lower, "raises_priority": ok,
                            **({"why": "the task's main label (the task's mode decides)"} if main else {})}
         if ok:
             keep.append(label)
-    bar = {"rule": f"a label beside the main one needs at least {setup.priority_bar_min_positives} positives in the test "
-                   f"split and a test AUC whose lower 95% bound is at least {setup.priority_bar_min_auc_lower95}",
+    bar = {"rule": f"a label beside the main one needs at least {setup.priority_bar_min_positives} positives in the validation "
+                   f"split and a validation AUC whose lower 95% bound is at least {setup.priority_bar_min_auc_lower95}",
            "labels": verdicts}
     return keep, bar
 
@@ -1088,7 +1090,7 @@ def _card(
             "Trained on single slices (no whole scans): the series decision rests on slice results.",
             "The heatmap is broad: it covers the part of the brain that drove the score and centres on large bleeds, "
             "but does not outline a small one. Look at the whole study, not only where it is red.",
-            "A subtype the model cannot yet be trusted on (too few examples, or too weak on the test images) is shown "
+            "A subtype the model cannot yet be trusted on (too few examples, or too weak on the validation images) is shown "
             "as a probability only: never named as a finding, never a reason to raise a study.",
         ]
         if untrained:

@@ -120,7 +120,7 @@ def presence(card: ModelCard, study_scores: np.ndarray) -> str | None:
 def findings_from_scores(card: ModelCard, study_scores: np.ndarray) -> tuple[Finding, ...]:
     """One Finding per label, positive where the card's threshold is reached.
 
-    A label outside the card's priority labels (a subtype short of its bar on the test split) is
+    A label outside the card's priority labels (a subtype short of its bar on the validation split) is
     never positive: its probability is reported, it neither names a finding nor raises a study. In
     a sigmoid card with several labels the first (`any`) is the main one: a subtype is positive only
     beside it.
