@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -134,14 +133,10 @@ def wait_for_jobs(settings: Settings, study_ids: list[str], timeout_s: float) ->
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    """Whether `port` can be bound on `host` now (as gunicorn binds it: SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+    """Whether `port` can be bound on `host` now (as `serve` checks it: `cli.address_problem`)."""
+    from cds_service.cli import address_problem
+
+    return address_problem(host, port) is None
 
 
 class PortInUseError(RuntimeError):

@@ -44,6 +44,26 @@ def port_number(text: str) -> int:
     return port
 
 
+def address_problem(host: str, port: int) -> str | None:
+    """Why `serve` could not listen on host:port (in use, not this machine's address), or None.
+
+    Bound the way gunicorn binds (SO_REUSEADDR), then released at once."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"unknown host ({exc.strerror or exc})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -54,6 +74,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port  # 0: the system picks a free port
+    problem = address_problem(host, port)
+    if problem:  # gunicorn would retry for seconds and then exit with a traceback-like message
+        source = "--port/--host" if args.port is not None or args.host else "CDS_PORT/CDS_HOST"
+        print(f"cds-triage serve: cannot listen on {host}:{port} ({source}): {problem}", file=sys.stderr)
+        return 2
 
     def say_where(server) -> None:  # type: ignore[no-untyped-def]
         """gunicorn's when_ready: the address actually bound (the port the system chose for --port 0)."""
@@ -261,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The setting that points at each kind of server an error can name (errors.Server).
 SERVER_SETTINGS = {"fhir": "fhir_base_url", "pacs": "dicomweb_url", "auth": "fhir_smart_token_url"}
+# the settings that carry our credentials for each kind of server: named when a server answers 401 or 403
+CREDENTIAL_SETTINGS = {
+    "fhir": "CDS_FHIR_BEARER_TOKEN, or CDS_FHIR_SMART_CLIENT_ID with CDS_FHIR_SMART_PRIVATE_KEY_FILE",
+    "pacs": "CDS_DICOMWEB_USERNAME with CDS_DICOMWEB_PASSWORD, or CDS_DICOMWEB_BEARER_TOKEN",
+    "auth": "CDS_FHIR_SMART_CLIENT_ID, CDS_FHIR_SMART_PRIVATE_KEY_FILE and CDS_FHIR_SMART_KEY_ID",
+}
+
+
+def hint_for(error: TriageError, where: str) -> str:
+    """What to check: our credentials when the server refused who we are, else the URL and the server."""
+    status = getattr(error, "status_code", None)
+    if status in (401, 403) and error.server in CREDENTIAL_SETTINGS:
+        return f"{where} refused our credentials: check {CREDENTIAL_SETTINGS[error.server]}"
+    return f"{where}: is it right, and is the server up?"
 
 
 def setting_named_by(error: TriageError, settings: Settings) -> tuple[str, str] | None:
@@ -314,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         variable, value = named
         where = variable if value.rstrip("/") in message else f"{variable}={value}"
-        print(f"cds-triage {args.command}: {message} ({where}: is it right, and is the server up?)", file=sys.stderr)
+        print(f"cds-triage {args.command}: {message} ({hint_for(exc, where)})", file=sys.stderr)
         return 2
 
 

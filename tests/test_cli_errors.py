@@ -116,6 +116,32 @@ def test_subscribe_to_a_url_that_is_not_a_fhir_server_names_the_setting(tmp_path
         server.server_close()
 
 
+class Unauthorised(http.server.BaseHTTPRequestHandler):
+    """A FHIR server that wants credentials we did not send: 401 with an empty body."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Bearer realm="fhir"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_subscribe_refused_for_credentials_names_the_credential_settings(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unauthorised)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/fhir"
+        line = assert_one_line(cli(["subscribe"], tmp_path, CDS_FHIR_BASE_URL=url), "401", "CDS_FHIR_BEARER_TOKEN")
+        assert "refused our credentials" in line and "is the server up" not in line
+        assert "401:" not in line  # no empty detail after the status
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_jobs_with_an_unreachable_redis_names_the_queue_setting(tmp_path):
     url = f"redis://127.0.0.1:{free_port()}/0"
     assert_one_line(cli(["jobs", "list"], tmp_path, CDS_QUEUE_URL=url, CDS_HTTP_TIMEOUT_S="2"), f"CDS_QUEUE_URL={url}")
@@ -196,6 +222,20 @@ def test_serve_on_port_0_picks_a_free_port_and_prints_its_url(tmp_path):
 def test_serve_refuses_a_port_that_is_not_one(tmp_path):
     result = cli(["serve", "--port", "99999"], tmp_path)
     assert result.returncode == 2 and "is not a port" in result.stderr
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        by_flag = cli(["serve", "--host", "127.0.0.1", "--port", str(port)], tmp_path)
+        by_setting = cli(["serve"], tmp_path, CDS_HOST="127.0.0.1", CDS_PORT=str(port))
+    for result, source in ((by_flag, "--port/--host"), (by_setting, "CDS_PORT/CDS_HOST")):
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port} ({source})" in lines[0], result.stderr
+        assert "in use" in lines[0].lower()
 
 
 def test_the_demo_takes_its_stable_port_when_free_and_says_when_it_cannot(capsys):

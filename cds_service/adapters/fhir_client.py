@@ -96,7 +96,8 @@ class FhirClient:
         if response.status_code < 400:
             return response
         count_upstream_error("fhir", f"http_{response.status_code}")
-        reason = f"FHIR {method} {url.split('?')[0]} answered {response.status_code}: {outcome_text(response)}"
+        detail = outcome_text(response)
+        reason = f"FHIR {method} {url.split('?')[0]} answered {response.status_code}" + (f": {detail}" if detail else "")
         if response.status_code in (404, 410):
             raise StudyNotFoundError(reason, **self._where)
         if response.status_code in VERSION_CONFLICT_STATUSES:
