@@ -553,7 +553,8 @@ def train(config: TrainConfig) -> TrainResult:
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
 
-    start_epoch, history, best = 1, [], {"score": -math.inf, "loss": math.inf, "epoch": 0, "state": None}
+    best: dict[str, Any] = {"score": -math.inf, "loss": math.inf, "epoch": 0, "state": None}
+    start_epoch, history = 1, []
     stale, elapsed_before, stopped_early = 0, 0.0, False
     if config.resume is not None:
         ckpt = torch.load(str(config.resume), map_location="cpu", weights_only=False)
@@ -634,7 +635,7 @@ def train(config: TrainConfig) -> TrainResult:
     if best["state"] is not None:
         network.load_state_dict(best["state"])
     training_seconds = time.time() - started + elapsed_before
-    run = {
+    run: dict[str, Any] = {
         "epochs_planned": config.epochs,
         "epochs_run": last_epoch,
         "best_epoch": best["epoch"],
@@ -818,6 +819,8 @@ def rethreshold(weights_dir: Path, task: Task, target: float, bootstrap: int = 1
     card = json.loads(cpath.read_text())
     trained, activation = tuple(card["trained_labels"]), card["activation"]
     val = stored_predictions(weights_dir, card, "validation")
+    if val is None:
+        raise ValueError(f"{cpath}: no stored validation predictions to choose thresholds from (train it again)")
     test = stored_predictions(weights_dir, card, "test")
     points = operating_points(TASK_SETUPS[task], trained, val, test, target, bootstrap)
     for key in ("presence", "test_metrics", "priority_labels", "priority_bar", "series_operating_point",
