@@ -62,7 +62,8 @@ class Demo:
     def __enter__(self) -> str:
         self.process = subprocess.Popen([*cds_triage_command(), "demo", "--port", "0"], cwd=REPO, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             try:
@@ -84,14 +85,18 @@ class Demo:
         self.lines.put(None)
 
     def __exit__(self, *_: Any) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)  # the demo stops its servers and removes its folder, as on Ctrl-C
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # the demo stops its servers and removes its folder, as on Ctrl-C
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.reader.join(10)  # it reads the demo's output to its end; then the pipe is closed
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 def study_to_show(worklist_url: str) -> str:

@@ -626,3 +626,4 @@ def test_an_upstream_error_body_is_never_echoed(service):
         assert "HTTP 400" in diagnostics and "SECRET" not in diagnostics and "10.0.0.5" not in diagnostics
     finally:
         server.shutdown()
+        server.server_close()

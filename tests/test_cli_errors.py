@@ -217,6 +217,7 @@ def test_serve_on_port_0_picks_a_free_port_and_prints_its_url(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait(10)
+        serve.stdout.close()  # type: ignore[union-attr]
 
 
 def test_serve_refuses_a_port_that_is_not_one(tmp_path):

@@ -79,7 +79,8 @@ def test_the_demo_triages_the_samples_and_stops_everything_on_sigterm(tmp_path: 
             lines.put(line)
         lines.put(None)
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
     seen: list[str] = []
     try:
         read_until(lines, "Press Ctrl-C to stop.", 400, seen)
@@ -109,6 +110,9 @@ def test_the_demo_triages_the_samples_and_stops_everything_on_sigterm(tmp_path: 
         except subprocess.TimeoutExpired:
             demo.kill()
             raise
+        finally:
+            pumping.join(10)  # it reads to the end of the demo's output, then the pipe is closed here
+            demo.stdout.close()  # type: ignore[union-attr]
     left = processes_using(tmp_path)
     for pid in left:  # whatever the outcome, nothing the demo started outlives the test
         os.kill(pid, signal.SIGKILL)

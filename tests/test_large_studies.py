@@ -280,13 +280,13 @@ def test_decoders_leave_when_their_worker_is_killed(tmp_path: Path) -> None:
         print(" ".join(map(str, pool.pids())), flush=True)
         time.sleep(600)
     """))
-    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        decoders = [int(pid) for pid in worker.stdout.readline().split()]
-        assert len(decoders) == 2
-    finally:
-        worker.kill()
-        worker.wait()
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as worker:
+        try:
+            decoders = [int(pid) for pid in worker.stdout.readline().split()]
+            assert len(decoders) == 2
+        finally:
+            worker.kill()
+            worker.wait()
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in decoders) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -342,8 +342,8 @@ def test_malformed_ids_are_refused_before_any_fhir_call(client):
 
 def test_static_assets_are_served_by_us(client):
     for name in ("worklist.js", "study.js", "worklist.css"):
-        response = client.get(f"/worklist/static/{name}", headers={"X-Forwarded-User": "dr.house"})
-        assert response.status_code == 200 and response.data
+        with client.get(f"/worklist/static/{name}", headers={"X-Forwarded-User": "dr.house"}) as response:
+            assert response.status_code == 200 and response.data
 
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"

@@ -149,6 +149,10 @@ class SmartBackendAuth(httpx.Auth):
         self._token_url = config.token_url
         self.tokens_issued = 0  # how many tokens we fetched: shows the cache works
 
+    def close(self) -> None:
+        """Close the token endpoint's HTTP client (the service keeps one auth for the life of the process)."""
+        self.http.close()
+
     def access_token(self, *, rejected: str | None = None) -> str:
         """A usable token: the cached one, or a new one when it is near expiry or was just rejected."""
         with self._lock:
