@@ -253,7 +253,7 @@ def test_the_log_says_once_when_the_alarm_trips_and_once_when_it_clears(tmp_path
 
 
 def test_healthz_metrics_and_worklist_show_the_alarm(tmp_path, monkeypatch) -> None:
-    import cds_service.worklist as worklist_module
+    import cds_service.web.worklist as worklist_module
 
     weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH)
     shutil.copy(WEIGHTS / "brain_mri.json", weights / "brain_mri.json")  # a card with its own band

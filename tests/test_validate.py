@@ -34,7 +34,7 @@ from cds_service.core.settings import Settings
 from cds_service.core.site_thresholds import FORMAT
 from cds_service.validate.command import run_validate
 from cds_service.validate.labels import LabelsError, match_units, read_labels
-from cds_service.worklist import model_card_summary
+from cds_service.web.worklist import model_card_summary
 from fhir_mappings import codes
 from fhir_mappings.builders import build_observation
 from support import make_test_weights

@@ -24,14 +24,14 @@ from cds_devtools.devservers import free_port
 from cds_service.jobs.state import Job, JobState
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.core.settings import Settings, SettingsError
-from cds_service.worklist import (
-    access_denied,
-    ai_raised_from,
-    build_worklist,
-    format_waiting,
-    patient_details,
-    viewer_url,
-)
+from cds_service.web.worklist import (
+        access_denied,
+        ai_raised_from,
+        build_worklist,
+        format_waiting,
+        patient_details,
+        viewer_url,
+    )
 from fhir_mappings.builders import build_triage_transaction, heatmap_source_instance, with_priority
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
@@ -350,7 +350,7 @@ BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.
 
 
 def test_a_study_page_that_does_not_exist_is_a_page_with_the_way_back(client, monkeypatch):
-    import cds_service.worklist as worklist_module
+    import cds_service.web.worklist as worklist_module
 
     monkeypatch.setattr(worklist_module, "fetch_worklist", lambda order_id=None: [])  # the EHR has no such order
     user = {"X-Forwarded-User": "dr.house"}
@@ -384,7 +384,7 @@ FINDING_OF_TASK = {Task.HEAD_CT_ICH: "any", Task.BRAIN_MRI: "glioma", Task.CHEST
 
 @pytest.mark.parametrize("task", list(FINDING_OF_TASK))
 def test_the_study_page_shows_every_limitation_of_the_shipped_card_in_clinical_words(task, tmp_path, monkeypatch):
-    import cds_service.worklist as worklist_module
+    import cds_service.web.worklist as worklist_module
 
     label = FINDING_OF_TASK[task]
     result = TriageResult(study_uid="1.2.3", status=TriageStatus.DONE, task=task, series_uid="1.2.3.1",

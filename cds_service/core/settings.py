@@ -212,7 +212,7 @@ class Settings:
     patient_identifier_system: str = field(default="urn:demo:mrn", metadata={"env": "PATIENT_IDENTIFIER_SYSTEM"})
     pacs_unknown_patient: UnknownPatientPolicy = field(default=UnknownPatientPolicy.REJECT, metadata={"env": "PACS_UNKNOWN_PATIENT"})
 
-    # Worklist page and heatmap in the PACS (cds_service/worklist.py, secondary_capture.py).
+    # Worklist page and heatmap in the PACS (cds_service/web/worklist.py, secondary_capture.py).
     heatmap_to_pacs: bool = field(default=False, metadata={"env": "HEATMAP_TO_PACS"})
     pacs_viewer_url: str = field(default="", metadata={"env": "PACS_VIEWER_URL"})
     worklist_refresh_s: float = field(default=5.0, metadata={"env": "WORKLIST_REFRESH_S"})

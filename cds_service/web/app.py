@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     from cds_service.web.cds_hooks.routes import register_cds_hooks
     from cds_service.web.ops import ops
     from cds_service.web.pacs_trigger import pacs_trigger
-    from cds_service.worklist import worklist
+    from cds_service.web.worklist import worklist
 
     app.register_blueprint(api)
     register_cds_hooks(app, settings)  # CDS Hooks behind their JWT check (security.py)

@@ -31,6 +31,7 @@ import hmac
 import io
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pydicom
@@ -46,17 +47,18 @@ from fhir_mappings.builders import (ai_priority_change, heatmap_source_instance,
 from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.core.cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
 from cds_service.core.domain import DISCLAIMER, NEGATIVE_LABELS, TASK_LABELS, Task, WorklistAuth
-from .drift import drift_report
+from cds_service.drift import drift_report
 from cds_service.core.errors import InvalidResourceError, StudyNotFoundError, TriageError
-from .jobs.state import Job, JobState
+from cds_service.jobs.state import Job, JobState
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.core.model_cards import available_cards, ModelCard
 from cds_service.adapters.pacs import pacs_from_settings
-from .pipeline import dicomweb_url_for
+from cds_service.pipeline import dicomweb_url_for
 from cds_service.core.preprocessing import dicom_to_image, display_image
 from cds_service.core.settings import Settings
 
-worklist = Blueprint("worklist", __name__, template_folder="templates", static_folder="static",
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the pages' templates and static files stay in cds_service/
+worklist = Blueprint("worklist", __name__, template_folder=PACKAGE_DIR / "templates", static_folder=PACKAGE_DIR / "static",
                      static_url_path="/worklist/static")
 
 PRIORITY_RANK = {"stat": 3, "asap": 2, "urgent": 1, "routine": 0}
