@@ -133,8 +133,8 @@ def wait_for_jobs(settings: Settings, study_ids: list[str], timeout_s: float) ->
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    """Whether `port` can be bound on `host` now (as `serve` checks it: `cli.address_problem`)."""
-    from cds_service.cli import address_problem
+    """Whether `port` can be bound on `host` now (as `serve` checks it: `web.listen.address_problem`)."""
+    from cds_service.web.listen import address_problem
 
     return address_problem(host, port) is None
 

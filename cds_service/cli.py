@@ -16,6 +16,7 @@ from typing import Sequence
 from cds_service.core.domain import Task
 from cds_service.core.errors import TriageError
 from cds_service.core.settings import HTTP_URL_SETTINGS, Settings, env_name
+from cds_service.web.listen import address_problem
 
 EXIT_STATUSES = """exit status:
   0  done
@@ -42,26 +43,6 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
     return port
-
-
-def address_problem(host: str, port: int) -> str | None:
-    """Why `serve` could not listen on host:port (in use, not this machine's address), or None.
-
-    Bound the way gunicorn binds (SO_REUSEADDR), then released at once."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        return f"unknown host ({exc.strerror or exc})"
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return None
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
