@@ -255,7 +255,8 @@ def test_the_site_threshold_file_is_loaded_shown_on_healthz_and_decides(validate
     site_file = validated["site"]
     written = json.loads(site_file.read_text())
     entry = written["tasks"]["head_ct_ich"]
-    assert written["format"] == FORMAT and entry["card_version"] == "2.0.0" and entry["target_sensitivity"] == 0.95
+    shipped = ModelCard.load(WEIGHTS / "head_ct_ich.json")
+    assert written["format"] == FORMAT and entry["card_version"] == shipped.version and entry["target_sensitivity"] == 0.95
     site_t = entry["thresholds"]["any"]
     card_t = ModelCard.load(WEIGHTS / "head_ct_ich.json").thresholds["any"]
     assert 0 < site_t < card_t
@@ -295,7 +296,8 @@ def test_the_site_threshold_file_is_loaded_shown_on_healthz_and_decides(validate
 
 
 def site_document(**entry: object) -> dict:
-    return {"format": FORMAT, "tasks": {"head_ct_ich": {"model": "cds-triage-head-ct-ich", "card_version": "2.0.0",
+    version = ModelCard.load(WEIGHTS / "head_ct_ich.json").version  # the shipped card's
+    return {"format": FORMAT, "tasks": {"head_ct_ich": {"model": "cds-triage-head-ct-ich", "card_version": version,
                                                         "thresholds": {"any": 0.4}, **entry}}}
 
 
