@@ -801,7 +801,8 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
                  {key: old[key] for key in ("size_only_baseline",) if key in old}, keep, train_set, val_set, test_set, resolved)
     card["training"].update({k: v for k, v in keep.items() if k not in card["training"]})
     for key in ("optimizer", "schedule", "loss", "dropout", "stochastic_depth", "weight_average", "sampling", "augmentation"):
-        card["training"][key] = training.get(key, card["training"][key])  # what the run used, not today's defaults
+        if key in training or key in card["training"]:  # what the run used, not today's defaults
+            card["training"][key] = training.get(key, card["training"].get(key))
     card["weights_sha256"] = old["weights_sha256"]
     if "input_check" in old:  # measured by `input-profile`, not by training
         card["input_check"] = old["input_check"]

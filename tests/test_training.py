@@ -294,6 +294,18 @@ def test_stochastic_depth_only_while_training() -> None:
     assert not torch.allclose(first, network(x))  # training: blocks dropped at random
 
 
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_recard_keeps_what_the_run_used(tmp_path: Path, ema_decay: float) -> None:
+    from cds_training.training import recard
+
+    data = make_folders(tmp_path / "data", CHEST)
+    out = tmp_path / "out"
+    train(tiny_config(Task.CHEST_PNEUMOTHORAX, data, out, ema_decay=ema_decay))
+    card = recard(out, Task.CHEST_PNEUMOTHORAX, data)
+    assert ("weight_average" in card["training"]) == (ema_decay > 0)
+    assert "stochastic_depth" not in card["training"]
+
+
 def test_chest_augmentation_never_flips_left_right() -> None:
     import torch
 
