@@ -1082,8 +1082,8 @@ def _card(
             "Four classes only (glioma, meningioma, pituitary tumour, no tumour). Other disease (metastases, "
             "stroke, bleeding, ...) is outside what it was taught and may be called one of the four.",
             "The tumour type it names is secondary: it raises a study when it thinks any tumour is present.",
-            "Its heatmap is coarse and partly tied to the position in the image rather than to what the image "
-            "shows; do not read the tumour's location from it.",
+            "Its heatmap is coarse: on gliomas and meningiomas it usually centres on the tumour, on pituitary "
+            "tumours it sits above the sella rather than on the gland; do not read a tumour's exact location from it.",
             "Trained on single 2D slices from one public collection of JPEG images; some of its 'no tumour' images are CT.",
         ]
     if task is Task.HEAD_CT_ICH:
