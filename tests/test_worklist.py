@@ -24,14 +24,8 @@ from cds_devtools.devservers import free_port
 from cds_service.jobs.state import Job, JobState
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.core.settings import Settings, SettingsError
-from cds_service.web.worklist import (
-        access_denied,
-        ai_raised_from,
-        build_worklist,
-        format_waiting,
-        patient_details,
-        viewer_url,
-    )
+from cds_service.web.worklist import access_denied, viewer_url
+from cds_service.web.worklist_rows import ai_raised_from, build_worklist, format_waiting, patient_details
 from fhir_mappings.builders import build_triage_transaction, heatmap_source_instance, with_priority
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
