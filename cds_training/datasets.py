@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pydicom
+import pydicom.errors
 
 from cds_service.core.domain import TASK_LABELS, Task
 from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
@@ -266,15 +267,19 @@ def similarity_groups(samples: Sequence[Sample], threshold: float = SIMILARITY_T
 
 
 def _group_of(path: Path, rel: str) -> str:
-    """The patient of a DICOM (so no patient is in both splits); the image itself otherwise."""
+    """The patient of a DICOM (so no patient is in both splits); the image itself otherwise.
+
+    A DICOM whose header cannot be read stops the split with its name: splitting it on its own
+    would put a patient's other images on the other side (leakage between train and validation)."""
     if path.suffix.lower() == ".dcm":
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-            patient = str(getattr(ds, "PatientID", "") or "")
-            if patient:
-                return f"patient:{patient}"
-        except Exception:
-            pass
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
+            raise ValueError(f"{rel}: cannot read its DICOM header to split by patient ({exc}); "
+                             "remove or repair the file") from exc
+        patient = str(getattr(ds, "PatientID", "") or "")
+        if patient:
+            return f"patient:{patient}"
     return rel
 
 

@@ -152,6 +152,13 @@ def test_rsna_csv_layout_splits_by_patient(tmp_path: Path) -> None:
     assert val_set
 
 
+def test_a_dicom_whose_patient_cannot_be_read_stops_the_split_with_its_name(tmp_path: Path) -> None:
+    data = make_rsna(tmp_path / "rsna")
+    (data / "ID_000000003.dcm").write_bytes(b"not a DICOM file at all")  # the second slice of patient P001
+    with pytest.raises(ValueError, match="ID_000000003.dcm: cannot read its DICOM header"):
+        discover_samples(Task.HEAD_CT_ICH, data)
+
+
 # --- metrics -------------------------------------------------------------------------------------
 
 
