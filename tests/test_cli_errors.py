@@ -3,6 +3,7 @@ never a traceback; --version; `serve --port 0`; `jobs list`; the demo's port."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import re
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -88,58 +90,46 @@ def test_subscribe_to_an_unreachable_fhir_server_names_the_setting_and_the_url(t
     assert line.startswith("cds-triage subscribe: ")
 
 
-class NotFhir(http.server.BaseHTTPRequestHandler):
-    """A web server that is not a FHIR server: an HTML 404 page for everything."""
+@contextlib.contextmanager
+def answering(status: int, body: bytes = b"", **headers: str) -> Iterator[str]:
+    """A web server on loopback that gives every GET the same answer; yields its base URL."""
 
-    def do_GET(self) -> None:  # noqa: N802
-        body = b"<!DOCTYPE html>\n<html><head><title>Not found</title></head>\n<body><h1>404</h1>\n<p>Nothing here</p></body></html>"
-        self.send_response(404)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
 
-    def log_message(self, *args: object) -> None:
-        pass
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+NOT_FOUND_PAGE = b"<!DOCTYPE html>\n<html><head><title>Not found</title></head>\n<body><h1>404</h1>\n<p>Nothing here</p></body></html>"
 
 
 def test_subscribe_to_a_url_that_is_not_a_fhir_server_names_the_setting(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFhir)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
+    with answering(404, NOT_FOUND_PAGE, **{"Content-Type": "text/html"}) as base:  # a web server, not a FHIR server
+        url = base + "/"
         line = assert_one_line(cli(["subscribe"], tmp_path, CDS_FHIR_BASE_URL=url),
                                "CDS_FHIR_BASE_URL", url, "404")
         assert "<" not in line  # the HTML page is not pasted into the message
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class Unauthorised(http.server.BaseHTTPRequestHandler):
-    """A FHIR server that wants credentials we did not send: 401 with an empty body."""
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.send_response(401)
-        self.send_header("WWW-Authenticate", 'Bearer realm="fhir"')
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def test_subscribe_refused_for_credentials_names_the_credential_settings(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unauthorised)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/fhir"
-        line = assert_one_line(cli(["subscribe"], tmp_path, CDS_FHIR_BASE_URL=url), "401", "CDS_FHIR_BEARER_TOKEN")
+    with answering(401, **{"WWW-Authenticate": 'Bearer realm="fhir"'}) as base:  # wants credentials we did not send
+        line = assert_one_line(cli(["subscribe"], tmp_path, CDS_FHIR_BASE_URL=base + "/fhir"), "401", "CDS_FHIR_BEARER_TOKEN")
         assert "refused our credentials" in line and "is the server up" not in line
         assert "401:" not in line  # no empty detail after the status
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_jobs_with_an_unreachable_redis_names_the_queue_setting(tmp_path):
