@@ -277,8 +277,10 @@ CREDENTIAL_SETTINGS = {
 
 def hint_for(error: TriageError, where: str) -> str:
     """What to check: our credentials when the server refused who we are, else the URL and the server."""
-    status = getattr(error, "status_code", None)
-    if status in (401, 403) and error.server in CREDENTIAL_SETTINGS:
+    from cds_service.core.errors import UpstreamRejectedError
+
+    refused = isinstance(error, UpstreamRejectedError) and error.status_code in (401, 403)
+    if refused and error.server in CREDENTIAL_SETTINGS:
         return f"{where} refused our credentials: check {CREDENTIAL_SETTINGS[error.server]}"
     return f"{where}: is it right, and is the server up?"
 

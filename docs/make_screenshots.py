@@ -108,7 +108,7 @@ def study_to_show(worklist_url: str) -> str:
         rows = json.load(answer)["rows"]
     raised = [row for row in rows if row.get("heatmap") and row.get("topFinding") and not row.get("shadow")]
     # the demo's glioma sample, which the model gets right, rather than whichever raised row sorts first
-    chosen = next((row for row in raised if SHOWCASE_PATIENT in json.dumps(row)), None)
+    chosen = next((row for row in raised if row.get("patient") == SHOWCASE_PATIENT), None)
     chosen = chosen or next(iter(raised), None) or next((row for row in rows if row.get("heatmap")), None)
     if chosen is None:
         raise SystemExit("make_screenshots: no study on the worklist has a heatmap")
