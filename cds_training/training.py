@@ -114,6 +114,8 @@ class TaskSetup:
     # the bar a trained label must clear on the validation split before its finding may raise a priority
     priority_bar_min_positives: int = 20
     priority_bar_min_auc_lower95: float = 0.80
+    # ((center lo, hi), (width lo, hi)) HU: a DICOM's own window within these is used (PreprocessingSpec.own_window)
+    own_window: tuple[tuple[float, float], tuple[float, float]] | None = None
 
 
 TASK_SETUPS: dict[Task, TaskSetup] = {
@@ -137,13 +139,14 @@ TASK_SETUPS: dict[Task, TaskSetup] = {
         ((40.0, 80.0), (40.0, 80.0), (40.0, 80.0)),
         # bleeds occur on either side, so left-right flips are valid; windowed CT keeps brightness small
         # brightness/contrast wide enough to cover the spread of DICOM brain windows the PNGs were made with
-        # (30/80 to 40/150 HU) around the 40/80 HU window the service applies to DICOM
+        # (30/80 to 40/150 HU); DICOM input gets its own brain window too (own_window below)
         Augmentation(rotate_deg=10, scale=(0.9, 1.1), translate=0.05, brightness=0.12, contrast=0.25, hflip=True),
         "Flag non-contrast head CT series that may show intracranial haemorrhage (any type; the subtype is "
         "named where the model is trusted for it), to move the study up a radiologist's worklist.",
-        "The training PNGs are taken as brain-window images (centre 40 HU, width 80 HU): their grey "
-        "levels 0..255 map to 0..1 directly. DICOM input is windowed with the same window "
-        "(kind ct_windows, windows [[40,80],[40,80],[40,80]]) so it looks like the training PNGs. "
+        "The training PNGs were each made with their DICOM's own window (a brain window: centre 30-50 HU, "
+        "width 80-150 HU); their grey levels 0..255 map to 0..1 directly. DICOM input is windowed the same way: "
+        "with its own first Window Center/Width when that is a brain window (centre 20-60 HU, width 60-160 HU, "
+        "own_window), else with 40/80 HU (windows), so it looks like the training PNGs. "
         "Every image is converted to one grey channel and resized to a fixed square size first, "
         "which removes the original image size and RGBA/RGB layout (in this data they differ between sources, "
         "a shortcut the model must not learn).",
@@ -152,6 +155,9 @@ TASK_SETUPS: dict[Task, TaskSetup] = {
         # normal series against 46% for window 2 (head_ct_ich 2.1.0); max and top-k scored lower still there but
         # ignore adjacency, so a longer series (150-300 slices) gives an isolated spike more chances
         SeriesPooling(PoolingMethod.ADJACENT_MEAN, 3),
+        # the RSNA DICOMs' own windows (30/80, 36/80, 40/80, 40/150, 35/135, 50/100 ...): brain-tissue grey levels of
+        # the training PNGs match the DICOMs at their own window (median 121 vs 120), not at 40/80 (103)
+        own_window=((20.0, 60.0), (60.0, 160.0)),
     ),
     Task.CHEST_PNEUMOTHORAX: TaskSetup(
         Task.CHEST_PNEUMOTHORAX,
@@ -187,7 +193,8 @@ PROVENANCE: dict[str, str] = {
 
 def default_spec(task: Task, image_size: int) -> PreprocessingSpec:
     setup = TASK_SETUPS[task]
-    return PreprocessingSpec(kind=setup.spec_kind, input_size=image_size, windows=setup.windows)
+    return PreprocessingSpec(kind=setup.spec_kind, input_size=image_size, windows=setup.windows,
+                             own_window=setup.own_window)
 
 
 def model_name(task: Task) -> str:
@@ -1092,7 +1099,7 @@ def _card(
         ]
     if task is Task.HEAD_CT_ICH:
         limitations += [
-            "Reads each axial slice of a non-contrast head CT in a brain window (40/80 HU), then asks "
+            "Reads each axial slice of a non-contrast head CT in a brain window (the scan's own, else 40/80 HU), then asks "
             "neighbouring slices to agree before it raises a study. A bleed seen on a single thin slice, "
             "or only in a subdural or bone window, can be missed.",
             "Trained on single slices (no whole scans): the series decision rests on slice results.",

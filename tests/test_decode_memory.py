@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from cds_devtools.dicom_data import dicom_bytes, encoder_available, make_dataset
-from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, dicom_to_model_input, read_dicom, resize
+from cds_service.core.preprocessing import (PreprocessingSpec, ct_windows_for, dicom_to_image, dicom_to_model_input, read_dicom,
+                                           resize)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def todays_image(ds: pydicom.Dataset, spec: PreprocessingSpec, size: int | None 
         return np.clip(out, 0.0, 1.0, out=out)
 
     if spec.kind == "ct_windows":
-        planes = [window(values, c, w) for c, w in spec.windows]
+        planes = [window(values, c, w) for c, w in ct_windows_for(ds, spec)]  # the window rule is not re-implemented
     else:
         if spec.kind == "xray" and ("VOILUTSequence" in ds or "WindowCenter" in ds):
             values = apply_voi_lut(values, ds).astype(np.float32)

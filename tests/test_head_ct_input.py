@@ -1,9 +1,10 @@
 """Head CT: a DICOM slice and its 8-bit brain-window conversion reach the model alike.
 
-The hemorrhage model is trained on RSNA PNGs, each made from a DICOM windowed with a brain
-window (40/80 HU) and stored 8-bit. The service sees the DICOM: HU from Rescale Slope and
-Intercept, the card's 40/80 HU window, the same resize. Here a DICOM is converted to its PNG
-the way the training data was, and both go through the shipped model.
+The hemorrhage model is trained on RSNA PNGs, each made from a DICOM windowed with that DICOM's
+own window (a brain window: 30/80, 36/80, 40/80, 40/150 ... HU) and stored 8-bit. The service
+sees the DICOM: HU from Rescale Slope and Intercept, the file's own window when it is a brain
+window (the card's `own_window` ranges), else the card's 40/80 HU, the same resize. Here a DICOM
+is converted to its PNG the way the training data was, and both go through the shipped model.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from PIL import Image
 from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Task
 from cds_service.core.models import load_model
-from cds_service.core.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
+from cds_service.core.preprocessing import (PreprocessingSpec, ct_windows_for, dicom_to_image, dicom_window, grey_to_image,
+                                           load_grey, read_dicom, to_batch)
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 DICOM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "head_ct_dicom_unlabelled"
 
 
-def brain_window_png(ds, center: float = 40.0, width: float = 80.0) -> bytes:
-    """What the RSNA PNG conversion did: HU, the window, 8 bits."""
+def brain_window_png(ds, center: float | None = None, width: float | None = None) -> bytes:
+    """What the RSNA PNG conversion did: HU, the file's own window (or the one given), 8 bits."""
+    if center is None or width is None:
+        center, width = dicom_window(ds) or (40.0, 80.0)
     hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     grey = np.clip((hu - (center - width / 2)) / width, 0, 1) * 255
     buffer = io.BytesIO()
@@ -54,7 +58,8 @@ def dicom_slices() -> list:
 def test_a_dicom_slice_and_its_png_conversion_give_the_model_the_same_input_and_answer() -> None:
     model = load_model(WEIGHTS, Task.HEAD_CT_ICH)
     spec = model.card.preprocessing
-    assert spec.windows[0] == (40.0, 80.0), "the card's DICOM window must be the training PNGs' brain window"
+    assert spec.windows[0] == (40.0, 80.0), "without a brain window of its own, a DICOM gets the 40/80 HU brain window"
+    assert spec.own_window is not None, "the training PNGs were made with each DICOM's own window"
     for ds in dicom_slices():
         from_dicom = dicom_to_image(ds, spec)
         from_png = grey_to_image(load_grey(brain_window_png(ds)), spec)
@@ -62,6 +67,55 @@ def test_a_dicom_slice_and_its_png_conversion_give_the_model_the_same_input_and_
         assert np.abs(from_dicom - from_png).max() <= 1.0 / 255 + 1e-6  # 8-bit rounding only
         p_dicom, p_png = model.predict(to_batch([from_dicom, from_png], spec))
         assert np.abs(p_dicom - p_png).max() < 0.02
+
+
+def test_the_real_slices_own_windows_are_used_and_differ_from_40_80() -> None:
+    """The real RSNA DICOMs carry 30/80, 36/80, 40/150 ... windows: each is used, so the check above
+    compares against the file's own conversion, not a fixed 40/80 one (which is 30 grey levels off for
+    a 30/80 file)."""
+    if not DICOM_DIR.is_dir():
+        pytest.skip("the real RSNA DICOMs are not here")
+    spec = load_model(WEIGHTS, Task.HEAD_CT_ICH).card.preprocessing
+    windows = {ct_windows_for(ds, spec)[0] for ds in dicom_slices()}
+    assert windows != {(40.0, 80.0)}
+    ds = next(ds for ds in dicom_slices() if ct_windows_for(ds, spec)[0] != (40.0, 80.0))
+    fixed = grey_to_image(load_grey(brain_window_png(ds, 40.0, 80.0)), spec)
+    assert np.abs(dicom_to_image(ds, spec) - fixed).max() > 0.05
+
+
+@pytest.mark.parametrize(("center", "width", "expected"), [
+    (30.0, 80.0, (30.0, 80.0)),     # the commonest RSNA brain window
+    (40.0, 150.0, (40.0, 150.0)),   # a wide brain window
+    (500.0, 2000.0, (40.0, 80.0)),  # a bone window: the card's brain window instead
+    (75.0, 215.0, (40.0, 80.0)),    # a subdural window: likewise
+    (None, None, (40.0, 80.0)),     # no window at all
+])
+def test_own_window_only_when_it_is_a_brain_window(center, width, expected) -> None:
+    spec = load_model(WEIGHTS, Task.HEAD_CT_ICH).card.preprocessing
+    ds = make_dataset(synthetic_head_slice(), rescale_slope=1.0, rescale_intercept=-1024.0, window_center=center,
+                      window_width=width, bits_stored=12)
+    assert ct_windows_for(ds, spec) == (expected,) * 3
+
+
+def test_a_multi_valued_window_gives_its_first_pair() -> None:
+    ds = make_dataset(synthetic_head_slice(), rescale_slope=1.0, rescale_intercept=-1024.0, window_center=36.0,
+                      window_width=80.0, bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = [36, 600], [80, 2800]
+    assert dicom_window(ds) == (36.0, 80.0)
+    ds.WindowWidth = 0
+    assert dicom_window(ds) is None  # a window of no width is no window
+    del ds.WindowWidth
+    assert dicom_window(ds) is None
+
+
+def test_own_window_is_checked_at_load() -> None:
+    with pytest.raises(ValueError, match="own_window"):
+        PreprocessingSpec(kind="ct_windows", input_size=224, windows=((40, 80), (80, 200), (600, 2800)),
+                          own_window=((20, 60), (60, 160)))
+    with pytest.raises(ValueError, match="own_window"):
+        PreprocessingSpec(kind="mr_robust", input_size=224, own_window=((20, 60), (60, 160)))
+    spec = PreprocessingSpec(kind="ct_windows", input_size=224, windows=((40, 80),) * 3, own_window=((20, 60), (60, 160)))
+    assert PreprocessingSpec.from_card(spec.to_card(), 224) == spec
 
 
 def test_a_different_window_is_not_the_same_input() -> None:

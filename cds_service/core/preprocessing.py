@@ -7,7 +7,9 @@ retrained model with another window or size needs no code change.
 
 Spec kinds:
 - `ct_windows`: Hounsfield units (Rescale Slope/Intercept applied), one window per
-  channel, e.g. brain 40/80, subdural 80/200, bone 600/2800.
+  channel, e.g. brain 40/80, subdural 80/200, bone 600/2800. With `own_window` (one window on
+  all channels only), a DICOM's own first Window Center/Width is used instead when it lies
+  within the card's ranges: the training PNGs were each made with their file's own window.
 - `mr_robust`: percentile normalisation, since MR intensities have no absolute scale.
 - `xray`: modality LUT, VOI LUT or window, MONOCHROME1 inverted, then percentiles.
 
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import pydicom
 import pydicom.encaps
+import pydicom.multival
 import pydicom.uid
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
@@ -44,6 +47,8 @@ class PreprocessingSpec:
     percentiles: tuple[float, float] = (0.5, 99.5)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    # ((center lo, hi), (width lo, hi)) in HU: a DICOM's own window inside both ranges replaces `windows`
+    own_window: tuple[tuple[float, float], tuple[float, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SPEC_KINDS:
@@ -57,6 +62,12 @@ class PreprocessingSpec:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= lo < hi <= 100")
+        if self.own_window is not None:
+            if self.kind != "ct_windows" or len(set(self.windows)) != 1:
+                raise ValueError("own_window needs ct_windows with one window on all three channels")
+            (c_lo, c_hi), (w_lo, w_hi) = self.own_window
+            if not (c_lo <= c_hi and 0 < w_lo <= w_hi):
+                raise ValueError(f"own_window ranges {self.own_window} must be (lo <= hi), widths positive")
 
     @classmethod
     def from_card(cls, block: dict[str, Any], input_size: int) -> "PreprocessingSpec":
@@ -67,15 +78,25 @@ class PreprocessingSpec:
             percentiles=tuple(block.get("percentiles", (0.5, 99.5))),  # type: ignore[arg-type]
             mean=tuple(block.get("mean", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
             std=tuple(block.get("std", (0.25, 0.25, 0.25))),  # type: ignore[arg-type]
+            own_window=_own_window(block.get("own_window")),
         )
 
     def to_card(self) -> dict[str, Any]:
         block: dict[str, Any] = {"kind": self.kind, "mean": list(self.mean), "std": list(self.std)}
         if self.kind == "ct_windows":
             block["windows"] = [list(w) for w in self.windows]
+            if self.own_window is not None:
+                block["own_window"] = {"center": list(self.own_window[0]), "width": list(self.own_window[1])}
         else:
             block["percentiles"] = list(self.percentiles)
         return block
+
+
+def _own_window(block: dict[str, Any] | None) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    if not block:
+        return None
+    (c_lo, c_hi), (w_lo, w_hi) = block["center"], block["width"]
+    return ((float(c_lo), float(c_hi)), (float(w_lo), float(w_hi)))
 
 
 # --- intensity steps -----------------------------------------------------------------
@@ -334,13 +355,40 @@ def modality_values(ds: pydicom.Dataset) -> np.ndarray:
     return values
 
 
+def dicom_window(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The DICOM's own first Window Center/Width in its modality's units (HU for CT), or None when it
+    has none or it cannot be read. Multi-valued windows give their first pair, as DICOM viewers and
+    the usual PNG conversions of the RSNA data do."""
+    def first(value: Any) -> float:
+        return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
+
+    try:
+        center, width = first(ds.WindowCenter), first(ds.WindowWidth)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return (center, width) if np.isfinite(center) and np.isfinite(width) and width > 0 else None
+
+
+def ct_windows_for(ds: pydicom.Dataset, spec: PreprocessingSpec) -> tuple[tuple[float, float], ...]:
+    """The windows this CT image is shown to the model in: its own window when the card allows it and
+    the window lies within the card's ranges (a brain window), else the card's fixed windows. A bone
+    or subdural window, or none at all, falls back to the card's brain window."""
+    own = dicom_window(ds) if spec.own_window is not None else None
+    if own is not None and spec.own_window is not None:
+        (c_lo, c_hi), (w_lo, w_hi) = spec.own_window
+        if c_lo <= own[0] <= c_hi and w_lo <= own[1] <= w_hi:
+            return (own, own, own)
+    return spec.windows
+
+
 def dicom_to_image(ds: pydicom.Dataset, spec: PreprocessingSpec) -> np.ndarray:
     """One DICOM image to an HxWx3 float32 array in [0, 1], as the card says."""
     values = modality_values(ds)  # our own float32 copy: windowed or normalised in place
     if spec.kind == "ct_windows":
-        if len(set(spec.windows)) == 1:  # one window on all channels (the shipped head CT card)
-            return _three_channels(window(values, *spec.windows[0], out=values))
-        return np.stack([window(values, c, w) for c, w in spec.windows], axis=2)
+        windows = ct_windows_for(ds, spec)
+        if len(set(windows)) == 1:  # one window on all channels (the shipped head CT card)
+            return _three_channels(window(values, *windows[0], out=values))
+        return np.stack([window(values, c, w) for c, w in windows], axis=2)
     if spec.kind == "xray":
         if "VOILUTSequence" in ds or "WindowCenter" in ds:
             values = apply_voi_lut(values, ds).astype(np.float32)
@@ -358,10 +406,15 @@ def dicom_to_model_input(ds: pydicom.Dataset, spec: PreprocessingSpec) -> np.nda
     size = spec.input_size
     if spec.kind != "ct_windows":
         return resize(dicom_to_image(ds, spec), size)[..., 0]  # one plane repeated (_three_channels)
-    values = modality_values(ds)
-    if len(set(spec.windows)) == 1:
-        return resize(window(values, *spec.windows[0], out=values)[..., None], size)[..., 0]
-    return np.stack([resize(window(values, c, w)[..., None], size)[..., 0] for c, w in spec.windows], axis=2)
+    return ct_values_to_model_input(modality_values(ds), ct_windows_for(ds, spec), size)
+
+
+def ct_values_to_model_input(values: np.ndarray, windows: Sequence[tuple[float, float]], size: int) -> np.ndarray:
+    """CT values (HU, float32, the caller's own: windowed in place) to the model input of
+    `dicom_to_model_input`: size x size with one window, size x size x 3 with several."""
+    if len(set(windows)) == 1:
+        return resize(window(values, *windows[0], out=values)[..., None], size)[..., 0]
+    return np.stack([resize(window(values, c, w)[..., None], size)[..., 0] for c, w in windows], axis=2)
 
 
 def as_model_input(image: np.ndarray) -> np.ndarray:
