@@ -461,7 +461,7 @@ def sequential_latency(fhir: FhirClient, api: httpx.Client, orthanc_url: str, ki
     for _ in range(count):
         order = place_order(fhir, orthanc_url, kind, rng)  # images and order first: not timed
         accepted = submit(fhir, order)
-        wait_until(lambda: priority_raised(fhir, order), 300, config.poll_s, f"triage of a {kind.label}")
+        wait_until(lambda order=order: priority_raised(fhir, order), 300, config.poll_s, f"triage of a {kind.label}")
         seen = time.time()
         records.append(latency_record(accepted, seen, job_times(api, order)))
     return records

@@ -178,10 +178,6 @@ def fhir_deletion(path: str) -> Any:
 # --- Jobs and health ----------------------------------------------------------------------------
 
 
-def _job_or_404(job_id: str) -> Job | None:
-    return ctx().store.get(job_id)
-
-
 @api.get("/jobs")
 def list_jobs() -> Any:
     if refused := operator_refusal():
@@ -200,7 +196,7 @@ def list_jobs() -> Any:
 def get_job(job_id: str) -> Any:
     if refused := operator_refusal():
         return refused
-    job = _job_or_404(job_id)
+    job = ctx().store.get(job_id)
     if job is None:
         return operation_outcome(404, f"no job {job_id}", "not-found")
     return jsonify(job.to_json())
@@ -211,7 +207,7 @@ def requeue_job(job_id: str) -> Any:
     """An operator re-runs a job (a failed one with fresh attempts); 409 while a live worker runs it."""
     if refused := operator_refusal():
         return refused
-    job = _job_or_404(job_id)
+    job = ctx().store.get(job_id)
     if job is None:
         return operation_outcome(404, f"no job {job_id}", "not-found")
     job = ctx().store.requeue(job_id)
