@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 
 from cds_service.core.anatomy import dataset_shape, middle_slices
-from cds_service.core.decoding import decode_pool, prepare_file
+from cds_service.core.decoding import decode_pool, known_position, positions_order, prepare_file, prepare_values_file
 from cds_service.core.domain import Study, Task, TriageResult, TriageStatus
 from cds_service.core.errors import BadDicomError, ModelUnavailableError, TriageError
 from cds_service.core.inference import score_stream
@@ -37,6 +37,7 @@ from cds_service.adapters.pacs import series_from_dataset, sort_slices
 from cds_service.core.preprocessing import as_model_input, dicom_to_image, dicom_to_model_input, grey_to_image, load_grey, read_dicom, resize
 from cds_service.core.routing import not_applicable_reason, pixel_candidates, task_for_series, task_from_pixels
 from cds_service.core.settings import Settings
+from cds_service.core.slabs import SlabPlan, plan_slabs, slab_image, slab_inputs
 from cds_service.core.triage import triage_images, triage_scores
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -193,18 +194,45 @@ def triage_input(item: LocalInput, registry: ModelRegistry, settings: Settings, 
                             series_uid=series.uid, with_heatmap=with_heatmap)
 
 
+def local_plan(datasets: Sequence[pydicom.Dataset], model: LoadedModel) -> SlabPlan | None:
+    """The slab plan of a folder's series (`core.slabs`, from the headers already read), or None where
+    each slice is read alone: the card asks for no slabs, the slices are not all in files, their SOP
+    Instance UIDs repeat, or the plan has no slab of more than one slice."""
+    slab_mm, spec = model.card.series_pooling.slab_mm, model.card.preprocessing
+    if slab_mm is None or spec.kind != "ct_windows" or len(datasets) < 2:
+        return None
+    sops = [str(getattr(ds, "SOPInstanceUID", "") or "") for ds in datasets]
+    if not all(isinstance(getattr(ds, "filename", None), (str, Path)) for ds in datasets) or len(set(sops)) != len(sops):
+        return None
+    plan = plan_slabs([known_position(ds) for ds in datasets], slab_mm)
+    return plan if plan.slabbed else None
+
+
 def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], registry: ModelRegistry,
                      settings: Settings, *, study_uid: str, series_uid: str, with_heatmap: bool) -> TriageResult:
     """A DICOM series scored as the worker scores one (`pipeline.run_triage`): each slice decoded and
     scored as it comes, its model input then dropped; the input check's middle slices and the driving
-    slice decoded again. The same numbers as decoding every slice first (tests/test_large_studies.py)."""
+    slice decoded again. The same numbers as decoding every slice first (tests/test_large_studies.py).
+    A thin-slice series is read as slabs (`core.slabs`, the worker's code): each slice decoded to HU and
+    summed into its slab, the driving slab's slices read again and averaged for Grad-CAM."""
     task, spec = model.card.task, model.card.preprocessing
     statistics: list[np.ndarray] = []
     files = [getattr(ds, "filename", None) for ds in datasets]
     pooled = (settings.decode_processes != 0 and len(datasets) >= POOL_MIN_SLICES
               and all("PixelData" not in ds and isinstance(f, (str, Path)) for ds, f in zip(datasets, files)))
+    plan = local_plan(datasets, model)
+    slab_order: list[tuple[float, float]] = []
 
     def model_inputs() -> Iterator[np.ndarray]:
+        if plan is not None:
+            decoded = decode_pool(settings.decode_processes if pooled else 0).map(
+                prepare_values_file, [str(f) for f in files], spec)
+            sops = [str(ds.SOPInstanceUID) for ds in datasets]
+            for slab in slab_inputs(decoded, plan, sops, spec.input_size):
+                statistics.append(slab.statistics)
+                slab_order.append((float(slab.index), 0.0))
+                yield slab.image
+            return
         if pooled:
             for prepared in decode_pool(settings.decode_processes).map(prepare_file, [str(f) for f in files], spec):
                 statistics.append(prepared.statistics)
@@ -215,7 +243,19 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
             statistics.append(image_statistics(image))
             yield image
 
-    scores = score_stream(model, model_inputs(), len(datasets), settings.inference_batch_size, keep_features=False)
+    expected = len(plan.groups) if plan is not None else len(datasets)
+    scores = score_stream(model, model_inputs(), expected, settings.inference_batch_size, keep_features=False)
+    sop_instance_uids = [str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets]
+    image_of_slice = lambda index: _dicom_image(datasets[index], model)  # noqa: E731 - the slice, read again
+    if plan is not None:  # slabs in anatomical order; each named by its middle slice, drawn as its slices' mean
+        order = positions_order(slab_order)
+        scores = scores.reordered(order)
+        statistics = [statistics[index] for index in order]
+        sop_instance_uids = [sop_instance_uids[index] for index in plan.middles()]
+
+        def image_of_slice(index: int) -> np.ndarray:
+            return _slab_image([datasets[member] for member in plan.groups[index]], model)
+
     ct_shapes = None
     if task is Task.HEAD_CT_ICH and str(getattr(datasets[0], "Modality", "")).upper() == "CT":
         ct_shapes = [dataset_shape(with_pixels(datasets[index])) for index in middle_slices(len(datasets))]
@@ -223,10 +263,20 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
     if verdict.fits is False:
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, task=task, series_uid=series_uid,
                             reason=verdict.reason)
-    return triage_scores(model, scores, lambda index: _dicom_image(datasets[index], model), settings.priority_rules,
-                         study_uid=study_uid, series_uid=series_uid,
-                         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
+    return triage_scores(model, scores, image_of_slice, settings.priority_rules,
+                         study_uid=study_uid, series_uid=series_uid, sop_instance_uids=sop_instance_uids,
                          with_heatmap=with_heatmap)
+
+
+def _slab_image(members: Sequence[pydicom.Dataset], model: LoadedModel) -> np.ndarray:
+    """`slabs.slab_image` of slices read again from their files; one that cannot be decoded names its file."""
+    full = []
+    for ds in members:
+        try:
+            full.append(with_pixels(ds))
+        except BadDicomError as exc:
+            raise BadDicomError(f"{getattr(ds, 'filename', '')}: {exc}") from exc
+    return slab_image(full, model.card.preprocessing)
 
 
 def _checked_triage(model: LoadedModel, images: list[np.ndarray], registry: ModelRegistry, settings: Settings, *,

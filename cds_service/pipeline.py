@@ -8,20 +8,16 @@ a thin adapter (FhirClient, Pacs) that raises the service's error kinds.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import pydicom
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
-from cds_service.core.anatomy import CtSliceShape, middle_slices
-from cds_service.core.decoding import DecodePool, PreparedSlice, decode_pool, measure_shape, prepare_slice
+from cds_service.core.decoding import decode_pool, prepare_slice, prepare_values
 from cds_service.core.domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
 from cds_service.core.errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
@@ -30,12 +26,14 @@ from cds_service.core.input_profile import series_verdict
 from .jobs.state import Job, JobState
 from cds_service.adapters.metrics import observe_model_latency
 from cds_service.core.models import ModelRegistry
-from cds_service.adapters.pacs import Pacs, positions_order
-from cds_service.core.preprocessing import dicom_to_image, read_dicom
+from cds_service.adapters.pacs import Pacs
+from cds_service.core.preprocessing import dicom_to_image
 from cds_service.core.priority import parse_priority, raised_priority
 from cds_service.core.routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
 from cds_service.adapters.secondary_capture import heatmap_to_pacs
 from cds_service.core.settings import Settings
+from cds_service.core.slabs import slab_image, slab_inputs
+from cds_service.streamed_series import StreamedSeries, series_plan
 from cds_service.core.triage import triage_scores
 
 log = logging.getLogger(__name__)
@@ -125,22 +123,32 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    model card says (by the decoder processes, CDS_DECODE_PROCESSES, or in this thread: the
     #    default on small machines) while the model's threads score the batch before. Of each slice
     #    only its place, its SOP Instance UID and a few hundred numbers for the input check are kept:
-    #    memory does not grow with the series.
+    #    memory does not grow with the series. A thin-slice series (the card's slab_mm, core/slabs.py)
+    #    is planned from its positions first and scored as slabs: each slice is decoded to HU, summed
+    #    into its slab, and the slab becomes one model input when its last slice has arrived.
     spec = model.card.preprocessing
     pool = decode_pool(settings.decode_processes)
-    series = StreamedSeries(pacs, ctx.study_uid, route.series.uid, pool, settings.max_series_bytes)
+    plan, plan_sops = series_plan(pacs, ctx.study_uid, route.series, model.card.series_pooling.slab_mm, spec.kind)
+    series = StreamedSeries(pacs, ctx.study_uid, route.series.uid, pool, settings.max_series_bytes,
+                            plan=plan if plan.slabbed else None, plan_sops=plan_sops)
 
     def model_inputs() -> Iterator[np.ndarray]:
         parts = pacs.iter_series_parts(ctx.study_uid, route.series, settings.max_instances)
-        for prepared in pool.map(prepare_slice, parts, spec, settings.max_series_bytes):
-            series.add(prepared)
-            yield prepared.image
+        if series.plan is not None:
+            decoded = pool.map(prepare_values, parts, spec, settings.max_series_bytes)
+            for slab in slab_inputs(series.counted(decoded), series.plan, plan_sops, spec.input_size):
+                series.add_slab(slab)
+                yield slab.image
+        else:
+            for prepared in pool.map(prepare_slice, parts, spec, settings.max_series_bytes):
+                series.add(prepared)
+                yield prepared.image
         if route.task is Task.HEAD_CT_ICH and series.modality.upper() == "CT":
             series.measure_middle_slices()  # fetched again while the last batch is scored
 
     started = time.perf_counter()
-    scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.inference_batch_size,
-                          keep_features=False)
+    expected = len(plan.groups) if series.plan is not None else route.series.number_of_instances
+    scores = score_stream(model, model_inputs(), expected, settings.inference_batch_size, keep_features=False)
     scores = scores.reordered(series.order)
 
     # 4b. Refuse what the model was not made for (a chest CT whose header says head, an X-ray of a
@@ -154,6 +162,8 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    drove the finding is fetched and decoded again (the explanation scores it, shifted, and the
     #    overlay draws on it), so no slice is kept while the series arrives.
     def slice_image(index: int) -> np.ndarray:
+        if series.plan is not None:  # the slab, its slices fetched again and averaged as when it was scored
+            return slab_image(series.slab_datasets(index), spec)
         return dicom_to_image(series.dataset(index), spec)
 
     result = triage_scores(
@@ -176,6 +186,8 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
         change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
     summary = result_summary(result) | {"routedBy": route.evidence, "inputCheck": verdict.to_summary(),
                                         "written": written, "priority": change}
+    if plan.thickness_mm is not None:  # "300 instances read as 30 slabs of 5 mm", or why each was read alone
+        summary["slabs"] = plan.to_summary()
 
     # 8. The heatmap back into the PACS, as a Secondary Capture in the same study (optional).
     #    Its failure is recorded in the job result; it never fails a triage already written.
@@ -185,99 +197,6 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
 
     log.info("triage done", extra={"job": job.id, "task": route.task.value, "priority": change})
     return JobState.DONE, "", summary
-
-
-@dataclass
-class StreamedSeries:
-    """What the pipeline keeps of a series streamed through the decoders, a few numbers per slice, and
-    the few slices it fetches again afterwards (the input check's middle slices, the driving slice)."""
-
-    pacs: Pacs
-    study_uid: str
-    series_uid: str
-    pool: DecodePool
-    max_decode_bytes: int
-    positions: list[tuple[float, float]] = field(default_factory=list)
-    sops: list[str] = field(default_factory=list)
-    stats: list[np.ndarray] = field(default_factory=list)
-    modalities: list[str] = field(default_factory=list)
-    weight: int = 0  # what CDS_MAX_SERIES_BYTES counts
-    _order: list[int] | None = None
-    _parts: dict[str, bytes] = field(default_factory=dict)  # SOP Instance UID -> fetched again
-    _datasets: dict[str, pydicom.Dataset] = field(default_factory=dict)
-    _middle: Future | None = None
-
-    def add(self, prepared: PreparedSlice) -> None:
-        self.weight += prepared.instance_bytes
-        self.pacs.check_series_bytes(self.weight, len(self.sops) + 1)
-        self.positions.append(prepared.position)
-        self.sops.append(prepared.sop_instance_uid)
-        self.stats.append(prepared.statistics)
-        self.modalities.append(prepared.modality)
-
-    @property
-    def order(self) -> list[int]:
-        """Arrival indices in anatomical order."""
-        if self._order is None or len(self._order) != len(self.sops):
-            self._order = positions_order(self.positions)
-        return self._order
-
-    @property
-    def modality(self) -> str:
-        """The modality of the first slice in anatomical order."""
-        return self.modalities[self.order[0]] if self.sops else ""
-
-    def statistics(self) -> list[np.ndarray]:
-        return [self.stats[index] for index in self.order]
-
-    def sop_instance_uids(self) -> list[str]:
-        return [self.sops[index] for index in self.order]
-
-    def measure_middle_slices(self) -> None:
-        """Start fetching the middle slices again and measuring them (`anatomy.dataset_shape`), in the
-        background: the input check waits for them in `middle_shapes`."""
-        sops = [self.sop_instance_uids()[index] for index in middle_slices(len(self.sops))]
-
-        def fetch_and_measure() -> list[CtSliceShape | None]:
-            with ThreadPoolExecutor(max_workers=max(1, len(sops)), thread_name_prefix="refetch") as fetcher:
-                parts = list(fetcher.map(self._part, sops))
-            return self.pool.map_all(measure_shape, parts, self.max_decode_bytes)
-
-        self._middle = in_background(fetch_and_measure, "middle-slices")
-
-    def middle_shapes(self) -> list[CtSliceShape | None] | None:
-        """The measured middle slices (None: not measured, not a CT routed to the head CT model)."""
-        return None if self._middle is None else self._middle.result()
-
-    def _part(self, sop: str) -> bytes:
-        if sop not in self._parts:
-            self._parts[sop] = self.pacs.retrieve_part(self.study_uid, self.series_uid, sop)
-        return self._parts[sop]
-
-    def dataset(self, index: int) -> pydicom.Dataset:
-        """The slice at `index` in anatomical order, fetched again (or kept from the input check's fetch)."""
-        sop = self.sop_instance_uids()[index]
-        if sop not in self._datasets:
-            ds = read_dicom(self._part(sop))
-            self._datasets[sop] = ds
-        return self._datasets[sop]
-
-    def fetched_datasets(self) -> list[pydicom.Dataset]:
-        return list(self._datasets.values())
-
-
-def in_background(function: Callable[[], Any], name: str) -> Future:
-    """Run `function` in a thread of its own; its result (or exception) in the returned Future."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(function())
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 def pixel_looks(pacs: Pacs, study_uid: str, candidates: list[Series], models: ModelRegistry) -> dict[str, Task | None]:

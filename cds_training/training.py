@@ -154,7 +154,8 @@ TASK_SETUPS: dict[Task, TaskSetup] = {
         # highest, adjacent mean of 2 or 3): at 90% of simulated bleeding series raised, window 3 raised 36% of
         # normal series against 46% for window 2 (head_ct_ich 2.1.0); max and top-k scored lower still there but
         # ignore adjacency, so a longer series (150-300 slices) gives an isolated spike more chances
-        SeriesPooling(PoolingMethod.ADJACENT_MEAN, 3),
+        # RSNA slices are ~5 mm (28-44 a head): a thin-slice series is read as 5 mm slabs (core/slabs.py)
+        SeriesPooling(PoolingMethod.ADJACENT_MEAN, 3, slab_mm=5.0),
         # the RSNA DICOMs' own windows (30/80, 36/80, 40/80, 40/150, 35/135, 50/100 ...): brain-tissue grey levels of
         # the training PNGs match the DICOMs at their own window (median 121 vs 120), not at 40/80 (103)
         own_window=((20.0, 60.0), (60.0, 160.0)),
@@ -1102,6 +1103,8 @@ def _card(
             "Reads each axial slice of a non-contrast head CT in a brain window (the scan's own, else 40/80 HU), then asks "
             "neighbouring slices to agree before it raises a study. A bleed seen on a single thin slice, "
             "or only in a subdural or bone window, can be missed.",
+            "Thin-slice scans (under about 3 mm) are read as 5 mm slabs, each the average of the thin slices it covers, "
+            "as the model was trained on 5 mm slices; a bleed smaller than a slab can be diluted.",
             "Trained on single slices (no whole scans): the series decision rests on slice results.",
             "The heatmap is broad: it covers the part of the brain that drove the score and centres on large bleeds, "
             "but does not outline a small one. Look at the whole study, not only where it is red.",

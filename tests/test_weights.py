@@ -92,7 +92,7 @@ def test_head_ct_card_says_what_was_trained() -> None:
     assert c["trained_labels"] == list(TASK_LABELS[Task.HEAD_CT_ICH])  # any + the five subtypes
     assert c["preprocessing"]["kind"] == "ct_windows"
     assert c["preprocessing"]["windows"] == [[40.0, 80.0]] * 3
-    assert c["series_pooling"] == {"method": "adjacent_mean", "window": 3}
+    assert c["series_pooling"] == {"method": "adjacent_mean", "window": 3, "slab_mm": 5.0}  # thin slices: 5 mm slabs
     assert "any" in c["priority_labels"]
     for label, verdict in c["priority_bar"]["labels"].items():  # a subtype short of its bar raises nothing alone
         assert verdict["raises_priority"] == (label in c["priority_labels"])

@@ -18,7 +18,7 @@ from dicomweb_client import DICOMwebClient
 from cds_service.core.domain import Series, Study
 from cds_service.core.errors import (BadDicomError, PermanentError, StudyNotFoundError, StudyTooLargeError, TransientError, TriageError,
                                      UpstreamError, UpstreamRejectedError, is_retryable_status)
-from cds_service.core.decoding import slice_position
+from cds_service.core.decoding import known_position, positions_order, slice_position
 from cds_service.adapters.metrics import count_upstream_error
 from cds_service.core.preprocessing import decode_cost, instance_bytes
 from cds_service.core.settings import Settings
@@ -33,6 +33,7 @@ STUDY_DESCRIPTION = "00081030"
 REQUESTED_PROCEDURE = "00321060"
 ANATOMIC_REGION = "00082218"
 INSTANCE_NUMBER = "00200013"
+IMAGE_POSITION = "00200032"
 SOP_UID = "00080018"
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'  # WADO-RS, in the stored syntax
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -45,8 +46,18 @@ class StudyNotInPacsError(TransientError):
     """QIDO-RS finds no series: the images may still be on their way, so it is retried."""
 
 
-__all__ = ["Pacs", "PacsConfig", "pacs_from_settings", "StudyNotInPacsError", "StudyTooLargeError", "instance_bytes", "slice_order",
-           "sort_slices"]
+__all__ = ["Pacs", "PacsConfig", "pacs_from_settings", "StudyNotInPacsError", "StudyTooLargeError", "instance_bytes",
+           "positions_order", "slice_order", "sort_slices"]
+
+
+def place_from_qido(attrs: dict[str, Any]) -> tuple[str, tuple[float, float] | None]:
+    """One QIDO-RS instance result (DICOM JSON) as (SOP Instance UID, `decoding.known_position`): placed by
+    the rule the decoded slices are ordered by; an unreadable position is no position."""
+    try:
+        ds = pydicom.Dataset.from_json({tag: attrs[tag] for tag in (SOP_UID, INSTANCE_NUMBER, IMAGE_POSITION) if tag in attrs})
+        return str(getattr(ds, "SOPInstanceUID", "") or ""), known_position(ds)
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return str(_value(attrs, SOP_UID)), None
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,14 @@ class Pacs:
             raise StudyTooLargeError(f"an instance is larger than the limit of {self.config.max_series_bytes} bytes "
                                      "(CDS_MAX_SERIES_BYTES)")
         return ds
+
+    def instance_places(self, study_uid: str, series_uid: str) -> list[tuple[str, tuple[float, float] | None]]:
+        """The series' instances as (SOP Instance UID, position or None) from QIDO-RS, ImagePositionPatient
+        and InstanceNumber asked for: the slab plan is made before any pixel is fetched. Orthanc answers
+        from its index (both are main instance tags); a PACS that leaves the position out: no slabs."""
+        found = self._call(lambda: self.client.search_for_instances(
+            study_uid, series_uid, fields=[INSTANCE_NUMBER, IMAGE_POSITION], get_remaining=True), study_uid)
+        return [place_from_qido(attrs) for attrs in found or []]
 
     def iter_series_parts(self, study_uid: str, series: Series, max_instances: int) -> Iterator[bytes]:
         """The series' instances as WADO-RS delivers them, each as its Part-10 bytes in the stored transfer
@@ -369,11 +388,6 @@ def multipart_parts(response: requests.Response, chunk_size: int = 1 << 20) -> I
 def slice_order(datasets: Sequence[pydicom.Dataset]) -> list[int]:
     """Indices of the slices in anatomical order (ImagePositionPatient z, else InstanceNumber)."""
     return positions_order([slice_position(ds) for ds in datasets])
-
-
-def positions_order(positions: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices in anatomical order of slices at these `decoding.slice_position`s."""
-    return sorted(range(len(positions)), key=positions.__getitem__)
 
 
 def sort_slices(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:

@@ -38,7 +38,8 @@ import pydicom
 from cds_service.core.anatomy import CtSliceShape, dataset_shape
 from cds_service.core.errors import BadDicomError, StudyTooLargeError
 from cds_service.core.input_profile import image_statistics
-from cds_service.core.preprocessing import PreprocessingSpec, as_model_input, decode_cost, dicom_to_model_input, instance_bytes, read_dicom
+from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_windows_for, decode_cost, dicom_to_model_input,
+                                            instance_bytes, modality_values, read_dicom)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,17 @@ def slice_position(ds: pydicom.Dataset) -> tuple[float, float]:
     position = getattr(ds, "ImagePositionPatient", None)
     z = float(position[2]) if position is not None and len(position) == 3 else 0.0
     return (z, float(getattr(ds, "InstanceNumber", 0) or 0))
+
+
+def known_position(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """`slice_position`, or None when the slice has no ImagePositionPatient (no slabs can be planned)."""
+    position = getattr(ds, "ImagePositionPatient", None)
+    return slice_position(ds) if position is not None and len(position) == 3 else None
+
+
+def positions_order(positions: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices in anatomical order of slices at these `slice_position`s."""
+    return sorted(range(len(positions)), key=positions.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,47 @@ def prepare_file(path: str, spec: PreprocessingSpec, max_decode_bytes: int = 0) 
     decoded names its file."""
     try:
         return prepare_slice(Path(path).read_bytes(), spec, max_decode_bytes)
+    except OSError as exc:
+        raise BadDicomError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    except BadDicomError as exc:
+        raise BadDicomError(f"{path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class PreparedValues:
+    """One CT slice of a slab (`core.slabs`), decoded: its HU at full size and its window(s), which the
+    pipeline averages with the slab's other slices before the model input is made."""
+
+    sop_instance_uid: str
+    position: tuple[float, float]  # slice_position
+    modality: str
+    values: np.ndarray  # HU, float32, full size
+    windows: tuple[tuple[float, float], ...]  # preprocessing.ct_windows_for
+    instance_bytes: int
+    seconds: float
+
+
+def prepare_values(data: bytes, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedValues:
+    """Parse, check and decode one CT instance to HU (`prepare_slice` up to the window). Pure."""
+    started = time.perf_counter()
+    ds = read_dicom(data)
+    check_decode_cost(ds, max_decode_bytes)
+    values = modality_values(ds)
+    return PreparedValues(
+        sop_instance_uid=str(getattr(ds, "SOPInstanceUID", "") or ""),
+        position=slice_position(ds),
+        modality=str(getattr(ds, "Modality", "") or ""),
+        values=values,
+        windows=tuple(ct_windows_for(ds, spec)),
+        instance_bytes=instance_bytes(ds),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def prepare_values_file(path: str, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedValues:
+    """`prepare_values` of a DICOM file; a slice that cannot be decoded names its file."""
+    try:
+        return prepare_values(Path(path).read_bytes(), spec, max_decode_bytes)
     except OSError as exc:
         raise BadDicomError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
     except BadDicomError as exc:

@@ -41,23 +41,34 @@ class SeriesPooling:
     `adjacent_mean` asks neighbouring slices to agree: a bleed spans several 5 mm slices, while a
     single slice's spike (a beam-hardening streak at the skull base, the head rest) does not.
     A series shorter than `window` falls back to its mean (one image: that image's score).
+
+    `slab_mm`: the slice thickness the model was trained on. A thin-slice series is read as slabs of
+    about that thickness, each the mean in HU of the slices it covers (`core.slabs`), so that the
+    model and the `window` of neighbours see ~5 mm slices as in training. None: slice by slice.
     """
 
     method: PoolingMethod = PoolingMethod.MAX
     window: int = 1
+    slab_mm: float | None = None
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError("series_pooling.window must be at least 1")
+        if self.slab_mm is not None and not (np.isfinite(self.slab_mm) and self.slab_mm > 0):
+            raise ValueError("series_pooling.slab_mm must be a positive number of millimetres (or absent)")
 
     @classmethod
     def from_card(cls, block: dict[str, Any] | None) -> "SeriesPooling":
         if not block:
             return cls()
-        return cls(PoolingMethod(block["method"]), int(block.get("window", 1)))
+        slab = block.get("slab_mm")
+        return cls(PoolingMethod(block["method"]), int(block.get("window", 1)), None if slab is None else float(slab))
 
     def to_card(self) -> dict[str, Any]:
-        return {"method": self.method.value, "window": self.window}
+        block: dict[str, Any] = {"method": self.method.value, "window": self.window}
+        if self.slab_mm is not None:
+            block["slab_mm"] = self.slab_mm
+        return block
 
     def _runs(self, column: np.ndarray) -> np.ndarray | None:
         """The mean of every run of `window` neighbouring slices; None where the maximum rules."""
