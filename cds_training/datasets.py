@@ -353,6 +353,18 @@ def probable_negatives(task: Task, folder: Path, part: str = "all") -> list[Samp
     return out
 
 
+def extra_labelled(task: Task, folder: Path) -> list[Sample]:
+    """Labelled images of another source in the task's folder layout (for head CT: the Kaggle
+    `head_ct_png/{hemorrhage,normal}`), for the training split only: the reported metrics stay on the
+    main data's validation and test splits. Labels the folder does not name are unknown (masked)."""
+    folder = Path(folder)
+    out = [Sample(f"{folder.name}/{s.rel}", s.path, s.targets, s.known, f"{folder.name}/{s.group}")
+           for s in _folder_samples(task, folder)]
+    if not out:
+        raise FileNotFoundError(f"no labelled images in {folder} (expected the task's class folders)")
+    return out
+
+
 def build_split(task: Task, data_dir: Path, split: dict) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """Train / validation / test exactly as a card's `data.split` block describes them.
 

@@ -48,6 +48,7 @@ from .datasets import (
     load_image,
     original_size_features,
     preprocess_samples,
+    extra_labelled,
     probable_negatives,
     resolve_data_dir,
 )
@@ -240,6 +241,7 @@ class TrainConfig:
     grouping: str = "patient"  # or "similarity": near-identical images grouped before the split
     extra_negatives: Path | None = None  # unlabelled probable negatives, training split only
     extra_negatives_part: str = "all"
+    extra_data: Path | None = None  # labelled images of another source, training split only
     target_sensitivity: float = 0.95  # per label, on the validation split: the operating threshold
     threads: int = 0  # torch threads; 0 = every core (two trainings side by side: 1 each)
     command: str = ""  # the command line that ran this training, for the card and weights/README.md
@@ -524,8 +526,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     train_set, val_set, test_set = build_split(task, data_dir, config.split_block())
     samples = train_set + val_set + test_set
-    if config.extra_negatives is not None:
-        train_set = train_set + probable_negatives(task, config.extra_negatives, config.extra_negatives_part)
+    train_set = with_extra_training_data(config, train_set)
     # a label is trained when the training data says something about it
     trained = tuple(label for j, label in enumerate(labels) if any(s.known[j] for s in train_set))
     trained_mask = np.array([label in trained for label in labels], dtype=np.float32)
@@ -803,11 +804,13 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
     extra_negatives = old["data"].get("extra_training_negatives")
     if extra_negatives:
         config.extra_negatives, config.extra_negatives_part = Path(extra_negatives["dir"]), extra_negatives["part"]
+    extra_data = old["data"].get("extra_training_data")
+    if extra_data:
+        config.extra_data = Path(extra_data["dir"])
     setup = TASK_SETUPS[task]
     resolved = resolve_data_dir(task, Path(data_dir))
     train_set, val_set, test_set = build_split(task, resolved, config.split_block())
-    if config.extra_negatives is not None:
-        train_set = train_set + probable_negatives(task, config.extra_negatives, config.extra_negatives_part)
+    train_set = with_extra_training_data(config, train_set)
     keep = {k: v for k, v in training.items() if k not in ("command",)}
     card = _card(config, default_spec(task, config.image_size), setup, tuple(old["trained_labels"]), old["thresholds"], {},
                  {key: old[key] for key in ("size_only_baseline",) if key in old}, keep, train_set, val_set, test_set, resolved)
@@ -1173,6 +1176,12 @@ def _card(
                 "count": sum(1 for s in train_set if s.rel.startswith(config.extra_negatives.name + "/")),
                 "use": "training split only, every label taken as 0 (probable negatives); never in validation or test"}}
                if config.extra_negatives else {}),
+            **({"extra_training_data": {
+                "dir": _display_path(config.extra_data),
+                "count": sum(1 for s in train_set if s.rel.startswith(config.extra_data.name + "/")),
+                "use": "training split only, with its own labels (labels it does not name are masked); "
+                       "never in validation or test"}}
+               if config.extra_data else {}),
         },
         "training": {
             "hardware": f"CPU ({cpu_model()}), {run['torch_threads']} cores, no GPU"
@@ -1211,6 +1220,16 @@ def _card(
         card["validation_metrics"] = metrics
     card.update(extra)
     return card
+
+
+def with_extra_training_data(config: TrainConfig, train_set: list[Sample]) -> list[Sample]:
+    """The training split with the extra sources the config names (probable negatives, another labelled
+    set): one place, so `train` and `recard` count the same images."""
+    if config.extra_negatives is not None:
+        train_set = train_set + probable_negatives(config.task, config.extra_negatives, config.extra_negatives_part)
+    if config.extra_data is not None:
+        train_set = train_set + extra_labelled(config.task, config.extra_data)
+    return train_set
 
 
 def _display_path(path: Path | None) -> str:
@@ -1377,6 +1396,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split unit: patient where known, else image; 'similarity' also groups near-identical images")
     parser.add_argument("--extra-negatives", type=Path, default=None, help="folder of unlabelled probable negatives, added to the training split only")
     parser.add_argument("--extra-negatives-part", choices=["all", "even", "odd"], default="all", help="half of --extra-negatives by file-name hash")
+    parser.add_argument("--extra-data", type=Path, default=None,
+                        help="labelled images of another source in the task's class folders (e.g. head_ct_png), "
+                             "added to the training split only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
     parser.add_argument("--target-sensitivity", type=float, default=0.95, help="per-label sensitivity on validation that sets each threshold")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by an earlier run")
@@ -1411,6 +1433,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grouping=args.grouping,
         extra_negatives=args.extra_negatives,
         extra_negatives_part=args.extra_negatives_part,
+        extra_data=args.extra_data,
         target_sensitivity=args.target_sensitivity,
         threads=args.threads,
         resume=args.resume,

@@ -383,3 +383,36 @@ def test_choose_thresholds_one_vs_rest_for_softmax() -> None:
     thresholds = choose_thresholds(pred)
     for j, label in enumerate(labels):
         assert sensitivity_specificity(truth == j, probs[:, j] >= thresholds[label])[0] >= 0.95
+
+
+def test_extra_labelled_data_trains_but_is_never_validated_or_tested(tmp_path: Path) -> None:
+    """`--extra-data` (e.g. the Kaggle head CT PNGs beside the RSNA slices): training split only, its own
+    labels (subtypes it does not name masked), counted in the card, and kept by `recard`."""
+    from cds_training.training import recard
+
+    data = make_rsna(tmp_path / "rsna")
+    extra = make_folders(tmp_path / "head_ct_png", HEAD, per_class=2)
+    out = tmp_path / "out"
+    train(tiny_config(Task.HEAD_CT_ICH, data, out, extra_data=extra))
+    card = json.loads((out / "head_ct_ich.json").read_text())
+    assert card["data"]["extra_training_data"]["count"] == 4
+    counts = card["data"]["counts"]
+    rsna_images = len(discover_samples(Task.HEAD_CT_ICH, data))
+    assert counts["train_total"] + counts["validation_total"] + counts.get("test_total", 0) == rsna_images + 4
+    assert "head_ct_png/" not in (out / "head_ct_ich.split.json").read_text()  # never validated or tested
+    again = recard(out, Task.HEAD_CT_ICH, data)
+    assert again["data"]["extra_training_data"]["count"] == 4
+    assert again["data"]["counts"]["train_total"] == card["data"]["counts"]["train_total"]
+
+
+def test_extra_labelled_samples_mask_what_their_folder_does_not_name(tmp_path: Path) -> None:
+    from cds_training.datasets import extra_labelled
+
+    samples = extra_labelled(Task.HEAD_CT_ICH, make_folders(tmp_path / "head_ct_png", HEAD, per_class=1))
+    assert {(s.rel.split("/")[1], s.targets[0], s.known) for s in samples} == {
+        ("hemorrhage", 1.0, (True, False, False, False, False, False)),
+        ("normal", 0.0, (True, False, False, False, False, False)),
+    }
+    assert all(s.rel.startswith("head_ct_png/") for s in samples)
+    with pytest.raises(FileNotFoundError, match="no labelled images"):
+        extra_labelled(Task.HEAD_CT_ICH, tmp_path)
