@@ -11,13 +11,14 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from itertools import chain
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
-from cds_service.core.decoding import decode_pool, prepare_slice, prepare_values
+from cds_service.core.decoding import PreparedValues, decode_pool, prepare_slice, prepare_values
 from cds_service.core.domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
 from cds_service.core.errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
@@ -32,11 +33,14 @@ from cds_service.core.priority import parse_priority, raised_priority
 from cds_service.core.routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
 from cds_service.adapters.secondary_capture import heatmap_to_pacs
 from cds_service.core.settings import Settings
-from cds_service.core.slabs import slab_image, slab_inputs
-from cds_service.streamed_series import StreamedSeries, series_plan
+from cds_service.core.slabs import single_slice, slab_image, slab_inputs
+from cds_service.streamed_series import StreamedSeries, in_background, series_plan
 from cds_service.core.triage import triage_scores
 
 log = logging.getLogger(__name__)
+# decoded slices held while the series' positions are asked for (QIDO-RS, ~0.2 s for 300 instances in
+# Orthanc): at 0.5 MB each (512 x 512 stored integers) at most 32 MB; then the worker waits for the plan
+PLAN_WAIT_SLICES = 64
 
 PRIORITY_UPDATE_ATTEMPTS = 5
 
@@ -123,32 +127,47 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    model card says (by the decoder processes, CDS_DECODE_PROCESSES, or in this thread: the
     #    default on small machines) while the model's threads score the batch before. Of each slice
     #    only its place, its SOP Instance UID and a few hundred numbers for the input check are kept:
-    #    memory does not grow with the series. A thin-slice series (the card's slab_mm, core/slabs.py)
-    #    is planned from its positions first and scored as slabs: each slice is decoded to HU, summed
-    #    into its slab, and the slab becomes one model input when its last slice has arrived.
+    #    memory does not grow with the series. A card with a slab thickness (head CT, core/slabs.py)
+    #    has the series' positions asked of the PACS (QIDO-RS) while its first slices arrive and are
+    #    decoded; a thin-slice series is then scored as slabs: each slice summed into its slab, and
+    #    the slab becomes one model input when its last slice has arrived. Any other series is read
+    #    slice by slice, as before.
     spec = model.card.preprocessing
     pool = decode_pool(settings.decode_processes)
-    plan, plan_sops = series_plan(pacs, ctx.study_uid, route.series, model.card.series_pooling.slab_mm, spec.kind)
-    series = StreamedSeries(pacs, ctx.study_uid, route.series.uid, pool, settings.max_series_bytes,
-                            plan=plan if plan.slabbed else None, plan_sops=plan_sops)
+    slab_mm = model.card.series_pooling.slab_mm if spec.kind == "ct_windows" else None
+    planning = (in_background(lambda: series_plan(pacs, ctx.study_uid, route.series, slab_mm), "slab-plan")
+                if slab_mm is not None else None)
+    series = StreamedSeries(pacs, ctx.study_uid, route.series.uid, pool, settings.max_series_bytes)
 
     def model_inputs() -> Iterator[np.ndarray]:
         parts = pacs.iter_series_parts(ctx.study_uid, route.series, settings.max_instances)
-        if series.plan is not None:
-            decoded = pool.map(prepare_values, parts, spec, settings.max_series_bytes)
-            for slab in slab_inputs(series.counted(decoded), series.plan, plan_sops, spec.input_size):
-                series.add_slab(slab)
-                yield slab.image
-        else:
+        if planning is None:
             for prepared in pool.map(prepare_slice, parts, spec, settings.max_series_bytes):
                 series.add(prepared)
                 yield prepared.image
+        else:
+            decoded = series.counted(pool.map(prepare_values, parts, spec, settings.max_series_bytes))
+            early: list[PreparedValues] = []
+            for prepared in decoded:  # decoded while the plan is asked for, held until it is known
+                early.append(prepared)
+                if planning.done() or len(early) >= PLAN_WAIT_SLICES:
+                    break
+            series.plan, series.plan_sops = planning.result()
+            if series.plan.slabbed:
+                for slab in slab_inputs(chain(early, decoded), series.plan, series.plan_sops, spec.input_size):
+                    series.add_slab(slab)
+                    yield slab.image
+            else:
+                for prepared in chain(early, decoded):
+                    alone = single_slice(prepared, spec.input_size)
+                    series.add(alone, counted=True)
+                    yield alone.image
         if route.task is Task.HEAD_CT_ICH and series.modality.upper() == "CT":
             series.measure_middle_slices()  # fetched again while the last batch is scored
 
     started = time.perf_counter()
-    expected = len(plan.groups) if series.plan is not None else route.series.number_of_instances
-    scores = score_stream(model, model_inputs(), expected, settings.inference_batch_size, keep_features=False)
+    scores = score_stream(model, model_inputs(), route.series.number_of_instances, settings.inference_batch_size,
+                          keep_features=False)
     scores = scores.reordered(series.order)
 
     # 4b. Refuse what the model was not made for (a chest CT whose header says head, an X-ray of a
@@ -162,7 +181,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    drove the finding is fetched and decoded again (the explanation scores it, shifted, and the
     #    overlay draws on it), so no slice is kept while the series arrives.
     def slice_image(index: int) -> np.ndarray:
-        if series.plan is not None:  # the slab, its slices fetched again and averaged as when it was scored
+        if series.slabbed:  # the slab: its slices fetched again and averaged
             return slab_image(series.slab_datasets(index), spec)
         return dicom_to_image(series.dataset(index), spec)
 
@@ -186,8 +205,8 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
         change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
     summary = result_summary(result) | {"routedBy": route.evidence, "inputCheck": verdict.to_summary(),
                                         "written": written, "priority": change}
-    if plan.thickness_mm is not None:  # "300 instances read as 30 slabs of 5 mm", or why each was read alone
-        summary["slabs"] = plan.to_summary()
+    if series.plan is not None:  # "300 instances read as 30 slabs of 5 mm", or why each was read alone
+        summary["slabs"] = series.plan.to_summary()
 
     # 8. The heatmap back into the PACS, as a Secondary Capture in the same study (optional).
     #    Its failure is recorded in the job result; it never fails a triage already written.

@@ -19,12 +19,9 @@ from cds_service.core.preprocessing import read_dicom
 from cds_service.core.slabs import SlabInput, SlabPlan, plan_slabs, single
 
 
-def series_plan(pacs: Pacs, study_uid: str, series: Series, slab_mm: float | None, kind: str) -> tuple[SlabPlan, list[str]]:
-    """The series' slab plan from its instances' positions (QIDO-RS), before any pixel is fetched, and
-    the SOP Instance UID of each planned instance. No thickness on the card, or a card that does not
-    read CT in HU: every instance alone, nothing asked."""
-    if slab_mm is None or kind != "ct_windows":
-        return single(0), []
+def series_plan(pacs: Pacs, study_uid: str, series: Series, slab_mm: float) -> tuple[SlabPlan, list[str]]:
+    """The series' slab plan from its instances' positions (QIDO-RS, asked while the first slices are
+    decoded), and the SOP Instance UID of each planned instance."""
     places = pacs.instance_places(study_uid, series.uid)
     sops = [sop for sop, _ in places]
     if series.number_of_instances and len(places) != series.number_of_instances:
@@ -46,7 +43,7 @@ class StreamedSeries:
     series_uid: str
     pool: DecodePool
     max_decode_bytes: int
-    plan: SlabPlan | None = None  # slabs of several instances (None: each instance is a model input)
+    plan: SlabPlan | None = None  # the slab plan, where the card asks for one (None: each instance alone)
     plan_sops: list[str] = field(default_factory=list)  # the planned instances' SOP Instance UIDs
     positions: list[tuple[float, float]] = field(default_factory=list)  # of each model input
     sops: list[str] = field(default_factory=list)  # of each model input (a slab: its middle instance)
@@ -54,35 +51,42 @@ class StreamedSeries:
     modalities: list[str] = field(default_factory=list)
     weight: int = 0  # what CDS_MAX_SERIES_BYTES counts
     instances: int = 0
+    _first_modality: str = ""
     _order: list[int] | None = None
     _parts: dict[str, bytes] = field(default_factory=dict)  # SOP Instance UID -> fetched again
     _datasets: dict[str, pydicom.Dataset] = field(default_factory=dict)
     _middle: Future | None = None
 
-    def _count(self, instance_bytes: int, modality: str) -> None:
+    def _count(self, instance_bytes: int) -> None:
         self.instances += 1
         self.weight += instance_bytes
         self.pacs.check_series_bytes(self.weight, self.instances)
-        if not self.modalities or self.plan is None:
-            self.modalities.append(modality)
 
-    def add(self, prepared: PreparedSlice) -> None:
-        self._count(prepared.instance_bytes, prepared.modality)
+    def counted(self, decoded: Iterator[PreparedValues]) -> Iterator[PreparedValues]:
+        """Decoded slices, each counted against CDS_MAX_SERIES_BYTES as it arrives."""
+        for prepared in decoded:
+            self._count(prepared.instance_bytes)
+            self._first_modality = self._first_modality or prepared.modality
+            yield prepared
+
+    def add(self, prepared: PreparedSlice, counted: bool = False) -> None:
+        """One slice, one model input (`counted`: already counted as it arrived)."""
+        if not counted:
+            self._count(prepared.instance_bytes)
         self.positions.append(prepared.position)
         self.sops.append(prepared.sop_instance_uid)
         self.stats.append(prepared.statistics)
-
-    def counted(self, decoded: Iterator[PreparedValues]) -> Iterator[PreparedValues]:
-        """The decoded slices of a slab plan, each counted against CDS_MAX_SERIES_BYTES as it arrives."""
-        for prepared in decoded:
-            self._count(prepared.instance_bytes, prepared.modality)
-            yield prepared
+        self.modalities.append(prepared.modality)
 
     def add_slab(self, slab: SlabInput) -> None:
         assert self.plan is not None
         self.positions.append((float(slab.index), 0.0))  # slabs are in anatomical order already
         self.sops.append(self.plan_sops[self.plan.middles()[slab.index]])
         self.stats.append(slab.statistics)
+
+    @property
+    def slabbed(self) -> bool:
+        return self.plan is not None and self.plan.slabbed
 
     @property
     def order(self) -> list[int]:
@@ -96,7 +100,7 @@ class StreamedSeries:
         """The modality of the first slice in anatomical order (of a slab plan: of the first to arrive)."""
         if not self.sops:
             return ""
-        return self.modalities[0] if self.plan is not None else self.modalities[self.order[0]]
+        return self._first_modality if self.slabbed else self.modalities[self.order[0]]
 
     def statistics(self) -> list[np.ndarray]:
         return [self.stats[index] for index in self.order]
@@ -107,7 +111,7 @@ class StreamedSeries:
 
     def instance_uids(self) -> list[str]:
         """Every instance's SOP Instance UID in anatomical order."""
-        if self.plan is None:
+        if self.plan is None or not self.plan.slabbed:
             return self.sop_instance_uids()
         return [self.plan_sops[index] for index in self.plan.anatomical()]
 

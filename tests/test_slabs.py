@@ -22,10 +22,11 @@ import pytest
 from cds_devtools.dicom_data import dicom_bytes
 from cds_service.core.decoding import PreparedValues, prepare_values
 from cds_service.core.domain import Task
-from cds_service.core.errors import UpstreamError
+from cds_service.core.errors import BadDicomError, UpstreamError
 from cds_service.core.model_cards import PoolingMethod, SeriesPooling
-from cds_service.core.preprocessing import PreprocessingSpec, ct_values_to_model_input, dicom_to_image, read_dicom
-from cds_service.core.slabs import plan_slabs, slab_image, slab_inputs
+from cds_service.core.preprocessing import (PreprocessingSpec, ct_values_to_model_input, dicom_to_image, modality_values,
+                                            read_dicom)
+from cds_service.core.slabs import SlabSum, plan_slabs, slab_image, slab_inputs
 from support import make_test_weights
 from test_decode_memory import head_ct_series
 
@@ -143,21 +144,38 @@ def test_a_slab_is_the_mean_of_its_slices_in_hu_and_k_identical_slices_give_back
     assert plan.groups == ((0, 1, 2), (3, 4, 5))
     slabs = {s.index: s for s in slab_inputs(reversed(decoded), plan, keys, SPEC.input_size)}  # any order
     for index, group in enumerate(plan.groups):
-        mean = np.mean([decoded[i].values.astype(np.float64) for i in group], axis=0).astype(np.float32)
+        mean = np.mean([modality_values(read_dicom(parts[i])).astype(np.float64) for i in group], axis=0
+                       ).astype(np.float32)  # the mean in HU, computed here
         np.testing.assert_allclose(slabs[index].model_input, ct_values_to_model_input(mean, SPEC.windows, 64),
                                    atol=1e-6)
         members = [read_dicom(parts[i]) for i in group]
         np.testing.assert_allclose(slab_image(members, SPEC), np.stack(
             [np.clip((mean - (c - w / 2)) / w, 0, 1) for c, w in SPEC.windows], axis=2), atol=1e-6)
     one_slice = prepare_values(parts[2], SPEC)
-    copies = [PreparedValues(f"k{i}", one_slice.position, "CT", one_slice.values, one_slice.windows, 0, 0.0)
-              for i in range(4)]  # four identical slices, four UIDs
+    copies = [PreparedValues(f"k{i}", one_slice.position, "CT", one_slice.values, one_slice.rescale, one_slice.windows,
+                             0, 0.0) for i in range(4)]  # four identical slices, four UIDs
+    assert one_slice.rescale == (1.0, -1024.0) and one_slice.values.dtype == np.uint16  # integers summed
     [slab] = slab_inputs(copies, plan_slabs(at(0, 1, 2, 3), 5.0), ["k0", "k1", "k2", "k3"], SPEC.input_size)
     from cds_service.core.preprocessing import dicom_to_model_input
 
     one = read_dicom(parts[2])
     assert np.array_equal(slab.model_input, dicom_to_model_input(one, SPEC))  # exactly, not nearly
     assert np.array_equal(slab_image([one] * 4, SPEC), dicom_to_image(read_dicom(parts[2]), SPEC))
+
+
+def test_slices_with_different_rescales_are_averaged_in_hu() -> None:
+    """Stored integers are summed while the slab's slices share Rescale Slope/Intercept; one that does not
+    turns the sum into HU: the mean is the mean in HU either way."""
+    a, b, c = (np.full((8, 8), v, np.uint16) for v in (1000, 2000, 500))
+    total = SlabSum()
+    total.add(a, (1.0, -1024.0))
+    total.add(b, (1.0, -1024.0))
+    assert total.total is not None and total.total.dtype == np.int64
+    total.add(c, (2.0, -1000.0))  # HU 0
+    total.add(np.full((8, 8), 24.0, np.float32), None)  # HU already (a Modality LUT)
+    np.testing.assert_allclose(total.mean(), np.full((8, 8), (-24 + 976 + 0 + 24) / 4), atol=1e-4)
+    with pytest.raises(BadDicomError, match="different sizes"):
+        total.add(np.zeros((4, 4), np.uint16), (1.0, 0.0))
 
 
 def test_a_slice_the_plan_does_not_name_or_a_slab_left_open_is_an_upstream_fault() -> None:

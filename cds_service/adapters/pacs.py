@@ -221,7 +221,7 @@ class Pacs:
         and InstanceNumber asked for: the slab plan is made before any pixel is fetched. Orthanc answers
         from its index (both are main instance tags); a PACS that leaves the position out: no slabs."""
         found = self._call(lambda: self.client.search_for_instances(
-            study_uid, series_uid, fields=[INSTANCE_NUMBER, IMAGE_POSITION], get_remaining=True), study_uid)
+            study_uid, series_uid, fields=[INSTANCE_NUMBER, IMAGE_POSITION]), study_uid)
         return [place_from_qido(attrs) for attrs in found or []]
 
     def iter_series_parts(self, study_uid: str, series: Series, max_instances: int) -> Iterator[bytes]:

@@ -38,8 +38,8 @@ import pydicom
 from cds_service.core.anatomy import CtSliceShape, dataset_shape
 from cds_service.core.errors import BadDicomError, StudyTooLargeError
 from cds_service.core.input_profile import image_statistics
-from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_windows_for, decode_cost, dicom_to_model_input,
-                                            instance_bytes, modality_values, read_dicom)
+from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_windows_for, decode_cost, dicom_pixels,
+                                            dicom_to_model_input, instance_bytes, modality_values, read_dicom)
 
 log = logging.getLogger(__name__)
 
@@ -123,29 +123,60 @@ def prepare_file(path: str, spec: PreprocessingSpec, max_decode_bytes: int = 0) 
 
 @dataclass(frozen=True)
 class PreparedValues:
-    """One CT slice of a slab (`core.slabs`), decoded: its HU at full size and its window(s), which the
-    pipeline averages with the slab's other slices before the model input is made."""
+    """One CT slice of a slab (`core.slabs`), decoded: its values at full size and its window(s), which
+    the pipeline sums with the slab's other slices before the model input is made."""
 
     sop_instance_uid: str
     position: tuple[float, float]  # slice_position
     modality: str
-    values: np.ndarray  # HU, float32, full size
+    values: np.ndarray  # stored integers (with `rescale`), else HU as float32 (`rescale` None)
+    rescale: tuple[float, float] | None  # Rescale Slope, Intercept: HU = values x slope + intercept
     windows: tuple[tuple[float, float], ...]  # preprocessing.ct_windows_for
     instance_bytes: int
     seconds: float
 
 
+def stored_values(ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """A CT slice's decoded values and the rescale to HU (`preprocessing.modality_values` before its
+    rescale): the stored integers and (slope, intercept), so a slab sums integers (exactly, and at a
+    quarter of the cost of float HU) and rescales its mean once; HU as float32 and None where there is
+    a Modality LUT Sequence or the decoded values are not integers."""
+    if "ModalityLUTSequence" in ds:
+        return modality_values(ds), None
+    pixels = dicom_pixels(ds)
+    try:
+        rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+    except Exception as exc:
+        raise BadDicomError(f"cannot apply modality LUT: {exc}") from exc
+    if np.issubdtype(pixels.dtype, np.integer):
+        return pixels, rescale
+    return to_hu(pixels, rescale), None
+
+
+def to_hu(stored: np.ndarray, rescale: tuple[float, float]) -> np.ndarray:
+    """Stored values (or their mean) in HU, float32, with `preprocessing.modality_values`' arithmetic (a
+    slab of k identical slices is then exactly the slice's `modality_values`)."""
+    values = stored.astype(np.float32)
+    slope, intercept = rescale
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values
+
+
 def prepare_values(data: bytes, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedValues:
-    """Parse, check and decode one CT instance to HU (`prepare_slice` up to the window). Pure."""
+    """Parse, check and decode one CT instance (`prepare_slice` up to the window). Pure."""
     started = time.perf_counter()
     ds = read_dicom(data)
     check_decode_cost(ds, max_decode_bytes)
-    values = modality_values(ds)
+    values, rescale = stored_values(ds)
     return PreparedValues(
         sop_instance_uid=str(getattr(ds, "SOPInstanceUID", "") or ""),
         position=slice_position(ds),
         modality=str(getattr(ds, "Modality", "") or ""),
         values=values,
+        rescale=rescale,
         windows=tuple(ct_windows_for(ds, spec)),
         instance_bytes=instance_bytes(ds),
         seconds=time.perf_counter() - started,

@@ -10,7 +10,7 @@ one slice; a series already about that thick is read slice by slice, as before.
 
 `plan_slabs` decides the slabs from the slices' positions (before any pixel arrives); `slab_inputs`
 turns decoded slices, arriving in any order, into the slabs' model inputs, holding only the slabs
-still open; `slab_image` rebuilds one slab's full-size image (the driving slab, for Grad-CAM). The
+still open (`SlabSum`: stored integers summed, rescaled to HU once per slab); `slab_image` rebuilds one slab's full-size image (the driving slab, for Grad-CAM). The
 worker (`pipeline.run_triage`) and `cds-triage triage` share all three.
 """
 
@@ -23,11 +23,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import pydicom
 
-from cds_service.core.decoding import PreparedValues, positions_order
+from cds_service.core.decoding import PreparedSlice, PreparedValues, positions_order, stored_values, to_hu
 from cds_service.core.errors import BadDicomError, UpstreamError
 from cds_service.core.input_profile import image_statistics
-from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_values_to_model_input, ct_windows_for,
-                                            modality_values, window)
+from cds_service.core.preprocessing import PreprocessingSpec, as_model_input, ct_values_to_model_input, ct_windows_for, window
 
 GAP_FACTOR = 1.5  # a step this many times the series' spacing is a missing slice: no slab spans it
 TOLERANCE_MM = 1e-3  # DS positions are decimal strings: 0.1 mm steps are not exact in binary
@@ -139,11 +138,53 @@ class SlabInput:
         return as_model_input(self.model_input)
 
 
+def single_slice(prepared: PreparedValues, input_size: int) -> PreparedSlice:
+    """A slice read alone from its decoded values (a series the plan leaves slice by slice): exactly what
+    `decoding.prepare_slice` gives, by the same arithmetic."""
+    values = to_hu(prepared.values, prepared.rescale) if prepared.rescale is not None else prepared.values
+    model_input = ct_values_to_model_input(values, prepared.windows, input_size)
+    return PreparedSlice(prepared.sop_instance_uid, prepared.position, prepared.modality, model_input,
+                         image_statistics(as_model_input(model_input)), prepared.instance_bytes, prepared.seconds)
+
+
+class SlabSum:
+    """One slab's slices added up as they arrive: stored integers summed exactly while every slice has
+    the same rescale (the usual case), else HU in float64. `mean` divides once: k identical slices give
+    back exactly the slice's `preprocessing.modality_values`."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.rescale: tuple[float, float] | None = None
+        self.count = 0
+
+    def add(self, values: np.ndarray, rescale: tuple[float, float] | None) -> None:
+        if self.total is not None and self.total.shape != values.shape:
+            raise BadDicomError(f"slices of different sizes ({self.total.shape} and {values.shape}) in one slab of the series")
+        if self.total is None:
+            self.total = values.astype(np.int64 if rescale is not None else np.float64)
+            self.rescale = rescale
+        elif rescale is not None and rescale == self.rescale:
+            self.total += values
+        else:  # rescales differ (or HU already): go on in HU
+            if self.rescale is not None:
+                slope, intercept = self.rescale
+                self.total = self.total * slope + self.count * intercept
+                self.rescale = None
+            self.total += values * rescale[0] + rescale[1] if rescale is not None else values
+        self.count += 1
+
+    def mean(self) -> np.ndarray:
+        """The slab's HU, float32."""
+        assert self.total is not None
+        mean = (self.total / self.count).astype(np.float32)
+        return to_hu(mean, self.rescale) if self.rescale is not None else mean
+
+
 def slab_inputs(decoded: Iterable[PreparedValues], plan: SlabPlan, keys: Sequence[str],
                 input_size: int) -> Iterator[SlabInput]:
-    """Decoded instances (HU at full size, in any order) summed per slab (float64, then divided: a slab
-    of k identical slices gives back exactly that slice), each slab's model input yielded as soon as
-    its last member arrived, in its middle instance's window(s). Only open slabs are held.
+    """Decoded instances (full size, in any order) summed per slab (`SlabSum`), each slab's model input
+    yielded as soon as its last member arrived, in its middle instance's window(s). Only open slabs
+    are held.
 
     `keys[i]` is plan instance i's SOP Instance UID. An instance the plan does not name, one that
     comes twice, or a slab still open at the end means the PACS delivered another series than it
@@ -152,8 +193,7 @@ def slab_inputs(decoded: Iterable[PreparedValues], plan: SlabPlan, keys: Sequenc
     for slab, group in enumerate(plan.groups):
         for member in group:
             where[keys[member]] = (slab, member == group[len(group) // 2])
-    sums: dict[int, np.ndarray] = {}
-    arrived: dict[int, int] = {}
+    sums: dict[int, SlabSum] = {}
     windows: dict[int, tuple[tuple[float, float], ...]] = {}
     seen: set[str] = set()
     for prepared in decoded:
@@ -163,19 +203,12 @@ def slab_inputs(decoded: Iterable[PreparedValues], plan: SlabPlan, keys: Sequenc
                                 "the series changed while it was fetched")
         seen.add(key)
         slab, is_middle = where[key]
-        if slab not in sums:
-            sums[slab] = prepared.values.astype(np.float64)
-        elif sums[slab].shape != prepared.values.shape:
-            raise BadDicomError(f"slices of different sizes ({sums[slab].shape} and {prepared.values.shape}) "
-                                "in one slab of the series")
-        else:
-            sums[slab] += prepared.values
+        total = sums.setdefault(slab, SlabSum())
+        total.add(prepared.values, prepared.rescale)
         if is_middle:
             windows[slab] = prepared.windows
-        arrived[slab] = arrived.get(slab, 0) + 1
-        if arrived[slab] == len(plan.groups[slab]):
-            mean = (sums.pop(slab) / arrived[slab]).astype(np.float32)
-            model_input = ct_values_to_model_input(mean, windows.pop(slab), input_size)
+        if total.count == len(plan.groups[slab]):
+            model_input = ct_values_to_model_input(sums.pop(slab).mean(), windows.pop(slab), input_size)
             yield SlabInput(slab, model_input, image_statistics(as_model_input(model_input)))
     if sums or len(seen) != len(where):
         raise UpstreamError(f"the PACS sent {len(seen)} of the {len(where)} instances it listed for this series: "
@@ -183,14 +216,11 @@ def slab_inputs(decoded: Iterable[PreparedValues], plan: SlabPlan, keys: Sequenc
 
 
 def mean_values(members: Sequence[pydicom.Dataset]) -> np.ndarray:
-    """The members' HU averaged as `slab_inputs` averages them (float64 sum, divided, float32)."""
-    total = modality_values(members[0]).astype(np.float64)
-    for ds in members[1:]:
-        values = modality_values(ds)
-        if values.shape != total.shape:
-            raise BadDicomError(f"slices of different sizes ({total.shape} and {values.shape}) in one slab of the series")
-        total += values
-    return (total / len(members)).astype(np.float32)
+    """The members' HU averaged as `slab_inputs` averages them."""
+    total = SlabSum()
+    for ds in members:
+        total.add(*stored_values(ds))
+    return total.mean()
 
 
 def slab_image(members: Sequence[pydicom.Dataset], spec: PreprocessingSpec) -> np.ndarray:
