@@ -2,7 +2,13 @@
 """Large head CT studies: time-to-triage, the pipeline's stages and the worker's peak memory, by size and storage.
 
 For each head CT of 40, 150 and 300 slices (512 x 512, a head phantom: skull, brain, air, noise, so
-JPEG-LS compresses it as it would a real slice, ~2.7x), stored uncompressed and JPEG-LS lossless:
+JPEG-LS compresses it as it would a real slice), stored uncompressed and JPEG-LS lossless, as real
+scans of those sizes are: 40 slices 5 mm apart, 150 at 1.0 mm and 300 at 0.5 mm (thin-slice
+reconstructions of one head, ~150 mm). A thin series is built from the 5 mm phantom: each thin slice is
+its 5 mm slice plus noise that sums to zero over the thin slices of that 5 mm (so their 5 mm averages
+are the phantom's slices, to the rounding of the stored integers, and each thin slice is sqrt(k) times
+noisier, as a thinner reconstruction is). The card's `series_pooling` (with `slab_mm`) is the shipped
+head CT card's, so the thin series are read as 5 mm slabs (core/slabs.py):
 
 1. **time-to-triage** on the real servers: Orthanc, the FHIR server, `cds-triage serve` and one
    `cds-triage worker` process (started afresh per size and storage, one warm-up study first):
@@ -41,10 +47,12 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
@@ -75,6 +83,12 @@ STORAGES = {"uncompressed": "explicit", "jpegls": "jpegls"}
 SIZE = 512
 SPACING_MM = 0.45
 SETTLE_S = 0.5
+THICK_MM = 5.0  # the 40-slice study's spacing, and the slab the thin ones are built from
+SLICE_MM = {40: 5.0, 150: 1.0, 300: 0.5}  # spacing by series length, as real head CTs are reconstructed
+HEAD_MM = 150.0  # what a thin series not in SLICE_MM covers
+# busy inside fetch_decode_score: also slab_sum (slices summed per slab, each slab or lone slice windowed and
+# resized, in the worker's thread) and positions (the series' positions asked of the PACS, in a thread beside)
+BUSY = OVERLAPPED + ("slab_sum", "positions")
 
 
 def head_slice(rng: np.random.Generator, index: int, count: int) -> np.ndarray:
@@ -93,6 +107,26 @@ def head_slice(rng: np.random.Generator, index: int, count: int) -> np.ndarray:
     return (hu.clip(-1024, 3071) + 1024).astype(np.uint16)
 
 
+def slice_mm(slices: int) -> float:
+    """The spacing of a series of `slices` (SLICE_MM, else what covers HEAD_MM, at most THICK_MM)."""
+    return SLICE_MM.get(slices, min(THICK_MM, HEAD_MM / slices))
+
+
+def head_series(rng: np.random.Generator, slices: int) -> list[np.ndarray]:
+    """Stored values of a head of `slices` slices at `slice_mm(slices)`: the 5 mm phantom, each 5 mm slice
+    split into k = 5 mm / spacing thin slices whose extra noise (sd 10 HU x sqrt(k)) sums to zero over the
+    k: the thin slices' mean is the 5 mm slice (to the stored integers' rounding)."""
+    k = max(1, round(THICK_MM / slice_mm(slices)))
+    thick = -(-slices // k)
+    out: list[np.ndarray] = []
+    for index in range(thick):
+        base = head_slice(rng, index, thick).astype(np.float64)
+        noise = rng.normal(0.0, 10.0 * np.sqrt(k), (k, SIZE, SIZE)) if k > 1 else np.zeros((1, SIZE, SIZE))
+        noise -= noise.mean(axis=0)
+        out += [np.rint(base + n).clip(0, 4095).astype(np.uint16) for n in noise]
+    return out[:slices]
+
+
 @dataclass
 class StudyTemplate:
     """A series' slices, encoded once; each study takes them with new UIDs."""
@@ -103,10 +137,12 @@ class StudyTemplate:
 
     @classmethod
     def build(cls, slices: int, storage: str, pixels: list[np.ndarray]) -> "StudyTemplate":
+        spacing = slice_mm(slices)
         datasets = [make_dataset(px, modality="CT", body_part="HEAD", series_description="CT HEAD WO",
                                  patient_id="BENCH-LARGE", instance_number=index + 1, rescale_slope=1,
                                  rescale_intercept=-1024, window_center=40, window_width=80,
-                                 pixel_spacing=(SPACING_MM, SPACING_MM), transfer_syntax=STORAGES[storage])
+                                 pixel_spacing=(SPACING_MM, SPACING_MM), transfer_syntax=STORAGES[storage],
+                                 slice_thickness=spacing, slice_location=round(index * spacing, 3))
                     for index, px in enumerate(pixels)]
         return cls(slices, storage, datasets)
 
@@ -168,29 +204,49 @@ def memory_of(worker_pid: int) -> dict[str, Any]:
             "total_peak_mb": worker + sum(children.values())}
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds these processes have used so far (those that are gone count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def time_to_triage(settings: Settings, orthanc_url: str, template: StudyTemplate, studies: int,
-                   workdir: Path) -> dict[str, Any]:
-    """A fresh worker; one warm-up study, then `studies` one at a time; the worker's peak memory."""
+                   workdir: Path, orthanc_pid: int | None = None) -> dict[str, Any]:
+    """A fresh worker; one warm-up study, then `studies` one at a time; the worker's peak memory, and the
+    CPU seconds each study took in the worker (and its decoder processes) and in Orthanc: on a machine
+    shared with other work, what two idle cores would need at the least."""
     fhir = FhirClient(settings.fhir_base_url)
     api = httpx.Client(base_url=settings.public_url, timeout=10, trust_env=False)
     worker = start_worker(settings, workdir / "logs" / f"worker-{template.slices}-{template.storage}", index=0)
-    records = []
+    records, worker_cpu, orthanc_cpu = [], [], []
     try:
         for attempt in range(studies + 1):
             order, orthanc_study = place_order(fhir, orthanc_url, template)
+            assert worker.pid is not None
+            before = cpu_seconds([worker.pid, *descendants(worker.pid)]), cpu_seconds([orthanc_pid] if orthanc_pid else [])
             fhir.update(order.study_resource, if_match=None)
             accepted = time.time()
             wait_until(lambda order=order: priority_raised(fhir, order), 300, 0.05, f"triage of {template.slices} slices")
             seen = time.time()
             if attempt:  # the first one loads the model and starts the decoders
                 records.append(latency_record(accepted, seen, job_times(api, order)))
+                worker_cpu.append(cpu_seconds([worker.pid, *descendants(worker.pid)]) - before[0])
+                orthanc_cpu.append(cpu_seconds([orthanc_pid] if orthanc_pid else []) - before[1])
             forget(orthanc_url, orthanc_study)
         memory = memory_of(worker.pid)
     finally:
         worker.stop()
         api.close()
         fhir.close()
-    return {"time_to_triage": summarise_latencies(records), "memory": memory}
+    return {"time_to_triage": summarise_latencies(records), "memory": memory,
+            "cpu_s": {"worker": statistics.median(worker_cpu), "orthanc": statistics.median(orthanc_cpu)}}
 
 
 def stages(settings: Settings, orthanc_url: str, template: StudyTemplate, runs: int) -> dict[str, Any]:
@@ -206,7 +262,7 @@ def stages(settings: Settings, orthanc_url: str, template: StudyTemplate, runs: 
                       service_request_id=order.service_request, source="bench", model_set="bench",
                       state=JobState.RUNNING)
             model = deps.models.get(Task.HEAD_CT_ICH)
-            clock = StageClock()
+            clock = SlabStageClock()
             with clock.installed(deps, model):
                 started = time.perf_counter()
                 state, reason, summary = pipeline.run_triage(job, deps)
@@ -215,7 +271,7 @@ def stages(settings: Settings, orthanc_url: str, template: StudyTemplate, runs: 
             if state is not JobState.DONE:
                 raise RuntimeError(f"the pipeline did not triage the study: {state.value} {reason}")
             if attempt:
-                seconds = {stage: clock.seconds.get(stage, 0.0) for stage in STAGES + OVERLAPPED if stage != "other"}
+                seconds = {stage: clock.seconds.get(stage, 0.0) for stage in STAGES + BUSY if stage != "other"}
                 seconds["other"] = max(0.0, total - sum(seconds[s] for s in STAGES if s != "other"))
                 totals.append(total)
                 per_stage.append(seconds)
@@ -224,7 +280,84 @@ def stages(settings: Settings, orthanc_url: str, template: StudyTemplate, runs: 
         deps.fhir.close()
     return {"per_study_s": statistics.median(totals), "runs_s": totals,
             "stages_s": {s: statistics.median(r[s] for r in per_stage) for s in STAGES},
-            "fetch_decode_score_busy_s": {s: statistics.median(r[s] for r in per_stage) for s in OVERLAPPED}}
+            "fetch_decode_score_busy_s": {s: statistics.median(r.get(s, 0.0) for r in per_stage) for s in BUSY}}
+
+
+class SlabStageClock(StageClock):
+    """The bench's stage clock, with the slab path's steps: the positions asked beside the first slices
+    (positions), the slices decoded (decode_preprocess, in the decoder processes or here), summed,
+    windowed and resized per slab or alone (slab_sum, here), the driving slab's slices fetched again and
+    averaged (gradcam)."""
+
+    @contextmanager
+    def installed(self, deps: pipeline.PipelineDeps, model: Any) -> Iterator[None]:
+        pacs = deps.pacs_for(deps.settings.dicomweb_url)
+        series = pipeline.StreamedSeries
+        real_counted = series.counted
+
+        def counted(streamed: Any, decoded: Iterator[Any]) -> Iterator[Any]:
+            for prepared in real_counted(streamed, decoded):
+                self.add("decode_preprocess", prepared.seconds)
+                yield prepared
+
+        real_slab_inputs = pipeline.slab_inputs
+
+        def slab_inputs(decoded: Iterator[Any], *args: Any, **kwargs: Any) -> Iterator[Any]:
+            waited = [0.0]  # waiting for the next decoded slice (WADO-RS, the decoders): not this step's
+
+            def timed() -> Iterator[Any]:
+                for_each = iter(decoded)
+                while True:
+                    started = time.perf_counter()
+                    item = next(for_each, StopIteration)
+                    waited[0] += time.perf_counter() - started
+                    if item is StopIteration:
+                        return
+                    yield item
+
+            iterator = iter(real_slab_inputs(timed(), *args, **kwargs))
+            while True:  # summing each slice into its slab, windowing and resizing each slab, in this thread
+                started, before = time.perf_counter(), waited[0]
+                item = next(iterator, StopIteration)
+                self.add("slab_sum", max(0.0, time.perf_counter() - started - (waited[0] - before)))
+                if item is StopIteration:
+                    return
+                yield item
+
+        real_add, real_single = series.add, pipeline.single_slice
+
+        def single_slice(*args: Any) -> Any:  # inside fetch_decode_score: busy time, added as it is spent
+            started = time.perf_counter()
+            try:
+                return real_single(*args)
+            finally:
+                self.add("slab_sum", time.perf_counter() - started)
+
+        def add(streamed: Any, prepared: Any, counted: bool = False) -> None:
+            if not counted:  # decoded by prepare_slice (a card without slabs); else timed by `counted`
+                self.add("decode_preprocess", prepared.seconds)
+            real_add(streamed, prepared, counted)
+
+        with ExitStack() as stack:
+            stack.enter_context(super().installed(deps, model))
+            stack.enter_context(mock.patch.object(series, "add", add))
+            stack.enter_context(mock.patch.object(series, "counted", counted))
+            stack.enter_context(mock.patch.object(pipeline, "slab_inputs", slab_inputs))
+            stack.enter_context(mock.patch.object(pipeline, "single_slice", single_slice))
+            stack.enter_context(mock.patch.object(series, "slab_datasets", self.wrap("gradcam", series.slab_datasets)))
+            stack.enter_context(mock.patch.object(pipeline, "slab_image", self.wrap("gradcam", pipeline.slab_image)))
+            # asked in a thread of its own while the first slices are decoded: busy time, not a stage
+            stack.enter_context(mock.patch.object(pacs, "instance_places", self.wrap("positions", pacs.instance_places)))
+            yield
+
+
+def with_shipped_series_rule(weights: Path) -> None:
+    """The head CT test card gets the shipped card's `series_pooling` (its window and slab thickness)."""
+    shipped = json.loads((REPO / "weights" / f"{Task.HEAD_CT_ICH.value}.json").read_text())
+    card_file = weights / f"{Task.HEAD_CT_ICH.value}.json"
+    card = json.loads(card_file.read_text())
+    card["series_pooling"] = shipped["series_pooling"]
+    card_file.write_text(json.dumps(card, indent=2))
 
 
 def bare_model(weights: Path, input_size: int, batch: int, threads: int) -> float:
@@ -250,6 +383,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights = workdir / "weights"
         for task in Task:
             make_test_weights(weights, task, input_size=args.input_size, preprocessing=production_preprocessing(task))
+        with_shipped_series_rule(weights)
+        slab_mm = json.loads((weights / f"{Task.HEAD_CT_ICH.value}.json").read_text())["series_pooling"].get("slab_mm")
         settings = Settings(operator_open_on_loopback=True, weights_dir=weights, data_dir=workdir / "inprocess",
                             workers=1, log_level="WARNING", http_timeout_s=60,
                             **({"decode_processes": int(os.environ["CDS_DECODE_PROCESSES"])}
@@ -257,7 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bare = bare_model(weights, args.input_size, settings.inference_batch_size, settings.inference_threads)
         log(f"bare model: {bare * 1000:.1f} ms per image at {args.input_size} px")
         rng = np.random.default_rng(21)
-        pixels = {size: [head_slice(rng, index, size) for index in range(size)] for size in args.sizes}
+        pixels = {size: head_series(rng, size) for size in args.sizes}
         results: dict[str, Any] = {}
         with start_orthanc(workdir / "orthanc") as orthanc, start_fhir_server(workdir / "fhir") as fhir_server:
             settings = replace(settings, fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url)
@@ -277,12 +412,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         template = StudyTemplate.build(size, storage, pixels[size])
                         key = f"{size}_{storage}"
                         log(f"{size} slices, {storage} ({template.stored_bytes / 1e6:.0f} MB stored): time-to-triage")
-                        entry = time_to_triage(service_settings, orthanc.url, template, args.studies, workdir)
+                        entry = time_to_triage(service_settings, orthanc.url, template, args.studies, workdir, orthanc.pid)
                         if args.stage_runs:
                             log(f"{size} slices, {storage}: stages, in-process")
                             entry["pipeline"] = stages(settings, orthanc.url, template, args.stage_runs)
+                        inputs = -(-size // max(1, round(slab_mm / slice_mm(size)))) if slab_mm else size
                         entry |= {"slices": size, "storage": storage, "stored_mb": template.stored_bytes / 1e6,
-                                  "bare_model_s": bare * size}
+                                  "slice_mm": slice_mm(size), "model_inputs": inputs, "bare_model_s": bare * inputs}
                         results[key] = entry
                         ttt, memory = entry["time_to_triage"], entry["memory"]
                         log(f"  p50 {ttt['p50_s']:.2f} s (p95 {ttt['p95_s']:.2f}), worker peak "
@@ -292,18 +428,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return rounded({
             "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "load_avg_start": list(load_start), "load_avg_end": list(os.getloadavg())},
+            "git": git_revision(),
             "config": {"input_size": args.input_size, "studies": args.studies, "stage_runs": args.stage_runs,
                        "batch_size": settings.inference_batch_size, "decode_processes": getattr(settings, "decode_processes", None),
-                       "slice": f"{SIZE} x {SIZE}, 16-bit, head phantom"},
+                       "slice": f"{SIZE} x {SIZE}, 16-bit, head phantom", "slab_mm": slab_mm,
+                       "slice_mm": {str(size): slice_mm(size) for size in args.sizes}},
             "bare_model_per_image_s": bare, "results": results,
         })
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def git_revision() -> str:
+    """The checkout's commit, "+changes" when its tracked files differ from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def print_report(summary: dict[str, Any]) -> None:
-    out = [f"\n{'study':<22}{'stored MB':>10}{'p50 s':>8}{'p95 s':>8}{'bare s':>8}{'worker MiB':>12}{'+decoders':>11}"
-           "   in-process stages (median s)"]
+    out = [f"\n{'study':<30}{'stored MB':>10}{'p50 s':>8}{'p95 s':>8}{'bare s':>8}{'worker MiB':>12}{'+decoders':>11}"
+           f"{'CPU s':>7}{'Orthanc':>8}   in-process stages (median s)"]
     for entry in summary["results"].values():
         memory, ttt = entry["memory"], entry["time_to_triage"]
         stages_text = ""
@@ -312,9 +460,11 @@ def print_report(summary: dict[str, Any]) -> None:
             busy = entry["pipeline"]["fetch_decode_score_busy_s"]
             stages_text = (f"{entry['pipeline']['per_study_s']:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in top)
                            + " (busy: " + ", ".join(f"{k} {v:.2f}" for k, v in busy.items()) + ")")
-        out.append(f"{entry['slices']:>4} slices {entry['storage']:<12}{entry['stored_mb']:>8.0f}{ttt['p50_s']:>10.2f}"
+        out.append(f"{entry['slices']:>4} x {entry['slice_mm']:g} mm ({entry['model_inputs']:>3}) {entry['storage']:<12}"
+                   f"{entry['stored_mb']:>4.0f}{ttt['p50_s']:>10.2f}"
                    f"{ttt['p95_s']:>8.2f}{entry['bare_model_s']:>8.2f}{memory['worker_peak_mb']:>12.0f}"
-                   f"{sum(memory['children_peak_mb']):>11.0f}   {stages_text}")
+                   f"{sum(memory['children_peak_mb']):>11.0f}{entry['cpu_s']['worker']:>7.2f}{entry['cpu_s']['orthanc']:>8.2f}"
+                   f"   {stages_text}")
 
     print("\n".join(out))
 
