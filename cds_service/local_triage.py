@@ -246,15 +246,17 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
     expected = len(plan.groups) if plan is not None else len(datasets)
     scores = score_stream(model, model_inputs(), expected, settings.inference_batch_size, keep_features=False)
     sop_instance_uids = [str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets]
-    image_of_slice = lambda index: _dicom_image(datasets[index], model)  # noqa: E731 - the slice, read again
     if plan is not None:  # slabs in anatomical order; each named by its middle slice, drawn as its slices' mean
         order = positions_order(slab_order)
         scores = scores.reordered(order)
         statistics = [statistics[index] for index in order]
         sop_instance_uids = [sop_instance_uids[index] for index in plan.middles()]
 
-        def image_of_slice(index: int) -> np.ndarray:
-            return _slab_image([datasets[member] for member in plan.groups[index]], model)
+    def image_of_slice(index: int) -> np.ndarray:
+        """The driving slice read again from its file, or the driving slab's slices read again and averaged."""
+        if plan is None:
+            return _dicom_image(datasets[index], model)
+        return _slab_image([datasets[member] for member in plan.groups[index]], model)
 
     ct_shapes = None
     if task is Task.HEAD_CT_ICH and str(getattr(datasets[0], "Modality", "")).upper() == "CT":
