@@ -267,7 +267,7 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
                             reason=verdict.reason)
     return triage_scores(model, scores, image_of_slice, settings.priority_rules,
                          study_uid=study_uid, series_uid=series_uid, sop_instance_uids=sop_instance_uids,
-                         with_heatmap=with_heatmap)
+                         with_heatmap=with_heatmap, slab_plan=plan)
 
 
 def _slab_image(members: Sequence[pydicom.Dataset], model: LoadedModel) -> np.ndarray:

@@ -188,6 +188,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     result = triage_scores(
         model, scores, slice_image, settings.priority_rules,
         study_uid=ctx.study_uid, series_uid=route.series.uid, sop_instance_uids=series.sop_instance_uids(),
+        slab_plan=series.plan,
     )
     result = replace(result, mode=mode)
     observe_model_latency(route.task.value, time.perf_counter() - started)

@@ -363,9 +363,9 @@ def build_media(
     model = _require_done(result)
     display = codes.finding_display(heatmap.label)
 
-    where = f"slice {heatmap.slice_index}"
+    where = heatmap.location
     if heatmap.sop_instance_uid:
-        where += f" (SOP Instance UID {heatmap.sop_instance_uid})"
+        where += f" (SOP Instance UID {heatmap.sop_instance_uid}{', its middle slice' if heatmap.averaged_slices > 1 else ''})"
     note = (
         f"Grad-CAM heatmap for {display} (label '{heatmap.label}'), {where}. "
         "Explanation overlay, not a diagnostic image. " + AI_DISCLAIMER
@@ -469,7 +469,7 @@ def build_diagnostic_report(
             DiagnosticReportMedia(
                 comment=(
                     f"Grad-CAM heatmap for {codes.finding_display(result.heatmap.label)}, "
-                    f"slice {result.heatmap.slice_index}. {AI_DISCLAIMER}"
+                    f"{result.heatmap.location}. {AI_DISCLAIMER}"
                 ),
                 link=_ref(media_reference),
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
@@ -344,6 +345,20 @@ def test_media_only_when_there_is_a_heatmap() -> None:
     report = resources(data, "DiagnosticReport")[0]
     assert report["media"][0]["link"]["reference"] == entries(data, "Media")[0]["fullUrl"]
     assert report["media"][0]["comment"]
+
+
+def test_a_heatmap_drawn_on_a_slab_says_so_in_the_media_and_report() -> None:
+    """A thin-slice series is read as 5 mm slabs (core/slabs.py): the overlay's place is a slab, not a slice."""
+    result = ich_result()
+    assert result.heatmap is not None
+    slab = replace(result, heatmap=replace(result.heatmap, averaged_slices=10, slab_mm=5.0))
+    data = as_json(build_triage_transaction(ctx(), slab, issued=ISSUED))
+    (media,) = resources(data, "Media")
+    assert "slab 17 (5 mm, the mean of 10 thin slices) (SOP Instance UID" in media["note"][0]["text"]
+    assert "its middle slice" in media["note"][0]["text"] and "slice 17" not in media["note"][0]["text"]
+    assert "slab 17 (5 mm, the mean of 10 thin slices)" in resources(data, "DiagnosticReport")[0]["media"][0]["comment"]
+    with pytest.raises(ValueError, match="averaged_slices"):
+        replace(result.heatmap, averaged_slices=0)
 
 
 def test_diagnostic_report_content() -> None:

@@ -290,6 +290,10 @@ def test_forty_real_slices_repeated_as_thin_slices_get_what_the_thick_series_get
         [f["probability"] for f in thick_summary["findings"]], abs=1e-4)
     assert results["thin"].heatmap.png == results["thick"].heatmap.png == thick_png
     assert results["thin"].heatmap.slice_index == results["thick"].heatmap.slice_index
+    assert (results["thin"].heatmap.averaged_slices, results["thin"].heatmap.slab_mm) == (5, 5.0)
+    assert results["thin"].heatmap.location.endswith("(5 mm, the mean of 5 thin slices)")
+    assert results["thick"].heatmap.averaged_slices == 1
+    assert results["thick"].heatmap.location == f"slice {results['thick'].heatmap.slice_index}"
     # the key image is the driving slab's middle slice
     middle = {str(ds.SOPInstanceUID) for ds in slim[2::5]}
     assert results["thin"].heatmap.sop_instance_uid in middle

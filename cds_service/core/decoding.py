@@ -39,7 +39,7 @@ from cds_service.core.anatomy import CtSliceShape, dataset_shape
 from cds_service.core.errors import BadDicomError, StudyTooLargeError
 from cds_service.core.input_profile import image_statistics
 from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_windows_for, decode_cost, dicom_pixels,
-                                            dicom_to_model_input, instance_bytes, modality_values, read_dicom)
+                                            dicom_to_model_input, instance_bytes, modality_values, read_dicom, rescale_to_hu)
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,7 @@ def stored_values(ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float] 
 def to_hu(stored: np.ndarray, rescale: tuple[float, float]) -> np.ndarray:
     """Stored values (or their mean) in HU, float32, with `preprocessing.modality_values`' arithmetic (a
     slab of k identical slices is then exactly the slice's `modality_values`)."""
-    values = stored.astype(np.float32)
-    slope, intercept = rescale
-    if slope != 1.0:
-        values *= np.float32(slope)
-    if intercept != 0.0:
-        values += np.float32(intercept)
-    return values
+    return rescale_to_hu(stored, *rescale)
 
 
 def prepare_values(data: bytes, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedValues:

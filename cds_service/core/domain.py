@@ -204,12 +204,25 @@ class Heatmap:
     label: str
     width: int
     height: int
-    slice_index: int = 0
-    sop_instance_uid: str = ""
+    slice_index: int = 0  # in anatomical order: of the slices, or of the slabs where thin slices were averaged
+    sop_instance_uid: str = ""  # the slice's; a slab's middle slice
+    averaged_slices: int = 1  # a slab: the mean of this many thin slices (core/slabs.py)
+    slab_mm: float | None = None  # the slab thickness the card asks for, where slices were averaged
 
     def __post_init__(self) -> None:
         if not self.png.startswith(b"\x89PNG"):
             raise ValueError("Heatmap.png must be PNG bytes")
+        if self.averaged_slices < 1:
+            raise ValueError("Heatmap.averaged_slices must be at least 1")
+
+    @property
+    def location(self) -> str:
+        """Where the overlay was drawn, in words for the report: "slice 12", or "slab 12 (5 mm, the mean of
+        10 thin slices)"."""
+        if self.averaged_slices > 1:
+            thickness = f"{self.slab_mm:g} mm, " if self.slab_mm else ""
+            return f"slab {self.slice_index} ({thickness}the mean of {self.averaged_slices} thin slices)"
+        return f"slice {self.slice_index}"
 
 
 @dataclass(frozen=True)

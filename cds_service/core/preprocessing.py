@@ -347,6 +347,12 @@ def modality_values(ds: pydicom.Dataset) -> np.ndarray:
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     except Exception as exc:
         raise BadDicomError(f"cannot apply modality LUT: {exc}") from exc
+    return rescale_to_hu(pixels, slope, intercept)
+
+
+def rescale_to_hu(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values (or a slab's mean of them) times Rescale Slope plus Intercept, as a new float32
+    array: the one rescale arithmetic, so a slab of k identical slices is exactly the slice."""
     values = pixels.astype(np.float32)
     if slope != 1.0:
         values *= np.float32(slope)

@@ -7,7 +7,8 @@ same answer whether it came from the PACS or from local files.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from cds_service.core.inference import SeriesScores, findings_from_scores, score
 from cds_service.core.models import LoadedModel
 from cds_service.core.priority import suggest_priority
 from cds_service.core.settings import CPU_BATCH_SIZE
+
+if TYPE_CHECKING:
+    from cds_service.core.slabs import SlabPlan
 
 
 def triage_images(
@@ -46,12 +50,14 @@ def triage_scores(
     series_uid: str = "",
     sop_instance_uids: Sequence[str] = (),
     with_heatmap: bool = True,
+    slab_plan: "SlabPlan | None" = None,
 ) -> TriageResult:
     """Findings and priority from a series' scores, and the top positive finding explained.
 
     `image_of_slice` gives a slice's image (HxWx3 in [0, 1], as preprocessed for the model); only
     the driving slice's is asked for: the explanation scores it again (shifted, for a finer map, or
-    through pytorch-grad-cam) and draws the overlay on it.
+    through pytorch-grad-cam) and draws the overlay on it. With a `slab_plan` that averaged thin slices,
+    the scores are the slabs' and the heatmap says which slab, of how many slices, it was drawn on.
     """
     findings = findings_from_scores(model.card, scores.study)
     result_top = max((f for f in findings if f.positive), key=lambda f: f.probability, default=None)
@@ -62,6 +68,8 @@ def triage_scores(
         features = scores.features[index] if scores.features is not None else None
         heatmap = explain(model, image_of_slice(index), result_top.label, slice_index=index, sop_instance_uid=sop,
                           features=features)
+        if slab_plan is not None and slab_plan.slabbed and index < len(slab_plan.groups):
+            heatmap = replace(heatmap, averaged_slices=len(slab_plan.groups[index]), slab_mm=slab_plan.thickness_mm)
     return TriageResult(
         study_uid=study_uid,
         status=TriageStatus.DONE,
