@@ -1106,7 +1106,7 @@ def _card(
             "Reads each axial slice of a non-contrast head CT in a brain window (the scan's own, else 40/80 HU), then asks "
             "neighbouring slices to agree before it raises a study. A bleed seen on a single thin slice, "
             "or only in a subdural or bone window, can be missed.",
-            "Thin-slice scans (under about 3 mm) are read as 5 mm slabs, each the average of the thin slices it covers, "
+            "Thin-slice scans (slices 2.5 mm apart or less) are read as 5 mm slabs, each the average of the thin slices it covers, "
             "as the model was trained on 5 mm slices; a bleed smaller than a slab can be diluted.",
             "Trained on single slices (no whole scans): the series decision rests on slice results.",
             "The heatmap is broad: it covers the part of the brain that drove the score and centres on large bleeds, "

@@ -44,7 +44,9 @@ def at(*z: float) -> list[tuple[float, float]]:
 
 
 def test_a_series_already_about_the_slab_thickness_is_read_slice_by_slice() -> None:
-    for spacing in (5.0, 4.0, 7.0):  # round(5 / 4) = 1: a 4 mm series is not averaged in pairs
+    # 28-44 slices a head (the RSNA series the model learnt from, one slice each) are 3.2-6 mm apart:
+    # floor(5 / 3.2) = 1, never pairs of slices averaged
+    for spacing in (5.0, 4.0, 7.0, 3.2, 2.6):
         plan = plan_slabs(at(*(spacing * i for i in range(40))), 5.0)
         assert plan.groups == tuple((i,) for i in range(40)) and not plan.slabbed
         assert plan.spacing_mm == pytest.approx(spacing)

@@ -16,6 +16,7 @@ worker (`pipeline.run_triage`) and `cds-triage triage` share all three.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -89,8 +90,8 @@ def plan_slabs(positions: Sequence[tuple[float, float] | None], slab_mm: float |
     ImagePositionPatient) and the card's slab thickness.
 
     Every instance alone when no thickness is asked for, with fewer than 2 instances, when any has no
-    position, or when the spacing (median step) rounds to one slice a slab. Else consecutive
-    instances, `k = round(slab_mm / spacing)` at most, in anatomical order: a slab never spans a
+    position, or when fewer than two slices fit in a slab. Else consecutive instances,
+    `k = floor(slab_mm / spacing)` at most, in anatomical order: a slab never spans a
     missing slice (a step over GAP_FACTOR x the spacing) nor more than `slab_mm`; a short remainder
     (at the end, or before a gap) is a thinner slab of its own, not merged into a full one."""
     count = len(positions)
@@ -109,7 +110,9 @@ def plan_slabs(positions: Sequence[tuple[float, float] | None], slab_mm: float |
     if spacing <= TOLERANCE_MM:
         return single(count, order, thickness_mm=slab_mm, spacing_mm=spacing,
                       reason="instances share their positions (more than one stack?)")
-    k = round(slab_mm / spacing)
+    # floor, not round: a series 3-4 mm apart (44 slices a head: the RSNA series the model learnt from, one
+    # slice each) is read slice by slice, never in pairs; a slab is never thicker than slab_mm
+    k = math.floor(slab_mm / spacing + 1e-6)
     if k <= 1:
         return single(count, order, thickness_mm=slab_mm, spacing_mm=spacing,
                       reason=f"slices {spacing:.2g} mm apart are already about {slab_mm:g} mm")
