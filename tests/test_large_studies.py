@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -31,7 +30,6 @@ from cds_service.core.errors import BadDicomError, StudyTooLargeError
 from cds_service.core.preprocessing import PreprocessingSpec, decode_cost, read_dicom
 from support import make_test_weights
 from test_decode_memory import head_ct_series, todays_image
-from test_pipeline import ordered_study
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((ROOT / "tests" / "references" / "large_study_reference.json").read_text())
@@ -155,31 +153,19 @@ def test_an_idle_worker_asks_a_sqlite_queue_every_20_ms_and_blocks_on_redis(tmp_
 def streamed_and_before(orthanc, fhir_server, tmp_path: Path, weights: Path, datasets: list[pydicom.Dataset],
                         **overrides):
     """run_triage's summary and overlay PNG, and the in-memory triage of the same slices by the code before."""
-    from cds_service.adapters.fhir_client import FhirClient
-    from cds_service.jobs.state import JobState
     from cds_service.core.models import ModelRegistry
     from cds_service.adapters.pacs import sort_slices
-    from cds_service.pipeline import run_triage
     from cds_service.core.settings import Settings
     from cds_service.core.triage import triage_images
-    from cds_service.worker import build_deps
+    from test_slabs import run_on_orthanc
 
-    settings = Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url,
-                        http_timeout_s=30, weights_dir=weights, **overrides)
-    fhir = FhirClient(settings.fhir_base_url)
-    deps = build_deps(settings)
-    try:
-        state, reason, summary = run_triage(ordered_study(fhir, orthanc, 0, datasets=datasets[::-1])[0], deps)
-        assert state is JobState.DONE, reason
-        media, _ = fhir.read(*summary["written"]["Media"][0].split("/"))
-    finally:
-        fhir.close()
-        deps.fhir.close()
+    summary, png = run_on_orthanc(orthanc, fhir_server, tmp_path, weights, datasets, **overrides)
+    settings = Settings(weights_dir=weights, **overrides)
     model = ModelRegistry(weights, runtime="auto").get(Task.HEAD_CT_ICH)
     images = [todays_image(ds, model.card.preprocessing, 0) for ds in sort_slices(datasets)]
     before = triage_images(model, images, settings.priority_rules, study_uid="before",
                            batch_size=settings.inference_batch_size)
-    return summary, base64.b64decode(media["content"]["data"]), before
+    return summary, png, before
 
 
 @pytest.mark.integration

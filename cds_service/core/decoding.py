@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pydicom
@@ -42,6 +42,8 @@ from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, c
                                             dicom_to_model_input, instance_bytes, modality_values, read_dicom, rescale_to_hu)
 
 log = logging.getLogger(__name__)
+
+Prepared = TypeVar("Prepared")
 
 IN_FLIGHT_PER_PROCESS = 2  # instances handed to a decoder process ahead of the one being read
 
@@ -113,8 +115,14 @@ def prepare_slice(data: bytes, spec: PreprocessingSpec, max_decode_bytes: int = 
 def prepare_file(path: str, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedSlice:
     """`prepare_slice` of a DICOM file (`cds-triage triage` on a folder); a slice that cannot be
     decoded names its file."""
+    return _from_file(prepare_slice, path, spec, max_decode_bytes)
+
+
+def _from_file(prepare: Callable[[bytes, PreprocessingSpec, int], Prepared], path: str, spec: PreprocessingSpec,
+               max_decode_bytes: int) -> Prepared:
+    """`prepare` of a file's bytes; an unreadable file, or one that cannot be decoded, names the file."""
     try:
-        return prepare_slice(Path(path).read_bytes(), spec, max_decode_bytes)
+        return prepare(Path(path).read_bytes(), spec, max_decode_bytes)
     except OSError as exc:
         raise BadDicomError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
     except BadDicomError as exc:
@@ -179,12 +187,7 @@ def prepare_values(data: bytes, spec: PreprocessingSpec, max_decode_bytes: int =
 
 def prepare_values_file(path: str, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedValues:
     """`prepare_values` of a DICOM file; a slice that cannot be decoded names its file."""
-    try:
-        return prepare_values(Path(path).read_bytes(), spec, max_decode_bytes)
-    except OSError as exc:
-        raise BadDicomError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
-    except BadDicomError as exc:
-        raise BadDicomError(f"{path}: {exc}") from exc
+    return _from_file(prepare_values, path, spec, max_decode_bytes)
 
 
 def measure_shape(data: bytes, max_decode_bytes: int = 0) -> CtSliceShape | None:
