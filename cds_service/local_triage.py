@@ -307,6 +307,8 @@ def result_json(name: str, result: TriageResult, task: Task | None = None) -> di
                      for f in result.findings if f.trained],
         "priority": result.suggested_priority.value if result.suggested_priority else None,
         "model": {"name": result.model.name, "version": result.model.version} if result.model else None,
+        **({"instances": result.instances_read, "modelInputs": result.slices_scored} if result.slices_scored else {}),
+        **({"slabMm": result.slab_mm} if result.slab_mm else {}),
         **({"reason": result.reason} if result.reason else {}),
     }
 

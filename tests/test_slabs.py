@@ -295,6 +295,12 @@ def test_forty_real_slices_repeated_as_thin_slices_get_what_the_thick_series_get
     assert (results["thin"].heatmap.averaged_slices, results["thin"].heatmap.slab_mm) == (5, 5.0)
     assert results["thin"].heatmap.location.endswith("(5 mm, the mean of 5 thin slices)")
     assert results["thick"].heatmap.averaged_slices == 1
+    from cds_service.local_triage import result_json
+
+    assert {k: result_json("thin", results["thin"])[k] for k in ("instances", "modelInputs", "slabMm")} == \
+        {"instances": 200, "modelInputs": 40, "slabMm": 5.0}
+    assert "slabMm" not in result_json("thick", results["thick"])
+    assert (results["thick"].instances_read, results["thick"].slices_scored) == (40, 40)
     assert results["thick"].heatmap.location == f"slice {results['thick'].heatmap.slice_index}"
     # the key image is the driving slab's middle slice
     middle = {str(ds.SOPInstanceUID) for ds in slim[2::5]}

@@ -238,7 +238,9 @@ class TriageResult:
     model: ModelRef | None = None
     heatmap: Heatmap | None = None
     reason: str = ""
-    slices_scored: int = 0
+    slices_scored: int = 0  # model inputs: slices, or slabs where thin slices were averaged
+    instances_read: int = 0  # the series' instances behind them (equal to slices_scored without slabs)
+    slab_mm: float | None = None  # where thin slices were averaged: the slab thickness
     mode: TaskMode = TaskMode.ACTIVE
 
     def __post_init__(self) -> None:

@@ -60,6 +60,7 @@ def triage_scores(
     the scores are the slabs' and the heatmap says which slab, of how many slices, it was drawn on.
     """
     findings = findings_from_scores(model.card, scores.study)
+    slabs = slab_plan if slab_plan is not None and slab_plan.slabbed else None
     result_top = max((f for f in findings if f.positive), key=lambda f: f.probability, default=None)
     heatmap = None
     if result_top is not None and with_heatmap:
@@ -68,8 +69,8 @@ def triage_scores(
         features = scores.features[index] if scores.features is not None else None
         heatmap = explain(model, image_of_slice(index), result_top.label, slice_index=index, sop_instance_uid=sop,
                           features=features)
-        if slab_plan is not None and slab_plan.slabbed and index < len(slab_plan.groups):
-            heatmap = replace(heatmap, averaged_slices=len(slab_plan.groups[index]), slab_mm=slab_plan.thickness_mm)
+        if slabs is not None and index < len(slabs.groups):
+            heatmap = replace(heatmap, averaged_slices=len(slabs.groups[index]), slab_mm=slabs.thickness_mm)
     return TriageResult(
         study_uid=study_uid,
         status=TriageStatus.DONE,
@@ -80,4 +81,6 @@ def triage_scores(
         model=model.card.ref,
         heatmap=heatmap,
         slices_scored=len(scores.per_slice),
+        instances_read=slabs.instances if slabs is not None else len(scores.per_slice),
+        slab_mm=slabs.thickness_mm if slabs is not None else None,
     )
