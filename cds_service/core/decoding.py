@@ -51,15 +51,15 @@ IN_FLIGHT_PER_PROCESS = 2  # instances handed to a decoder process ahead of the 
 def slice_position(ds: pydicom.Dataset) -> tuple[float, float]:
     """Where a slice sits in its series: (ImagePositionPatient z, InstanceNumber); sorting by it gives
     the anatomical order (`pacs.slice_order`)."""
-    position = getattr(ds, "ImagePositionPatient", None)
-    z = float(position[2]) if position is not None and len(position) == 3 else 0.0
-    return (z, float(getattr(ds, "InstanceNumber", 0) or 0))
+    return known_position(ds) or (0.0, float(getattr(ds, "InstanceNumber", 0) or 0))
 
 
 def known_position(ds: pydicom.Dataset) -> tuple[float, float] | None:
     """`slice_position`, or None when the slice has no ImagePositionPatient (no slabs can be planned)."""
     position = getattr(ds, "ImagePositionPatient", None)
-    return slice_position(ds) if position is not None and len(position) == 3 else None
+    if position is None or len(position) != 3:
+        return None
+    return (float(position[2]), float(getattr(ds, "InstanceNumber", 0) or 0))
 
 
 def positions_order(positions: Sequence[tuple[float, float]]) -> list[int]:
@@ -158,13 +158,7 @@ def stored_values(ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float] 
         raise BadDicomError(f"cannot apply modality LUT: {exc}") from exc
     if np.issubdtype(pixels.dtype, np.integer):
         return pixels, rescale
-    return to_hu(pixels, rescale), None
-
-
-def to_hu(stored: np.ndarray, rescale: tuple[float, float]) -> np.ndarray:
-    """Stored values (or their mean) in HU, float32, with `preprocessing.modality_values`' arithmetic (a
-    slab of k identical slices is then exactly the slice's `modality_values`)."""
-    return rescale_to_hu(stored, *rescale)
+    return rescale_to_hu(pixels, *rescale), None
 
 
 def prepare_values(data: bytes, spec: PreprocessingSpec, max_decode_bytes: int = 0) -> PreparedValues:

@@ -24,10 +24,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import pydicom
 
-from cds_service.core.decoding import PreparedSlice, PreparedValues, positions_order, stored_values, to_hu
+from cds_service.core.decoding import PreparedSlice, PreparedValues, positions_order, stored_values
 from cds_service.core.errors import BadDicomError, UpstreamError
 from cds_service.core.input_profile import image_statistics
-from cds_service.core.preprocessing import PreprocessingSpec, as_model_input, ct_values_to_model_input, ct_windows_for, window
+from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_values_to_model_input, ct_windows_for,
+                                            rescale_to_hu, window)
 
 GAP_FACTOR = 1.5  # a step this many times the series' spacing is a missing slice: no slab spans it
 TOLERANCE_MM = 1e-3  # DS positions are decimal strings: 0.1 mm steps are not exact in binary
@@ -144,7 +145,7 @@ class SlabInput:
 def single_slice(prepared: PreparedValues, input_size: int) -> PreparedSlice:
     """A slice read alone from its decoded values (a series the plan leaves slice by slice): exactly what
     `decoding.prepare_slice` gives, by the same arithmetic."""
-    values = to_hu(prepared.values, prepared.rescale) if prepared.rescale is not None else prepared.values
+    values = rescale_to_hu(prepared.values, *prepared.rescale) if prepared.rescale is not None else prepared.values
     model_input = ct_values_to_model_input(values, prepared.windows, input_size)
     return PreparedSlice(prepared.sop_instance_uid, prepared.position, prepared.modality, model_input,
                          image_statistics(as_model_input(model_input)), prepared.instance_bytes, prepared.seconds)
@@ -180,7 +181,7 @@ class SlabSum:
         """The slab's HU, float32."""
         assert self.total is not None
         mean = (self.total / self.count).astype(np.float32)
-        return to_hu(mean, self.rescale) if self.rescale is not None else mean
+        return rescale_to_hu(mean, *self.rescale) if self.rescale is not None else mean
 
 
 def slab_inputs(decoded: Iterable[PreparedValues], plan: SlabPlan, keys: Sequence[str],
