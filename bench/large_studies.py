@@ -27,6 +27,7 @@ bench/results/large_studies.json.
     .venv/bin/python bench/large_studies.py                     # 40/150/300 slices x uncompressed/JPEG-LS, 5 studies each
     .venv/bin/python bench/large_studies.py --sizes 300 --storages jpegls --studies 3
     CDS_DECODE_PROCESSES=2 .venv/bin/python bench/large_studies.py   # two decoder processes (2 cores: none by default)
+    CDS_DECODE_THREADS=0 .venv/bin/python bench/large_studies.py     # no decoder threads (2 cores: two by default)
 
 Another version of the service (e.g. the one before a change) is measured the same way from its own
 tree, with `--stage-runs 0` if its pipeline's steps have other names (serve and worker must be of one
@@ -387,8 +388,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         slab_mm = json.loads((weights / f"{Task.HEAD_CT_ICH.value}.json").read_text())["series_pooling"].get("slab_mm")
         settings = Settings(operator_open_on_loopback=True, weights_dir=weights, data_dir=workdir / "inprocess",
                             workers=1, log_level="WARNING", http_timeout_s=60,
-                            **({"decode_processes": int(os.environ["CDS_DECODE_PROCESSES"])}
-                               if "CDS_DECODE_PROCESSES" in os.environ else {}))
+                            **{name: int(os.environ[f"CDS_{name.upper()}"]) for name in ("decode_processes", "decode_threads")
+                               if f"CDS_{name.upper()}" in os.environ})
         bare = bare_model(weights, args.input_size, settings.inference_batch_size, settings.inference_threads)
         log(f"bare model: {bare * 1000:.1f} ms per image at {args.input_size} px")
         rng = np.random.default_rng(21)
@@ -431,6 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "git": git_revision(),
             "config": {"input_size": args.input_size, "studies": args.studies, "stage_runs": args.stage_runs,
                        "batch_size": settings.inference_batch_size, "decode_processes": getattr(settings, "decode_processes", None),
+                       "decode_threads": getattr(settings, "decode_threads", None),
                        "slice": f"{SIZE} x {SIZE}, 16-bit, head phantom", "slab_mm": slab_mm,
                        "slice_mm": {str(size): slice_mm(size) for size in args.sizes}},
             "bare_model_per_image_s": bare, "results": results,

@@ -43,7 +43,8 @@ from cds_service.core.triage import triage_images, triage_scores
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # A series at least this long is decoded by the decoder processes (CDS_DECODE_PROCESSES); a shorter
-# one in this process: starting the decoders (about a second) would cost more than they save.
+# one by the decoder threads (CDS_DECODE_THREADS) or in this thread: starting the decoder processes
+# (about a second) would cost more than they save.
 POOL_MIN_SLICES = 32
 
 EXIT_STATUSES = """exit status:
@@ -218,15 +219,16 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
     task, spec = model.card.task, model.card.preprocessing
     statistics: list[np.ndarray] = []
     files = [getattr(ds, "filename", None) for ds in datasets]
-    pooled = (settings.decode_processes != 0 and len(datasets) >= POOL_MIN_SLICES
+    # decoder processes for a long series only; decoder threads (no start-up cost) for any
+    pool = decode_pool(settings.decode_processes if len(datasets) >= POOL_MIN_SLICES else 0, settings.decode_threads)
+    pooled = (pool.workers > 0
               and all("PixelData" not in ds and isinstance(f, (str, Path)) for ds, f in zip(datasets, files)))
     plan = local_plan(datasets, model)
     slab_order: list[tuple[float, float]] = []
 
     def model_inputs() -> Iterator[np.ndarray]:
         if plan is not None:
-            decoded = decode_pool(settings.decode_processes if pooled else 0).map(
-                prepare_values_file, [str(f) for f in files], spec)
+            decoded = (pool if pooled else decode_pool(0)).map(prepare_values_file, [str(f) for f in files], spec)
             sops = [str(ds.SOPInstanceUID) for ds in datasets]
             for slab in slab_inputs(decoded, plan, sops, spec.input_size):
                 statistics.append(slab.statistics)
@@ -234,7 +236,7 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
                 yield slab.image
             return
         if pooled:
-            for prepared in decode_pool(settings.decode_processes).map(prepare_file, [str(f) for f in files], spec):
+            for prepared in pool.map(prepare_file, [str(f) for f in files], spec):
                 statistics.append(prepared.statistics)
                 yield prepared.image
             return

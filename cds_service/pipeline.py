@@ -124,8 +124,9 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
                 {"task": route.task.value, "mode": mode.value})
 
     # 4. Fetch the series and score it as it arrives: each slice is decoded and preprocessed as the
-    #    model card says (by the decoder processes, CDS_DECODE_PROCESSES, or in this thread: the
-    #    default on small machines) while the model's threads score the batch before. Of each slice
+    #    model card says (by the decoder processes, CDS_DECODE_PROCESSES, else by the decoder threads,
+    #    CDS_DECODE_THREADS: the default on small machines) while the model's threads score the batch
+    #    before. Of each slice
     #    only its place, its SOP Instance UID and a few hundred numbers for the input check are kept:
     #    memory does not grow with the series. A card with a slab thickness (head CT, core/slabs.py)
     #    has the series' positions asked of the PACS (QIDO-RS) while its first slices arrive and are
@@ -133,7 +134,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    the slab becomes one model input when its last slice has arrived. Any other series is read
     #    slice by slice, as before.
     spec = model.card.preprocessing
-    pool = decode_pool(settings.decode_processes)
+    pool = decode_pool(settings.decode_processes, settings.decode_threads)
     slab_mm = model.card.series_pooling.slab_mm if spec.kind == "ct_windows" else None
     planning = (in_background(lambda: series_plan(pacs, ctx.study_uid, route.series, slab_mm), "slab-plan")
                 if slab_mm is not None else None)

@@ -123,22 +123,66 @@ def test_every_model_input_is_the_one_computed_before(transfer_syntax: str) -> N
             np.testing.assert_array_equal(resize(dicom_to_image(ds, spec), spec.input_size), before)
 
 
-def test_the_jpeg_ls_decoders_agree_and_charls_is_the_one_used() -> None:
-    """JPEG-LS decoding is exactly specified: CharLS (pyjpegls, preferred: ~4x faster here) and libjpeg
-    give the same values, unsigned 12-bit and signed 16-bit alike."""
+def test_the_jpeg_ls_decoders_agree_and_imagecodecs_is_the_one_used() -> None:
+    """JPEG-LS decoding is exactly specified: imagecodecs' CharLS (preferred: it releases the GIL, so
+    decoder threads share the cores), pyjpegls' CharLS and libjpeg give the same values, unsigned 8- and
+    12-bit, signed 16-bit and near-lossless alike."""
     from pydicom.pixels import pixel_array
 
     from cds_service.core.preprocessing import _decoding_plugin, dicom_pixels
 
     rng = np.random.default_rng(3)
-    unsigned = make_dataset(rng.integers(0, 4096, (64, 80)).astype(np.uint16), modality="CT", transfer_syntax="jpegls")
-    signed = make_dataset(rng.integers(-2000, 3000, (64, 80)).astype(np.int16), modality="CT", transfer_syntax="jpegls")
-    for ds in (read_dicom(dicom_bytes(unsigned)), read_dicom(dicom_bytes(signed))):
-        assert _decoding_plugin(ds.file_meta.TransferSyntaxUID) == "pyjpegls"
-        charls, libjpeg = (pixel_array(ds, decoding_plugin=name) for name in ("pyjpegls", "pylibjpeg"))
-        np.testing.assert_array_equal(charls, libjpeg)
-        np.testing.assert_array_equal(dicom_pixels(ds), libjpeg)
+    arrays = [rng.integers(0, 4096, (64, 80)).astype(np.uint16), rng.integers(-2000, 3000, (64, 80)).astype(np.int16),
+              rng.integers(0, 256, (48, 40)).astype(np.uint8)]
+    datasets = [make_dataset(pixels, modality="CT", transfer_syntax="jpegls") for pixels in arrays]
+    for ds in map(read_dicom, map(dicom_bytes, datasets)):
+        assert _decoding_plugin(ds.file_meta.TransferSyntaxUID) == "imagecodecs"
+        decoded = {name: pixel_array(ds, decoding_plugin=name) for name in ("imagecodecs", "pyjpegls", "pylibjpeg")}
+        for name in ("imagecodecs", "pyjpegls"):
+            np.testing.assert_array_equal(decoded[name], decoded["pylibjpeg"])
+            assert decoded[name].dtype == decoded["pylibjpeg"].dtype
+        np.testing.assert_array_equal(dicom_pixels(ds), decoded["pylibjpeg"])
         assert "_pixel_array" not in vars(ds) or ds._pixel_array is None  # nothing cached beside the pixel data
+
+
+def test_jpeg_ls_is_decoded_by_threads_side_by_side() -> None:
+    """imagecodecs decodes with the GIL released: with a thread holding the GIL busy in Python, a
+    decoding thread still gets its work done (pyjpegls, which holds the GIL, is the control)."""
+    import threading
+    import time
+
+    from pydicom.pixels import pixel_array
+
+    rng = np.random.default_rng(4)
+    ds = read_dicom(dicom_bytes(make_dataset(rng.normal(1024, 40, (512, 512)).clip(0, 4095).astype(np.uint16),
+                                             modality="CT", transfer_syntax="jpegls")))
+
+    def python_work_while(plugin: str) -> float:
+        """How far a pure-Python loop gets while another thread decodes, against the loop alone."""
+        done = threading.Event()
+
+        def decode() -> None:
+            while not done.is_set():
+                pixel_array(ds, decoding_plugin=plugin)
+
+        def count(seconds: float) -> int:
+            n, end = 0, time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                n += sum(range(200))
+            return n
+
+        alone = count(0.4)
+        decoder = threading.Thread(target=decode)
+        decoder.start()
+        try:
+            beside = count(0.4)
+        finally:
+            done.set()
+            decoder.join()
+        return beside / alone
+
+    free, held = python_work_while("imagecodecs"), python_work_while("pyjpegls")
+    assert free > held + 0.1, (free, held)
 
 
 # --- memory: what decoding an honest huge image costs -------------------------------------------

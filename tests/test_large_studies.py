@@ -43,13 +43,17 @@ CARDS = {"three_windows": {"seed": 0, "preprocessing": None},
 SPEC = PreprocessingSpec("ct_windows", 64, ((40.0, 80.0),) * 3)
 
 
-def test_the_pool_gives_what_the_caller_would_in_the_order_the_slices_came() -> None:
-    parts = [dicom_bytes(ds) for ds in head_ct_series(7, size=96)]
+@pytest.mark.parametrize("processes,threads", [(2, 0), (0, 2)])
+@pytest.mark.parametrize("storage", ["explicit", "jpegls"])
+def test_the_pool_gives_what_the_caller_would_in_the_order_the_slices_came(processes: int, threads: int,
+                                                                          storage: str) -> None:
+    parts = [dicom_bytes(ds) for ds in head_ct_series(7, size=96, transfer_syntax=storage)]
     here = [prepare_slice(part, SPEC) for part in parts]
-    pool = DecodePool(2)
+    pool = DecodePool(processes, threads)
     try:
         pooled = list(pool.map(prepare_slice, parts, SPEC))
-        assert len(pool.pids()) == 2 and os.getpid() not in pool.pids()
+        assert len(pool.pids()) == processes and os.getpid() not in pool.pids()
+        assert pool.workers == 2
     finally:
         pool.close()
     assert [p.sop_instance_uid for p in pooled] == [h.sop_instance_uid for h in here]
@@ -61,12 +65,25 @@ def test_the_pool_gives_what_the_caller_would_in_the_order_the_slices_came() -> 
     assert pooled[0].image.shape == (64, 64, 3) and pooled[0].image.strides[2] == 0
 
 
-def test_small_machines_decode_in_the_workers_thread_by_default() -> None:
-    """On two cores the decoder processes were no faster than the worker's own thread (bench/README.md)."""
-    from cds_service.core.decoding import decode_pool, default_processes
+def test_small_machines_decode_in_threads_by_default() -> None:
+    """On two cores decoder processes were no faster than the worker's own thread, and two decoder
+    threads faster for JPEG-LS (bench/README.md); a larger machine gets processes, and then no threads."""
+    from cds_service.core.decoding import decode_pool, default_processes, default_threads
 
     assert [default_processes(cores) for cores in (1, 2, 3, 4, 8, 16, 64)] == [0, 0, 0, 2, 6, 8, 8]
-    assert decode_pool(0).processes == 0 and DecodePool(-1).processes == default_processes()
+    assert [default_threads(cores) for cores in (1, 2, 3, 4, 8)] == [0, 2, 3, 4, 4]
+    assert decode_pool(0).workers == 0 and DecodePool(-1).processes == default_processes()
+    assert DecodePool(0, -1).threads == default_threads() and DecodePool(2, 2).threads == 0
+    assert decode_pool(0, 2) is decode_pool(0, 2) and decode_pool(0, 2) is not decode_pool(0)
+
+
+def test_decoder_counts_are_checked_at_start_up() -> None:
+    from cds_service.core.settings import Settings, SettingsError
+
+    for name in ("DECODE_THREADS", "DECODE_PROCESSES"):
+        with pytest.raises(SettingsError, match=f"CDS_{name}=-2"):
+            Settings.from_env({f"CDS_{name}": "-2"})
+    assert Settings.from_env({"CDS_DECODE_THREADS": "3"}).decode_threads == 3
 
 
 def test_a_bad_slice_in_a_decoder_process_fails_the_study_like_one_decoded_here(tmp_path: Path) -> None:
@@ -77,6 +94,8 @@ def test_a_bad_slice_in_a_decoder_process_fails_the_study_like_one_decoded_here(
             list(pool.map(prepare_slice, [good, b"not dicom at all"], SPEC))
         with pytest.raises(BadDicomError, match="not a readable DICOM"):
             list(DecodePool(0).map(prepare_slice, [good, b"not dicom at all"], SPEC))
+        with pytest.raises(BadDicomError, match="not a readable DICOM"):
+            list(DecodePool(0, 2).map(prepare_slice, [good, b"not dicom at all"] + [good] * 6, SPEC))
         with pytest.raises(BadDicomError, match="decoder process died"):
             list(pool.map(killed_while_decoding, [good], SPEC))  # killed for memory, or crashed in a codec
         assert isinstance(next(pool.map(prepare_slice, [good], SPEC)), PreparedSlice)  # started afresh
@@ -195,7 +214,7 @@ RSNA_DICOM = ROOT.parent / "shared" / "data" / "head_ct_dicom_unlabelled"
 def test_forty_real_slices_get_the_shipped_models_findings_and_input_check_they_got_before(
         orthanc, fhir_server, tmp_path: Path, storage: str) -> None:
     """The committed head CT model on 40 real RSNA slices (one series), streamed through two decoder
-    processes, and through none: what it concluded before this change, to the fourth decimal."""
+    processes, two decoder threads, and neither: what it concluded before this change, to the fourth decimal."""
     from test_pixel_routing import rsna_series
 
     datasets = rsna_series(40)
@@ -205,14 +224,15 @@ def test_forty_real_slices_get_the_shipped_models_findings_and_input_check_they_
             ds.compress(pydicom.uid.JPEGLSLossless, generate_instance_uid=False)
     datasets = [read_dicom(dicom_bytes(ds)) for ds in datasets]
     reference = REFERENCE["rsna"][storage]
-    for processes in (2, 0):
+    for processes, threads in ((2, 0), (0, 2), (0, 0)):
         for ds in datasets:  # the same slices, again: new UIDs
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
         for ds in datasets:
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        summary, png, before = streamed_and_before(orthanc, fhir_server, tmp_path / str(processes), ROOT / "weights",
-                                                   datasets, decode_processes=processes)
+        summary, png, before = streamed_and_before(orthanc, fhir_server, tmp_path / f"{processes}-{threads}",
+                                                   ROOT / "weights", datasets, decode_processes=processes,
+                                                   decode_threads=threads)
         assert summary["findings"] == reference["pipeline"]["findings"]
         assert summary["inputCheck"] == reference["pipeline"]["inputCheck"]
         assert [f.probability for f in before.findings] == pytest.approx(
@@ -224,11 +244,11 @@ def test_forty_real_slices_get_the_shipped_models_findings_and_input_check_they_
 # --- cds-triage triage streams the same way ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("processes", [2, 0])
+@pytest.mark.parametrize("processes,threads", [(2, 0), (0, 2), (0, 0)])
 def test_a_folder_series_is_streamed_from_its_files_with_the_findings_it_got_before(tmp_path: Path,
-                                                                                   processes: int) -> None:
+                                                                                   processes: int, threads: int) -> None:
     """40 JPEG-LS slices in a folder: held as headers only, decoded as they are scored (by two decoder
-    processes, or here), the same findings and overlay as decoding every slice first."""
+    processes, two decoder threads, or here), the same findings and overlay as decoding every slice first."""
     from cds_service.local_triage import collect_inputs, triage_input
     from cds_service.core.models import ModelRegistry
     from cds_service.core.settings import Settings
@@ -243,7 +263,8 @@ def test_a_folder_series_is_streamed_from_its_files_with_the_findings_it_got_bef
     [item] = collect_inputs([folder])
     assert len(item.datasets) == 40 and not any("PixelData" in ds for ds in item.datasets)
     registry = ModelRegistry(weights, runtime="auto")
-    streamed = triage_input(item, registry, Settings(weights_dir=weights, decode_processes=processes), None)
+    streamed = triage_input(item, registry, Settings(weights_dir=weights, decode_processes=processes,
+                                                             decode_threads=threads), None)
     model = registry.get(Task.HEAD_CT_ICH)
     images = [todays_image(read_dicom(Path(ds.filename).read_bytes()), model.card.preprocessing, 0) for ds in item.datasets]
     before = triage_images(model, images, Settings().priority_rules, study_uid="before")

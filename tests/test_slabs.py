@@ -250,20 +250,20 @@ def test_forty_real_slices_repeated_as_thin_slices_get_what_the_thick_series_get
                                                                                    tmp_path: Path) -> None:
     """The shipped head CT model: 200 slices 1 mm apart, each 5-slice slab the same as one 5 mm slice, give
     the 40-slice series' findings, probabilities and overlay, through the worker's pipeline (decoder
-    processes, and none) and through `cds-triage triage`; the thick series is read as before."""
+    processes, two decoder threads and neither) and through `cds-triage triage`; the thick series is read as before."""
     thick, slim = rsna_thick_and_thin()
     weights = ROOT / "weights"
     thick_summary, thick_png = run_on_orthanc(orthanc, fhir_server, tmp_path / "thick", weights, thick)
     assert thick_summary["slices"] == 40
     assert thick_summary["slabs"]["modelInputs"] == 40 and "already about 5 mm" in thick_summary["slabs"]["note"]
-    for processes in (2, 0):
+    for processes, threads in ((2, 0), (0, 2), (0, 0)):
         for ds in slim:
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         series = pydicom.uid.generate_uid()
         for ds in slim:
             ds.SeriesInstanceUID = series
-        summary, png = run_on_orthanc(orthanc, fhir_server, tmp_path / f"thin{processes}", weights, slim,
-                                      decode_processes=processes)
+        summary, png = run_on_orthanc(orthanc, fhir_server, tmp_path / f"thin{processes}-{threads}", weights, slim,
+                                      decode_processes=processes, decode_threads=threads)
         assert summary["findings"] == thick_summary["findings"]
         assert summary["slices"] == 40
         assert summary["slabs"] == {"instances": 200, "modelInputs": 40, "slabMm": 5.0, "spacingMm": 1.0,

@@ -1,15 +1,18 @@
 """A series' slices decoded beside the model: bytes in, the model's input and a few numbers out.
 
-The JPEG-LS, JPEG and JPEG 2000 decoders (CharLS, libjpeg, OpenJPEG) hold Python's GIL while they
-decode (measured: two threads decode no faster than one), so threads cannot spread decoding over the
-cores. The pipeline hands each instance's bytes, as WADO-RS delivered them, to `DecodePool.map`: with
-CDS_DECODE_PROCESSES decoder processes (spawned) each parses, checks, decodes and preprocesses one
-slice (`prepare_slice`); with none, the worker's own thread does, while the model's threads score the
-batch before. On two cores none is the default and the faster (`default_processes`, measured); a
-larger machine gets processes. Either way a slice comes back as the model's input and what the
-pipeline keeps of it: its SOP Instance UID, its place in the series and the input check's statistics,
-in the order the instances arrived (so the model's batches are what they were), with only a few
-instances in flight, so memory does not grow with the series.
+pydicom's JPEG-LS, JPEG and JPEG 2000 plugins (CharLS by pyjpegls, libjpeg, OpenJPEG) hold Python's
+GIL while they decode (measured: two threads decode no faster than one). JPEG-LS is therefore decoded
+by imagecodecs' CharLS (`core.codecs`), which releases it, so decoder threads share the cores with
+each other and with the model's threads. The pipeline hands each instance's bytes, as WADO-RS
+delivered them, to `DecodePool.map`: with CDS_DECODE_PROCESSES decoder processes (spawned) each
+parses, checks, decodes and preprocesses one slice (`prepare_slice`); else with CDS_DECODE_THREADS
+decoder threads; with neither, the worker's own thread does, while the model's threads score the
+batch before. On two cores two threads and no processes are the default (`default_processes`,
+`default_threads`, measured in bench/README.md); a larger machine gets processes. Either way a slice
+comes back as the model's input and what the pipeline keeps of it: its SOP Instance UID, its place in
+the series and the input check's statistics, in the order the instances arrived (so the model's
+batches are what they were), with only a few instances in flight, so memory does not grow with the
+series.
 
 Asking the PACS for an uncompressed transfer syntax instead was measured and not kept: Orthanc
 transcoding a 512 x 512 JPEG-LS slice took 12 ms of its CPU and ~20 ms a slice in series, where
@@ -25,7 +28,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import pydicom
 
+from cds_service.core import codecs
 from cds_service.core.anatomy import CtSliceShape, dataset_shape
 from cds_service.core.errors import BadDicomError, StudyTooLargeError
 from cds_service.core.input_profile import image_statistics
@@ -45,7 +49,7 @@ log = logging.getLogger(__name__)
 
 Prepared = TypeVar("Prepared")
 
-IN_FLIGHT_PER_PROCESS = 2  # instances handed to a decoder process ahead of the one being read
+IN_FLIGHT_PER_PROCESS = 2  # instances handed to a decoder (process or thread) ahead of the one being read
 
 
 def slice_position(ds: pydicom.Dataset) -> tuple[float, float]:
@@ -240,24 +244,34 @@ def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
 
 
 class DecodePool:
-    """`processes` decoder processes (spawned, not forked: the worker runs threads), or none (0): the
-    same functions then run in the caller's thread. One pool serves every worker thread of a process."""
+    """`processes` decoder processes (spawned, not forked: the worker runs threads), else `threads`
+    decoder threads, or neither (0, 0): the same functions then run in the caller's thread. One pool
+    serves every worker thread of a process."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, threads: int = 0) -> None:
         self.processes = default_processes() if processes < 0 else processes
+        self.threads = 0 if self.processes else (default_threads() if threads < 0 else threads)
         self._executor: Executor | None = None
         self._lock = threading.Lock()
+
+    @property
+    def workers(self) -> int:
+        """How many instances are decoded at once (0: in the caller's thread)."""
+        return self.processes or self.threads
 
     def _pool(self) -> Executor:
         with self._lock:
             if self._executor is None:
-                self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=_child_init)
+                if self.processes:
+                    self._executor = ProcessPoolExecutor(self.processes, initializer=_child_init,
+                                                         mp_context=multiprocessing.get_context("spawn"))
+                else:
+                    self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
             return self._executor
 
     def warm(self) -> None:
         """Start every decoder process now (each imports numpy, pydicom, OpenCV: about a second), so
-        the first study does not wait for them."""
+        the first study does not wait for them. Threads need no warming."""
         if self.processes:
             self.map_all(_child_ready, [0.2] * self.processes)
 
@@ -267,6 +281,8 @@ class DecodePool:
         return sorted(getattr(executor, "_processes", None) or {}) if executor is not None else []
 
     def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        if self.threads:
+            return self._pool().submit(function, *args)
         if not self.processes:
             future: Future = Future()
             try:
@@ -294,12 +310,12 @@ class DecodePool:
 
     def map(self, function: Callable[..., Any], items: Iterable[Any], *args: Any) -> Iterator[Any]:
         """`function(item, *args)` for each item, results in the items' order, as soon as each is ready;
-        at most IN_FLIGHT_PER_PROCESS per process are handed out ahead of the one waited for."""
-        if not self.processes:
+        at most IN_FLIGHT_PER_PROCESS per decoder are handed out ahead of the one waited for."""
+        if not self.workers:
             for item in items:
                 yield function(item, *args)
             return
-        ahead = IN_FLIGHT_PER_PROCESS * self.processes
+        ahead = IN_FLIGHT_PER_PROCESS * self.workers
         pending: deque[Future] = deque()
         try:
             for item in items:
@@ -327,17 +343,28 @@ class DecodePool:
         self._reset()
 
 
-_pools: dict[int, DecodePool] = {}
+_pools: dict[tuple[int, int], DecodePool] = {}
 _pools_lock = threading.Lock()
 
 
-def decode_pool(processes: int) -> DecodePool:
-    """This process's pool of `processes` decoders (-1: one per core; created once, shared by its
-    worker threads)."""
+def decode_pool(processes: int, threads: int = 0) -> DecodePool:
+    """This process's pool of `processes` decoder processes, else `threads` decoder threads (-1: the
+    default for this machine; created once, shared by its worker threads)."""
     with _pools_lock:
-        if processes not in _pools:
-            _pools[processes] = DecodePool(processes)
-        return _pools[processes]
+        if (processes, threads) not in _pools:
+            _pools[processes, threads] = DecodePool(processes, threads)
+        return _pools[processes, threads]
+
+
+def default_threads(cores: int | None = None) -> int:
+    """How many decoder threads a worker without decoder processes runs unless CDS_DECODE_THREADS
+    says: one per core, at most four; none on one core, or where JPEG-LS is decoded by a plugin
+    that holds the GIL (imagecodecs missing: `codecs.register`).
+
+    Measured on two cores (bench/README.md, *Large studies*): two threads took the 300-slice JPEG-LS
+    head CT from ~3 s to under 2 s; uncompressed slices, whose decoding is a copy, were as fast."""
+    cores = cores or os.cpu_count() or 1
+    return min(cores, 4) if cores > 1 and codecs.register() else 0
 
 
 def default_processes(cores: int | None = None) -> int:

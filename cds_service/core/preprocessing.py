@@ -32,6 +32,7 @@ import pydicom.uid
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
+from cds_service.core import codecs
 from cds_service.core.errors import BadDicomError
 
 SPEC_KINDS = ("ct_windows", "mr_robust", "xray")
@@ -220,11 +221,13 @@ def check_pixel_size(ds: pydicom.Dataset) -> None:
         raise BadDicomError(f"compressed frame is {size[0]} x {size[1]} but the DICOM header says {rows} x {columns}")
 
 
-# Where several decoders are installed, the one used first for a transfer syntax. CharLS (pyjpegls)
-# decodes JPEG-LS about four times faster than libjpeg, pydicom's first choice: 6 against 37 ms of CPU
-# for a 512 x 512 CT slice here. JPEG-LS decoding is exactly specified, so every decoder gives the same
-# values (tests/test_large_studies.py compares them).
-PREFERRED_DECODERS = {pydicom.uid.JPEGLSLossless: "pyjpegls", pydicom.uid.JPEGLSNearLossless: "pyjpegls"}
+# Where several decoders are installed, the ones used first for a transfer syntax, best first.
+# imagecodecs' CharLS (`core.codecs`) releases the GIL, so decoder threads decode JPEG-LS side by side;
+# pyjpegls' CharLS holds it but still decodes about four times faster than libjpeg, pydicom's first
+# choice: 6 against 37 ms of CPU for a 512 x 512 CT slice here. JPEG-LS decoding is exactly specified,
+# so every decoder gives the same values (tests/test_codecs.py, tests/test_large_studies.py compare them).
+PREFERRED_DECODERS = {pydicom.uid.JPEGLSLossless: ("imagecodecs", "pyjpegls"),
+                      pydicom.uid.JPEGLSNearLossless: ("imagecodecs", "pyjpegls")}
 
 # The largest side an image is worked on at. A larger one (a 8000 x 8000 scan) is reduced by a whole
 # factor at once, in its decoded dtype (the mean of each f x f block), before any float copy is made:
@@ -298,19 +301,22 @@ def decode_cost(ds: pydicom.Dataset) -> int:
 
 
 def _decoding_plugin(ts: object) -> str:
-    preferred = PREFERRED_DECODERS.get(ts)  # type: ignore[call-overload]
-    if preferred is None:
+    """The first of PREFERRED_DECODERS installed for this transfer syntax ("": pydicom chooses)."""
+    preferred = PREFERRED_DECODERS.get(ts, ())  # type: ignore[call-overload]
+    if not preferred:
         return ""
+    codecs.register()
     try:
-        return preferred if preferred in get_decoder(ts).available_plugins else ""  # type: ignore[arg-type]
+        available = get_decoder(ts).available_plugins  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - no decoder for this syntax at all: pydicom says so when decoding
         return ""
+    return next((plugin for plugin in preferred if plugin in available), "")
 
 
 def dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
     """Decoded stored pixels of a single-frame greyscale image (the first frame of a multi-frame one).
 
-    Compressed transfer syntaxes are decoded by the pylibjpeg or pyjpegls plugins that pydicom finds,
+    Compressed transfer syntaxes are decoded by the imagecodecs, pyjpegls or pylibjpeg plugins pydicom finds,
     after `check_pixel_size` has compared the frame's own header with the DICOM header. Only the first
     frame is decoded, nothing is cached on `ds` (pydicom's `pixel_array` would keep the array beside the
     pixel data), and an image larger than MAX_WORKING_SIDE is reduced at once (`reduced`).

@@ -187,6 +187,9 @@ class Settings:
     # processes that decode a series' slices while the model scores (0: none, the worker's own thread
     # decodes; -1: decoding.default_processes, none on up to 3 cores, else cores - 2)
     decode_processes: int = field(default=-1, metadata={"env": "DECODE_PROCESSES"})
+    # threads that decode a series' slices where there are no decoder processes (0: none; -1:
+    # decoding.default_threads, one per core up to 4 where JPEG-LS is decoded without the GIL)
+    decode_threads: int = field(default=-1, metadata={"env": "DECODE_THREADS"})
     max_body_bytes: int = field(default=2_000_000, metadata={"env": "MAX_BODY_BYTES"})
     notification_lookback_s: int = field(default=600, metadata={"env": "NOTIFICATION_LOOKBACK_S"})
     max_instances: int = field(default=400, metadata={"env": "MAX_INSTANCES"})
@@ -287,6 +290,10 @@ class Settings:
         if not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise SettingsError(f"CDS_LOG_LEVEL={self.log_level!r} is not a log level "
                                 "(DEBUG, INFO, WARNING, ERROR or CRITICAL)")
+        for name in ("decode_processes", "decode_threads"):
+            if not -1 <= getattr(self, name) <= 64:
+                raise SettingsError(f"{env_name(name)}={getattr(self, name)} is not from -1 (this machine's "
+                                    "default) to 64")
         if not 1 <= self.drift_window <= DRIFT_WINDOW_MAX:
             raise ValueError(f"CDS_DRIFT_WINDOW must be from 1 to {DRIFT_WINDOW_MAX} studies, not {self.drift_window}")
         if not 1 <= self.drift_min_studies <= self.drift_window:
