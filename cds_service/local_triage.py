@@ -219,11 +219,14 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
     task, spec = model.card.task, model.card.preprocessing
     statistics: list[np.ndarray] = []
     files = [getattr(ds, "filename", None) for ds in datasets]
-    # decoder processes for a long series only; decoder threads (no start-up cost) for any
-    pool = decode_pool(settings.decode_processes if len(datasets) >= POOL_MIN_SLICES else 0, settings.decode_threads)
+    plan = local_plan(datasets, model)
+    # decoder processes for a long series only; decoder threads (no start-up cost) where the series is
+    # read as slabs, the worker's rule (`pipeline.run_triage`)
+    pool = decode_pool(settings.decode_processes if len(datasets) >= POOL_MIN_SLICES else 0)
+    if not pool.workers and plan is not None:
+        pool = decode_pool(0, settings.decode_threads)
     pooled = (pool.workers > 0
               and all("PixelData" not in ds and isinstance(f, (str, Path)) for ds, f in zip(datasets, files)))
-    plan = local_plan(datasets, model)
     slab_order: list[tuple[float, float]] = []
 
     def model_inputs() -> Iterator[np.ndarray]:

@@ -124,17 +124,19 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
                 {"task": route.task.value, "mode": mode.value})
 
     # 4. Fetch the series and score it as it arrives: each slice is decoded and preprocessed as the
-    #    model card says (by the decoder processes, CDS_DECODE_PROCESSES, else by the decoder threads,
-    #    CDS_DECODE_THREADS: the default on small machines) while the model's threads score the batch
-    #    before. Of each slice
+    #    model card says (by the decoder processes, CDS_DECODE_PROCESSES, or in this thread: the
+    #    default on small machines) while the model's threads score the batch before. Of each slice
     #    only its place, its SOP Instance UID and a few hundred numbers for the input check are kept:
     #    memory does not grow with the series. A card with a slab thickness (head CT, core/slabs.py)
     #    has the series' positions asked of the PACS (QIDO-RS) while its first slices arrive and are
     #    decoded; a thin-slice series is then scored as slabs: each slice summed into its slab, and
-    #    the slab becomes one model input when its last slice has arrived. Any other series is read
-    #    slice by slice, as before.
+    #    the slab becomes one model input when its last slice has arrived, and decoder threads decode
+    #    the rest of the series. Any other series is read slice by slice, as before.
     spec = model.card.preprocessing
-    pool = decode_pool(settings.decode_processes, settings.decode_threads)
+    pool = decode_pool(settings.decode_processes)
+    # a series read as slabs decodes ten slices per model input: there decoding, not the model, is the
+    # bottleneck, and decoder threads (CDS_DECODE_THREADS) take the rest of it once the plan is known
+    slab_pool = decode_pool(0, settings.decode_threads) if not pool.workers else pool
     slab_mm = model.card.series_pooling.slab_mm if spec.kind == "ct_windows" else None
     planning = (in_background(lambda: series_plan(pacs, ctx.study_uid, route.series, slab_mm), "slab-plan")
                 if slab_mm is not None else None)
@@ -155,6 +157,8 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
                     break
             series.plan, series.plan_sops = planning.result()
             if series.plan.slabbed:
+                if slab_pool is not pool:  # `decoded` decodes one instance at a time: none is in flight
+                    decoded = series.counted(slab_pool.map(prepare_values, parts, spec, settings.max_series_bytes))
                 for slab in slab_inputs(chain(early, decoded), series.plan, series.plan_sops, spec.input_size):
                     series.add_slab(slab)
                     yield slab.image

@@ -247,7 +247,7 @@ def run_on_orthanc(orthanc, fhir_server, tmp_path: Path, weights: Path, datasets
 @pytest.mark.integration
 @pytest.mark.skipif(not RSNA_DICOM.is_dir(), reason="../shared/data is not here")
 def test_forty_real_slices_repeated_as_thin_slices_get_what_the_thick_series_gets(orthanc, fhir_server,
-                                                                                   tmp_path: Path) -> None:
+                                                                                   tmp_path: Path, monkeypatch) -> None:
     """The shipped head CT model: 200 slices 1 mm apart, each 5-slice slab the same as one 5 mm slice, give
     the 40-slice series' findings, probabilities and overlay, through the worker's pipeline (decoder
     processes, two decoder threads and neither) and through `cds-triage triage`; the thick series is read as before."""
@@ -256,7 +256,20 @@ def test_forty_real_slices_repeated_as_thin_slices_get_what_the_thick_series_get
     thick_summary, thick_png = run_on_orthanc(orthanc, fhir_server, tmp_path / "thick", weights, thick)
     assert thick_summary["slices"] == 40
     assert thick_summary["slabs"]["modelInputs"] == 40 and "already about 5 mm" in thick_summary["slabs"]["note"]
+    import threading
+
+    import cds_service.pipeline
+    from cds_service.core.decoding import prepare_values
+
+    decoded_in: set[str] = set()
+
+    def recorded(*args, **kwargs):
+        decoded_in.add(threading.current_thread().name.split("_")[0])
+        return prepare_values(*args, **kwargs)
+
     for processes, threads in ((2, 0), (0, 2), (0, 0)):
+        decoded_in.clear()  # (a decoder process is handed the function by name: not the recording one)
+        monkeypatch.setattr(cds_service.pipeline, "prepare_values", prepare_values if processes else recorded)
         for ds in slim:
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         series = pydicom.uid.generate_uid()
@@ -271,6 +284,8 @@ def test_forty_real_slices_repeated_as_thin_slices_get_what_the_thick_series_get
                                             "slab, averaged in HU)"}
         assert summary["inputCheck"]["fits"] == thick_summary["inputCheck"]["fits"]
         assert png == thick_png  # the driving slab, its 5 slices fetched again and averaged: the same overlay
+        if not processes:  # the first slices in this thread while the plan is asked for, the rest by the decoder threads
+            assert decoded_in == ({"MainThread", "decode"} if threads else {"MainThread"}), decoded_in
 
     from cds_service.local_triage import collect_inputs, triage_input
     from cds_service.core.models import ModelRegistry
@@ -285,11 +300,17 @@ def test_forty_real_slices_repeated_as_thin_slices_get_what_the_thick_series_get
             (folder / f"{index:03d}.dcm").write_bytes(dicom_bytes(ds))
         [item] = collect_inputs([folder])
         results[name] = triage_input(item, registry, Settings(weights_dir=weights, decode_processes=2), None)
+        if name == "thin":  # and by two decoder threads
+            results["thin_threads"] = triage_input(item, registry, Settings(weights_dir=weights, decode_processes=0,
+                                                                            decode_threads=2), None)
     assert results["thin"].slices_scored == results["thick"].slices_scored == 40
     assert [(f.label, f.probability, f.positive) for f in results["thin"].findings] == \
         [(f.label, f.probability, f.positive) for f in results["thick"].findings]  # exactly
     assert [f.probability for f in results["thick"].findings] == pytest.approx(
         [f["probability"] for f in thick_summary["findings"]], abs=1e-4)
+    assert [(f.label, f.probability, f.positive) for f in results["thin_threads"].findings] == \
+        [(f.label, f.probability, f.positive) for f in results["thin"].findings]
+    assert results["thin_threads"].heatmap.png == results["thin"].heatmap.png
     assert results["thin"].heatmap.png == results["thick"].heatmap.png == thick_png
     assert results["thin"].heatmap.slice_index == results["thick"].heatmap.slice_index
     assert (results["thin"].heatmap.averaged_slices, results["thin"].heatmap.slab_mm) == (5, 5.0)
