@@ -145,46 +145,6 @@ def test_the_jpeg_ls_decoders_agree_and_imagecodecs_is_the_one_used() -> None:
         assert "_pixel_array" not in vars(ds) or ds._pixel_array is None  # nothing cached beside the pixel data
 
 
-def test_jpeg_ls_is_decoded_by_threads_side_by_side() -> None:
-    """imagecodecs decodes with the GIL released: with a thread holding the GIL busy in Python, a
-    decoding thread still gets its work done (pyjpegls, which holds the GIL, is the control)."""
-    import threading
-    import time
-
-    from pydicom.pixels import pixel_array
-
-    rng = np.random.default_rng(4)
-    ds = read_dicom(dicom_bytes(make_dataset(rng.normal(1024, 40, (512, 512)).clip(0, 4095).astype(np.uint16),
-                                             modality="CT", transfer_syntax="jpegls")))
-
-    def python_work_while(plugin: str) -> float:
-        """How far a pure-Python loop gets while another thread decodes, against the loop alone."""
-        done = threading.Event()
-
-        def decode() -> None:
-            while not done.is_set():
-                pixel_array(ds, decoding_plugin=plugin)
-
-        def count(seconds: float) -> int:
-            n, end = 0, time.perf_counter() + seconds
-            while time.perf_counter() < end:
-                n += sum(range(200))
-            return n
-
-        alone = count(0.4)
-        decoder = threading.Thread(target=decode)
-        decoder.start()
-        try:
-            beside = count(0.4)
-        finally:
-            done.set()
-            decoder.join()
-        return beside / alone
-
-    free, held = python_work_while("imagecodecs"), python_work_while("pyjpegls")
-    assert free > held + 0.1, (free, held)
-
-
 # --- memory: what decoding an honest huge image costs -------------------------------------------
 
 

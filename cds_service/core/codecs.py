@@ -27,8 +27,8 @@ DECODER_DEPENDENCIES = {
     pydicom.uid.JPEGLSNearLossless: ("numpy", "imagecodecs"),
 }
 
-_registered = threading.Lock()
-_done: list[bool] = []
+_registering = threading.Lock()
+_registered = False
 
 
 def is_available(uid: str) -> bool:
@@ -54,13 +54,14 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
 def register() -> bool:
     """Add the plugin to pydicom's JPEG-LS decoders (once per process; pydicom's `add_plugin` is not
     thread-safe, hence the lock). False where imagecodecs is not installed: pyjpegls then decodes."""
+    global _registered
     from pydicom.pixels import get_decoder
 
-    with _registered:
-        if not _done:
+    with _registering:
+        if not _registered:
             for uid in DECODER_DEPENDENCIES:
                 decoder = get_decoder(uid)
                 if PLUGIN not in decoder.available_plugins and PLUGIN not in getattr(decoder, "_unavailable", {}):
                     decoder.add_plugin(PLUGIN, (__name__, "decode_frame"))
-            _done.append(True)
-        return is_available(pydicom.uid.JPEGLSLossless)
+            _registered = True
+    return PLUGIN in get_decoder(pydicom.uid.JPEGLSLossless).available_plugins
