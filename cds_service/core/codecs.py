@@ -7,7 +7,7 @@ without the copies and the ~90 MB per process that decoder processes cost (`deco
 
 The plugin only replaces the codec call: pydicom's decoder still checks the frame, applies the pixel
 representation and the bits stored, exactly as for pyjpegls (JPEG-LS is exactly specified, so both
-give the same values; tests/test_codecs.py compares them). This module follows pydicom's plugin
+give the same values; tests/test_decode_memory.py compares them). This module follows pydicom's plugin
 contract (`is_available`, `DECODER_DEPENDENCIES`, a `(src, runner) -> bytes` function) and is
 registered once by `register`.
 """

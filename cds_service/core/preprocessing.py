@@ -225,7 +225,7 @@ def check_pixel_size(ds: pydicom.Dataset) -> None:
 # imagecodecs' CharLS (`core.codecs`) releases the GIL, so decoder threads decode JPEG-LS side by side;
 # pyjpegls' CharLS holds it but still decodes about four times faster than libjpeg, pydicom's first
 # choice: 6 against 37 ms of CPU for a 512 x 512 CT slice here. JPEG-LS decoding is exactly specified,
-# so every decoder gives the same values (tests/test_codecs.py, tests/test_large_studies.py compare them).
+# so every decoder gives the same values (tests/test_decode_memory.py, tests/test_large_studies.py compare them).
 PREFERRED_DECODERS = {pydicom.uid.JPEGLSLossless: ("imagecodecs", "pyjpegls"),
                       pydicom.uid.JPEGLSNearLossless: ("imagecodecs", "pyjpegls")}
 
