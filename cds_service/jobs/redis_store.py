@@ -7,10 +7,9 @@ import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
-
 from cds_service.core.errors import QueueUnavailableError
 
-from .state import BaseJobStore, job_from_row, job_to_row, Job, JobState, RECENT_TRIAGES_KEPT
+from .state import RECENT_TRIAGES_KEPT, BaseJobStore, Job, JobState, job_from_row, job_to_row
 
 log = logging.getLogger(__name__)
 
