@@ -37,8 +37,8 @@ import httpx  # noqa: E402
 
 from cds_devtools.demo import start_service  # noqa: E402
 from cds_devtools.devservers import free_port, start_fhir_server, stopped_like_ctrl_c  # noqa: E402
-from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.core.domain import Task  # noqa: E402
+from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.core.settings import Settings  # noqa: E402
 from hook_client import EhrSigner, hook_request  # noqa: E402
 from support import make_test_weights  # noqa: E402

@@ -66,32 +66,17 @@ import pydicom  # noqa: E402
 from cds_devtools.demo import start_service, start_worker  # noqa: E402
 from cds_devtools.devservers import free_port, start_fhir_server, start_orthanc, stopped_like_ctrl_c, upload_dicom  # noqa: E402
 from cds_devtools.dicom_data import make_dataset  # noqa: E402
-from cds_service import pipeline  # noqa: E402
-from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
-from cds_service.adapters.subscribe import ensure_subscription  # noqa: E402
 from cds_service.core.domain import Task  # noqa: E402
-from cds_service.core.settings import Settings  # noqa: E402
+from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.jobs.state import Job, JobState  # noqa: E402
+from cds_service.core.settings import Settings  # noqa: E402
+from cds_service.adapters.subscribe import ensure_subscription  # noqa: E402
 from cds_service.worker import build_deps  # noqa: E402
 from support import make_test_weights  # noqa: E402
-from triage_bench import (  # noqa: E402
-    OVERLAPPED,
-    STAGES,
-    SUBSCRIPTION_SECRET,
-    Order,
-    StageClock,
-    job_times,
-    latency_record,
-    log,
-    new_order,
-    peak_memory_mb,
-    priority_raised,
-    production_preprocessing,
-    rounded,
-    summarise_latencies,
-    wait_subscription_active,
-    wait_until,
-)
+from triage_bench import (OVERLAPPED, new_order, STAGES, SUBSCRIPTION_SECRET, Order, StageClock, job_times,  # noqa: E402
+                          latency_record, log, peak_memory_mb, priority_raised, production_preprocessing, rounded,
+                          summarise_latencies, wait_subscription_active, wait_until)
+from cds_service import pipeline  # noqa: E402
 
 SCHEMA = "cds-triage-large-studies/1"
 DEFAULT_OUT = REPO / "bench" / "results"

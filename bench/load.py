@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from cds_devtools import devservers  # noqa: E402
 from cds_devtools.demo import start_service  # noqa: E402
-from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.core.domain import Task  # noqa: E402
+from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
 from cds_service.core.model_cards import available_cards  # noqa: E402
 from cds_service.core.settings import Settings  # noqa: E402
 
@@ -66,8 +66,8 @@ def weights_for(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
 
 def prepare_study(index: int, orthanc_url: str, fhir: FhirClient, slices: int) -> str:
     """One head CT study in the PACS and its Patient, ServiceRequest and ImagingStudy in the EHR."""
-    from fhir_mappings.imaging_study import build_imaging_study
     from stack_support import ct_series
+    from fhir_mappings.imaging_study import build_imaging_study
 
     datasets = ct_series(slices, size=256, seed=index)
     devservers.upload_dicom(orthanc_url, datasets)

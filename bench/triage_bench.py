@@ -52,18 +52,18 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 
+from cds_service import pipeline  # noqa: E402
+from cds_service.core import triage  # noqa: E402
 from cds_devtools.demo import ServiceProcesses, start_service, start_worker  # noqa: E402
 from cds_devtools.devservers import free_port, start_fhir_server, start_orthanc, stopped_like_ctrl_c, upload_dicom  # noqa: E402
 from cds_devtools.dicom_data import make_dataset  # noqa: E402
-from cds_service import pipeline  # noqa: E402
-from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
-from cds_service.adapters.subscribe import ensure_subscription  # noqa: E402
-from cds_service.core import triage  # noqa: E402
 from cds_service.core.domain import Task  # noqa: E402
+from cds_service.adapters.fhir_client import FhirClient  # noqa: E402
+from cds_service.jobs.state import Job, JobState# noqa: E402
 from cds_service.core.model_cards import ModelCard, card_path  # noqa: E402
 from cds_service.core.models import load_model  # noqa: E402
 from cds_service.core.settings import Settings  # noqa: E402
-from cds_service.jobs.state import Job, JobState  # noqa: E402
+from cds_service.adapters.subscribe import ensure_subscription  # noqa: E402
 from cds_service.worker import build_deps  # noqa: E402
 from fhir_mappings.imaging_study import build_imaging_study  # noqa: E402
 from support import make_test_weights  # noqa: E402

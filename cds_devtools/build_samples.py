@@ -49,8 +49,8 @@ def pick(data: Path, rule: dict, task_name: str) -> list[str]:
     folder = data / rule["folder"]
     files = sorted(p for p in folder.glob(rule.get("glob", "*")) if p.is_file())
     if rule.get("split") in ("validation", "test"):
-        from cds_service.core.domain import TASK_LABELS, Task
         from cds_training.datasets import build_split, resolve_data_dir
+        from cds_service.core.domain import TASK_LABELS, Task
 
         task = Task(task_name)
         card = json.loads((PROJECT / "weights" / f"{task.value}.json").read_text())
@@ -69,8 +69,8 @@ def pick(data: Path, rule: dict, task_name: str) -> list[str]:
 
 def truth_labels(data: Path, task_name: str, files: list[str]) -> list[str]:
     """The labels positive on any of `files` (from the data's own labels), in the model's order."""
-    from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
     from cds_training.datasets import discover_samples, resolve_data_dir
+    from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
 
     task = Task(task_name)
     task_dir = resolve_data_dir(task, data / Path(files[0]).parts[0])

@@ -24,20 +24,12 @@ import httpx
 import pydicom
 
 import cds_service
-from cds_devtools.devservers import (
-    LOOPBACK,
-    ManagedProcess,
-    free_port,
-    http_ok,
-    start_fhir_server,
-    start_orthanc,
-    stopped_like_ctrl_c,
-    upload_dicom,
-)
-from cds_service.adapters.fhir_client import FhirClient
-from cds_service.adapters.subscribe import ensure_subscription
-from cds_service.core.settings import Settings
 from fhir_mappings.imaging_study import build_imaging_study
+
+from cds_devtools.devservers import LOOPBACK, ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc, stopped_like_ctrl_c, upload_dicom
+from cds_service.adapters.fhir_client import FhirClient
+from cds_service.core.settings import Settings
+from cds_service.adapters.subscribe import ensure_subscription
 
 SAMPLES_DIR = Path(cds_service.__file__).resolve().parent / "samples"
 

@@ -318,7 +318,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cds-triage: bad setting: {exc}", file=sys.stderr)
         return 2
     from cds_service.core.errors import QueueUnavailableError
-
     from .logs import configure_logging
 
     configure_logging(settings.log_level)

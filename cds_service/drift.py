@@ -30,10 +30,9 @@ from cds_service.core.domain import NEGATIVE_LABELS, Task
 from cds_service.core.evaluation import wilson_interval
 
 if TYPE_CHECKING:
+    from .jobs.state import BaseJobStore, Job, JobState
     from cds_service.core.model_cards import ModelCard
     from cds_service.core.settings import Settings
-
-    from .jobs.state import BaseJobStore, Job, JobState
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import pydicom
 
-from cds_service.adapters.pacs import series_from_dataset, sort_slices
 from cds_service.core.anatomy import dataset_shape, middle_slices
 from cds_service.core.decoding import decode_pool, known_position, positions_order, prepare_file, prepare_values_file
 from cds_service.core.domain import Study, Task, TriageResult, TriageStatus
@@ -34,15 +33,8 @@ from cds_service.core.errors import BadDicomError, ModelUnavailableError, Triage
 from cds_service.core.inference import score_stream
 from cds_service.core.input_profile import image_statistics, series_verdict
 from cds_service.core.models import LoadedModel, ModelRegistry
-from cds_service.core.preprocessing import (
-    as_model_input,
-    dicom_to_image,
-    dicom_to_model_input,
-    grey_to_image,
-    load_grey,
-    read_dicom,
-    resize,
-)
+from cds_service.adapters.pacs import series_from_dataset, sort_slices
+from cds_service.core.preprocessing import as_model_input, dicom_to_image, dicom_to_model_input, grey_to_image, load_grey, read_dicom, resize
 from cds_service.core.routing import not_applicable_reason, pixel_candidates, task_for_series, task_from_pixels
 from cds_service.core.settings import Settings
 from cds_service.core.slabs import SlabPlan, plan_slabs, slab_image, slab_inputs

@@ -16,33 +16,26 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
-from cds_service.adapters.metrics import observe_model_latency
-from cds_service.adapters.pacs import Pacs
-from cds_service.adapters.secondary_capture import heatmap_to_pacs
+from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
+
 from cds_service.core.decoding import PreparedValues, decode_pool, prepare_slice, prepare_values
 from cds_service.core.domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
 from cds_service.core.errors import InvalidResourceError, ModelUnavailableError, UpstreamError
+from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
 from cds_service.core.inference import score_stream
 from cds_service.core.input_profile import series_verdict
+from .jobs.state import Job, JobState
+from cds_service.adapters.metrics import observe_model_latency
 from cds_service.core.models import ModelRegistry
+from cds_service.adapters.pacs import Pacs
 from cds_service.core.preprocessing import dicom_to_image
 from cds_service.core.priority import parse_priority, raised_priority
-from cds_service.core.routing import (
-    fhir_hints,
-    not_applicable_reason,
-    pixel_candidates,
-    route_by_pixels,
-    route_study,
-    task_from_pixels,
-)
+from cds_service.core.routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
+from cds_service.adapters.secondary_capture import heatmap_to_pacs
 from cds_service.core.settings import Settings
 from cds_service.core.slabs import single_slice, slab_image, slab_inputs
-from cds_service.core.triage import triage_scores
 from cds_service.streamed_series import StreamedSeries, in_background, series_plan
-from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
-
-from .jobs.state import Job, JobState
+from cds_service.core.triage import triage_scores
 
 log = logging.getLogger(__name__)
 # decoded slices held while the series' positions are asked for (QIDO-RS, ~0.2 s for 300 instances in

@@ -21,20 +21,19 @@ from typing import Any, Callable
 
 from cds_service.adapters import metrics
 from cds_service.adapters.audit import open_write_back_trail, write_back_event
-from cds_service.adapters.pacs import Pacs, pacs_from_settings
-from cds_service.adapters.smart_auth import fhir_auth, fhir_client
+from .drift import alarm_hook
 from cds_service.core.decoding import decode_pool
-from cds_service.core.domain import Task
+from .jobs.state import BaseJobStore, Job, JobState
+from .jobs.queue import Leases, consumer_delays, create_queue, open_job_store, register_triage_task
 from cds_service.core.errors import QueueUnavailableError
+from cds_service.core.domain import Task
 from cds_service.core.model_cards import available_cards
 from cds_service.core.models import ModelRegistry, uses_onnx_runtime
 from cds_service.core.onnx_graphs import exported_graph
-from cds_service.core.settings import Settings
-
-from .drift import alarm_hook
-from .jobs.queue import Leases, consumer_delays, create_queue, open_job_store, register_triage_task
-from .jobs.state import BaseJobStore, Job, JobState
+from cds_service.adapters.pacs import Pacs, pacs_from_settings
 from .pipeline import PipelineDeps, run_triage
+from cds_service.core.settings import Settings
+from cds_service.adapters.smart_auth import fhir_auth, fhir_client
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +185,8 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
                                 retry_base_s=settings.job_retry_delay_s, leases=leases,
                                 on_finished=audit_hook(settings, leases.worker), on_recorded=alarm_hook(store, settings))
     # Studies announced by the PACS (POST /pacs/studies) are resolved here, then queued as triage jobs.
-    from cds_service.core.model_cards import model_set_version
     from cds_service.web.context import ServiceContext
+    from cds_service.core.model_cards import model_set_version
     from cds_service.web.pacs_trigger import register_arrival_task
 
     register_arrival_task(huey, ServiceContext(settings=settings, store=store, enqueue=triage_job,

@@ -38,45 +38,44 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cds_service.core import domain
-from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
-from cds_service.core.evaluation import (
-    Predictions,
-    SeriesSimulation,
-    binary_auc,
-    bootstrap_ci,
-    choose_thresholds,
-    format_metric,
-    metrics_with_ci,
-    presence_metrics,
-    presence_scores,
-    series_operating_point,
-    series_rates,
-    threshold_for_sensitivity,
-    weights_readme,
-    write_plots,
-    youden_threshold,
-)
-from cds_service.core.input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
-from cds_service.core.model_cards import ARCHITECTURE, ARCHITECTURES, PoolingMethod, SeriesPooling, card_path, weights_path
-from cds_service.core.models import LoadedModel, create_network, load_model
-from cds_service.core.preprocessing import PreprocessingSpec, resize, to_batch
-from cds_service.drift import expected_raised_share
-
 from .datasets import (
     SIMILARITY_THRESHOLD,
     Sample,
     build_split,
     class_counts,
     discover_samples,
-    extra_labelled,
     find_rsna_csv,
     load_image,
     original_size_features,
     preprocess_samples,
+    extra_labelled,
     probable_negatives,
     resolve_data_dir,
 )
+from cds_service.core import domain
+from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from cds_service.drift import expected_raised_share
+from cds_service.core.evaluation import (
+         Predictions,
+         binary_auc,
+         bootstrap_ci,
+         choose_thresholds,
+         SeriesSimulation,
+         presence_metrics,
+         presence_scores,
+         series_operating_point,
+         series_rates,
+         threshold_for_sensitivity,
+         youden_threshold,
+         format_metric,
+         weights_readme,
+         metrics_with_ci,
+         write_plots,
+     )
+from cds_service.core.model_cards import ARCHITECTURE, ARCHITECTURES, PoolingMethod, SeriesPooling, card_path, weights_path
+from cds_service.core.models import LoadedModel, create_network, load_model
+from cds_service.core.input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
+from cds_service.core.preprocessing import PreprocessingSpec, resize, to_batch
 
 CARD_VERSION = "1.0.0"
 DISCLAIMER = f"{domain.DISCLAIMER} For worklist prioritisation only; a radiologist reads every study."

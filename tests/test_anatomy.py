@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_devtools.dicom_data import make_dataset
 from cds_service.core.anatomy import SliceKind, ct_series_verdict, dataset_shape, middle_slices
+from cds_devtools.dicom_data import make_dataset
 
 RSNA_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "head_ct_dicom_unlabelled"
 

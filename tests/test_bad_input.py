@@ -11,13 +11,13 @@ import httpx
 import pydicom
 import pytest
 
-from bad_inputs.corpus import ALL_CASES, EHR_CASES, FILE_CASES, HTTP_CASES, PACS_CASES, SECRET_HEADER, http_body
+from bad_inputs.corpus import EHR_CASES, FILE_CASES, HTTP_CASES, PACS_CASES, SECRET_HEADER, ALL_CASES, http_body
 from cds_devtools.demo import start_service
 from cds_devtools.devservers import free_port, upload_dicom
-from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.domain import Task
-from cds_service.core.settings import Settings
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.local_triage import triage_paths
+from cds_service.core.settings import Settings
 from stack_support import SECRET, assert_triaged_once, ct_series, notify, order_study, wait_finished
 from support import make_test_weights
 

@@ -30,12 +30,12 @@ from PIL import Image
 from cds_devtools.demo import start_service
 from cds_devtools.devservers import find_sekmet, free_port, start_fhir_server, upload_dicom
 from cds_devtools.dicom_data import make_dataset
-from cds_service.adapters.fhir_client import FhirClient
-from cds_service.adapters.subscribe import ensure_subscription
 from cds_service.core.domain import Task
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.settings import Settings
-from conftest import require
+from cds_service.adapters.subscribe import ensure_subscription
 from fhir_mappings.imaging_study import build_imaging_study
+from conftest import require
 from support import make_test_weights
 
 pytestmark = pytest.mark.integration

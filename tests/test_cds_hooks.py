@@ -9,36 +9,36 @@ real FHIR server (fhirAuthorization) instead of prefetch. The end-to-end test (h
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from cds_service.adapters.fhir_client import FhirClient
-from cds_service.core.cards import (
-    AiReport,
-    ReportedFinding,
-    ai_report_from_job,
-    ai_reports_from_fhir,
-    indicator_for,
-    is_imaging_order,
-    md,
-    prune,
-    report_card,
-    severity,
-)
-from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
-from cds_service.core.settings import DEFAULT_PRIORITY_RULES, Settings
-from cds_service.jobs.sqlite_store import JobStore
-from cds_service.jobs.state import JobState, TriageRequest
 from cds_service.web.app import create_app
+from cds_service.web.context import ServiceContext
+from cds_service.core.cards import (
+         AiReport,
+         ReportedFinding,
+         ai_report_from_job,
+         ai_reports_from_fhir,
+         indicator_for,
+         is_imaging_order,
+         md,
+         prune,
+         report_card,
+         severity,
+     )
 from cds_service.web.cds_hooks.calls import HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
 from cds_service.web.cds_hooks.services import SERVICES
-from cds_service.web.context import ServiceContext
+from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
+from cds_service.adapters.fhir_client import FhirClient
+from cds_service.jobs.state import JobState, TriageRequest
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.core.settings import DEFAULT_PRIORITY_RULES, Settings
 from fhir_mappings.builders import build_triage_transaction
 from hook_client import EhrSigner, assert_valid, hook_request, schema_errors
 
@@ -521,9 +521,9 @@ def test_hook_call_to_critical_patient_view_card_end_to_end(secured_product):
     import numpy as np
     import pydicom
 
+    from cds_service.adapters.audit import AuditLog
     from cds_devtools.devservers import upload_dicom
     from cds_devtools.dicom_data import make_dataset
-    from cds_service.adapters.audit import AuditLog
     from fhir_mappings.imaging_study import build_imaging_study
 
     settings, orthanc = secured_product

@@ -19,9 +19,9 @@ from typing import Iterator
 import httpx
 import pytest
 
+from cds_service.cli import build_parser, main
 from cds_devtools.demo import PortInUseError, demo_port
 from cds_devtools.devservers import free_port
-from cds_service.cli import build_parser, main
 from cds_service.core.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,14 +22,8 @@ import pytest
 from PIL import Image
 
 from cds_devtools.dicom_data import dicom_bytes, encoder_available, make_dataset
-from cds_service.core.preprocessing import (
-    PreprocessingSpec,
-    ct_windows_for,
-    dicom_to_image,
-    dicom_to_model_input,
-    read_dicom,
-    resize,
-)
+from cds_service.core.preprocessing import (PreprocessingSpec, ct_windows_for, dicom_to_image, dicom_to_model_input, read_dicom,
+                                           resize)
 
 ROOT = Path(__file__).resolve().parents[1]
 

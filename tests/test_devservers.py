@@ -20,6 +20,7 @@ from pydicom.pixels import apply_modality_lut
 from cds_devtools import devservers, dicom_data
 from cds_devtools.devservers import ServerStartError, upload_dicom
 from cds_devtools.dicom_data import image_to_dicom, make_dicom
+
 from conftest import require
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"

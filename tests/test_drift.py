@@ -16,25 +16,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cds_service.core.domain import Task
-from cds_service.core.model_cards import ModelCard
-from cds_service.core.settings import Settings
-from cds_service.drift import (
-    Band,
-    alarm_hook,
-    assess,
-    band_for,
-    check_alarm,
-    expected_raised_share,
-    operating_rates,
-    study_score,
-    triaged,
-)
-from cds_service.jobs.redis_store import RedisJobStore
-from cds_service.jobs.sqlite_store import JobStore
-from cds_service.jobs.state import JobState, TriageRequest
 from cds_service.web.app import create_app
 from cds_service.web.context import ServiceContext
+from cds_service.core.domain import Task
+from cds_service.drift import (Band, alarm_hook, assess, band_for, check_alarm, expected_raised_share, operating_rates,
+                               study_score, triaged)
+from cds_service.jobs.state import JobState, TriageRequest
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.jobs.redis_store import RedisJobStore
+from cds_service.core.model_cards import ModelCard
+from cds_service.core.settings import Settings
 from stack_support import SECRET, ct_series, metric_value, notify, order_study, wait_finished
 from support import make_test_weights
 

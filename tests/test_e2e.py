@@ -34,15 +34,15 @@ import pydicom
 import pytest
 
 import hapi_support
+from cds_service.web.cds_hooks.calls import render_query
 from cds_devtools.demo import start_service
 from cds_devtools.devservers import free_port, upload_dicom
 from cds_devtools.dicom_data import make_dataset
-from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
-from cds_service.adapters.subscribe import ensure_subscription
 from cds_service.core.domain import Finding, ModelRef, Priority, Task, TriageResult, TriageStatus
-from cds_service.core.settings import Settings
+from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
 from cds_service.pipeline import raise_order_priority
-from cds_service.web.cds_hooks.calls import render_query
+from cds_service.core.settings import Settings
+from cds_service.adapters.subscribe import ensure_subscription
 from fhir_mappings.imaging_study import build_imaging_study
 from hook_client import EhrSigner
 from support import make_test_weights

@@ -22,21 +22,12 @@ import pytest
 
 from cds_devtools import devservers
 from cds_devtools.demo import ServiceProcesses, start_service, start_worker
-from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.domain import Task
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.settings import Settings
 from conftest import require
-from stack_support import (
-    SECRET,
-    assert_triaged_once,
-    ct_series,
-    job_of,
-    metric_value,
-    notify,
-    order_study,
-    wait_finished,
-    wait_until,
-)
+from stack_support import (SECRET, assert_triaged_once, ct_series, job_of, metric_value, notify, order_study,
+                           wait_finished, wait_until)
 from support import make_test_weights
 from tcp_proxy import Fault, TcpProxy
 

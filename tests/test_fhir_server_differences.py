@@ -28,12 +28,12 @@ import yaml
 import hapi_support
 from cds_service import cli
 from cds_service.adapters import subscribe
-from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
-from cds_service.core.errors import UpstreamRejectedError
-from cds_service.core.settings import Settings
-from cds_service.jobs.sqlite_store import JobStore
 from cds_service.web.app import create_app
 from cds_service.web.context import ServiceContext
+from cds_service.core.errors import UpstreamRejectedError
+from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The Accept header HAPI FHIR's rest-hook client sends with each notification (seen on 8.8.0).

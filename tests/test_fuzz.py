@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cds_service.core.errors import BadDicomError
-from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, read_dicom
 from cds_service.web.api import imaging_study_ids
 from cds_service.web.cds_hooks.calls import HookCallError, parse_hook_call
 from cds_service.web.cds_hooks.services import SERVICES
+from cds_service.core.errors import BadDicomError
+from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, read_dicom
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

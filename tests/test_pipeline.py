@@ -14,15 +14,15 @@ import pytest
 
 from cds_devtools.devservers import upload_dicom
 from cds_devtools.dicom_data import make_dataset
-from cds_service.adapters.fhir_client import FhirClient
-from cds_service.adapters.pacs import sort_slices
 from cds_service.core.domain import Task
+from cds_service.adapters.fhir_client import FhirClient
+from cds_service.jobs.state import Job, JobState
 from cds_service.core.models import load_model
+from cds_service.adapters.pacs import sort_slices
+from cds_service.pipeline import run_triage
 from cds_service.core.preprocessing import dicom_to_image
 from cds_service.core.settings import Settings
 from cds_service.core.triage import triage_images
-from cds_service.jobs.state import Job, JobState
-from cds_service.pipeline import run_triage
 from cds_service.worker import build_deps
 from fhir_mappings.imaging_study import build_imaging_study
 from support import make_test_weights

@@ -17,14 +17,14 @@ import pydicom
 import pytest
 
 from cds_devtools.dicom_data import make_dataset
-from cds_service.adapters.fhir_client import FHIR_JSON, FhirClient
-from cds_service.adapters.pacs import series_from_dataset
 from cds_service.core.domain import Series, Study, Task, TaskMode
 from cds_service.core.errors import UpstreamError
-from cds_service.core.models import ModelRegistry
-from cds_service.core.settings import Settings
+from cds_service.adapters.fhir_client import FHIR_JSON, FhirClient
 from cds_service.jobs.state import Job, JobState
+from cds_service.core.models import ModelRegistry
+from cds_service.adapters.pacs import series_from_dataset
 from cds_service.pipeline import PipelineDeps, run_triage
+from cds_service.core.settings import Settings
 from fhir_mappings.imaging_study import build_imaging_study
 from support import make_test_weights
 from test_anatomy import phantom

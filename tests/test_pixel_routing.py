@@ -21,10 +21,10 @@ from PIL import Image
 from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Series, Study, Task, TriageStatus
 from cds_service.core.errors import ModelUnavailableError
+from cds_service.local_triage import LocalInput, triage_input
 from cds_service.core.models import ModelRegistry
 from cds_service.core.routing import FhirHints, pixel_candidates, route_by_pixels, task_from_pixels
 from cds_service.core.settings import Settings
-from cds_service.local_triage import LocalInput, triage_input
 from test_anatomy import phantom
 
 ROOT = Path(__file__).resolve().parents[1]

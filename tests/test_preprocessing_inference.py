@@ -12,15 +12,8 @@ from cds_service.core.domain import Task
 from cds_service.core.errors import BadDicomError
 from cds_service.core.inference import findings_from_scores
 from cds_service.core.model_cards import ModelCard
-from cds_service.core.preprocessing import (
-    PreprocessingSpec,
-    dicom_to_image,
-    grey_to_image,
-    read_dicom,
-    robust_normalise,
-    to_batch,
-    window,
-)
+from cds_service.core.preprocessing import (PreprocessingSpec, dicom_to_image, grey_to_image, read_dicom, robust_normalise,
+                                            to_batch, window)
 from support import PREPROCESSING, make_test_weights
 
 
@@ -175,8 +168,8 @@ def _part10(ds: pydicom.Dataset) -> bytes:
 
 def test_one_window_on_three_channels_is_resized_once_with_the_same_result():
     """The shipped head CT card puts one window on all channels; that shortcut must not change pixels."""
-    from cds_devtools.dicom_data import make_dataset
     from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, resize, to_batch
+    from cds_devtools.dicom_data import make_dataset
 
     stored = (np.arange(96 * 80).reshape(96, 80) % 1500).astype(np.uint16)
     ds = make_dataset(stored, modality="CT", rescale_slope=1, rescale_intercept=-1024)

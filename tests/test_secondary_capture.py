@@ -14,18 +14,18 @@ from PIL import Image
 
 from cds_devtools.devservers import free_port, upload_dicom
 from cds_devtools.dicom_data import make_dataset
+from cds_service.core.domain import Finding, Heatmap, ModelRef, Series, Task, TriageResult, TriageStatus
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.adapters.pacs import Pacs, PacsConfig
-from cds_service.adapters.secondary_capture import (
-    StoredCapture,
-    build_heatmap_capture,
-    capture_uids,
-    heatmap_to_pacs,
-    patient_orientation,
-    with_capture_reference,
-)
-from cds_service.core.domain import Finding, Heatmap, ModelRef, Series, Task, TriageResult, TriageStatus
 from cds_service.core.routing import task_for_series
+from cds_service.adapters.secondary_capture import (
+             build_heatmap_capture,
+             capture_uids,
+             heatmap_to_pacs,
+             patient_orientation,
+             with_capture_reference,
+             StoredCapture,
+         )
 
 MODEL = ModelRef("test-untrained-head_ct_ich", "0.0.0-test")
 

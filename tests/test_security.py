@@ -17,12 +17,12 @@ from pathlib import Path
 import jwt
 import pytest
 
-from cds_devtools.devservers import free_port
-from cds_service.adapters.security import KeyRing, ReplayCache, json_depth, parse_json_body
-from cds_service.core.settings import Settings
-from cds_service.jobs.sqlite_store import JobStore
 from cds_service.web.app import create_app
 from cds_service.web.context import ServiceContext
+from cds_devtools.devservers import free_port
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.adapters.security import KeyRing, ReplayCache, json_depth, parse_json_body
+from cds_service.core.settings import Settings
 from hook_client import EhrSigner, hook_request
 
 PUBLIC = "http://127.0.0.1:8000"

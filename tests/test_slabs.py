@@ -24,13 +24,8 @@ from cds_service.core.decoding import PreparedValues, prepare_values
 from cds_service.core.domain import Task
 from cds_service.core.errors import BadDicomError, UpstreamError
 from cds_service.core.model_cards import PoolingMethod, SeriesPooling
-from cds_service.core.preprocessing import (
-    PreprocessingSpec,
-    ct_values_to_model_input,
-    dicom_to_image,
-    modality_values,
-    read_dicom,
-)
+from cds_service.core.preprocessing import (PreprocessingSpec, ct_values_to_model_input, dicom_to_image, modality_values,
+                                            read_dicom)
 from cds_service.core.slabs import SlabSum, plan_slabs, slab_image, slab_inputs
 from support import make_test_weights
 from test_decode_memory import head_ct_series
@@ -226,9 +221,9 @@ def rsna_thick_and_thin() -> tuple[list[pydicom.Dataset], list[pydicom.Dataset]]
 def run_on_orthanc(orthanc, fhir_server, tmp_path: Path, weights: Path, datasets: list[pydicom.Dataset], **overrides):
     """run_triage's state, summary and overlay PNG for these slices, uploaded in reverse order."""
     from cds_service.adapters.fhir_client import FhirClient
-    from cds_service.core.settings import Settings
     from cds_service.jobs.state import JobState
     from cds_service.pipeline import run_triage
+    from cds_service.core.settings import Settings
     from cds_service.worker import build_deps
     from test_pipeline import ordered_study
 
@@ -292,9 +287,9 @@ def test_forty_real_slices_repeated_as_thin_slices_get_what_the_thick_series_get
         if not processes:  # the first slices in this thread while the plan is asked for, the rest by the decoder threads
             assert decoded_in == ({"MainThread", "decode"} if threads else {"MainThread"}), decoded_in
 
+    from cds_service.local_triage import collect_inputs, triage_input
     from cds_service.core.models import ModelRegistry
     from cds_service.core.settings import Settings
-    from cds_service.local_triage import collect_inputs, triage_input
 
     results = {}
     registry = ModelRegistry(weights, runtime="auto")

@@ -15,23 +15,23 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cds_devtools import devservers
-from cds_service.adapters.fhir_client import FhirClient
-from cds_service.adapters.smart_auth import (
-    AccessToken,
-    SmartAuthError,
-    SmartBackendAuth,
-    SmartClientConfig,
-    client_assertion,
-    fhir_auth,
-    jwk_thumbprint,
-    load_private_key,
-    public_jwk,
-    signing_algorithm,
-)
-from cds_service.core.errors import UpstreamError, UpstreamRejectedError
-from cds_service.core.settings import Settings
-from cds_service.jobs.sqlite_store import JobStore
 from cds_service.web.context import ServiceContext
+from cds_service.core.errors import UpstreamError, UpstreamRejectedError
+from cds_service.adapters.fhir_client import FhirClient
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.core.settings import Settings
+from cds_service.adapters.smart_auth import (
+             AccessToken,
+             SmartAuthError,
+             SmartBackendAuth,
+             SmartClientConfig,
+             client_assertion,
+             fhir_auth,
+             jwk_thumbprint,
+             load_private_key,
+             public_jwk,
+             signing_algorithm,
+         )
 from conftest import require
 
 CLIENT_ID = "cds-triage-test"

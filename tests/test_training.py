@@ -18,11 +18,11 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from safetensors import safe_open
 
+from cds_training.datasets import discover_samples, split_samples
 from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import TASK_LABELS, Task
 from cds_service.core.evaluation import binary_auc, choose_thresholds, sensitivity_specificity, threshold_for_sensitivity
 from cds_service.core.models import load_model
-from cds_training.datasets import discover_samples, split_samples
 from cds_training.training import (
     TASK_SETUPS,
     TrainConfig,
@@ -285,7 +285,6 @@ def test_weight_average_is_what_is_validated_and_shipped(tmp_path: Path) -> None
 
 def test_stochastic_depth_only_while_training() -> None:
     import torch
-
     from cds_service.core.models import create_network
     from cds_training.training import add_stochastic_depth
 

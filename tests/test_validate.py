@@ -19,26 +19,21 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cds_devtools.dicom_data import make_dataset
+from cds_service.web.app import create_app
+from cds_service.web.context import ServiceContext
 from cds_service.cli import build_parser, main
+from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import OrderContext, Task
-from cds_service.core.evaluation import (
-    binary_validation,
-    calibration_summary,
-    sensitivity_operating_points,
-    small_number_warnings,
-)
+from cds_service.core.evaluation import binary_validation, calibration_summary, sensitivity_operating_points, small_number_warnings
 from cds_service.core.inference import findings_from_scores
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.local_triage import collect_inputs, triage_input
 from cds_service.core.model_cards import ModelCard
 from cds_service.core.models import ModelRegistry
 from cds_service.core.settings import Settings
 from cds_service.core.site_thresholds import FORMAT
-from cds_service.jobs.sqlite_store import JobStore
-from cds_service.local_triage import collect_inputs, triage_input
 from cds_service.validate.command import run_validate
 from cds_service.validate.labels import LabelsError, match_units, read_labels
-from cds_service.web.app import create_app
-from cds_service.web.context import ServiceContext
 from cds_service.web.worklist import model_card_summary
 from fhir_mappings import codes
 from fhir_mappings.builders import build_observation

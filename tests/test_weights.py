@@ -20,12 +20,12 @@ import pytest
 from pydicom.dataset import Dataset
 from safetensors import safe_open
 
+from cds_training.datasets import build_split
 from cds_devtools.dicom_data import dicom_bytes, make_dataset
 from cds_service.core.domain import TASK_LABELS, Task
 from cds_service.core.evaluation import Predictions, point_metrics
 from cds_service.core.models import load_model
 from cds_service.core.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
-from cds_training.datasets import build_split
 from cds_training.training import as_predictions, predict_samples, stored_predictions
 
 REPO = Path(__file__).resolve().parents[1]

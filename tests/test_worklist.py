@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cds_devtools.devservers import free_port
-from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
-from cds_service.core.settings import Settings, SettingsError
-from cds_service.jobs.sqlite_store import JobStore
-from cds_service.jobs.state import Job, JobState
 from cds_service.web.app import create_app
 from cds_service.web.context import ServiceContext
+from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
+from cds_devtools.devservers import free_port
+from cds_service.jobs.state import Job, JobState
+from cds_service.jobs.sqlite_store import JobStore
+from cds_service.core.settings import Settings, SettingsError
 from cds_service.web.worklist import access_denied, viewer_url
 from cds_service.web.worklist_rows import ai_raised_from, build_worklist, format_waiting, patient_details
 from fhir_mappings.builders import build_triage_transaction, heatmap_source_instance, with_priority

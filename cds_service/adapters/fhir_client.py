@@ -11,15 +11,10 @@ from typing import Any, Iterator
 
 import httpx
 
-from cds_service.adapters.metrics import count_upstream_error
-from cds_service.core.errors import (
-    InvalidResourceError,
-    StudyNotFoundError,
-    UpstreamError,
-    UpstreamRejectedError,
-    is_retryable_status,
-)
 from fhir_mappings.builders import is_fhir_id
+
+from cds_service.core.errors import InvalidResourceError, StudyNotFoundError, UpstreamError, UpstreamRejectedError, is_retryable_status
+from cds_service.adapters.metrics import count_upstream_error
 
 FHIR_JSON = "application/fhir+json"
 

@@ -15,20 +15,11 @@ import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 
-from cds_service.adapters.metrics import count_upstream_error
-from cds_service.core.decoding import known_position, positions_order, slice_position
 from cds_service.core.domain import Series, Study
-from cds_service.core.errors import (
-    BadDicomError,
-    PermanentError,
-    StudyNotFoundError,
-    StudyTooLargeError,
-    TransientError,
-    TriageError,
-    UpstreamError,
-    UpstreamRejectedError,
-    is_retryable_status,
-)
+from cds_service.core.errors import (BadDicomError, PermanentError, StudyNotFoundError, StudyTooLargeError, TransientError, TriageError,
+                                     UpstreamError, UpstreamRejectedError, is_retryable_status)
+from cds_service.core.decoding import known_position, positions_order, slice_position
+from cds_service.adapters.metrics import count_upstream_error
 from cds_service.core.preprocessing import decode_cost, instance_bytes
 from cds_service.core.settings import Settings
 

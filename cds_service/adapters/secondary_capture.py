@@ -32,11 +32,12 @@ from highdicom.sc import SCImage
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
-from cds_service.adapters.pacs import Pacs
+from fhir_mappings import codes
+
 from cds_service.core.domain import DISCLAIMER, Heatmap, TriageResult
 from cds_service.core.errors import UpstreamError
-from fhir_mappings import codes
+from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
+from cds_service.adapters.pacs import Pacs
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from limits import parse as parse_rate
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from cds_service.logs import hashed
 from cds_service.core.domain import HooksAuth
 from cds_service.core.settings import Settings
-from cds_service.logs import hashed
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from cds_service.core.errors import PermanentError, UpstreamError, is_retryable_status
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.adapters.security import is_loopback_url
-from cds_service.core.errors import PermanentError, UpstreamError, is_retryable_status
 from cds_service.core.settings import Settings
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import time
 
-from cds_service.adapters.smart_auth import fhir_auth, fhir_client
-from cds_service.core.settings import Settings
 from fhir_mappings.builders import SUBSCRIPTION_TAG, build_subscription
+
+from cds_service.core.settings import Settings
+from cds_service.adapters.smart_auth import fhir_auth, fhir_client
 
 
 def is_ours(subscription: dict, endpoint: str) -> bool:

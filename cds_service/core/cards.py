@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from cds_service.core.domain import DISCLAIMER, Priority, TaskMode
 from fhir_mappings import codes
 from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow, parse_fhir_datetime, reference_id
 
+from cds_service.core.domain import DISCLAIMER, Priority, TaskMode
 SUMMARY_LIMIT = 139  # the specification: a summary under 140 characters
 
 #: Our own CodeSystems for card topics and override reasons (example.org placeholders, like codes.LOCAL_BASE).

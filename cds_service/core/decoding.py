@@ -43,18 +43,8 @@ from cds_service.core import codecs
 from cds_service.core.anatomy import CtSliceShape, dataset_shape
 from cds_service.core.errors import BadDicomError, StudyTooLargeError
 from cds_service.core.input_profile import image_statistics
-from cds_service.core.preprocessing import (
-    PreprocessingSpec,
-    as_model_input,
-    ct_windows_for,
-    decode_cost,
-    dicom_pixels,
-    dicom_to_model_input,
-    instance_bytes,
-    modality_values,
-    read_dicom,
-    rescale_to_hu,
-)
+from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_windows_for, decode_cost, dicom_pixels,
+                                            dicom_to_model_input, instance_bytes, modality_values, read_dicom, rescale_to_hu)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
-from cds_service.core.domain import HooksAuth, InferenceRuntime, Priority, Task, TaskMode, UnknownPatientPolicy, WorklistAuth
+from cds_service.core.domain import HooksAuth, InferenceRuntime, Priority, TaskMode, Task, UnknownPatientPolicy, WorklistAuth
 
 if TYPE_CHECKING:
     from cds_service.core.site_thresholds import SiteThresholds

@@ -23,9 +23,9 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task

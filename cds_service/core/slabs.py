@@ -27,14 +27,8 @@ import pydicom
 from cds_service.core.decoding import PreparedSlice, PreparedValues, positions_order, stored_values
 from cds_service.core.errors import BadDicomError, UpstreamError
 from cds_service.core.input_profile import image_statistics
-from cds_service.core.preprocessing import (
-    PreprocessingSpec,
-    as_model_input,
-    ct_values_to_model_input,
-    ct_windows_for,
-    rescale_to_hu,
-    window,
-)
+from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_values_to_model_input, ct_windows_for,
+                                            rescale_to_hu, window)
 
 GAP_FACTOR = 1.5  # a step this many times the series' spacing is a missing slice: no slab spans it
 TOLERANCE_MM = 1e-3  # DS positions are decimal strings: 0.1 mm steps are not exact in binary

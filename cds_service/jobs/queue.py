@@ -18,11 +18,11 @@ from huey.exceptions import RetryTask
 
 from cds_service.adapters import metrics
 from cds_service.core.errors import TransientError, TriageError
-
 from ..logs import hashed, log_context
-from .redis_store import RedisJobStore
+
+from .state import BaseJobStore, Job, JobState, REDIS_SCHEMES, backoff_delay
 from .sqlite_store import JobStore
-from .state import REDIS_SCHEMES, BaseJobStore, Job, JobState, backoff_delay
+from .redis_store import RedisJobStore
 
 log = logging.getLogger(__name__)
 

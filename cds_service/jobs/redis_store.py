@@ -7,9 +7,10 @@ import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+
 from cds_service.core.errors import QueueUnavailableError
 
-from .state import RECENT_TRIAGES_KEPT, BaseJobStore, Job, JobState, job_from_row, job_to_row
+from .state import BaseJobStore, job_from_row, job_to_row, Job, JobState, RECENT_TRIAGES_KEPT
 
 log = logging.getLogger(__name__)
 

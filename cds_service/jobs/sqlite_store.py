@@ -10,9 +10,10 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+
 from cds_service.core.errors import QueueUnavailableError
 
-from .state import ROW_COLUMNS, UNFINISHED, BaseJobStore, Job, JobState, job_from_row, job_to_row
+from .state import ROW_COLUMNS, BaseJobStore, job_from_row, job_to_row, Job, JobState, UNFINISHED
 
 log = logging.getLogger(__name__)
 

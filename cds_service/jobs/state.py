@@ -15,7 +15,9 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+
 from cds_service.core.settings import DRIFT_WINDOW_MAX
+
 
 log = logging.getLogger(__name__)
 

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import hmac
 import logging
+
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from cds_service.adapters.security import parse_json_body
-from cds_service.core.errors import QueueUnavailableError, TriageError
-from cds_service.core.model_cards import task_modes
-from cds_service.drift import drift_report
-from cds_service.jobs.state import Job, JobState, TriageRequest
-from cds_service.web.ops import operator_refusal
-from cds_service.web.web_context import ctx, operation_outcome
 from fhir_mappings.builders import is_fhir_id
+
+from cds_service.web.web_context import ctx, operation_outcome
+from cds_service.drift import drift_report
+from cds_service.core.errors import TriageError
+from cds_service.jobs.state import Job, JobState, TriageRequest
+from cds_service.core.errors import QueueUnavailableError
+from cds_service.core.model_cards import task_modes
+from cds_service.web.ops import operator_refusal
+from cds_service.adapters.security import parse_json_body
 
 log = logging.getLogger(__name__)
 

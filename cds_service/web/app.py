@@ -13,10 +13,10 @@ from typing import Any
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
+from cds_service.web.context import ServiceContext
+from cds_service.jobs.queue import create_queue, open_job_store, register_triage_task
 from cds_service.core.model_cards import model_set_version
 from cds_service.core.settings import Settings
-from cds_service.jobs.queue import create_queue, open_job_store, register_triage_task
-from cds_service.web.context import ServiceContext
 from cds_service.web.web_context import operation_outcome
 
 log = logging.getLogger(__name__)

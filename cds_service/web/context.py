@@ -11,8 +11,8 @@ from typing import Any, Callable
 import httpx
 
 from cds_service.adapters.fhir_client import FhirClient
-from cds_service.core.settings import Settings
 from cds_service.jobs.state import BaseJobStore, Job, TriageRequest
+from cds_service.core.settings import Settings
 
 
 @dataclass

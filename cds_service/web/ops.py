@@ -26,14 +26,14 @@ import requests
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from cds_service.adapters import metrics
+from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.adapters.audit import open_write_back_trail
-from cds_service.core.errors import QueueUnavailableError
-from cds_service.core.model_cards import available_cards
-from cds_service.core.settings import Settings
 from cds_service.drift import drift_report
+from cds_service.core.errors import QueueUnavailableError
 from cds_service.jobs.queue import is_redis_url
 from cds_service.logs import hashed
-from cds_service.web.web_context import ctx, operation_outcome
+from cds_service.core.model_cards import available_cards
+from cds_service.core.settings import Settings
 
 log = logging.getLogger("cds_service.http")
 

@@ -43,17 +43,18 @@ import pydicom
 from flask import Blueprint, Flask, current_app, jsonify, request
 from huey.exceptions import RetryTask
 
-from cds_service.adapters.fhir_client import FhirClient
-from cds_service.adapters.pacs import pacs_from_settings
-from cds_service.core.domain import UnknownPatientPolicy
-from cds_service.core.errors import PermanentError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
-from cds_service.core.settings import Settings
-from cds_service.jobs.queue import create_queue
-from cds_service.jobs.state import TriageRequest, backoff_delay
-from cds_service.web.context import ServiceContext
-from cds_service.web.web_context import ctx, operation_outcome
 from fhir_mappings import codes
 from fhir_mappings.imaging_study import build_imaging_study, build_patient_from_dicom
+
+from cds_service.web.context import ServiceContext
+from cds_service.web.web_context import ctx, operation_outcome
+from cds_service.core.errors import PermanentError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
+from cds_service.adapters.fhir_client import FhirClient
+from cds_service.jobs.state import TriageRequest, backoff_delay
+from cds_service.jobs.queue import create_queue
+from cds_service.adapters.pacs import pacs_from_settings
+from cds_service.core.domain import UnknownPatientPolicy
+from cds_service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

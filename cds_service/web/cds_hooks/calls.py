@@ -9,10 +9,11 @@ from datetime import datetime
 from typing import Any, Callable, Mapping
 from urllib.parse import quote
 
+from fhir_mappings.builders import is_fhir_id
+
 from cds_service.adapters.audit import Feedback
 from cds_service.adapters.security import is_loopback_url
 from cds_service.core.settings import Settings
-from fhir_mappings.builders import is_fhir_id
 
 _TOKEN = re.compile(r"\{\{context\.([A-Za-z0-9_]+)\}\}")
 

@@ -11,18 +11,8 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
 from cds_service.adapters.audit import AuditLog
-from cds_service.adapters.security import (
-    HookAuthError,
-    HookClient,
-    HookRateLimiter,
-    KeysUnavailableError,
-    TokenVerifier,
-    build_verifier,
-    enable_cors,
-    hooks_auth_enabled,
-    parse_json_body,
-    split_list,
-)
+from cds_service.adapters.security import (HookAuthError, HookClient, HookRateLimiter, KeysUnavailableError, TokenVerifier,
+                                           build_verifier, enable_cors, hooks_auth_enabled, parse_json_body, split_list)
 from cds_service.core.settings import Settings
 from cds_service.logs import hashed
 from cds_service.web.cds_hooks.calls import HookCallError, discovery_document, parse_feedback, parse_hook_call

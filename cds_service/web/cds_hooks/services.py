@@ -9,36 +9,20 @@ from urllib.parse import parse_qsl
 
 from flask import g
 
+from fhir_mappings import codes
+from fhir_mappings.builders import reference_id, with_priority
+
 from cds_service.adapters.fhir_client import FhirClient
-from cds_service.core.cards import (
-    DISCLAIMER,
-    ai_report_from_job,
-    ai_reports_from_fhir,
-    is_imaging_order,
-    no_result_card,
-    pending_card,
-    priority_action,
-    report_card,
-    severity,
-    unread_critical_card,
-)
+from cds_service.core.cards import (DISCLAIMER, ai_report_from_job, ai_reports_from_fhir, is_imaging_order, no_result_card,
+                                    pending_card, priority_action, report_card, severity, unread_critical_card)
 from cds_service.core.domain import Priority, TaskMode
 from cds_service.core.errors import TriageError, UpstreamRejectedError
 from cds_service.core.priority import parse_priority, raised_priority
 from cds_service.core.settings import Settings
 from cds_service.jobs.state import Job, JobState, TriageRequest
-from cds_service.web.cds_hooks.calls import (
-    HookCall,
-    HookCallError,
-    HookService,
-    allowed_fhir_server,
-    context_fhir_id,
-    render_query,
-    resources_of,
-)
+from cds_service.web.cds_hooks.calls import (HookCall, HookCallError, HookService, allowed_fhir_server, context_fhir_id, render_query,
+                                             resources_of)
 from cds_service.web.web_context import ctx
-from fhir_mappings import codes
-from fhir_mappings.builders import reference_id, with_priority
 
 log = logging.getLogger(__name__)
 
