@@ -136,7 +136,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     pool = decode_pool(settings.decode_processes)
     # a series read as slabs decodes ten slices per model input: there decoding, not the model, is the
     # bottleneck, and decoder threads (CDS_DECODE_THREADS) take the rest of it once the plan is known
-    slab_pool = decode_pool(0, settings.decode_threads) if not pool.workers else pool
+    slab_threads = decode_pool(0, settings.decode_threads) if not pool.workers else None
     slab_mm = model.card.series_pooling.slab_mm if spec.kind == "ct_windows" else None
     planning = (in_background(lambda: series_plan(pacs, ctx.study_uid, route.series, slab_mm), "slab-plan")
                 if slab_mm is not None else None)
@@ -157,8 +157,9 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
                     break
             series.plan, series.plan_sops = planning.result()
             if series.plan.slabbed:
-                if slab_pool is not pool:  # `decoded` decodes one instance at a time: none is in flight
-                    decoded = series.counted(slab_pool.map(prepare_values, parts, spec, settings.max_series_bytes))
+                if slab_threads is not None and slab_threads.workers:
+                    # the rest by the decoder threads (`decoded` ran here, one at a time: none is in flight)
+                    decoded = series.counted(slab_threads.map(prepare_values, parts, spec, settings.max_series_bytes))
                 for slab in slab_inputs(chain(early, decoded), series.plan, series.plan_sops, spec.input_size):
                     series.add_slab(slab)
                     yield slab.image

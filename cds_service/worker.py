@@ -202,6 +202,6 @@ def run_worker(settings: Settings, prepare: bool = False) -> None:
 
 def warm_decoders(settings: Settings) -> None:
     try:
-        decode_pool(settings.decode_processes, settings.decode_threads).warm()
+        decode_pool(settings.decode_processes).warm()
     except Exception:  # noqa: BLE001 - the first study starts them, or says why it cannot
         log.exception("decoder processes did not start")

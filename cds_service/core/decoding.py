@@ -9,11 +9,10 @@ parses, checks, decodes and preprocesses one slice (`prepare_slice`); with none,
 thread does, while the model's threads score the batch before; a thin-slice series read as slabs,
 where ten slices are decoded per model input, gets CDS_DECODE_THREADS decoder threads instead. On two
 cores no processes and two threads are the default (`default_processes`, `default_threads`, measured
-in bench/README.md); a larger machine gets processes. Either way a slice
-comes back as the model's input and what the pipeline keeps of it: its SOP Instance UID, its place in
-the series and the input check's statistics, in the order the instances arrived (so the model's
-batches are what they were), with only a few instances in flight, so memory does not grow with the
-series.
+in bench/README.md); a larger machine gets processes. Either way a slice comes back as the model's
+input and what the pipeline keeps of it: its SOP Instance UID, its place in the series and the input
+check's statistics, in the order the instances arrived (so the model's batches are what they were),
+with only a few instances in flight, so memory does not grow with the series.
 
 Asking the PACS for an uncompressed transfer syntax instead was measured and not kept: Orthanc
 transcoding a 512 x 512 JPEG-LS slice took 12 ms of its CPU and ~20 ms a slice in series, where

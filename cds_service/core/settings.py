@@ -187,8 +187,8 @@ class Settings:
     # processes that decode a series' slices while the model scores (0: none, the worker's own thread
     # decodes; -1: decoding.default_processes, none on up to 3 cores, else cores - 2)
     decode_processes: int = field(default=-1, metadata={"env": "DECODE_PROCESSES"})
-    # threads that decode a series' slices where there are no decoder processes (0: none; -1:
-    # decoding.default_threads, one per core up to 4 where JPEG-LS is decoded without the GIL)
+    # threads that decode a thin-slice series read as slabs where there are no decoder processes (0:
+    # none; -1: decoding.default_threads, one per core up to 4 where JPEG-LS is decoded without the GIL)
     decode_threads: int = field(default=-1, metadata={"env": "DECODE_THREADS"})
     max_body_bytes: int = field(default=2_000_000, metadata={"env": "MAX_BODY_BYTES"})
     notification_lookback_s: int = field(default=600, metadata={"env": "NOTIFICATION_LOOKBACK_S"})
