@@ -28,7 +28,7 @@ DECODER_DEPENDENCIES = {
 }
 
 _registering = threading.Lock()
-_registered = False
+_registered: bool | None = None  # None: not yet; then whether the plugin is in pydicom's JPEG-LS decoders
 
 
 def is_available(uid: str) -> bool:
@@ -53,15 +53,17 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
 
 def register() -> bool:
     """Add the plugin to pydicom's JPEG-LS decoders (once per process; pydicom's `add_plugin` is not
-    thread-safe, hence the lock). False where imagecodecs is not installed: pyjpegls then decodes."""
+    thread-safe, hence the lock; afterwards a flag is read, as every decoded slice asks). False where
+    imagecodecs is not installed: pyjpegls then decodes."""
     global _registered
-    from pydicom.pixels import get_decoder
+    if _registered is None:
+        from pydicom.pixels import get_decoder
 
-    with _registering:
-        if not _registered:
-            for uid in DECODER_DEPENDENCIES:
-                decoder = get_decoder(uid)
-                if PLUGIN not in decoder.available_plugins and PLUGIN not in getattr(decoder, "_unavailable", {}):
-                    decoder.add_plugin(PLUGIN, (__name__, "decode_frame"))
-            _registered = True
-    return PLUGIN in get_decoder(pydicom.uid.JPEGLSLossless).available_plugins
+        with _registering:
+            if _registered is None:
+                for uid in DECODER_DEPENDENCIES:
+                    decoder = get_decoder(uid)
+                    if PLUGIN not in decoder.available_plugins and PLUGIN not in getattr(decoder, "_unavailable", {}):
+                        decoder.add_plugin(PLUGIN, (__name__, "decode_frame"))
+                _registered = PLUGIN in get_decoder(pydicom.uid.JPEGLSLossless).available_plugins
+    return _registered
