@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 
 from cds_service.core.anatomy import dataset_shape, middle_slices
-from cds_service.core.decoding import decode_pool, known_position, positions_order, prepare_file, prepare_values_file
+from cds_service.core.decoding import decode_pool, known_position, positions_order, prepare_file, prepare_values_file, slab_decoders
 from cds_service.core.domain import Study, Task, TriageResult, TriageStatus
 from cds_service.core.errors import BadDicomError, ModelUnavailableError, TriageError
 from cds_service.core.inference import score_stream
@@ -220,11 +220,10 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
     statistics: list[np.ndarray] = []
     files = [getattr(ds, "filename", None) for ds in datasets]
     plan = local_plan(datasets, model)
-    # decoder processes for a long series only; decoder threads (no start-up cost) where the series is
-    # read as slabs, the worker's rule (`pipeline.run_triage`)
+    # decoder processes for a long series only; a series read as slabs as the worker reads it
     pool = decode_pool(settings.decode_processes if len(datasets) >= POOL_MIN_SLICES else 0)
-    if not pool.workers and plan is not None:
-        pool = decode_pool(0, settings.decode_threads)
+    if plan is not None:
+        pool = slab_decoders(pool, settings.decode_threads)
     pooled = (pool.workers > 0
               and all("PixelData" not in ds and isinstance(f, (str, Path)) for ds, f in zip(datasets, files)))
     slab_order: list[tuple[float, float]] = []

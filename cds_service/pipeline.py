@@ -18,7 +18,7 @@ import numpy as np
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
-from cds_service.core.decoding import PreparedValues, decode_pool, prepare_slice, prepare_values
+from cds_service.core.decoding import PreparedValues, decode_pool, prepare_slice, prepare_values, slab_decoders
 from cds_service.core.domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
 from cds_service.core.errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
@@ -134,9 +134,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     #    the rest of the series. Any other series is read slice by slice, as before.
     spec = model.card.preprocessing
     pool = decode_pool(settings.decode_processes)
-    # a series read as slabs decodes ten slices per model input: there decoding, not the model, is the
-    # bottleneck, and decoder threads (CDS_DECODE_THREADS) take the rest of it once the plan is known
-    slab_threads = decode_pool(0, settings.decode_threads) if not pool.workers else None
+    slab_pool = slab_decoders(pool, settings.decode_threads)  # takes over once the plan says slabs
     slab_mm = model.card.series_pooling.slab_mm if spec.kind == "ct_windows" else None
     planning = (in_background(lambda: series_plan(pacs, ctx.study_uid, route.series, slab_mm), "slab-plan")
                 if slab_mm is not None else None)
@@ -157,9 +155,9 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
                     break
             series.plan, series.plan_sops = planning.result()
             if series.plan.slabbed:
-                if slab_threads is not None and slab_threads.workers:
+                if slab_pool is not pool and slab_pool.workers:
                     # the rest by the decoder threads (`decoded` ran here, one at a time: none is in flight)
-                    decoded = series.counted(slab_threads.map(prepare_values, parts, spec, settings.max_series_bytes))
+                    decoded = series.counted(slab_pool.map(prepare_values, parts, spec, settings.max_series_bytes))
                 for slab in slab_inputs(chain(early, decoded), series.plan, series.plan_sops, spec.input_size):
                     series.add_slab(slab)
                     yield slab.image

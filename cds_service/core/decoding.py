@@ -356,6 +356,13 @@ def decode_pool(processes: int, threads: int = 0) -> DecodePool:
         return _pools[processes, threads]
 
 
+def slab_decoders(pool: DecodePool, threads: int) -> DecodePool:
+    """Who decodes a series read as slabs: `pool` where it has decoder processes, else `threads` decoder
+    threads (CDS_DECODE_THREADS). Ten slices are decoded per model input there, so decoding, not the
+    model, is the bottleneck; a series read slice by slice keeps `pool` (bench/README.md)."""
+    return pool if pool.workers else decode_pool(0, threads)
+
+
 def default_threads(cores: int | None = None) -> int:
     """How many decoder threads a worker without decoder processes runs for a series read as slabs
     unless CDS_DECODE_THREADS says: one per core, at most four; none on one core, or where JPEG-LS is
