@@ -424,12 +424,19 @@ def predict_samples(model: LoadedModel, samples: Sequence[Sample], chunk: int = 
     return np.concatenate(out) if out else np.zeros((0, len(model.card.labels)), np.float32)
 
 
+# decimals a probability keeps in <task>.split.json; the card's figures are computed from the same rounded values
+# (a rare label's tiny probabilities tie when rounded, which moved its AUC by 0.001 against the unrounded ones)
+STORED_DECIMALS = 6
+
+
 def as_predictions(samples: Sequence[Sample], probs: np.ndarray, labels: Sequence[str], activation: str, trained: Sequence[str]) -> Predictions:
-    """Truth arrays of the samples beside the probabilities; untrained labels count as unknown."""
+    """Truth arrays of the samples beside the probabilities, rounded as the split file stores them, so the
+    card's figures follow from that file; untrained labels count as unknown."""
+    probs = np.round(np.asarray(probs, np.float64), STORED_DECIMALS)
     trained_mask = np.array([label in trained for label in labels])
     targets = np.array([s.targets for s in samples], dtype=np.float64).reshape(len(samples), len(labels))
     known = np.array([s.known for s in samples], dtype=bool).reshape(len(samples), len(labels)) & trained_mask[None, :]
-    return Predictions(tuple(labels), activation, targets, known, np.asarray(probs, np.float64), tuple(s.rel for s in samples))
+    return Predictions(tuple(labels), activation, targets, known, probs, tuple(s.rel for s in samples))
 
 
 MIN_POSITIVES_FOR_SCORE = 5
@@ -1260,7 +1267,7 @@ def _split_rows(samples: Sequence[Sample], pred: Predictions, labels: Sequence[s
         {
             "file": s.rel,
             "targets": [s.targets[j] if s.known[j] else None for j in range(len(labels))],
-            "probs": [round(float(p), 6) for p in pred.probs[i]],
+            "probs": [round(float(p), STORED_DECIMALS) for p in pred.probs[i]],
         }
         for i, s in enumerate(samples)
     ]

@@ -24,9 +24,12 @@ from cds_service.core.domain import TASK_LABELS, Task
 from cds_service.core.evaluation import binary_auc, choose_thresholds, sensitivity_specificity, threshold_for_sensitivity
 from cds_service.core.models import load_model
 from cds_training.training import (
+    STORED_DECIMALS,
     TASK_SETUPS,
     TrainConfig,
+    _split_rows,
     add_evaluate_arguments,
+    as_predictions,
     add_train_arguments,
     augment,
     default_spec,
@@ -160,6 +163,23 @@ def test_a_dicom_whose_patient_cannot_be_read_stops_the_split_with_its_name(tmp_
 
 
 # --- metrics -------------------------------------------------------------------------------------
+
+
+def test_card_figures_use_the_probabilities_the_split_file_stores(tmp_path: Path) -> None:
+    """A rare label's tiny probabilities tie once rounded for the split file; the card's AUC is computed
+    from the rounded values, so it follows from that file (2.2.0's epidural AUC moved by 0.001 before)."""
+    from cds_training.datasets import Sample
+
+    labels = TASK_LABELS[Task.HEAD_CT_ICH]
+    samples = [Sample(f"s{i}.png", tmp_path / f"s{i}.png", tuple(float(i % 2) for _ in labels), (True,) * len(labels), f"s{i}.png")
+               for i in range(4)]
+    probs = np.array([[3.0000004e-4, 0.3, 0.3, 0.3, 0.3, 0.3], [2.9999996e-4, 0.4, 0.4, 0.4, 0.4, 0.4],
+                      [1e-4, 0.1, 0.1, 0.1, 0.1, 0.1], [5e-4, 0.9, 0.9, 0.9, 0.9, 0.9]])
+    pred = as_predictions(samples, probs, labels, "sigmoid", labels)
+    stored = np.array([row["probs"] for row in _split_rows(samples, pred, labels)])
+    assert np.array_equal(pred.probs, stored)
+    assert pred.probs[0, 0] == pred.probs[1, 0] == round(3e-4, STORED_DECIMALS)  # tied, as in the file
+    assert binary_auc(pred.targets[:, 0] > 0.5, pred.probs[:, 0]) == binary_auc(pred.targets[:, 0] > 0.5, stored[:, 0])
 
 
 def test_threshold_reaches_target_sensitivity() -> None:
