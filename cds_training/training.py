@@ -227,7 +227,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     # stochastic depth: each residual block skipped with a probability rising to this rate with depth (0 = off)
     drop_path_rate: float = 0.0
-    seed: int = 42
+    seed: int = 42  # the split's seed, and the training's unless training_seed is given
+    # another draw of initial head, sampling order, augmentation and dropout on the same split: the spread
+    # between runs that differ only here says how much of a difference between two recipes is chance
+    training_seed: int | None = None
     patience: int = 6
     device: str = "cpu"
     init_from: Path | None = None
@@ -254,6 +257,11 @@ class TrainConfig:
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())  # the day it was trained
     progress: bool = True
     plots: bool = True
+
+    @property
+    def draw_seed(self) -> int:
+        """The seed of everything random in training except the split."""
+        return self.seed if self.training_seed is None else self.training_seed
 
     def checkpoint_path(self) -> Path:
         return self.checkpoint or Path("var") / "checkpoints" / f"{self.task.value}-last.pt"
@@ -529,7 +537,7 @@ def train(config: TrainConfig) -> TrainResult:
     softmax = setup.activation == "softmax"
     data_dir = resolve_data_dir(task, config.data_dir)
     spec = default_spec(task, config.image_size)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.draw_seed)
 
     train_set, val_set, test_set = build_split(task, data_dir, config.split_block())
     samples = train_set + val_set + test_set
@@ -597,8 +605,8 @@ def train(config: TrainConfig) -> TrainResult:
             break
         last_epoch = epoch
         network.train()
-        torch.manual_seed(config.seed * 1000 + epoch)  # dropout; makes a resumed run repeat this epoch's draws
-        gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        torch.manual_seed(config.draw_seed * 1000 + epoch)  # dropout; makes a resumed run repeat this epoch's draws
+        gen = torch.Generator().manual_seed(config.draw_seed * 1000 + epoch)
         order = torch.multinomial(sample_weights, steps_per_epoch * config.batch_size, replacement=True, generator=gen)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
         running = 0.0
@@ -1215,6 +1223,7 @@ def _card(
             # the file's hash, because a later training may replace the file at that path
             "init_from_sha256": hashlib.sha256(config.init_from.read_bytes()).hexdigest() if config.init_from else None,
             "seed": config.seed,
+            **({"training_seed": config.training_seed} if config.training_seed is not None else {}),
             "torch": _torch_version(),
             "command": config.command,
             **{k: v for k, v in run.items()},
@@ -1410,7 +1419,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-sensitivity", type=float, default=0.95, help="per-label sensitivity on validation that sets each threshold")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by an earlier run")
     parser.add_argument("--checkpoint", type=Path, default=None, help="where to write the per-epoch checkpoint (default var/checkpoints/<task>-last.pt)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="the split's seed (and the training's, unless --training-seed)")
+    parser.add_argument("--training-seed", type=int, default=None,
+                        help="another seed for the initial head, sampling, augmentation and dropout on the same split")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that crosses this wall time")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
@@ -1446,6 +1457,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume,
         checkpoint=args.checkpoint,
         seed=args.seed,
+        training_seed=args.training_seed,
         max_minutes=args.max_minutes,
         max_steps_per_epoch=args.max_steps_per_epoch,
         bootstrap=args.bootstrap,

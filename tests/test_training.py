@@ -284,6 +284,22 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
         train(tiny_config(Task.CHEST_PNEUMOTHORAX, other, tmp_path / "c", epochs=2, resume=ckpt, checkpoint=tmp_path / "x.pt"))
 
 
+def test_training_seed_redraws_the_training_but_keeps_the_split(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    data = make_folders(tmp_path / "data", CHEST)
+    runs = {name: train(tiny_config(Task.CHEST_PNEUMOTHORAX, data, tmp_path / name, checkpoint=tmp_path / f"{name}.pt", **kw))
+            for name, kw in {"base": {}, "again": {"training_seed": 42}, "other": {"training_seed": 7}}.items()}
+    weights = {name: load_file(str(tmp_path / name / "chest_pneumothorax.safetensors"))["classifier.weight"] for name in runs}
+    splits = {name: json.loads((tmp_path / name / "chest_pneumothorax.split.json").read_text()) for name in runs}
+
+    assert weights["again"].equal(weights["base"])  # a training seed equal to the split seed changes nothing
+    assert not weights["other"].equal(weights["base"])
+    assert [r["file"] for r in splits["other"]["validation"]] == [r["file"] for r in splits["base"]["validation"]]
+    assert runs["other"].card["training"]["training_seed"] == 7 and runs["other"].card["training"]["seed"] == 42
+    assert "training_seed" not in runs["base"].card["training"]
+
+
 def test_weight_average_is_what_is_validated_and_shipped(tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file
