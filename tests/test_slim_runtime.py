@@ -62,6 +62,31 @@ def test_each_shipped_graph_is_vouched_for_by_its_card_and_agrees_with_torch(tas
     assert onnx_deviation(torch_model, open_session((WEIGHTS / f"{task.value}.onnx").read_bytes())) <= ONNX_MAX_DEVIATION
 
 
+def test_the_models_share_one_memory_arena_without_mixing_their_results() -> None:
+    """The three sessions reuse one arena's memory (bench/onnx_arena.py measures why): scores
+    from models run in turn on it, batch sizes changing, equal those of sessions without one."""
+    import onnxruntime
+
+    from cds_service.core.models import open_session, shared_cpu_arena
+
+    assert shared_cpu_arena()
+    rng = np.random.default_rng(3)
+    plain = onnxruntime.SessionOptions()
+    plain.enable_cpu_mem_arena = False
+    runs = []
+    for task, batch in [(Task.HEAD_CT_ICH, 6), (Task.BRAIN_MRI, 3), (Task.CHEST_PNEUMOTHORAX, 2), (Task.HEAD_CT_ICH, 2)]:
+        graph = (WEIGHTS / f"{task.value}.onnx").read_bytes()
+        size = ModelCard.load(card_path(WEIGHTS, task)).preprocessing.input_size
+        shared = open_session(graph)
+        assert shared.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+        runs.append((shared, onnxruntime.InferenceSession(graph, plain, providers=["CPUExecutionProvider"]),
+                     rng.random((batch, 3, size, size), dtype=np.float32)))
+    for _ in range(2):
+        for shared, alone, image in runs:
+            expected = alone.run(["probabilities"], {"image": image})[0]
+            assert np.allclose(shared.run(["probabilities"], {"image": image})[0], expected, atol=1e-5)
+
+
 def test_a_graph_its_card_does_not_vouch_for_is_never_used(tmp_path: Path, no_torch_env: dict[str, str]) -> None:
     weights = tmp_path / "weights"
     weights.mkdir()
