@@ -163,10 +163,10 @@ def shared_cpu_arena() -> bool:
     """Register one CPU memory arena for every session of this process (once), so the head CT,
     brain and chest models reuse the same activation memory instead of keeping three.
 
-    Measured (bench/onnx_arena.py): the three models run in turn peak at ~450 MB with one
-    shared arena, ~715 MB with one arena each, ~350 MB with none, and without an arena every
-    batch is 35-50% slower. False if this ONNX Runtime cannot register one (each session
-    then keeps its own).
+    Measured (bench/onnx_arena.py, bench/README.md): the three models run in turn peak at 485 MiB
+    with one shared arena, 747 MiB with one arena each and 393 MiB with none, and without an
+    arena every batch is 20-30% slower. False if this ONNX Runtime cannot register one (each
+    session then keeps its own).
     """
     global _shared_arena
     with _shared_arena_lock:
