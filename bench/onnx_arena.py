@@ -6,8 +6,9 @@ Each mode runs in its own fresh process (an arena, once grown, is not given back
 run so the figures compare as ratios:
 - `none`: no arena; every batch allocates and frees its activations (what the service did
   before 2026-12-03);
-- `each`: one arena per session, ONNX Runtime's default;
-- `shared`: the service's `open_session`: one arena for the whole process (`shared_cpu_arena`).
+- `own`: one arena per session, ONNX Runtime's default;
+- `shared`: the service's: one arena for the whole process (`shared_cpu_arena`).
+All three are the service's `open_session` with its thread settings, only `arena` differs.
 Per mode it prints, as JSON, each model's median batch time (the first batch is not counted),
 the process's peak resident memory and its page faults and system CPU seconds.
 """
@@ -27,24 +28,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("none", "each", "shared")
+from cds_service.core.models import Arena, open_session  # noqa: E402
+
+MODES = tuple(arena.value for arena in (Arena.NONE, Arena.OWN, Arena.SHARED))
 # (task, batch): a head CT is scored in batches of the worker's CPU batch size, an X-ray study has 1-2 images
 WORKLOAD = (("head_ct_ich", 6), ("brain_mri", 6), ("chest_pneumothorax", 2))
-
-
-def session(mode: str, graph: bytes):
-    from cds_service.core.models import open_session
-
-    if mode == "shared":
-        return open_session(graph)
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = mode == "each"
-    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def run_mode(mode: str, weights: Path, batches: int) -> dict:
@@ -56,7 +44,7 @@ def run_mode(mode: str, weights: Path, batches: int) -> dict:
     for name, batch in WORKLOAD:
         task = Task(name)
         size = ModelCard.load(card_path(weights, task)).preprocessing.input_size
-        loaded.append((name, batch, size, session(mode, (weights / f"{name}.onnx").read_bytes())))
+        loaded.append((name, batch, size, open_session((weights / f"{name}.onnx").read_bytes(), arena=Arena(mode))))
     before = resource.getrusage(resource.RUSAGE_SELF)
     models = {}
     for name, batch, size, scorer in loaded:

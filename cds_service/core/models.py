@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -164,8 +165,8 @@ def shared_cpu_arena() -> bool:
     brain and chest models reuse the same activation memory instead of keeping three.
 
     Measured (bench/onnx_arena.py, bench/README.md): the three models run in turn peak at 485 MiB
-    with one shared arena, 747 MiB with one arena each and 393 MiB with none, and without an
-    arena every batch is 20-30% slower. False if this ONNX Runtime cannot register one (each
+    with one shared arena, 747 MiB with one arena each and 393 MiB with none; without an arena
+    every batch is slower (20-45% in four runs), shared or not is as fast. False if this ONNX Runtime cannot register one (each
     session then keeps its own).
     """
     global _shared_arena
@@ -184,7 +185,15 @@ def shared_cpu_arena() -> bool:
         return _shared_arena
 
 
-def open_session(graph: bytes, threads: int = 0) -> Any:
+class Arena(StrEnum):
+    """Where a session keeps its activations' memory between batches (bench/onnx_arena.py compares them)."""
+
+    SHARED = "shared"  # one arena for every session of the process: the service's
+    OWN = "own"  # one per session, ONNX Runtime's default
+    NONE = "none"  # none: every batch allocates afresh (the service before 2026-12-03)
+
+
+def open_session(graph: bytes, threads: int = 0, arena: Arena = Arena.SHARED) -> Any:
     """An ONNX Runtime CPU session for an exported graph, with this service's thread settings."""
     import onnxruntime
 
@@ -197,8 +206,8 @@ def open_session(graph: bytes, threads: int = 0) -> Any:
     # An arena keeps the activations' memory between batches. Without one every batch maps and
     # faults in its ~280 MB afresh: on 2 AMD cores a 300-slice study's worker CPU was up to
     # twice as high and bimodal (bench/README.md, "Where a 300-slice study's CPU goes").
-    options.enable_cpu_mem_arena = True
-    if shared_cpu_arena():
+    options.enable_cpu_mem_arena = arena is not Arena.NONE
+    if arena is Arena.SHARED and shared_cpu_arena():
         options.add_session_config_entry("session.use_env_allocators", "1")
     return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
