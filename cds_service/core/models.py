@@ -166,8 +166,8 @@ def shared_cpu_arena() -> bool:
 
     Measured (bench/onnx_arena.py, bench/README.md): the three models run in turn peak at 485 MiB
     with one shared arena, 747 MiB with one arena each and 393 MiB with none; without an arena
-    every batch is slower (head CT 4-53% in four runs), and shared or not is as fast. False if this ONNX Runtime cannot register one (each
-    session then keeps its own).
+    every batch is slower (head CT 4-53% in four runs), and shared or not is as fast. False if
+    this ONNX Runtime cannot register one (each session then keeps its own).
     """
     global _shared_arena
     with _shared_arena_lock:
