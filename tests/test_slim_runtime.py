@@ -65,22 +65,19 @@ def test_each_shipped_graph_is_vouched_for_by_its_card_and_agrees_with_torch(tas
 def test_the_models_share_one_memory_arena_without_mixing_their_results() -> None:
     """The three sessions reuse one arena's memory (bench/onnx_arena.py measures why): scores
     from models run in turn on it, batch sizes changing, equal those of sessions without one."""
-    import onnxruntime
-
-    from cds_service.core.models import open_session, shared_cpu_arena
+    from cds_service.core.models import Arena, open_session, shared_cpu_arena
 
     assert shared_cpu_arena()
     rng = np.random.default_rng(3)
-    plain = onnxruntime.SessionOptions()
-    plain.enable_cpu_mem_arena = False
     runs = []
     for task, batch in [(Task.HEAD_CT_ICH, 6), (Task.BRAIN_MRI, 3), (Task.CHEST_PNEUMOTHORAX, 2), (Task.HEAD_CT_ICH, 2)]:
         graph = (WEIGHTS / f"{task.value}.onnx").read_bytes()
         size = ModelCard.load(card_path(WEIGHTS, task)).preprocessing.input_size
         shared = open_session(graph)
         assert shared.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
-        runs.append((shared, onnxruntime.InferenceSession(graph, plain, providers=["CPUExecutionProvider"]),
-                     rng.random((batch, 3, size, size), dtype=np.float32)))
+        alone = open_session(graph, arena=Arena.NONE)
+        assert alone.get_session_options().enable_cpu_mem_arena is False
+        runs.append((shared, alone, rng.random((batch, 3, size, size), dtype=np.float32)))
     for _ in range(2):
         for shared, alone, image in runs:
             expected = alone.run(["probabilities"], {"image": image})[0]
