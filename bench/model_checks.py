@@ -24,7 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cds_training.datasets import IMAGE_SUFFIXES, load_image, probable_negatives  # noqa: E402
+from cds_training.datasets import IMAGE_SUFFIXES, probable_negatives  # noqa: E402
+from cds_training.pixels import load_image  # noqa: E402
 from cds_service.core.domain import Task  # noqa: E402
 from cds_service.core.models import load_model  # noqa: E402
 from cds_service.core.preprocessing import dicom_to_image, read_dicom, to_batch  # noqa: E402

@@ -232,7 +232,7 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
         if plan is not None:
             decoded = (pool if pooled else decode_pool(0)).map(prepare_values_file, [str(f) for f in files], spec)
             sops = [str(ds.SOPInstanceUID) for ds in datasets]
-            for slab in slab_inputs(decoded, plan, sops, spec.input_size):
+            for slab in slab_inputs(decoded, plan, sops, spec.input_size, spec.framing):
                 statistics.append(slab.statistics)
                 slab_order.append((float(slab.index), 0.0))
                 yield slab.image

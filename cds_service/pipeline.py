@@ -158,12 +158,12 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
                 if slab_pool is not pool and slab_pool.workers:
                     # the rest by the decoder threads (`decoded` ran here, one at a time: none is in flight)
                     decoded = series.counted(slab_pool.map(prepare_values, parts, spec, settings.max_series_bytes))
-                for slab in slab_inputs(chain(early, decoded), series.plan, series.plan_sops, spec.input_size):
+                for slab in slab_inputs(chain(early, decoded), series.plan, series.plan_sops, spec.input_size, spec.framing):
                     series.add_slab(slab)
                     yield slab.image
             else:
                 for prepared in chain(early, decoded):
-                    alone = single_slice(prepared, spec.input_size)
+                    alone = single_slice(prepared, spec.input_size, spec.framing)
                     series.add(alone, counted=True)
                     yield alone.image
         if route.task is Task.HEAD_CT_ICH and series.modality.upper() == "CT":

@@ -8,14 +8,16 @@ Two layouts are understood:
   `ID_<image>.dcm` (or .png) in the CSV's folder or below it. Subtypes missing from the CSV
   stay "unknown" and are masked out of the loss;
 - for head CT, a wide CSV `file,any,epidural,...` (one row per image, a path relative to the
-  CSV's folder, 0/1 per label; `head_ct_rsna_png/labels.csv`).
+  CSV's folder, 0/1 per label; `head_ct_rsna_png/labels.csv`);
+- for head CT, every labelled RSNA source of the shared data folder at once (`RSNA_SOURCES`, given
+  the folder that holds them: `--data ../shared/data`): the labelled PNGs, the 224 px radiologist's
+  subset with its near-duplicate groups, and the challenge labels for images of the unlabelled
+  folders (PNG and DICOM).
 
 Images without a patient id (PNG conversions) are grouped by image similarity before the
 split (`similarity_groups`), so that neighbouring slices of one scan stay on one side.
 
-Pixels go through `cds_service.core.preprocessing` only (`load_grey` + `grey_to_image` for
-8-bit files, `dicom_to_image` for DICOM, then `to_batch`), so training sees exactly what
-the service sees at inference.
+Pixels are read in `pixels.py`, through the service's own preprocessing only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import pydicom
 import pydicom.errors
 
 from cds_service.core.domain import TASK_LABELS, Task
-from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
@@ -96,6 +97,8 @@ class Sample:
 def resolve_data_dir(task: Task, data_dir: Path) -> Path:
     """The task's own folder: `data_dir` itself, or its known sub-folder for this task."""
     data_dir = Path(data_dir)
+    if task is Task.HEAD_CT_ICH and is_rsna_sources_root(data_dir):
+        return data_dir
     if _looks_like_task_dir(task, data_dir):
         return data_dir
     for name in DEFAULT_SUBDIRS[task]:
@@ -130,7 +133,9 @@ def find_rsna_csv(data_dir: Path) -> Path | None:
 def discover_samples(task: Task, data_dir: Path) -> list[Sample]:
     """All labelled images of a task, sorted by relative path (the split depends on order)."""
     data_dir = resolve_data_dir(task, data_dir)
-    if task is Task.HEAD_CT_ICH and (csv_path := find_rsna_csv(data_dir)) is not None:
+    if task is Task.HEAD_CT_ICH and is_rsna_sources_root(data_dir):
+        samples = rsna_sources_samples(data_dir)
+    elif task is Task.HEAD_CT_ICH and (csv_path := find_rsna_csv(data_dir)) is not None:
         samples = _rsna_samples(data_dir, csv_path)
     else:
         samples = _folder_samples(task, data_dir)
@@ -185,21 +190,79 @@ def _rsna_samples(data_dir: Path, csv_path: Path) -> list[Sample]:
     return samples
 
 
-def _wide_csv_samples(data_dir: Path, csv_path: Path) -> list[Sample]:
-    """`file,any,epidural,...`: one row per image; a label column missing from the CSV is unknown."""
+def _wide_csv_samples(data_dir: Path, csv_path: Path, file_column: str = "file", root: Path | None = None) -> list[Sample]:
+    """`file,any,epidural,...`: one row per image; a label column missing from the CSV is unknown.
+
+    The file column's paths are relative to `data_dir`; `rel` (the split's key) is relative to `root`
+    (default `data_dir`), so images of several sources under one root keep distinct keys."""
     labels = TASK_LABELS[Task.HEAD_CT_ICH]
+    root = data_dir if root is None else root
     samples = []
     with csv_path.open(newline="") as f:
         for row in csv.DictReader(f, skipinitialspace=True):
             key = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            path = data_dir / key["file"]
+            path = data_dir / key[file_column]
             if not path.is_file():
-                raise FileNotFoundError(f"{csv_path} names {key['file']}, which is not in {data_dir}")
+                raise FileNotFoundError(f"{csv_path} names {key[file_column]}, which is not in {data_dir}")
             targets = tuple(float(key[label]) if key.get(label) else 0.0 for label in labels)
             known = tuple(bool(key.get(label)) for label in labels)
-            rel = path.relative_to(data_dir).as_posix()
+            rel = path.relative_to(root).as_posix()
             samples.append(Sample(rel, path, targets, known, _group_of(path, rel)))
     return samples
+
+
+# Every labelled RSNA 2019 source under the shared data folder: (what, CSV relative to the root, the CSV's
+# file column, the folder its paths are relative to). Each image is an RSNA slice `ID_<sop>`; none is in
+# two sources (checked by SOP id in `rsna_sources_samples`).
+RSNA_SOURCES: tuple[tuple[str, str, str, str], ...] = (
+    ("RSNA PNG conversion, labelled", "head_ct_rsna_png/labels.csv", "file", "head_ct_rsna_png"),
+    ("a radiologist's 224 px RSNA subset", "head_ct_rsna_more/png224/labels.csv", "file", "head_ct_rsna_more/png224"),
+    ("challenge labels for the unlabelled PNGs and DICOMs", "head_ct_rsna_more/labels_for_shared_unlabelled.csv",
+     "shared_file", "."),
+)
+NEAR_DUPLICATES = ("head_ct_rsna_more/png224/labels.csv", "near_dup_group")
+
+
+def is_rsna_sources_root(path: Path) -> bool:
+    """The shared data folder that holds every RSNA source (`RSNA_SOURCES`)."""
+    return all((Path(path) / csv_rel).is_file() for _, csv_rel, _, _ in RSNA_SOURCES)
+
+
+def rsna_sources_samples(root: Path) -> list[Sample]:
+    """Every labelled slice of `RSNA_SOURCES`, keyed by its path under `root`. A SOP id in two sources
+    stops the split (the same slice on both sides of it would be leakage)."""
+    samples: list[Sample] = []
+    for _, csv_rel, column, base in RSNA_SOURCES:
+        samples += _wide_csv_samples(root / base, root / csv_rel, column, root)
+    seen: dict[str, str] = {}
+    for s in samples:
+        sop = Path(s.rel).stem
+        if sop in seen:
+            raise ValueError(f"{sop} is in two sources ({seen[sop]} and {s.rel}): it would be counted twice")
+        seen[sop] = s.rel
+    return samples
+
+
+def source_of(rel: str) -> str:
+    """Which of `RSNA_SOURCES` (or which folder) an image comes from: the card counts per source."""
+    parts = rel.split("/")
+    if rel.startswith("head_ct_rsna_more/png224/"):
+        return "head_ct_rsna_more/png224"
+    if len(parts) > 2 and parts[0] == "head_ct_rsna_png":
+        return "/".join(parts[:2])
+    return parts[0] if len(parts) > 1 else "."
+
+
+def near_duplicate_links(root: Path) -> dict[str, str]:
+    """rel → the near-duplicate group its source names (the 224 px subset's `near_dup_group`)."""
+    csv_rel, column = NEAR_DUPLICATES
+    path = Path(root) / csv_rel
+    if not path.is_file():
+        return {}
+    base = path.parent.relative_to(root).as_posix()
+    with path.open(newline="") as f:
+        return {f"{base}/{row['file'].strip()}": f"{csv_rel}:{row[column].strip()}"
+                for row in csv.DictReader(f) if row.get(column, "").strip()}
 
 
 def _with_patient_groups(samples: list[Sample], metadata: Path) -> list[Sample]:
@@ -222,12 +285,15 @@ SIMILARITY_THUMBNAIL = 96
 SIMILARITY_THRESHOLD = 0.90
 
 
-def similarity_groups(samples: Sequence[Sample], threshold: float = SIMILARITY_THRESHOLD) -> list[Sample]:
+def similarity_groups(samples: Sequence[Sample], threshold: float = SIMILARITY_THRESHOLD,
+                      links: dict[str, str] | None = None) -> list[Sample]:
     """Join images without a patient into groups of near-identical pictures (single linkage).
 
     For data whose patient and series ids were lost (the RSNA PNG conversion): neighbouring
     slices of one scan look almost alike, and a split by image would put them on both sides.
-    Images that already have a patient group keep it. The group is named after its first file.
+    Images that already have a patient group keep it. `links` (rel → a key) joins the images
+    that share a key as well (a source's own near-duplicate groups). The group is named after
+    its first file.
     """
     from PIL import Image
 
@@ -257,6 +323,11 @@ def similarity_groups(samples: Sequence[Sample], threshold: float = SIMILARITY_T
             a += start
             if a < b:
                 parent[root(a)] = root(b)
+    first_linked: dict[str, int] = {}
+    for row, i in enumerate(loose):
+        key = (links or {}).get(samples[i].rel)
+        if key is not None:
+            parent[root(row)] = root(first_linked.setdefault(key, row))
     first: dict[int, str] = {}
     for row, i in enumerate(loose):
         first.setdefault(root(row), samples[i].rel)
@@ -373,7 +444,8 @@ def build_split(task: Task, data_dir: Path, split: dict) -> tuple[list[Sample], 
     """
     samples = discover_samples(task, data_dir)
     if split.get("grouping") == "similarity":
-        samples = similarity_groups(samples, float(split.get("similarity_threshold", SIMILARITY_THRESHOLD)))
+        samples = similarity_groups(samples, float(split.get("similarity_threshold", SIMILARITY_THRESHOLD)),
+                                    near_duplicate_links(resolve_data_dir(task, data_dir)))
     return split_three(samples, int(split.get("seed", 42)), float(split.get("val_fraction", 0.2)),
                        float(split.get("test_fraction", 0.0)))
 
@@ -390,43 +462,4 @@ def class_counts(samples: Iterable[Sample], labels: Sequence[str], softmax: bool
         if known:
             out[f"{label}=1"] = sum(1 for s in known if s.targets[j] > 0.5)
             out[f"{label}=0"] = sum(1 for s in known if s.targets[j] <= 0.5)
-    return out
-
-
-# --- pixels ----------------------------------------------------------------------------
-
-
-def load_image(path: Path, spec: PreprocessingSpec) -> np.ndarray:
-    """One file to HxWx3 in [0, 1], through the service's own preprocessing functions."""
-    if path.suffix.lower() == ".dcm":
-        return dicom_to_image(read_dicom(path), spec)
-    return grey_to_image(load_grey(path), spec)
-
-
-def original_size_features(path: Path) -> tuple[int, int, str]:
-    """(width, height, PIL mode) of the file as stored: what the size-only baseline may use."""
-    from PIL import Image
-
-    if path.suffix.lower() == ".dcm":
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-        return int(ds.Columns), int(ds.Rows), str(getattr(ds, "PhotometricInterpretation", ""))
-    with Image.open(path) as img:
-        return img.size[0], img.size[1], img.mode
-
-
-def preprocess_samples(samples: Sequence[Sample], spec: PreprocessingSpec, chunk: int = 64, progress: bool = True) -> np.ndarray:
-    """All samples as one normalised N x 3 x S x S float16 array (the network's input).
-
-    Built once and kept in memory: decoding and percentile-normalising every JPEG again
-    each epoch would cost more CPU than the network on a 2-core machine.
-    """
-    from tqdm import tqdm
-
-    out = np.empty((len(samples), 3, spec.input_size, spec.input_size), dtype=np.float16)
-    bar = tqdm(total=len(samples), desc="preprocess", unit="img", disable=not progress, leave=False)
-    for start in range(0, len(samples), chunk):
-        part = samples[start : start + chunk]
-        out[start : start + len(part)] = to_batch([load_image(s.path, spec) for s in part], spec)
-        bar.update(len(part))
-    bar.close()
     return out

@@ -32,7 +32,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,13 +45,11 @@ from .datasets import (
     class_counts,
     discover_samples,
     find_rsna_csv,
-    load_image,
-    original_size_features,
-    preprocess_samples,
     extra_labelled,
     probable_negatives,
     resolve_data_dir,
 )
+from .pixels import load_image, original_size_features, preprocess_samples
 from cds_service.core import domain
 from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
 from cds_service.drift import expected_raised_share
@@ -75,7 +73,7 @@ from cds_service.core.evaluation import (
 from cds_service.core.model_cards import ARCHITECTURE, ARCHITECTURES, PoolingMethod, SeriesPooling, card_path, weights_path
 from cds_service.core.models import LoadedModel, create_network, load_model
 from cds_service.core.input_profile import DEFAULT_QUANTILE, STATISTICS, fit_profile, image_statistics, profile_path
-from cds_service.core.preprocessing import PreprocessingSpec, resize, to_batch
+from cds_service.core.preprocessing import Framing, PreprocessingSpec, resize, to_batch
 
 CARD_VERSION = "1.0.0"
 DISCLAIMER = f"{domain.DISCLAIMER} For worklist prioritisation only; a radiologist reads every study."
@@ -98,6 +96,21 @@ class Augmentation:
     brightness: float = 0.1
     contrast: float = 0.1
     hflip: bool = True
+    # what differs between hospitals' scanners and exports (0 = off), each drawn per image:
+    aspect: float = 0.0  # width and height scaled apart by up to this share (a non-square export squashed)
+    gamma: float = 0.0  # grey levels raised to exp(±gamma): another window shape or display curve
+    noise: float = 0.0  # Gaussian noise of up to this standard deviation (on [0, 1]): dose, kernel
+    blur: float = 0.0  # Gaussian blur of up to this sigma in input pixels, on half the images: a soft kernel
+    downscale: float = 1.0  # on half the images, down to this share of the size and back: a coarser matrix or export
+
+
+# The scanner-robust additions (`--augmentation scanner`), per task: what the outside checks found
+# differing between our training images and other hospitals' (framing, window, noise, resolution).
+SCANNER_AUGMENTATION: dict[str, dict[str, Any]] = {
+    "head_ct_ich": {"scale": (0.85, 1.2), "aspect": 0.1, "gamma": 0.3, "noise": 0.03, "blur": 1.0, "downscale": 0.5},
+    "brain_mri": {"scale": (0.8, 1.2), "aspect": 0.1, "gamma": 0.4, "noise": 0.04, "blur": 1.0, "downscale": 0.5},
+    "chest_pneumothorax": {"aspect": 0.05, "gamma": 0.3, "noise": 0.02, "blur": 0.8, "downscale": 0.6},
+}
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class TaskSetup:
     priority_bar_min_auc_lower95: float = 0.80
     # ((center lo, hi), (width lo, hi)) HU: a DICOM's own window within these is used (PreprocessingSpec.own_window)
     own_window: tuple[tuple[float, float], tuple[float, float]] | None = None
+    framing: Framing = Framing.NONE
 
 
 TASK_SETUPS: dict[Task, TaskSetup] = {
@@ -193,10 +207,23 @@ PROVENANCE: dict[str, str] = {
 }
 
 
-def default_spec(task: Task, image_size: int) -> PreprocessingSpec:
-    setup = TASK_SETUPS[task]
+def default_spec(task: Task, image_size: int, setup: TaskSetup | None = None) -> PreprocessingSpec:
+    setup = setup or TASK_SETUPS[task]
     return PreprocessingSpec(kind=setup.spec_kind, input_size=image_size, windows=setup.windows,
-                             own_window=setup.own_window)
+                             own_window=setup.own_window, framing=setup.framing)
+
+
+def setup_for(task: Task, framing: Framing | None, augmentation: str) -> TaskSetup:
+    """The task's setup with a run's choices: its framing (None: the task's) and augmentation
+    ("task": the task's own; "scanner": with `SCANNER_AUGMENTATION`)."""
+    setup = TASK_SETUPS[task]
+    if framing is not None:
+        setup = replace(setup, framing=Framing(framing))
+    if augmentation == "scanner":
+        setup = replace(setup, augmentation=replace(setup.augmentation, **SCANNER_AUGMENTATION[task.value]))
+    elif augmentation != "task":
+        raise ValueError(f"unknown augmentation {augmentation!r} (task, scanner)")
+    return setup
 
 
 def model_name(task: Task) -> str:
@@ -246,6 +273,8 @@ class TrainConfig:
     extra_negatives_part: str = "all"
     extra_data: Path | None = None  # labelled images of another source, training split only
     target_sensitivity: float = 0.95  # per label, on the validation split: the operating threshold
+    framing: Framing | None = None  # None: the task's (TaskSetup.framing)
+    augmentation: str = "task"  # "task", or "scanner": the task's plus SCANNER_AUGMENTATION
     threads: int = 0  # torch threads; 0 = every core (two trainings side by side: 1 each)
     command: str = ""  # the command line that ran this training, for the card and weights/README.md
     resume: Path | None = None
@@ -257,6 +286,11 @@ class TrainConfig:
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())  # the day it was trained
     progress: bool = True
     plots: bool = True
+
+    @property
+    def setup(self) -> TaskSetup:
+        """The task's setup with this run's framing and augmentation."""
+        return setup_for(self.task, self.framing, self.augmentation)
 
     @property
     def draw_seed(self) -> int:
@@ -315,10 +349,12 @@ def set_threads(threads: int = 0) -> int:
 
 
 def augment(x: Any, aug: Augmentation, spec: PreprocessingSpec, generator: Any) -> Any:
-    """Random rotation/scale/shift (+ optional flip) and brightness/contrast on a batch.
+    """Random rotation/scale/shift/aspect (+ optional flip), then resolution, blur, gamma,
+    brightness/contrast and noise, on a batch.
 
     `x` is the normalised NCHW batch from `to_batch`; we go back to [0, 1], change it and
-    normalise again, filling the borders with black like a scanner's background.
+    normalise again, filling the borders with black like a scanner's background. Every draw
+    comes from `generator`, so a resumed run repeats its epoch.
     """
     import torch
     import torch.nn.functional as F
@@ -331,17 +367,45 @@ def augment(x: Any, aug: Augmentation, spec: PreprocessingSpec, generator: Any) 
     def uniform(lo: float, hi: float) -> Any:
         return torch.rand(n, generator=generator).mul(hi - lo).add(lo).to(x.device, x.dtype)
 
+    def half() -> Any:
+        return torch.rand(n, generator=generator) < 0.5
+
     angle = uniform(-aug.rotate_deg, aug.rotate_deg) * math.pi / 180.0
     scale = uniform(*aug.scale)
     tx, ty = uniform(-aug.translate, aug.translate) * 2, uniform(-aug.translate, aug.translate) * 2
     flip = (torch.rand(n, generator=generator) < 0.5).to(x.device, x.dtype) * 2 - 1 if aug.hflip else torch.ones(n, dtype=x.dtype, device=x.device)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    stretch = torch.exp(uniform(-aug.aspect, aug.aspect)) if aug.aspect else torch.ones(n, dtype=x.dtype, device=x.device)
+    sx, sy = scale * stretch.sqrt(), scale / stretch.sqrt()
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos / sx * flip, -sin / sx, tx], 1), torch.stack([sin / sy * flip, cos / sy, ty], 1)], 1)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
     img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    size = img.shape[-1]
+    if aug.downscale < 1.0:
+        factors, chosen = uniform(aug.downscale, 1.0), half()
+        for i in torch.nonzero(chosen).flatten().tolist():
+            small = max(8, int(round(size * float(factors[i]))))
+            coarse = F.interpolate(img[i : i + 1], size=(small, small), mode="area")
+            img[i : i + 1] = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    if aug.blur > 0:
+        sigmas, chosen = uniform(0.1, aug.blur), half()
+        for i in torch.nonzero(chosen).flatten().tolist():
+            sigma = float(sigmas[i])
+            radius = max(1, int(math.ceil(2 * sigma)))
+            taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+            taps = (taps / taps.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
+            one = F.conv2d(F.pad(img[i : i + 1], (radius, radius, 0, 0), mode="replicate"), taps, groups=3)
+            img[i : i + 1] = F.conv2d(F.pad(one, (0, 0, radius, radius), mode="replicate"), taps.transpose(2, 3), groups=3)
+    if aug.gamma > 0:
+        img = img.clamp(0.0, 1.0).pow(torch.exp(uniform(-aug.gamma, aug.gamma)).view(n, 1, 1, 1))
     contrast = uniform(1 - aug.contrast, 1 + aug.contrast).view(n, 1, 1, 1)
     brightness = uniform(-aug.brightness, aug.brightness).view(n, 1, 1, 1)
-    img = ((img - 0.5) * contrast + 0.5 + brightness).clamp(0.0, 1.0)
+    img = (img - 0.5) * contrast + 0.5 + brightness
+    if aug.noise > 0:
+        sigma = uniform(0.0, aug.noise).view(n, 1, 1, 1) * half().to(x.device, x.dtype).view(n, 1, 1, 1)
+        noise = torch.randn(img.shape[0], 1, img.shape[2], img.shape[3], generator=generator).to(x.device, x.dtype)
+        img = img + sigma * noise  # the same on the three channels: they are one grey image
+    img = img.clamp(0.0, 1.0)
     return ((img - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
@@ -532,11 +596,11 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.time()
     cores = set_threads(config.threads)
     task = config.task
-    setup = TASK_SETUPS[task]
+    setup = config.setup
     labels = TASK_LABELS[task]
     softmax = setup.activation == "softmax"
     data_dir = resolve_data_dir(task, config.data_dir)
-    spec = default_spec(task, config.image_size)
+    spec = default_spec(task, config.image_size, setup)
     torch.manual_seed(config.draw_seed)
 
     train_set, val_set, test_set = build_split(task, data_dir, config.split_block())
@@ -822,12 +886,13 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
     extra_data = old["data"].get("extra_training_data")
     if extra_data:
         config.extra_data = Path(extra_data["dir"])
-    setup = TASK_SETUPS[task]
+    config.framing = Framing(old["preprocessing"].get("framing", Framing.NONE.value))
+    setup = config.setup
     resolved = resolve_data_dir(task, Path(data_dir))
     train_set, val_set, test_set = build_split(task, resolved, config.split_block())
     train_set = with_extra_training_data(config, train_set)
     keep = {k: v for k, v in training.items() if k not in ("command",)}
-    card = _card(config, default_spec(task, config.image_size), setup, tuple(old["trained_labels"]), old["thresholds"], {},
+    card = _card(config, default_spec(task, config.image_size, setup), setup, tuple(old["trained_labels"]), old["thresholds"], {},
                  {key: old[key] for key in ("size_only_baseline",) if key in old}, keep, train_set, val_set, test_set, resolved)
     card["training"].update({k: v for k, v in keep.items() if k not in card["training"]})
     for key in ("optimizer", "schedule", "loss", "dropout", "stochastic_depth", "weight_average", "sampling", "augmentation"):
@@ -1415,6 +1480,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-data", type=Path, default=None,
                         help="labelled images of another source in the task's class folders (e.g. head_ct_png), "
                              "added to the training split only")
+    parser.add_argument("--framing", choices=[f.value for f in Framing], default=None,
+                        help="head CT: crop each image to a square around the head before resizing (body), or not (none); default: the task's")
+    parser.add_argument("--augmentation", choices=["task", "scanner"], default="task",
+                        help="the task's augmentation, or with the scanner-robust additions (SCANNER_AUGMENTATION)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
     parser.add_argument("--target-sensitivity", type=float, default=0.95, help="per-label sensitivity on validation that sets each threshold")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by an earlier run")
@@ -1453,6 +1522,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         extra_negatives_part=args.extra_negatives_part,
         extra_data=args.extra_data,
         target_sensitivity=args.target_sensitivity,
+        framing=Framing(args.framing) if args.framing else None,
+        augmentation=args.augmentation,
         threads=args.threads,
         resume=args.resume,
         checkpoint=args.checkpoint,

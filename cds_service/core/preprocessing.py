@@ -13,6 +13,12 @@ Spec kinds:
 - `mr_robust`: percentile normalisation, since MR intensities have no absolute scale.
 - `xray`: modality LUT, VOI LUT or window, MONOCHROME1 inverted, then percentiles.
 
+`framing` (ct_windows): `body` crops every windowed image to a square around the body (the
+largest bright region: the head, without the table and head holder) before it is resized, so
+a head fills the model input whatever the field of view, the table and the framing of the
+hospital that made the image (the RSNA DICOMs show the head at 50-70 % of a 512 px field,
+other hospitals' exports crop it tight); `none` resizes the whole image.
+
 An 8-bit PNG/JPEG (the training images) is taken as already windowed: its grey levels map
 to [0, 1] directly for `ct_windows`, and go through the same percentile step otherwise.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +45,13 @@ from cds_service.core.errors import BadDicomError
 SPEC_KINDS = ("ct_windows", "mr_robust", "xray")
 
 
+class Framing(StrEnum):
+    """How a windowed CT image is framed before it is resized (the card's `preprocessing.framing`)."""
+
+    NONE = "none"  # the whole image
+    BODY = "body"  # a square around the body (`body_box`)
+
+
 @dataclass(frozen=True)
 class PreprocessingSpec:
     """The card's `preprocessing` block, validated."""
@@ -50,8 +64,12 @@ class PreprocessingSpec:
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     # ((center lo, hi), (width lo, hi)) in HU: a DICOM's own window inside both ranges replaces `windows`
     own_window: tuple[tuple[float, float], tuple[float, float]] | None = None
+    framing: Framing = Framing.NONE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "framing", Framing(self.framing))  # a card's string, coerced (ValueError names it)
+        if self.framing is not Framing.NONE and self.kind != "ct_windows":
+            raise ValueError(f"framing {self.framing.value!r} is for ct_windows only")
         if self.kind not in SPEC_KINDS:
             raise ValueError(f"unknown preprocessing kind {self.kind!r}; expected one of {SPEC_KINDS}")
         if self.kind == "ct_windows" and len(self.windows) != 3:
@@ -80,6 +98,7 @@ class PreprocessingSpec:
             mean=tuple(block.get("mean", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
             std=tuple(block.get("std", (0.25, 0.25, 0.25))),  # type: ignore[arg-type]
             own_window=_own_window(block.get("own_window")),
+            framing=Framing(block.get("framing", Framing.NONE.value)),
         )
 
     def to_card(self) -> dict[str, Any]:
@@ -88,6 +107,8 @@ class PreprocessingSpec:
             block["windows"] = [list(w) for w in self.windows]
             if self.own_window is not None:
                 block["own_window"] = {"center": list(self.own_window[0]), "width": list(self.own_window[1])}
+            if self.framing is not Framing.NONE:
+                block["framing"] = self.framing.value
         else:
             block["percentiles"] = list(self.percentiles)
         return block
@@ -129,6 +150,58 @@ def _three_channels(grey: np.ndarray) -> np.ndarray:
     `resize` sees (stride 0) that one resize serves all three channels."""
     grey = np.ascontiguousarray(grey, dtype=np.float32)
     return np.broadcast_to(grey[..., None], grey.shape + (3,))
+
+
+# --- framing -------------------------------------------------------------------------
+
+FRAME_LEVEL = 0.1  # of a windowed image: brain, skin and bone are above (brain window: >= 8 HU); air and fat below
+FRAME_MARGIN = 0.04  # added on each side, as a share of the body's larger side
+FRAME_MIN_SIDE = 0.5  # of the image's larger side: a vertex or skull-base slice is magnified at most twice
+FRAME_WORKING_SIDE = 128  # the mask is found on the image subsampled to about this many pixels a side
+
+
+def body_box(plane: np.ndarray) -> tuple[int, int, int] | None:
+    """(top, left, side) of a square around the largest bright region of a windowed plane (HxW in
+    [0, 1]), centred on it; it may reach past the image (padded with black). None when no region
+    covers 1 % of the image: such an image is left as it is.
+
+    The mask is opened first, so thin bright lines (a head holder, the table, burnt-in letters
+    far from the head) neither join the body nor become it."""
+    import cv2
+
+    rows, cols = plane.shape[:2]
+    step = max(1, max(rows, cols) // FRAME_WORKING_SIDE)
+    small = np.ascontiguousarray(plane[::step, ::step] > FRAME_LEVEL, dtype=np.uint8)
+    small = cv2.morphologyEx(small, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(small, connectivity=8)
+    if count < 2:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    if stats[largest, cv2.CC_STAT_AREA] < 0.01 * small.size:
+        return None
+    left, top, width, height = (int(v) * step for v in stats[largest, :4])
+    side = int(round(max(width, height) * (1 + 2 * FRAME_MARGIN)))
+    side = max(side, int(round(FRAME_MIN_SIDE * max(rows, cols))), 1)
+    return (int(round(top + height / 2 - side / 2)), int(round(left + width / 2 - side / 2)), side)
+
+
+def framed(image: np.ndarray, framing: Framing) -> np.ndarray:
+    """`image` (HxW or HxWx3, windowed to [0, 1]) cropped to its `body_box` with `Framing.BODY`, the
+    parts of the square outside the image black; unchanged with `Framing.NONE` or when no body is found.
+    A three-channel image is framed by its first channel (the brain window), all channels alike."""
+    if framing is Framing.NONE:
+        return image
+    box = body_box(image if image.ndim == 2 else image[..., 0])
+    if box is None:
+        return image
+    top, left, side = box
+    rows, cols = image.shape[:2]
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, rows), min(left + side, cols)
+    if image.ndim == 3 and image.strides[2] == 0:  # one plane repeated (_three_channels): frame it once
+        return _three_channels(framed(np.ascontiguousarray(image[..., 0]), framing))
+    out = np.zeros((side, side) + image.shape[2:], dtype=np.float32)
+    out[y0 - top : y1 - top, x0 - left : x1 - left] = image[y0:y1, x0:x1]
+    return out
 
 
 # --- DICOM ---------------------------------------------------------------------------
@@ -399,8 +472,8 @@ def dicom_to_image(ds: pydicom.Dataset, spec: PreprocessingSpec) -> np.ndarray:
     if spec.kind == "ct_windows":
         windows = ct_windows_for(ds, spec)
         if len(set(windows)) == 1:  # one window on all channels (the shipped head CT card)
-            return _three_channels(window(values, *windows[0], out=values))
-        return np.stack([window(values, c, w) for c, w in windows], axis=2)
+            return _three_channels(framed(window(values, *windows[0], out=values), spec.framing))
+        return framed(np.stack([window(values, c, w) for c, w in windows], axis=2), spec.framing)
     if spec.kind == "xray":
         if "VOILUTSequence" in ds or "WindowCenter" in ds:
             values = apply_voi_lut(values, ds).astype(np.float32)
@@ -418,15 +491,17 @@ def dicom_to_model_input(ds: pydicom.Dataset, spec: PreprocessingSpec) -> np.nda
     size = spec.input_size
     if spec.kind != "ct_windows":
         return resize(dicom_to_image(ds, spec), size)[..., 0]  # one plane repeated (_three_channels)
-    return ct_values_to_model_input(modality_values(ds), ct_windows_for(ds, spec), size)
+    return ct_values_to_model_input(modality_values(ds), ct_windows_for(ds, spec), size, spec.framing)
 
 
-def ct_values_to_model_input(values: np.ndarray, windows: Sequence[tuple[float, float]], size: int) -> np.ndarray:
+def ct_values_to_model_input(values: np.ndarray, windows: Sequence[tuple[float, float]], size: int,
+                             framing: Framing = Framing.NONE) -> np.ndarray:
     """CT values (HU, float32, the caller's own: windowed in place) to the model input of
     `dicom_to_model_input`: size x size with one window, size x size x 3 with several."""
     if len(set(windows)) == 1:
-        return resize(window(values, *windows[0], out=values)[..., None], size)[..., 0]
-    return np.stack([resize(window(values, c, w)[..., None], size)[..., 0] for c, w in windows], axis=2)
+        return resize(framed(window(values, *windows[0], out=values), framing)[..., None], size)[..., 0]
+    stacked = framed(np.stack([window(values, c, w) for c, w in windows], axis=2), framing)
+    return np.stack([resize(stacked[..., c : c + 1], size)[..., 0] for c in range(stacked.shape[2])], axis=2)
 
 
 def as_model_input(image: np.ndarray) -> np.ndarray:
@@ -454,7 +529,7 @@ def load_grey(source: str | Path | bytes | Image.Image) -> np.ndarray:
 def grey_to_image(grey: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
     """An 8-bit grey image (already windowed for CT) to HxWx3 in [0, 1]."""
     if spec.kind == "ct_windows":
-        return _three_channels(np.clip(grey / 255.0, 0.0, 1.0))
+        return _three_channels(framed(np.clip(grey / 255.0, 0.0, 1.0), spec.framing))
     return _three_channels(robust_normalise(grey, spec.percentiles))
 
 

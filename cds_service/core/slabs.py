@@ -27,7 +27,7 @@ import pydicom
 from cds_service.core.decoding import PreparedSlice, PreparedValues, positions_order, stored_values
 from cds_service.core.errors import BadDicomError, UpstreamError
 from cds_service.core.input_profile import image_statistics
-from cds_service.core.preprocessing import (PreprocessingSpec, as_model_input, ct_values_to_model_input, ct_windows_for,
+from cds_service.core.preprocessing import (Framing, PreprocessingSpec, as_model_input, ct_values_to_model_input, ct_windows_for, framed,
                                             rescale_to_hu, window)
 
 GAP_FACTOR = 1.5  # a step this many times the series' spacing is a missing slice: no slab spans it
@@ -142,11 +142,11 @@ class SlabInput:
         return as_model_input(self.model_input)
 
 
-def single_slice(prepared: PreparedValues, input_size: int) -> PreparedSlice:
+def single_slice(prepared: PreparedValues, input_size: int, framing: Framing = Framing.NONE) -> PreparedSlice:
     """A slice read alone from its decoded values (a series the plan leaves slice by slice): exactly what
     `decoding.prepare_slice` gives, by the same arithmetic."""
     values = rescale_to_hu(prepared.values, *prepared.rescale) if prepared.rescale is not None else prepared.values
-    model_input = ct_values_to_model_input(values, prepared.windows, input_size)
+    model_input = ct_values_to_model_input(values, prepared.windows, input_size, framing)
     return PreparedSlice(prepared.sop_instance_uid, prepared.position, prepared.modality, model_input,
                          image_statistics(as_model_input(model_input)), prepared.instance_bytes, prepared.seconds)
 
@@ -185,7 +185,7 @@ class SlabSum:
 
 
 def slab_inputs(decoded: Iterable[PreparedValues], plan: SlabPlan, keys: Sequence[str],
-                input_size: int) -> Iterator[SlabInput]:
+                input_size: int, framing: Framing = Framing.NONE) -> Iterator[SlabInput]:
     """Decoded instances (full size, in any order) summed per slab (`SlabSum`), each slab's model input
     yielded as soon as its last member arrived, in its middle instance's window(s). Only open slabs
     are held.
@@ -212,7 +212,7 @@ def slab_inputs(decoded: Iterable[PreparedValues], plan: SlabPlan, keys: Sequenc
         if is_middle:
             windows[slab] = prepared.windows
         if total.count == len(plan.groups[slab]):
-            model_input = ct_values_to_model_input(sums.pop(slab).mean(), windows.pop(slab), input_size)
+            model_input = ct_values_to_model_input(sums.pop(slab).mean(), windows.pop(slab), input_size, framing)
             yield SlabInput(slab, model_input, image_statistics(as_model_input(model_input)))
     if sums or len(seen) != len(where):
         raise UpstreamError(f"the PACS sent {len(seen)} of the {len(where)} instances it listed for this series: "
@@ -233,6 +233,6 @@ def slab_image(members: Sequence[pydicom.Dataset], spec: PreprocessingSpec) -> n
     values = mean_values(members)
     windows = ct_windows_for(members[len(members) // 2], spec)
     if len(set(windows)) == 1:
-        grey = window(values, *windows[0], out=values)
+        grey = framed(window(values, *windows[0], out=values), spec.framing)
         return np.broadcast_to(grey[..., None], grey.shape + (3,))
-    return np.stack([window(values, c, w) for c, w in windows], axis=2)
+    return framed(np.stack([window(values, c, w) for c, w in windows], axis=2), spec.framing)
