@@ -19,7 +19,7 @@ import json
 import re
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -265,13 +265,14 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
     ct_shapes = None
     if task is Task.HEAD_CT_ICH and str(getattr(datasets[0], "Modality", "")).upper() == "CT":
         ct_shapes = [dataset_shape(with_pixels(datasets[index])) for index in middle_slices(len(datasets))]
-    verdict = series_verdict(task, registry.input_profile(task), statistics, ct_shapes=ct_shapes)
+    verdict = series_verdict(task, registry.input_profile(task), statistics, datasets[:1], ct_shapes=ct_shapes)
     if verdict.fits is False:
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, task=task, series_uid=series_uid,
                             reason=verdict.reason)
-    return triage_scores(model, scores, image_of_slice, settings.priority_rules,
-                         study_uid=study_uid, series_uid=series_uid, sop_instance_uids=sop_instance_uids,
-                         with_heatmap=with_heatmap, slab_plan=plan)
+    result = triage_scores(model, scores, image_of_slice, settings.priority_rules,
+                           study_uid=study_uid, series_uid=series_uid, sop_instance_uids=sop_instance_uids,
+                           with_heatmap=with_heatmap, slab_plan=plan)
+    return replace(result, input_fit=verdict.fit)
 
 
 def _slab_image(members: Sequence[pydicom.Dataset], model: LoadedModel) -> np.ndarray:
@@ -296,9 +297,10 @@ def _checked_triage(model: LoadedModel, images: list[np.ndarray], registry: Mode
     if verdict.fits is False:
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, task=task, series_uid=series_uid,
                             reason=verdict.reason)
-    return triage_images(model, images, settings.priority_rules, study_uid=study_uid, series_uid=series_uid,
-                         sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
-                         batch_size=settings.inference_batch_size, with_heatmap=with_heatmap)
+    result = triage_images(model, images, settings.priority_rules, study_uid=study_uid, series_uid=series_uid,
+                           sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
+                           batch_size=settings.inference_batch_size, with_heatmap=with_heatmap)
+    return replace(result, input_fit=verdict.fit)
 
 
 def result_json(name: str, result: TriageResult, task: Task | None = None) -> dict[str, object]:

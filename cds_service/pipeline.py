@@ -30,7 +30,8 @@ from cds_service.core.models import ModelRegistry
 from cds_service.adapters.pacs import Pacs
 from cds_service.core.preprocessing import dicom_to_image
 from cds_service.core.priority import parse_priority, raised_priority
-from cds_service.core.routing import fhir_hints, not_applicable_reason, pixel_candidates, route_by_pixels, route_study, task_from_pixels
+from cds_service.core.routing import (fhir_hints, header_text, not_applicable_reason, pixel_candidates, route_by_pixels, route_study,
+                                      task_from_pixels)
 from cds_service.adapters.secondary_capture import heatmap_to_pacs
 from cds_service.core.settings import Settings
 from cds_service.core.slabs import single_slice, slab_image, slab_inputs
@@ -175,8 +176,10 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     scores = scores.reordered(series.order)
 
     # 4b. Refuse what the model was not made for (a chest CT whose header says head, an X-ray of a
-    #     knee), before anything is written: the reason names the measurement.
-    verdict = series_verdict(route.task, profile, series.statistics(), ct_shapes=series.middle_shapes())
+    #     knee), before anything is written: the reason names the measurement. Images of the right
+    #     anatomy from another scanner or hospital are scored, and marked unfamiliar.
+    verdict = series_verdict(route.task, profile, series.statistics(), ct_shapes=series.middle_shapes(),
+                             modality=route.series.modality, header_text=header_text(route.series))
     if verdict.fits is False:
         return (JobState.NOT_APPLICABLE, verdict.reason,
                 {"task": route.task.value, "routedBy": route.evidence, "inputCheck": verdict.to_summary()})
@@ -194,7 +197,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
         study_uid=ctx.study_uid, series_uid=route.series.uid, sop_instance_uids=series.sop_instance_uids(),
         slab_plan=series.plan,
     )
-    result = replace(result, mode=mode)
+    result = replace(result, mode=mode, input_fit=verdict.fit)
     observe_model_latency(route.task.value, time.perf_counter() - started)
 
     # 6. Write the report, observations, heatmap, device and provenance: all or nothing.

@@ -82,3 +82,44 @@ def test_the_slices_looked_at_come_from_the_middle_of_the_series() -> None:
     assert middle_slices(1) == [0]
     assert middle_slices(100) == [20, 35, 50, 64, 79]
     assert all(20 <= i < 240 for i in middle_slices(300))
+
+
+RSNA_PNG = RSNA_DICOM.parent / "head_ct_rsna_png" / "labelled"
+# Real RSNA head slices, as pictures, that are wider than deep: skull-base slices across the face and mastoids
+# (depth/width 0.51-0.79 measured as below). Another hospital's real heads came out at 0.75-0.78, which the
+# first rule (0.8) refused.
+SKULL_BASE_PNGS = ("ID_e6e091f53.png", "ID_ff7889798.png", "ID_6d32af320.png", "ID_4d7dfd039.png", "ID_95237a563.png",
+                   "ID_e12d7ac19.png", "ID_2030d6a87.png")
+
+
+def png_as_ct(path: Path, spacing: float = 0.45) -> pydicom.Dataset:
+    """A brain-window PNG as a CT slice in HU (grey 0..255 over 0..80 HU, the background as air), with a pixel
+    spacing that makes its 512 px a 230 mm field, as in the RSNA DICOMs."""
+    grey = np.asarray(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), np.float32)
+    hu = np.where(grey > 10, grey / 255.0 * 80.0, -1000.0)
+    return make_dataset((hu + 1024).astype(np.uint16), modality="CT", rescale_slope=1, rescale_intercept=-1024,
+                        pixel_spacing=(spacing, spacing))
+
+
+@pytest.mark.skipif(not RSNA_PNG.is_dir(), reason="../shared/data/head_ct_rsna_png is not here")
+@pytest.mark.parametrize("name", SKULL_BASE_PNGS)
+def test_a_real_skull_base_slice_wider_than_deep_is_not_taken_for_a_trunk(name: str) -> None:
+    shape = dataset_shape(png_as_ct(RSNA_PNG / name))
+    assert shape is not None and shape.depth_to_width < 0.8, shape  # the old rule's bar: these were refused
+    assert shape.kind is not SliceKind.TRUNK, shape.describe()
+
+
+@pytest.mark.skipif(not RSNA_DICOM.is_dir(), reason="../shared/data/head_ct_dicom_unlabelled is not here")
+def test_a_wide_real_head_passes_the_shape_rule() -> None:
+    """A real RSNA slice whose columns are 1.2 times wider (a broad, short head: depth/width down to about 0.75)."""
+    widened = []
+    for path in sorted(RSNA_DICOM.glob("*.dcm"))[:40]:
+        ds = pydicom.dcmread(path)
+        row, col = (float(v) for v in ds.PixelSpacing)
+        ds.PixelSpacing = [row, col * 1.2]
+        shape = dataset_shape(ds)
+        if shape is not None and shape.extent_mm >= 120:
+            widened.append(shape)
+    assert min(s.depth_to_width for s in widened) < 0.8
+    assert [s.describe() for s in widened if s.kind is SliceKind.TRUNK] == []
+    assert ct_series_verdict([pydicom.dcmread(p) for p in sorted(RSNA_DICOM.glob("*.dcm"))[:5]]).is_head is not False

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from cds_devtools.dicom_data import make_dataset
-from cds_service.core.domain import Series, Study, Task, TriageStatus
+from cds_service.core.domain import InputFit, Series, Study, Task, TriageStatus
 from cds_service.core.errors import ModelUnavailableError
 from cds_service.local_triage import LocalInput, triage_input
 from cds_service.core.models import ModelRegistry
@@ -105,7 +105,8 @@ def test_an_image_of_another_kind_forced_onto_a_model_is_refused_by_its_input_pr
     png = first(HEAD_PNG)
     result = triage_input(LocalInput(name=str(png), image_path=png), registry, Settings(), Task.CHEST_PNEUMOTHORAX)
     assert result.status is TriageStatus.NOT_APPLICABLE
-    assert "do not look like what chest_pneumothorax was trained on" in result.reason and "distance" in result.reason
+    assert "unlike any image of chest_pneumothorax's anatomy" in result.reason and "distance" in result.reason
+    assert result.input_fit is InputFit.UNCHECKED  # refused: nothing scored
     accepted = triage_input(LocalInput(name="cxr", image_path=first(CHEST)), registry, Settings(), Task.CHEST_PNEUMOTHORAX)
     assert accepted.status is TriageStatus.DONE
 

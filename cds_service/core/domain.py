@@ -104,6 +104,28 @@ TASK_LABELS: dict[Task, tuple[str, ...]] = {
 # Labels that mean "nothing found": reported with their probability, never a finding.
 NEGATIVE_LABELS: frozenset[str] = frozenset({"no_tumor"})
 
+# The DICOM modalities each task's model reads (routing and the input check).
+TASK_MODALITIES: dict[Task, tuple[str, ...]] = {
+    Task.HEAD_CT_ICH: ("CT",),
+    Task.BRAIN_MRI: ("MR",),
+    Task.CHEST_PNEUMOTHORAX: ("CR", "DX"),
+}
+
+
+class InputFit(str, enum.Enum):
+    """What the input check said of a study's images (`input_profile.series_verdict`).
+
+    Only the wrong anatomy or modality is refused. Images of the right anatomy that are far from
+    the model's training images (another scanner, protocol or export) are scored and marked
+    `unfamiliar`: a radiologist and the site's validation should read the model's figures for them
+    with care, but a study is never dropped for coming from another hospital.
+    """
+
+    FAMILIAR = "familiar"
+    UNFAMILIAR = "unfamiliar"
+    WRONG_ANATOMY = "wrong_anatomy"
+    UNCHECKED = "unchecked"  # no input profile for the task
+
 
 class TaskMode(str, enum.Enum):
     """How a site runs a task: not at all, silently beside the radiologists, or for real.
@@ -242,6 +264,7 @@ class TriageResult:
     instances_read: int = 0  # the series' instances behind them (equal to slices_scored without slabs)
     slab_mm: float | None = None  # where thin slices were averaged: the slab thickness
     mode: TaskMode = TaskMode.ACTIVE
+    input_fit: InputFit = InputFit.UNCHECKED  # `unfamiliar`: scored, but unlike the model's training images
 
     def __post_init__(self) -> None:
         if not self.study_uid:

@@ -481,12 +481,7 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
             extra = data["extra_training_negatives"]
             lines.append(f"- **Extra training negatives**: {extra['count']} images from `{extra['dir']}` ({extra['use']}).")
         if card.get("input_check"):
-            check = card["input_check"]
-            accepted = "; ".join(f"{name} {v['count']}/{v['of']}" for name, v in check.get("accepted", {}).items())
-            refused = "; ".join(f"{name} {v['count']}/{v['of']}" for name, v in check.get("refused_other_tasks", {}).items())
-            lines.append(f"- **Input check** (`{check['file']}`): {check['statistics']}; refused above "
-                         f"{check['threshold']} ({check['threshold_policy']}). Accepted: {accepted}. "
-                         f"Refused, images of other tasks: {refused}.")
+            lines.append(input_check_line(card["input_check"]))
         lines += [
             f"- **Start**: {training.get('init_from', '')}"
             + (f"; {init.get('source')}, file sha256 `{init.get('file_sha256')}`, "
@@ -505,6 +500,25 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
               "Re-choose its operating points from the stored probabilities (no images needed):",
               "`python -m cds_training.training rethreshold --task <task> --target <sensitivity>`.", ""]
     return "\n".join(lines)
+
+
+def input_check_line(check: dict[str, Any]) -> str:
+    """The model card's input-check line: what each source of the right anatomy and the other tasks' images get."""
+    if "same_anatomy" not in check:  # a card measured before images were marked unfamiliar rather than refused
+        accepted = "; ".join(f"{name} {v['count']}/{v['of']}" for name, v in check.get("accepted", {}).items())
+        refused = "; ".join(f"{name} {v['count']}/{v['of']}" for name, v in check.get("refused_other_tasks", {}).items())
+        return (f"- **Input check** (`{check['file']}`): {check['statistics']}; refused above {check['threshold']} "
+                f"({check['threshold_policy']}). Accepted: {accepted}. Refused, images of other tasks: {refused}.")
+
+    def shares(block: dict[str, Any]) -> str:
+        return ", ".join(f"{v['count']}/{v['of']} {key}" for key, v in block.items() if v["count"])
+
+    same = "; ".join(f"{name}: {shares(v)}" for name, v in check["same_anatomy"].items())
+    other = "; ".join(f"{name}: {shares(v)}" for name, v in check["other_tasks"].items())
+    return (f"- **Input check** (`{check['file']}`): {check['statistics']}; familiar up to {check['threshold']} "
+            f"({check['threshold_policy']}), scored and marked unfamiliar above, refused beyond {check['refuse_beyond']} "
+            f"({check['refuse_beyond_policy']}); the wrong modality or body part in the DICOM header, and a CT that is not "
+            f"head-shaped, are refused too. Right anatomy: {same}. Images of the other tasks (pixels alone): {other}.")
 
 
 # --- "anything there?": the triage decision of a softmax task with a negative class -------------

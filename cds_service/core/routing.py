@@ -25,12 +25,11 @@ import numpy as np
 import pydicom
 
 from cds_service.core.anatomy import ct_series_verdict
-from cds_service.core.domain import Series, Study, Task
+from cds_service.core.body_parts import anatomy_of_words
+from cds_service.core.domain import TASK_MODALITIES, Series, Study, Task
 from cds_service.core.input_profile import InputProfile, image_statistics
 from cds_service.core.preprocessing import PreprocessingSpec, dicom_to_image, resize
 
-HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBR", "NEURO")
-CHEST_WORDS = ("CHEST", "THORAX", "LUNG", "PA ", "CXR")
 # Series that are not primary diagnostic images of the anatomy (AI output, scouts, reports).
 EXCLUDED_WORDS = ("AI-GENERATED", "HEATMAP", "SCOUT", "LOCALIZER", "TOPOGRAM", "DOSE", "REPORT")
 
@@ -64,33 +63,22 @@ class FhirHints:
     texts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _text(series: Series) -> str:
+def header_text(series: Series) -> str:
+    """Every header field of a series that may name its anatomy, as one text."""
     return (f"{series.anatomic_region_text} {series.body_part} {series.description} {series.protocol} "
             f"{series.study_description} {series.requested_procedure}").upper() + " "
 
 
 def excluded(series: Series) -> bool:
-    return any(word in _text(series) for word in EXCLUDED_WORDS)
+    return any(word in header_text(series) for word in EXCLUDED_WORDS)
 
 
 def task_for(modality: str, anatomy: str | None) -> Task | None:
     """The task for a modality and an anatomy ("head", "chest")."""
     modality = modality.upper()
-    if anatomy == "head" and modality == "CT":
-        return Task.HEAD_CT_ICH
-    if anatomy == "head" and modality == "MR":
-        return Task.BRAIN_MRI
-    if anatomy == "chest" and modality in ("CR", "DX"):
-        return Task.CHEST_PNEUMOTHORAX
-    return None
-
-
-def anatomy_of_words(text: str) -> str | None:
-    text = text.upper() + " "
-    if any(word in text for word in HEAD_WORDS):
-        return "head"
-    if any(word in text for word in CHEST_WORDS):
-        return "chest"
+    for task in (Task.HEAD_CT_ICH, Task.BRAIN_MRI) if anatomy == "head" else (Task.CHEST_PNEUMOTHORAX,) if anatomy == "chest" else ():
+        if modality in TASK_MODALITIES[task]:
+            return task
     return None
 
 
@@ -107,7 +95,7 @@ def task_for_series(series: Series) -> Task | None:
     """The task for one series from its DICOM header alone, or None."""
     if excluded(series):
         return None
-    return task_for(series.modality, anatomy_of_codes(series.anatomic_region) or anatomy_of_words(_text(series)))
+    return task_for(series.modality, anatomy_of_codes(series.anatomic_region) or anatomy_of_words(header_text(series)))
 
 
 def fhir_hints(imaging_study: Mapping[str, Any] | None, service_request: Mapping[str, Any] | None = None) -> FhirHints:
