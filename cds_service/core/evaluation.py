@@ -130,6 +130,27 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float = TARG
     return float(math.floor(pos[k - 1] * 1e6) / 1e6)
 
 
+def threshold_within_budget(y: np.ndarray, p: np.ndarray, target: float, negatives_raised_at_most: float) -> float:
+    """The lowest threshold whose share of negatives raised (p >= t) stays within the budget, if its
+    sensitivity reaches `target`; else `threshold_for_sensitivity(y, p, target)`.
+
+    For a triage rule with room on the negative side: `threshold_for_sensitivity` sits exactly on the
+    validation positives, so images from elsewhere, scored a little lower, fall below it; spending the
+    negative budget on a lower threshold keeps that margin instead. Rounded down to 6 decimals like it."""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    tightest = threshold_for_sensitivity(y, p, target)
+    negatives = np.sort(p[~y])[::-1]
+    if not len(negatives) or not y.any():
+        return tightest
+    allowed = int(math.floor(negatives_raised_at_most * len(negatives) + 1e-9))  # negatives that may be raised
+    if allowed >= len(negatives):
+        return float(math.floor(float(p.min()) * 1e6) / 1e6)
+    # just above the (allowed + 1)-th highest negative: that one and every lower one stay below
+    cut = float(math.floor(negatives[allowed] * 1e6) / 1e6) + 1e-6
+    return round(min(cut, tightest), 6) if cut <= tightest else tightest
+
+
 def decisions(pred: Predictions, thresholds: dict[str, float]) -> np.ndarray:
     """N x labels 0/1 decisions: argmax for softmax, p >= threshold for sigmoid."""
     if pred.activation == "softmax":
