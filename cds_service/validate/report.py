@@ -36,11 +36,12 @@ def page_head(title: str, extra_style: str = "") -> str:
 
 
 def operating_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """The operating points (`evaluation.operating_point`) as a table: every proportion with its interval."""
+    """The operating points (`evaluation.operating_point`) as a table: every proportion with its interval
+    (a threshold of None: each study's own recorded call)."""
     e = html.escape
     return ("<table><tr><th>threshold</th><th>value</th><th>sensitivity</th><th>specificity</th>"
             "<th>PPV</th><th>NPV</th><th>raised</th><th>TP / FP / FN / TN</th></tr>"
-            + "".join(f"<tr><td>{e(name)}</td><td>{point['threshold']:.4f}</td>"
+            + "".join(f"<tr><td>{e(name)}</td><td>{'as recorded' if point['threshold'] is None else format(point['threshold'], '.4f')}</td>"
                       + "".join(f"<td>{e(ci_text(point[k]))}</td>" for k in ("sensitivity", "specificity", "ppv", "npv", "raised"))
                       + f"<td>{point['tp']} / {point['fp']} / {point['fn']} / {point['tn']}</td></tr>" for name, point in rows)
             + "</table>")
