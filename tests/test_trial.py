@@ -5,7 +5,9 @@ search parameter. The whole command on real servers (sekmet and HAPI) is in test
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -274,7 +276,10 @@ class FakeFhir:
 
 
 @pytest.fixture
-def fake_server(monkeypatch):
+def fake_server(monkeypatch, tmp_path):
+    monkeypatch.setenv("CDS_DATA_DIR", str(tmp_path / "data"))  # no audit log: no feedback
+    monkeypatch.setenv("CDS_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+
     def install(fake: FakeFhir) -> FakeFhir:
         from cds_service.adapters import smart_auth
 
@@ -298,9 +303,7 @@ def run(tmp_path: Path, *args: str) -> int:
     return cli.main(["trial", "--since", "2026-12-01", "--no-progress", "--bootstrap", "100", "--report", str(tmp_path / "t.html"), *args])
 
 
-def test_the_command_pages_through_every_search_with_count_and_next_links(fake_server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("CDS_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("CDS_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+def test_the_command_pages_through_every_search_with_count_and_next_links(fake_server, tmp_path, capsys):
     fake = fake_server(FakeFhir(fake_resources(), per_page=3))
     assert run(tmp_path, "--json", "--page-size", "3") == 0
     doc = json.loads(capsys.readouterr().out)
@@ -359,3 +362,19 @@ def test_a_bad_code_map_is_exit_2_naming_the_file(tmp_path, capsys):
     (tmp_path / "codes.json").write_text("{}")
     assert run(tmp_path, "--codes", str(tmp_path / "codes.json")) == 2
     assert f"--codes {tmp_path / 'codes.json'}: not a code map" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_goes_to_a_terminal_only(fake_server, tmp_path, monkeypatch):
+    fake_server(FakeFhir(fake_resources(), per_page=4))
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(["trial", "--since", "2026-12-01", "--bootstrap", "100", "--report", str(tmp_path / "t.html")]) == 0
+    assert "trial: AI reports" in terminal.getvalue() and "resources" in terminal.getvalue()
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert run(tmp_path) == 0 and "trial: AI reports" not in quiet.getvalue()  # --no-progress
