@@ -44,6 +44,7 @@ from fhir_mappings import codes
 from hook_client import EhrSigner
 from stack_support import NOTIFY_HEADERS, SECRET, wait_finished
 from support import make_test_weights
+from trial_support import final_report
 from test_browser import browser, page, screenshot  # noqa: F401  (pytest fixtures: Debian's Chromium, loopback only)
 
 pytestmark = pytest.mark.integration
@@ -138,15 +139,9 @@ class Site:
               study: bool = True, order: bool = True, patient_of: str | None = None) -> dict[str, Any]:
         """The radiologist's report as the RIS writes it: final or amended, coded or not, naming study and order."""
         ids = self.ids[patient_of or role]
-        report: dict[str, Any] = {"resourceType": "DiagnosticReport", "status": status, "code": {"text": "CT head"},
-                                  "subject": {"reference": f"Patient/{ids['patient']}"}, "issued": at(base + timedelta(hours=hours)),
-                                  "conclusion": "Free text the trial never reads."}
-        if study:
-            report["imagingStudy"] = [{"reference": f"ImagingStudy/{ids['study']}"}]
-        if order:
-            report["basedOn"] = [{"reference": f"ServiceRequest/{ids['order']}"}]
-        if codes_:
-            report["conclusionCode"] = [{"coding": [{"system": c.split("|")[0], "code": c.split("|")[1]}]} for c in codes_]
+        report = final_report("", study=ids["study"] if study else None, order=ids["order"] if order else None,
+                              patient=ids["patient"], codes_=codes_, issued=base + timedelta(hours=hours), status=status)
+        del report["id"]  # the server gives it
         return self.fhir.create(report)
 
     def feedback(self, role: str, outcome: str, reason: str | None = None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from cds_service.trial.figures import score_of, task_document
 from cds_service.trial.report import html_report, summary_lines
 from cds_service.trial.studies import Problems, StudyRecord, ai_results, finals_by_study, latest_per_study, study_records
 from cds_service.trial.truth import CodeMapError, load_code_map
+from cds_service.validate.arguments import add_measure_arguments
 
 EXIT_STATUSES = """exit status:
   0  done (the report written)
@@ -56,20 +57,14 @@ def page_size(text: str) -> int:
 def add_trial_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", required=True, type=fhir_time, help="first day (or moment) of the period: AI reports "
                         "issued from then on, and the final reports issued since")
-    parser.add_argument("--until", type=fhir_time, help="end of the period, exclusive (default: now)")
+    parser.add_argument("--until", type=fhir_time, help="end of the period, exclusive (default: none)")
     parser.add_argument("--task", action="append", choices=[t.value for t in Task],
                         help="only this task (repeatable; default: every task with AI reports in the period)")
     parser.add_argument("--codes", type=Path, metavar="FILE", help="the site's code map: which conclusionCode means which "
                         "finding, added to the defaults (docs/validation.md)")
     parser.add_argument("--report", type=Path, help="the HTML report (default trial.html here)")
-    parser.add_argument("--json", action="store_true", help="print the whole result as JSON instead of the summary")
-    parser.add_argument("--write-thresholds", type=Path, metavar="FILE",
-                        help="write (or update) the site threshold file for CDS_SITE_THRESHOLDS, as validate does")
-    parser.add_argument("--target-sensitivity", type=float, default=0.95,
-                        help="sensitivity the written threshold reaches on these studies (default 0.95)")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval (default 2000)")
     parser.add_argument("--page-size", type=page_size, default=100, help="_count of each FHIR search page (default 100)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    add_measure_arguments(parser)
 
 
 def trial_threshold(task: Task, records: list[StudyRecord], card: ModelCard, target: float,
@@ -93,8 +88,6 @@ def run_trial(args: argparse.Namespace, settings: Settings) -> int:
         print(f"cds-triage trial: {message}", file=sys.stderr)
         return 2
 
-    if not 0.0 < args.target_sensitivity < 1.0:
-        return refuse(f"--target-sensitivity must be between 0 and 1, not {args.target_sensitivity}")
     if args.until and args.until <= args.since:
         return refuse(f"--until {args.until} is not after --since {args.since}")
     try:

@@ -23,6 +23,7 @@ from cds_service.core.settings import Settings
 from cds_service.core.site_thresholds import (card_threshold, decision_score, has_presence_rule, main_label,
                                                threshold_entry, write_site_entry)
 from cds_service.local_triage import collect_inputs, result_json, triage_input
+from cds_service.validate.arguments import add_measure_arguments
 from cds_service.validate.labels import LabelsError, Unit, match_units, read_labels
 from cds_service.validate.report import html_report, summary_lines
 
@@ -138,13 +139,7 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=[t.value for t in Task])
     parser.add_argument("--labels", required=True, type=Path, help="CSV: file or study, label[, subtypes]")
     parser.add_argument("--report", type=Path, help="the HTML report (default validate-<task>.html here)")
-    parser.add_argument("--json", action="store_true", help="print the whole result as JSON instead of the summary")
-    parser.add_argument("--write-thresholds", type=Path, metavar="FILE",
-                        help="write (or update) the site threshold file for CDS_SITE_THRESHOLDS")
-    parser.add_argument("--target-sensitivity", type=float, default=0.95,
-                        help="sensitivity the written threshold reaches on these studies (default 0.95)")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval (default 2000)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    add_measure_arguments(parser)
 
 
 def run_validate(args: argparse.Namespace, settings: Settings) -> int:
@@ -156,8 +151,6 @@ def run_validate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"cds-triage validate: {message}", file=sys.stderr)
         return 2
 
-    if not 0.0 < args.target_sensitivity < 1.0:
-        return refuse(f"--target-sensitivity must be between 0 and 1, not {args.target_sensitivity}")
     try:
         rows = read_labels(args.labels, task)
         inputs = collect_inputs(args.paths)
