@@ -378,3 +378,23 @@ def test_a_progress_bar_goes_to_a_terminal_only(fake_server, tmp_path, monkeypat
     quiet = Terminal()
     monkeypatch.setattr(sys, "stderr", quiet)
     assert run(tmp_path) == 0 and "trial: AI reports" not in quiet.getvalue()  # --no-progress
+
+
+def test_a_fhir_server_that_cannot_be_reached_is_named_like_every_command_does(tmp_path, monkeypatch, capsys):
+    from cds_devtools.devservers import free_port
+
+    base = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens there
+    monkeypatch.setenv("CDS_FHIR_BASE_URL", base)
+    monkeypatch.setenv("CDS_DATA_DIR", str(tmp_path / "data"))
+    assert run(tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "FHIR server unreachable" in err and base in err and "(CDS_FHIR_BASE_URL: is it right" in err
+
+
+def test_the_terminal_summary(fake_server, tmp_path, capsys):
+    fake_server(FakeFhir(fake_resources(), per_page=50))
+    assert run(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "head_ct_ich: 8 studies triaged (8 shadow, 0 active), 7 with a final report; truth known for 5 (5 final report), unknown for 3" in out
+    assert "    as decided at triage" in out and f"report: {tmp_path / 't.html'}" in out
+    assert "note: Final reports that name no ImagingStudy and no order of a triaged study (not used): 1" in out

@@ -325,10 +325,10 @@ def test_bad_input_is_counted_and_said_and_nothing_crashes(shadow):
     assert several["study"] == study(shadow, "a4_final_then_amended_normal") and len(several["reports"]) == 2
     assert {(u["study"], tuple(u["codes"])) for u in problems["unknown_codes"]} == {
         (study(shadow, "a5_unknown_code"), (UNKNOWN,)), (study(shadow, "b2_ich_missed"), (UNKNOWN,))}
-    assert lines == ["1 final reports name no ImagingStudy and no order of a triaged study (not used)",
-                     "1 final reports are for studies or orders we never triaged (not used)",
-                     "1 studies have several final reports (the latest, amended ones first, is used)",
-                     "2 final reports carry codes the code map does not know (listed; add them with --codes)"]
+    assert lines == ["Final reports that name no ImagingStudy and no order of a triaged study (not used): 1",
+                     "Final reports for studies or orders we never triaged (not used): 1",
+                     "Studies with several final reports (the latest, amended first, is used): 1",
+                     "Final reports with codes the code map does not know (listed; add them with --codes): 2"]
     pages = {s["search"].split("?")[0]: s for s in shadow["doc"]["searches"]}
     assert pages["DiagnosticReport"]["pages"] > 1  # `_count=3`: the servers' own next links were followed
 
@@ -403,6 +403,6 @@ def test_the_report_opens_in_chromium(shadow, page):  # noqa: F811
     assert page.locator("#head_ct_ich-roc-plot svg").count() == 1 and page.locator("#head_ct_ich-calibration-plot svg").count() == 1
     raised_row = page.locator("tr", has_text="triage would have raised").first.inner_text()
     assert "4 h 00 min" in raised_row and "3 h 00 min – 6 h 00 min" in raised_row  # median, IQR
-    assert "1 final reports name no ImagingStudy and no order of a triaged study" in text
+    assert "Final reports that name no ImagingStudy and no order of a triaged study (not used): 1" in text
     assert "2 / 2 / 1 / 1" in page.locator("table", has_text="as decided at triage").first.inner_text()  # TP / FP / FN / TN
     screenshot(page, f"trial-report-{shadow['server']}.png")

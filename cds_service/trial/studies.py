@@ -93,15 +93,15 @@ class Problems:
     def lines(self) -> list[str]:
         """One sentence per kind of problem found, with its count."""
         said = {
-            "final_without_study": "final reports name no ImagingStudy and no order of a triaged study (not used)",
-            "final_for_untriaged_study": "final reports are for studies or orders we never triaged (not used)",
-            "several_finals": "studies have several final reports (the latest, amended ones first, is used)",
-            "unknown_codes": "final reports carry codes the code map does not know (listed; add them with --codes)",
-            "several_ai_reports": "studies have several AI reports of one task (the latest is used)",
-            "ai_reports_without_task": "AI reports have no Observation that names their task (not used)",
-            "final_without_issued": "final reports have no `issued` time (no turnaround for their study)",
+            "final_without_study": "final reports that name no ImagingStudy and no order of a triaged study (not used)",
+            "final_for_untriaged_study": "final reports for studies or orders we never triaged (not used)",
+            "several_finals": "studies with several final reports (the latest, amended first, is used)",
+            "unknown_codes": "final reports with codes the code map does not know (listed; add them with --codes)",
+            "several_ai_reports": "studies with several AI reports of one task (the latest is used)",
+            "ai_reports_without_task": "AI reports without an Observation that names their task (not used)",
+            "final_without_issued": "final reports without an `issued` time (no turnaround for their study)",
         }
-        return [f"{len(items)} {said[name]}" for name, items in vars(self).items() if items]
+        return [f"{said[name][0].upper()}{said[name][1:]}: {len(items)}" for name, items in vars(self).items() if items]
 
 
 def task_of_labels(labels: Iterable[str]) -> Task | None:
