@@ -398,3 +398,18 @@ def test_the_terminal_summary(fake_server, tmp_path, capsys):
     assert "head_ct_ich: 8 studies triaged (8 shadow, 0 active), 7 with a final report; truth known for 5 (5 final report), unknown for 3" in out
     assert "    as decided at triage" in out and f"report: {tmp_path / 't.html'}" in out
     assert "note: Final reports that name no ImagingStudy and no order of a triaged study (not used): 1" in out
+
+
+def test_a_withdrawn_ai_report_and_one_without_its_observations_are_said_not_measured():
+    trial = shadow_trial()
+    for resource in trial["resources"]:
+        if resource["resourceType"] == "DiagnosticReport" and resource["imagingStudy"][0]["reference"] == "ImagingStudy/b4":
+            resource["status"] = "entered-in-error"
+    trial["resources"] = [r for r in trial["resources"]
+                          if not (r["resourceType"] == "Observation" and r["id"].startswith(("ai-a1", "ai-b1")))]
+    records, problems = records_of(trial)
+    assert "b4" not in {r.study_id for r in records}
+    assert problems.ai_reports_without_task == ["ai-b1-2"]  # no Observation, no positive finding: nothing names its task
+    doc = task_document(Task.HEAD_CT_ICH, records, None, None, resamples=100)
+    assert doc["labels"]["any"]["metrics"]["n"] == 4  # a1 keeps its truth (its finding is in conclusionCode) but has no score
+    assert any(w.startswith("1 studies with a known truth have no score") and w.endswith(": a1") for w in doc["warnings"])

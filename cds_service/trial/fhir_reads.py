@@ -85,8 +85,9 @@ class TrialReader:
                     bar.total = bundle["total"]
                 problems = _outcome_problems(bundle)
                 if problems:
-                    raise SearchRefusedError(f"the FHIR server did not run the search {query} as asked: {'; '.join(problems)}",
-                                             server="fhir", url=self.fhir.base_url)
+                    said = " ".join("; ".join(problems).split())
+                    raise SearchRefusedError(f"the FHIR server did not run the search {query} as asked: {said[:300]}"
+                                             f"{'…' if len(said) > 300 else ''}", server="fhir", url=self.fhir.base_url)
                 for entry in bundle.get("entry") or []:
                     resource = entry.get("resource") if isinstance(entry, dict) else None
                     if isinstance(resource, dict) and resource.get("resourceType") != "OperationOutcome":
@@ -95,8 +96,9 @@ class TrialReader:
         except (UpstreamRejectedError, StudyNotFoundError) as exc:
             if isinstance(exc, UpstreamRejectedError) and exc.status_code in (401, 403):
                 raise  # who we are, not what we asked: `cli.main` names the credential settings
-            raise SearchRefusedError(f"the FHIR server refused the search {query}: {exc}", server="fhir",
-                                     url=self.fhir.base_url) from None
+            said = " ".join(str(exc).split())
+            raise SearchRefusedError(f"the FHIR server refused the search {query}: {said[:300]}{'…' if len(said) > 300 else ''}",
+                                     server="fhir", url=self.fhir.base_url) from None
         finally:
             bar.close()
         self.searches.append({"search": query, "pages": pages, "resources": len(found)})

@@ -150,6 +150,10 @@ def task_document(task: Task, records: Sequence[StudyRecord], card: ModelCard | 
         warnings.append(f"studies scored by another model than the weights in use ({card.name} {card.version}): {shown}; "
                         "their scores are measured too, but a threshold is written from the current model's studies only")
     unknown = [{"study": r.study_id, "reason": r.unknown} for r in records if r.truth is None]
+    unscored = sorted(r.study_id for r in records if r.truth is not None and score_of(r, main_label(task)) is None)
+    if unscored:
+        warnings.append(f"{len(unscored)} studies with a known truth have no score (their AI report's Observations were not "
+                        f"found) and are left out of the figures: {', '.join(unscored[:20])}")
     if unknown:
         warnings.append(f"{len(unknown)} of {len(records)} studies have no known truth (listed) and are left out of the figures")
     main = labels.get(main_label(task))

@@ -19,7 +19,7 @@ from typing import Any
 from fhir_mappings import codes
 from fhir_mappings.builders import is_shadow, parse_fhir_datetime, reference_id
 
-from cds_service.core.cards import ai_report_from_fhir, is_ai_report
+from cds_service.core.cards import WITHDRAWN_STATUSES, ai_report_from_fhir, is_ai_report
 from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task, TaskMode
 from cds_service.core.site_thresholds import has_presence_rule, main_label
 from cds_service.trial.truth import TaskCodes, Truth, report_codings, truth_from_codes, truth_from_feedback
@@ -133,7 +133,7 @@ def ai_results(resources: Sequence[Mapping[str, Any]], devices: Mapping[str, Map
     observations = {f"Observation/{r['id']}": r for r in resources if r.get("resourceType") == "Observation" and r.get("id")}
     found = []
     for report in resources:
-        if not is_ai_report(report) or not report.get("id"):
+        if not is_ai_report(report) or not report.get("id") or report.get("status") in WITHDRAWN_STATUSES:
             continue
         parsed = ai_report_from_fhir(report, observations)
         results = [observations.get(f"Observation/{reference_id(r.get('reference'), 'Observation')}")
