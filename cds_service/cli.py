@@ -148,6 +148,12 @@ def _validate(args: argparse.Namespace, settings: Settings) -> int:
     return run_validate(args, settings)
 
 
+def _trial(args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.trial.command import run_trial
+
+    return run_trial(args, settings)
+
+
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     """A job store or queue that cannot be reached raises QueueUnavailableError: `main` names the setting."""
     from .jobs.queue import create_queue, open_job_store, register_triage_task
@@ -244,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "calibration, HTML report) and optionally write site thresholds (CDS_SITE_THRESHOLDS)")
     add_validate_arguments(p)
     p.set_defaults(func=_validate)
+
+    from cds_service.trial.command import EXIT_STATUSES as TRIAL_EXIT_STATUSES, add_trial_arguments
+
+    p = sub.add_parser("trial", help="silent trial: measure each model against the radiologists' final reports on the FHIR "
+                       "server (figures, turnaround, HTML report) and optionally write site thresholds",
+                       epilog=TRIAL_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_trial_arguments(p)
+    p.set_defaults(func=_trial)
 
     p = sub.add_parser("jobs", help="list, show or re-queue triage jobs")
     p.add_argument("action", choices=["list", "show", "requeue"])

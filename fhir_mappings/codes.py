@@ -231,3 +231,11 @@ STANDARD_FINDING_CODES: dict[str, tuple[StandardCode, ...]] = {
 def finding_display(label: str) -> str:
     """Readable name of a label; an unknown label is shown as itself rather than failing."""
     return FINDING_DISPLAY.get(label, label)
+
+
+#: A radiologist's "nothing abnormal" as a report's conclusionCode: SNOMED CT 281900007 "No abnormality
+#: detected (finding)". Verified: HL7 mCODE IG, ValueSet mcode-condition-status-trend-vs (listed there as
+#: "better than 260415000 Not detected"). Never written by us; `cds-triage trial` reads it in a final
+#: report as "none of this task's findings" (cds_service/trial/truth.py).
+NO_ABNORMALITY_DETECTED = StandardCode(SNOMED_SYSTEM, "281900007", "No abnormality detected (finding)",
+                                       "HL7 mCODE IG ValueSet mcode-condition-status-trend-vs")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 import json
+import sqlite3
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -425,6 +426,27 @@ def test_feedback_is_stored_once_and_audited(service):
     assert event["detail"] == {"card": card["uuid"], "outcome": "overridden", "overrideReason": "already-read",
                                "outcomeTimestamp": "2026-11-23T08:05:00Z"}
     assert "read it already" not in str(event)  # free text stays out of the event log
+
+
+def test_feedback_is_tied_to_the_study_the_card_showed(service):
+    """A result card names its AI result in its `extension`; the audit log keeps it (the study hashed), so
+    `cds-triage trial` can read a clinician's feedback as truth for that study."""
+    client = service()
+    body = hook_request("patient-view", {"patientId": "p1"}, prefetch={"aiReports": searchset(HEMORRHAGE)})
+    [card] = call(client, "patient-view", body)["cards"]
+    assert card["extension"]["cds-triage-ai-result"] == {"imagingStudy": "ImagingStudy/ct1", "findings": ["any"], "mode": "active"}
+    feedback = {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-23T08:05:00Z",
+                              "overrideReason": {"reason": {"system": card["overrideReasons"][1]["system"],
+                                                            "code": "false-positive"}}}]}
+    url = f"{PUBLIC}/cds-services/patient-view/feedback"
+    assert client.post("/cds-services/patient-view/feedback", json=feedback, headers=EHR.auth(url)).status_code == 200
+    audit = client.app.extensions["cds_hooks_guard"].audit
+    [found] = audit.feedback_on_studies(["ct1", "other"])
+    assert found["study"] == "ct1" and found["card"] == card["uuid"] and found["findings"] == ["any"]
+    assert found["outcome"] == "overridden" and found["override_reason"]["reason"]["code"] == "false-positive"
+    assert audit.feedback_on_studies(["other"]) == []
+    with sqlite3.connect(audit.path) as db:  # the study id is stored hashed, as everywhere in the audit log
+        assert "ct1" not in str(db.execute("SELECT * FROM card_result").fetchall())
 
 
 def test_feedback_for_cards_we_never_issued_or_malformed_is_400(service):

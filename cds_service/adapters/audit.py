@@ -19,7 +19,9 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from cds_service.core.cards import card_result
 
 log = logging.getLogger("cds_service.audit")  # the audit stream's name, kept when the module moved
 
@@ -41,6 +43,12 @@ CREATE TABLE IF NOT EXISTS issued_card (
     indicator TEXT NOT NULL,
     summary TEXT NOT NULL,
     issued_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS card_result (
+    uuid TEXT PRIMARY KEY,         -- a card that showed an AI result (its extension, cards.card_result)
+    study TEXT NOT NULL,           -- hashed ImagingStudy id
+    findings TEXT NOT NULL DEFAULT '[]',  -- the labels the card called positive
+    mode TEXT NOT NULL DEFAULT 'active'   -- active | shadow
 );
 CREATE TABLE IF NOT EXISTS feedback (
     service TEXT NOT NULL,
@@ -85,7 +93,10 @@ class AuditLog:
 
     def record_hook_call(self, service: str, client: str, hook_instance: str, subject: str,
                          cards: list[dict[str, Any]], detail: dict[str, Any]) -> None:
-        """A served hook call and the cards it returned (so feedback can be matched to them)."""
+        """A served hook call and the cards it returned (so feedback can be matched to them, and, for a
+        card that showed an AI result, to its study)."""
+        from cds_service.logs import hashed
+
         now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
@@ -95,6 +106,10 @@ class AuditLog:
                         json.dumps(detail | {"cards": [c.get("uuid") for c in cards]})))
             db.executemany("INSERT OR IGNORE INTO issued_card VALUES (?, ?, ?, ?, ?, ?)",
                            [(c["uuid"], service, hook_instance, c["indicator"], c["summary"], now) for c in cards if c.get("uuid")])
+            shown = [(c["uuid"], result) for c in cards if c.get("uuid") and (result := card_result(c)) is not None]
+            db.executemany("INSERT OR IGNORE INTO card_result VALUES (?, ?, ?, ?)",
+                           [(uuid, hashed(r.imaging_study_id), json.dumps(list(r.findings)), "shadow" if r.shadow else "active")
+                            for uuid, r in shown])
             db.execute("COMMIT")
         log.info("cds hook served", extra={"service": service, "client": client, "subject": subject,
                                             "cards": len(cards), **detail})
@@ -135,6 +150,26 @@ class AuditLog:
             rows = db.execute("SELECT * FROM feedback WHERE card = ? ORDER BY received_at", (card,)).fetchall()
         return [dict(row) | {"accepted_suggestions": json.loads(row["accepted_suggestions"]),
                              "override_reason": json.loads(row["override_reason"])} for row in rows]
+
+    def feedback_on_studies(self, study_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Every feedback on a card that showed the AI result of one of these ImagingStudy ids (plain
+        ids; the log keeps them hashed): card, outcome, outcome_timestamp, override_reason, service,
+        and what the card showed (`study`, the plain id; `findings`; `mode`)."""
+        from cds_service.logs import hashed
+
+        by_hash = {hashed(study): study for study in study_ids}
+        hashes, found = list(by_hash), []
+        with self._db() as db:
+            for start in range(0, len(hashes), 500):  # under SQLite's limit of bound parameters
+                chunk = hashes[start:start + 500]
+                rows = db.execute("SELECT f.*, r.study AS study_hash, r.findings, r.mode FROM feedback f "
+                                  f"JOIN card_result r ON r.uuid = f.card WHERE r.study IN ({','.join('?' * len(chunk))}) "
+                                  "ORDER BY f.outcome_timestamp, f.received_at", chunk).fetchall()
+                found += [{"study": by_hash[row["study_hash"]], "card": row["card"], "service": row["service"],
+                           "outcome": row["outcome"], "outcome_timestamp": row["outcome_timestamp"],
+                           "override_reason": json.loads(row["override_reason"]), "findings": json.loads(row["findings"]),
+                           "mode": row["mode"]} for row in rows]
+        return found
 
     def events(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first."""

@@ -7,13 +7,15 @@ Works the same against HAPI FHIR and the local test server.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Iterator
 
 import httpx
 
 from fhir_mappings.builders import is_fhir_id
 
-from cds_service.core.errors import InvalidResourceError, StudyNotFoundError, UpstreamError, UpstreamRejectedError, is_retryable_status
+from cds_service.core.errors import (InvalidResourceError, PermanentError, StudyNotFoundError, UpstreamError,
+                                     UpstreamRejectedError, is_retryable_status)
 from cds_service.adapters.metrics import count_upstream_error
 
 FHIR_JSON = "application/fhir+json"
@@ -27,6 +29,11 @@ VERSION_CONFLICT_STATUSES = (409, 412)
 class VersionConflictError(UpstreamRejectedError):
     """If-Match did not match (HTTP 412, or 409 from HAPI): someone else changed the resource first.
     The caller re-reads the resource and decides again."""
+
+
+class ForeignNextLinkError(PermanentError):
+    """A search Bundle's `next` link leads to another origin than the FHIR base: not followed, because
+    the request would carry our (or the EHR's) token there."""
 
 
 def outcome_text(response: httpx.Response) -> str:
@@ -123,22 +130,38 @@ class FhirClient:
     def iter_search(self, resource_type: str, params: dict[str, str] | None = None, *,
                     max_pages: int = 10) -> Iterator[dict[str, Any]]:
         """Each matching resource; `next` pages are fetched only while more pages are wanted, and only
-        from the base's own origin: the request carries our (or the EHR's) token, which a link to
-        another host would hand over."""
-        response = self._send("GET", resource_type, params=params or {})
-        for page in range(1, max_pages + 1):
-            bundle = response.json()
+        from the base's own origin (a link elsewhere ends the search: see `iter_pages`)."""
+        for bundle in self.iter_pages(resource_type, params, max_pages=max_pages, refuse_foreign_next=False):
             for entry in bundle.get("entry") or []:
                 if isinstance(entry, dict) and "resource" in entry:
                     yield entry["resource"]
+
+    def iter_pages(self, resource_type: str, params: Mapping[str, str | Sequence[str]] | None = None, *,
+                   max_pages: int | None = None, headers: Mapping[str, str] | None = None,
+                   refuse_foreign_next: bool = True) -> Iterator[dict[str, Any]]:
+        """Each page (searchset Bundle) of a search, following `next` links from the base's own origin
+        only: the request carries our (or the EHR's) token, which a link to another host would hand
+        over. Such a link raises ForeignNextLinkError (or, `refuse_foreign_next=False`, ends the search)."""
+        response = self._send("GET", resource_type, params=params or {}, headers=dict(headers or {}))
+        page = 1
+        while True:
+            bundle = response.json()
+            yield bundle
             next_url = next((link.get("url") for link in bundle.get("link") or []
                              if isinstance(link, dict) and link.get("relation") == "next"), None)
-            if not next_url or page == max_pages:
+            if not next_url or (max_pages is not None and page >= max_pages):
                 return
             if not isinstance(next_url, str) or not same_origin(next_url, self.base_url):
                 count_upstream_error("fhir", "foreign_next_link")
+                if refuse_foreign_next:
+                    shown = httpx.URL(next_url) if isinstance(next_url, str) else None
+                    raise ForeignNextLinkError(
+                        f"FHIR search {resource_type}: page {page}'s next link leads to "
+                        f"{f'{shown.scheme}://{shown.netloc.decode()}' if shown else repr(next_url)[:80]}, another origin "
+                        f"than {self.base_url}; not followed (our token would go with it)", **self._where)
                 return
-            response = self._send("GET", next_url)
+            response = self._send("GET", next_url, headers=dict(headers or {}))
+            page += 1
 
     def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> dict[str, Any]:
         headers = {"Content-Type": FHIR_JSON, "Prefer": "return=representation"}

@@ -235,8 +235,42 @@ def _card(summary: str, detail: str, indicator: str, public_url: str, report: Ai
         "source": source(public_url),
         "links": links(report, public_url),
         "overrideReasons": override_reasons() if with_override_reasons else None,
+        "extension": ai_result_extension(report),
     }
     return prune(card)
+
+
+#: The key of a card's `extension` (CDS Hooks 2.0 lets a card carry one) that names the AI result the
+#: card shows: the audit log keeps it beside the card, so feedback on the card can be tied to its
+#: study (`cds-triage trial` reads it back as truth). It holds what the card's detail already shows.
+AI_RESULT_EXTENSION = "cds-triage-ai-result"
+
+
+@dataclass(frozen=True)
+class CardResult:
+    """What a card showed: the study, the findings it called positive, and whether in shadow mode."""
+
+    imaging_study_id: str
+    findings: tuple[str, ...]
+    shadow: bool
+
+
+def ai_result_extension(report: AiReport | None) -> dict[str, Any] | None:
+    if report is None or not report.imaging_study_id:
+        return None
+    return {AI_RESULT_EXTENSION: {"imagingStudy": f"ImagingStudy/{report.imaging_study_id}",
+                                  "findings": [f.label for f in report.positive_findings],
+                                  "mode": TaskMode.SHADOW.value if report.shadow else TaskMode.ACTIVE.value}}
+
+
+def card_result(card: Mapping[str, Any]) -> CardResult | None:
+    """The AI result a card of ours showed (its `extension`), or None for a card without one."""
+    block = (card.get("extension") or {}).get(AI_RESULT_EXTENSION) if isinstance(card.get("extension"), dict) else None
+    study = reference_id(block.get("imagingStudy"), "ImagingStudy") if isinstance(block, dict) else None
+    if not isinstance(block, dict) or study is None:
+        return None
+    findings = tuple(str(label) for label in block.get("findings") or [] if isinstance(label, str))
+    return CardResult(study, findings, block.get("mode") == TaskMode.SHADOW.value)
 
 
 def _findings_table(report: AiReport) -> str:

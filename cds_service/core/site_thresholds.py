@@ -1,7 +1,9 @@
 """A site's own operating thresholds (`CDS_SITE_THRESHOLDS=/path/site-thresholds.json`).
 
-`cds-triage validate --write-thresholds FILE` chooses them on the site's labelled studies; the
-service then decides with them instead of the model card's. The file names the model and card
+`cds-triage validate --write-thresholds FILE` chooses them on the site's labelled studies, and
+`cds-triage trial --write-thresholds FILE` on the studies its radiologists have reported (both with
+`threshold_entry`, on the same decision: `decision_score` against `card_threshold`); the service
+then decides with them instead of the model card's. The file names the model and card
 version it was made for: a threshold chosen for other weights means nothing, so an entry whose
 card version differs from the loaded card is ignored with a warning (and /healthz says so).
 Anything else wrong (missing file, not JSON, unknown task or label, a threshold outside (0, 1))
@@ -24,6 +26,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +43,49 @@ log = logging.getLogger(__name__)
 def has_presence_rule(task: Task) -> bool:
     """Tasks whose card decides "anything there?" from 1 - p(negative label) (brain MRI)."""
     return any(label in NEGATIVE_LABELS for label in TASK_LABELS[task])
+
+
+def main_label(task: Task) -> str:
+    """The label of the decision a site measures: the first label for sigmoid tasks, `presence` for brain MRI."""
+    return PRESENCE if has_presence_rule(task) else TASK_LABELS[task][0]
+
+
+def decision_score(task: Task, probabilities: Mapping[str, float]) -> float:
+    """The score the measured decision compares with its threshold: p(main label), or for a presence
+    rule 1 - p(negative label) (tumour present)."""
+    if has_presence_rule(task):
+        negative = next(label for label in TASK_LABELS[task] if label in NEGATIVE_LABELS)
+        return 1.0 - probabilities[negative]
+    return probabilities[TASK_LABELS[task][0]]
+
+
+def card_threshold(card: ModelCard) -> float:
+    """The model card's own threshold of the measured decision."""
+    return card.presence_threshold if has_presence_rule(card.task) and card.presence_threshold is not None \
+        else card.thresholds[main_label(card.task)]
+
+
+def threshold_entry(y: Any, p: Any, card: ModelCard, target: float, chosen_on: Mapping[str, Any]) -> dict[str, Any]:
+    """A site threshold file's entry for the card's task: the highest threshold reaching `target`
+    sensitivity on these studies (truth `y`, scores `p` of `decision_score`), and what it did there
+    (`chosen_on` adds where the studies came from). ValueError when no usable threshold exists."""
+    import numpy as np
+
+    from cds_service.core.evaluation import operating_point, threshold_for_sensitivity
+
+    y, p = np.asarray(y, dtype=bool), np.asarray(p, dtype=np.float64)
+    if not y.any():
+        raise ValueError("no positive study: a threshold for a sensitivity cannot be chosen")
+    threshold = min(threshold_for_sensitivity(y, p, target), 0.999999)
+    if threshold <= 0.0:
+        raise ValueError(f"sensitivity {target} needs a threshold of 0 here (a positive scored 0): it would raise every study")
+    point = operating_point(y, p, threshold)
+    return {
+        "model": card.name, "card_version": card.version, "thresholds": {main_label(card.task): threshold},
+        "target_sensitivity": target, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "chosen_on": {"n": int(len(y)), "positives": int(y.sum()), "negatives": int((~y).sum()), **chosen_on,
+                      "sensitivity": point["sensitivity"], "specificity": point["specificity"], "ppv": point["ppv"]},
+    }
 
 
 def decision_labels(task: Task) -> tuple[str, ...]:

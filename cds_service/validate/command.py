@@ -14,22 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task, TriageStatus
+from cds_service.core.domain import TASK_LABELS, Task, TriageStatus
 from cds_service.core.errors import TriageError
-from cds_service.core.evaluation import (
-    SMALL_SAMPLE,
-    auc_with_ci,
-    binary_validation,
-    operating_point,
-    proportion,
-    threshold_for_sensitivity,
-)
+from cds_service.core.evaluation import SMALL_SAMPLE, auc_with_ci, binary_validation, operating_point, proportion
 from cds_service.core.model_cards import ModelCard
 from cds_service.core.models import ModelRegistry
 from cds_service.core.settings import Settings
-from cds_service.core.site_thresholds import has_presence_rule, write_site_entry
+from cds_service.core.site_thresholds import (card_threshold, decision_score, has_presence_rule, main_label,
+                                               threshold_entry, write_site_entry)
 from cds_service.local_triage import collect_inputs, result_json, triage_input
-from cds_service.validate.labels import LabelsError, Unit, main_label, match_units, read_labels
+from cds_service.validate.arguments import add_measure_arguments
+from cds_service.validate.labels import LabelsError, Unit, match_units, read_labels
 from cds_service.validate.report import html_report, summary_lines
 
 
@@ -77,19 +72,6 @@ def score_units(units: Sequence[Unit], registry: ModelRegistry, settings: Settin
     finally:
         bar.close()
     return scored, failed
-
-
-def decision_score(task: Task, probabilities: dict[str, float]) -> float:
-    """The score the measured decision compares with its threshold."""
-    if has_presence_rule(task):
-        negative = next(label for label in TASK_LABELS[task] if label in NEGATIVE_LABELS)
-        return 1.0 - probabilities[negative]
-    return probabilities[TASK_LABELS[task][0]]
-
-
-def card_threshold(card: ModelCard) -> float:
-    return card.presence_threshold if has_presence_rule(card.task) and card.presence_threshold is not None \
-        else card.thresholds[main_label(card.task)]
 
 
 def unit_kind(scored: Sequence[Scored]) -> str:
@@ -143,25 +125,13 @@ def validation_document(task: Task, card: ModelCard, scored: Sequence[Scored], *
 
 
 def site_entry(doc: dict[str, Any], card: ModelCard, target: float, labels: Path, report: Path | None) -> dict[str, Any]:
-    """The site threshold file's entry for this task: the highest threshold reaching `target`
-    sensitivity on these studies, and what it did here."""
+    """The site threshold file's entry for this task (`threshold_entry`, on these labelled studies)."""
     y = np.array([u["truth"] for u in doc["units"]], dtype=bool)
     p = np.array([u["score"] for u in doc["units"]], dtype=np.float64)
-    if not y.any():
-        raise ValueError("no positive study: a threshold for a sensitivity cannot be chosen")
-    threshold = min(threshold_for_sensitivity(y, p, target), 0.999999)
-    if threshold <= 0.0:
-        raise ValueError(f"sensitivity {target} needs a threshold of 0 here (a positive scored 0): it would raise every study")
-    point = operating_point(y, p, threshold)
     metrics = doc["metrics"]
-    return {
-        "model": card.name, "card_version": card.version, "thresholds": {main_label(card.task): threshold},
-        "target_sensitivity": target, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "chosen_on": {"unit": doc["unit"], "n": metrics["n"], "positives": metrics["positives"],
-                      "negatives": metrics["negatives"], "labels": str(labels), "auc": metrics["auc"],
-                      "sensitivity": point["sensitivity"], "specificity": point["specificity"], "ppv": point["ppv"],
-                      **({"report": str(report)} if report else {}), "warnings": metrics["warnings"]},
-    }
+    return threshold_entry(y, p, card, target, {"unit": doc["unit"], "labels": str(labels), "auc": metrics["auc"],
+                                                **({"report": str(report)} if report else {}),
+                                                "warnings": metrics["warnings"]})
 
 
 def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,13 +139,7 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=[t.value for t in Task])
     parser.add_argument("--labels", required=True, type=Path, help="CSV: file or study, label[, subtypes]")
     parser.add_argument("--report", type=Path, help="the HTML report (default validate-<task>.html here)")
-    parser.add_argument("--json", action="store_true", help="print the whole result as JSON instead of the summary")
-    parser.add_argument("--write-thresholds", type=Path, metavar="FILE",
-                        help="write (or update) the site threshold file for CDS_SITE_THRESHOLDS")
-    parser.add_argument("--target-sensitivity", type=float, default=0.95,
-                        help="sensitivity the written threshold reaches on these studies (default 0.95)")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval (default 2000)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    add_measure_arguments(parser)
 
 
 def run_validate(args: argparse.Namespace, settings: Settings) -> int:
@@ -187,8 +151,6 @@ def run_validate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"cds-triage validate: {message}", file=sys.stderr)
         return 2
 
-    if not 0.0 < args.target_sensitivity < 1.0:
-        return refuse(f"--target-sensitivity must be between 0 and 1, not {args.target_sensitivity}")
     try:
         rows = read_labels(args.labels, task)
         inputs = collect_inputs(args.paths)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
-from cds_service.core.site_thresholds import PRESENCE, has_presence_rule
+from cds_service.core.site_thresholds import has_presence_rule
 from cds_service.local_triage import LocalInput
 
 CLASS_ALIASES = {"notumor": "no_tumor", "no tumor": "no_tumor", "no_tumour": "no_tumor", "no tumour": "no_tumor"}
@@ -37,11 +37,6 @@ class Unit:
     row: LabelRow
     inputs: list[LocalInput]
     note: str = ""
-
-
-def main_label(task: Task) -> str:
-    """The label of the decision measured: the first label for sigmoid tasks, `presence` for brain MRI."""
-    return PRESENCE if has_presence_rule(task) else TASK_LABELS[task][0]
 
 
 def _flag(text: str, where: str) -> bool | None:
