@@ -105,8 +105,8 @@ def service(orthanc, own_fhir_server, tmp_path_factory) -> Iterator[Settings]:
         operator_open_on_loopback=True,  # tests call /jobs directly
         fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
         host="127.0.0.1", port=port, data_dir=root / "data", weights_dir=weights, subscription_secret="browser-secret",
-        job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10, heatmap_to_pacs=True, worklist_refresh_s=1.0,
-        pacs_viewer_url=VIEWER,
+        job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10, results_to_pacs="sr,sc", worklist_refresh_s=1.0,
+        viewer_url=VIEWER,
     )
     processes = start_service(settings, root / "logs")
     ensure_subscription(settings, f"{settings.public_url}/fhir-notify")

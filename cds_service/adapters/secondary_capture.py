@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -35,8 +35,7 @@ from pydicom.uid import generate_uid
 from fhir_mappings import codes
 
 from cds_service.core.domain import DISCLAIMER, Heatmap, TriageResult
-from cds_service.core.errors import UpstreamError
-from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.adapters.pacs import Pacs
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ log = logging.getLogger(__name__)
 AI_SERIES_PREFIX = "AI-generated"
 SERIES_NUMBER = 9901  # high, so the AI series sorts after the acquired ones in most viewers
 MANUFACTURER = "cds-triage"
-MEDIA_UPDATE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,13 @@ class StoredCapture:
 
     def to_json(self) -> dict[str, str]:
         return {"studyUid": self.study_uid, "seriesUid": self.series_uid, "sopInstanceUid": self.sop_instance_uid}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> "StoredCapture | None":
+        """The capture a job record says was stored (`heatmap_to_pacs`'s answer), else None."""
+        if not record or not record.get("stored"):
+            return None
+        return cls(str(record["studyUid"]), str(record["seriesUid"]), str(record["sopInstanceUid"]))
 
 
 def capture_uids(study_uid: str, task: str, model_version: str) -> tuple[str, str]:
@@ -185,21 +190,6 @@ def source_slice(datasets: Sequence[pydicom.Dataset], heatmap: Heatmap) -> pydic
     return datasets[min(heatmap.slice_index, len(datasets) - 1)]
 
 
-def _reference_media(fhir: FhirClient, media_reference: str, stored: StoredCapture) -> None:
-    media_id = media_reference.split("/")[-1]
-    for _ in range(MEDIA_UPDATE_ATTEMPTS):
-        media, version = fhir.read("Media", media_id)
-        updated = with_capture_reference(media, stored)
-        if updated is None:
-            return
-        try:
-            fhir.update(updated, if_match=version)
-            return
-        except VersionConflictError:
-            continue
-    raise UpstreamError(f"{media_reference} kept changing; the Secondary Capture is stored but not referenced")
-
-
 def heatmap_to_pacs(pacs: Pacs, fhir: FhirClient, datasets: Sequence[pydicom.Dataset], result: TriageResult,
                     media_references: Sequence[str]) -> dict[str, Any]:
     """Pipeline step 8: build, store and reference the Secondary Capture. Never raises.
@@ -220,7 +210,7 @@ def heatmap_to_pacs(pacs: Pacs, fhir: FhirClient, datasets: Sequence[pydicom.Dat
     record: dict[str, Any] = {"stored": True, **stored.to_json()}
     if media_references:
         try:
-            _reference_media(fhir, media_references[0], stored)
+            fhir.amend("Media", media_references[0].split("/")[-1], lambda media: with_capture_reference(media, stored))
             record["media"] = media_references[0]
         except Exception as exc:  # noqa: BLE001 - as above
             log.warning("Secondary Capture stored but Media not updated: %s", exc)
