@@ -35,7 +35,7 @@ import io
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 import highdicom as hd
@@ -218,7 +218,8 @@ def build_triage_report(result: TriageResult, evidence: ReportEvidence, *, issue
     )
     report[0].ContentSequence.append(_comments(result))
     series_uid, sop_uid = report_uids(result.study_uid, task, model.version)
-    return hd.sr.Comprehensive3DSR(
+    issued = issued.astimezone(timezone.utc)  # with its offset said below: the same instant as FHIR's `issued`
+    sr = hd.sr.Comprehensive3DSR(
         evidence=_evidence_datasets(evidence, result.study_uid),
         content=report,
         series_instance_uid=series_uid,
@@ -238,6 +239,8 @@ def build_triage_report(result: TriageResult, evidence: ReportEvidence, *, issue
             designator=LOCAL_SCHEME, name="cds-triage finding labels", responsible_organization=MANUFACTURER,
             resources=[CodingSchemeResourceItem(url=codes.LOCAL_FINDING_SYSTEM, url_type="DOC")])],
     )
+    sr.TimezoneOffsetFromUTC = "+0000"
+    return sr
 
 
 # --- FHIR ---------------------------------------------------------------------------------------------
