@@ -17,9 +17,9 @@ from cds_devtools.devservers import free_port, upload_dicom
 from cds_devtools.dicom_data import make_dataset
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.adapters.pacs import Pacs, PacsConfig
-from cds_service.adapters.secondary_capture import StoredCapture, build_heatmap_capture, heatmap_to_pacs
+from cds_service.adapters.secondary_capture import StoredCapture, StoredInstance, build_heatmap_capture, heatmap_to_pacs
 from cds_service.adapters.structured_report import (ReportEvidence, build_triage_report, report_to_pacs, report_uids,
-                                                     with_report_reference, StoredReport)
+                                                     with_report_reference)
 from cds_service.core.cards import ai_report_from_job, ai_reports_from_fhir, report_card
 from cds_service.core.domain import (DISCLAIMER, Finding, Heatmap, ModelRef, OrderContext, PacsResult, Task, TaskMode,
                                      TriageResult, TriageStatus)
@@ -183,7 +183,7 @@ def test_uids_are_stable_per_study_task_and_model_version():
 
 
 def test_the_diagnostic_report_names_the_sr_once():
-    stored = StoredReport("1.2", "1.2.3", "1.2.3.4")
+    stored = StoredInstance("1.2", "1.2.3", "1.2.3.4")
     report = {"resourceType": "DiagnosticReport", "id": "d1", "status": "preliminary",
               "identifier": [{"system": codes.RESULT_IDENTIFIER_SYSTEM, "value": "x"}],
               "presentedForm": [{"contentType": "text/html", "url": "https://cds.example/worklist"}]}

@@ -47,8 +47,8 @@ MANUFACTURER = "cds-triage"
 
 
 @dataclass(frozen=True)
-class StoredCapture:
-    """Where the Secondary Capture lives in the PACS."""
+class StoredInstance:
+    """Where an object we stored lives in the PACS (the Secondary Capture, the Structured Report)."""
 
     study_uid: str
     series_uid: str
@@ -58,17 +58,37 @@ class StoredCapture:
         return {"studyUid": self.study_uid, "seriesUid": self.series_uid, "sopInstanceUid": self.sop_instance_uid}
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any] | None) -> "StoredCapture | None":
-        """The capture a job record says was stored (`heatmap_to_pacs`'s answer), else None."""
+    def from_record(cls, record: Mapping[str, Any] | None) -> "StoredInstance | None":
+        """The object a job record says was stored (`heatmap_to_pacs`'s answer), else None."""
         if not record or not record.get("stored"):
             return None
         return cls(str(record["studyUid"]), str(record["seriesUid"]), str(record["sopInstanceUid"]))
 
+    def identifier(self, what: str) -> dict[str, Any]:
+        """A FHIR identifier naming this instance (system urn:dicom:uid, value urn:oid:<uid>); `what` it is."""
+        return {"use": "secondary", "type": {"text": f"DICOM SOP Instance UID of {what} in the PACS"},
+                "system": codes.DICOM_UID_SYSTEM, "value": f"{codes.URN_OID_PREFIX}{self.sop_instance_uid}"}
+
+    def named_by(self, resource: Mapping[str, Any]) -> bool:
+        """Whether a FHIR resource already names this instance among its identifiers."""
+        value = f"{codes.URN_OID_PREFIX}{self.sop_instance_uid}"
+        return any(i.get("system") == codes.DICOM_UID_SYSTEM and i.get("value") == value
+                   for i in resource.get("identifier") or [])
+
+
+StoredCapture = StoredInstance  # the Secondary Capture's
+
+
+def derived_uids(study_uid: str, task: str, model_version: str, kind: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the object `kind` we derive from a triage: the same for every
+    run of the same triage, so a re-run stores the same instance again instead of a second copy."""
+    parts = [study_uid, task, model_version, kind]
+    return generate_uid(entropy_srcs=[*parts, "series"]), generate_uid(entropy_srcs=[*parts, "instance"])
+
 
 def capture_uids(study_uid: str, task: str, model_version: str) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID), the same for every run of the same triage."""
-    parts = [study_uid, task, model_version, "grad-cam-secondary-capture"]
-    return generate_uid(entropy_srcs=[*parts, "series"]), generate_uid(entropy_srcs=[*parts, "instance"])
+    """The Secondary Capture's (Series Instance UID, SOP Instance UID)."""
+    return derived_uids(study_uid, task, model_version, "grad-cam-secondary-capture")
 
 
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x / +y, -y / +z, -z in LPS
@@ -162,23 +182,16 @@ def store_capture(pacs: Pacs, capture: pydicom.Dataset) -> StoredCapture:
 
 def capture_identifier(stored: StoredCapture) -> dict[str, Any]:
     """Media.identifier for the DICOM instance (system urn:dicom:uid, value urn:oid:<uid>)."""
-    return {
-        "use": "secondary",
-        "type": {"text": "DICOM SOP Instance UID of the AI-generated Secondary Capture in the PACS"},
-        "system": codes.DICOM_UID_SYSTEM,
-        "value": f"{codes.URN_OID_PREFIX}{stored.sop_instance_uid}",
-    }
+    return stored.identifier("the AI-generated Secondary Capture")
 
 
 def with_capture_reference(media: dict[str, Any], stored: StoredCapture) -> dict[str, Any] | None:
     """A copy of our Media that names the Secondary Capture; None when it already does."""
-    identifier = capture_identifier(stored)
-    if any(i.get("system") == identifier["system"] and i.get("value") == identifier["value"]
-           for i in media.get("identifier") or []):
+    if stored.named_by(media):
         return None
     note = (f"Also stored in the PACS as a DICOM Secondary Capture: study {stored.study_uid}, "
             f"series {stored.series_uid}, instance {stored.sop_instance_uid}. {DISCLAIMER}")
-    return media | {"identifier": [*(media.get("identifier") or []), identifier],
+    return media | {"identifier": [*(media.get("identifier") or []), capture_identifier(stored)],
                     "note": [*(media.get("note") or []), {"text": note}]}
 
 

@@ -45,12 +45,12 @@ from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from fhir_mappings import codes
-from fhir_mappings.builders import device_identifier, finding_code
+from fhir_mappings.builders import SHADOW_SENTENCE, device_identifier, finding_code
 
 from cds_service.core.domain import DISCLAIMER, Finding, TaskMode, TriageResult
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.adapters.pacs import Pacs
-from cds_service.adapters.secondary_capture import AI_SERIES_PREFIX, MANUFACTURER, StoredCapture
+from cds_service.adapters.secondary_capture import AI_SERIES_PREFIX, MANUFACTURER, StoredCapture, StoredInstance, derived_uids
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,8 @@ PATIENT_AND_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex
                      "StudyDate", "StudyTime", "ReferringPhysicianName")
 MODE_TEXT = {
     TaskMode.ACTIVE: "Mode: active. This task's results are used to order the worklist at this site.",
-    TaskMode.SHADOW: ("Mode: shadow. This task runs silently at this site: the result is recorded for local "
-                      "validation and did not change the order's priority."),
+    TaskMode.SHADOW: f"Mode: shadow. {SHADOW_SENTENCE}",
 }
-
-
-@dataclass(frozen=True)
-class StoredReport:
-    """Where the report lives in the PACS."""
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"studyUid": self.study_uid, "seriesUid": self.series_uid, "sopInstanceUid": self.sop_instance_uid}
 
 
 @dataclass(frozen=True)
@@ -103,9 +90,8 @@ class ReportEvidence:
 
 
 def report_uids(study_uid: str, task: str, model_version: str) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID), the same for every run of the same triage."""
-    parts = [study_uid, task, model_version, "triage-structured-report"]
-    return generate_uid(entropy_srcs=[*parts, "series"]), generate_uid(entropy_srcs=[*parts, "instance"])
+    """The report's (Series Instance UID, SOP Instance UID), the same for every run of the same triage."""
+    return derived_uids(study_uid, task, model_version, "triage-structured-report")
 
 
 def device_uid(result: TriageResult) -> str:
@@ -137,7 +123,7 @@ def _group(result: TriageResult, finding: Finding, evidence: ReportEvidence) -> 
     task, model = result.task.value, result.model
     source = finding.threshold_source or "the model card"
     key = result.heatmap is not None and result.heatmap.label == finding.label
-    classes = dict((sop, sop_class) for sop_class, sop in evidence.instances)
+    classes = {sop: sop_class for sop_class, sop in evidence.instances}
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[result.study_uid, task, model.version, finding.label, "tracking"]),
@@ -246,28 +232,16 @@ def build_triage_report(result: TriageResult, evidence: ReportEvidence, *, issue
 # --- FHIR ---------------------------------------------------------------------------------------------
 
 
-def report_identifier(stored: StoredReport) -> dict[str, Any]:
-    """DiagnosticReport.identifier for the DICOM SR (system urn:dicom:uid, value urn:oid:<uid>)."""
-    return {
-        "use": "secondary",
-        "type": {"text": "DICOM SOP Instance UID of the AI-generated Structured Report in the PACS"},
-        "system": codes.DICOM_UID_SYSTEM,
-        "value": f"{codes.URN_OID_PREFIX}{stored.sop_instance_uid}",
-    }
-
-
-def with_report_reference(report: dict[str, Any], stored: StoredReport, dicomweb_url: str) -> dict[str, Any] | None:
+def with_report_reference(report: dict[str, Any], stored: StoredInstance, dicomweb_url: str) -> dict[str, Any] | None:
     """A copy of our DiagnosticReport that names the SR: an identifier (the same report as a DICOM object)
     and a presentedForm with its WADO-RS address; None when it already does."""
-    identifier = report_identifier(stored)
-    if any(i.get("system") == identifier["system"] and i.get("value") == identifier["value"]
-           for i in report.get("identifier") or []):
+    if stored.named_by(report):
         return None
     form = {"contentType": "application/dicom",
             "url": f"{dicomweb_url.rstrip('/')}/studies/{stored.study_uid}/series/{stored.series_uid}"
                    f"/instances/{stored.sop_instance_uid}",
             "title": "DICOM Structured Report (TID 1500) of this AI result, in the PACS"}
-    return report | {"identifier": [*(report.get("identifier") or []), identifier],
+    return report | {"identifier": [*(report.get("identifier") or []), stored.identifier("the AI-generated Structured Report")],
                      "presentedForm": [*(report.get("presentedForm") or []), form]}
 
 
@@ -296,7 +270,7 @@ def report_to_pacs(pacs: Pacs, fhir: FhirClient, result: TriageResult, *, source
     except Exception as exc:  # noqa: BLE001 - an optional copy must never fail a triage already in FHIR
         log.warning("structured report not stored in the PACS: %s", exc)
         return {"stored": False, "error": f"{type(exc).__name__}: {exc}"}
-    stored = StoredReport(result.study_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
+    stored = StoredInstance(result.study_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
     record: dict[str, Any] = {"stored": True, **stored.to_json()}
     if report_references:
         try:
