@@ -251,6 +251,10 @@ def test_study_view_shows_the_overlay_and_the_slider_changes_it(page, service, r
     ehr.wait_for_job(ids["study"])
     page.goto(f"{service.public_url}/worklist")
     page.wait_for_selector(f'tr[data-order="{ids["order"]}"] a.open')
+    study_uid = ehr.fhir.read("ImagingStudy", ids["study"])[0]["identifier"][0]["value"].removeprefix("urn:oid:")
+    row_viewer = page.locator(f'tr[data-order="{ids["order"]}"] a.viewer-link')  # CDS_VIEWER_URL: the row opens the viewer too
+    assert row_viewer.get_attribute("href") == VIEWER.replace("{study_uid}", study_uid)
+    assert row_viewer.get_attribute("target") == "_blank" and "noopener" in row_viewer.get_attribute("rel")
     page.locator(f'tr[data-order="{ids["order"]}"] a.open').click()
     page.wait_for_url(f"**/worklist/orders/{ids['order']}")
     assert "/worklist/orders/" + ids["order"] == urlsplit(page.url).path  # opaque id only, no patient data
@@ -271,9 +275,9 @@ def test_study_view_shows_the_overlay_and_the_slider_changes_it(page, service, r
     assert "AI-generated, preliminary, not a diagnosis" in text
     assert "any" in text and "%" in text and "test-untrained-head_ct_ich 0.0.0-test" in text
     assert "TEST ONLY" in text  # the model card's intended use
-    assert "also in the PACS" in text
-    study_uid = ehr.fhir.read("ImagingStudy", ids["study"])[0]["identifier"][0]["value"].removeprefix("urn:oid:")
+    assert "also in the PACS" in text and "as a DICOM Structured Report" in text
     assert page.get_attribute("#pacs-link", "href") == VIEWER.replace("{study_uid}", study_uid)
+    assert page.locator("#pacs-link").inner_text() == "Open in viewer"
 
     viewer = page.locator("#viewer")
     full = viewer.screenshot()
