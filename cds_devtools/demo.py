@@ -28,6 +28,7 @@ from fhir_mappings.imaging_study import build_imaging_study
 
 from cds_devtools.devservers import LOOPBACK, ManagedProcess, free_port, http_ok, start_fhir_server, start_orthanc, stopped_like_ctrl_c, upload_dicom
 from cds_service.adapters.fhir_client import FhirClient
+from cds_service.core.domain import PacsResult
 from cds_service.core.settings import Settings
 from cds_service.adapters.subscribe import ensure_subscription
 
@@ -197,8 +198,10 @@ def _run_demo(settings: Settings, workdir: Path, own_workdir: bool, keep_running
             settings, host="127.0.0.1", port=port, public_url=f"http://127.0.0.1:{port}",
             fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, data_dir=workdir / "service",
             subscription_secret=settings.subscription_secret or secrets.token_urlsafe(24),
-            # The demo puts the Grad-CAM Secondary Capture into Orthanc unless CDS_HEATMAP_TO_PACS says otherwise.
-            heatmap_to_pacs=settings.heatmap_to_pacs or "CDS_HEATMAP_TO_PACS" not in os.environ,
+            # The demo stores the DICOM SR and the Grad-CAM Secondary Capture in Orthanc too, unless
+            # CDS_RESULTS_TO_PACS (or the older CDS_HEATMAP_TO_PACS) says otherwise.
+            results_to_pacs=settings.results_to_pacs if {"CDS_RESULTS_TO_PACS", "CDS_HEATMAP_TO_PACS"} & set(os.environ)
+            else frozenset(PacsResult),
             operator_open_on_loopback=True,  # the demo's own loopback servers: /jobs for the table below
         )
         print("==> starting the triage service and a worker")

@@ -19,7 +19,7 @@ import numpy as np
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
 
 from cds_service.core.decoding import PreparedValues, decode_pool, prepare_slice, prepare_values, slab_decoders
-from cds_service.core.domain import DISCLAIMER, OrderContext, Priority, Series, Task, TaskMode, TriageResult
+from cds_service.core.domain import DISCLAIMER, OrderContext, PacsResult, Priority, Series, Task, TaskMode, TriageResult
 from cds_service.core.errors import InvalidResourceError, ModelUnavailableError, UpstreamError
 from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
 from cds_service.core.inference import score_stream
@@ -32,7 +32,8 @@ from cds_service.core.preprocessing import dicom_to_image
 from cds_service.core.priority import parse_priority, raised_priority
 from cds_service.core.routing import (fhir_hints, header_text, not_applicable_reason, pixel_candidates, route_by_pixels, route_study,
                                       task_from_pixels)
-from cds_service.adapters.secondary_capture import heatmap_to_pacs
+from cds_service.adapters.secondary_capture import StoredCapture, heatmap_to_pacs
+from cds_service.adapters.structured_report import report_to_pacs
 from cds_service.core.settings import Settings
 from cds_service.core.slabs import single_slice, slab_image, slab_inputs
 from cds_service.streamed_series import StreamedSeries, in_background, series_plan
@@ -84,6 +85,7 @@ def result_summary(result: TriageResult) -> dict[str, Any]:
         "suggestedPriority": result.suggested_priority.value if result.suggested_priority else None,
         "slices": result.slices_scored,
         "mode": result.mode.value,
+        "studyUid": result.study_uid,  # where a viewer opens it (CDS_VIEWER_URL, on a card)
     }
 
 
@@ -216,14 +218,29 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     if series.plan is not None:  # "300 instances read as 30 slabs of 5 mm", or why each was read alone
         summary["slabs"] = series.plan.to_summary()
 
-    # 8. The heatmap back into the PACS, as a Secondary Capture in the same study (optional).
-    #    Its failure is recorded in the job result; it never fails a triage already written.
-    if settings.heatmap_to_pacs and result.heatmap is not None:
-        summary["heatmapToPacs"] = heatmap_to_pacs(pacs, deps.fhir, series.fetched_datasets(), result,
-                                                   written.get("Media") or [])
+    # 8. The results into the PACS too, in the same study, as CDS_RESULTS_TO_PACS asks: the heatmap as a
+    #    Secondary Capture, the findings as a DICOM Structured Report that references the key image and
+    #    the capture. A failure is recorded in the job result; it never fails a triage already written.
+    summary |= results_to_pacs(settings.results_to_pacs, pacs, deps.fhir, series, result, written, issued)
 
     log.info("triage done", extra={"job": job.id, "task": route.task.value, "priority": change})
     return JobState.DONE, "", summary
+
+
+def results_to_pacs(wanted: frozenset[PacsResult], pacs: Pacs, fhir: FhirClient, series: StreamedSeries,
+                    result: TriageResult, written: dict[str, list[str]], issued: datetime) -> dict[str, Any]:
+    """Step 8: the Secondary Capture, then the SR that references it, each where CDS_RESULTS_TO_PACS names it;
+    what the job record keeps of them (`heatmapToPacs`, `reportToPacs`)."""
+    record: dict[str, Any] = {}
+    if PacsResult.SC in wanted and result.heatmap is not None:
+        record["heatmapToPacs"] = heatmap_to_pacs(pacs, fhir, series.fetched_datasets(), result, written.get("Media") or [])
+    if PacsResult.SR in wanted:
+        key = series.input_instances(result.heatmap.slice_index) if result.heatmap is not None else []
+        record["reportToPacs"] = report_to_pacs(
+            pacs, fhir, result, source=next(iter(series.fetched_datasets()), None), key_instances=key,
+            capture=StoredCapture.from_record(record.get("heatmapToPacs")),
+            report_references=written.get("DiagnosticReport") or [], issued=issued)
+    return record
 
 
 def pixel_looks(pacs: Pacs, study_uid: str, candidates: list[Series], models: ModelRegistry) -> dict[str, Task | None]:

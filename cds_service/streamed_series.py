@@ -147,10 +147,17 @@ class StreamedSeries:
         """The slice at `index` in anatomical order, fetched again (or kept from the input check's fetch)."""
         return self._dataset(self.sop_instance_uids()[index])
 
+    def input_instances(self, index: int) -> list[str]:
+        """The SOP Instance UIDs behind the model input at `index` (anatomical order): the slab's slices, or
+        the one slice."""
+        if self.plan is not None and self.plan.slabbed:
+            return [self.plan_sops[member] for member in self.plan.groups[index]]
+        return [self.sop_instance_uids()[index]]
+
     def slab_datasets(self, index: int) -> list[pydicom.Dataset]:
         """The slices of the slab at `index` (anatomical order), fetched again, side by side."""
         assert self.plan is not None
-        sops = [self.plan_sops[member] for member in self.plan.groups[index]]
+        sops = self.input_instances(index)
         with ThreadPoolExecutor(max_workers=min(8, len(sops)), thread_name_prefix="refetch") as fetcher:
             list(fetcher.map(self._part, [sop for sop in sops if sop not in self._parts]))
         return [self._dataset(sop) for sop in sops]

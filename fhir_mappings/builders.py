@@ -167,8 +167,11 @@ def _patient(ctx: OrderContext) -> Reference:
     return _ref(f"Patient/{ctx.patient_id}")
 
 
-def _imaging_study(ctx: OrderContext) -> Reference:
-    return _ref(f"ImagingStudy/{ctx.imaging_study_id}")
+def _imaging_study(ctx: OrderContext, study_uid: str = "") -> Reference:
+    """The order's ImagingStudy; with `study_uid` also its DICOM Study Instance UID as the reference's identifier
+    (R4 lets a Reference carry both), so whoever reads the report alone can open the study in a viewer."""
+    identifier = Identifier(system=codes.DICOM_UID_SYSTEM, value=f"{codes.URN_OID_PREFIX}{study_uid}") if study_uid else None
+    return Reference(reference=f"ImagingStudy/{ctx.imaging_study_id}", identifier=identifier)
 
 
 def _based_on(ctx: OrderContext) -> list[Reference] | None:
@@ -512,7 +515,7 @@ def build_diagnostic_report(
         ),
         subject=_patient(ctx),
         issued=issued,
-        imagingStudy=[_imaging_study(ctx)],
+        imagingStudy=[_imaging_study(ctx, result.study_uid)],
         result=[_ref(r) for r in observation_references] or None,
         media=media,
         conclusion=build_conclusion(result),

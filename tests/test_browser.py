@@ -105,8 +105,8 @@ def service(orthanc, own_fhir_server, tmp_path_factory) -> Iterator[Settings]:
         operator_open_on_loopback=True,  # tests call /jobs directly
         fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url, public_url=f"http://127.0.0.1:{port}",
         host="127.0.0.1", port=port, data_dir=root / "data", weights_dir=weights, subscription_secret="browser-secret",
-        job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10, heatmap_to_pacs=True, worklist_refresh_s=1.0,
-        pacs_viewer_url=VIEWER,
+        job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10, results_to_pacs="sr,sc", worklist_refresh_s=1.0,
+        viewer_url=VIEWER,
     )
     processes = start_service(settings, root / "logs")
     ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
@@ -251,6 +251,10 @@ def test_study_view_shows_the_overlay_and_the_slider_changes_it(page, service, r
     ehr.wait_for_job(ids["study"])
     page.goto(f"{service.public_url}/worklist")
     page.wait_for_selector(f'tr[data-order="{ids["order"]}"] a.open')
+    study_uid = ehr.fhir.read("ImagingStudy", ids["study"])[0]["identifier"][0]["value"].removeprefix("urn:oid:")
+    row_viewer = page.locator(f'tr[data-order="{ids["order"]}"] a.viewer-link')  # CDS_VIEWER_URL: the row opens the viewer too
+    assert row_viewer.get_attribute("href") == VIEWER.replace("{study_uid}", study_uid)
+    assert row_viewer.get_attribute("target") == "_blank" and "noopener" in row_viewer.get_attribute("rel")
     page.locator(f'tr[data-order="{ids["order"]}"] a.open').click()
     page.wait_for_url(f"**/worklist/orders/{ids['order']}")
     assert "/worklist/orders/" + ids["order"] == urlsplit(page.url).path  # opaque id only, no patient data
@@ -271,9 +275,9 @@ def test_study_view_shows_the_overlay_and_the_slider_changes_it(page, service, r
     assert "AI-generated, preliminary, not a diagnosis" in text
     assert "any" in text and "%" in text and "test-untrained-head_ct_ich 0.0.0-test" in text
     assert "TEST ONLY" in text  # the model card's intended use
-    assert "also in the PACS" in text
-    study_uid = ehr.fhir.read("ImagingStudy", ids["study"])[0]["identifier"][0]["value"].removeprefix("urn:oid:")
+    assert "also in the PACS" in text and "as a DICOM Structured Report" in text
     assert page.get_attribute("#pacs-link", "href") == VIEWER.replace("{study_uid}", study_uid)
+    assert page.locator("#pacs-link").inner_text() == "Open in viewer"
 
     viewer = page.locator("#viewer")
     full = viewer.screenshot()

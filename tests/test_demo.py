@@ -102,6 +102,9 @@ def test_the_demo_triages_the_samples_and_stops_everything_on_sigterm(tmp_path: 
             raised = bool(positives) and job["result"]["mode"] == "active"
             assert (priority != "routine") == raised, (sample["folder"], priority, job["result"])
             assert f"truth {truth_of(sample)}" in output, output  # the truth is printed beside the result
+            # the demo also stores each result in Orthanc as a DICOM SR (and a positive's heatmap as a capture)
+            assert job["result"]["reportToPacs"]["stored"] is True, job["result"]
+            assert ("heatmapToPacs" in job["result"]) is bool(positives), job["result"]
     finally:
         if demo.poll() is None:
             demo.send_signal(signal.SIGTERM)

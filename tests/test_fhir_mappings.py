@@ -374,7 +374,9 @@ def test_diagnostic_report_content() -> None:
     }
     assert report["subject"] == {"reference": "Patient/pat-1"}
     assert report["basedOn"] == [{"reference": "ServiceRequest/sr-1"}]
-    assert report["imagingStudy"] == [{"reference": "ImagingStudy/is-1"}]
+    # the study's UID beside the reference: a reader of the report alone can open it in a viewer (cards.AiReport.study_uid)
+    assert report["imagingStudy"] == [{"reference": "ImagingStudy/is-1",
+                                       "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{STUDY_UID}"}}]
     assert [r["reference"] for r in report["result"]] == [e["fullUrl"] for e in entries(data, "Observation")]
     assert report["issued"] == "2025-03-14T09:26:53Z"
     assert report["conclusionCode"][0]["coding"][-1]["code"] == "any"

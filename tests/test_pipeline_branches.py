@@ -25,6 +25,7 @@ from cds_service.core.models import ModelRegistry
 from cds_service.adapters.pacs import series_from_dataset
 from cds_service.pipeline import PipelineDeps, run_triage
 from cds_service.core.settings import Settings
+from fhir_mappings.builders import heatmap_source_instance
 from fhir_mappings.imaging_study import build_imaging_study
 from support import make_test_weights
 from test_anatomy import phantom
@@ -64,22 +65,33 @@ class FakeFhir:
         if request.method == "POST" and parts[-1] == "fhir":
             bundle = json.loads(request.content)
             self.transactions.append(bundle)
-            entries = [{"response": {"status": "201", "location": f"{e['resource']['resourceType']}/{uuid.uuid4().hex[:8]}/_history/1"}}
-                       for e in bundle["entry"]]
+            entries = []
+            for entry in bundle["entry"]:  # stored as created (references left as urn:uuid)
+                created = {**entry["resource"], "id": uuid.uuid4().hex[:8]}
+                self.put(created)
+                entries.append({"response": {"status": "201", "location": f"{created['resourceType']}/{created['id']}/_history/1"}})
             return httpx.Response(200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
         return httpx.Response(404, json={"resourceType": "OperationOutcome", "issue": []})
 
 
 class FakePacs:
     """One study's series in memory, handed out as Pacs does (Part-10 bytes per instance); storing
-    the heatmap (STOW-RS) is answered 503."""
+    (STOW-RS) is answered 503, or kept in `stored` when it `accepts`."""
 
-    def __init__(self, datasets: list[pydicom.Dataset]) -> None:
+    def __init__(self, datasets: list[pydicom.Dataset], accepts: bool = False) -> None:
         self.datasets = datasets
         self.parts = {str(ds.SOPInstanceUID): part_bytes(ds) for ds in datasets}
+        self.accepts = accepts
+        self.stored: list[pydicom.Dataset] = []
+        self.config = type("Config", (), {"url": "http://pacs.invalid/dicom-web"})
 
     def store(self, dataset: pydicom.Dataset) -> None:
-        raise UpstreamError("PACS answered 503 to STOW-RS")
+        if not self.accepts:
+            raise UpstreamError("PACS answered 503 to STOW-RS")
+        self.stored.append(dataset)
+
+    def series_instances(self, study_uid: str, series_uid: str) -> list[tuple[str, str]]:
+        return [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in self.datasets]
 
     def find_study(self, study_uid: str) -> Study:
         return Study(uid=study_uid, series=(series_from_dataset(self.datasets[0], len(self.datasets)),))
@@ -118,7 +130,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def triage(datasets: list[pydicom.Dataset], weights: Path, tmp_path: Path, fhir: FakeFhir | None = None,
-           **settings: Any) -> tuple[JobState, str, dict[str, Any], FakeFhir]:
+           pacs: FakePacs | None = None, **settings: Any) -> tuple[JobState, str, dict[str, Any], FakeFhir]:
     fhir = fhir or FakeFhir()
     fhir.put({"resourceType": "Patient", "id": "p1"})
     fhir.put({"resourceType": "ServiceRequest", "id": "sr1", "status": "active", "intent": "order", "priority": "routine",
@@ -130,7 +142,7 @@ def triage(datasets: list[pydicom.Dataset], weights: Path, tmp_path: Path, fhir:
     client = FhirClient(config.fhir_base_url)
     client.http = httpx.Client(base_url=client.base_url + "/", headers={"Accept": FHIR_JSON},
                                transport=httpx.MockTransport(fhir.handler))
-    pacs = FakePacs(datasets)
+    pacs = pacs or FakePacs(datasets)
     deps = PipelineDeps(settings=config, fhir=client, models=ModelRegistry(weights, runtime="torch"),
                         pacs_for=lambda url: pacs)  # type: ignore[arg-type,return-value]
     job = Job(id="j1", imaging_study_id="is1", service_request_id="sr1", source="test", model_set="test",
@@ -191,3 +203,32 @@ def test_a_heatmap_the_pacs_refuses_is_recorded_and_the_triage_stays_done(weight
     state, _, summary, fhir = triage(head_ct(), weights, tmp_path, heatmap_to_pacs=True)
     assert state is JobState.DONE and len(fhir.transactions) == 1
     assert summary["heatmapToPacs"] == {"stored": False, "error": "UpstreamError: PACS answered 503 to STOW-RS"}
+    assert "reportToPacs" not in summary  # CDS_HEATMAP_TO_PACS alone: the capture only, as before
+
+
+def test_results_to_pacs_off_stores_nothing_and_a_refused_report_is_recorded(weights: Path, tmp_path: Path) -> None:
+    state, _, summary, _ = triage(head_ct(), weights, tmp_path)
+    assert state is JobState.DONE and "heatmapToPacs" not in summary and "reportToPacs" not in summary
+    state, _, summary, _ = triage(head_ct(), weights, tmp_path, results_to_pacs="sr")
+    assert state is JobState.DONE and "heatmapToPacs" not in summary
+    assert summary["reportToPacs"] == {"stored": False, "error": "UpstreamError: PACS answered 503 to STOW-RS"}
+
+
+def test_the_report_references_the_key_slice_and_the_capture_and_the_fhir_report_names_it(weights: Path,
+                                                                                           tmp_path: Path) -> None:
+    datasets = head_ct()
+    pacs = FakePacs(datasets, accepts=True)
+    state, _, summary, fhir = triage(datasets, weights, tmp_path, pacs=pacs, results_to_pacs="sr,sc")
+    assert state is JobState.DONE
+    capture, report = summary["heatmapToPacs"], summary["reportToPacs"]
+    assert capture["stored"] and report["stored"] and "error" not in capture | report, summary
+    sc, sr = pacs.stored  # the capture first: the report references it
+    assert (str(sc.SOPInstanceUID), str(sr.SOPInstanceUID)) == (capture["sopInstanceUid"], report["sopInstanceUid"])
+    [group] = [item for item in sr.ContentSequence if item.ValueType == "CONTAINER"
+               and item.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"][0].ContentSequence
+    images = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in group.ContentSequence if i.ValueType == "IMAGE"}
+    [media] = [r for (kind, _), r in fhir.resources.items() if kind == "Media"]
+    assert images == {str(sc.SOPInstanceUID), heatmap_source_instance(media)}  # the key slice and its overlay
+    [diagnostic_report] = [r for (kind, _), r in fhir.resources.items() if kind == "DiagnosticReport"]
+    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{sr.SOPInstanceUID}"}.items() <= diagnostic_report["identifier"][-1].items()
+    assert summary["studyUid"] == str(datasets[0].StudyInstanceUID)

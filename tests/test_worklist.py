@@ -24,7 +24,8 @@ from cds_devtools.devservers import free_port
 from cds_service.jobs.state import Job, JobState
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.core.settings import Settings, SettingsError
-from cds_service.web.worklist import access_denied, viewer_url
+from cds_service.core.viewer import viewer_link
+from cds_service.web.worklist import access_denied
 from cds_service.web.worklist_rows import ai_raised_from, build_worklist, format_waiting, patient_details
 from fhir_mappings.builders import build_triage_transaction, heatmap_source_instance, with_priority
 
@@ -282,9 +283,11 @@ def test_waiting_time_text():
 
 def test_pacs_viewer_link_from_the_template():
     [row] = build_worklist([order("o1"), study("s1", "o1", uid="1.2.3")], [], now=NOW)
-    assert viewer_url("https://pacs.example/viewer?StudyInstanceUIDs={study_uid}", row) == \
+    assert viewer_link("https://pacs.example/viewer?StudyInstanceUIDs={study_uid}", row.study_uid) == \
         "https://pacs.example/viewer?StudyInstanceUIDs=1.2.3"
-    assert viewer_url("", row) is None
+    assert viewer_link("", row.study_uid) is None
+    [no_study] = build_worklist([order("o2", category=True)], [], now=NOW)  # an imaging order, no study yet: no link
+    assert viewer_link("https://v.example/{study_uid}", no_study.study_uid) is None
 
 
 @pytest.mark.parametrize(("settings", "headers", "allowed"), [

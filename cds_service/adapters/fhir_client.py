@@ -8,7 +8,7 @@ Works the same against HAPI FHIR and the local test server.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -177,6 +177,22 @@ class FhirClient:
             headers["If-Match"] = f'W/"{if_match}"'
         response = self._send("PUT", resource_path(resource["resourceType"], resource.get("id")), json=resource, headers=headers)
         return response.json() if response.content else resource
+
+    def amend(self, resource_type: str, resource_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None],
+              *, attempts: int = 3) -> bool:
+        """Read, `change` (None: nothing to do) and update with If-Match, re-reading on a version conflict;
+        whether anything was written. UpstreamError when the resource kept changing under us."""
+        for _ in range(attempts):
+            resource, version = self.read(resource_type, resource_id)
+            updated = change(resource)
+            if updated is None:
+                return False
+            try:
+                self.update(updated, if_match=version)
+                return True
+            except VersionConflictError:
+                continue
+        raise UpstreamError(f"{resource_type}/{resource_id} kept changing under us", **self._where)
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         """POST a transaction Bundle: the server applies all entries or none."""

@@ -259,6 +259,11 @@ class Pacs:
             raise StudyTooLargeError(f"series is larger than the limit of {self.config.max_series_bytes} bytes "
                                      f"(CDS_MAX_SERIES_BYTES) after {count} instances")
 
+    def series_instances(self, study_uid: str, series_uid: str) -> list[tuple[str, str]]:
+        """The series' instances as (SOP Class UID, SOP Instance UID), from QIDO-RS: a report's evidence."""
+        found = self._call(lambda: self.client.search_for_instances(study_uid, series_uid), study_uid)
+        return [(str(_value(a, "00080016")), str(_value(a, SOP_UID))) for a in found or [] if _value(a, SOP_UID)]  # SOP Class
+
     def retrieve_part(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> bytes:
         """One instance's Part-10 bytes in its stored transfer syntax (a slice fetched again: the few the
         input check and the explanation need after a series was streamed and forgotten)."""
@@ -298,13 +303,13 @@ class Pacs:
             status = exc.response.status_code if exc.response is not None else 0
             if is_retryable_status(status):
                 raise UpstreamError(f"PACS answered {status} to STOW-RS", **self._where) from exc
-            raise UpstreamRejectedError(f"PACS refused the Secondary Capture with {status}", status, **self._where) from exc
+            raise UpstreamRejectedError(f"PACS refused the instance with {status}", status, **self._where) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise UpstreamError(f"PACS unreachable for STOW-RS: {type(exc).__name__}", **self._where) from exc
         failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
         if failed:
             reason = getattr(failed[0], "FailureReason", "?")
-            raise UpstreamRejectedError(f"PACS did not store the Secondary Capture (failure reason {reason})", 409, **self._where)
+            raise UpstreamRejectedError(f"PACS did not store the instance (failure reason {reason})", 409, **self._where)
 
     def retrieve_instance(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> pydicom.Dataset:
         """One instance, parsed (WADO-RS); HTTP trouble is left as requests raises it (the worklist answers 502)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -35,8 +35,7 @@ from pydicom.uid import generate_uid
 from fhir_mappings import codes
 
 from cds_service.core.domain import DISCLAIMER, Heatmap, TriageResult
-from cds_service.core.errors import UpstreamError
-from cds_service.adapters.fhir_client import FhirClient, VersionConflictError
+from cds_service.adapters.fhir_client import FhirClient
 from cds_service.adapters.pacs import Pacs
 
 log = logging.getLogger(__name__)
@@ -45,12 +44,11 @@ log = logging.getLogger(__name__)
 AI_SERIES_PREFIX = "AI-generated"
 SERIES_NUMBER = 9901  # high, so the AI series sorts after the acquired ones in most viewers
 MANUFACTURER = "cds-triage"
-MEDIA_UPDATE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
-class StoredCapture:
-    """Where the Secondary Capture lives in the PACS."""
+class StoredInstance:
+    """Where an object we stored lives in the PACS (the Secondary Capture, the Structured Report)."""
 
     study_uid: str
     series_uid: str
@@ -59,11 +57,38 @@ class StoredCapture:
     def to_json(self) -> dict[str, str]:
         return {"studyUid": self.study_uid, "seriesUid": self.series_uid, "sopInstanceUid": self.sop_instance_uid}
 
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> "StoredInstance | None":
+        """The object a job record says was stored (`heatmap_to_pacs`'s answer), else None."""
+        if not record or not record.get("stored"):
+            return None
+        return cls(str(record["studyUid"]), str(record["seriesUid"]), str(record["sopInstanceUid"]))
+
+    def identifier(self, what: str) -> dict[str, Any]:
+        """A FHIR identifier naming this instance (system urn:dicom:uid, value urn:oid:<uid>); `what` it is."""
+        return {"use": "secondary", "type": {"text": f"DICOM SOP Instance UID of {what} in the PACS"},
+                "system": codes.DICOM_UID_SYSTEM, "value": f"{codes.URN_OID_PREFIX}{self.sop_instance_uid}"}
+
+    def named_by(self, resource: Mapping[str, Any]) -> bool:
+        """Whether a FHIR resource already names this instance among its identifiers."""
+        value = f"{codes.URN_OID_PREFIX}{self.sop_instance_uid}"
+        return any(i.get("system") == codes.DICOM_UID_SYSTEM and i.get("value") == value
+                   for i in resource.get("identifier") or [])
+
+
+StoredCapture = StoredInstance  # the Secondary Capture's
+
+
+def derived_uids(study_uid: str, task: str, model_version: str, kind: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the object `kind` we derive from a triage: the same for every
+    run of the same triage, so a re-run stores the same instance again instead of a second copy."""
+    parts = [study_uid, task, model_version, kind]
+    return generate_uid(entropy_srcs=[*parts, "series"]), generate_uid(entropy_srcs=[*parts, "instance"])
+
 
 def capture_uids(study_uid: str, task: str, model_version: str) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID), the same for every run of the same triage."""
-    parts = [study_uid, task, model_version, "grad-cam-secondary-capture"]
-    return generate_uid(entropy_srcs=[*parts, "series"]), generate_uid(entropy_srcs=[*parts, "instance"])
+    """The Secondary Capture's (Series Instance UID, SOP Instance UID)."""
+    return derived_uids(study_uid, task, model_version, "grad-cam-secondary-capture")
 
 
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x / +y, -y / +z, -z in LPS
@@ -157,23 +182,16 @@ def store_capture(pacs: Pacs, capture: pydicom.Dataset) -> StoredCapture:
 
 def capture_identifier(stored: StoredCapture) -> dict[str, Any]:
     """Media.identifier for the DICOM instance (system urn:dicom:uid, value urn:oid:<uid>)."""
-    return {
-        "use": "secondary",
-        "type": {"text": "DICOM SOP Instance UID of the AI-generated Secondary Capture in the PACS"},
-        "system": codes.DICOM_UID_SYSTEM,
-        "value": f"{codes.URN_OID_PREFIX}{stored.sop_instance_uid}",
-    }
+    return stored.identifier("the AI-generated Secondary Capture")
 
 
 def with_capture_reference(media: dict[str, Any], stored: StoredCapture) -> dict[str, Any] | None:
     """A copy of our Media that names the Secondary Capture; None when it already does."""
-    identifier = capture_identifier(stored)
-    if any(i.get("system") == identifier["system"] and i.get("value") == identifier["value"]
-           for i in media.get("identifier") or []):
+    if stored.named_by(media):
         return None
     note = (f"Also stored in the PACS as a DICOM Secondary Capture: study {stored.study_uid}, "
             f"series {stored.series_uid}, instance {stored.sop_instance_uid}. {DISCLAIMER}")
-    return media | {"identifier": [*(media.get("identifier") or []), identifier],
+    return media | {"identifier": [*(media.get("identifier") or []), capture_identifier(stored)],
                     "note": [*(media.get("note") or []), {"text": note}]}
 
 
@@ -183,21 +201,6 @@ def source_slice(datasets: Sequence[pydicom.Dataset], heatmap: Heatmap) -> pydic
         if heatmap.sop_instance_uid and str(getattr(ds, "SOPInstanceUID", "")) == heatmap.sop_instance_uid:
             return ds
     return datasets[min(heatmap.slice_index, len(datasets) - 1)]
-
-
-def _reference_media(fhir: FhirClient, media_reference: str, stored: StoredCapture) -> None:
-    media_id = media_reference.split("/")[-1]
-    for _ in range(MEDIA_UPDATE_ATTEMPTS):
-        media, version = fhir.read("Media", media_id)
-        updated = with_capture_reference(media, stored)
-        if updated is None:
-            return
-        try:
-            fhir.update(updated, if_match=version)
-            return
-        except VersionConflictError:
-            continue
-    raise UpstreamError(f"{media_reference} kept changing; the Secondary Capture is stored but not referenced")
 
 
 def heatmap_to_pacs(pacs: Pacs, fhir: FhirClient, datasets: Sequence[pydicom.Dataset], result: TriageResult,
@@ -220,7 +223,7 @@ def heatmap_to_pacs(pacs: Pacs, fhir: FhirClient, datasets: Sequence[pydicom.Dat
     record: dict[str, Any] = {"stored": True, **stored.to_json()}
     if media_references:
         try:
-            _reference_media(fhir, media_references[0], stored)
+            fhir.amend("Media", media_references[0].split("/")[-1], lambda media: with_capture_reference(media, stored))
             record["media"] = media_references[0]
         except Exception as exc:  # noqa: BLE001 - as above
             log.warning("Secondary Capture stored but Media not updated: %s", exc)

@@ -7,8 +7,8 @@ An AI result reaches a card from one of two places, both turned into an `AiRepor
 
 The indicator follows the same priority policy that raises the order: a positive finding
 whose rule says stat → `critical`; urgent or asap → `warning`; anything else → `info`.
-Every card carries the AI disclaimer, its source (with topic), links to the heatmap and the
-worklist, and coded override reasons. Nothing here emits null or empty values (`prune`).
+Every card carries the AI disclaimer, its source (with topic), links to the heatmap, the
+worklist and, with CDS_VIEWER_URL, the study in the site's viewer, and coded override reasons. Nothing here emits null or empty values (`prune`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fhir_mappings import codes
 from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow, parse_fhir_datetime, reference_id
 
 from cds_service.core.domain import DISCLAIMER, Priority, TaskMode
+from cds_service.core.viewer import viewer_link
 SUMMARY_LIMIT = 139  # the specification: a summary under 140 characters
 
 #: Our own CodeSystems for card topics and override reasons (example.org placeholders, like codes.LOCAL_BASE).
@@ -61,6 +62,8 @@ class AiReport:
     imaging_study_id: str | None = None
     media_id: str | None = None
     shadow: bool = False  # written by a task in shadow mode: information only, never a severity
+    study_uid: str | None = None  # the DICOM study, where a viewer opens it
+    structured_report_uid: str | None = None  # the SOP Instance UID of its DICOM SR in the PACS, if stored
 
     @property
     def positive_findings(self) -> tuple[ReportedFinding, ...]:
@@ -105,6 +108,15 @@ def _finding_from_observation(observation: Mapping[str, Any]) -> ReportedFinding
     return ReportedFinding(label, probability, positive)
 
 
+def dicom_uid(identifiers: Any) -> str | None:
+    """The UID among FHIR identifiers with system urn:dicom:uid (value urn:oid:<uid>), else None."""
+    for identifier in identifiers if isinstance(identifiers, list) else [identifiers]:
+        value = identifier.get("value") if isinstance(identifier, dict) else None
+        if identifier and identifier.get("system") == codes.DICOM_UID_SYSTEM and isinstance(value, str) and value:
+            return value.removeprefix(codes.URN_OID_PREFIX)
+    return None
+
+
 def ai_report_from_fhir(report: Mapping[str, Any], observations: Mapping[str, Mapping[str, Any]]) -> AiReport:
     """An AiReport from our DiagnosticReport and its Observations (`{"Observation/<id>": resource}`).
 
@@ -124,6 +136,9 @@ def ai_report_from_fhir(report: Mapping[str, Any], observations: Mapping[str, Ma
         issued=parse_fhir_datetime(report.get("issued")) or parse_fhir_datetime((report.get("meta") or {}).get("lastUpdated")),
         report_id=str(report["id"]) if report.get("id") else None, imaging_study_id=study, media_id=media,
         shadow=is_shadow(report),
+        # the study's UID beside its reference (builders), the SR's as the report's identifier (structured_report)
+        study_uid=next(filter(None, (dicom_uid(s.get("identifier")) for s in report.get("imagingStudy") or [])), None),
+        structured_report_uid=dicom_uid(report.get("identifier") or []),
     )
 
 
@@ -150,9 +165,11 @@ def ai_report_from_job(result: Mapping[str, Any], imaging_study_id: str) -> AiRe
     written = result.get("written") or {}
     media = next((reference_id(m, "Media") for m in written.get("Media") or []), None)
     report = next((reference_id(m, "DiagnosticReport") for m in written.get("DiagnosticReport") or []), None)
+    stored_report = result.get("reportToPacs") or {}
     return AiReport(findings=findings, model=f"{model['name']} {model['version']}" if model.get("name") else None,
                     report_id=report, imaging_study_id=imaging_study_id, media_id=media,
-                    shadow=result.get("mode") == TaskMode.SHADOW.value)
+                    shadow=result.get("mode") == TaskMode.SHADOW.value, study_uid=result.get("studyUid"),
+                    structured_report_uid=stored_report.get("sopInstanceUid") if stored_report.get("stored") else None)
 
 
 # --- severity --------------------------------------------------------------------------------
@@ -216,24 +233,27 @@ def override_reasons() -> list[dict[str, str]]:
     return [{"system": OVERRIDE_REASON_SYSTEM, "code": code, "display": display} for code, display in OVERRIDE_REASONS]
 
 
-def links(report: AiReport | None, public_url: str) -> list[dict[str, str]]:
+def links(report: AiReport | None, public_url: str, viewer: str = "") -> list[dict[str, str]]:
+    """The heatmap, the study in the site's viewer (`viewer`: CDS_VIEWER_URL's template), the worklist."""
     out = []
     if report is not None and report.media_id:
         out.append({"label": "AI heatmap (Grad-CAM): where the model looked", "url": f"{public_url}/heatmaps/{report.media_id}.png",
                     "type": "absolute"})
+    if report is not None and (study := viewer_link(viewer, report.study_uid)):
+        out.append({"label": "Open the study in the image viewer", "url": study, "type": "absolute"})
     out.append({"label": "Radiology triage worklist", "url": f"{public_url}/worklist", "type": "absolute"})
     return out
 
 
 def _card(summary: str, detail: str, indicator: str, public_url: str, report: AiReport | None,
-          *, with_override_reasons: bool) -> dict[str, Any]:
+          *, with_override_reasons: bool, viewer: str = "") -> dict[str, Any]:
     card = {
         "uuid": str(uuid.uuid4()),
         "summary": summary_text(summary),
         "detail": detail,
         "indicator": indicator,
         "source": source(public_url),
-        "links": links(report, public_url),
+        "links": links(report, public_url, viewer),
         "overrideReasons": override_reasons() if with_override_reasons else None,
         "extension": ai_result_extension(report),
     }
@@ -300,7 +320,7 @@ def report_detail(report: AiReport, priority: Priority | None) -> str:
     return "\n".join(lines)
 
 
-def report_card(report: AiReport, rules: Mapping[str, Priority], public_url: str) -> dict[str, Any]:
+def report_card(report: AiReport, rules: Mapping[str, Priority], public_url: str, viewer: str = "") -> dict[str, Any]:
     """The card for one AI result: indicator from its severity, findings in the detail."""
     priority = severity(report, rules)
     top = report.positive_findings[0] if report.positive_findings else None
@@ -314,16 +334,16 @@ def report_card(report: AiReport, rules: Mapping[str, Priority], public_url: str
     if report.shadow:
         summary = "[Shadow mode] " + summary
     return _card(summary, report_detail(report, priority), indicator_for(priority), public_url, report,
-                 with_override_reasons=top is not None)
+                 with_override_reasons=top is not None, viewer=viewer)
 
 
-def unread_critical_card(report: AiReport, rules: Mapping[str, Priority], public_url: str) -> dict[str, Any]:
+def unread_critical_card(report: AiReport, rules: Mapping[str, Priority], public_url: str, viewer: str = "") -> dict[str, Any]:
     """For order-select/order-sign: this patient has a critical AI finding no radiologist has read yet."""
     top = report.positive_findings[0]
     summary = f"Unread critical AI finding for this patient: {codes.finding_display(top.label)}"
     detail = ("A prior study of this patient has a **critical AI triage finding that no radiologist has read yet**. "
               "Consider reviewing it before placing this imaging order.\n\n" + report_detail(report, severity(report, rules)))
-    return _card(summary, detail, "critical", public_url, report, with_override_reasons=True)
+    return _card(summary, detail, "critical", public_url, report, with_override_reasons=True, viewer=viewer)
 
 
 def pending_card(job_id: str, state: str, public_url: str) -> dict[str, Any]:

@@ -77,6 +77,13 @@ class UnknownPatientPolicy(enum.StrEnum):
     CREATE = "create"  # create the Patient from the DICOM patient module (test and demo set-ups)
 
 
+class PacsResult(enum.StrEnum):
+    """What the worker also stores in the PACS, in the study it triaged (CDS_RESULTS_TO_PACS: none, one or both)."""
+
+    SR = "sr"  # the findings as a DICOM Structured Report (TID 1500 Measurement Report)
+    SC = "sc"  # the Grad-CAM overlay as a DICOM Secondary Capture
+
+
 _PRIORITY_ORDER = [Priority.ROUTINE, Priority.URGENT, Priority.ASAP, Priority.STAT]
 
 
@@ -216,6 +223,13 @@ class Finding:
             raise ValueError(f"probability out of range for {self.label}: {self.probability}")
         if self.positive and not (self.trained and self.raises_priority):
             raise ValueError(f"label {self.label} is untrained or short of its bar and cannot be positive")
+
+    @property
+    def has_verdict(self) -> bool:
+        """Whether the result states this label present or absent at its threshold (FHIR interpretation POS/NEG,
+        DICOM SR Present/Absent): not a label that means "nothing found" (a double negative), nor one short of
+        its bar (its probability only)."""
+        return self.trained and self.raises_priority and self.label not in NEGATIVE_LABELS
 
 
 @dataclass(frozen=True)

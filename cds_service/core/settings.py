@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: the one settings object, every CDS_ variable read, parsed and checked in one place.
 """The one settings object: every knob comes from an environment variable prefixed CDS_.
 
 Read once at start-up (`Settings.from_env()`) and passed down; nothing else reads the
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
-from cds_service.core.domain import HooksAuth, InferenceRuntime, Priority, TaskMode, Task, UnknownPatientPolicy, WorklistAuth
+from cds_service.core.domain import (HooksAuth, InferenceRuntime, PacsResult, Priority, TaskMode, Task, UnknownPatientPolicy,
+                                     WorklistAuth)
+from cds_service.core.viewer import template_problem, viewer_link
 
 if TYPE_CHECKING:
     from cds_service.core.site_thresholds import SiteThresholds
@@ -98,6 +101,17 @@ def parse_task_modes(text: str) -> dict[Task, TaskMode]:
     return modes
 
 
+def parse_results_to_pacs(text: str) -> frozenset[PacsResult]:
+    """Parse `sr,sc` (any of them; empty or `none`: nothing) into the set of results stored in the PACS."""
+    items = {part.strip().lower() for part in text.split(",")} - {"", "none"}
+    try:
+        return frozenset(PacsResult(item) for item in items)
+    except ValueError:
+        unknown = sorted(item for item in items if item not in {r.value for r in PacsResult})
+        raise ValueError(f"CDS_RESULTS_TO_PACS={text!r}: {', '.join(unknown)} is not one of "
+                         f"{', '.join(r.value for r in PacsResult)} (comma-separated, or none)") from None
+
+
 #: The settings whose values form a closed set, and that set (checked and converted in Settings.__post_init__).
 ENUM_SETTINGS: dict[str, type[enum.StrEnum]] = {
     "inference_runtime": InferenceRuntime, "worklist_auth": WorklistAuth, "cds_hooks_auth": HooksAuth,
@@ -139,6 +153,8 @@ def _parse_value(f: "Field[Any]", name: str, raw: str) -> object:
             return parse_task_modes(raw)
         if f.name == "drift_bands":
             return parse_drift_bands(raw)
+        if f.name == "results_to_pacs":
+            return parse_results_to_pacs(raw)
     except ValueError as exc:
         message = str(exc)
         raise SettingsError(message if message.startswith(name) else f"{name}={raw!r}: {message}") from None
@@ -215,9 +231,12 @@ class Settings:
     patient_identifier_system: str = field(default="urn:demo:mrn", metadata={"env": "PATIENT_IDENTIFIER_SYSTEM"})
     pacs_unknown_patient: UnknownPatientPolicy = field(default=UnknownPatientPolicy.REJECT, metadata={"env": "PACS_UNKNOWN_PATIENT"})
 
-    # Worklist page and heatmap in the PACS (cds_service/web/worklist.py, secondary_capture.py).
-    heatmap_to_pacs: bool = field(default=False, metadata={"env": "HEATMAP_TO_PACS"})
-    pacs_viewer_url: str = field(default="", metadata={"env": "PACS_VIEWER_URL"})
+    # Results in the PACS beside FHIR (adapters/secondary_capture.py, structured_report.py), and the link to the
+    # site's viewer on the worklist and the cards (core/viewer.py: a URL template with {study_uid}).
+    results_to_pacs: frozenset[PacsResult] = field(default=frozenset(), metadata={"env": "RESULTS_TO_PACS"})
+    heatmap_to_pacs: bool = field(default=False, metadata={"env": "HEATMAP_TO_PACS"})  # the older switch: true adds sc
+    viewer_url: str = field(default="", metadata={"env": "VIEWER_URL", "old_env": "PACS_VIEWER_URL"})
+    # Worklist page (cds_service/web/worklist.py).
     worklist_refresh_s: float = field(default=5.0, metadata={"env": "WORKLIST_REFRESH_S"})
     worklist_max_orders: int = field(default=200, metadata={"env": "WORKLIST_MAX_ORDERS"})
     worklist_auth: WorklistAuth = field(default=WorklistAuth.NONE, metadata={"env": "WORKLIST_AUTH"})
@@ -264,6 +283,16 @@ class Settings:
                 object.__setattr__(self, name, kind(str(value).strip().lower()))
             except ValueError:
                 raise SettingsError(f"{env_name(name)}={value!r} is not one of {', '.join(m.value for m in kind)}") from None
+        results = self.results_to_pacs
+        try:
+            results = parse_results_to_pacs(results) if isinstance(results, str) else frozenset(PacsResult(r) for r in results)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        results |= {PacsResult.SC} if self.heatmap_to_pacs else frozenset()
+        object.__setattr__(self, "results_to_pacs", results)  # the one switch read; CDS_HEATMAP_TO_PACS follows it
+        object.__setattr__(self, "heatmap_to_pacs", PacsResult.SC in results)
+        if self.viewer_url and (problem := template_problem(self.viewer_url)):
+            raise SettingsError(f"CDS_VIEWER_URL={self.viewer_url!r} {problem}")
         for name in ("cds_hooks_system_actions",):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -319,6 +348,8 @@ class Settings:
         for f in fields(cls):
             name = PREFIX + f.metadata["env"]
             raw = env.get(name)
+            if raw is None and f.metadata.get("old_env"):  # a setting's earlier name still works
+                raw = env.get(PREFIX + f.metadata["old_env"])
             if raw is None and f.metadata.get("secret") and name + "_FILE" in env:
                 # A secret may come from a file named by CDS_<NAME>_FILE (Docker/Kubernetes secrets).
                 try:
@@ -343,8 +374,14 @@ class Settings:
                 value = ",".join(f"{k.value}={v.value}" for k, v in value.items())
             elif f.name == "drift_bands":
                 value = ",".join(f"{k.value}={low!r}-{high!r}" for k, (low, high) in value.items())
+            elif f.name == "results_to_pacs":
+                value = ",".join(sorted(result.value for result in value))
             env[PREFIX + f.metadata["env"]] = str(value)
         return env
+
+    def viewer_link(self, study_uid: str | None) -> str | None:
+        """The site's viewer opened at a study (CDS_VIEWER_URL); None when no viewer is configured."""
+        return viewer_link(self.viewer_url, study_uid)
 
     def mode_for(self, task: Task, card_default: TaskMode = TaskMode.ACTIVE) -> TaskMode:
         """The task's mode: CDS_TASK_MODES where it names the task, else the card's default."""

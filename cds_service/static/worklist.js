@@ -54,7 +54,9 @@
     tr.append(el("td", {}, el("span", { class: "status status-" + row.status.replace(/ /g, "-") }, row.status.replace(/_/g, " ")),
       row.reason ? el("span", { class: "sub" }, row.reason) : null));
     const open = el("a", { class: "open", href: row.url, "aria-label": "Open study of " + row.patient }, "Open");
-    tr.append(el("td", {}, open));
+    const viewer = row.viewerUrl ? el("a", { class: "viewer-link", href: row.viewerUrl, target: "_blank", rel: "noopener noreferrer",
+      "aria-label": "Open the images of " + row.patient + " in the viewer" }, "Open in viewer") : null;
+    tr.append(el("td", {}, open, viewer ? " " : null, viewer));
     return tr;
   }
 

@@ -16,7 +16,7 @@ Pages:
 - `GET /worklist`: the table; it polls `GET /worklist/rows.json` every
   CDS_WORKLIST_REFRESH_S seconds and re-renders without a reload (static/worklist.js).
 - `GET /worklist/orders/<ServiceRequest id>`: the study view (key image, heatmap overlay
-  with opacity slider, findings, model card summary, link to the PACS viewer).
+  with opacity slider, findings, model card summary, "Open in viewer" with CDS_VIEWER_URL).
 - `GET /worklist/orders/<id>/key-image.png`: the key slice from the PACS, rendered as the
   model saw it, so the overlay lines up with it. `GET /heatmaps/<Media id>.png`: the overlay.
 
@@ -60,11 +60,9 @@ DRIFT_ADVICE = ("Its flags may not mean what its model card says (a new scanner,
                 "check it before trusting them.")
 
 
-def viewer_url(template: str, row: WorklistRow) -> str | None:
-    """The PACS viewer link from CDS_PACS_VIEWER_URL (placeholder `{study_uid}`)."""
-    if not template or not row.study_uid:
-        return None
-    return template.replace("{study_uid}", row.study_uid)
+def row_json(row: WorklistRow, now: datetime) -> dict[str, Any]:
+    """A row as the page script renders it, with the study's link into the site's viewer (CDS_VIEWER_URL)."""
+    return row.to_json(now) | {"viewerUrl": ctx().settings.viewer_link(row.study_uid)}
 
 
 def access_denied(settings: Settings, headers: Mapping[str, str] | Headers) -> str | None:
@@ -217,7 +215,7 @@ def upstream_unavailable(exc: TriageError) -> Any:
 @worklist.get("/worklist")
 def show_worklist() -> Any:
     now = datetime.now(timezone.utc)
-    rows = [row.to_json(now) for row in fetch_worklist()]
+    rows = [row_json(row, now) for row in fetch_worklist()]
     return render_template("worklist.html", rows=rows, refresh_s=ctx().settings.worklist_refresh_s,
                            disclaimer=DISCLAIMER, drift=drift_alarms())
 
@@ -225,7 +223,7 @@ def show_worklist() -> Any:
 @worklist.get("/worklist/rows.json")
 def worklist_rows() -> Any:
     now = datetime.now(timezone.utc)
-    return jsonify({"rows": [row.to_json(now) for row in fetch_worklist()], "generated": now.isoformat(),
+    return jsonify({"rows": [row_json(row, now) for row in fetch_worklist()], "generated": now.isoformat(),
                     "drift": drift_alarms()})
 
 
@@ -246,9 +244,8 @@ def study_view(order_id: str) -> Any:
     site = ctx().settings.site_thresholds
     if card is not None and site is not None:
         card = site.apply(card)  # the thresholds the service decides with
-    return render_template("study.html", row=row, data=row.to_json(datetime.now(timezone.utc)),
-                           card=model_card_summary(card), disclaimer=DISCLAIMER,
-                           viewer_url=viewer_url(ctx().settings.pacs_viewer_url, row))
+    return render_template("study.html", row=row, data=row_json(row, datetime.now(timezone.utc)),
+                           card=model_card_summary(card), disclaimer=DISCLAIMER)
 
 
 @worklist.get("/worklist/orders/<order_id>/key-image.png")

@@ -63,6 +63,7 @@ class WorklistRow:
     key_instance_uid: str | None
     heatmap_in_pacs: bool  # our Media names a Secondary Capture in the PACS (identifier urn:dicom:uid)
     shadow: bool = False  # the AI result came from a task in shadow mode: shown, never used to order rows
+    report_in_pacs: bool = False  # our report names its DICOM Structured Report in the PACS (identifier urn:dicom:uid)
 
     @property
     def top_finding(self) -> RowFinding | None:
@@ -279,6 +280,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             key_instance_uid=heatmap_source_instance(dict(media)) if media else None,
             heatmap_in_pacs=in_pacs(media),
             shadow=report.shadow if report else False,
+            report_in_pacs=bool(report and report.structured_report_uid),
         ))
     return sorted(rows, key=order_key(now))
 

@@ -84,7 +84,7 @@ def imagingstudy_create(call: HookCall, settings: Settings) -> tuple[list[dict[s
             return [no_result_card("the study's patient could not be confirmed as the patient in context; the "
                                    "result is on the worklist", settings.public_url)], []
         report = ai_report_from_job(job.result, study_id)
-        return [report_card(report, settings.priority_rules, settings.public_url)], priority_system_actions(call, job, settings)
+        return [report_card(report, settings.priority_rules, settings.public_url, settings.viewer_url)], priority_system_actions(call, job, settings)
     if job.state in (JobState.NOT_APPLICABLE, JobState.MODEL_UNAVAILABLE):
         return [no_result_card(job.reason or job.state.value, settings.public_url)], []
     return [pending_card(job.id, job.state.value, settings.public_url)], []
@@ -129,7 +129,7 @@ def patient_view(call: HookCall, settings: Settings) -> tuple[list[dict[str, Any
     """One card per AI result of this patient, newest first (at most MAX_CARDS)."""
     resources, _ = hook_data(call, AI_REPORTS_KEY, AI_REPORTS_QUERY)
     reports = ai_reports_from_fhir(resources, call.patient_id)[:MAX_CARDS]
-    return [report_card(r, settings.priority_rules, settings.public_url) for r in reports], []
+    return [report_card(r, settings.priority_rules, settings.public_url, settings.viewer_url) for r in reports], []
 
 
 def imaging_order_check(call: HookCall, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -143,7 +143,7 @@ def imaging_order_check(call: HookCall, settings: Settings) -> tuple[list[dict[s
     resources, _ = hook_data(call, AI_REPORTS_KEY, AI_REPORTS_QUERY)
     critical = [r for r in ai_reports_from_fhir(resources, call.patient_id)
                 if r.unread and severity(r, settings.priority_rules) is Priority.STAT]
-    return [unread_critical_card(r, settings.priority_rules, settings.public_url) for r in critical[:MAX_CARDS]], []
+    return [unread_critical_card(r, settings.priority_rules, settings.public_url, settings.viewer_url) for r in critical[:MAX_CARDS]], []
 
 
 _AI_PREFETCH = {AI_REPORTS_KEY: AI_REPORTS_QUERY}
