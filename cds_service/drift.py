@@ -16,7 +16,12 @@ own evaluation says a site should see. So, per task:
   interval (Wilson) of its share raised lies wholly outside the band, so chance alone in a
   window of 50 does not ring it, and "every head CT raised in the last 50" (interval 93-100%)
   does. It shows on /healthz (`drift`), in /metrics (`cds_triage_drift_*`), as a banner on the
-  worklist, and as one WARNING log line from the worker when it trips and one when it clears.
+  worklist, and as one WARNING log line from the worker when it trips and one when it clears;
+- unfamiliar inputs: how many of the window's studies the input check marked `unfamiliar`
+  (scored, but unlike the model's training images: another scanner, protocol or export). A
+  share that grows says the site's images have moved away from what the model learnt from,
+  before the share raised may show it; `cds-triage validate` re-fits the reference on the
+  site's own studies.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from cds_service.core.domain import NEGATIVE_LABELS, Task
+from cds_service.core.domain import NEGATIVE_LABELS, InputFit, Task
 from cds_service.core.evaluation import wilson_interval
 
 if TYPE_CHECKING:
@@ -135,6 +140,7 @@ class Triaged:
 
     raised: bool
     score: float | None
+    unfamiliar: bool = False  # the input check marked the images unlike the model's training images
 
 
 def study_score(findings: Sequence[Mapping[str, Any]]) -> float | None:
@@ -152,7 +158,9 @@ def triaged(result: Mapping[str, Any]) -> Triaged | None:
     findings = result.get("findings") or []
     if not findings:
         return None
-    return Triaged(raised=any(f.get("positive") for f in findings), score=study_score(findings))
+    fit = (result.get("inputCheck") or {}).get("fit")
+    return Triaged(raised=any(f.get("positive") for f in findings), score=study_score(findings),
+                   unfamiliar=fit == InputFit.UNFAMILIAR.value)
 
 
 def quantile(ordered: Sequence[float], q: float) -> float:
@@ -174,6 +182,7 @@ class TaskDrift:
     raised: int
     band: Band | None
     scores: tuple[float, ...] = ()
+    unfamiliar: int = 0  # studies of the window whose images the input check marked unfamiliar
 
     @property
     def share(self) -> float | None:
@@ -212,6 +221,8 @@ class TaskDrift:
         share_ci = self.interval or (0.0, 1.0)
         text = (f"{self.task.value} raised {self.raised} of its last {self.studies} studies ({self.share:.0%}; "
                 f"95% interval {share_ci[0]:.0%}-{share_ci[1]:.0%})")
+        if self.unfamiliar:
+            text += f"; {self.unfamiliar} of them unlike its training images (unfamiliar)"
         if self.band is None:
             return text + "; no expected band (neither its card nor CDS_DRIFT_BANDS gives one)"
         expects = f"the {self.band} {'its model card' if self.band.source == 'card' else 'CDS_DRIFT_BANDS'} expects"
@@ -232,6 +243,8 @@ class TaskDrift:
             "bandFrom": None if self.band is None else self.band.source,
             "state": self.state,
             "alarm": self.alarm,
+            "unfamiliar": self.unfamiliar,
+            "unfamiliarShare": round(self.unfamiliar / self.studies, 4) if self.studies else None,
             "scores": {f"p{round(q * 100)}": v for q, v in quantiles.items()} | (
                 {"mean": round(sum(self.scores) / len(self.scores), 4)} if self.scores else {}),
         }
@@ -243,7 +256,8 @@ def assess(task: Task, results: Sequence[Mapping[str, Any]], band: Band | None, 
     seen = [t for t in map(triaged, results) if t is not None][:window]
     return TaskDrift(task=task, window=window, min_studies=min_studies, studies=len(seen),
                      raised=sum(t.raised for t in seen), band=band,
-                     scores=tuple(t.score for t in seen if t.score is not None))
+                     scores=tuple(t.score for t in seen if t.score is not None),
+                     unfamiliar=sum(t.unfamiliar for t in seen))
 
 
 def card_band(card: "ModelCard | None") -> Band | None:

@@ -162,6 +162,16 @@ def test_the_json_block_and_the_score_quantiles() -> None:
     assert lo < block["share"] < hi
 
 
+def test_the_window_counts_the_studies_whose_images_were_unlike_the_training_images() -> None:
+    unfamiliar = [result(True) | {"inputCheck": {"fit": "unfamiliar", "fits": True}}] * 3
+    familiar = [result(False) | {"inputCheck": {"fit": "familiar", "fits": True}}] * 6 + [result(False)]  # an older job
+    drift = assess(Task.HEAD_CT_ICH, unfamiliar + familiar, Band(0.1, 0.9, "card"), window=50, min_studies=5)
+    assert drift.unfamiliar == 3 and drift.raised == 3 and drift.studies == 10
+    assert drift.to_json()["unfamiliar"] == 3 and drift.to_json()["unfamiliarShare"] == 0.3
+    assert "3 of them unlike its training images (unfamiliar)" in drift.describe()
+    assert "unfamiliar" not in assess(Task.HEAD_CT_ICH, familiar, None, window=50, min_studies=5).describe()
+
+
 def test_a_site_band_wins_over_the_card() -> None:
     raw = card(Task.HEAD_CT_ICH)
     head = ModelCard.from_dict(raw)
