@@ -402,6 +402,29 @@ def split_three(samples: Sequence[Sample], seed: int, val_fraction: float,
     return sorted(train, key=by_rel), sorted(val, key=by_rel), sorted(test, key=by_rel)
 
 
+def split_folds(samples: Sequence[Sample], seed: int, folds: int, fold: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Grouped, stratified K-fold cross-validation: fold `fold` is the test split, the next fold the
+    validation split (early stopping, thresholds), the rest trains. Groups are dealt to folds in
+    sha256(seed, group) order within each stratum, so every group is tested exactly once over the K runs."""
+    if folds < 3 or not 0 <= fold < folds:
+        raise ValueError("cross-validation needs at least 3 folds and a fold index below their number")
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: s.rel):
+        groups[s.group].append(s)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for group, members in groups.items():
+        strata[members[0].stratum].append(group)
+    fold_of: dict[str, int] = {}
+    for stratum in sorted(strata):
+        ranked = sorted(strata[stratum], key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+        fold_of.update({group: place % folds for place, group in enumerate(ranked)})
+    by_rel = lambda s: s.rel  # noqa: E731
+    test = [s for s in samples if fold_of[s.group] == fold]
+    val = [s for s in samples if fold_of[s.group] == (fold + 1) % folds]
+    train = [s for s in samples if fold_of[s.group] not in (fold, (fold + 1) % folds)]
+    return sorted(train, key=by_rel), sorted(val, key=by_rel), sorted(test, key=by_rel)
+
+
 def probable_negatives(task: Task, folder: Path, part: str = "all") -> list[Sample]:
     """Unlabelled images taken as negatives for every label (training only, never for metrics).
 
@@ -446,6 +469,8 @@ def build_split(task: Task, data_dir: Path, split: dict) -> tuple[list[Sample], 
     if split.get("grouping") == "similarity":
         samples = similarity_groups(samples, float(split.get("similarity_threshold", SIMILARITY_THRESHOLD)),
                                     near_duplicate_links(resolve_data_dir(task, data_dir)))
+    if split.get("folds"):
+        return split_folds(samples, int(split.get("seed", 42)), int(split["folds"]), int(split["fold"]))
     return split_three(samples, int(split.get("seed", 42)), float(split.get("val_fraction", 0.2)),
                        float(split.get("test_fraction", 0.0)))
 

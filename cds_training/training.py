@@ -268,6 +268,8 @@ class TrainConfig:
     # flipped back, 0.55 with SAME padding), and Grad-CAM pointed at one spot of every image
     architecture: str = ARCHITECTURE
     test_fraction: float = 0.0  # a test split that chooses nothing (no epoch, no threshold)
+    cv_folds: int = 0  # grouped K-fold cross-validation (`crossval.py`): fold `cv_fold` tests, the next validates
+    cv_fold: int = 0
     grouping: str = "patient"  # or "similarity": near-identical images grouped before the split
     extra_negatives: Path | None = None  # unlabelled probable negatives, training split only
     extra_negatives_part: str = "all"
@@ -306,6 +308,8 @@ class TrainConfig:
                                  "grouping": self.grouping}
         if self.grouping == "similarity":
             block["similarity_threshold"] = SIMILARITY_THRESHOLD
+        if self.cv_folds:
+            block |= {"folds": self.cv_folds, "fold": self.cv_fold}
         return block
 
 

@@ -451,3 +451,22 @@ def test_extra_labelled_samples_mask_what_their_folder_does_not_name(tmp_path: P
     assert all(s.rel.startswith("head_ct_png/") for s in samples)
     with pytest.raises(FileNotFoundError, match="no labelled images"):
         extra_labelled(Task.HEAD_CT_ICH, tmp_path)
+
+
+def test_grouped_folds_test_every_group_once_and_keep_groups_whole() -> None:
+    from cds_training.datasets import Sample, split_folds
+
+    samples = [Sample(f"img{i:03d}.png", Path(f"img{i:03d}.png"), (float(i % 4 == 0),), (True,), f"patient:{i // 3}")
+               for i in range(120)]
+    tested: list[str] = []
+    for fold in range(5):
+        train_set, val_set, test_set = split_folds(samples, 42, 5, fold)
+        parts = [{s.group for s in part} for part in (train_set, val_set, test_set)]
+        assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+        assert len(train_set) + len(val_set) + len(test_set) == len(samples)
+        assert any(s.targets[0] for s in test_set) and any(not s.targets[0] for s in test_set)  # stratified
+        assert {s.rel for s in val_set} == {s.rel for s in split_folds(samples, 42, 5, (fold + 1) % 5)[2]}
+        tested += [s.rel for s in test_set]
+    assert sorted(tested) == sorted(s.rel for s in samples)  # each image tested exactly once
+    with pytest.raises(ValueError, match="at least 3 folds"):
+        split_folds(samples, 42, 2, 0)
