@@ -268,11 +268,11 @@ def _streamed_triage(model: LoadedModel, datasets: Sequence[pydicom.Dataset], re
     verdict = series_verdict(task, registry.input_profile(task), statistics, datasets[:1], ct_shapes=ct_shapes)
     if verdict.fits is False:
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, task=task, series_uid=series_uid,
-                            reason=verdict.reason)
+                            reason=verdict.reason, input_fit=verdict.fit, input_distance=verdict.distance)
     result = triage_scores(model, scores, image_of_slice, settings.priority_rules,
                            study_uid=study_uid, series_uid=series_uid, sop_instance_uids=sop_instance_uids,
                            with_heatmap=with_heatmap, slab_plan=plan)
-    return replace(result, input_fit=verdict.fit)
+    return replace(result, input_fit=verdict.fit, input_distance=verdict.distance)
 
 
 def _slab_image(members: Sequence[pydicom.Dataset], model: LoadedModel) -> np.ndarray:
@@ -296,11 +296,11 @@ def _checked_triage(model: LoadedModel, images: list[np.ndarray], registry: Mode
     verdict = series_verdict(task, registry.input_profile(task), statistics, datasets)
     if verdict.fits is False:
         return TriageResult(study_uid=study_uid, status=TriageStatus.NOT_APPLICABLE, task=task, series_uid=series_uid,
-                            reason=verdict.reason)
+                            reason=verdict.reason, input_fit=verdict.fit, input_distance=verdict.distance)
     result = triage_images(model, images, settings.priority_rules, study_uid=study_uid, series_uid=series_uid,
                            sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for ds in datasets],
                            batch_size=settings.inference_batch_size, with_heatmap=with_heatmap)
-    return replace(result, input_fit=verdict.fit)
+    return replace(result, input_fit=verdict.fit, input_distance=verdict.distance)
 
 
 def result_json(name: str, result: TriageResult, task: Task | None = None) -> dict[str, object]:

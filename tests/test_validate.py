@@ -260,6 +260,9 @@ def test_the_site_threshold_file_is_loaded_shown_on_healthz_and_decides(validate
     site_t = entry["thresholds"]["any"]
     card_t = ModelCard.load(WEIGHTS / "head_ct_ich.json").thresholds["any"]
     assert 0 < site_t < card_t
+    card_profile = ModelRegistry(WEIGHTS).input_profile(Task.HEAD_CT_ICH)
+    assert card_profile is not None  # the input check's distances of the 40 slices recalibrate familiarity
+    assert entry["familiarity"]["n"] == 40 and entry["familiarity"]["threshold"] >= round(card_profile.threshold, 3)
     settings = Settings(site_thresholds_file=str(site_file), data_dir=tmp_path, weights_dir=WEIGHTS)
 
     # /healthz names it
@@ -309,6 +312,9 @@ def site_document(**entry: object) -> dict:
     (site_document(thresholds={"any": 1.0}), "tasks.head_ct_ich.thresholds.any must be a number between 0 and 1"),
     (site_document(thresholds={"any": 0}), "must be a number between 0 and 1"),
     (site_document(card_version=""), "tasks.head_ct_ich.card_version must name the model card"),
+    (site_document(familiarity={"threshold": -1}), "tasks.head_ct_ich.familiarity.threshold must be a positive number"),
+    (site_document(familiarity={"threshold": 30, "refuse_beyond": 20}), "familiarity.refuse_beyond must be above its threshold"),
+    (site_document(familiarity=[]), "tasks.head_ct_ich.familiarity must be an object with a threshold"),
     ({"format": FORMAT, "tasks": {"brain_mri": {"model": "m", "card_version": "1", "thresholds": {"glioma": 0.5}}}},
      "unknown label 'glioma' (known: presence)"),
 ])
@@ -323,6 +329,37 @@ def test_a_bad_site_threshold_file_stops_start_up_naming_the_setting(tmp_path, m
     monkeypatch.setenv("CDS_SITE_THRESHOLDS", str(path))
     assert main(["validate", "--task", "head_ct_ich", "--labels", str(path), str(tmp_path)]) == 2
     assert "bad setting: CDS_SITE_THRESHOLDS" in capsys.readouterr().err
+
+
+def test_the_site_familiarity_makes_its_own_validated_images_familiar_and_refuses_no_less(tmp_path):
+    """A site whose validated studies all sit a little beyond the card's familiar distance (another scanner):
+    with the file its studies are familiar; the refusal distance never comes nearer than the card's."""
+    from cds_service.core.domain import InputFit
+    from cds_service.core.input_profile import study_verdict
+    from cds_service.core.site_thresholds import familiarity_entry
+
+    card_profile = ModelRegistry(WEIGHTS).input_profile(Task.BRAIN_MRI)
+    assert card_profile is not None and card_profile.refuse_beyond is not None
+    site_distances = np.linspace(1.05, 1.3, 50) * card_profile.threshold
+    block = familiarity_entry(site_distances, card_profile)
+    assert block["n"] == 50 and card_profile.threshold < block["threshold"] <= 1.3 * card_profile.threshold
+    assert block["refuse_beyond"] >= card_profile.refuse_beyond
+    version = ModelCard.load(WEIGHTS / "brain_mri.json").version
+    site_file = tmp_path / "site.json"
+    site_file.write_text(json.dumps({"format": FORMAT, "tasks": {"brain_mri": {
+        "model": "cds-triage-brain-mri", "card_version": version, "thresholds": {"presence": 0.5}, "familiarity": block}}}))
+    settings = Settings(site_thresholds_file=str(site_file), data_dir=tmp_path, weights_dir=WEIGHTS)
+    site_profile = ModelRegistry(WEIGHTS, site_thresholds=settings.site_thresholds).input_profile(Task.BRAIN_MRI)
+    assert site_profile is not None and site_profile.threshold == block["threshold"]
+    assert site_profile.refuse_beyond == max(card_profile.refuse_beyond, block["refuse_beyond"])
+    # an image at the site's 1.2 x the card's familiar distance, along the profile's first axis
+    direction = np.zeros_like(card_profile.mean)
+    direction[0] = 1.0
+    unit = float(card_profile.distances(card_profile.mean + direction)[0])
+    image = card_profile.mean + direction * 1.2 * card_profile.threshold / unit
+    assert study_verdict(card_profile, [image], "brain_mri").fit is InputFit.UNFAMILIAR
+    assert study_verdict(site_profile, [image], "brain_mri").fit is InputFit.FAMILIAR
+    assert settings.site_thresholds.to_health()["tasks"]["brain_mri"]["familiarity"] == block
 
 
 def test_thresholds_made_for_another_card_version_are_ignored_with_a_warning(tmp_path, caplog):
@@ -341,11 +378,12 @@ def test_a_brain_presence_threshold_decides_tumour_present(tmp_path):
     card = ModelCard.load(WEIGHTS / "brain_mri.json")
     path = tmp_path / "site.json"
     path.write_text(json.dumps({"format": FORMAT, "tasks": {"brain_mri": {
-        "model": card.name, "card_version": card.version, "thresholds": {"presence": 0.5}}}}))
+        "model": card.name, "card_version": card.version, "thresholds": {"presence": 0.8}}}}))
     site_card = Settings(site_thresholds_file=str(path)).site_thresholds.apply(card)
-    assert site_card.presence_threshold == 0.5 and site_card.thresholds["glioma"] == 0.5
+    assert site_card.presence_threshold == 0.8 and site_card.thresholds["glioma"] == 0.8
     assert site_card.thresholds["no_tumor"] == card.thresholds["no_tumor"]
+    assert card.presence_threshold is not None and card.presence_threshold < 0.6 < 0.8
     scores = np.array([0.40, 0.15, 0.05, 0.40])  # glioma, meningioma, pituitary, no_tumor: tumour present 0.60
-    assert not any(f.positive for f in findings_from_scores(card, scores))  # the card's 0.91 leaves it
-    positive = [f for f in findings_from_scores(site_card, scores) if f.positive]
-    assert [f.label for f in positive] == ["glioma"] and path.name in positive[0].threshold_source
+    positive = [f for f in findings_from_scores(card, scores) if f.positive]
+    assert [f.label for f in positive] == ["glioma"] and path.name not in positive[0].threshold_source  # the card's
+    assert not any(f.positive for f in findings_from_scores(site_card, scores))  # the site's 0.8 leaves it

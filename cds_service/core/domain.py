@@ -279,6 +279,7 @@ class TriageResult:
     slab_mm: float | None = None  # where thin slices were averaged: the slab thickness
     mode: TaskMode = TaskMode.ACTIVE
     input_fit: InputFit = InputFit.UNCHECKED  # `unfamiliar`: scored, but unlike the model's training images
+    input_distance: float | None = None  # the input check's distance from the training images (input_profile)
 
     def __post_init__(self) -> None:
         if not self.study_uid:

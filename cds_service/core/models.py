@@ -321,10 +321,13 @@ def onnx_deviation(model: LoadedModel, session: Any) -> float:
 
 
 class CardAdjustment(Protocol):
-    """What changes a loaded card (site_thresholds.SiteThresholds: a site's own thresholds). A protocol, so
-    this module need not import site_thresholds, which reads cards from here."""
+    """What changes a loaded card and input profile (site_thresholds.SiteThresholds: a site's own thresholds
+    and familiarity distances). A protocol, so this module need not import site_thresholds, which reads cards
+    from here."""
 
     def apply(self, card: ModelCard) -> ModelCard: ...
+
+    def adjust_profile(self, task: Task, profile: InputProfile | None) -> InputProfile | None: ...
 
 
 class ModelRegistry:
@@ -353,9 +356,12 @@ class ModelRegistry:
             if task not in self._profiles:
                 card = ModelCard.load(card_path(self.weights_dir, task))
                 try:
-                    self._profiles[task] = load_profile(self.weights_dir, task.value, card.raw)
+                    profile = load_profile(self.weights_dir, task.value, card.raw)
                 except (OSError, ValueError) as exc:
                     raise ModelUnavailableError(f"input profile of {task.value}: {exc}") from exc
+                if self.site_thresholds is not None:  # CDS_SITE_THRESHOLDS: the site's familiarity distances
+                    profile = self.site_thresholds.adjust_profile(task, profile)
+                self._profiles[task] = profile
             return self._profiles[task]
 
     def pixel_models(self) -> "dict[Task, PixelModel]":

@@ -9,13 +9,20 @@ card version differs from the loaded card is ignored with a warning (and /health
 Anything else wrong (missing file, not JSON, unknown task or label, a threshold outside (0, 1))
 stops the process at start-up with an error naming the setting.
 
+`validate --write-thresholds` also recalibrates the input check's familiarity reference from the
+site's labelled studies (`familiarity`): the distance up to which images count as familiar becomes
+the site's own 99.5th percentile where that is above the card's (a hospital's scanners make all its
+studies a little "unfamiliar" to a model trained elsewhere; once validated there, they are not), and
+the refusal distance moves out likewise so no validated study of the right anatomy is refused.
+
 Format (one entry per task; `presence` is the brain MRI rule, 1 - p(no_tumor) >= t):
 
     {"format": "cds-triage-site-thresholds/1",
      "tasks": {"head_ct_ich": {"model": "cds-triage-head-ct-ich", "card_version": "2.0.0",
                                "thresholds": {"any": 0.41}, "target_sensitivity": 0.95,
                                "created": "2025-06-01T10:00:00Z",
-                               "chosen_on": {"unit": "series", "n": 64, "positives": 30, ...}}}}
+                               "chosen_on": {"unit": "series", "n": 64, "positives": 30, ...},
+                               "familiarity": {"threshold": 31.2, "refuse_beyond": 52.0, "n": 64}}}}
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
+from cds_service.core.input_profile import InputProfile
 from cds_service.core.model_cards import ModelCard, available_cards
 
 FORMAT = "cds-triage-site-thresholds/1"
@@ -108,6 +116,7 @@ class SiteTaskThresholds:
     chosen_on: Mapping[str, Any] = field(default_factory=dict)
     ignored: str = ""
     card_thresholds: Mapping[str, float] = field(default_factory=dict)
+    familiarity: Mapping[str, float] = field(default_factory=dict)  # the input check's site distances
 
     def note(self, key: str, file_name: str) -> str:
         """Where the threshold came from, in words (after "from"), for an Observation's method and the card view."""
@@ -156,12 +165,23 @@ class SiteThresholds:
                 sources[label] = entry.note(key, self.path.name)
         return replace(card, thresholds=thresholds, presence_threshold=presence_threshold, threshold_sources=sources)
 
+    def adjust_profile(self, task: Task, profile: InputProfile | None) -> InputProfile | None:
+        """The task's input profile with the site's familiarity distances, where the file has them."""
+        entry = self.applied(task)
+        if profile is None or entry is None or not entry.familiarity:
+            return profile
+        threshold = max(profile.threshold, float(entry.familiarity["threshold"]))
+        beyond = entry.familiarity.get("refuse_beyond")
+        refuse_beyond = None if profile.refuse_beyond is None else max(profile.refuse_beyond, float(beyond or 0.0),
+                                                                       threshold * 1.01)
+        return replace(profile, threshold=threshold, refuse_beyond=refuse_beyond)
+
     def to_health(self) -> dict[str, Any]:
         """What /healthz shows: the file and, per task, the thresholds and whether they are used."""
         return {"file": str(self.path), "tasks": {
             task.value: {"model": e.model, "cardVersion": e.card_version, "thresholds": dict(e.thresholds),
                          "cardThresholds": dict(e.card_thresholds), "targetSensitivity": e.target_sensitivity,
-                         "created": e.created, "chosenOn": dict(e.chosen_on),
+                         "created": e.created, "chosenOn": dict(e.chosen_on), "familiarity": dict(e.familiarity),
                          "status": f"ignored: {e.ignored}" if e.ignored else "applied"}
             for task, e in self.tasks.items()}}
 
@@ -174,6 +194,38 @@ def _threshold(path: Path, where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value < 1.0:
         raise _fail(path, f"{where} must be a number between 0 and 1 (exclusive), not {value!r}")
     return float(value)
+
+
+def _familiarity(path: Path, name: str, block: Any) -> dict[str, float]:
+    """A task entry's `familiarity` block, checked: positive distances, refuse_beyond above threshold."""
+    if block is None:
+        return {}
+    where = f"tasks.{name}.familiarity"
+    if not isinstance(block, dict) or "threshold" not in block:
+        raise _fail(path, f"{where} must be an object with a threshold (an input-check distance)")
+    out: dict[str, float] = {}
+    for key in ("threshold", "refuse_beyond", "n"):
+        value = block.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise _fail(path, f"{where}.{key} must be a positive number, not {value!r}")
+        out[key] = float(value)
+    if "refuse_beyond" in out and out["refuse_beyond"] <= out["threshold"]:
+        raise _fail(path, f"{where}.refuse_beyond must be above its threshold")
+    return out
+
+
+def familiarity_entry(distances: Any, profile: InputProfile) -> dict[str, float]:
+    """The `familiarity` block from the input-check distances of a site's labelled studies of the right
+    anatomy: familiar up to their 99.5th percentile (never below the card's), refused only 1.25 times
+    beyond the farthest of them (never nearer than the card's)."""
+    import numpy as np
+
+    d = np.asarray(distances, dtype=np.float64)
+    threshold = max(profile.threshold, float(np.quantile(d, 0.995)))
+    beyond = max(profile.refuse_beyond or 0.0, 1.25 * float(d.max()), 1.01 * threshold)
+    return {"threshold": round(threshold, 3), "refuse_beyond": round(beyond, 3), "n": int(len(d))}
 
 
 def parse_site_thresholds(path: Path, document: Any, cards: Mapping[Task, ModelCard]) -> SiteThresholds:
@@ -221,7 +273,8 @@ def parse_site_thresholds(path: Path, document: Any, cards: Mapping[Task, ModelC
             task=task, model=entry["model"], card_version=entry["card_version"], thresholds=values,
             target_sensitivity=target, created=str(entry.get("created", "")),
             chosen_on=chosen if isinstance(chosen := entry.get("chosen_on"), dict) else {},
-            ignored=ignored, card_thresholds={k: v for k, v in card_thresholds.items() if v is not None})
+            ignored=ignored, card_thresholds={k: v for k, v in card_thresholds.items() if v is not None},
+            familiarity=_familiarity(path, name, entry.get("familiarity")))
         if ignored:
             log.warning("%s: the %s thresholds are ignored: %s", SETTING, name, ignored)
     return SiteThresholds(path=path, tasks=parsed)

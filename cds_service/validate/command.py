@@ -20,7 +20,7 @@ from cds_service.core.evaluation import SMALL_SAMPLE, auc_with_ci, binary_valida
 from cds_service.core.model_cards import ModelCard
 from cds_service.core.models import ModelRegistry
 from cds_service.core.settings import Settings
-from cds_service.core.site_thresholds import (card_threshold, decision_score, has_presence_rule, main_label,
+from cds_service.core.site_thresholds import (card_threshold, decision_score, familiarity_entry, has_presence_rule, main_label,
                                                threshold_entry, write_site_entry)
 from cds_service.local_triage import collect_inputs, result_json, triage_input
 from cds_service.validate.arguments import add_measure_arguments
@@ -37,14 +37,16 @@ class Scored:
 
 
 def score_units(units: Sequence[Unit], registry: ModelRegistry, settings: Settings, task: Task,
-                progress: bool) -> tuple[list[Scored], list[dict[str, str]]]:
+                progress: bool) -> tuple[list[Scored], list[dict[str, str]], list[float]]:
     """Each unit scored through `triage_input` (no Grad-CAM); pooled as the card says when a unit is
-    a folder of images. Units whose inputs cannot be triaged are returned as failures with the reason."""
+    a folder of images. Units whose inputs cannot be triaged are returned as failures with the reason.
+    Also the input check's distance of every input it measured, refused or not (the site's familiarity)."""
     from tqdm import tqdm
 
     card = registry.get(task).card
     scored: list[Scored] = []
     failed: list[dict[str, str]] = []
+    distances: list[float] = []
     bar = tqdm(total=sum(len(u.inputs) for u in units), desc=f"validate {task.value}", unit="input",
                disable=not progress, file=sys.stderr, leave=False)
     try:
@@ -56,6 +58,8 @@ def score_units(units: Sequence[Unit], registry: ModelRegistry, settings: Settin
                 except TriageError as exc:
                     reason = f"{item.name}: {exc}"
                 else:
+                    if result.input_distance is not None:
+                        distances.append(result.input_distance)
                     if result.status is not TriageStatus.DONE:
                         reason = f"{item.name}: {result.status.value} {result.reason}".strip()
                     outputs.append((result, result_json(item.name, result, task)))
@@ -71,7 +75,7 @@ def score_units(units: Sequence[Unit], registry: ModelRegistry, settings: Settin
                                  [out for _, out in outputs]))
     finally:
         bar.close()
-    return scored, failed
+    return scored, failed, distances
 
 
 def unit_kind(scored: Sequence[Scored]) -> str:
@@ -162,7 +166,8 @@ def run_validate(args: argparse.Namespace, settings: Settings) -> int:
     registry = ModelRegistry(settings.weights_dir, settings.device, settings.inference_runtime, settings.inference_threads)
     try:
         card = registry.get(task).card
-        scored, failed = score_units(units, registry, settings, task, progress=not args.no_progress and sys.stderr.isatty())
+        scored, failed, distances = score_units(units, registry, settings, task,
+                                                progress=not args.no_progress and sys.stderr.isatty())
     except TriageError as exc:  # no model
         return refuse(str(exc))
     if not scored:
@@ -182,6 +187,9 @@ def run_validate(args: argparse.Namespace, settings: Settings) -> int:
     if args.write_thresholds:
         try:
             entry = site_entry(doc, card, args.target_sensitivity, args.labels.resolve(), report.resolve())
+            profile = registry.input_profile(task)  # the card's own: validate reads no site file
+            if profile is not None and distances:
+                entry["familiarity"] = familiarity_entry(distances, profile)
             write_site_entry(args.write_thresholds, task, entry)
         except ValueError as exc:
             print(f"cds-triage validate: no threshold written: {exc}", file=sys.stderr)
