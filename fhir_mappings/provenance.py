@@ -1,0 +1,61 @@
+"""Provenance: who made the results (the model Device) from what (the ImagingStudy), and when."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fhir.resources.R4B.codeableconcept import CodeableConcept
+from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.meta import Meta
+from fhir.resources.R4B.provenance import Provenance, ProvenanceAgent, ProvenanceEntity
+
+from cds_service.core.domain import OrderContext, TriageResult
+
+from . import codes
+from .common import imaging_study_ref, ref, require_done, task_of
+from .identifiers import result_identifier
+
+
+def build_provenance(
+    ctx: OrderContext,
+    result: TriageResult,
+    *,
+    target_references: list[str],
+    device_reference: str,
+    issued: datetime,
+) -> Provenance:
+    """Who made the results (the model Device) from what (the ImagingStudy), and when.
+
+    No AIAST label here: this record is written by our software about the AI, it is not
+    itself an AI assertion. R4 Provenance has no identifier, so idempotency uses a
+    meta.tag carrying the deterministic UUID (searched with `_tag` in ifNoneExist).
+    """
+    if not target_references:
+        raise ValueError("a Provenance needs at least one target")
+    model = require_done(result)
+    tag_code = result_identifier(result.study_uid, task_of(result), model.version, "provenance").value
+    return Provenance(
+        meta=Meta(tag=[Coding(system=codes.PROVENANCE_TAG_SYSTEM, code=tag_code)]),
+        target=[ref(r) for r in target_references],
+        recorded=issued,
+        agent=[
+            ProvenanceAgent(
+                type=CodeableConcept(
+                    coding=[
+                        Coding(
+                            system=codes.PROVENANCE_PARTICIPANT_SYSTEM,
+                            code=codes.PROVENANCE_PARTICIPANT_PERFORMER,
+                            display=codes.PROVENANCE_PARTICIPANT_PERFORMER_DISPLAY,
+                        )
+                    ]
+                ),
+                who=ref(device_reference, f"{model.name} {model.version}"),
+            )
+        ],
+        entity=[
+            ProvenanceEntity(
+                role=codes.PROVENANCE_ENTITY_ROLE_DERIVATION,
+                what=imaging_study_ref(ctx),
+            )
+        ],
+    )

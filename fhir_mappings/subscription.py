@@ -1,0 +1,59 @@
+"""The R4 rest-hook Subscription `cds-triage subscribe` creates, and the tag that finds it again."""
+
+from __future__ import annotations
+
+from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.meta import Meta
+from fhir.resources.R4B.subscription import Subscription, SubscriptionChannel
+
+from . import codes
+
+#: Header the FHIR server sends with each notification so our webhook can check it.
+SUBSCRIPTION_SECRET_HEADER = "X-CDS-Subscription-Secret"
+
+#: Default Subscription.reason (R4 requires one).
+DEFAULT_SUBSCRIPTION_REASON = "cds-triage: AI triage of new imaging studies"
+
+#: meta.tag on the Subscription created by `cds-triage subscribe`; search it back with
+#: SUBSCRIPTION_TAG_QUERY to find our own Subscription instead of creating a second one.
+SUBSCRIPTION_TAG = Coding(
+    system=codes.SUBSCRIPTION_TAG_SYSTEM,
+    code=codes.SUBSCRIPTION_TAG_CODE,
+    display=codes.SUBSCRIPTION_TAG_DISPLAY,
+)
+SUBSCRIPTION_TAG_QUERY = f"_tag={codes.SUBSCRIPTION_TAG_SYSTEM}|{codes.SUBSCRIPTION_TAG_CODE}"
+
+
+
+def build_subscription(
+    endpoint: str,
+    *,
+    header_secret: str | None,
+    criteria: str = "ImagingStudy?",
+    reason: str = DEFAULT_SUBSCRIPTION_REASON,
+) -> Subscription:
+    """The R4 rest-hook Subscription that makes the FHIR server notify us of new studies.
+
+    Tagged with SUBSCRIPTION_TAG so `cds-triage subscribe` can find its own Subscription
+    (search SUBSCRIPTION_TAG_QUERY) and not create a duplicate. The secret travels in a
+    header the webhook checks; header values must not contain line breaks.
+    """
+    if not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"subscription endpoint must be an http(s) URL, got {endpoint!r}")
+    headers: list[str | None] | None = None
+    if header_secret is not None:
+        if not header_secret.strip() or any(c in header_secret for c in "\r\n"):
+            raise ValueError("header secret must be non-empty and contain no line breaks")
+        headers = [f"{SUBSCRIPTION_SECRET_HEADER}: {header_secret}"]
+    return Subscription(
+        meta=Meta(tag=[SUBSCRIPTION_TAG.model_copy()]),
+        status="requested",
+        reason=reason,
+        criteria=criteria,
+        channel=SubscriptionChannel(
+            type="rest-hook",
+            endpoint=endpoint,
+            payload="application/fhir+json",
+            header=headers,
+        ),
+    )
