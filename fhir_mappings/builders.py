@@ -5,7 +5,8 @@ The code is split per resource type, each module on its own:
 
 | module | what |
 |---|---|
-| `common.py` | shared pieces: references, the AI security label, the probability quantity, checks |
+| `conventions.py` | the canonical base (CDS_FHIR_CANONICAL_BASE) and AI security label: every URL we mint |
+| `common.py` | shared pieces: references, the AI security label, the narrative, the probability quantity, checks |
 | `identifiers.py` | the deterministic identifiers that make a repeated job create nothing |
 | `device.py`, `observation.py`, `media.py`, `diagnostic_report.py`, `provenance.py` | one resource each |
 | `transaction.py` | all of one study's results as one transaction of conditional creates |
@@ -28,15 +29,13 @@ from .observation import build_observation
 from .provenance import build_provenance
 from .reading import is_fhir_id, parse_fhir_datetime, reference_id, study_uid_from_imaging_study
 from .service_request import ai_priority_change, with_priority
-from .subscription import (DEFAULT_SUBSCRIPTION_REASON, SUBSCRIPTION_SECRET_HEADER, SUBSCRIPTION_TAG,
-                           SUBSCRIPTION_TAG_QUERY, build_subscription)
+from .subscription import DEFAULT_SUBSCRIPTION_REASON, SUBSCRIPTION_SECRET_HEADER, build_subscription, is_our_subscription
 from .transaction import build_triage_transaction
 
 __all__ = [
-    "AI_DISCLAIMER", "DEFAULT_SUBSCRIPTION_REASON", "SHADOW_SENTENCE", "SUBSCRIPTION_SECRET_HEADER", "SUBSCRIPTION_TAG",
-    "SUBSCRIPTION_TAG_QUERY", "ai_priority_change", "build_conclusion", "build_device", "build_diagnostic_report",
+    "AI_DISCLAIMER", "DEFAULT_SUBSCRIPTION_REASON", "SHADOW_SENTENCE", "SUBSCRIPTION_SECRET_HEADER", "ai_priority_change", "build_conclusion", "build_device", "build_diagnostic_report",
     "build_media", "build_observation", "build_provenance", "build_subscription", "build_triage_transaction",
     "device_identifier", "finding_code", "full_url", "heatmap_source_instance", "identifier_query", "is_fhir_id",
-    "is_shadow", "parse_fhir_datetime", "reference_id", "result_identifier", "study_uid_from_imaging_study",
+    "is_our_subscription", "is_shadow", "parse_fhir_datetime", "reference_id", "result_identifier", "study_uid_from_imaging_study",
     "with_priority",
 ]

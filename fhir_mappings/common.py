@@ -6,6 +6,7 @@ each other, so a new resource type (a DICOM SR link, an "unfamiliar input" marki
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import datetime
 from decimal import Decimal
@@ -14,12 +15,15 @@ from typing import Any, TypeVar
 from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.coding import Coding
 from fhir.resources.R4B.meta import Meta
+from fhir.resources.R4B.narrative import Narrative
 from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
 
 from cds_service.core.domain import DISCLAIMER, ModelRef, OrderContext, Task, TaskMode, TriageResult, TriageStatus
 
 from . import codes
+from .conventions import DEFAULT_CONVENTIONS, Conventions
+from .reading import fhir_datetime
 
 #: Last sentence of every conclusion and note: the words a clinician must see.
 AI_DISCLAIMER = DISCLAIMER  # the name FHIR builders and their tests use
@@ -28,31 +32,35 @@ AI_DISCLAIMER = DISCLAIMER  # the name FHIR builders and their tests use
 OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
-def ai_asserted_meta(mode: TaskMode = TaskMode.ACTIVE) -> Meta:
-    """meta.security AIAST: marks content asserted by AI (HL7 AI Transparency on FHIR); plus the
-    shadow-mode tag when the task runs silently (readers show it as information only)."""
+def ai_asserted_meta(resource_type: str, mode: TaskMode = TaskMode.ACTIVE,
+                     conventions: Conventions = DEFAULT_CONVENTIONS) -> Meta:
+    """Our profile, the AI security label(s) (AIAST, HL7 AI Transparency on FHIR, and/or the site's own,
+    CDS_AI_SECURITY_LABEL), and the shadow-mode tag when the task runs silently (readers show it as
+    information only)."""
     return Meta(
-        security=[
-            Coding(
-                system=codes.SECURITY_OBSERVATION_VALUE_SYSTEM,
-                code=codes.SECURITY_AI_ASSERTED,
-                display=codes.SECURITY_AI_ASSERTED_DISPLAY,
-            )
-        ],
-        tag=[Coding(system=codes.SUBSCRIPTION_TAG_SYSTEM, code=codes.SHADOW_TAG_CODE, display=codes.SHADOW_TAG_DISPLAY)]
-        if mode is TaskMode.SHADOW else None,
+        profile=[conventions.profile(resource_type)],
+        security=[Coding.model_validate(label.as_dict()) for label in conventions.ai_labels],
+        tag=[Coding.model_validate(conventions.tag(codes.SHADOW_TAG_CODE))] if mode is TaskMode.SHADOW else None,
     )
+
+
+def narrative(*paragraphs: str) -> Narrative:
+    """A generated narrative: each paragraph escaped into a <p> of the XHTML div FHIR requires."""
+    body = "".join(f"<p>{html.escape(text, quote=False)}</p>" for text in paragraphs if text)
+    return Narrative(status="generated", div=f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>')
+
+
+def model_sentence(model: ModelRef) -> str:
+    return f"Model: {model.name} {model.version}."
 
 
 SHADOW_SENTENCE = ("SHADOW MODE: this task runs silently at this site; the result is recorded for local "
                    "validation and did not change the order's priority.")
 
 
-def is_shadow(resource: Any) -> bool:
-    """Whether a resource we wrote carries the shadow-mode tag (dict from the server or model)."""
-    meta = resource.get("meta") if isinstance(resource, dict) else None
-    return any(tag.get("system") == codes.SUBSCRIPTION_TAG_SYSTEM and tag.get("code") == codes.SHADOW_TAG_CODE
-               for tag in (meta or {}).get("tag") or [])
+def is_shadow(resource: Any, conventions: Conventions = DEFAULT_CONVENTIONS) -> bool:
+    """Whether a resource we wrote (a dict from the server) carries the shadow-mode tag."""
+    return conventions.has_tag(resource, codes.SHADOW_TAG_CODE)
 
 
 def ref(reference: str, display: str | None = None) -> Reference:
@@ -90,6 +98,16 @@ def require_timezone(issued: datetime) -> None:
         raise ValueError("issued must be timezone-aware (e.g. datetime.now(timezone.utc))")
 
 
+def effective_time(effective: str | None) -> Any:  # Any: the models type dateTime as datetime, yet take any precision
+    """The clinically relevant time of a result (the study's, else the acquisition's), as a FHIR dateTime;
+    refused when malformed: a wrong time on a finding is worse than none."""
+    if effective is None:
+        return None
+    if fhir_datetime(effective) is None:
+        raise ValueError(f"effective time {effective!r} is not a FHIR dateTime")
+    return effective
+
+
 _T = TypeVar("_T")
 
 
@@ -111,14 +129,14 @@ def task_value(task: Task | str) -> str:
     return task.value if isinstance(task, Task) else str(task)
 
 
-def finding_code(label: str) -> CodeableConcept:
+def finding_code(label: str, conventions: Conventions = DEFAULT_CONVENTIONS) -> CodeableConcept:
     """Code of a finding label: verified standard codes first, then always our local code."""
     codings = [
         Coding(system=std.system, code=std.code, display=std.display)
         for std in codes.STANDARD_FINDING_CODES.get(label, ())
     ]
     codings.append(
-        Coding(system=codes.LOCAL_FINDING_SYSTEM, code=label, display=codes.finding_display(label))
+        Coding(system=conventions.finding_system, code=label, display=codes.finding_display(label))
     )
     return CodeableConcept(coding=codings, text=codes.finding_display(label))
 

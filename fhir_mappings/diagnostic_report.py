@@ -12,13 +12,19 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport, DiagnosticRepo
 from cds_service.core.domain import OrderContext, TaskMode, TriageResult
 
 from . import codes
-from .common import (AI_DISCLAIMER, SHADOW_SENTENCE, ai_asserted_meta, based_on, finding_code, imaging_study_ref,
-                     patient_ref, ref, require_done, task_of)
+from .common import (AI_DISCLAIMER, SHADOW_SENTENCE, ai_asserted_meta, based_on, effective_time, finding_code,
+                     imaging_study_ref, model_sentence, narrative, patient_ref, ref, require_done, task_of)
+from .conventions import DEFAULT_CONVENTIONS, Conventions
 from .identifiers import result_identifier
 
 
 def build_conclusion(result: TriageResult) -> str:
     """The human-readable summary a radiologist reads first in the report."""
+    return " ".join(conclusion_sentences(result))
+
+
+def conclusion_sentences(result: TriageResult) -> list[str]:
+    """The conclusion, sentence by sentence (the report's narrative shows one per paragraph)."""
     model = require_done(result)
     sentences: list[str] = []
     positives = result.positive_findings
@@ -45,9 +51,9 @@ def build_conclusion(result: TriageResult) -> str:
         sentences.append(
             f"Untrained subtype outputs ({', '.join(untrained)}) are not reported."
         )
-    sentences.append(f"Model: {model.name} {model.version}.")
+    sentences.append(model_sentence(model))
     sentences.append(AI_DISCLAIMER)
-    return " ".join(sentences)
+    return sentences
 
 
 def build_diagnostic_report(
@@ -58,8 +64,13 @@ def build_diagnostic_report(
     media_reference: str | None,
     issued: datetime,
     worklist_url: str | None = None,
+    effective: str | None = None,
+    conventions: Conventions = DEFAULT_CONVENTIONS,
 ) -> DiagnosticReport:
-    """The preliminary AI report that groups the Observations and the heatmap for the EHR."""
+    """The preliminary AI report that groups the Observations and the heatmap for the EHR.
+
+    `effective` is the study's time (else the acquisition's), a FHIR dateTime; `issued` is when the
+    result was made. The narrative is the conclusion, a sentence per paragraph."""
     model = require_done(result)
     media = None
     if media_reference is not None and result.heatmap is not None:
@@ -82,9 +93,11 @@ def build_diagnostic_report(
                 title="CDS triage worklist entry (AI result and heatmap)",
             )
         ]
+    sentences = conclusion_sentences(result)
     return DiagnosticReport(
-        meta=ai_asserted_meta(result.mode),
-        identifier=[result_identifier(result.study_uid, task_of(result), model.version, "report")],
+        meta=ai_asserted_meta("DiagnosticReport", result.mode, conventions),
+        text=narrative(*sentences),
+        identifier=[result_identifier(result.study_uid, task_of(result), model.version, "report", conventions)],
         basedOn=based_on(ctx),
         status="preliminary",
         category=[
@@ -109,11 +122,12 @@ def build_diagnostic_report(
             text="AI triage result (preliminary)",
         ),
         subject=patient_ref(ctx),
+        effectiveDateTime=effective_time(effective),
         issued=issued,
         imagingStudy=[imaging_study_ref(ctx)],
         result=[ref(r) for r in observation_references] or None,
         media=media,
-        conclusion=build_conclusion(result),
-        conclusionCode=[finding_code(f.label) for f in result.positive_findings] or None,
+        conclusion=" ".join(sentences),
+        conclusionCode=[finding_code(f.label, conventions) for f in result.positive_findings] or None,
         presentedForm=presented_form,
     )

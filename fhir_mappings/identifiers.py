@@ -15,15 +15,18 @@ from fhir.resources.R4B.identifier import Identifier
 
 from cds_service.core.domain import ModelRef, Task
 
-from . import codes
 from .common import task_value
+from .conventions import DEFAULT_CONVENTIONS, Conventions
 
-# uuid5 namespaces, fixed forever: changing them would make every repeat job look new.
-_RESULT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, codes.RESULT_IDENTIFIER_SYSTEM)
-_DEVICE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, codes.DEVICE_IDENTIFIER_SYSTEM)
+# uuid5 namespaces, fixed forever: changing them would make every repeat job look new. (The URLs
+# they were made from are the identifier systems of the first releases; they no longer follow the
+# canonical base, which only names the identifier system.)
+_RESULT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://cds-triage.example.org/fhir/sid/triage-result")
+_DEVICE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://cds-triage.example.org/fhir/sid/triage-model")
 
 
-def result_identifier(study_uid: str, task: Task | str, model_version: str, kind: str) -> Identifier:
+def result_identifier(study_uid: str, task: Task | str, model_version: str, kind: str,
+                      conventions: Conventions = DEFAULT_CONVENTIONS) -> Identifier:
     """The deterministic business identifier of one result resource.
 
     Same study, task, model version and kind give the same identifier in every run, which
@@ -36,13 +39,13 @@ def result_identifier(study_uid: str, task: Task | str, model_version: str, kind
         raise ValueError(f"result_identifier needs study UID, task, model version and kind: {parts}")
     # json.dumps of the list: unambiguous even if a part contains a separator character.
     value = uuid.uuid5(_RESULT_NAMESPACE, json.dumps(parts))
-    return Identifier(system=codes.RESULT_IDENTIFIER_SYSTEM, value=str(value))
+    return Identifier(system=conventions.result_identifier_system, value=str(value))
 
 
-def device_identifier(model: ModelRef) -> Identifier:
+def device_identifier(model: ModelRef, conventions: Conventions = DEFAULT_CONVENTIONS) -> Identifier:
     """The Device identifier: model name and version only, so all studies share one Device."""
     value = uuid.uuid5(_DEVICE_NAMESPACE, json.dumps([model.name, model.version]))
-    return Identifier(system=codes.DEVICE_IDENTIFIER_SYSTEM, value=str(value))
+    return Identifier(system=conventions.device_identifier_system, value=str(value))
 
 
 def full_url(identifier: Identifier) -> str:

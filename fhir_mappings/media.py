@@ -13,10 +13,12 @@ from fhir.resources.R4B.coding import Coding
 from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.media import Media
 
-from cds_service.core.domain import OrderContext, TriageResult
+from cds_service.core.domain import OrderContext, TaskMode, TriageResult
 
 from . import codes
-from .common import AI_DISCLAIMER, OID, ai_asserted_meta, based_on, patient_ref, ref, require_done, task_of
+from .common import (AI_DISCLAIMER, OID, SHADOW_SENTENCE, ai_asserted_meta, based_on, model_sentence, narrative,
+                     patient_ref, ref, require_done, task_of)
+from .conventions import DEFAULT_CONVENTIONS, Conventions
 from .identifiers import result_identifier
 
 
@@ -26,6 +28,7 @@ def build_media(
     *,
     device_reference: str,
     issued: datetime,
+    conventions: Conventions = DEFAULT_CONVENTIONS,
 ) -> Media:
     """The Grad-CAM overlay PNG, inline (base64), so the EHR can show why the model fired."""
     heatmap = result.heatmap
@@ -41,9 +44,14 @@ def build_media(
         f"Grad-CAM heatmap for {display} (label '{heatmap.label}'), {where}. "
         "Explanation overlay, not a diagnostic image. " + AI_DISCLAIMER
     )
+    finding = next((f for f in result.findings if f.label == heatmap.label), None)
+    probability = f" (AI-estimated probability {finding.probability:.2f})" if finding else ""
     return Media(
-        meta=ai_asserted_meta(result.mode),
-        identifier=[result_identifier(result.study_uid, task_of(result), model.version, "media")],
+        meta=ai_asserted_meta("Media", result.mode, conventions),
+        text=narrative(SHADOW_SENTENCE if result.mode is TaskMode.SHADOW else "",
+                       f"Grad-CAM heatmap: where the model looked for {display}{probability}, {where}.",
+                       "Explanation overlay, not a diagnostic image.", model_sentence(model), AI_DISCLAIMER),
+        identifier=[result_identifier(result.study_uid, task_of(result), model.version, "media", conventions)],
         basedOn=based_on(ctx),
         status="completed",
         type=CodeableConcept(
@@ -58,7 +66,7 @@ def build_media(
         subject=patient_ref(ctx),
         issued=issued,
         device=ref(device_reference, f"{model.name} {model.version}"),
-        extension=_heatmap_source_extension(heatmap.sop_instance_uid),
+        extension=_heatmap_source_extension(heatmap.sop_instance_uid, conventions),
         # positiveInt: leave out a size the heatmap did not know rather than write 0.
         width=heatmap.width if heatmap.width > 0 else None,
         height=heatmap.height if heatmap.height > 0 else None,
@@ -72,18 +80,18 @@ def build_media(
     )
 
 
-def _heatmap_source_extension(sop_instance_uid: str | None) -> list[Extension] | None:
+def _heatmap_source_extension(sop_instance_uid: str | None, conventions: Conventions) -> list[Extension] | None:
     """The explained slice's SOP Instance UID as an extension, when it is a UID FHIR's oid type takes."""
     if not sop_instance_uid or not OID.fullmatch(sop_instance_uid):
         return None
-    return [Extension(url=codes.HEATMAP_SOURCE_INSTANCE_EXTENSION, valueOid=f"{codes.URN_OID_PREFIX}{sop_instance_uid}")]
+    return [Extension(url=conventions.heatmap_source_extension, valueOid=f"{codes.URN_OID_PREFIX}{sop_instance_uid}")]
 
 
-def heatmap_source_instance(media: Any) -> str | None:
+def heatmap_source_instance(media: Any, conventions: Conventions = DEFAULT_CONVENTIONS) -> str | None:
     """The SOP Instance UID of the slice our heatmap Media explains (its extension), else None."""
     extensions = media.get("extension") if isinstance(media, dict) else None
     for extension in extensions or []:
-        if isinstance(extension, dict) and extension.get("url") == codes.HEATMAP_SOURCE_INSTANCE_EXTENSION:
+        if isinstance(extension, dict) and extension.get("url") == conventions.heatmap_source_extension:
             value = extension.get("valueOid")
             uid = value.removeprefix(codes.URN_OID_PREFIX) if isinstance(value, str) else ""
             return uid if OID.fullmatch(uid) else None

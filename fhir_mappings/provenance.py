@@ -12,7 +12,8 @@ from fhir.resources.R4B.provenance import Provenance, ProvenanceAgent, Provenanc
 from cds_service.core.domain import OrderContext, TriageResult
 
 from . import codes
-from .common import imaging_study_ref, ref, require_done, task_of
+from .common import imaging_study_ref, model_sentence, narrative, ref, require_done, task_of
+from .conventions import DEFAULT_CONVENTIONS, Conventions
 from .identifiers import result_identifier
 
 
@@ -23,6 +24,7 @@ def build_provenance(
     target_references: list[str],
     device_reference: str,
     issued: datetime,
+    conventions: Conventions = DEFAULT_CONVENTIONS,
 ) -> Provenance:
     """Who made the results (the model Device) from what (the ImagingStudy), and when.
 
@@ -33,9 +35,12 @@ def build_provenance(
     if not target_references:
         raise ValueError("a Provenance needs at least one target")
     model = require_done(result)
-    tag_code = result_identifier(result.study_uid, task_of(result), model.version, "provenance").value
+    uuid = result_identifier(result.study_uid, task_of(result), model.version, "provenance", conventions).value
     return Provenance(
-        meta=Meta(tag=[Coding(system=codes.PROVENANCE_TAG_SYSTEM, code=tag_code)]),
+        meta=Meta(profile=[conventions.profile("Provenance")],
+                  tag=[Coding(system=codes.URI_SYSTEM, code=f"urn:uuid:{uuid}")]),
+        text=narrative(f"Made by the AI triage model from ImagingStudy/{ctx.imaging_study_id}: "
+                       f"{len(target_references)} result resource(s).", model_sentence(model)),
         target=[ref(r) for r in target_references],
         recorded=issued,
         agent=[

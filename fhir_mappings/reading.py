@@ -52,6 +52,15 @@ def parse_fhir_datetime(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
+#: A FHIR dateTime: a year, a month, a day, or a time with seconds and a zone (FHIR R4 datatypes).
+_FHIR_DATETIME = re.compile(r"[0-9]{4}(-[0-9]{2}(-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))?)?)?")
+
+
+def fhir_datetime(value: Any) -> str | None:
+    """`value` when it is a FHIR dateTime (any precision), else None: a time passed on as the EHR wrote it."""
+    return value if isinstance(value, str) and _FHIR_DATETIME.fullmatch(value) else None
+
+
 def study_uid_from_imaging_study(resource: dict[str, Any]) -> str:
     """The DICOM Study Instance UID of an ImagingStudy (JSON dict).
 

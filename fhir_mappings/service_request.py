@@ -12,15 +12,17 @@ from cds_service.core.domain import Priority
 from cds_service.core.errors import InvalidResourceError
 
 from . import codes
+from .conventions import DEFAULT_CONVENTIONS, Conventions
 
 
-def with_priority(service_request: dict[str, Any], priority: Priority, *, note: str | None = None) -> dict[str, Any]:
+def with_priority(service_request: dict[str, Any], priority: Priority, *, note: str | None = None,
+                  conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[str, Any]:
     """A copy of a ServiceRequest (JSON dict) with `priority` set, checked against R4B.
 
     Works on the dict, not on a re-serialised model, so everything else the EHR stored
     (extensions, meta.versionId for If-Match) goes back unchanged. `note` is appended to
     ServiceRequest.note, so whoever opens the order sees that the AI raised it and from what;
-    the note carries the change itself as data too (PRIORITY_CHANGE_EXTENSION: from, to), which
+    the note carries the change itself as data too (conventions.priority_change_extension: from, to), which
     is what readers use (`ai_priority_change`), never the note's words.
     """
     if not isinstance(service_request, dict) or service_request.get("resourceType") != "ServiceRequest":
@@ -33,7 +35,7 @@ def with_priority(service_request: dict[str, Any], priority: Priority, *, note: 
         if isinstance(before, str) and before:
             change.insert(0, {"url": codes.PRIORITY_CHANGE_FROM, "valueCode": before})
         updated["note"] = [*(updated.get("note") or []), {
-            "extension": [{"url": codes.PRIORITY_CHANGE_EXTENSION, "extension": change}], "text": note}]
+            "extension": [{"url": conventions.priority_change_extension, "extension": change}], "text": note}]
     try:
         ServiceRequest.model_validate(updated)
     except ValidationError as exc:
@@ -43,13 +45,13 @@ def with_priority(service_request: dict[str, Any], priority: Priority, *, note: 
     return updated
 
 
-def ai_priority_change(service_request: Any) -> tuple[str | None, str] | None:
+def ai_priority_change(service_request: Any, conventions: Conventions = DEFAULT_CONVENTIONS) -> tuple[str | None, str] | None:
     """The newest priority change the AI recorded on this order, as (from, to); from is None when
     the order had no priority. None when the AI never raised it. Read from the note's extension."""
     notes = service_request.get("note") if isinstance(service_request, dict) else None
     for note in reversed(notes or []):
         for extension in (note.get("extension") or []) if isinstance(note, dict) else []:
-            if not isinstance(extension, dict) or extension.get("url") != codes.PRIORITY_CHANGE_EXTENSION:
+            if not isinstance(extension, dict) or extension.get("url") != conventions.priority_change_extension:
                 continue
             parts = {part.get("url"): part.get("valueCode") for part in extension.get("extension") or []
                      if isinstance(part, dict)}

@@ -7,6 +7,7 @@ from fhir.resources.R4B.meta import Meta
 from fhir.resources.R4B.subscription import Subscription, SubscriptionChannel
 
 from . import codes
+from .conventions import DEFAULT_CONVENTIONS, Conventions
 
 #: Header the FHIR server sends with each notification so our webhook can check it.
 SUBSCRIPTION_SECRET_HEADER = "X-CDS-Subscription-Secret"
@@ -14,15 +15,11 @@ SUBSCRIPTION_SECRET_HEADER = "X-CDS-Subscription-Secret"
 #: Default Subscription.reason (R4 requires one).
 DEFAULT_SUBSCRIPTION_REASON = "cds-triage: AI triage of new imaging studies"
 
-#: meta.tag on the Subscription created by `cds-triage subscribe`; search it back with
-#: SUBSCRIPTION_TAG_QUERY to find our own Subscription instead of creating a second one.
-SUBSCRIPTION_TAG = Coding(
-    system=codes.SUBSCRIPTION_TAG_SYSTEM,
-    code=codes.SUBSCRIPTION_TAG_CODE,
-    display=codes.SUBSCRIPTION_TAG_DISPLAY,
-)
-SUBSCRIPTION_TAG_QUERY = f"_tag={codes.SUBSCRIPTION_TAG_SYSTEM}|{codes.SUBSCRIPTION_TAG_CODE}"
 
+def is_our_subscription(subscription: dict, endpoint: str, conventions: Conventions = DEFAULT_CONVENTIONS) -> bool:
+    """Whether a Subscription (a dict) is the one `cds-triage subscribe` made for `endpoint` (our tag)."""
+    return (conventions.has_tag(subscription, codes.SUBSCRIPTION_TAG_CODE)
+            and (subscription.get("channel") or {}).get("endpoint") == endpoint)
 
 
 def build_subscription(
@@ -31,11 +28,12 @@ def build_subscription(
     header_secret: str | None,
     criteria: str = "ImagingStudy?",
     reason: str = DEFAULT_SUBSCRIPTION_REASON,
+    conventions: Conventions = DEFAULT_CONVENTIONS,
 ) -> Subscription:
     """The R4 rest-hook Subscription that makes the FHIR server notify us of new studies.
 
-    Tagged with SUBSCRIPTION_TAG so `cds-triage subscribe` can find its own Subscription
-    (search SUBSCRIPTION_TAG_QUERY) and not create a duplicate. The secret travels in a
+    Tagged (codes.SUBSCRIPTION_TAG_CODE) so `cds-triage subscribe` can find its own Subscription
+    (`is_our_subscription`, or search `conventions.subscription_tag_query`) and not create a duplicate. The secret travels in a
     header the webhook checks; header values must not contain line breaks.
     """
     if not endpoint.startswith(("http://", "https://")):
@@ -46,7 +44,7 @@ def build_subscription(
             raise ValueError("header secret must be non-empty and contain no line breaks")
         headers = [f"{SUBSCRIPTION_SECRET_HEADER}: {header_secret}"]
     return Subscription(
-        meta=Meta(tag=[SUBSCRIPTION_TAG.model_copy()]),
+        meta=Meta(tag=[Coding.model_validate(conventions.tag(codes.SUBSCRIPTION_TAG_CODE))]),
         status="requested",
         reason=reason,
         criteria=criteria,

@@ -14,6 +14,7 @@ from fhir.resources.R4B.resource import Resource
 from cds_service.core.domain import OrderContext, TriageResult
 
 from .common import first, require_done, require_timezone, task_of
+from .conventions import DEFAULT_CONVENTIONS, Conventions
 from .device import build_device
 from .diagnostic_report import build_diagnostic_report
 from .identifiers import full_url, identifier_query
@@ -40,6 +41,8 @@ def build_triage_transaction(
     *,
     issued: datetime,
     worklist_url: str | None = None,
+    effective: str | None = None,
+    conventions: Conventions = DEFAULT_CONVENTIONS,
 ) -> Bundle:
     """Everything one study's triage writes, as one all-or-nothing FHIR transaction.
 
@@ -62,7 +65,7 @@ def build_triage_transaction(
 
     entries: list[BundleEntry] = []
 
-    device = build_device(model, task_of(result))
+    device = build_device(model, task_of(result), conventions)
     device_id = first(device.identifier)
     device_url = full_url(device_id)
     entries.append(_entry(device, device_url, identifier_query(device_id)))
@@ -72,7 +75,8 @@ def build_triage_transaction(
         if not finding.trained:
             continue  # said so in the report conclusion instead
         observation = build_observation(
-            ctx, result, finding, device_reference=device_url, issued=issued
+            ctx, result, finding, device_reference=device_url, issued=issued, effective=effective,
+            conventions=conventions,
         )
         observation_id = first(observation.identifier)
         url = full_url(observation_id)
@@ -81,7 +85,7 @@ def build_triage_transaction(
 
     media_url: str | None = None
     if result.heatmap is not None:
-        media = build_media(ctx, result, device_reference=device_url, issued=issued)
+        media = build_media(ctx, result, device_reference=device_url, issued=issued, conventions=conventions)
         media_id = first(media.identifier)
         media_url = full_url(media_id)
         entries.append(_entry(media, media_url, identifier_query(media_id)))
@@ -93,6 +97,8 @@ def build_triage_transaction(
         media_reference=media_url,
         issued=issued,
         worklist_url=worklist_url,
+        effective=effective,
+        conventions=conventions,
     )
     report_id = first(report.identifier)
     report_url = full_url(report_id)
@@ -100,11 +106,12 @@ def build_triage_transaction(
 
     targets = observation_urls + ([media_url] if media_url else []) + [report_url]
     provenance = build_provenance(
-        ctx, result, target_references=targets, device_reference=device_url, issued=issued
+        ctx, result, target_references=targets, device_reference=device_url, issued=issued,
+        conventions=conventions,
     )
     tag = first(provenance.meta.tag if provenance.meta else None)
     entries.append(
-        _entry(provenance, f"urn:uuid:{tag.code}", f"_tag={tag.system}|{tag.code}")
+        _entry(provenance, str(tag.code), f"_tag={tag.system}|{tag.code}")  # the code is urn:uuid:<uuid>
     )
 
     return Bundle(type="transaction", entry=entries)
