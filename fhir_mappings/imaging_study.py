@@ -21,6 +21,7 @@ from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.reference import Reference
 
 from . import codes
+from .common import narrative
 from .conventions import DEFAULT_CONVENTIONS, Conventions
 
 #: DICOM modality codes (DICOM PS3.16 CID 29), the system R4 ImagingStudy.modality uses.
@@ -109,15 +110,18 @@ def build_imaging_study(
     if accession := _text(first, "AccessionNumber"):
         identifiers.append(Identifier(
             type=CodeableConcept(coding=[Coding(system=IDENTIFIER_TYPE_SYSTEM, code=ACCESSION_TYPE)]), value=accession))
+    described = _text(first, "StudyDescription") or _text(first, "SeriesDescription")
     return ImagingStudy(
         id=study_id,
+        text=narrative(f"Imaging study {described or '(no description)'}: {', '.join(modalities)}, {len(series)} series, "
+                       f"{len(datasets)} instances (from the DICOM headers in the PACS)."),
         status="available",
         identifier=identifiers,
         modality=[Coding(system=DICOM_DCM_SYSTEM, code=m) for m in modalities],
         subject=Reference(reference=f"Patient/{patient_id}"),
         basedOn=[Reference(reference=f"ServiceRequest/{service_request_id}")] if service_request_id else None,
         endpoint=[Reference(reference=f"Endpoint/{endpoint_id}")] if endpoint_id else None,
-        description=_text(first, "StudyDescription") or _text(first, "SeriesDescription") or None,
+        description=described or None,
         started=dicom_datetime(_text(first, "StudyDate"), _text(first, "StudyTime"), _text(first, "TimezoneOffsetFromUTC")),
         numberOfSeries=len(series),
         numberOfInstances=len(datasets),
@@ -139,6 +143,8 @@ def build_patient_from_dicom(ds: Any, *, identifier_system: str, conventions: Co
     name = HumanName(family=family.strip() or None, given=[g.strip() for g in given] or None) if family.strip() or given else None
     birth = _text(ds, "PatientBirthDate")
     return Patient(
+        text=narrative(f"Patient created by cds-triage from the DICOM headers of a study (PatientID {patient_id}): "
+                       "to be checked, and merged with the EHR's record, by a person."),
         meta=Meta(tag=[Coding.model_validate(conventions.tag(codes.PATIENT_FROM_DICOM_TAG_CODE))]),
         identifier=[Identifier(system=identifier_system, value=patient_id)],
         name=[name] if name else None,

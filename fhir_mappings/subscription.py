@@ -7,6 +7,7 @@ from fhir.resources.R4B.meta import Meta
 from fhir.resources.R4B.subscription import Subscription, SubscriptionChannel
 
 from . import codes
+from .common import narrative
 from .conventions import DEFAULT_CONVENTIONS, Conventions
 
 #: Header the FHIR server sends with each notification so our webhook can check it.
@@ -44,6 +45,7 @@ def build_subscription(
             raise ValueError("header secret must be non-empty and contain no line breaks")
         headers = [f"{SUBSCRIPTION_SECRET_HEADER}: {header_secret}"]
     return Subscription(
+        text=narrative(f"cds-triage: rest-hook notifications of {criteria} to {endpoint}, for AI triage."),
         meta=Meta(tag=[Coding.model_validate(conventions.tag(codes.SUBSCRIPTION_TAG_CODE))]),
         status="requested",
         reason=reason,
