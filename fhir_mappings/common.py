@@ -129,6 +129,11 @@ def task_value(task: Task | str) -> str:
     return task.value if isinstance(task, Task) else str(task)
 
 
+def concept(system: str, code: str, display: str, text: str | None = None) -> CodeableConcept:
+    """A CodeableConcept of one coding (a category, a type, a role)."""
+    return CodeableConcept(coding=[Coding(system=system, code=code, display=display)], text=text)
+
+
 def finding_code(label: str, conventions: Conventions = DEFAULT_CONVENTIONS) -> CodeableConcept:
     """Code of a finding label: verified standard codes first, then always our local code."""
     codings = [

@@ -5,14 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from fhir.resources.R4B.attachment import Attachment
-from fhir.resources.R4B.codeableconcept import CodeableConcept
-from fhir.resources.R4B.coding import Coding
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport, DiagnosticReportMedia
 
 from cds_service.core.domain import OrderContext, TaskMode, TriageResult
 
 from . import codes
-from .common import (AI_DISCLAIMER, SHADOW_SENTENCE, ai_asserted_meta, based_on, effective_time, finding_code,
+from .common import (AI_DISCLAIMER, SHADOW_SENTENCE, ai_asserted_meta, based_on, concept, effective_time, finding_code,
                      imaging_study_ref, model_sentence, narrative, patient_ref, ref, require_done, task_of)
 from .conventions import DEFAULT_CONVENTIONS, Conventions
 from .identifiers import result_identifier
@@ -100,27 +98,9 @@ def build_diagnostic_report(
         identifier=[result_identifier(result.study_uid, task_of(result), model.version, "report", conventions)],
         basedOn=based_on(ctx),
         status="preliminary",
-        category=[
-            CodeableConcept(
-                coding=[
-                    Coding(
-                        system=codes.V2_0074_SYSTEM,
-                        code=codes.V2_0074_RADIOLOGY,
-                        display=codes.V2_0074_RADIOLOGY_DISPLAY,
-                    )
-                ]
-            )
-        ],
-        code=CodeableConcept(
-            coding=[
-                Coding(
-                    system=codes.LOINC_SYSTEM,
-                    code=codes.LOINC_DIAGNOSTIC_IMAGING_STUDY,
-                    display=codes.LOINC_DIAGNOSTIC_IMAGING_STUDY_DISPLAY,
-                )
-            ],
-            text="AI triage result (preliminary)",
-        ),
+        category=[concept(codes.V2_0074_SYSTEM, codes.V2_0074_RADIOLOGY, codes.V2_0074_RADIOLOGY_DISPLAY)],
+        code=concept(codes.LOINC_SYSTEM, codes.LOINC_DIAGNOSTIC_IMAGING_STUDY, codes.LOINC_DIAGNOSTIC_IMAGING_STUDY_DISPLAY,
+                     "AI triage result (preliminary)"),
         subject=patient_ref(ctx),
         effectiveDateTime=effective_time(effective),
         issued=issued,

@@ -8,15 +8,13 @@ from typing import Any
 
 from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.attachment import Attachment
-from fhir.resources.R4B.codeableconcept import CodeableConcept
-from fhir.resources.R4B.coding import Coding
 from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.media import Media
 
 from cds_service.core.domain import OrderContext, TaskMode, TriageResult
 
 from . import codes
-from .common import (AI_DISCLAIMER, OID, SHADOW_SENTENCE, ai_asserted_meta, based_on, model_sentence, narrative,
+from .common import (AI_DISCLAIMER, OID, SHADOW_SENTENCE, ai_asserted_meta, based_on, concept, model_sentence, narrative,
                      patient_ref, ref, require_done, task_of)
 from .conventions import DEFAULT_CONVENTIONS, Conventions
 from .identifiers import result_identifier
@@ -54,15 +52,7 @@ def build_media(
         identifier=[result_identifier(result.study_uid, task_of(result), model.version, "media", conventions)],
         basedOn=based_on(ctx),
         status="completed",
-        type=CodeableConcept(
-            coding=[
-                Coding(
-                    system=codes.MEDIA_TYPE_SYSTEM,
-                    code=codes.MEDIA_TYPE_IMAGE,
-                    display=codes.MEDIA_TYPE_IMAGE_DISPLAY,
-                )
-            ]
-        ),
+        type=concept(codes.MEDIA_TYPE_SYSTEM, codes.MEDIA_TYPE_IMAGE, codes.MEDIA_TYPE_IMAGE_DISPLAY),
         subject=patient_ref(ctx),
         issued=issued,
         device=ref(device_reference, f"{model.name} {model.version}"),

@@ -12,7 +12,7 @@ from fhir.resources.R4B.observation import Observation, ObservationComponent
 from cds_service.core.domain import NEGATIVE_LABELS, Finding, OrderContext, TaskMode, TriageResult
 
 from . import codes
-from .common import (AI_DISCLAIMER, SHADOW_SENTENCE, ai_asserted_meta, based_on, effective_time, finding_code,
+from .common import (AI_DISCLAIMER, SHADOW_SENTENCE, ai_asserted_meta, based_on, concept, effective_time, finding_code,
                      imaging_study_ref, model_sentence, narrative, patient_ref, probability_quantity, ref, require_done,
                      task_of)
 from .conventions import DEFAULT_CONVENTIONS, Conventions
@@ -63,17 +63,8 @@ def build_observation(
                                       f"observation-{finding.label}", conventions)],
         basedOn=based_on(ctx),
         status="preliminary",
-        category=[
-            CodeableConcept(
-                coding=[
-                    Coding(
-                        system=codes.OBSERVATION_CATEGORY_SYSTEM,
-                        code=codes.OBSERVATION_CATEGORY_IMAGING,
-                        display=codes.OBSERVATION_CATEGORY_IMAGING_DISPLAY,
-                    )
-                ]
-            )
-        ],
+        category=[concept(codes.OBSERVATION_CATEGORY_SYSTEM, codes.OBSERVATION_CATEGORY_IMAGING,
+                          codes.OBSERVATION_CATEGORY_IMAGING_DISPLAY)],
         code=_observation_code(finding.label, conventions),
         subject=patient_ref(ctx),
         effectiveDateTime=effective_time(effective),
@@ -122,6 +113,4 @@ def _interpretation(positive: bool) -> CodeableConcept:
         code, display = codes.INTERPRETATION_POSITIVE, codes.INTERPRETATION_POSITIVE_DISPLAY
     else:
         code, display = codes.INTERPRETATION_NEGATIVE, codes.INTERPRETATION_NEGATIVE_DISPLAY
-    return CodeableConcept(
-        coding=[Coding(system=codes.INTERPRETATION_SYSTEM, code=code, display=display)]
-    )
+    return concept(codes.INTERPRETATION_SYSTEM, code, display)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.coding import Coding
 from fhir.resources.R4B.meta import Meta
 from fhir.resources.R4B.provenance import Provenance, ProvenanceAgent, ProvenanceEntity
@@ -12,7 +11,7 @@ from fhir.resources.R4B.provenance import Provenance, ProvenanceAgent, Provenanc
 from cds_service.core.domain import OrderContext, TriageResult
 
 from . import codes
-from .common import imaging_study_ref, model_sentence, narrative, ref, require_done, task_of
+from .common import concept, imaging_study_ref, model_sentence, narrative, ref, require_done, task_of
 from .conventions import DEFAULT_CONVENTIONS, Conventions
 from .identifiers import result_identifier
 
@@ -45,15 +44,8 @@ def build_provenance(
         recorded=issued,
         agent=[
             ProvenanceAgent(
-                type=CodeableConcept(
-                    coding=[
-                        Coding(
-                            system=codes.PROVENANCE_PARTICIPANT_SYSTEM,
-                            code=codes.PROVENANCE_PARTICIPANT_PERFORMER,
-                            display=codes.PROVENANCE_PARTICIPANT_PERFORMER_DISPLAY,
-                        )
-                    ]
-                ),
+                type=concept(codes.PROVENANCE_PARTICIPANT_SYSTEM, codes.PROVENANCE_PARTICIPANT_PERFORMER,
+                             codes.PROVENANCE_PARTICIPANT_PERFORMER_DISPLAY),
                 who=ref(device_reference, f"{model.name} {model.version}"),
             )
         ],
