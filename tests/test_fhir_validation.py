@@ -257,3 +257,54 @@ def test_narratives_are_escaped_xhtml_saying_finding_probability_model_and_discl
             div = text["div"]
             assert "head&lt;ct&gt; 1.2.0 &amp; co" in div and "AI-generated, preliminary, not a diagnosis." in div
             assert "Intracranial hemorrhage" in div and "0.93" in div
+
+
+def test_dicom_dates_become_fhir_datetimes_with_a_time_only_where_the_zone_is_known():
+    from cds_service.adapters.pacs import series_from_qido
+    from fhir_mappings.imaging_study import dicom_datetime
+
+    assert dicom_datetime("20250314", "085500.123", "+0100") == "2025-03-14T08:55:00+01:00"
+    assert dicom_datetime("20250314", "0855", "-0500") == "2025-03-14T08:55:00-05:00"
+    assert dicom_datetime("20250314", "085500") == "2025-03-14"  # no zone: FHIR wants one with a time
+    assert dicom_datetime("20251399") is None and dicom_datetime("") is None and dicom_datetime("2025") is None
+    series = {"0020000E": {"vr": "UI", "Value": ["1.2.3"]}, "00080020": {"vr": "DA", "Value": ["20250313"]},
+              "00080021": {"vr": "DA", "Value": ["20250314"]}, "00080031": {"vr": "TM", "Value": ["0855"]},
+              "00080201": {"vr": "SH", "Value": ["+0100"]}}
+    assert series_from_qido(series).acquired == "2025-03-14T08:55:00+01:00"
+    del series["00080021"]  # no series date: the study's
+    assert series_from_qido(series).acquired == "2025-03-13"
+    assert series_from_qido({"0020000E": {"vr": "UI", "Value": ["1.2.3"]}}).acquired == ""
+
+
+def fhir_answering(handler) -> Any:
+    from cds_service.adapters.fhir_client import FhirClient
+
+    client = FhirClient("http://fhir.test/fhir")
+    client.http = httpx.Client(base_url="http://fhir.test/fhir/", transport=httpx.MockTransport(handler))
+    return client
+
+
+def test_the_ai_label_check_says_known_not_known_or_could_not_check():
+    from cds_service.adapters.terminology import check_ai_labels
+
+    def answer(result: bool | None, status: int = 200):
+        def handler(request: httpx.Request) -> httpx.Response:
+            assert request.url.path == "/fhir/CodeSystem/$validate-code"
+            assert request.url.params["url"] == codes.SECURITY_OBSERVATION_VALUE_SYSTEM and request.url.params["code"] == "AIAST"
+            if status != 200:
+                return httpx.Response(status, json={"resourceType": "OperationOutcome"})
+            parameters = [{"name": "result", "valueBoolean": result}]
+            if result is False:
+                parameters.append({"name": "message", "valueString": "Unknown code 'AIAST'"})
+            return httpx.Response(200, json={"resourceType": "Parameters", "parameter": parameters})
+        return handler
+
+    [known] = check_ai_labels(fhir_answering(answer(True)), Conventions())
+    [unknown] = check_ai_labels(fhir_answering(answer(False)), Conventions())
+    [unchecked] = check_ai_labels(fhir_answering(answer(None, 404)), Conventions())
+    assert (known.known, unknown.known, unchecked.known) == (True, False, None)
+    assert known.line().endswith("|AIAST: known to the FHIR server's terminology")
+    assert "NOT known" in unknown.line() and "Unknown code 'AIAST'" in unknown.line() and "CDS_AI_SECURITY_LABEL" in unknown.line()
+    assert unchecked.line().endswith("could not check (CodeSystem/$validate-code answered 404)")
+    site = Conventions.from_settings(Settings(ai_security_label="https://h.example/sec|AI", ai_security_label_mode="replace"))
+    assert [label.code for label in site.ai_labels] == ["AI"]

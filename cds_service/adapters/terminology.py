@@ -15,7 +15,7 @@ from typing import Any
 from fhir_mappings.conventions import Conventions, SecurityLabel
 
 from cds_service.adapters.fhir_client import FhirClient
-from cds_service.core.errors import TriageError, UpstreamRejectedError
+from cds_service.core.errors import StudyNotFoundError, TriageError, UpstreamRejectedError
 
 ADVICE = ("a server that validates writes will refuse our results: load current HL7 terminology "
           "(hl7.terminology.r4) into its validator, or add or substitute a label it knows with "
@@ -53,7 +53,9 @@ def check_label(fhir: FhirClient, label: SecurityLabel) -> LabelCheck:
     """Ask the server's `CodeSystem/$validate-code` whether it knows `label`."""
     try:
         answer = fhir.operation("CodeSystem/$validate-code", {"url": label.system, "code": label.code})
-    except UpstreamRejectedError as exc:  # 400, 404, 405, 501: no such operation, or not for this system
+    except StudyNotFoundError:  # 404 (sekmet): no such operation
+        return LabelCheck(label, None, "CodeSystem/$validate-code answered 404")
+    except UpstreamRejectedError as exc:  # 400, 405, 501: no such operation, or not for this system
         return LabelCheck(label, None, f"CodeSystem/$validate-code answered {exc.status_code}")
     except TriageError as exc:  # unreachable, timed out, 5xx
         return LabelCheck(label, None, str(exc)[:200])
