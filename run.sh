@@ -13,6 +13,7 @@ cd "$(dirname "$0")"
 DEMO_APT_PACKAGES=(orthanc orthanc-dicomweb python3-venv)
 # the tests also build and run a HAPI FHIR JPA server (hapi-fhir-test/, Maven, Java 17): tests/hapi_support.py
 TEST_APT_PACKAGES=("${DEMO_APT_PACKAGES[@]}" chromium dicom3tools redis-server openjdk-17-jdk-headless maven)
+command -v npm >/dev/null || TEST_APT_PACKAGES+=(npm)  # hl7.terminology.r4 for the strict HAPI tests (tests/strict_hapi_support.py)
 # package → the system service its install enables and starts
 declare -A PACKAGE_SERVICES=([orthanc]=orthanc [redis-server]=redis-server)
 APT_LOCK_TIMEOUT="${APT_LOCK_TIMEOUT:-300}"

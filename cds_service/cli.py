@@ -113,11 +113,14 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
-    from cds_service.adapters.subscribe import SubscriptionNotActiveError, ensure_subscription, wait_until_active
+    from cds_service.adapters.subscribe import (SubscriptionNotActiveError, ai_label_checks, ensure_subscription,
+                                                wait_until_active)
 
     endpoint = args.endpoint or f"{settings.public_url.rstrip('/')}/fhir-notify"
     subscription_id, created = ensure_subscription(settings, endpoint)
     print(f"{'created' if created else 'already present'}: Subscription/{subscription_id} → {endpoint}", flush=True)
+    for check in ai_label_checks(settings):  # informative: we write the label either way
+        print(check.line(), flush=True)
     if args.wait <= 0:
         return 0
     print(f"waiting up to {args.wait:.0f} s for the FHIR server to activate it", flush=True)
@@ -190,6 +193,18 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _fhir_package(args: argparse.Namespace, settings: Settings) -> int:
+    from .fhir_package import default_package_path, write_fhir_package
+
+    version = args.version or package_version().split()[0]
+    if not version[:1].isdigit():
+        print("cds-triage fhir-package: the package version is unknown (not installed): give --version", file=sys.stderr)
+        return 2
+    path, count = write_fhir_package(settings, args.output or default_package_path(version), version)
+    print(f"{path}: {count} resources under {settings.fhir_canonical_base} (FHIR package cds-triage.r4#{version})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cds-triage", description="AI radiology triage for the EHR (FHIR R4, CDS Hooks, DICOMweb).",
                                      epilog=EXIT_STATUSES + "\n\nSettings come from CDS_* environment variables (docs/settings.md).",
@@ -222,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait until the server has activated the Subscription (HAPI does so asynchronously); "
                         "exit 1 if it is not active within SECONDS (default 120; 0: do not wait)")
     p.set_defaults(func=_subscribe)
+
+    p = sub.add_parser("fhir-package", help="write our FHIR definitions (code systems, extensions, profiles) as an NPM-style "
+                       "FHIR package for a validating FHIR server, under CDS_FHIR_CANONICAL_BASE (docs/fhir.md)")
+    p.add_argument("--output", type=Path, help="a .tgz file, or a folder to hold package/ (default cds-triage.r4-VERSION.tgz)")
+    p.add_argument("--version", help="the package version (default: this cds-triage's version)")
+    p.set_defaults(func=_fhir_package)
 
     p = sub.add_parser("demo", help="start Orthanc, the FHIR server and the service; triage the sample studies")
     p.add_argument("--workdir", type=Path, help="where the demo servers keep their data and logs, kept afterwards "

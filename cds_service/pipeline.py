@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from fhir_mappings.builders import build_triage_transaction, reference_id, study_uid_from_imaging_study, with_priority
+from fhir_mappings.conventions import Conventions
+from fhir_mappings.reading import fhir_datetime
 
 from cds_service.core.decoding import PreparedValues, decode_pool, prepare_slice, prepare_values, slab_decoders
 from cds_service.core.domain import DISCLAIMER, OrderContext, PacsResult, Priority, Series, Task, TaskMode, TriageResult
@@ -202,9 +204,13 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     result = replace(result, mode=mode, input_fit=verdict.fit)
     observe_model_latency(route.task.value, time.perf_counter() - started)
 
-    # 6. Write the report, observations, heatmap, device and provenance: all or nothing.
+    # 6. Write the report, observations, heatmap, device and provenance: all or nothing. Their effective
+    #    time is the study's (ImagingStudy.started), else the series' acquisition date from the PACS.
     issued = datetime.now(timezone.utc)
-    bundle = build_triage_transaction(ctx, result, issued=issued, worklist_url=f"{settings.public_url}/worklist")
+    conventions = Conventions.from_settings(settings)
+    bundle = build_triage_transaction(ctx, result, issued=issued, worklist_url=f"{settings.public_url}/worklist",
+                                      effective=fhir_datetime(imaging_study.get("started")) or route.series.acquired or None,
+                                      conventions=conventions)
     response = deps.fhir.transaction(bundle.model_dump(mode="json", exclude_none=True))
     written = written_locations(response)
 
@@ -212,7 +218,7 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     if mode is TaskMode.SHADOW:
         change = {"changed": False, "reason": f"shadow mode: {route.task.value} never changes a priority here"}
     else:
-        change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result)
+        change = raise_order_priority(deps.fhir, ctx.service_request_id, result.suggested_priority, result, conventions)
     summary = result_summary(result) | {"routedBy": route.evidence, "inputCheck": verdict.to_summary(),
                                         "written": written, "priority": change}
     if series.plan is not None:  # "300 instances read as 30 slabs of 5 mm", or why each was read alone
@@ -221,14 +227,15 @@ def run_triage(job: Job, deps: PipelineDeps) -> tuple[JobState, str, dict[str, A
     # 8. The results into the PACS too, in the same study, as CDS_RESULTS_TO_PACS asks: the heatmap as a
     #    Secondary Capture, the findings as a DICOM Structured Report that references the key image and
     #    the capture. A failure is recorded in the job result; it never fails a triage already written.
-    summary |= results_to_pacs(settings.results_to_pacs, pacs, deps.fhir, series, result, written, issued)
+    summary |= results_to_pacs(settings.results_to_pacs, pacs, deps.fhir, series, result, written, issued, conventions)
 
     log.info("triage done", extra={"job": job.id, "task": route.task.value, "priority": change})
     return JobState.DONE, "", summary
 
 
 def results_to_pacs(wanted: frozenset[PacsResult], pacs: Pacs, fhir: FhirClient, series: StreamedSeries,
-                    result: TriageResult, written: dict[str, list[str]], issued: datetime) -> dict[str, Any]:
+                    result: TriageResult, written: dict[str, list[str]], issued: datetime,
+                    conventions: Conventions) -> dict[str, Any]:
     """Step 8: the Secondary Capture, then the SR that references it, each where CDS_RESULTS_TO_PACS names it;
     what the job record keeps of them (`heatmapToPacs`, `reportToPacs`)."""
     record: dict[str, Any] = {}
@@ -239,7 +246,7 @@ def results_to_pacs(wanted: frozenset[PacsResult], pacs: Pacs, fhir: FhirClient,
         record["reportToPacs"] = report_to_pacs(
             pacs, fhir, result, source=next(iter(series.fetched_datasets()), None), key_instances=key,
             capture=StoredCapture.from_record(record.get("heatmapToPacs")),
-            report_references=written.get("DiagnosticReport") or [], issued=issued)
+            report_references=written.get("DiagnosticReport") or [], issued=issued, conventions=conventions)
     return record
 
 
@@ -285,7 +292,7 @@ def written_locations(response: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def raise_order_priority(fhir: FhirClient, service_request_id: str | None, suggested: Priority | None,
-                         result: TriageResult) -> dict[str, Any]:
+                         result: TriageResult, conventions: Conventions | None = None) -> dict[str, Any]:
     """Raise ServiceRequest.priority with If-Match; on 412 re-read and decide again."""
     if not service_request_id:
         return {"changed": False, "reason": "no ServiceRequest for this study"}
@@ -296,7 +303,8 @@ def raise_order_priority(fhir: FhirClient, service_request_id: str | None, sugge
         if new is None:
             return {"changed": False, "from": _code(current), "to": _code(current)}
         try:
-            fhir.update(with_priority(order, new, note=priority_note(current, new, result)), if_match=version)
+            fhir.update(with_priority(order, new, note=priority_note(current, new, result),
+                                      conventions=conventions or Conventions()), if_match=version)
         except VersionConflictError:
             continue  # someone changed the order meanwhile: re-read, and never lower theirs
         return {"changed": True, "from": _code(current), "to": new.value}

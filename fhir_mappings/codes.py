@@ -15,57 +15,83 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------
-# Our own namespaces (not standards: example.org placeholders to replace per deployment)
+# Our own code systems, identifier systems, extensions and profiles: their names and codes.
+# Their URLs are `<canonical base>/CodeSystem/<name>` etc., made by conventions.Conventions
+# (the base is CDS_FHIR_CANONICAL_BASE); `cds-triage fhir-package` publishes their definitions.
 # ---------------------------------------------------------------------------------------
 
-#: Base of every URI we mint ourselves.
-LOCAL_BASE = "https://cds-triage.example.org/fhir"
-
-#: Local CodeSystem for finding labels; code = the model's label ("any", "glioma", ...).
+#: Finding labels; code = the model's label ("any", "glioma", ...), display FINDING_DISPLAY.
 #: Every Observation carries a code from it, so it always has a code even where no
 #: standard code was verified.
-LOCAL_FINDING_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-finding"
+FINDING_CODE_SYSTEM = "triage-finding"
 
-#: Local CodeSystem for Observation.component codes (the operating threshold).
-LOCAL_COMPONENT_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-observation-component"
+#: Observation.component codes (the operating threshold).
+COMPONENT_CODE_SYSTEM = "triage-observation-component"
 COMPONENT_OPERATING_THRESHOLD = "operating-threshold"
+COMPONENT_CODES = {COMPONENT_OPERATING_THRESHOLD: "Operating threshold"}
 
-#: Local CodeSystem for Observation.method: which operating threshold decided the result, the
-#: model card's or the site's own (CDS_SITE_THRESHOLDS, chosen by `cds-triage validate`).
-LOCAL_METHOD_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-method"
+#: Observation.method: which operating threshold decided the result, the model card's or the
+#: site's own (CDS_SITE_THRESHOLDS, chosen by `cds-triage validate`).
+METHOD_CODE_SYSTEM = "triage-method"
 METHOD_CARD_THRESHOLD = "model-card-threshold"
 METHOD_SITE_THRESHOLD = "site-threshold"
+METHOD_CODES = {METHOD_CARD_THRESHOLD: "Model card operating threshold", METHOD_SITE_THRESHOLD: "Site operating threshold"}
 
-#: Identifier system of the results we write (DiagnosticReport, Observation, Media).
-#: Values are deterministic UUIDs (see builders.result_identifier).
-RESULT_IDENTIFIER_SYSTEM = f"{LOCAL_BASE}/sid/triage-result"
-
-#: Identifier system of the model Devices; value is a UUID over model name + version.
-DEVICE_IDENTIFIER_SYSTEM = f"{LOCAL_BASE}/sid/triage-model"
-
-#: R4 Provenance has no `identifier` element, so a Provenance is made idempotent with a
-#: meta.tag from this system (code = the deterministic UUID) and `_tag=` in ifNoneExist.
-PROVENANCE_TAG_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-provenance-id"
-
-#: meta.tag on every resource a task in shadow mode writes (same system as the Subscription's tag).
-SHADOW_TAG_CODE = "shadow-mode"
-SHADOW_TAG_DISPLAY = "Written in shadow mode: recorded for local validation, never used to change a priority"
-
-#: meta.tag that marks the Subscription created by `cds-triage subscribe`.
-SUBSCRIPTION_TAG_SYSTEM = f"{LOCAL_BASE}/CodeSystem/triage-tag"
+#: meta.tag codes: the Subscription `cds-triage subscribe` made (searched back with `_tag`), every
+#: resource a task in shadow mode writes, and a Patient the PACS-side trigger made from DICOM headers.
+TAG_CODE_SYSTEM = "triage-tag"
 SUBSCRIPTION_TAG_CODE = "cds-triage-subscription"
-SUBSCRIPTION_TAG_DISPLAY = "Subscription owned by the cds-triage service"
+SHADOW_TAG_CODE = "shadow-mode"
+PATIENT_FROM_DICOM_TAG_CODE = "patient-from-dicom"
+TAG_CODES = {
+    SUBSCRIPTION_TAG_CODE: "Subscription owned by the cds-triage service",
+    SHADOW_TAG_CODE: "Written in shadow mode: recorded for local validation, never used to change a priority",
+    PATIENT_FROM_DICOM_TAG_CODE: "Patient created by cds-triage from DICOM headers",
+}
+SUBSCRIPTION_TAG_DISPLAY = TAG_CODES[SUBSCRIPTION_TAG_CODE]
+SHADOW_TAG_DISPLAY = TAG_CODES[SHADOW_TAG_CODE]
+
+#: R4 Provenance has no `identifier` element, so a Provenance is made idempotent with a meta.tag
+#: carrying its deterministic UUID, `urn:uuid:<uuid>`, as a code of RFC 3986 URIs (a system every
+#: validator knows: a code system of our own could not list the UUIDs, and a validator cannot check
+#: a code against one that does not), searched with `_tag=` in ifNoneExist.
+URI_SYSTEM = "urn:ietf:rfc:3986"
+
+#: CDS Hooks card topics and override reasons (cds_service/core/cards.py).
+CARD_TOPIC_CODE_SYSTEM = "cds-card-topic"
+CARD_TOPIC_CODES = {"ai-imaging-triage": "AI imaging triage"}
+OVERRIDE_REASON_CODE_SYSTEM = "cds-override-reason"
+OVERRIDE_REASON_CODES = {
+    "already-read": "Study already read by a radiologist",
+    "false-positive": "AI finding judged a false positive",
+    "not-relevant": "Not relevant to the current clinical question",
+    "image-quality": "Image quality or artefact limits the AI result",
+}
+
+#: Identifier systems `<base>/sid/<name>`: the results we write (DiagnosticReport, Observation,
+#: Media; deterministic UUIDs, see identifiers.result_identifier) and the model Devices (a UUID
+#: over model name and version).
+RESULT_IDENTIFIER_NAME = "triage-result"
+DEVICE_IDENTIFIER_NAME = "triage-model"
 
 #: Extension on the ServiceRequest.note the AI leaves when it raises an order's priority:
 #: sub-extensions `from` (valueCode; absent when the order had none) and `to` (valueCode).
 #: Readers (the worklist) take the change from here, never from the note's prose.
-PRIORITY_CHANGE_EXTENSION = f"{LOCAL_BASE}/StructureDefinition/ai-priority-change"
+PRIORITY_CHANGE_EXTENSION_ID = "ai-priority-change"
 PRIORITY_CHANGE_FROM = "from"
 PRIORITY_CHANGE_TO = "to"
 
 #: Extension on our heatmap Media: the DICOM SOP Instance UID of the slice the overlay explains
 #: (valueOid, "urn:oid:<uid>"), so a viewer can fetch that slice from the PACS to lay it under.
-HEATMAP_SOURCE_INSTANCE_EXTENSION = f"{LOCAL_BASE}/StructureDefinition/heatmap-source-instance"
+HEATMAP_SOURCE_EXTENSION_ID = "heatmap-source-instance"
+
+#: The resource types we write, each with our profile (StructureDefinition id cds-triage-<type>).
+PROFILED_TYPES = ("DiagnosticReport", "Observation", "Media", "Device", "Provenance")
+
+
+def profile_id(resource_type: str) -> str:
+    return f"cds-triage-{resource_type.lower()}"
+
 
 # ---------------------------------------------------------------------------------------
 # HL7 / FHIR terminology

@@ -86,6 +86,25 @@ def hapi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hapi_suppo
         proc.stop(timeout=20)  # its log (hapi.log) stays in pytest's temp dir, like the tests' own files
 
 
+@pytest.fixture(scope="session")
+def strict_hapi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hapi_support.HapiProcess]:
+    """HAPI FHIR as a hospital's validating server: request validation on, HL7 Terminology and our own
+    package (`cds-triage fhir-package`, default settings) loaded (tests/strict_hapi_support.py); shared."""
+    import strict_hapi_support
+
+    require(not strict_hapi_support.missing_tools(), strict_hapi_support.missing_tools() or "")
+    workdir = tmp_path_factory.mktemp("hapi-strict")
+    try:
+        packages = [strict_hapi_support.terminology_package(), strict_hapi_support.our_package(workdir)]
+        proc = strict_hapi_support.start_strict_hapi(workdir, packages, timeout=600)
+    except (hapi_support.HapiBuildError, devservers.ServerStartError) as exc:
+        pytest.fail(f"strict HAPI FHIR test server: {exc}", pytrace=False)
+    try:
+        yield proc
+    finally:
+        proc.stop(timeout=20)
+
+
 @pytest.fixture
 def orthanc_factory(tmp_path: Path) -> Iterator:
     """Start extra Orthancs (own config/ports) inside one test; all are stopped afterwards."""

@@ -8,9 +8,11 @@ The models here are card-compatible *untrained* weights made in a temp dir with
 thresholds at 0, so every trained label is positive: these tests are about the plumbing.
 Model quality is tested against the committed weights in test_weights.py.
 
-Every test runs against two FHIR servers, `[sekmet]` (the local Python server, SQLite) and `[hapi]`
+Every test runs against three FHIR servers, `[sekmet]` (the local Python server, SQLite), `[hapi]`
 (HAPI FHIR's JPA server from hapi-fhir-test/, built once by Maven and started by the `hapi_server`
-fixture); with CDS_FHIR_BASE_URL (and CDS_DICOMWEB_URL) set, only against that server (and PACS),
+fixture) and `[hapi-strict]` (the same HAPI as a hospital's validating server: request validation on,
+current HL7 Terminology and our `cds-triage fhir-package` loaded; a write with a validation error is
+refused, tests/strict_hapi_support.py); with CDS_FHIR_BASE_URL (and CDS_DICOMWEB_URL) set, only against that server (and PACS),
 as `[external]`: `hapi-fhir-test/run.sh` does this with HAPI in Docker. Nothing here relies on a
 server's id or version formats, search quirks or wording; where the servers differ (409 or 412 for
 a stale If-Match) the test says which answer each gives. The HAPI log is read to check each
@@ -19,6 +21,7 @@ notification was delivered once and none failed (HAPI retries a failed delivery 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -62,15 +65,15 @@ class ExternalPacs:
     dicomweb_url: str
 
 
-#: Every test here runs against each FHIR server: sekmet (SQLite, Python) and HAPI FHIR's JPA server
-#: (hapi-fhir-test/, built by Maven and started by the `hapi_server` fixture), or only against the one
-#: CDS_FHIR_BASE_URL names.
-FHIR_SERVERS = ["external"] if os.environ.get("CDS_FHIR_BASE_URL") else ["sekmet", "hapi"]
+#: Every test here runs against each FHIR server: sekmet (SQLite, Python), HAPI FHIR's JPA server
+#: (hapi-fhir-test/, built by Maven and started by the `hapi_server` fixture) and the same HAPI validating
+#: every write (`strict_hapi_server`), or only against the one CDS_FHIR_BASE_URL names.
+FHIR_SERVERS = ["external"] if os.environ.get("CDS_FHIR_BASE_URL") else ["sekmet", "hapi", "hapi-strict"]
 
 
 @dataclass(frozen=True)
 class FhirUnderTest:
-    name: str  # "sekmet", "hapi" or "external" (CDS_FHIR_BASE_URL)
+    name: str  # "sekmet", "hapi", "hapi-strict" or "external" (CDS_FHIR_BASE_URL)
     url: str
     hapi: hapi_support.HapiLogReader | None = None  # HAPI's log, when we started HAPI ourselves
 
@@ -81,9 +84,9 @@ def fhir_under_test(request) -> FhirUnderTest:
     if request.param == "external":  # with the log of the HAPI that hapi-fhir-test/run.sh --no-docker started
         log = os.environ.get("CDS_TEST_HAPI_LOG")
         return FhirUnderTest("external", os.environ["CDS_FHIR_BASE_URL"], hapi_support.HapiLog(log) if log else None)
-    if request.param == "hapi":
-        hapi = request.getfixturevalue("hapi_server")
-        return FhirUnderTest("hapi", hapi.url, hapi)
+    if request.param in ("hapi", "hapi-strict"):
+        hapi = request.getfixturevalue("hapi_server" if request.param == "hapi" else "strict_hapi_server")
+        return FhirUnderTest(request.param, hapi.url, hapi)
     return FhirUnderTest("sekmet", request.getfixturevalue("fhir_server").url)
 
 
@@ -402,11 +405,28 @@ def test_subscribe_is_idempotent(service):
     assert first[0] == second[0] and second[1] is False
 
 
-def test_subscribe_command_waited_until_the_server_activated_it(service, subscribed, fhir):
-    """HAPI stores a new Subscription as `requested` and activates it asynchronously; sekmet after a handshake."""
+#: What `cds-triage subscribe` and /readyz say about AIAST on each server: HAPI 8.8.0's bundled HL7 terminology
+#: (2018) lacks it, the validating HAPI has current HL7 Terminology loaded, sekmet has no CodeSystem/$validate-code.
+AIAST_KNOWN = {"sekmet": None, "hapi": False, "hapi-strict": True}
+AIAST_SAID = {None: "could not check", False: "NOT known to the FHIR server's terminology",
+              True: "known to the FHIR server's terminology"}
+
+
+def test_subscribe_command_waited_until_the_server_activated_it(service, subscribed, fhir, api, fhir_under_test):
+    """HAPI stores a new Subscription as `requested` and activates it asynchronously; sekmet after a handshake.
+    On the way it says whether the server's terminology knows our AI security label (so does /readyz)."""
     lines = subscribed.stdout.splitlines()
     assert lines[0] == f"created: Subscription/{subscribed.subscription_id} → {service.public_url}/fhir-notify"
     assert lines[-1].startswith(f"active: Subscription/{subscribed.subscription_id} (after ")
+    [label] = [line for line in lines if line.startswith("AI security label ")]
+    assert label.startswith("AI security label http://terminology.hl7.org/CodeSystem/v3-ObservationValue|AIAST: ")
+    readyz = api.get("/readyz").json()
+    [check] = readyz["aiSecurityLabels"]
+    assert check["code"] == "AIAST"
+    if fhir_under_test.name in AIAST_KNOWN:
+        known = AIAST_KNOWN[fhir_under_test.name]
+        assert AIAST_SAID[known] in label and (known or "NOT" in label or "could not" in label), label
+        assert check["known"] is known, check
     subscription, _ = fhir.read("Subscription", subscribed.subscription_id)
     assert subscription["status"] == "active" and subscription["channel"]["type"] == "rest-hook"
     assert subscription["channel"]["header"] == [f"X-CDS-Subscription-Secret: {SECRET}"]
@@ -422,7 +442,7 @@ def test_a_stale_if_match_is_a_conflict_and_the_priority_raise_re_reads(fhir, fh
     fhir.update(dict(order, note=[{"text": "patient is anxious"}]), if_match=version)
     with pytest.raises(VersionConflictError) as conflict:
         fhir.update(dict(order, priority="asap"), if_match=version)
-    expected = {"sekmet": 412, "hapi": 409}.get(fhir_under_test.name, conflict.value.status_code)  # external: either
+    expected = {"sekmet": 412, "hapi": 409, "hapi-strict": 409}.get(fhir_under_test.name, conflict.value.status_code)  # external: either
     assert conflict.value.status_code == expected and expected in (409, 412)
 
     person = FhirClient(fhir.base_url)
@@ -551,6 +571,67 @@ def test_a_deleted_study_is_notified_as_a_delete_and_acknowledged(fhir, api, ser
         assert hapi.delivery_failures() == []
     finally:
         fhir.delete("Subscription", subscription["id"])
+
+
+SITE_BASE = "https://fhir.hospital.test/ai"
+SITE_LABEL = {"system": "https://fhir.hospital.test/CodeSystem/security", "code": "AI", "display": "AI asserted"}
+
+
+def put_package(fhir: FhirClient, settings: Settings, folder: Path) -> None:
+    """Our definitions for these settings (`cds-triage fhir-package`) PUT resource by resource (docs/fhir.md)."""
+    done = subprocess.run([sys.executable, "-m", "cds_service.cli", "fhir-package", "--output", str(folder), "--version",
+                           "0.0.0-test"], env={**os.environ, **settings.to_env()}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = sorted((folder / "package").glob("*-*.json"),
+                   key=lambda p: ["CodeSystem", "ValueSet", "StructureDefinition"].index(p.name.split("-")[0]))
+    for path in files:
+        fhir.update(json.loads(path.read_text()), if_match=None)
+
+
+def test_a_site_canonical_base_and_label_are_written_and_read_back(fhir, service, fhir_under_test, orthanc_factory,
+                                                                  tmp_path):
+    """CDS_FHIR_CANONICAL_BASE and CDS_AI_SECURITY_LABEL end to end: every URL we mint follows the site's base, the
+    site's label stands beside AIAST, and the worklist and CDS Hooks read the results back by them. On the validating
+    HAPI the site's package is PUT first (docs/fhir.md), else its writes would be refused. The study is in a PACS only
+    this instance knows, so the module's service (the project's base) writes nothing for it."""
+    own_pacs = orthanc_factory()
+    site, processes = start_variant(service, tmp_path, fhir_canonical_base=SITE_BASE, dicomweb_url=own_pacs.dicomweb_url,
+                                    ai_security_label="|".join(SITE_LABEL.values()))
+    try:
+        if fhir_under_test.name == "hapi-strict":
+            put_package(fhir, site, tmp_path / "package")
+        ids = order_study(fhir, ct_slices(pydicom.uid.generate_uid(), 2), store_in_pacs=own_pacs.url)
+        with httpx.Client(base_url=site.public_url, timeout=10) as client:
+            assert client.put(f"/fhir-notify/ImagingStudy/{ids['study']}", headers={"X-CDS-Subscription-Secret": SECRET}).status_code == 200
+            job = wait_for_job(client, ids["study"])
+            assert job["status"] == "done", job
+            written = results_for(fhir, ids["patient"])
+            text = json.dumps(written)
+            assert "cds-triage.org" not in text
+            [report] = [r for r in written["DiagnosticReport"] if r["identifier"][0]["system"] == f"{SITE_BASE}/sid/triage-result"]
+            assert SITE_LABEL in report["meta"]["security"] and any(s["code"] == "AIAST" for s in report["meta"]["security"])
+            assert report["meta"]["profile"] == [f"{SITE_BASE}/StructureDefinition/cds-triage-diagnosticreport"]
+            [observation] = written["Observation"]
+            assert f"{SITE_BASE}/CodeSystem/triage-finding" in {c["system"] for c in observation["code"]["coding"]}
+            order, _ = fhir.read("ServiceRequest", ids["order"])
+            assert order["note"][-1]["extension"][0]["url"] == f"{SITE_BASE}/StructureDefinition/ai-priority-change"
+
+            row = {r["orderId"]: r for r in client.get("/worklist/rows.json").json()["rows"]}[ids["order"]]
+            assert row["status"] == "done" and row["aiRaisedFrom"] == "routine" and row["topFinding"]["label"] == "any"
+            discovery_url = f"{site.public_url}/cds-services"
+            services = {s["id"]: s for s in client.get("/cds-services", headers=EHR.auth(discovery_url)).json()["services"]}
+            assert f"identifier={SITE_BASE}/sid/triage-result|" in services["patient-view"]["prefetch"]["aiReports"]
+            context = {"patientId": ids["patient"]}
+            body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": context, "fhirServer": fhir.base_url,
+                    "prefetch": ehr_prefetch(fhir, services["patient-view"]["prefetch"], context)}
+            cards = client.post("/cds-services/patient-view", json=body, headers=EHR.auth(f"{discovery_url}/patient-view"))
+            [card] = cards.json()["cards"]
+            assert "Intracranial hemorrhage" in card["summary"] and card["source"]["topic"]["system"].startswith(SITE_BASE)
+        with httpx.Client(base_url=service.public_url, timeout=10) as ours:  # the project's base: not its result
+            row = {r["orderId"]: r for r in ours.get("/worklist/rows.json").json()["rows"]}.get(ids["order"])
+            assert row is None or row["status"] != "done"
+    finally:
+        processes.stop()
 
 
 def test_every_notification_was_delivered_without_failure(fhir, subscribed, fhir_under_test):

@@ -31,11 +31,10 @@ from cds_service.core.domain import (
      )
 from cds_service.core.errors import InvalidResourceError
 from fhir_mappings import codes
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS as OURS
 from fhir_mappings.builders import (
     AI_DISCLAIMER,
     SUBSCRIPTION_SECRET_HEADER,
-    SUBSCRIPTION_TAG,
-    SUBSCRIPTION_TAG_QUERY,
     ai_priority_change,
     build_conclusion,
     build_device,
@@ -183,7 +182,8 @@ def test_if_none_exist_searches_each_resource_by_its_own_identifier() -> None:
         if resource["resourceType"] == "Provenance":
             tag = resource["meta"]["tag"][0]
             assert entry["request"]["ifNoneExist"] == f"_tag={tag['system']}|{tag['code']}"
-            assert entry["fullUrl"] == f"urn:uuid:{tag['code']}"
+            assert entry["fullUrl"] == tag["code"] and tag["code"].startswith("urn:uuid:")
+            assert tag["system"] == "urn:ietf:rfc:3986"
         else:
             ident = resource["identifier"][0]
             assert entry["request"]["ifNoneExist"] == f"identifier={ident['system']}|{ident['value']}"
@@ -218,7 +218,7 @@ def test_identifiers_differ_for_another_model_version_and_another_study() -> Non
 def test_result_identifier_is_deterministic_and_kind_specific() -> None:
     a = result_identifier(STUDY_UID, Task.HEAD_CT_ICH, "1.2.0", "report")
     assert a == result_identifier(STUDY_UID, "head_ct_ich", "1.2.0", "report")
-    assert a.system == codes.RESULT_IDENTIFIER_SYSTEM
+    assert a.system == OURS.result_identifier_system
     kinds = ["report", "media", "provenance", "observation-any", "observation-subdural"]
     values = {result_identifier(STUDY_UID, Task.HEAD_CT_ICH, "1.2.0", k).value for k in kinds}
     assert len(values) == len(kinds)
@@ -241,7 +241,7 @@ def test_untrained_labels_are_not_written_and_the_conclusion_says_so() -> None:
     observations = resources(data, "Observation")
     local_codes = [
         c["code"] for o in observations for c in o["code"]["coding"]
-        if c["system"] == codes.LOCAL_FINDING_SYSTEM
+        if c["system"] == OURS.finding_system
     ]
     assert local_codes == ["any"]
     conclusion = resources(data, "DiagnosticReport")[0]["conclusion"]
@@ -295,7 +295,7 @@ def test_observation_content() -> None:
     assert "0.50" in obs["note"][0]["text"]
     assert obs["issued"] == "2025-03-14T09:26:53Z"
     systems = [c["system"] for c in obs["code"]["coding"]]
-    assert systems == [codes.SNOMED_SYSTEM, codes.LOCAL_FINDING_SYSTEM]
+    assert systems == [codes.SNOMED_SYSTEM, OURS.finding_system]
 
 
 def test_negative_observation_is_neg_and_no_service_request_means_no_based_on() -> None:
@@ -312,7 +312,7 @@ def test_no_tumor_label_gets_a_probability_but_no_interpretation() -> None:
     context = OrderContext("is-2", "pat-2", None, "1.2.3.4.5")
     data = as_json(build_triage_transaction(context, brain_result(), issued=ISSUED))
     by_label = {
-        next(c["code"] for c in o["code"]["coding"] if c["system"] == codes.LOCAL_FINDING_SYSTEM): o
+        next(c["code"] for c in o["code"]["coding"] if c["system"] == OURS.finding_system): o
         for o in resources(data, "Observation")
     }
     assert set(by_label) == {"glioma", "meningioma", "pituitary", "no_tumor"}
@@ -320,7 +320,7 @@ def test_no_tumor_label_gets_a_probability_but_no_interpretation() -> None:
     assert by_label["no_tumor"]["valueQuantity"]["value"] == 0.02
     assert by_label["glioma"]["interpretation"][0]["coding"][0]["code"] == "POS"
     # No standard code was verified for the brain tumour labels: the local code is alone.
-    assert [c["system"] for c in by_label["glioma"]["code"]["coding"]] == [codes.LOCAL_FINDING_SYSTEM]
+    assert [c["system"] for c in by_label["glioma"]["code"]["coding"]] == [OURS.finding_system]
 
 
 def test_media_only_when_there_is_a_heatmap() -> None:
@@ -339,7 +339,7 @@ def test_media_only_when_there_is_a_heatmap() -> None:
     assert media["device"]["reference"] == entries(data, "Device")[0]["fullUrl"]
     note = media["note"][0]["text"]
     assert "'any'" in note and "slice 17" in note
-    assert media["extension"] == [{"url": codes.HEATMAP_SOURCE_INSTANCE_EXTENSION, "valueOid": f"urn:oid:{STUDY_UID}.1.17"}]
+    assert media["extension"] == [{"url": OURS.heatmap_source_extension, "valueOid": f"urn:oid:{STUDY_UID}.1.17"}]
     assert heatmap_source_instance(media) == f"{STUDY_UID}.1.17"  # what the worklist reads back
 
     report = resources(data, "DiagnosticReport")[0]
@@ -419,7 +419,7 @@ def test_ai_asserted_security_label_on_every_clinical_resource() -> None:
             assert aiast in resource["meta"]["security"], resource_type
     # Device (software description) and Provenance (written by us, about the AI) are not
     # AI assertions themselves.
-    assert "meta" not in resources(data, "Device")[0]
+    assert "security" not in resources(data, "Device")[0]["meta"]
     assert "security" not in resources(data, "Provenance")[0]["meta"]
 
 
@@ -473,7 +473,7 @@ def test_every_task_label_has_a_display_and_a_local_code() -> None:
         for label in labels:
             assert label in codes.FINDING_DISPLAY
             coding = finding_code(label).coding
-            assert coding[-1].system == codes.LOCAL_FINDING_SYSTEM
+            assert coding[-1].system == OURS.finding_system
             assert coding[-1].code == label
     all_labels = {label for labels in TASK_LABELS.values() for label in labels}
     assert set(codes.STANDARD_FINDING_CODES) <= all_labels
@@ -481,7 +481,7 @@ def test_every_task_label_has_a_display_and_a_local_code() -> None:
 
 def test_pneumothorax_carries_snomed_radlex_and_local_codes() -> None:
     systems = [c.system for c in finding_code("pneumothorax").coding]
-    assert systems == [codes.SNOMED_SYSTEM, codes.RADLEX_SYSTEM, codes.LOCAL_FINDING_SYSTEM]
+    assert systems == [codes.SNOMED_SYSTEM, codes.RADLEX_SYSTEM, OURS.finding_system]
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,9 +503,10 @@ def test_subscription_is_a_tagged_rest_hook_with_the_secret_header() -> None:
         "payload": "application/fhir+json",
         "header": [f"{SUBSCRIPTION_SECRET_HEADER}: s3cr3t"],
     }
-    assert data["meta"]["tag"] == [SUBSCRIPTION_TAG.model_dump(mode="json", exclude_none=True)]
+    assert data["meta"]["tag"] == [{"system": "https://cds-triage.org/fhir/CodeSystem/triage-tag",
+                                    "code": "cds-triage-subscription", "display": codes.SUBSCRIPTION_TAG_DISPLAY}]
     tag = data["meta"]["tag"][0]
-    assert SUBSCRIPTION_TAG_QUERY == f"_tag={tag['system']}|{tag['code']}"
+    assert OURS.subscription_tag_query == f"_tag={tag['system']}|{tag['code']}"
 
 
 def test_subscription_without_secret_has_no_header_and_custom_criteria() -> None:
@@ -527,10 +528,11 @@ def test_subscription_rejects_non_http_endpoint() -> None:
         build_subscription("ftp://cds.example.org/hook", header_secret=None)
 
 
-def test_subscription_tag_constant_is_not_shared_by_reference() -> None:
+def test_subscription_tag_is_not_shared_by_reference() -> None:
     sub = build_subscription("https://cds.example.org/hook", header_secret=None)
     sub.meta.tag[0].display = "changed"
-    assert SUBSCRIPTION_TAG.display == codes.SUBSCRIPTION_TAG_DISPLAY
+    assert build_subscription("https://cds.example.org/hook", header_secret=None).meta.tag[0].display == \
+        codes.SUBSCRIPTION_TAG_DISPLAY
 
 
 # ---------------------------------------------------------------------------------------
@@ -649,7 +651,7 @@ def test_the_ai_priority_change_is_data_on_its_note() -> None:
                 "subject": {"reference": "Patient/p"}, "priority": "urgent", "note": [{"text": "by hand"}]}
     assert ai_priority_change(original) is None
     updated = with_priority(original, Priority.STAT, note="Priority raised from urgent to stat by AI triage.")
-    assert updated["note"][-1]["extension"] == [{"url": codes.PRIORITY_CHANGE_EXTENSION, "extension": [
+    assert updated["note"][-1]["extension"] == [{"url": OURS.priority_change_extension, "extension": [
         {"url": "from", "valueCode": "urgent"}, {"url": "to", "valueCode": "stat"}]}]
     assert ai_priority_change(updated) == ("urgent", "stat")
     unset = with_priority({k: v for k, v in original.items() if k != "priority"}, Priority.ASAP, note="raised")

@@ -134,6 +134,11 @@ class StatusSequence:
             subscription["error"] = self.error
         return subscription, "1"
 
+    def operation(self, path: str, params: dict[str, str]):
+        """Like sekmet: no CodeSystem/$validate-code (404), so the AI label cannot be checked."""
+        assert path == "CodeSystem/$validate-code" and params["code"] == "AIAST"
+        raise UpstreamRejectedError("FHIR GET CodeSystem/$validate-code answered 404", 404, "")
+
     def close(self) -> None:
         pass
 
@@ -181,6 +186,8 @@ def test_subscribe_command_waits_for_active_and_says_so(monkeypatch, fake_fhir, 
     assert "created: Subscription/1000 → http://127.0.0.1:8000/fhir-notify" in out.out
     assert "waiting up to 30 s for the FHIR server to activate it" in out.out
     assert said in out.out + out.err
+    assert ("AI security label http://terminology.hl7.org/CodeSystem/v3-ObservationValue|AIAST: could not check "
+            "(CodeSystem/$validate-code answered 404)") in out.out
 
 
 def test_subscribe_command_without_waiting(monkeypatch, fake_fhir, capsys):

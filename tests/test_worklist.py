@@ -196,7 +196,7 @@ def test_the_ai_status_comes_from_fhir_and_the_job_store_only_adds_progress():
 def test_withdrawn_reports_and_shadow_mode_are_read_from_fhir():
     resources = [order("o1"), study("s1", "o1", uid="5.1"), *triaged("o1", "s1", "5.1", 0.9)]
     report = next(r for r in resources if r["resourceType"] == "DiagnosticReport")
-    report["meta"]["tag"] = [{"system": "https://cds-triage.example.org/fhir/CodeSystem/triage-tag", "code": "shadow-mode"}]
+    report["meta"]["tag"] = [{"system": "https://cds-triage.org/fhir/CodeSystem/triage-tag", "code": "shadow-mode"}]
     [row] = build_worklist(resources, [], now=NOW)
     assert row.shadow is True and row.score == 0.0 and row.top_finding is not None
     report["status"] = "entered-in-error"
@@ -262,7 +262,7 @@ def test_the_ai_raised_marker_is_never_read_from_prose():
 
 
 def test_key_instance_is_read_from_our_medias_extension():
-    media = {"extension": [{"url": "https://cds-triage.example.org/fhir/StructureDefinition/heatmap-source-instance",
+    media = {"extension": [{"url": "https://cds-triage.org/fhir/StructureDefinition/heatmap-source-instance",
                             "valueOid": "urn:oid:1.2.840.5"}]}
     assert heatmap_source_instance(media) == "1.2.840.5"
     assert heatmap_source_instance({"content": {"title": "Grad-CAM heatmap: x, slice 2 (SOP Instance UID 1.2.840.5)"}}) is None

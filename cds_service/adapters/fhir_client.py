@@ -199,5 +199,9 @@ class FhirClient:
         response = self._send("POST", "", json=bundle, headers={"Content-Type": FHIR_JSON})
         return response.json()
 
+    def operation(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        """GET a FHIR operation (`CodeSystem/$validate-code`): its answer, a Parameters resource."""
+        return self._send("GET", path, params=params).json()
+
     def delete(self, resource_type: str, resource_id: str) -> None:
         self._send("DELETE", resource_path(resource_type, resource_id))

@@ -15,6 +15,8 @@ import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 
+from fhir_mappings.imaging_study import dicom_datetime
+
 from cds_service.core.domain import Series, Study
 from cds_service.core.errors import (BadDicomError, PermanentError, StudyNotFoundError, StudyTooLargeError, TransientError, TriageError,
                                      UpstreamError, UpstreamRejectedError, is_retryable_status)
@@ -35,6 +37,7 @@ ANATOMIC_REGION = "00082218"
 INSTANCE_NUMBER = "00200013"
 IMAGE_POSITION = "00200032"
 SOP_UID = "00080018"
+ACQUIRED = (("00080021", "00080031", "00080201"), ("00080020", "00080030", "00080201"))  # Series/Study Date, Time, zone
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'  # WADO-RS, in the stored syntax
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 # DICOM coding schemes of body parts, as FHIR systems
@@ -134,6 +137,7 @@ def series_from_qido(attrs: dict[str, Any]) -> Series:
         requested_procedure=str(_value(attrs, REQUESTED_PROCEDURE)),
         anatomic_region=region,
         anatomic_region_text=region_text,
+        acquired=next(filter(None, (dicom_datetime(*(str(_value(attrs, tag)) for tag in tags)) for tags in ACQUIRED)), ""),
     )
 
 
@@ -188,7 +192,7 @@ class Pacs:
     def find_study(self, study_uid: str) -> Study:
         """The study's series from QIDO-RS; StudyNotInPacsError when there are none."""
         fields = [MODALITY, SERIES_DESCRIPTION, BODY_PART, INSTANCES_IN_SERIES, PROTOCOL_NAME, STUDY_DESCRIPTION,
-                  REQUESTED_PROCEDURE, ANATOMIC_REGION]
+                  REQUESTED_PROCEDURE, ANATOMIC_REGION, *{tag for tags in ACQUIRED for tag in tags}]
         results = self._call(lambda: self.client.search_for_series(study_uid, fields=fields), study_uid)
         if not results:
             raise StudyNotInPacsError(f"study not found in the PACS at {self.config.url}", **self._where)

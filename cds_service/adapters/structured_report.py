@@ -46,6 +46,7 @@ from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from fhir_mappings import codes
 from fhir_mappings.builders import SHADOW_SENTENCE, device_identifier, finding_code
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS, Conventions
 
 from cds_service.core.domain import DISCLAIMER, Finding, TaskMode, TriageResult
 from cds_service.adapters.fhir_client import FhirClient
@@ -100,24 +101,26 @@ def device_uid(result: TriageResult) -> str:
     return f"2.25.{uuid.UUID(str(device_identifier(result.model).value)).int}"
 
 
-def concept(system: str, code: str, display: str) -> hd.sr.CodedConcept:
-    """A FHIR coding as a DICOM coded concept (our local system under its private designator)."""
-    scheme = STANDARD_SCHEMES.get(system) or (LOCAL_SCHEME if system == codes.LOCAL_FINDING_SYSTEM else None)
+def concept(system: str, code: str, display: str, conventions: Conventions = DEFAULT_CONVENTIONS) -> hd.sr.CodedConcept:
+    """A FHIR coding as a DICOM coded concept (our local system, CDS_FHIR_CANONICAL_BASE's, under its private designator)."""
+    scheme = STANDARD_SCHEMES.get(system) or (LOCAL_SCHEME if system == conventions.finding_system else None)
     if scheme is None:
         raise ValueError(f"no DICOM coding scheme for {system}")
     return hd.sr.CodedConcept(code, scheme, display[:64])
 
 
-def finding_concept(label: str) -> hd.sr.CodedConcept:
+def finding_concept(label: str, conventions: Conventions = DEFAULT_CONVENTIONS) -> hd.sr.CodedConcept:
     """The label coded as our FHIR Observation codes it: the first coding as the code, the others as its
     Equivalent Code Sequence (PS3.3 Table 8.8-1)."""
-    first, *others = [concept(str(c.system), str(c.code), str(c.display)) for c in finding_code(label).coding or []]
+    first, *others = [concept(str(c.system), str(c.code), str(c.display), conventions)
+                      for c in finding_code(label, conventions).coding or []]
     if others:
         first.EquivalentCodeSequence = others
     return first
 
 
-def _group(result: TriageResult, finding: Finding, evidence: ReportEvidence) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _group(result: TriageResult, finding: Finding, evidence: ReportEvidence,
+           conventions: Conventions) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The TID 1501 group of one label: finding, algorithm, probability, present/absent, images."""
     assert result.model is not None and result.task is not None
     task, model = result.task.value, result.model
@@ -128,14 +131,14 @@ def _group(result: TriageResult, finding: Finding, evidence: ReportEvidence) -> 
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[result.study_uid, task, model.version, finding.label, "tracking"]),
             identifier=f"{task} {finding.label}"),
-        finding_type=finding_concept(finding.label),
+        finding_type=finding_concept(finding.label, conventions),
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=model.name, version=model.version, manufacturer=MANUFACTURER,
             parameters=[f"operating threshold {finding.threshold:.4g} ({source})"]),
         measurements=[hd.sr.Measurement(name=dicom_codes.DCM.CertaintyOfFinding, value=round(finding.probability, 4),
                                         unit=PROBABILITY_UNIT)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            finding_concept(finding.label), dicom_codes.SCT.Present if finding.positive else dicom_codes.SCT.Absent,
+            finding_concept(finding.label, conventions), dicom_codes.SCT.Present if finding.positive else dicom_codes.SCT.Absent,
         )] if finding.has_verdict else None,
         source_images=[hd.sr.SourceImageForMeasurementGroup(classes[sop], sop) for sop in evidence.key_instances]
         if key else None,
@@ -180,7 +183,8 @@ def _evidence_datasets(evidence: ReportEvidence, study_uid: str) -> list[pydicom
     return [source, *others]
 
 
-def build_triage_report(result: TriageResult, evidence: ReportEvidence, *, issued: datetime) -> hd.sr.Comprehensive3DSR:
+def build_triage_report(result: TriageResult, evidence: ReportEvidence, *, issued: datetime,
+                        conventions: Conventions = DEFAULT_CONVENTIONS) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 report of one triage (the trained findings, as our FHIR Observations). Pure: no I/O."""
     if result.model is None or result.task is None:
         raise ValueError("only a done triage has a report")
@@ -199,7 +203,7 @@ def build_triage_report(result: TriageResult, evidence: ReportEvidence, *, issue
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURES.get(str(evidence.source.get("Modality", "")).upper(),
                                           dicom_codes.LN.XRUnspecifiedBodyRegion),
-        imaging_measurements=[_group(result, finding, evidence) for finding in findings],
+        imaging_measurements=[_group(result, finding, evidence, conventions) for finding in findings],
         title=dicom_codes.DCM.ImagingMeasurementReport,
     )
     report[0].ContentSequence.append(_comments(result))
@@ -223,7 +227,7 @@ def build_triage_report(result: TriageResult, evidence: ReportEvidence, *, issue
         content_time=issued.time().replace(tzinfo=None),
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=LOCAL_SCHEME, name="cds-triage finding labels", responsible_organization=MANUFACTURER,
-            resources=[CodingSchemeResourceItem(url=codes.LOCAL_FINDING_SYSTEM, url_type="DOC")])],
+            resources=[CodingSchemeResourceItem(url=conventions.finding_system, url_type="DOC")])],
     )
     sr.TimezoneOffsetFromUTC = "+0000"
     return sr
@@ -250,7 +254,7 @@ def with_report_reference(report: dict[str, Any], stored: StoredInstance, dicomw
 
 def report_to_pacs(pacs: Pacs, fhir: FhirClient, result: TriageResult, *, source: pydicom.Dataset | None,
                    key_instances: Sequence[str], capture: StoredCapture | None, report_references: Sequence[str],
-                   issued: datetime) -> dict[str, Any]:
+                   issued: datetime, conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[str, Any]:
     """Pipeline step 8b: build, store (STOW-RS) and reference the SR. Never raises.
 
     `source`: a slice of the source series fetched already, if any (else the first instance is read).
@@ -265,7 +269,7 @@ def report_to_pacs(pacs: Pacs, fhir: FhirClient, result: TriageResult, *, source
             part = pacs.retrieve_part(result.study_uid, result.series_uid, instances[0][1])
             source = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True)
         dataset = build_triage_report(result, ReportEvidence(source, instances, tuple(key_instances), capture),
-                                      issued=issued)
+                                      issued=issued, conventions=conventions)
         pacs.store(dataset)
     except Exception as exc:  # noqa: BLE001 - an optional copy must never fail a triage already in FHIR
         log.warning("structured report not stored in the PACS: %s", exc)

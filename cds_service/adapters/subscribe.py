@@ -14,28 +14,43 @@ from __future__ import annotations
 
 import time
 
-from fhir_mappings.builders import SUBSCRIPTION_TAG, build_subscription
+import httpx
+
+from fhir_mappings.builders import build_subscription, is_our_subscription
+from fhir_mappings.conventions import Conventions
 
 from cds_service.core.settings import Settings
 from cds_service.adapters.smart_auth import fhir_auth, fhir_client
+from cds_service.adapters.terminology import LabelCheck, check_ai_labels
 
 
-def is_ours(subscription: dict, endpoint: str) -> bool:
-    tags = (subscription.get("meta") or {}).get("tag") or []
-    tagged = any(t.get("system") == SUBSCRIPTION_TAG.system and t.get("code") == SUBSCRIPTION_TAG.code for t in tags)
-    return tagged and (subscription.get("channel") or {}).get("endpoint") == endpoint
+def is_ours(subscription: dict, endpoint: str, conventions: Conventions | None = None) -> bool:
+    return is_our_subscription(subscription, endpoint, conventions or Conventions())
 
 
 def ensure_subscription(settings: Settings, endpoint: str) -> tuple[str, bool]:
     """The id of our Subscription for `endpoint`, and whether it was created just now."""
     fhir = fhir_client(settings, fhir_auth(settings))  # SMART Backend Services when configured
+    conventions = Conventions.from_settings(settings)
     try:
         for existing in fhir.search("Subscription", {"_count": "200"}):
-            if is_ours(existing, endpoint) and existing.get("status") in ("requested", "active"):
+            if is_ours(existing, endpoint, conventions) and existing.get("status") in ("requested", "active"):
                 return str(existing["id"]), False
-        resource = build_subscription(endpoint, header_secret=settings.subscription_secret or None)
+        resource = build_subscription(endpoint, header_secret=settings.subscription_secret or None,
+                                      conventions=conventions)
         created = fhir.create(resource.model_dump(mode="json", exclude_none=True))
         return str(created["id"]), True
+    finally:
+        fhir.close()
+
+
+def ai_label_checks(settings: Settings, timeout_s: float | None = None) -> list[LabelCheck]:
+    """Whether the FHIR server's terminology knows each AI security label we write (terminology.py)."""
+    fhir = fhir_client(settings, fhir_auth(settings))
+    if timeout_s is not None:
+        fhir.http.timeout = httpx.Timeout(timeout_s)
+    try:
+        return check_ai_labels(fhir, Conventions.from_settings(settings))
     finally:
         fhir.close()
 

@@ -21,21 +21,15 @@ from typing import Any, Iterable, Mapping
 
 from fhir_mappings import codes
 from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow, parse_fhir_datetime, reference_id
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS, Conventions
 
 from cds_service.core.domain import DISCLAIMER, Priority, TaskMode
 from cds_service.core.viewer import viewer_link
 SUMMARY_LIMIT = 139  # the specification: a summary under 140 characters
 
-#: Our own CodeSystems for card topics and override reasons (example.org placeholders, like codes.LOCAL_BASE).
-TOPIC_SYSTEM = f"{codes.LOCAL_BASE}/CodeSystem/cds-card-topic"
-OVERRIDE_REASON_SYSTEM = f"{codes.LOCAL_BASE}/CodeSystem/cds-override-reason"
-TOPIC = {"system": TOPIC_SYSTEM, "code": "ai-imaging-triage", "display": "AI imaging triage"}
-OVERRIDE_REASONS = (
-    ("already-read", "Study already read by a radiologist"),
-    ("false-positive", "AI finding judged a false positive"),
-    ("not-relevant", "Not relevant to the current clinical question"),
-    ("image-quality", "Image quality or artefact limits the AI result"),
-)
+#: Card topics and override reasons: our own CodeSystems (codes.CARD_TOPIC_CODES, OVERRIDE_REASON_CODES),
+#: under the canonical base (Conventions.card_topic_system, .override_reason_system).
+TOPIC_CODE = "ai-imaging-triage"
 
 #: SNOMED CT 363679005 "Imaging" (FHIR ValueSet servicerequest-category) and HL7 v2-0074 RAD mark an imaging order.
 IMAGING_CATEGORIES = {(codes.SNOMED_SYSTEM, "363679005"), (codes.V2_0074_SYSTEM, codes.V2_0074_RADIOLOGY)}
@@ -79,26 +73,22 @@ class AiReport:
 # --- AI reports from FHIR or from a job -------------------------------------------------------
 
 
-def is_ai_report(resource: Mapping[str, Any]) -> bool:
-    """One of our DiagnosticReports: AI-asserted (meta.security AIAST) with our result identifier."""
+def is_ai_report(resource: Mapping[str, Any], conventions: Conventions = DEFAULT_CONVENTIONS) -> bool:
+    """One of our DiagnosticReports: AI-asserted (meta.security AIAST or the site's label) with our result identifier."""
     if resource.get("resourceType") != "DiagnosticReport":
         return False
-    security = (resource.get("meta") or {}).get("security") or []
-    ai = any(s.get("system") == codes.SECURITY_OBSERVATION_VALUE_SYSTEM and s.get("code") == codes.SECURITY_AI_ASSERTED
-             for s in security if isinstance(s, dict))
-    ours = any(i.get("system") == codes.RESULT_IDENTIFIER_SYSTEM for i in resource.get("identifier") or [] if isinstance(i, dict))
-    return ai and ours
+    return conventions.is_ai_asserted(dict(resource)) and conventions.is_our_result(dict(resource))
 
 
-def _local_label(concept: Mapping[str, Any] | None) -> str | None:
+def _local_label(concept: Mapping[str, Any] | None, conventions: Conventions) -> str | None:
     for coding in (concept or {}).get("coding") or []:
-        if isinstance(coding, dict) and coding.get("system") == codes.LOCAL_FINDING_SYSTEM and coding.get("code"):
+        if isinstance(coding, dict) and coding.get("system") == conventions.finding_system and coding.get("code"):
             return str(coding["code"])
     return None
 
 
-def _finding_from_observation(observation: Mapping[str, Any]) -> ReportedFinding | None:
-    label = _local_label(observation.get("code"))
+def _finding_from_observation(observation: Mapping[str, Any], conventions: Conventions) -> ReportedFinding | None:
+    label = _local_label(observation.get("code"), conventions)
     if label is None:
         return None
     value = (observation.get("valueQuantity") or {}).get("value")
@@ -117,15 +107,16 @@ def dicom_uid(identifiers: Any) -> str | None:
     return None
 
 
-def ai_report_from_fhir(report: Mapping[str, Any], observations: Mapping[str, Mapping[str, Any]]) -> AiReport:
+def ai_report_from_fhir(report: Mapping[str, Any], observations: Mapping[str, Mapping[str, Any]],
+                        conventions: Conventions = DEFAULT_CONVENTIONS) -> AiReport:
     """An AiReport from our DiagnosticReport and its Observations (`{"Observation/<id>": resource}`).
 
     Positive findings come from conclusionCode, which is there even when the Observations were not
     sent; their probabilities and the model come from the Observations when they are.
     """
     results = [observations.get(f"Observation/{reference_id(r.get('reference'), 'Observation')}") for r in report.get("result") or []]
-    findings = {f.label: f for f in (_finding_from_observation(o) for o in results if o) if f}
-    for label in filter(None, (_local_label(c) for c in report.get("conclusionCode") or [])):
+    findings = {f.label: f for f in (_finding_from_observation(o, conventions) for o in results if o) if f}
+    for label in filter(None, (_local_label(c, conventions) for c in report.get("conclusionCode") or [])):
         known = findings.get(label)
         findings[label] = ReportedFinding(label, known.probability if known else None, True)
     model = next((str(o["device"]["display"]) for o in results if o and (o.get("device") or {}).get("display")), None)
@@ -135,20 +126,21 @@ def ai_report_from_fhir(report: Mapping[str, Any], observations: Mapping[str, Ma
         findings=tuple(findings.values()), status=str(report.get("status") or "preliminary"), model=model,
         issued=parse_fhir_datetime(report.get("issued")) or parse_fhir_datetime((report.get("meta") or {}).get("lastUpdated")),
         report_id=str(report["id"]) if report.get("id") else None, imaging_study_id=study, media_id=media,
-        shadow=is_shadow(report),
+        shadow=is_shadow(dict(report), conventions),
         # the study's UID beside its reference (builders), the SR's as the report's identifier (structured_report)
         study_uid=next(filter(None, (dicom_uid(s.get("identifier")) for s in report.get("imagingStudy") or [])), None),
         structured_report_uid=dicom_uid(report.get("identifier") or []),
     )
 
 
-def ai_reports_from_fhir(resources: Iterable[Mapping[str, Any]], patient_id: str) -> list[AiReport]:
+def ai_reports_from_fhir(resources: Iterable[Mapping[str, Any]], patient_id: str,
+                         conventions: Conventions = DEFAULT_CONVENTIONS) -> list[AiReport]:
     """This patient's standing AI reports among `resources` (a search result), newest first."""
     resources = list(resources)
     observations = {f"Observation/{r['id']}": r for r in resources if r.get("resourceType") == "Observation" and r.get("id")}
     reports = [
-        ai_report_from_fhir(r, observations) for r in resources
-        if is_ai_report(r) and reference_id((r.get("subject") or {}).get("reference"), "Patient") == patient_id
+        ai_report_from_fhir(r, observations, conventions) for r in resources
+        if is_ai_report(r, conventions) and reference_id((r.get("subject") or {}).get("reference"), "Patient") == patient_id
         and r.get("status") not in WITHDRAWN_STATUSES
     ]
     oldest = datetime.min.replace(tzinfo=timezone.utc)
@@ -225,12 +217,14 @@ def prune(value: Any) -> Any:
     return value
 
 
-def source(public_url: str) -> dict[str, Any]:
-    return {"label": "cds-triage AI radiology triage", "url": f"{public_url}/worklist", "topic": dict(TOPIC)}
+def source(public_url: str, conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[str, Any]:
+    topic = {"system": conventions.card_topic_system, "code": TOPIC_CODE, "display": codes.CARD_TOPIC_CODES[TOPIC_CODE]}
+    return {"label": "cds-triage AI radiology triage", "url": f"{public_url}/worklist", "topic": topic}
 
 
-def override_reasons() -> list[dict[str, str]]:
-    return [{"system": OVERRIDE_REASON_SYSTEM, "code": code, "display": display} for code, display in OVERRIDE_REASONS]
+def override_reasons(conventions: Conventions = DEFAULT_CONVENTIONS) -> list[dict[str, str]]:
+    return [{"system": conventions.override_reason_system, "code": code, "display": display}
+            for code, display in codes.OVERRIDE_REASON_CODES.items()]
 
 
 def links(report: AiReport | None, public_url: str, viewer: str = "") -> list[dict[str, str]]:
@@ -246,15 +240,15 @@ def links(report: AiReport | None, public_url: str, viewer: str = "") -> list[di
 
 
 def _card(summary: str, detail: str, indicator: str, public_url: str, report: AiReport | None,
-          *, with_override_reasons: bool, viewer: str = "") -> dict[str, Any]:
+          *, with_override_reasons: bool, conventions: Conventions, viewer: str = "") -> dict[str, Any]:
     card = {
         "uuid": str(uuid.uuid4()),
         "summary": summary_text(summary),
         "detail": detail,
         "indicator": indicator,
-        "source": source(public_url),
+        "source": source(public_url, conventions),
         "links": links(report, public_url, viewer),
-        "overrideReasons": override_reasons() if with_override_reasons else None,
+        "overrideReasons": override_reasons(conventions) if with_override_reasons else None,
         "extension": ai_result_extension(report),
     }
     return prune(card)
@@ -320,7 +314,8 @@ def report_detail(report: AiReport, priority: Priority | None) -> str:
     return "\n".join(lines)
 
 
-def report_card(report: AiReport, rules: Mapping[str, Priority], public_url: str, viewer: str = "") -> dict[str, Any]:
+def report_card(report: AiReport, rules: Mapping[str, Priority], public_url: str,
+                conventions: Conventions = DEFAULT_CONVENTIONS, viewer: str = "") -> dict[str, Any]:
     """The card for one AI result: indicator from its severity, findings in the detail."""
     priority = severity(report, rules)
     top = report.positive_findings[0] if report.positive_findings else None
@@ -334,29 +329,33 @@ def report_card(report: AiReport, rules: Mapping[str, Priority], public_url: str
     if report.shadow:
         summary = "[Shadow mode] " + summary
     return _card(summary, report_detail(report, priority), indicator_for(priority), public_url, report,
-                 with_override_reasons=top is not None, viewer=viewer)
+                 with_override_reasons=top is not None, conventions=conventions, viewer=viewer)
 
 
-def unread_critical_card(report: AiReport, rules: Mapping[str, Priority], public_url: str, viewer: str = "") -> dict[str, Any]:
+def unread_critical_card(report: AiReport, rules: Mapping[str, Priority], public_url: str,
+                         conventions: Conventions = DEFAULT_CONVENTIONS, viewer: str = "") -> dict[str, Any]:
     """For order-select/order-sign: this patient has a critical AI finding no radiologist has read yet."""
     top = report.positive_findings[0]
     summary = f"Unread critical AI finding for this patient: {codes.finding_display(top.label)}"
     detail = ("A prior study of this patient has a **critical AI triage finding that no radiologist has read yet**. "
               "Consider reviewing it before placing this imaging order.\n\n" + report_detail(report, severity(report, rules)))
-    return _card(summary, detail, "critical", public_url, report, with_override_reasons=True, viewer=viewer)
+    return _card(summary, detail, "critical", public_url, report, with_override_reasons=True, conventions=conventions,
+                 viewer=viewer)
 
 
-def pending_card(job_id: str, state: str, public_url: str) -> dict[str, Any]:
+def pending_card(job_id: str, state: str, public_url: str, conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[str, Any]:
     """What imagingstudy-create answers at once: the hook never waits for inference."""
     detail = (f"The study was queued for AI triage (job `{md(job_id)}`, status {md(state)}). "
               f"Findings will appear on the worklist and in the patient's chart. *{DISCLAIMER}*")
-    return _card("AI triage: analysis pending", detail, "info", public_url, None, with_override_reasons=False)
+    return _card("AI triage: analysis pending", detail, "info", public_url, None, with_override_reasons=False,
+                 conventions=conventions)
 
 
-def no_result_card(reason: str, public_url: str) -> dict[str, Any]:
+def no_result_card(reason: str, public_url: str, conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[str, Any]:
     """The study was not triaged (no model for it): say so, so nobody reads silence as 'normal'."""
     detail = f"AI triage did not analyse this study: {md(reason)}. Read it in the usual order. *{DISCLAIMER}*"
-    return _card("AI triage: not performed for this study", detail, "info", public_url, None, with_override_reasons=False)
+    return _card("AI triage: not performed for this study", detail, "info", public_url, None, with_override_reasons=False,
+                 conventions=conventions)
 
 
 def priority_action(service_request: Mapping[str, Any], updated: Mapping[str, Any], new: Priority) -> dict[str, Any]:

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 #: The safety disclaimer on everything the AI writes (FHIR resources, cards, DICOM, pages): defined here only.
 DISCLAIMER = "AI-generated, preliminary, not a diagnosis."
 
+#: The default canonical base of every FHIR code system, extension, identifier system and profile the
+#: service mints (CDS_FHIR_CANONICAL_BASE; docs/fhir.md): the project's FHIR namespace, fixed and documented.
+DEFAULT_FHIR_CANONICAL_BASE = "https://cds-triage.org/fhir"
+
 
 class Priority(str, enum.Enum):
     """FHIR request-priority codes, ordered: routine < urgent < asap < stat."""
@@ -82,6 +86,13 @@ class PacsResult(enum.StrEnum):
 
     SR = "sr"  # the findings as a DICOM Structured Report (TID 1500 Measurement Report)
     SC = "sc"  # the Grad-CAM overlay as a DICOM Secondary Capture
+
+
+class AiLabelMode(enum.StrEnum):
+    """How a site's own AI security label (CDS_AI_SECURITY_LABEL) joins HL7's AIAST (CDS_AI_SECURITY_LABEL_MODE)."""
+
+    ADD = "add"  # AIAST and the site's coding
+    REPLACE = "replace"  # the site's coding only (a server whose terminology lacks AIAST and refuses it)
 
 
 _PRIORITY_ORDER = [Priority.ROUTINE, Priority.URGENT, Priority.ASAP, Priority.STAT]
@@ -169,6 +180,9 @@ class Series:
     # AnatomicRegionSequence as (FHIR system, code) pairs and the codes' meanings, as text
     anatomic_region: tuple[tuple[str, str], ...] = ()
     anatomic_region_text: str = ""
+    # SeriesDate/SeriesTime (else the study's) as a FHIR dateTime: the results' effective time when the
+    # ImagingStudy has no `started` (date only without TimezoneOffsetFromUTC; fhir_mappings.dicom_datetime)
+    acquired: str = ""
 
     def __post_init__(self) -> None:
         if not self.uid:

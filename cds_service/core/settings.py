@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
-from cds_service.core.domain import (HooksAuth, InferenceRuntime, PacsResult, Priority, TaskMode, Task, UnknownPatientPolicy,
-                                     WorklistAuth)
+from cds_service.core.domain import (DEFAULT_FHIR_CANONICAL_BASE, AiLabelMode, HooksAuth, InferenceRuntime, PacsResult, Priority,
+                                     TaskMode, Task, UnknownPatientPolicy, WorklistAuth)
 from cds_service.core.viewer import template_problem, viewer_link
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def parse_results_to_pacs(text: str) -> frozenset[PacsResult]:
 #: The settings whose values form a closed set, and that set (checked and converted in Settings.__post_init__).
 ENUM_SETTINGS: dict[str, type[enum.StrEnum]] = {
     "inference_runtime": InferenceRuntime, "worklist_auth": WorklistAuth, "cds_hooks_auth": HooksAuth,
-    "pacs_unknown_patient": UnknownPatientPolicy,
+    "pacs_unknown_patient": UnknownPatientPolicy, "ai_security_label_mode": AiLabelMode,
 }
 #: CDS_DEVICE: a CPU or a CUDA device (`cuda`, `cuda:1`).
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
@@ -137,6 +137,27 @@ def parse_drift_bands(text: str) -> dict[Task, tuple[float, float]]:
         if not 0.0 <= float(low) <= float(high) <= 1.0:
             raise ValueError(f"CDS_DRIFT_BANDS item {item!r}: needs 0 <= low <= high <= 1")
     return bands
+
+
+def parse_coding(text: str) -> tuple[str, str, str]:
+    """`system|code` or `system|code|display` (CDS_AI_SECURITY_LABEL) as (system, code, display)."""
+    parts = [part.strip() for part in text.split("|")]
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise ValueError("is not system|code or system|code|display")
+    if ":" not in parts[0] or any(c.isspace() for c in parts[0] + parts[1]):
+        raise ValueError(f"system {parts[0]!r} is not a URI or code {parts[1]!r} has spaces")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else ""
+
+
+def canonical_base_problem(value: str) -> str | None:
+    """Why `value` cannot be the canonical base of our FHIR definitions (None: it can)."""
+    problem = http_url_problem(value)
+    if problem:
+        return problem
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or value.endswith("/"):
+        return "must be a plain http(s) URL without a query, a fragment or a trailing slash (like https://fhir.hospital.example/ai)"
+    return None
 
 
 def env_name(field_name: str) -> str:
@@ -275,6 +296,12 @@ class Settings:
     # development only: without CDS_OPERATOR_TOKEN, let direct loopback calls (no proxy headers) use
     # /jobs, /audit, /metrics and the /readyz details; off, they need the token (default deny)
     operator_open_on_loopback: bool = field(default=False, metadata={"env": "OPERATOR_OPEN_ON_LOOPBACK"})
+    # What the FHIR write-back mints (docs/fhir.md): the canonical base of our code systems, extensions,
+    # identifier systems, tags and profiles (`cds-triage fhir-package` writes their definitions under it), and a
+    # site's own AI security label (system|code|display), added to HL7's AIAST or written instead of it.
+    fhir_canonical_base: str = field(default=DEFAULT_FHIR_CANONICAL_BASE, metadata={"env": "FHIR_CANONICAL_BASE"})
+    ai_security_label: str = field(default="", metadata={"env": "AI_SECURITY_LABEL"})
+    ai_security_label_mode: AiLabelMode = field(default=AiLabelMode.ADD, metadata={"env": "AI_SECURITY_LABEL_MODE"})
 
     def __post_init__(self) -> None:
         for name, kind in ENUM_SETTINGS.items():  # a string from the environment or a caller becomes its enum member
@@ -328,6 +355,16 @@ class Settings:
         if not 1 <= self.drift_min_studies <= self.drift_window:
             raise ValueError(f"CDS_DRIFT_MIN_STUDIES must be from 1 to CDS_DRIFT_WINDOW ({self.drift_window}), "
                              f"not {self.drift_min_studies}: the drift alarm could never fire")
+        if problem := canonical_base_problem(self.fhir_canonical_base):
+            raise SettingsError(f"CDS_FHIR_CANONICAL_BASE={self.fhir_canonical_base!r} {problem}")
+        if self.ai_security_label:
+            try:
+                parse_coding(self.ai_security_label)
+            except ValueError as exc:
+                raise SettingsError(f"CDS_AI_SECURITY_LABEL={self.ai_security_label!r} {exc}") from None
+        elif self.ai_security_label_mode is AiLabelMode.REPLACE:
+            raise SettingsError("CDS_AI_SECURITY_LABEL_MODE=replace needs CDS_AI_SECURITY_LABEL (system|code|display): "
+                                "without it nothing would mark the results as AI-asserted")
         if self.site_thresholds_file:
             _ = self.site_thresholds  # checked at start-up: a bad file stops the process with an error naming the setting
 
@@ -339,6 +376,11 @@ class Settings:
         from cds_service.core.site_thresholds import load_site_thresholds
 
         return load_site_thresholds(Path(self.site_thresholds_file), self.weights_dir)
+
+    @property
+    def ai_security_coding(self) -> tuple[str, str, str] | None:
+        """CDS_AI_SECURITY_LABEL as (system, code, display), None when unset (checked at start-up)."""
+        return parse_coding(self.ai_security_label) if self.ai_security_label else None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":

@@ -3,6 +3,8 @@
 - `/healthz` (api.py) says the process is up; `/readyz` says it can do its job: the job
   store/queue answers, the FHIR server and the PACS answer, and model cards with weights
   are present. 503 lists what is missing (a load balancer stops sending traffic meanwhile).
+  Operators also see whether the FHIR server's terminology knows our AI security label
+  (`aiSecurityLabels`, adapters/terminology.py): informative, never a reason for 503.
 - `/metrics`: Prometheus text (see metrics.py for what is counted where).
 - `/audit`: the write-back trail (what triage wrote where, by which model version).
 - `/jobs*` and `/audit` need `Authorization: Bearer <CDS_OPERATOR_TOKEN>` when that is set.
@@ -28,6 +30,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from cds_service.adapters import metrics
 from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.adapters.audit import open_write_back_trail
+from cds_service.adapters.subscribe import ai_label_checks
 from cds_service.drift import drift_report
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.jobs.queue import is_redis_url
@@ -155,7 +158,9 @@ def readyz() -> Any:
         workers = len(ctx().store.live_workers(time.time() - 3 * settings.job_lease_s))
     except QueueUnavailableError:
         workers = None
-    return jsonify({"status": "ready" if ok else "not ready", "checks": report, "workers": workers}), status
+    labels = [check.to_json() for check in ai_label_checks(settings, timeout_s)] if report["fhir"]["ok"] else []
+    return jsonify({"status": "ready" if ok else "not ready", "checks": report, "workers": workers,
+                    "aiSecurityLabels": labels}), status
 
 
 # --- metrics and audit -----------------------------------------------------------------------------

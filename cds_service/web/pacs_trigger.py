@@ -44,6 +44,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from huey.exceptions import RetryTask
 
 from fhir_mappings import codes
+from fhir_mappings.conventions import Conventions
 from fhir_mappings.imaging_study import build_imaging_study, build_patient_from_dicom
 
 from cds_service.web.context import ServiceContext
@@ -172,7 +173,8 @@ def match_patient(fhir: FhirClient, header: pydicom.Dataset, settings: Settings)
     chosen = choose_patient(matches, settings.pacs_unknown_patient, settings.patient_identifier_system)
     if chosen:
         return chosen, False
-    patient = build_patient_from_dicom(header, identifier_system=settings.patient_identifier_system)
+    patient = build_patient_from_dicom(header, identifier_system=settings.patient_identifier_system,
+                                       conventions=Conventions.from_settings(settings))
     created = fhir.create(patient.model_dump(mode="json", exclude_none=True), if_none_exist=f"identifier={token}")
     if created.get("id"):
         return str(created["id"]), True

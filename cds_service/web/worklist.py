@@ -48,6 +48,7 @@ from cds_service.drift import drift_report
 from cds_service.pipeline import dicomweb_url_for
 from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.web.worklist_rows import WorklistRow, build_worklist, is_ours
+from fhir_mappings.conventions import Conventions
 from fhir_mappings.builders import (
     is_fhir_id,
 )
@@ -138,7 +139,8 @@ def fetch_worklist(order_id: str | None = None) -> list[WorklistRow]:
         resources = fhir.search("ServiceRequest", params, max_pages=1)
     finally:
         fhir.close()
-    return build_worklist(resources, ctx().store.list(limit=5000), now=datetime.now(timezone.utc))
+    return build_worklist(resources, ctx().store.list(limit=5000), now=datetime.now(timezone.utc),
+                          conventions=Conventions.from_settings(ctx().settings))
 
 
 def drift_alarms() -> list[dict[str, str]]:
@@ -294,7 +296,7 @@ def heatmap(media_id: str) -> Any:
     finally:
         fhir.close()
     content = media.get("content") or {}
-    if not is_ours(media) or content.get("contentType") != "image/png" or not content.get("data"):
+    if not is_ours(media, Conventions.from_settings(ctx().settings)) or content.get("contentType") != "image/png" or not content.get("data"):
         return operation_outcome(404, "no AI heatmap with this id", "not-found")
     return Response(base64.b64decode(content["data"]), mimetype="image/png")
 

@@ -24,6 +24,7 @@ from fhir_mappings.builders import (
     reference_id,
     study_uid_from_imaging_study,
 )
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS, Conventions
 
 PRIORITY_RANK = {"stat": 3, "asap": 2, "urgent": 1, "routine": 0}
 
@@ -152,9 +153,9 @@ def _codes(concepts: Iterable[Mapping[str, Any]] | Mapping[str, Any] | None) -> 
     return {(c.get("system", ""), c.get("code", "")) for concept in concepts or [] for c in concept.get("coding") or []}
 
 
-def is_ours(resource: Mapping[str, Any]) -> bool:
+def is_ours(resource: Mapping[str, Any], conventions: Conventions = DEFAULT_CONVENTIONS) -> bool:
     """Written by this service: it carries our deterministic result identifier."""
-    return any(i.get("system") == codes.RESULT_IDENTIFIER_SYSTEM for i in resource.get("identifier") or [])
+    return conventions.is_our_result(dict(resource))
 
 
 def study_uid_of(study: Mapping[str, Any] | None) -> str | None:
@@ -175,14 +176,14 @@ def row_findings(report: AiReport | None) -> tuple[RowFinding, ...]:
     return tuple(sorted(findings, key=lambda f: (not f.positive, -(f.probability or 0.0))))
 
 
-def ai_raised_from(order: Mapping[str, Any]) -> str | None:
+def ai_raised_from(order: Mapping[str, Any], conventions: Conventions = DEFAULT_CONVENTIONS) -> str | None:
     """The priority before the AI raised it, while the AI's value still stands (else None).
 
-    From the change the pipeline records on the order (the note's PRIORITY_CHANGE_EXTENSION),
+    From the change the pipeline records on the order (the note's ai-priority-change extension),
     so every service instance reads the same; if a person changed the priority since, the
     marker no longer applies.
     """
-    change = ai_priority_change(dict(order))
+    change = ai_priority_change(dict(order), conventions)
     if change is None:
         return None
     before, to = change
@@ -213,12 +214,14 @@ def belongs_on_worklist(order: Mapping[str, Any], has_study: bool) -> bool:
     return has_study or is_imaging_order(order)
 
 
-def ai_reports_by_order(by_type: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, AiReport]:
+def ai_reports_by_order(by_type: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                        conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[str, AiReport]:
     """Order id -> the newest standing AI report based on it (cards.ai_report_from_fhir reads it)."""
     observations = {f"Observation/{i}": o for i, o in by_type.get("Observation", {}).items()}
     oldest = datetime.min.replace(tzinfo=timezone.utc)
-    reports = [(report, ai_report_from_fhir(report, observations)) for report in by_type.get("DiagnosticReport", {}).values()
-               if is_ai_report(report) and report.get("status") not in WITHDRAWN_STATUSES]
+    reports = [(report, ai_report_from_fhir(report, observations, conventions))
+               for report in by_type.get("DiagnosticReport", {}).values()
+               if is_ai_report(report, conventions) and report.get("status") not in WITHDRAWN_STATUSES]
     newest: dict[str, AiReport] = {}
     for report, ai in sorted(reports, key=lambda pair: (pair[1].issued or oldest, pair[1].report_id or "")):
         for ref in report.get("basedOn") or []:
@@ -228,8 +231,10 @@ def ai_reports_by_order(by_type: Mapping[str, Mapping[str, Mapping[str, Any]]]) 
     return newest
 
 
-def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], *, now: datetime) -> list[WorklistRow]:
-    """Join one search's resources (orders, patients, studies, our reports…) and our jobs into rows."""
+def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], *, now: datetime,
+                   conventions: Conventions = DEFAULT_CONVENTIONS) -> list[WorklistRow]:
+    """Join one search's resources (orders, patients, studies, our reports…) and our jobs into rows;
+    ours are recognised by `conventions` (CDS_FHIR_CANONICAL_BASE, CDS_AI_SECURITY_LABEL)."""
     by_type: dict[str, dict[str, Mapping[str, Any]]] = {}
     for resource in resources:
         if resource.get("resourceType") and resource.get("id"):
@@ -242,7 +247,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             order_id = reference_id(ref.get("reference"), "ServiceRequest")
             if order_id:
                 study_by_order.setdefault(order_id, imaging_study)
-    report_by_order = ai_reports_by_order(by_type)
+    report_by_order = ai_reports_by_order(by_type, conventions)
     newest_job: dict[str, Job] = {}
     for each_job in sorted(jobs, key=lambda j: j.created_at):
         newest_job[each_job.imaging_study_id] = each_job
@@ -270,14 +275,14 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             study=(study or {}).get("description") or (order.get("code") or {}).get("text") or "",
             ordered=parse_fhir_datetime(order.get("authoredOn")),
             priority=str(order.get("priority")) if order.get("priority") in PRIORITY_RANK else "routine",
-            ai_raised_from=ai_raised_from(order),
+            ai_raised_from=ai_raised_from(order, conventions),
             findings=row_findings(report),
             model=report.model if report else None,
             status=status,
             reason=reason,
             heatmap_media_id=str(media["id"]) if media else None,
             heatmap_size=(int(media["width"]), int(media["height"])) if media and media.get("width") and media.get("height") else None,
-            key_instance_uid=heatmap_source_instance(dict(media)) if media else None,
+            key_instance_uid=heatmap_source_instance(dict(media), conventions) if media else None,
             heatmap_in_pacs=in_pacs(media),
             shadow=report.shadow if report else False,
             report_in_pacs=bool(report and report.structured_report_uid),

@@ -57,13 +57,15 @@ class HookService:
     context_types: Mapping[str, type]  # the context fields we require, and their JSON type
     handler: Callable[[HookCall, Settings], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
 
-    def discovery_entry(self) -> dict[str, Any]:
+    def discovery_entry(self, render: Callable[[str], str] = str) -> dict[str, Any]:
         return {"hook": self.hook, "id": self.id, "title": self.title, "description": self.description,
-                "prefetch": dict(self.prefetch), "usageRequirements": self.usage_requirements}
+                "prefetch": {key: render(query) for key, query in self.prefetch.items()},
+                "usageRequirements": self.usage_requirements}
 
 
-def discovery_document(services: Mapping[str, HookService]) -> dict[str, Any]:
-    return {"services": [s.discovery_entry() for s in services.values()]}
+def discovery_document(services: Mapping[str, HookService], render: Callable[[str], str] = str) -> dict[str, Any]:
+    """The discovery answer; `render` fills a prefetch template's site-specific parts (services.site_prefetch)."""
+    return {"services": [s.discovery_entry(render) for s in services.values()]}
 
 
 # --- parsing a request (pure) -----------------------------------------------------------------

@@ -16,7 +16,7 @@ from cds_service.adapters.security import (HookAuthError, HookClient, HookRateLi
 from cds_service.core.settings import Settings
 from cds_service.logs import hashed
 from cds_service.web.cds_hooks.calls import HookCallError, discovery_document, parse_feedback, parse_hook_call
-from cds_service.web.cds_hooks.services import SERVICES
+from cds_service.web.cds_hooks.services import SERVICES, site_prefetch
 from cds_service.web.web_context import ctx, operation_outcome
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def guard_hook_call() -> Any:
 
 @cds_hooks.get("/cds-services")
 def discovery() -> Any:
-    return jsonify(discovery_document(SERVICES))
+    return jsonify(discovery_document(SERVICES, lambda query: site_prefetch(query, ctx().settings)))
 
 
 @cds_hooks.post("/cds-services/<service_id>")

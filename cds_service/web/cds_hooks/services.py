@@ -9,8 +9,8 @@ from urllib.parse import parse_qsl
 
 from flask import g
 
-from fhir_mappings import codes
 from fhir_mappings.builders import reference_id, with_priority
+from fhir_mappings.conventions import Conventions
 
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.cards import (DISCLAIMER, ai_report_from_job, ai_reports_from_fhir, is_imaging_order, no_result_card,
@@ -31,9 +31,17 @@ MAX_CARDS = 5
 HOOK_FHIR_TIMEOUT_S = 3.0
 
 AI_REPORTS_KEY = "aiReports"
+#: Where a prefetch template names our result identifier system (under CDS_FHIR_CANONICAL_BASE): filled in by
+#: `site_prefetch` for discovery and for our own reads.
+RESULT_SYSTEM_SLOT = "{resultIdentifierSystem}"
 #: Our AI reports of the patient with their Observations; one page, newest first.
-AI_REPORTS_QUERY = (f"DiagnosticReport?patient={{{{context.patientId}}}}&identifier={codes.RESULT_IDENTIFIER_SYSTEM}|"
+AI_REPORTS_QUERY = (f"DiagnosticReport?patient={{{{context.patientId}}}}&identifier={RESULT_SYSTEM_SLOT}|"
                     "&_include=DiagnosticReport:result&_sort=-issued&_count=20")
+
+
+def site_prefetch(template: str, settings: Settings) -> str:
+    """A prefetch template with this site's result identifier system filled in."""
+    return template.replace(RESULT_SYSTEM_SLOT, Conventions.from_settings(settings).result_identifier_system)
 
 
 # --- data: prefetch, else the client's FHIR server, else 412 ---------------------------------
@@ -84,10 +92,12 @@ def imagingstudy_create(call: HookCall, settings: Settings) -> tuple[list[dict[s
             return [no_result_card("the study's patient could not be confirmed as the patient in context; the "
                                    "result is on the worklist", settings.public_url)], []
         report = ai_report_from_job(job.result, study_id)
-        return [report_card(report, settings.priority_rules, settings.public_url, settings.viewer_url)], priority_system_actions(call, job, settings)
+        return ([report_card(report, settings.priority_rules, settings.public_url, Conventions.from_settings(settings),
+                             settings.viewer_url)],
+                priority_system_actions(call, job, settings))
     if job.state in (JobState.NOT_APPLICABLE, JobState.MODEL_UNAVAILABLE):
-        return [no_result_card(job.reason or job.state.value, settings.public_url)], []
-    return [pending_card(job.id, job.state.value, settings.public_url)], []
+        return [no_result_card(job.reason or job.state.value, settings.public_url, Conventions.from_settings(settings))], []
+    return [pending_card(job.id, job.state.value, settings.public_url, Conventions.from_settings(settings))], []
 
 
 def study_of_patient(call: HookCall, study_id: str) -> bool:
@@ -121,15 +131,17 @@ def priority_system_actions(call: HookCall, job: Job, settings: Settings) -> lis
     new = raised_priority(parse_priority(order.get("priority")), suggested) if order else None
     if order is None or new is None:
         return []
-    updated = with_priority(order, new, note=f"Priority raised to {new.value} by AI triage. {DISCLAIMER}")
+    updated = with_priority(order, new, note=f"Priority raised to {new.value} by AI triage. {DISCLAIMER}",
+                            conventions=Conventions.from_settings(settings))
     return [priority_action(order, updated, new)]
 
 
 def patient_view(call: HookCall, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One card per AI result of this patient, newest first (at most MAX_CARDS)."""
-    resources, _ = hook_data(call, AI_REPORTS_KEY, AI_REPORTS_QUERY)
-    reports = ai_reports_from_fhir(resources, call.patient_id)[:MAX_CARDS]
-    return [report_card(r, settings.priority_rules, settings.public_url, settings.viewer_url) for r in reports], []
+    conventions = Conventions.from_settings(settings)
+    resources, _ = hook_data(call, AI_REPORTS_KEY, site_prefetch(AI_REPORTS_QUERY, settings))
+    reports = ai_reports_from_fhir(resources, call.patient_id, conventions)[:MAX_CARDS]
+    return [report_card(r, settings.priority_rules, settings.public_url, conventions, settings.viewer_url) for r in reports], []
 
 
 def imaging_order_check(call: HookCall, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -140,10 +152,12 @@ def imaging_order_check(call: HookCall, settings: Settings) -> tuple[list[dict[s
         orders = [o for o in orders if f"ServiceRequest/{o.get('id')}" in selected]
     if not any(is_imaging_order(o) for o in orders):
         return [], []
-    resources, _ = hook_data(call, AI_REPORTS_KEY, AI_REPORTS_QUERY)
-    critical = [r for r in ai_reports_from_fhir(resources, call.patient_id)
+    conventions = Conventions.from_settings(settings)
+    resources, _ = hook_data(call, AI_REPORTS_KEY, site_prefetch(AI_REPORTS_QUERY, settings))
+    critical = [r for r in ai_reports_from_fhir(resources, call.patient_id, conventions)
                 if r.unread and severity(r, settings.priority_rules) is Priority.STAT]
-    return [unread_critical_card(r, settings.priority_rules, settings.public_url, settings.viewer_url) for r in critical[:MAX_CARDS]], []
+    return [unread_critical_card(r, settings.priority_rules, settings.public_url, conventions, settings.viewer_url)
+            for r in critical[:MAX_CARDS]], []
 
 
 _AI_PREFETCH = {AI_REPORTS_KEY: AI_REPORTS_QUERY}

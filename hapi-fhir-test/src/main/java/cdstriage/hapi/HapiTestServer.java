@@ -18,7 +18,8 @@ import org.springframework.context.annotation.AnnotationConfigApplicationContext
  * </pre>
  *
  * It listens on 127.0.0.1 only. The settings are in {@link HapiServerConfig}; the database is H2 in
- * memory unless {@code -Dhapi.datasource.url=jdbc:h2:file:...} names a file. It logs
+ * memory unless {@code -Dhapi.datasource.url=jdbc:h2:file:...} names a file. {@link StrictValidation} adds the
+ * strict mode ({@code -Dhapi.validate_requests=true}, {@code -Dhapi.validation.packages=a.tgz,b.tgz}). It logs
  * "HAPI FHIR ... listening on ..." when ready and stops cleanly on SIGTERM / Ctrl-C.
  */
 public final class HapiTestServer {
@@ -34,6 +35,7 @@ public final class HapiTestServer {
 
 		AnnotationConfigApplicationContext spring = new AnnotationConfigApplicationContext(HapiServerConfig.class);
 		RestfulServer restfulServer = spring.getBean(RestfulServer.class);
+		StrictValidation.configure(spring, restfulServer); // -Dhapi.validation.packages, -Dhapi.validate_requests
 
 		Server jetty = new Server();
 		ServerConnector connector = new ServerConnector(jetty);
