@@ -15,6 +15,7 @@ from pydicom.sr.codedict import codes as dicom_codes
 
 from cds_service.adapters.structured_report import LOCAL_SCHEME, STANDARD_SCHEMES
 from fhir_mappings import codes
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS
 
 SYSTEMS = {scheme: system for system, scheme in STANDARD_SCHEMES.items()}
 
@@ -30,7 +31,7 @@ class ReadFinding:
 
 
 def _system(scheme: str) -> str:
-    return codes.LOCAL_FINDING_SYSTEM if scheme == LOCAL_SCHEME else SYSTEMS[scheme]
+    return DEFAULT_CONVENTIONS.finding_system if scheme == LOCAL_SCHEME else SYSTEMS[scheme]
 
 
 def _codes(concept: pydicom.Dataset) -> frozenset[tuple[str, str]]:
@@ -40,7 +41,7 @@ def _codes(concept: pydicom.Dataset) -> frozenset[tuple[str, str]]:
 
 
 def _label(found: Iterable[tuple[str, str]]) -> str:
-    return next(code for system, code in found if system == codes.LOCAL_FINDING_SYSTEM)
+    return next(code for system, code in found if system == DEFAULT_CONVENTIONS.finding_system)
 
 
 def sr_findings(dataset: pydicom.Dataset) -> dict[str, ReadFinding]:

@@ -27,6 +27,7 @@ from cds_service.core.settings import DEFAULT_PRIORITY_RULES, Settings, Settings
 from cds_service.core.viewer import viewer_link
 from cds_service.pipeline import written_locations
 from fhir_mappings import codes
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS
 from fhir_mappings.builders import build_triage_transaction, device_identifier
 from conftest import require
 from sr_support import comments, dciodvfy_findings, evidence_uids, fhir_findings, group_images, sr_findings
@@ -106,7 +107,7 @@ def test_highdicom_reads_back_what_the_fhir_observations_say(modality, positive)
     assert read == fhir_findings(fhir_observations(result))
     assert set(read) == {f.label for f in result.findings if f.trained}  # untrained outputs are in neither
     if modality == "CT":  # SNOMED CT where verified, our local code beside it; the subtype short of its bar: no verdict
-        assert read["any"].codes == {(codes.SNOMED_SYSTEM, "1386000"), (codes.LOCAL_FINDING_SYSTEM, "any")}
+        assert read["any"].codes == {(codes.SNOMED_SYSTEM, "1386000"), (DEFAULT_CONVENTIONS.finding_system, "any")}
         assert read["any"].present is positive and read["subdural"].present is None
     if modality == "MR":  # "no tumour" is a probability only (no double negative)
         assert read["no_tumor"].present is None and read["glioma"].present is positive
@@ -139,7 +140,7 @@ def test_the_report_is_a_preliminary_ai_report_in_the_same_study_by_our_model():
                         "Device Observer Model Name": "test-head_ct_ich"}  # the same identity as the FHIR Device
     [scheme] = report.CodingSchemeIdentificationSequence  # our private designator, resolved to our code system's URL
     assert scheme.CodingSchemeDesignator == "99CDSTRIAGE"
-    assert scheme.CodingSchemeResourcesSequence[0].CodingSchemeURL == codes.LOCAL_FINDING_SYSTEM
+    assert scheme.CodingSchemeResourcesSequence[0].CodingSchemeURL == DEFAULT_CONVENTIONS.finding_system
 
 
 def test_the_key_images_and_the_heatmap_are_referenced_in_the_finding_behind_them():
@@ -186,7 +187,7 @@ def test_uids_are_stable_per_study_task_and_model_version():
 def test_the_diagnostic_report_names_the_sr_once():
     stored = StoredInstance("1.2", "1.2.3", "1.2.3.4")
     report = {"resourceType": "DiagnosticReport", "id": "d1", "status": "preliminary",
-              "identifier": [{"system": codes.RESULT_IDENTIFIER_SYSTEM, "value": "x"}],
+              "identifier": [{"system": DEFAULT_CONVENTIONS.result_identifier_system, "value": "x"}],
               "presentedForm": [{"contentType": "text/html", "url": "https://cds.example/worklist"}]}
     updated = with_report_reference(report, stored, "https://pacs.example/dicom-web/")
     assert updated is not None and updated["identifier"][0] == report["identifier"][0]
@@ -255,7 +256,7 @@ def test_viewer_links_from_the_template_and_the_older_name():
 def test_cards_link_to_the_viewer_when_one_is_configured():
     [report] = ai_reports_from_fhir(HEMORRHAGE, "p1")
     assert report.study_uid == "1.2.3.4"  # from the DiagnosticReport's imagingStudy identifier
-    links = report_card(report, DEFAULT_PRIORITY_RULES, "http://cds", OHIF)["links"]
+    links = report_card(report, DEFAULT_PRIORITY_RULES, "http://cds", viewer=OHIF)["links"]
     assert {"label": "Open the study in the image viewer", "url": "https://viewer.example.org/viewer?StudyInstanceUIDs=1.2.3.4",
             "type": "absolute"} in links
     assert all("viewer" not in link["url"] for link in report_card(report, DEFAULT_PRIORITY_RULES, "http://cds")["links"])
@@ -268,7 +269,7 @@ def test_cards_link_to_the_viewer_when_one_is_configured():
             reference.pop("identifier", None)
     [old] = ai_reports_from_fhir(older, "p1")
     assert old.study_uid is None
-    assert all("viewer" not in link["url"] for link in report_card(old, DEFAULT_PRIORITY_RULES, "http://cds", OHIF)["links"])
+    assert all("viewer" not in link["url"] for link in report_card(old, DEFAULT_PRIORITY_RULES, "http://cds", viewer=OHIF)["links"])
 
 
 # --- against the real Orthanc and FHIR server -----------------------------------------------------

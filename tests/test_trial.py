@@ -19,7 +19,6 @@ import pytest
 
 from cds_service import cli
 from cds_service.adapters.fhir_client import FhirClient
-from cds_service.core.cards import OVERRIDE_REASON_SYSTEM, OVERRIDE_REASONS
 from cds_service.core.domain import Task, TaskMode
 from cds_service.core.evaluation import binary_validation
 from cds_service.trial.figures import AT_TRIAGE, CARD, task_document
@@ -28,9 +27,10 @@ from cds_service.trial.studies import Problems, ai_results, finals_by_study, lat
 from cds_service.trial.truth import (FALSE_POSITIVE, CodeMapError, default_codes, load_code_map, measured_labels,
                                      truth_from_codes, truth_from_feedback)
 from fhir_mappings import codes
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS
 from trial_support import SNOMED_ICH, SNOMED_NORMAL, T0, ai_report, final_report, order
 
-LOCAL = codes.LOCAL_FINDING_SYSTEM
+LOCAL = DEFAULT_CONVENTIONS.finding_system
 HOUR = timedelta(hours=1)
 
 
@@ -94,12 +94,12 @@ def test_a_site_code_map_adds_codes_and_a_bad_one_is_refused_naming_what(tmp_pat
 
 def feedback(outcome: str, reason: str | None = None, findings=("any",), at: str = "2026-12-01T09:00:00Z", card: str = "c1") -> dict:
     item: dict[str, Any] = {"study": "s1", "card": card, "outcome": outcome, "outcome_timestamp": at, "findings": list(findings),
-                            "override_reason": {"reason": {"system": OVERRIDE_REASON_SYSTEM, "code": reason}} if reason else {}}
+                            "override_reason": {"reason": {"system": DEFAULT_CONVENTIONS.override_reason_system, "code": reason}} if reason else {}}
     return item
 
 
 def test_truth_from_feedback_accepted_or_a_false_positive_and_the_latest_wins():
-    assert FALSE_POSITIVE in dict(OVERRIDE_REASONS)
+    assert FALSE_POSITIVE in codes.OVERRIDE_REASON_CODES
     truth, detail = truth_from_feedback(Task.HEAD_CT_ICH, [feedback("accepted", findings=("any", "subdural"))])
     assert truth == {"any": True, "subdural": True} and detail.startswith("accepted on card c1")
     truth, _ = truth_from_feedback(Task.HEAD_CT_ICH, [feedback("overridden", FALSE_POSITIVE)])
@@ -271,7 +271,7 @@ class FakeFhir:
             return resource.get("status") in query["status"][0].split(",") and \
                 (resource.get("subject") or {}).get("reference") in query["subject"][0].split(",")
         if "identifier" in query:
-            return any(i.get("system") == codes.RESULT_IDENTIFIER_SYSTEM for i in resource.get("identifier") or [])
+            return any(i.get("system") == DEFAULT_CONVENTIONS.result_identifier_system for i in resource.get("identifier") or [])
         return True
 
 

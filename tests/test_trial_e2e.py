@@ -41,6 +41,7 @@ from cds_service.local_triage import collect_inputs, triage_input
 from cds_service.web.cds_hooks.calls import render_query
 from cds_service.web.cds_hooks.services import AI_REPORTS_QUERY
 from fhir_mappings import codes
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS
 from hook_client import EhrSigner
 from stack_support import NOTIFY_HEADERS, SECRET, wait_finished
 from support import make_test_weights
@@ -166,7 +167,7 @@ class Site:
 
     def ai_report(self, role: str) -> dict[str, Any]:
         [report] = self.fhir.search("DiagnosticReport", {"subject": f"Patient/{self.ids[role]['patient']}",
-                                                         "identifier": f"{codes.RESULT_IDENTIFIER_SYSTEM}|"})
+                                                         "identifier": f"{DEFAULT_CONVENTIONS.result_identifier_system}|"})
         return report
 
 

@@ -16,6 +16,7 @@ from fhir_mappings.builders import reference_id
 from cds_service.core.domain import Task
 from cds_service.core.model_cards import ModelCard, available_cards
 from cds_service.core.settings import Settings
+from fhir_mappings.conventions import Conventions
 from cds_service.core.site_thresholds import main_label, threshold_entry, write_site_entry
 from cds_service.trial.fhir_reads import SearchRefusedError, TrialReader, read_feedback
 from cds_service.trial.figures import score_of, task_document
@@ -90,20 +91,22 @@ def run_trial(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.until and args.until <= args.since:
         return refuse(f"--until {args.until} is not after --since {args.since}")
+    conventions = Conventions.from_settings(settings)  # CDS_FHIR_CANONICAL_BASE: our codes and identifiers
     try:
-        code_maps = load_code_map(args.codes)
+        code_maps = load_code_map(args.codes, conventions)
     except CodeMapError as exc:
         return refuse(str(exc))
     wanted = {Task(t) for t in args.task} if args.task else None
     fhir = fhir_client(settings, fhir_auth(settings))
-    reader = TrialReader(fhir, page_size=args.page_size, progress=not args.no_progress and sys.stderr.isatty())
+    reader = TrialReader(fhir, page_size=args.page_size, progress=not args.no_progress and sys.stderr.isatty(),
+                         conventions=conventions)
     problems = Problems()
     try:
         resources = reader.ai_reports(args.since, args.until)
         device_ids = {reference_id((r.get("device") or {}).get("reference"), "Device") for r in resources
                       if r.get("resourceType") == "Observation"}
         devices = {f"Device/{i}": d for i, d in reader.by_ids("Device", filter(None, device_ids)).items()}
-        results = [r for r in latest_per_study(ai_results(resources, devices, problems), problems)
+        results = [r for r in latest_per_study(ai_results(resources, devices, problems, conventions), problems)
                    if wanted is None or r.task in wanted]
         if not results:
             print(f"cds-triage trial: no AI report{' of ' + ', '.join(sorted(t.value for t in wanted)) if wanted else ''} "
@@ -121,8 +124,8 @@ def run_trial(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         fhir.close()
     feedback, feedback_source = read_feedback(settings.data_dir, {r.study_id for r in results})
-    records = study_records(results, finals_by_study(finals, results, studies, problems), studies, orders, feedback,
-                            code_maps, problems)
+    records = study_records(results, finals_by_study(finals, results, studies, problems, conventions), studies, orders, feedback,
+                            code_maps, problems, conventions)
     cards = available_cards(settings.weights_dir)
     report = args.report or Path("trial.html")
     doc: dict[str, Any] = {

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fhir_mappings import codes
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS, Conventions
 
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.errors import PermanentError, StudyNotFoundError, UpstreamRejectedError
@@ -63,8 +63,10 @@ def _outcome_problems(bundle: Mapping[str, Any]) -> list[str]:
 class TrialReader:
     """The trial's searches on one FHIR server, with a progress bar on a terminal."""
 
-    def __init__(self, fhir: FhirClient, *, page_size: int = 100, progress: bool = False) -> None:
+    def __init__(self, fhir: FhirClient, *, page_size: int = 100, progress: bool = False,
+                 conventions: Conventions = DEFAULT_CONVENTIONS) -> None:
         self.fhir = fhir
+        self.conventions = conventions  # CDS_FHIR_CANONICAL_BASE: the identifier system of our reports
         self.page_size = page_size
         self.progress = progress
         self.searches: list[dict[str, Any]] = []  # what was asked: query, pages, resources
@@ -107,7 +109,7 @@ class TrialReader:
     def ai_reports(self, since: str, until: str | None) -> list[dict[str, Any]]:
         """Our AI DiagnosticReports issued in the period, with their Observations."""
         issued = [f"ge{since}"] + ([f"lt{until}"] if until else [])
-        return self.search("DiagnosticReport", {"identifier": f"{codes.RESULT_IDENTIFIER_SYSTEM}|", "issued": issued,
+        return self.search("DiagnosticReport", {"identifier": f"{self.conventions.result_identifier_system}|", "issued": issued,
                                                 "_include": "DiagnosticReport:result"}, "AI reports")
 
     def final_reports(self, patient_ids: Iterable[str], since: str) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fhir_mappings import codes
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS, Conventions
 from fhir_mappings.builders import is_shadow, parse_fhir_datetime, reference_id
 
 from cds_service.core.cards import WITHDRAWN_STATUSES, ai_report_from_fhir, is_ai_report
@@ -117,9 +118,9 @@ def _device_model(device: Mapping[str, Any] | None) -> tuple[str, str] | None:
     return (str(name), str(version)) if name and version else None
 
 
-def _recorded_threshold(observation: Mapping[str, Any]) -> float | None:
+def _recorded_threshold(observation: Mapping[str, Any], conventions: Conventions) -> float | None:
     for component in observation.get("component") or []:
-        coded = any(c.get("system") == codes.LOCAL_COMPONENT_SYSTEM and c.get("code") == codes.COMPONENT_OPERATING_THRESHOLD
+        coded = any(c.get("system") == conventions.component_system and c.get("code") == codes.COMPONENT_OPERATING_THRESHOLD
                     for c in (component.get("code") or {}).get("coding") or [] if isinstance(c, dict))
         value = (component.get("valueQuantity") or {}).get("value")
         if coded and isinstance(value, (int, float)):
@@ -128,14 +129,14 @@ def _recorded_threshold(observation: Mapping[str, Any]) -> float | None:
 
 
 def ai_results(resources: Sequence[Mapping[str, Any]], devices: Mapping[str, Mapping[str, Any]],
-               problems: Problems) -> list[AiResult]:
+               problems: Problems, conventions: Conventions = DEFAULT_CONVENTIONS) -> list[AiResult]:
     """Our AI reports among `resources` (with their Observations) as AiResults; `devices` by "Device/<id>"."""
     observations = {f"Observation/{r['id']}": r for r in resources if r.get("resourceType") == "Observation" and r.get("id")}
     found = []
     for report in resources:
-        if not is_ai_report(report) or not report.get("id") or report.get("status") in WITHDRAWN_STATUSES:
+        if not is_ai_report(report, conventions) or not report.get("id") or report.get("status") in WITHDRAWN_STATUSES:
             continue
-        parsed = ai_report_from_fhir(report, observations)
+        parsed = ai_report_from_fhir(report, observations, conventions)
         results = [observations.get(f"Observation/{reference_id(r.get('reference'), 'Observation')}")
                    for r in report.get("result") or [] if isinstance(r, dict)]
         labelled = {f.label: f for f in parsed.findings}
@@ -151,8 +152,8 @@ def ai_results(resources: Sequence[Mapping[str, Any]], devices: Mapping[str, Map
         device_ref = None
         for observation in filter(None, results):
             label = next((c.get("code") for c in (observation.get("code") or {}).get("coding") or []
-                          if isinstance(c, dict) and c.get("system") == codes.LOCAL_FINDING_SYSTEM), None)
-            recorded = _recorded_threshold(observation)
+                          if isinstance(c, dict) and c.get("system") == conventions.finding_system), None)
+            recorded = _recorded_threshold(observation, conventions)
             if label and recorded is not None:
                 thresholds[str(label)] = recorded
             device_ref = device_ref or (observation.get("device") or {}).get("reference")
@@ -190,7 +191,8 @@ def _final_sort_key(report: Mapping[str, Any]) -> tuple[datetime, bool, datetime
 
 
 def finals_by_study(finals: Iterable[Mapping[str, Any]], triaged: Sequence[AiResult],
-                    studies: Mapping[str, Mapping[str, Any]], problems: Problems) -> dict[str, list[dict[str, Any]]]:
+                    studies: Mapping[str, Mapping[str, Any]], problems: Problems,
+                    conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[str, list[dict[str, Any]]]:
     """The radiologists' final reports (status final/amended, not ours) of each triaged study: named
     by its ImagingStudy, or by its order. Reports naming nothing we triaged are listed as problems."""
     triaged_ids = {r.study_id for r in triaged}
@@ -204,7 +206,7 @@ def finals_by_study(finals: Iterable[Mapping[str, Any]], triaged: Sequence[AiRes
     seen: set[str] = set()
     for report in finals:
         report_id = str(report.get("id"))
-        if report.get("status") not in FINAL_STATUSES or is_ai_report(report) or report_id in seen:
+        if report.get("status") not in FINAL_STATUSES or is_ai_report(report, conventions) or report_id in seen:
             continue
         seen.add(report_id)
         named_studies = {s for s in (reference_id(r.get("reference"), "ImagingStudy") for r in report.get("imagingStudy") or []
@@ -245,7 +247,7 @@ def start_of(result: AiResult, studies: Mapping[str, Mapping[str, Any]],
 def study_records(results: Sequence[AiResult], finals: Mapping[str, list[dict[str, Any]]],
                   studies: Mapping[str, Mapping[str, Any]], orders: Mapping[str, Mapping[str, Any]],
                   feedback: Iterable[Mapping[str, Any]], code_maps: Mapping[Task, TaskCodes],
-                  problems: Problems) -> list[StudyRecord]:
+                  problems: Problems, conventions: Conventions = DEFAULT_CONVENTIONS) -> list[StudyRecord]:
     """Every triaged study with its truth (final report codes, else feedback, else unknown) and times."""
     feedback_of: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for item in feedback:
@@ -275,7 +277,7 @@ def study_records(results: Sequence[AiResult], finals: Mapping[str, list[dict[st
         else:
             reasons.append("no final report yet")
         if record.truth is None:
-            truth, detail = truth_from_feedback(result.task, feedback_of.get(result.study_id, []))
+            truth, detail = truth_from_feedback(result.task, feedback_of.get(result.study_id, []), conventions)
             if truth is not None:
                 record.truth = Truth(truth, "feedback", detail)
             else:

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from fhir_mappings import codes
+from fhir_mappings.conventions import DEFAULT_CONVENTIONS, Conventions
 from fhir_mappings.builders import parse_fhir_datetime
 
-from cds_service.core.cards import OVERRIDE_REASON_SYSTEM
 from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task
 from cds_service.core.site_thresholds import main_label
 
@@ -67,12 +67,12 @@ class TaskCodes:
         return sorted(code for code, meant in self.meaning.items() if meant == label)
 
 
-def default_codes(task: Task) -> TaskCodes:
+def default_codes(task: Task, conventions: Conventions = DEFAULT_CONVENTIONS) -> TaskCodes:
     """The codes we write (verified standard codes and our local code, per label), and "no abnormality"."""
     meaning: dict[str, str] = {token(codes.NO_ABNORMALITY_DETECTED.system, codes.NO_ABNORMALITY_DETECTED.code): NEGATIVE}
     for label in TASK_LABELS[task]:
         meant = NEGATIVE if label in NEGATIVE_LABELS else label
-        meaning[token(codes.LOCAL_FINDING_SYSTEM, label)] = meant
+        meaning[token(conventions.finding_system, label)] = meant
         for standard in codes.STANDARD_FINDING_CODES.get(label, ()):
             meaning[token(standard.system, standard.code)] = meant
     return TaskCodes(task, meaning)
@@ -82,9 +82,9 @@ class CodeMapError(ValueError):
     """A code map file that cannot be used; the message names the file and the entry."""
 
 
-def load_code_map(path: Path | None) -> dict[Task, TaskCodes]:
+def load_code_map(path: Path | None, conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[Task, TaskCodes]:
     """The defaults of every task, with a site's file (if any) added; CodeMapError naming what is wrong."""
-    maps = {task: default_codes(task) for task in Task}
+    maps = {task: default_codes(task, conventions) for task in Task}
     if path is None:
         return maps
     where = f"--codes {path}"
@@ -168,7 +168,8 @@ def truth_from_codes(task_codes: TaskCodes, codings: Sequence[str]) -> CodedRead
     return CodedReading(truth, unknown)
 
 
-def truth_from_feedback(task: Task, feedback: Iterable[Mapping[str, Any]]) -> tuple[dict[str, bool] | None, str]:
+def truth_from_feedback(task: Task, feedback: Iterable[Mapping[str, Any]],
+                        conventions: Conventions = DEFAULT_CONVENTIONS) -> tuple[dict[str, bool] | None, str]:
     """The latest feedback that says something about the finding a card showed: `accepted` (the
     finding is there: the main decision and the labels shown are positive) or `overridden` as a false
     positive (nothing there: every label negative). Returns (truth, detail); truth None with the
@@ -177,7 +178,7 @@ def truth_from_feedback(task: Task, feedback: Iterable[Mapping[str, Any]]) -> tu
     telling, silent = [], []
     for item in feedback:
         reason = (item.get("override_reason") or {}).get("reason") or {}
-        false_positive = reason.get("system") == OVERRIDE_REASON_SYSTEM and reason.get("code") == FALSE_POSITIVE
+        false_positive = reason.get("system") == conventions.override_reason_system and reason.get("code") == FALSE_POSITIVE
         if item.get("findings") and (item.get("outcome") == "accepted" or (item.get("outcome") == "overridden" and false_positive)):
             telling.append(item)
         else:
