@@ -277,8 +277,10 @@ CREDENTIAL_SETTINGS = {
 
 def hint_for(error: TriageError, where: str) -> str:
     """What to check: our credentials when the server refused who we are, else the URL and the server."""
-    from cds_service.core.errors import UpstreamRejectedError
+    from cds_service.core.errors import UpstreamRedirectError, UpstreamRejectedError
 
+    if isinstance(error, UpstreamRedirectError):
+        return f"{where} is redirected: set it to the URL the server answers at now"
     refused = isinstance(error, UpstreamRejectedError) and error.status_code in (401, 403)
     if refused and error.server in CREDENTIAL_SETTINGS:
         return f"{where} refused our credentials: check {CREDENTIAL_SETTINGS[error.server]}"
