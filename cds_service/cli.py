@@ -55,6 +55,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port  # 0: the system picks a free port
+    from cds_service.web.access import exposure_problem
+
+    if exposed := exposure_problem(settings, [host]):  # patient data without sign-in on the network: never
+        print(f"cds-triage serve: {exposed}", file=sys.stderr)
+        return 2
     problem = address_problem(host, port)
     if problem:  # gunicorn would retry for seconds and then exit with a traceback-like message
         source = "--port/--host" if args.port is not None or args.host else "CDS_PORT/CDS_HOST"
@@ -253,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=[state.value for state in JobState], help="only jobs in this state (list)")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_jobs)
+
+    from .access_audit import add_audit_arguments, run_audit
+
+    p = sub.add_parser("audit", help="who saw which patient's data, when: the access log of the worklist, study pages, "
+                       "heatmaps, key images, CDS cards and sign-ins (by --user or --patient)")
+    add_audit_arguments(p)
+    p.set_defaults(func=run_audit)
 
     from cds_training.training import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
 

@@ -233,8 +233,14 @@ class RedisWriteBackTrail:
         return found
 
 
+def on_redis(settings: Any) -> bool:
+    """Whether the audit records that every machine shares (the write-back trail, the access log of patient data,
+    adapters/access_log.py) go to Redis: where the job store is (CDS_QUEUE_URL=redis://…), else SQLite."""
+    return str(settings.queue_url).startswith(("redis://", "rediss://", "unix://"))
+
+
 def open_write_back_trail(settings: Any) -> WriteBackTrail | RedisWriteBackTrail:
     """Redis when the job store is on Redis (so every machine writes one trail), else SQLite."""
-    if str(settings.queue_url).startswith(("redis://", "rediss://", "unix://")):
+    if on_redis(settings):
         return RedisWriteBackTrail(settings.queue_url, timeout_s=settings.http_timeout_s)
     return WriteBackTrail(settings.data_dir / "audit.sqlite3")

@@ -32,8 +32,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from cds_service.core.errors import PermanentError, UpstreamError, UpstreamRedirectError, is_redirect_status, is_retryable_status
 from cds_service.adapters.fhir_client import FhirClient
-from cds_service.adapters.security import is_loopback_url
-from cds_service.core.settings import Settings
+from cds_service.core.settings import Settings, is_loopback_url
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: SMART: the assertion's exp is no more than five minutes in the future.

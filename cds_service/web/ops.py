@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import io
-import ipaddress
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ import requests
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from cds_service.adapters import metrics
+from cds_service.web.access import from_this_machine
 from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.adapters.audit import open_write_back_trail
 from cds_service.drift import drift_report
@@ -46,20 +46,6 @@ PROBE_TIMEOUT_S = 5.0
 # --- operator access -----------------------------------------------------------------------------
 
 
-# Headers a reverse proxy may add; any of them (even empty) means the caller is not this machine.
-PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host", "X-Forwarded-Proto")
-
-
-def _from_this_machine() -> bool:
-    """A direct call over loopback; one relayed by a reverse proxy (any proxy header, even empty) is not."""
-    if any(name in request.headers for name in PROXY_HEADERS):
-        return False
-    try:
-        return ipaddress.ip_address(request.remote_addr or "").is_loopback
-    except ValueError:
-        return False
-
-
 def operator_refusal() -> tuple[Any, int] | None:
     """None when the caller may use the operator endpoints (/jobs, /audit, /metrics, /readyz details).
 
@@ -70,7 +56,7 @@ def operator_refusal() -> tuple[Any, int] | None:
     settings = ctx().settings
     expected = settings.operator_token
     if not expected:
-        if settings.operator_open_on_loopback and _from_this_machine():
+        if settings.operator_open_on_loopback and from_this_machine():
             return None
         return operation_outcome(403, "operator endpoints need CDS_OPERATOR_TOKEN (or, for development on this "
                                       "machine only, CDS_OPERATOR_OPEN_ON_LOOPBACK=true)", "forbidden")

@@ -63,6 +63,7 @@ class WorklistRow:
     key_instance_uid: str | None
     heatmap_in_pacs: bool  # our Media names a Secondary Capture in the PACS (identifier urn:dicom:uid)
     shadow: bool = False  # the AI result came from a task in shadow mode: shown, never used to order rows
+    patient_id: str | None = None  # the order's Patient id: what the access log records (hashed), never shown
 
     @property
     def top_finding(self) -> RowFinding | None:
@@ -279,6 +280,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             key_instance_uid=heatmap_source_instance(dict(media)) if media else None,
             heatmap_in_pacs=in_pacs(media),
             shadow=report.shadow if report else False,
+            patient_id=reference_id((order.get("subject") or {}).get("reference"), "Patient"),
         ))
     return sorted(rows, key=order_key(now))
 
