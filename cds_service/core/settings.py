@@ -160,8 +160,9 @@ def check_access_settings(settings: "Settings") -> None:
                                     "(http only on 127.0.0.1 or localhost)")
         if "openid" not in settings.oidc_scopes.split():
             raise SettingsError(f"CDS_OIDC_SCOPES={settings.oidc_scopes!r} must include openid")
-    if settings.oidc_session_lifetime_s < 60:
-        raise SettingsError(f"CDS_OIDC_SESSION_LIFETIME_S={settings.oidc_session_lifetime_s} is under a minute")
+    if settings.oidc_session_lifetime_s < 1:
+        raise SettingsError(f"CDS_OIDC_SESSION_LIFETIME_S={settings.oidc_session_lifetime_s} is not a number of seconds "
+                            "(1 or more)")
     if settings.access_log_retention_days < 1:
         raise SettingsError(f"CDS_ACCESS_LOG_RETENTION_DAYS={settings.access_log_retention_days} is not a number of days "
                             "(1 or more)")
