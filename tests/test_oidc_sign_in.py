@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -24,13 +23,13 @@ import httpx
 import pytest
 
 from access_support import run_cli, start_serve
+from browser_support import launched_chromium
 from cds_devtools.demo import start_service
 from cds_devtools.devservers import free_port
 from cds_service.adapters.access_log import patient_key
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.domain import Task
 from cds_service.core.settings import Settings
-from conftest import require
 from fhir_mappings import codes
 from hook_client import EhrSigner, hook_request
 from oidc_support import OidcProvider, client, start_provider
@@ -39,9 +38,6 @@ from support import make_test_weights
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 ACCOUNTS = {"dr.grey": {"name": "Meredith Grey", "groups": ["radiologist", "staff"]},
             "dr.nogroup": {"name": "Nora Nogroup", "groups": ["cardiology"]}}
 SESSION_SECRET = "a-long-random-session-secret-for-the-tests-only"
@@ -94,15 +90,7 @@ def stack(orthanc, fhir_server, tmp_path_factory) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    require(Path(CHROMIUM).exists() or shutil.which(CHROMIUM), f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, "Python package playwright not installed (pip install -e '.[test]')")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    yield from launched_chromium()
 
 
 class Visit:
@@ -128,6 +116,21 @@ class Visit:
         if page.url.startswith(provider.url + "/interaction/"):  # consent: share the scopes with our service
             with page.expect_navigation(timeout=30_000):
                 page.click("button[type=submit]")
+
+    def signed_in(self, service: Settings, provider: OidcProvider, user: str = "dr.grey") -> dict[str, Any] | None:
+        """Open the worklist, sign in, be back there; the session cookie."""
+        self.page.goto(f"{service.public_url}/worklist")
+        self.sign_in(provider, user)
+        self.page.wait_for_url(f"{service.public_url}/worklist", timeout=30_000)
+        return self.session_cookie()
+
+    def refused(self, service: Settings, provider: OidcProvider, user: str = "dr.grey") -> str:
+        """Open the worklist, sign in, be refused at our callback; the message shown."""
+        self.page.goto(f"{service.public_url}/worklist")
+        self.sign_in(provider, user)
+        self.page.wait_for_url(re.compile(re.escape(service.public_url) + "/auth/callback"), timeout=30_000)
+        assert self.page.evaluate("document.title").startswith("Sign-in failed")
+        return self.page.inner_text("#sign-in-message")
 
     def callbacks(self, service: Settings) -> list[str]:
         return [url for url in self.requests if url.startswith(f"{service.public_url}/auth/callback")]
@@ -229,10 +232,7 @@ def test_the_heatmap_link_a_cds_card_hands_out_needs_a_sign_in(stack, visit):
 
 def test_sign_out_ends_the_session_here_and_at_the_provider(stack, visit):
     settings, provider = stack["settings"], stack["provider"]
-    visit.page.goto(f"{settings.public_url}/worklist")
-    visit.sign_in(provider, "dr.grey")
-    visit.page.wait_for_url(f"{settings.public_url}/worklist", timeout=30_000)
-    cookie = visit.session_cookie()
+    cookie = visit.signed_in(settings, provider)
     assert rows_with(cookie, settings).status_code == 200
 
     visit.page.click("#sign-out")
@@ -250,10 +250,7 @@ def test_sign_out_ends_the_session_here_and_at_the_provider(stack, visit):
 
 def test_a_session_ends_after_its_lifetime(stack, visit):
     short, provider = stack["short"], stack["provider"]
-    visit.page.goto(f"{short.public_url}/worklist")
-    visit.sign_in(provider, "dr.grey")
-    visit.page.wait_for_url(f"{short.public_url}/worklist", timeout=30_000)
-    cookie = visit.session_cookie()
+    cookie = visit.signed_in(short, provider)
     assert rows_with(cookie, short).status_code == 200
     time.sleep(short.oidc_session_lifetime_s + 1)
     assert rows_with(cookie, short).status_code == 401
@@ -268,12 +265,8 @@ def test_a_session_ends_after_its_lifetime(stack, visit):
 
 def test_a_user_without_the_required_group_is_refused(stack, visit):
     settings, provider = stack["settings"], stack["provider"]
-    visit.page.goto(f"{settings.public_url}/worklist")
-    visit.sign_in(provider, "dr.nogroup")
-    visit.page.wait_for_url(re.compile(re.escape(settings.public_url) + "/auth/callback"), timeout=30_000)
-    message = visit.page.inner_text("#sign-in-message")
+    message = visit.refused(settings, provider, "dr.nogroup")
     assert "dr.nogroup" in message and "'radiologist'" in message and "CDS_OIDC_REQUIRED_GROUP" in message
-    assert visit.page.evaluate("document.title").startswith("Sign-in failed")
     assert rows_with(visit.session_cookie(), settings).status_code == 401
     refused = audit(settings, "--user", "dr.nogroup")
     assert [v["view"] for v in refused] == ["sign-in-refused"] and not any(v["view"] == "sign-in" for v in refused)
@@ -281,9 +274,7 @@ def test_a_user_without_the_required_group_is_refused(stack, visit):
 
 def test_a_replayed_or_forged_callback_is_refused(stack, visit, browser):
     settings, provider = stack["settings"], stack["provider"]
-    visit.page.goto(f"{settings.public_url}/worklist")
-    visit.sign_in(provider, "dr.grey")
-    visit.page.wait_for_url(f"{settings.public_url}/worklist", timeout=30_000)
+    visit.signed_in(settings, provider)
     [callback] = visit.callbacks(settings)
     again = visit.page.goto(callback)  # the same state (and code) a second time, in the same browser
     assert again.status == 400 and "already used" in visit.page.inner_text("#sign-in-message")
@@ -302,12 +293,9 @@ def test_an_expired_id_token_is_refused(stack, visit):
     settings, provider = stack["settings"], stack["provider"]
     provider.set_clock_skew(-7200)  # its token endpoint issues ID tokens that expired an hour ago
     try:
-        visit.page.goto(f"{settings.public_url}/worklist")
-        visit.sign_in(provider, "dr.grey")
-        visit.page.wait_for_url(re.compile(re.escape(settings.public_url) + "/auth/callback"), timeout=30_000)
+        message = visit.refused(settings, provider)
     finally:
         provider.set_clock_skew(0)
-    message = visit.page.inner_text("#sign-in-message")
     assert "ID token was refused" in message and "expired" in message.lower(), message
     assert rows_with(visit.session_cookie(), settings).status_code == 401
 

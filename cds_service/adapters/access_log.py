@@ -18,15 +18,14 @@ LIST_VIEW_INTERVAL_S (per process), every other view every time.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 import uuid
-from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Protocol
 
+from cds_service.adapters.audit import AuditLog, on_redis
 from cds_service.core.errors import QueueUnavailableError
 from cds_service.core.settings import Settings
 from cds_service.logs import hashed
@@ -83,22 +82,14 @@ class SqliteAccessLog:
     """The `phi_view` table of the audit SQLite file (one machine)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
+        self.audit = AuditLog(path)
+        with self.audit.connection() as db:
             db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            yield db
 
     def record(self, views: Iterable[PhiView]) -> None:
         rows = [(v.at, v.who, v.view, v.patient, json.dumps(v.detail)) for v in views]
         if rows:
-            with self._db() as db:
+            with self.audit.connection() as db:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("INSERT INTO phi_view (at, who, view, patient, detail) VALUES (?, ?, ?, ?, ?)", rows)
                 db.execute("COMMIT")
@@ -112,13 +103,13 @@ class SqliteAccessLog:
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
-        with self._db() as db:
+        with self.audit.connection() as db:
             rows = db.execute(f"SELECT * FROM phi_view WHERE {' AND '.join(where)} ORDER BY at DESC, id DESC LIMIT ?",
                               (*args, limit)).fetchall()
         return [PhiView(row["who"], row["view"], row["patient"], json.loads(row["detail"]), row["at"]) for row in rows]
 
     def prune(self, before: float) -> int:
-        with self._db() as db:
+        with self.audit.connection() as db:
             return db.execute("DELETE FROM phi_view WHERE at < ?", (before,)).rowcount
 
 
@@ -158,8 +149,6 @@ class RedisAccessLog:
 
 def open_access_log(settings: Settings) -> SqliteAccessLog | RedisAccessLog:
     """Redis when the job store is on Redis (every machine writes one log), else the audit SQLite file."""
-    from cds_service.adapters.audit import on_redis
-
     if on_redis(settings):
         return RedisAccessLog(settings.queue_url, timeout_s=settings.http_timeout_s)
     return SqliteAccessLog(settings.audit_db_path)

@@ -194,8 +194,10 @@ def failed(exc: SignInError) -> Any:
 
 @sign_in.after_request
 def no_store(response: Any) -> Any:
+    """As the worklist's pages: our own assets only, never cached, no referrer (the callback URL carries the code)."""
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Content-Security-Policy"] = "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'self'"
     return response
 
 
