@@ -81,6 +81,8 @@ def test_the_opt_out_is_development_only_and_loud(caplog):
 
     assert exposure_problem(Settings(), ["127.0.0.1", "localhost", "::1", "unix:/run/cds.sock"]) is None
     assert "CDS_WORKLIST_AUTH=none" in exposure_problem(Settings(), ["0.0.0.0"])
+    behind_a_proxy = exposure_problem(Settings(public_url="https://triage.hospital.example"), ["127.0.0.1"])
+    assert behind_a_proxy and "on CDS_PUBLIC_URL=https://triage.hospital.example" in behind_a_proxy
     assert exposure_problem(Settings(worklist_auth="bearer", worklist_bearer_token="t"), ["0.0.0.0"]) is None
     with caplog.at_level("WARNING"):
         assert exposure_problem(Settings(worklist_open_to_network=True), ["0.0.0.0"]) is None

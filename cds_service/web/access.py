@@ -27,7 +27,7 @@ from typing import Any, Iterable
 from flask import current_app, request
 
 from cds_service.core.domain import WorklistAuth
-from cds_service.core.settings import Settings
+from cds_service.core.settings import Settings, is_loopback_url
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,16 @@ def is_loopback_host(host: str) -> bool:
 
 def exposure_problem(settings: Settings, hosts: Iterable[str]) -> str | None:
     """Why the service must not start listening on `hosts` (None: it may). Asked by `cds-triage serve` and by
-    gunicorn's start-up (docker/gunicorn.conf.py) before they bind, and by the app factory.
+    gunicorn's start-up (docker/gunicorn.conf.py) before they bind, and by the app factory. A CDS_PUBLIC_URL
+    that is not loopback counts too: the service is meant to be reached from other machines (through a proxy).
 
     With CDS_WORKLIST_AUTH=none, patient names, study pages, heatmaps and key images would go to anyone who
     reaches the port. CDS_WORKLIST_OPEN_TO_NETWORK lets it start anyway (development), with a loud warning."""
     if settings.worklist_auth is not WorklistAuth.NONE:
         return None
     exposed = sorted({host for host in hosts if not is_loopback_host(host)})
+    if not is_loopback_url(settings.public_url):  # reached from elsewhere (a reverse proxy) even when it listens on loopback
+        exposed.append(f"CDS_PUBLIC_URL={settings.public_url}")
     if not exposed:
         return None
     if settings.worklist_open_to_network:
