@@ -55,6 +55,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port  # 0: the system picks a free port
+    from cds_service.web.access import exposure_problem
+
+    if exposed := exposure_problem(settings, [host]):  # patient data without sign-in on the network: never
+        print(f"cds-triage serve: {exposed}", file=sys.stderr)
+        return 2
     problem = address_problem(host, port)
     if problem:  # gunicorn would retry for seconds and then exit with a traceback-like message
         source = "--port/--host" if args.port is not None or args.host else "CDS_PORT/CDS_HOST"
@@ -289,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_jobs)
 
+    from .access_audit import add_audit_arguments, run_audit
+
+    p = sub.add_parser("audit", help="who saw which patient's data, when: the access log of the worklist, study pages, "
+                       "heatmaps, key images, CDS cards and sign-ins (by --user or --patient)")
+    add_audit_arguments(p)
+    p.set_defaults(func=run_audit)
+
     from cds_training.training import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
 
     p = sub.add_parser("train", help="train a task's model and write weights + model card")
@@ -312,8 +324,10 @@ CREDENTIAL_SETTINGS = {
 
 def hint_for(error: TriageError, where: str) -> str:
     """What to check: our credentials when the server refused who we are, else the URL and the server."""
-    from cds_service.core.errors import UpstreamRejectedError
+    from cds_service.core.errors import UpstreamRedirectError, UpstreamRejectedError
 
+    if isinstance(error, UpstreamRedirectError):
+        return f"{where} is redirected: set it to the URL the server answers at now"
     refused = isinstance(error, UpstreamRejectedError) and error.status_code in (401, 403)
     if refused and error.server in CREDENTIAL_SETTINGS:
         return f"{where} refused our credentials: check {CREDENTIAL_SETTINGS[error.server]}"

@@ -4,8 +4,11 @@
 
 The same server `cds-triage serve` embeds, in the form container platforms expect. The bind
 address comes from the service's settings (CDS_HOST, CDS_PORT); the number of worker
-processes from WEB_CONCURRENCY, gunicorn's own variable (the image sets 2).
+processes from WEB_CONCURRENCY, gunicorn's own variable (the image sets 2). Before it binds,
+`on_starting` refuses what `serve` refuses: patient data without sign-in on a network address.
 """
+
+import sys
 
 from cds_service.core.settings import Settings
 
@@ -20,3 +23,14 @@ accesslog = None  # ops.py logs every request as JSON with the route, never ids 
 errorlog = "-"
 # Heartbeat files in memory: a container's overlay filesystem can stall gunicorn's default.
 worker_tmp_dir = "/dev/shm"
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Checked with the addresses gunicorn will really bind (a `--bind` on the command line included)."""
+    from cds_service.web.access import exposure_problem
+
+    hosts = [address if isinstance(address, str) else str(address[0]) for address in server.cfg.address]
+    problem = exposure_problem(_settings, hosts)
+    if problem:
+        print(f"gunicorn: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -12,8 +12,6 @@ tests skip when it is missing on a developer machine and fail in CI (CI is set).
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import time
 import uuid
 from dataclasses import replace
@@ -37,12 +35,10 @@ from cds_service.adapters.subscribe import ensure_subscription
 from fhir_mappings.imaging_study import build_imaging_study
 from conftest import require
 from support import make_test_weights
+from browser_support import launched_chromium
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = os.environ.get("CDS_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 FINISHED = {"done", "failed", "not_applicable", "model_unavailable"}
 VIEWER = "http://127.0.0.1:9/viewer?StudyInstanceUIDs={study_uid}"
@@ -50,15 +46,7 @@ VIEWER = "http://127.0.0.1:9/viewer?StudyInstanceUIDs={study_uid}"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    require(Path(CHROMIUM).exists() or shutil.which(CHROMIUM), f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, "Python package playwright not installed (pip install -e '.[test]')")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    yield from launched_chromium()
 
 
 @pytest.fixture

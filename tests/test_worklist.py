@@ -25,7 +25,6 @@ from cds_service.jobs.state import Job, JobState
 from cds_service.jobs.sqlite_store import JobStore
 from cds_service.core.settings import Settings, SettingsError
 from cds_service.core.viewer import viewer_link
-from cds_service.web.worklist import access_denied
 from cds_service.web.worklist_rows import ai_raised_from, build_worklist, format_waiting, patient_details
 from fhir_mappings.builders import build_triage_transaction, heatmap_source_instance, with_priority
 
@@ -290,29 +289,72 @@ def test_pacs_viewer_link_from_the_template():
     assert viewer_link("https://v.example/{study_uid}", no_study.study_uid) is None
 
 
-@pytest.mark.parametrize(("settings", "headers", "allowed"), [
-    (Settings(), {}, True),
-    (Settings(worklist_auth="proxy-header"), {}, False),
-    (Settings(worklist_auth="proxy-header"), {"X-Forwarded-User": "dr.house"}, True),
-    (Settings(worklist_auth="proxy-header", worklist_auth_header="X-Remote-User"), {"X-Forwarded-User": "a"}, False),
-    (Settings(worklist_auth="bearer", worklist_bearer_token="t0ken"), {"Authorization": "Bearer t0ken"}, True),
-    (Settings(worklist_auth="bearer", worklist_bearer_token="t0ken"), {"Authorization": "Bearer wrong"}, False),
-    (Settings(worklist_auth="bearer", worklist_bearer_token=""), {"Authorization": "Bearer "}, False),
+@pytest.mark.parametrize(("settings", "headers", "remote", "allowed"), [
+    (Settings(), {}, "127.0.0.1", True),
+    (Settings(), {}, "10.1.2.3", False),  # none: direct calls from this machine only
+    (Settings(), {"X-Forwarded-For": "10.1.2.3"}, "127.0.0.1", False),  # … never through a proxy
+    (Settings(worklist_open_to_network=True), {}, "10.1.2.3", True),  # the development opt-out
+    (Settings(worklist_auth="proxy-header", trusted_proxies="127.0.0.1"), {}, "127.0.0.1", False),
+    (Settings(worklist_auth="proxy-header", trusted_proxies="127.0.0.1"), {"X-Forwarded-User": "dr.house"}, "127.0.0.1", True),
+    (Settings(worklist_auth="proxy-header", trusted_proxies="10.0.0.0/8"), {"X-Forwarded-User": "dr.house"}, "10.9.8.7", True),
+    (Settings(worklist_auth="proxy-header", trusted_proxies="10.0.0.0/8"), {"X-Forwarded-User": "dr.house"}, "192.168.1.5", False),
+    (Settings(worklist_auth="proxy-header", trusted_proxies="10.0.0.0/8"),  # the peer counts, never X-Forwarded-For
+     {"X-Forwarded-User": "dr.house", "X-Forwarded-For": "10.1.1.1"}, "192.168.1.5", False),
+    (Settings(worklist_auth="proxy-header", trusted_proxies="::ffff:10.0.0.0/104,10.0.0.0/8"),
+     {"X-Forwarded-User": "dr.house"}, "::ffff:10.1.2.3", True),  # an IPv4 peer on an IPv6 socket
+    (Settings(worklist_auth="proxy-header", trusted_proxies="127.0.0.1", proxy_secret="s3cret"),
+     {"X-Forwarded-User": "dr.house"}, "127.0.0.1", False),
+    (Settings(worklist_auth="proxy-header", trusted_proxies="127.0.0.1", proxy_secret="s3cret"),
+     {"X-Forwarded-User": "dr.house", "X-CDS-Proxy-Secret": "wrong"}, "127.0.0.1", False),
+    (Settings(worklist_auth="proxy-header", trusted_proxies="127.0.0.1", proxy_secret="s3cret"),
+     {"X-Forwarded-User": "dr.house", "X-CDS-Proxy-Secret": "s3cret"}, "127.0.0.1", True),
+    (Settings(worklist_auth="proxy-header", worklist_auth_header="X-Remote-User", trusted_proxies="127.0.0.1"),
+     {"X-Forwarded-User": "a"}, "127.0.0.1", False),
+    (Settings(worklist_auth="bearer", worklist_bearer_token="t0ken"), {"Authorization": "Bearer t0ken"}, "10.1.2.3", True),
+    (Settings(worklist_auth="bearer", worklist_bearer_token="t0ken"), {"Authorization": "Bearer wrong"}, "127.0.0.1", False),
 ])
-def test_access_check(settings, headers, allowed):
-    assert (access_denied(settings, headers) is None) is allowed
+def test_access_check(settings, headers, remote, allowed):
+    from flask import Flask
+
+    from cds_service.web.access import AccessRefused, identify
+
+    with Flask(__name__).test_request_context("/worklist", headers=headers, environ_base={"REMOTE_ADDR": remote}):
+        try:
+            viewer = identify(settings)
+        except AccessRefused as refused:
+            assert not allowed, refused.message
+            assert refused.status == 401
+        else:
+            assert allowed, viewer
+            assert viewer.name == headers.get(settings.worklist_auth_header, viewer.name)
 
 
-def test_a_misspelt_auth_mode_stops_the_start_naming_the_variable():
-    with pytest.raises(SettingsError, match="CDS_WORKLIST_AUTH='bogus' is not one of none, proxy-header, bearer"):
-        Settings(worklist_auth="bogus")
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"worklist_auth": "bogus"}, "CDS_WORKLIST_AUTH='bogus' is not one of none, proxy-header, bearer, oidc"),
+    ({"worklist_auth": "proxy-header"}, "CDS_WORKLIST_AUTH=proxy-header needs CDS_TRUSTED_PROXIES"),
+    ({"worklist_auth": "proxy-header", "trusted_proxies": "10.0.0.300/8"}, "CDS_TRUSTED_PROXIES: '10.0.0.300/8' is not"),
+    ({"worklist_auth": "bearer"}, "CDS_WORKLIST_AUTH=bearer needs CDS_WORKLIST_BEARER_TOKEN"),
+    ({"worklist_auth": "oidc"}, "CDS_WORKLIST_AUTH=oidc needs CDS_OIDC_ISSUER"),
+    ({"worklist_auth": "oidc", "oidc_issuer": "https://idp.example", "oidc_client_id": "c"},
+     "CDS_WORKLIST_AUTH=oidc needs CDS_OIDC_SESSION_SECRET"),
+    ({"worklist_auth": "oidc", "oidc_issuer": "http://idp.example", "oidc_client_id": "c", "oidc_session_secret": "s" * 32},
+     "CDS_OIDC_ISSUER='http://idp.example' must be https://"),
+    ({"worklist_auth": "oidc", "oidc_issuer": "https://idp.example", "oidc_client_id": "c", "oidc_session_secret": "s" * 32,
+      "public_url": "http://triage.example"}, "CDS_PUBLIC_URL='http://triage.example' must be https://"),
+    ({"worklist_auth": "oidc", "oidc_issuer": "https://idp.example", "oidc_client_id": "c", "oidc_session_secret": "short"},
+     "CDS_OIDC_SESSION_SECRET is shorter than 32 characters"),
+    ({"access_log_retention_days": 0}, "CDS_ACCESS_LOG_RETENTION_DAYS=0"),
+])
+def test_a_wrong_access_setting_stops_the_start_naming_the_variable(overrides, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        Settings(**overrides)
 
 
 @pytest.fixture
 def client(tmp_path):
     """The app with a FHIR server that is not there: auth and error paths only."""
     settings = Settings(data_dir=tmp_path, weights_dir=tmp_path / "weights", worklist_auth="proxy-header",
-                        fhir_base_url=f"http://127.0.0.1:{free_port()}/fhir", http_timeout_s=2)
+                        trusted_proxies="127.0.0.1", fhir_base_url=f"http://127.0.0.1:{free_port()}/fhir", http_timeout_s=2)
     context = ServiceContext(settings=settings, store=JobStore(settings.job_db_path), enqueue=lambda _: None, model_set="m@1")
     return create_app(settings, context).test_client()
 

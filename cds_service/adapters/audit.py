@@ -81,12 +81,13 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
+        with self.connection() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A short connection to the audit file (the access log's table lives there too: access_log.py)."""
         with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
             db.row_factory = sqlite3.Row
             yield db
@@ -98,7 +99,7 @@ class AuditLog:
         from cds_service.logs import hashed
 
         now = time.time()
-        with self._db() as db:
+        with self.connection() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute("INSERT INTO audit_event (at, kind, service, client, hook_instance, subject, detail) "
                        "VALUES (?, 'hook-call', ?, ?, ?, ?, ?)",
@@ -119,7 +120,7 @@ class AuditLog:
         if not uuids:
             return set()
         marks = ",".join("?" * len(uuids))
-        with self._db() as db:
+        with self.connection() as db:
             rows = db.execute(f"SELECT uuid FROM issued_card WHERE service = ? AND uuid IN ({marks})", (service, *uuids))
             return {row["uuid"] for row in rows}
 
@@ -127,7 +128,7 @@ class AuditLog:
         """Store each item once; returns per item whether it was new (False: a repeat, ignored)."""
         now = time.time()
         stored = []
-        with self._db() as db:
+        with self.connection() as db:
             db.execute("BEGIN IMMEDIATE")
             for item in items:
                 cursor = db.execute(
@@ -146,7 +147,7 @@ class AuditLog:
         return stored
 
     def feedback_for(self, card: str) -> list[dict[str, Any]]:
-        with self._db() as db:
+        with self.connection() as db:
             rows = db.execute("SELECT * FROM feedback WHERE card = ? ORDER BY received_at", (card,)).fetchall()
         return [dict(row) | {"accepted_suggestions": json.loads(row["accepted_suggestions"]),
                              "override_reason": json.loads(row["override_reason"])} for row in rows]
@@ -176,7 +177,7 @@ class AuditLog:
         query, args = "SELECT * FROM audit_event", []
         if kind:
             query, args = query + " WHERE kind = ?", [kind]
-        with self._db() as db:
+        with self.connection() as db:
             rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [dict(row) | {"detail": json.loads(row["detail"])} for row in rows]
 
@@ -222,7 +223,7 @@ class WriteBackTrail:
         self.log = AuditLog(path)
 
     def append(self, event: dict[str, Any]) -> None:
-        with self.log._db() as db:
+        with self.log.connection() as db:
             db.execute("INSERT INTO audit_event (at, kind, service, client, subject, detail) VALUES (?, ?, ?, ?, ?, ?)",
                        (event["at"], event["kind"], event["service"], event["client"], event["subject"],
                         json.dumps(event["detail"])))
@@ -234,7 +235,7 @@ class WriteBackTrail:
             query, args = query + " AND subject = ?", args + [subject]
         if job:
             query, args = query + " AND json_extract(detail, '$.job') = ?", args + [job]
-        with self.log._db() as db:
+        with self.log.connection() as db:
             rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [{k: row[k] for k in ("id", "at", "kind", "service", "client", "subject")} | {"detail": json.loads(row["detail"])}
                 for row in rows]
@@ -268,8 +269,14 @@ class RedisWriteBackTrail:
         return found
 
 
+def on_redis(settings: Any) -> bool:
+    """Whether the audit records that every machine shares (the write-back trail, the access log of patient data,
+    adapters/access_log.py) go to Redis: where the job store is (CDS_QUEUE_URL=redis://…), else SQLite."""
+    return str(settings.queue_url).startswith(("redis://", "rediss://", "unix://"))
+
+
 def open_write_back_trail(settings: Any) -> WriteBackTrail | RedisWriteBackTrail:
     """Redis when the job store is on Redis (so every machine writes one trail), else SQLite."""
-    if str(settings.queue_url).startswith(("redis://", "rediss://", "unix://")):
+    if on_redis(settings):
         return RedisWriteBackTrail(settings.queue_url, timeout_s=settings.http_timeout_s)
     return WriteBackTrail(settings.data_dir / "audit.sqlite3")

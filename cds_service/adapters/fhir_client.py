@@ -14,8 +14,8 @@ import httpx
 
 from fhir_mappings.builders import is_fhir_id
 
-from cds_service.core.errors import (InvalidResourceError, PermanentError, StudyNotFoundError, UpstreamError,
-                                     UpstreamRejectedError, is_retryable_status)
+from cds_service.core.errors import (InvalidResourceError, PermanentError, StudyNotFoundError, UpstreamError, UpstreamRedirectError,
+                                     UpstreamRejectedError, is_redirect_status, is_retryable_status)
 from cds_service.adapters.metrics import count_upstream_error
 
 FHIR_JSON = "application/fhir+json"
@@ -100,6 +100,11 @@ class FhirClient:
         except httpx.TransportError as exc:
             count_upstream_error("fhir", "unreachable")
             raise UpstreamError(f"FHIR server unreachable at {self.base_url}: {type(exc).__name__}", **self._where) from exc
+        if is_redirect_status(response.status_code):  # never followed, never a success (errors.is_redirect_status)
+            count_upstream_error("fhir", f"http_{response.status_code}")
+            called = response.request.url.copy_with(query=None)
+            raise UpstreamRedirectError(f"FHIR {method} {called}", response.status_code,
+                                        response.headers.get("Location", ""), **self._where)
         if response.status_code < 400:
             return response
         count_upstream_error("fhir", f"http_{response.status_code}")

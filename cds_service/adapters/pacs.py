@@ -1,3 +1,5 @@
+# Over 400 lines on purpose: every DICOMweb call and the multipart/related reader they stream through, with their
+# error mapping in one place; to split next: the multipart reader (multipart_parts, require_complete_multipart).
 """The PACS adapter: QIDO-RS to find a study's series, WADO-RS to fetch one series.
 
 A thin layer over `dicomweb-client` whose only job is to turn HTTP trouble into the
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Generator, Iterator, Sequence
 
 import pydicom
@@ -19,7 +22,7 @@ from fhir_mappings.imaging_study import dicom_datetime
 
 from cds_service.core.domain import Series, Study
 from cds_service.core.errors import (BadDicomError, PermanentError, StudyNotFoundError, StudyTooLargeError, TransientError, TriageError,
-                                     UpstreamError, UpstreamRejectedError, is_retryable_status)
+                                     UpstreamError, UpstreamRedirectError, UpstreamRejectedError, is_redirect_status, is_retryable_status)
 from cds_service.core.decoding import known_position, positions_order, slice_position
 from cds_service.adapters.metrics import count_upstream_error
 from cds_service.core.preprocessing import decode_cost, instance_bytes
@@ -73,6 +76,22 @@ class PacsConfig:
     bearer_token: str = ""
     timeout_s: float = 30.0
     max_series_bytes: int = 0  # 0: no limit
+
+
+def refuse_redirects(response: requests.Response, *args: Any, base_url: str = "", **kwargs: Any) -> requests.Response:
+    """A requests hook: a 3xx is never followed (its Location is taken off, so requests does not follow it with our
+    credentials) and its `raise_for_status` raises UpstreamRedirectError (errors.is_redirect_status), which every
+    call makes after dicomweb-client's own retry loop (that one retries any exception, five times over 30 s)."""
+    if is_redirect_status(response.status_code):
+        error = UpstreamRedirectError(f"PACS {response.request.method} {response.url.split('?')[0]}", response.status_code,
+                                      response.headers.pop("Location", ""), server="pacs", url=base_url)
+        count_upstream_error("pacs", f"http_{response.status_code}")
+
+        def raise_for_status() -> None:
+            raise error
+
+        response.raise_for_status = raise_for_status  # type: ignore[method-assign]
+    return response
 
 
 def require_complete_multipart(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
@@ -175,6 +194,7 @@ class Pacs:
         # every instance on the fly. Measured on loopback: one 2,048² X-ray (8 MB) took 0.50 s
         # instead of 0.04 s; DICOM pixel data gains little from gzip for that much CPU.
         session.headers["Accept-Encoding"] = "identity"
+        session.hooks["response"].append(partial(refuse_redirects, base_url=config.url))
         session.hooks["response"].append(require_complete_multipart)
         if config.username:
             session.auth = (config.username, config.password)

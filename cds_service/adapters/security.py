@@ -21,7 +21,6 @@ The other limits (rate per client, JSON depth, CORS origins) live here too.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import sqlite3
@@ -30,7 +29,6 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -42,7 +40,7 @@ from limits.strategies import MovingWindowRateLimiter
 
 from cds_service.logs import hashed
 from cds_service.core.domain import HooksAuth
-from cds_service.core.settings import Settings
+from cds_service.core.settings import Settings, is_loopback_url
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +95,6 @@ class HookClient:
 def split_list(text: str) -> list[str]:
     """`a, b ,c` → ['a', 'b', 'c'] (the format of every list-valued setting)."""
     return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- keys -------------------------------------------------------------------------------------

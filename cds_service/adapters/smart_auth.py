@@ -30,10 +30,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from cds_service.core.errors import PermanentError, UpstreamError, is_retryable_status
+from cds_service.core.errors import PermanentError, UpstreamError, UpstreamRedirectError, is_redirect_status, is_retryable_status
 from cds_service.adapters.fhir_client import FhirClient
-from cds_service.adapters.security import is_loopback_url
-from cds_service.core.settings import Settings
+from cds_service.core.settings import Settings, is_loopback_url
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: SMART: the assertion's exp is no more than five minutes in the future.
@@ -208,6 +207,9 @@ class SmartBackendAuth(httpx.Auth):
         except httpx.TransportError as exc:
             raise UpstreamError(f"SMART authorization server unreachable ({url}): {type(exc).__name__}", server="auth",
                                 url=url) from exc
+        if is_redirect_status(response.status_code):
+            raise UpstreamRedirectError(f"SMART authorization server {method} {url}", response.status_code,
+                                        response.headers.get("Location", ""), server="auth", url=url)
         if is_retryable_status(response.status_code):
             raise UpstreamError(f"SMART authorization server answered {response.status_code} at {url}", server="auth", url=url)
         if response.status_code >= 400:

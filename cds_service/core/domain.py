@@ -60,11 +60,12 @@ class InferenceRuntime(enum.StrEnum):
 
 
 class WorklistAuth(enum.StrEnum):
-    """How the worklist page checks who asks (CDS_WORKLIST_AUTH)."""
+    """How the pages with patient data check who asks (CDS_WORKLIST_AUTH; cds_service/web/access.py)."""
 
-    NONE = "none"
-    PROXY_HEADER = "proxy-header"
-    BEARER = "bearer"
+    NONE = "none"  # no sign-in: direct calls from this machine only, and `serve` stays on loopback
+    PROXY_HEADER = "proxy-header"  # an authenticating reverse proxy at CDS_TRUSTED_PROXIES names the user
+    BEARER = "bearer"  # one shared token (scripts, EHR embedding): no per-user identity
+    OIDC = "oidc"  # per-user sign-in at the site's OpenID Connect provider (cds_service/web/sign_in.py)
 
 
 class HooksAuth(enum.StrEnum):

@@ -19,6 +19,13 @@ def is_retryable_status(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
 
+def is_redirect_status(status: int) -> bool:
+    """A 3xx is never a success and is never followed: an http→https or moved-server redirect means the
+    URL setting is out of date, and following it would send our credentials and the patient's data to
+    wherever a Location header says. It is an `UpstreamRedirectError` (retried, then failed, naming both)."""
+    return 300 <= status < 400
+
+
 class TriageError(Exception):
     """Base of every error the service raises on purpose; its message is safe to show.
 
@@ -67,6 +74,20 @@ class ModelUnavailableError(PermanentError):
 
 class UpstreamError(TransientError):
     """The PACS or the FHIR server failed in a way that may pass (down, 5xx, 429, timeout)."""
+
+
+class UpstreamRedirectError(UpstreamError):
+    """The PACS or the FHIR server answered a redirect (3xx, `is_redirect_status`): named with the URL we
+    called and the `Location` it sent. Transient (a redirect during maintenance may pass), so a job retries
+    and then fails with this message; a command says it in one line."""
+
+    def __init__(self, what: str, status_code: int, location: str, *, server: Server | None = None,
+                 url: str = "") -> None:
+        shown = location[:300] if location else "(no Location header)"
+        super().__init__(f"{what} answered {status_code} redirect to {shown} (redirects are not followed)",
+                         server=server, url=url)
+        self.status_code = status_code
+        self.location = location
 
 
 class UpstreamRejectedError(PermanentError):

@@ -8,6 +8,7 @@ environment. Each field's default fits the local demo; the README lists them all
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import os
 import re
@@ -160,6 +161,58 @@ def canonical_base_problem(value: str) -> str | None:
     return None
 
 
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def check_access_settings(settings: "Settings") -> None:
+    """The settings of who may see patient data, together: each mode has what it needs (SettingsError naming it)."""
+    for item in _items(settings.trusted_proxies):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SettingsError(f"CDS_TRUSTED_PROXIES: {item!r} is not an address or network (like 10.0.0.5 or "
+                                "10.0.0.0/24)") from None
+    mode = settings.worklist_auth
+    if mode is WorklistAuth.PROXY_HEADER and not _items(settings.trusted_proxies):
+        raise SettingsError("CDS_WORKLIST_AUTH=proxy-header needs CDS_TRUSTED_PROXIES: the addresses of the "
+                            "authenticating proxy (a request from anywhere else is refused)")
+    if mode is WorklistAuth.BEARER and not settings.worklist_bearer_token:
+        raise SettingsError("CDS_WORKLIST_AUTH=bearer needs CDS_WORKLIST_BEARER_TOKEN")
+    if mode is WorklistAuth.OIDC:
+        for name in ("oidc_issuer", "oidc_client_id", "oidc_session_secret"):
+            if not getattr(settings, name):
+                raise SettingsError(f"CDS_WORKLIST_AUTH=oidc needs {env_name(name)}")
+        if problem := http_url_problem(settings.oidc_issuer):
+            raise SettingsError(f"CDS_OIDC_ISSUER={settings.oidc_issuer!r} {problem}")
+        if len(settings.oidc_session_secret) < 32:
+            raise SettingsError("CDS_OIDC_SESSION_SECRET is shorter than 32 characters (it signs the session cookies)")
+        for name in ("oidc_issuer", "public_url"):  # sign-in over plain http only on this machine (development)
+            url = getattr(settings, name)
+            if urlsplit(url).scheme != "https" and not is_loopback_url(url):
+                raise SettingsError(f"{env_name(name)}={url!r} must be https:// with CDS_WORKLIST_AUTH=oidc "
+                                    "(http only on 127.0.0.1 or localhost)")
+        if "openid" not in settings.oidc_scopes.split():
+            raise SettingsError(f"CDS_OIDC_SCOPES={settings.oidc_scopes!r} must include openid")
+    if settings.oidc_session_lifetime_s < 1:
+        raise SettingsError(f"CDS_OIDC_SESSION_LIFETIME_S={settings.oidc_session_lifetime_s} is not a number of seconds "
+                            "(1 or more)")
+    if settings.access_log_retention_days < 1:
+        raise SettingsError(f"CDS_ACCESS_LOG_RETENTION_DAYS={settings.access_log_retention_days} is not a number of days "
+                            "(1 or more)")
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether a URL's host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def env_name(field_name: str) -> str:
     """The variable a Settings field is read from (`port` → `CDS_PORT`)."""
     return PREFIX + Settings.__dataclass_fields__[field_name].metadata["env"]
@@ -263,6 +316,26 @@ class Settings:
     worklist_auth: WorklistAuth = field(default=WorklistAuth.NONE, metadata={"env": "WORKLIST_AUTH"})
     worklist_auth_header: str = field(default="X-Forwarded-User", metadata={"env": "WORKLIST_AUTH_HEADER"})
     worklist_bearer_token: str = field(default="", metadata={"env": "WORKLIST_BEARER_TOKEN", "secret": True})
+    # Who may see patient data, and the record of who did (cds_service/web/access.py, sign_in.py,
+    # adapters/access_log.py; docs/security.md). Checked together in check_access_settings.
+    # development only: with CDS_WORKLIST_AUTH=none, `serve` listens beyond loopback and serves anyone (logged loudly)
+    worklist_open_to_network: bool = field(default=False, metadata={"env": "WORKLIST_OPEN_TO_NETWORK"})
+    # proxy-header: the authenticating proxy's addresses (CIDRs); the direct peer must be one of them
+    trusted_proxies: str = field(default="", metadata={"env": "TRUSTED_PROXIES"})
+    proxy_secret: str = field(default="", metadata={"env": "PROXY_SECRET", "secret": True})
+    proxy_secret_header: str = field(default="X-CDS-Proxy-Secret", metadata={"env": "PROXY_SECRET_HEADER"})
+    # oidc: authorization code flow with PKCE at the site's identity provider
+    oidc_issuer: str = field(default="", metadata={"env": "OIDC_ISSUER"})
+    oidc_client_id: str = field(default="", metadata={"env": "OIDC_CLIENT_ID"})
+    oidc_client_secret: str = field(default="", metadata={"env": "OIDC_CLIENT_SECRET", "secret": True})
+    oidc_scopes: str = field(default="openid profile email", metadata={"env": "OIDC_SCOPES"})
+    oidc_required_group: str = field(default="", metadata={"env": "OIDC_REQUIRED_GROUP"})
+    oidc_groups_claim: str = field(default="groups", metadata={"env": "OIDC_GROUPS_CLAIM"})
+    oidc_user_claim: str = field(default="preferred_username", metadata={"env": "OIDC_USER_CLAIM"})
+    oidc_session_secret: str = field(default="", metadata={"env": "OIDC_SESSION_SECRET", "secret": True})
+    oidc_session_lifetime_s: int = field(default=8 * 3600, metadata={"env": "OIDC_SESSION_LIFETIME_S"})
+    # the access log of patient data views: rows older than this are pruned
+    access_log_retention_days: int = field(default=6 * 365, metadata={"env": "ACCESS_LOG_RETENTION_DAYS"})
 
     # CDS Hooks: inbound JWT (see cds_service/adapters/security.py), CORS, limits, system actions.
     cds_hooks_auth: HooksAuth = field(default=HooksAuth.JWT, metadata={"env": "HOOKS_AUTH"})
@@ -365,8 +438,14 @@ class Settings:
         elif self.ai_security_label_mode is AiLabelMode.REPLACE:
             raise SettingsError("CDS_AI_SECURITY_LABEL_MODE=replace needs CDS_AI_SECURITY_LABEL (system|code|display): "
                                 "without it nothing would mark the results as AI-asserted")
+        check_access_settings(self)
         if self.site_thresholds_file:
             _ = self.site_thresholds  # checked at start-up: a bad file stops the process with an error naming the setting
+
+    @cached_property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """CDS_TRUSTED_PROXIES as networks (checked at start-up)."""
+        return tuple(ipaddress.ip_network(item, strict=False) for item in _items(self.trusted_proxies))
 
     @cached_property
     def site_thresholds(self) -> "SiteThresholds | None":

@@ -13,10 +13,12 @@ from typing import Any
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
+from cds_service.adapters.access_log import AccessRecorder, open_access_log
+from cds_service.web.access import exposure_problem
 from cds_service.web.context import ServiceContext
 from cds_service.jobs.queue import create_queue, open_job_store, register_triage_task
 from cds_service.core.model_cards import model_set_version
-from cds_service.core.settings import Settings
+from cds_service.core.settings import Settings, SettingsError
 from cds_service.web.web_context import operation_outcome
 
 log = logging.getLogger(__name__)
@@ -40,19 +42,24 @@ def _no_runner() -> Any:
 def create_app(settings: Settings | None = None, context: ServiceContext | None = None) -> Flask:
     """The WSGI app: `cds-triage serve` runs it under gunicorn."""
     settings = settings or Settings.from_env()
+    if problem := exposure_problem(settings, [settings.host]):  # `serve` and gunicorn's start-up ask first, with the real bind
+        raise SettingsError(problem)
     app = Flask(__name__, template_folder=PACKAGE_DIR / "templates", static_folder=PACKAGE_DIR / "static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["cds_triage"] = context or build_context(settings)
+    app.extensions["cds_access_log"] = AccessRecorder(open_access_log(settings), settings.access_log_retention_days)
 
     from cds_service.web.api import api
     from cds_service.web.cds_hooks.routes import register_cds_hooks
     from cds_service.web.ops import ops
     from cds_service.web.pacs_trigger import pacs_trigger
+    from cds_service.web.sign_in import init_sign_in
     from cds_service.web.worklist import worklist
 
     app.register_blueprint(api)
     register_cds_hooks(app, settings)  # CDS Hooks behind their JWT check (security.py)
     app.register_blueprint(worklist)
+    init_sign_in(app, settings)  # /auth/… with CDS_WORKLIST_AUTH=oidc (sign_in.py)
     app.register_blueprint(pacs_trigger)
     app.register_blueprint(ops)  # /readyz, /metrics, /audit, request logs (ops.py)
 

@@ -16,7 +16,7 @@ carries resource ids.
 from __future__ import annotations
 
 import hmac
-import ipaddress
+import io
 import logging
 import os
 import time
@@ -28,11 +28,12 @@ import requests
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from cds_service.adapters import metrics
+from cds_service.web.access import from_this_machine
 from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.adapters.audit import open_write_back_trail
 from cds_service.adapters.subscribe import ai_label_checks
 from cds_service.drift import drift_report
-from cds_service.core.errors import QueueUnavailableError
+from cds_service.core.errors import QueueUnavailableError, is_redirect_status
 from cds_service.jobs.queue import is_redis_url
 from cds_service.logs import hashed
 from cds_service.core.model_cards import available_cards
@@ -48,20 +49,6 @@ PROBE_TIMEOUT_S = 5.0
 # --- operator access -----------------------------------------------------------------------------
 
 
-# Headers a reverse proxy may add; any of them (even empty) means the caller is not this machine.
-PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host", "X-Forwarded-Proto")
-
-
-def _from_this_machine() -> bool:
-    """A direct call over loopback; one relayed by a reverse proxy (any proxy header, even empty) is not."""
-    if any(name in request.headers for name in PROXY_HEADERS):
-        return False
-    try:
-        return ipaddress.ip_address(request.remote_addr or "").is_loopback
-    except ValueError:
-        return False
-
-
 def operator_refusal() -> tuple[Any, int] | None:
     """None when the caller may use the operator endpoints (/jobs, /audit, /metrics, /readyz details).
 
@@ -72,7 +59,7 @@ def operator_refusal() -> tuple[Any, int] | None:
     settings = ctx().settings
     expected = settings.operator_token
     if not expected:
-        if settings.operator_open_on_loopback and _from_this_machine():
+        if settings.operator_open_on_loopback and from_this_machine():
             return None
         return operation_outcome(403, "operator endpoints need CDS_OPERATOR_TOKEN (or, for development on this "
                                       "machine only, CDS_OPERATOR_OPEN_ON_LOOPBACK=true)", "forbidden")
@@ -97,7 +84,8 @@ def _check_fhir(settings: Settings, timeout_s: float) -> str:
     response = httpx.get(f"{settings.fhir_base_url.rstrip('/')}/metadata", timeout=timeout_s,
                          headers={"Accept": "application/fhir+json"})
     if response.status_code != 200:
-        raise OSError(f"GET metadata answered {response.status_code}")
+        location = response.headers.get("Location", "") if is_redirect_status(response.status_code) else ""
+        raise OSError(f"GET metadata answered {response.status_code}" + (f" redirect to {location}" if location else ""))
     return f"FHIR {response.json().get('fhirVersion', '?')}"
 
 
@@ -107,9 +95,10 @@ def _check_pacs(settings: Settings, timeout_s: float) -> str:
         headers["Authorization"] = f"Bearer {settings.dicomweb_bearer_token}"
     auth = (settings.dicomweb_username, settings.dicomweb_password) if settings.dicomweb_username else None
     response = requests.get(f"{settings.dicomweb_url.rstrip('/')}/studies", params={"limit": "1"}, headers=headers,
-                            auth=auth, timeout=timeout_s)
+                            auth=auth, timeout=timeout_s, allow_redirects=False)  # a 3xx is an answer to report
     if response.status_code not in (200, 204):
-        raise OSError(f"QIDO-RS answered {response.status_code}")
+        location = response.headers.get("Location", "") if is_redirect_status(response.status_code) else ""
+        raise OSError(f"QIDO-RS answered {response.status_code}" + (f" redirect to {location}" if location else ""))
     return "QIDO-RS answers"
 
 
@@ -224,21 +213,44 @@ DRAIN_FACTOR = 8
 def _refuse_oversized_body() -> Any:
     """413 for a body over CDS_MAX_BODY_BYTES, read and dropped first (up to 8x the limit).
 
+    A body with a Content-Length is judged by it. A chunked body (no length; the server dechunks it and
+    says so with `wsgi.input_terminated`) is counted as it streams: Werkzeug would stop reading at the
+    limit and hand over the cut body as if it were whole. One that fits is kept and handed on whole.
     Answering before the upload is done makes the server close a socket the client is still
     writing to: the client sees a reset instead of the 413. Draining lets it read the answer.
     """
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     length = request.content_length
-    if not limit or not length or length <= limit:
+    if not limit:
         return None
-    if length <= DRAIN_FACTOR * limit:
-        stream, remaining = request.environ["wsgi.input"], length
-        while remaining > 0 and (chunk := stream.read(min(65536, remaining))):
-            remaining -= len(chunk)
-    response, status = operation_outcome(
-        413, f"request body of {length} bytes is over the limit of {limit} bytes (CDS_MAX_BODY_BYTES)", "too-costly")
+    stream = request.environ["wsgi.input"]
+    if length is None and request.environ.get("wsgi.input_terminated"):
+        body = _read_at_most(stream, limit + 1)
+        if len(body) <= limit:  # the whole body: from here on it is an ordinary one with a length
+            request.environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))})
+            for name in ("wsgi.input_terminated", "HTTP_TRANSFER_ENCODING"):
+                request.environ.pop(name, None)
+            return None
+        _read_at_most(stream, (DRAIN_FACTOR - 1) * limit)
+        what = f"chunked request body is over the limit of {limit} bytes"
+    elif length and length > limit:
+        if length <= DRAIN_FACTOR * limit:
+            _read_at_most(stream, length)
+        what = f"request body of {length} bytes is over the limit of {limit} bytes"
+    else:
+        return None
+    response, status = operation_outcome(413, f"{what} (CDS_MAX_BODY_BYTES)", "too-costly")
     response.headers["Connection"] = "close"
     return response, status
+
+
+def _read_at_most(stream: Any, size: int) -> bytes:
+    """Up to `size` bytes of a WSGI input stream (less when it ends first)."""
+    parts, remaining = [], size
+    while remaining > 0 and (chunk := stream.read(min(65536, remaining))):
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(parts)
 
 
 @ops.after_app_request

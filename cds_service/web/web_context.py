@@ -8,11 +8,17 @@ from typing import Any
 
 from flask import current_app, jsonify
 
+from cds_service.adapters.access_log import AccessRecorder
 from cds_service.web.context import ServiceContext
 
 
 def ctx() -> ServiceContext:
     return current_app.extensions["cds_triage"]
+
+
+def access_log() -> AccessRecorder:
+    """The access log of patient data (adapters/access_log.py), one per process."""
+    return current_app.extensions["cds_access_log"]
 
 
 def operation_outcome(status: int, message: str, code: str = "processing") -> tuple[Any, int]:

@@ -20,13 +20,13 @@ Pages:
 - `GET /worklist/orders/<id>/key-image.png`: the key slice from the PACS, rendered as the
   model saw it, so the overlay lines up with it. `GET /heatmaps/<Media id>.png`: the overlay.
 
-URLs carry only opaque FHIR ids. Access is checked per CDS_WORKLIST_AUTH (see `access_denied`).
+URLs carry only opaque FHIR ids. Every route here shows patient data: access is checked per CDS_WORKLIST_AUTH
+(access.py) and every view recorded in the access log (adapters/access_log.py).
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
 import io
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,24 +34,21 @@ from typing import Any, Mapping
 
 import pydicom
 import requests
-from flask import Blueprint, Response, abort, jsonify, render_template, request
+from flask import Blueprint, Response, abort, g, jsonify, redirect, render_template, request, url_for
 from PIL import Image
-from werkzeug.datastructures import Headers
 
 from cds_service.adapters.pacs import pacs_from_settings
 from cds_service.core.domain import DISCLAIMER, TASK_LABELS, Task, WorklistAuth
 from cds_service.core.errors import QueueUnavailableError, StudyNotFoundError, TriageError
 from cds_service.core.model_cards import ModelCard, available_cards
 from cds_service.core.preprocessing import dicom_to_image, display_image
-from cds_service.core.settings import Settings
 from cds_service.drift import drift_report
 from cds_service.pipeline import dicomweb_url_for
-from cds_service.web.web_context import ctx, operation_outcome
+from cds_service.web.access import AccessRefused, Viewer, identify
+from cds_service.web.web_context import access_log, ctx, operation_outcome
 from cds_service.web.worklist_rows import WorklistRow, build_worklist, is_ours
 from fhir_mappings.conventions import Conventions
-from fhir_mappings.builders import (
-    is_fhir_id,
-)
+from fhir_mappings.builders import is_fhir_id, reference_id
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the pages' templates and static files stay in cds_service/
 worklist = Blueprint("worklist", __name__, template_folder=PACKAGE_DIR / "templates", static_folder=PACKAGE_DIR / "static",
@@ -64,30 +61,6 @@ DRIFT_ADVICE = ("Its flags may not mean what its model card says (a new scanner,
 def row_json(row: WorklistRow, now: datetime) -> dict[str, Any]:
     """A row as the page script renders it, with the study's link into the site's viewer (CDS_VIEWER_URL)."""
     return row.to_json(now) | {"viewerUrl": ctx().settings.viewer_link(row.study_uid)}
-
-
-def access_denied(settings: Settings, headers: Mapping[str, str] | Headers) -> str | None:
-    """Why a request may not see the worklist, or None when it may (CDS_WORKLIST_AUTH).
-
-    - `none`: open (the default, for the loopback demo);
-    - `proxy-header`: an authenticating reverse proxy (e.g. oauth2-proxy or mod_auth_openidc
-      doing OIDC) sets CDS_WORKLIST_AUTH_HEADER; the service must then be reachable only through it;
-    - `bearer`: `Authorization: Bearer <CDS_WORKLIST_BEARER_TOKEN>` (scripts, EHR embedding).
-    Anything else fails closed.
-    """
-    mode = settings.worklist_auth  # one of WorklistAuth: checked at start-up (Settings)
-    if mode is WorklistAuth.NONE:
-        return None
-    if mode is WorklistAuth.PROXY_HEADER:
-        return None if headers.get(settings.worklist_auth_header, "").strip() else \
-            f"not signed in (no {settings.worklist_auth_header} header from the reverse proxy)"
-    if mode is WorklistAuth.BEARER:
-        scheme, _, token = headers.get("Authorization", "").partition(" ")
-        expected = settings.worklist_bearer_token
-        if expected and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode()):
-            return None
-        return "missing or wrong bearer token"
-    return f"CDS_WORKLIST_AUTH={mode!r} is not one of none, proxy-header, bearer"
 
 
 def task_for_label(label: str) -> Task | None:
@@ -183,15 +156,37 @@ def study_not_found(order_id: str, message: str) -> Any:
 
 @worklist.before_request
 def check_access() -> Any:
-    denied = access_denied(ctx().settings, request.headers)
-    if denied is None:
+    """Nothing here without a Viewer (access.identify); a browser not signed in (oidc) is sent to sign in.
+    Our scripts and styles hold no patient data: the sign-in pages use them too."""
+    if request.endpoint == "worklist.static":
         return None
-    if denied.startswith("CDS_WORKLIST_AUTH"):
-        return operation_outcome(500, f"worklist access misconfigured: {denied}", "exception")
-    response, status = operation_outcome(401, denied, "login")
-    if ctx().settings.worklist_auth is WorklistAuth.BEARER:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="cds-triage worklist"'
-    return response, status
+    try:
+        g.viewer = identify(ctx().settings)
+    except AccessRefused as refused:
+        if refused.sign_in and request.method == "GET" and not wants_json() and request.endpoint != "worklist.worklist_rows":
+            return redirect(url_for("sign_in.login", next=request.full_path.rstrip("?")))
+        response, status = operation_outcome(refused.status, refused.message, "login" if refused.status == 401 else "forbidden")
+        if ctx().settings.worklist_auth is WorklistAuth.BEARER:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="cds-triage worklist"'
+        return response, status
+    return None
+
+
+@worklist.context_processor
+def signed_in() -> dict[str, Any]:
+    return {"viewer": g.get("viewer")}
+
+
+def viewed(view: str, patient_id: str | None) -> None:
+    """Record that this request's viewer saw this patient's data (before it is sent)."""
+    viewer: Viewer = g.viewer
+    access_log().viewed(viewer.name, view, patient_id, auth=viewer.auth.value, address=request.remote_addr)
+
+
+def listed(rows: list[WorklistRow]) -> None:
+    viewer: Viewer = g.viewer
+    access_log().listed(viewer.name, [row.patient_id for row in rows if row.patient_id], auth=viewer.auth.value,
+                        address=request.remote_addr)
 
 
 @worklist.after_request
@@ -217,7 +212,9 @@ def upstream_unavailable(exc: TriageError) -> Any:
 @worklist.get("/worklist")
 def show_worklist() -> Any:
     now = datetime.now(timezone.utc)
-    rows = [row_json(row, now) for row in fetch_worklist()]
+    found = fetch_worklist()
+    listed(found)
+    rows = [row_json(row, now) for row in found]
     return render_template("worklist.html", rows=rows, refresh_s=ctx().settings.worklist_refresh_s,
                            disclaimer=DISCLAIMER, drift=drift_alarms())
 
@@ -225,7 +222,9 @@ def show_worklist() -> Any:
 @worklist.get("/worklist/rows.json")
 def worklist_rows() -> Any:
     now = datetime.now(timezone.utc)
-    return jsonify({"rows": [row_json(row, now) for row in fetch_worklist()], "generated": now.isoformat(),
+    found = fetch_worklist()
+    listed(found)
+    return jsonify({"rows": [row_json(row, now) for row in found], "generated": now.isoformat(),
                     "drift": drift_alarms()})
 
 
@@ -246,6 +245,7 @@ def study_view(order_id: str) -> Any:
     site = ctx().settings.site_thresholds
     if card is not None and site is not None:
         card = site.apply(card)  # the thresholds the service decides with
+    viewed("study", row.patient_id)
     return render_template("study.html", row=row, data=row_json(row, datetime.now(timezone.utc)),
                            card=model_card_summary(card), disclaimer=DISCLAIMER)
 
@@ -274,6 +274,7 @@ def key_image(order_id: str) -> Any:
         ds = pacs.retrieve_instance(row.study_uid, series_uid, row.key_instance_uid)
     except (requests.RequestException, ValueError) as exc:
         return operation_outcome(502, f"key image unavailable from the PACS: {type(exc).__name__}", "transient")
+    viewed("key-image", row.patient_id)
     return Response(key_image_png(ds, card, row.heatmap_size), mimetype="image/png")
 
 
@@ -298,5 +299,6 @@ def heatmap(media_id: str) -> Any:
     content = media.get("content") or {}
     if not is_ours(media, Conventions.from_settings(ctx().settings)) or content.get("contentType") != "image/png" or not content.get("data"):
         return operation_outcome(404, "no AI heatmap with this id", "not-found")
+    viewed("heatmap", reference_id((media.get("subject") or {}).get("reference"), "Patient"))
     return Response(base64.b64decode(content["data"]), mimetype="image/png")
 

@@ -65,6 +65,7 @@ class WorklistRow:
     heatmap_in_pacs: bool  # our Media names a Secondary Capture in the PACS (identifier urn:dicom:uid)
     shadow: bool = False  # the AI result came from a task in shadow mode: shown, never used to order rows
     report_in_pacs: bool = False  # our report names its DICOM Structured Report in the PACS (identifier urn:dicom:uid)
+    patient_id: str | None = None  # the order's Patient id: what the access log records (hashed), never shown
 
     @property
     def top_finding(self) -> RowFinding | None:
@@ -286,6 +287,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             heatmap_in_pacs=in_pacs(media),
             shadow=report.shadow if report else False,
             report_in_pacs=bool(report and report.structured_report_uid),
+            patient_id=reference_id((order.get("subject") or {}).get("reference"), "Patient"),
         ))
     return sorted(rows, key=order_key(now))
 

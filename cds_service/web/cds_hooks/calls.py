@@ -12,8 +12,7 @@ from urllib.parse import quote
 from fhir_mappings.builders import is_fhir_id
 
 from cds_service.adapters.audit import Feedback
-from cds_service.adapters.security import is_loopback_url
-from cds_service.core.settings import Settings
+from cds_service.core.settings import Settings, is_loopback_url
 
 _TOKEN = re.compile(r"\{\{context\.([A-Za-z0-9_]+)\}\}")
 

@@ -17,7 +17,7 @@ from cds_service.core.settings import Settings
 from cds_service.logs import hashed
 from cds_service.web.cds_hooks.calls import HookCallError, discovery_document, parse_feedback, parse_hook_call
 from cds_service.web.cds_hooks.services import SERVICES, site_prefetch
-from cds_service.web.web_context import ctx, operation_outcome
+from cds_service.web.web_context import access_log, ctx, operation_outcome
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ def call_service(service_id: str) -> Any:
     guard().audit.record_hook_call(service.id, g.hook_client.audit_name, call.hook_instance, hashed(call.patient_id),
                                    cards, {"ms": elapsed_ms, "indicators": [c["indicator"] for c in cards],
                                            "systemActions": len(actions)})
+    if cards and call.patient_id:  # the access log of patient data: the EHR user it was shown to, through which client
+        user = call.context.get("userId")
+        access_log().viewed(g.hook_client.audit_name + (f" for {user}" if isinstance(user, str) and user else ""),
+                            f"cds-card:{service.id}", call.patient_id, cards=len(cards), hookInstance=call.hook_instance)
     return jsonify(body)
 
 
