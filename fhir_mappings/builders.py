@@ -20,7 +20,7 @@ R4B models, which validate themselves on construction.
 
 from __future__ import annotations
 
-from .common import AI_DISCLAIMER, SHADOW_SENTENCE, finding_code, is_shadow
+from .common import AI_DISCLAIMER, SHADOW_SENTENCE, UNFAMILIAR_SENTENCE, finding_code, is_shadow, is_unfamiliar
 from .device import build_device
 from .diagnostic_report import build_conclusion, build_diagnostic_report
 from .identifiers import device_identifier, full_url, identifier_query, result_identifier
@@ -33,9 +33,9 @@ from .subscription import DEFAULT_SUBSCRIPTION_REASON, SUBSCRIPTION_SECRET_HEADE
 from .transaction import build_triage_transaction
 
 __all__ = [
-    "AI_DISCLAIMER", "DEFAULT_SUBSCRIPTION_REASON", "SHADOW_SENTENCE", "SUBSCRIPTION_SECRET_HEADER", "ai_priority_change", "build_conclusion", "build_device", "build_diagnostic_report",
+    "AI_DISCLAIMER", "DEFAULT_SUBSCRIPTION_REASON", "SHADOW_SENTENCE", "UNFAMILIAR_SENTENCE", "SUBSCRIPTION_SECRET_HEADER", "ai_priority_change", "build_conclusion", "build_device", "build_diagnostic_report",
     "build_media", "build_observation", "build_provenance", "build_subscription", "build_triage_transaction",
     "device_identifier", "finding_code", "full_url", "heatmap_source_instance", "identifier_query", "is_fhir_id",
-    "is_our_subscription", "is_shadow", "parse_fhir_datetime", "reference_id", "result_identifier", "study_uid_from_imaging_study",
+    "is_our_subscription", "is_shadow", "is_unfamiliar", "parse_fhir_datetime", "reference_id", "result_identifier", "study_uid_from_imaging_study",
     "with_priority",
 ]

@@ -43,10 +43,13 @@ TAG_CODE_SYSTEM = "triage-tag"
 SUBSCRIPTION_TAG_CODE = "cds-triage-subscription"
 SHADOW_TAG_CODE = "shadow-mode"
 PATIENT_FROM_DICOM_TAG_CODE = "patient-from-dicom"
+UNFAMILIAR_INPUT_TAG_CODE = "unfamiliar-input"
 TAG_CODES = {
     SUBSCRIPTION_TAG_CODE: "Subscription owned by the cds-triage service",
     SHADOW_TAG_CODE: "Written in shadow mode: recorded for local validation, never used to change a priority",
     PATIENT_FROM_DICOM_TAG_CODE: "Patient created by cds-triage from DICOM headers",
+    UNFAMILIAR_INPUT_TAG_CODE: "Scored, but the images were unlike the model's training images (another scanner, "
+                               "protocol or export): its figures may not hold for them",
 }
 SUBSCRIPTION_TAG_DISPLAY = TAG_CODES[SUBSCRIPTION_TAG_CODE]
 SHADOW_TAG_DISPLAY = TAG_CODES[SHADOW_TAG_CODE]

@@ -20,7 +20,7 @@ from fhir.resources.R4B.narrative import Narrative
 from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
 
-from cds_service.core.domain import DISCLAIMER, ModelRef, OrderContext, Task, TaskMode, TriageResult, TriageStatus
+from cds_service.core.domain import DISCLAIMER, InputFit, ModelRef, OrderContext, Task, TaskMode, TriageResult, TriageStatus
 
 from . import codes
 from .conventions import DEFAULT_CONVENTIONS, Conventions
@@ -34,14 +34,17 @@ OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 def ai_asserted_meta(resource_type: str, mode: TaskMode = TaskMode.ACTIVE,
-                     conventions: Conventions = DEFAULT_CONVENTIONS) -> Meta:
+                     conventions: Conventions = DEFAULT_CONVENTIONS, input_fit: InputFit = InputFit.UNCHECKED) -> Meta:
     """Our profile, the AI security label(s) (AIAST, HL7 AI Transparency on FHIR, and/or the site's own,
-    CDS_AI_SECURITY_LABEL), and the shadow-mode tag when the task runs silently (readers show it as
-    information only)."""
+    CDS_AI_SECURITY_LABEL), the shadow-mode tag when the task runs silently (readers show it as
+    information only), and the unfamiliar-input tag when the input check found the images unlike the
+    model's training images."""
+    tags = ([codes.SHADOW_TAG_CODE] if mode is TaskMode.SHADOW else []) + (
+        [codes.UNFAMILIAR_INPUT_TAG_CODE] if input_fit is InputFit.UNFAMILIAR else [])
     return Meta(
         profile=[conventions.profile(resource_type)],
         security=[Coding.model_validate(label.as_dict()) for label in conventions.ai_labels],
-        tag=[Coding.model_validate(conventions.tag(codes.SHADOW_TAG_CODE))] if mode is TaskMode.SHADOW else None,
+        tag=[Coding.model_validate(conventions.tag(code)) for code in tags] or None,
     )
 
 
@@ -57,11 +60,18 @@ def model_sentence(model: ModelRef) -> str:
 
 SHADOW_SENTENCE = ("SHADOW MODE: this task runs silently at this site; the result is recorded for local "
                    "validation and did not change the order's priority.")
+UNFAMILIAR_SENTENCE = ("UNFAMILIAR IMAGES: these images are unlike the ones the model learnt from (another scanner, "
+                       "protocol or export); they were scored, but the model's measured accuracy may not hold for them.")
 
 
 def is_shadow(resource: Any, conventions: Conventions = DEFAULT_CONVENTIONS) -> bool:
     """Whether a resource we wrote (a dict from the server) carries the shadow-mode tag."""
     return conventions.has_tag(resource, codes.SHADOW_TAG_CODE)
+
+
+def is_unfamiliar(resource: Any, conventions: Conventions = DEFAULT_CONVENTIONS) -> bool:
+    """Whether a resource we wrote carries the unfamiliar-input tag (scored, images unlike the training images)."""
+    return conventions.has_tag(resource, codes.UNFAMILIAR_INPUT_TAG_CODE)
 
 
 def ref(reference: str, display: str | None = None) -> Reference:

@@ -7,10 +7,10 @@ from datetime import datetime
 from fhir.resources.R4B.attachment import Attachment
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport, DiagnosticReportMedia
 
-from cds_service.core.domain import OrderContext, TaskMode, TriageResult
+from cds_service.core.domain import InputFit, OrderContext, TaskMode, TriageResult
 
 from . import codes
-from .common import (AI_DISCLAIMER, SHADOW_SENTENCE, ai_asserted_meta, based_on, concept, effective_time, finding_code,
+from .common import (AI_DISCLAIMER, SHADOW_SENTENCE, UNFAMILIAR_SENTENCE, ai_asserted_meta, based_on, concept, effective_time, finding_code,
                      imaging_study_ref, model_sentence, narrative, patient_ref, ref, require_done, task_of)
 from .conventions import DEFAULT_CONVENTIONS, Conventions
 from .identifiers import result_identifier
@@ -39,6 +39,8 @@ def conclusion_sentences(result: TriageResult) -> list[str]:
             sentences.append(f"Also above threshold: {others}.")
     else:
         sentences.append("AI triage: no finding above threshold.")
+    if result.input_fit is InputFit.UNFAMILIAR:
+        sentences.insert(0, UNFAMILIAR_SENTENCE)
     if result.mode is TaskMode.SHADOW:
         sentences.insert(0, SHADOW_SENTENCE)
     if result.suggested_priority is not None:
@@ -93,7 +95,7 @@ def build_diagnostic_report(
         ]
     sentences = conclusion_sentences(result)
     return DiagnosticReport(
-        meta=ai_asserted_meta("DiagnosticReport", result.mode, conventions),
+        meta=ai_asserted_meta("DiagnosticReport", result.mode, conventions, result.input_fit),
         text=narrative(*sentences),
         identifier=[result_identifier(result.study_uid, task_of(result), model.version, "report", conventions)],
         basedOn=based_on(ctx),

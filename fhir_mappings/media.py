@@ -45,7 +45,7 @@ def build_media(
     finding = next((f for f in result.findings if f.label == heatmap.label), None)
     probability = f" (AI-estimated probability {finding.probability:.2f})" if finding else ""
     return Media(
-        meta=ai_asserted_meta("Media", result.mode, conventions),
+        meta=ai_asserted_meta("Media", result.mode, conventions, result.input_fit),
         text=narrative(SHADOW_SENTENCE if result.mode is TaskMode.SHADOW else "",
                        f"Grad-CAM heatmap: where the model looked for {display}{probability}, {where}.",
                        "Explanation overlay, not a diagnostic image.", model_sentence(model), AI_DISCLAIMER),

@@ -57,7 +57,7 @@ def build_observation(
     shadow = SHADOW_SENTENCE if result.mode is TaskMode.SHADOW else ""
 
     return Observation(
-        meta=ai_asserted_meta("Observation", result.mode, conventions),
+        meta=ai_asserted_meta("Observation", result.mode, conventions, result.input_fit),
         text=narrative(shadow, estimate, reading, model_sentence(model), AI_DISCLAIMER),
         identifier=[result_identifier(result.study_uid, task_of(result), model.version,
                                       f"observation-{finding.label}", conventions)],

@@ -20,10 +20,10 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from fhir_mappings import codes
-from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow, parse_fhir_datetime, reference_id
+from fhir_mappings.builders import SHADOW_SENTENCE, UNFAMILIAR_SENTENCE, is_shadow, is_unfamiliar, parse_fhir_datetime, reference_id
 from fhir_mappings.conventions import DEFAULT_CONVENTIONS, Conventions
 
-from cds_service.core.domain import DISCLAIMER, Priority, TaskMode
+from cds_service.core.domain import DISCLAIMER, InputFit, Priority, TaskMode
 from cds_service.core.viewer import viewer_link
 SUMMARY_LIMIT = 139  # the specification: a summary under 140 characters
 
@@ -56,6 +56,7 @@ class AiReport:
     imaging_study_id: str | None = None
     media_id: str | None = None
     shadow: bool = False  # written by a task in shadow mode: information only, never a severity
+    unfamiliar: bool = False  # scored, but the images were unlike the model's training images (input check)
     study_uid: str | None = None  # the DICOM study, where a viewer opens it
     structured_report_uid: str | None = None  # the SOP Instance UID of its DICOM SR in the PACS, if stored
 
@@ -127,6 +128,7 @@ def ai_report_from_fhir(report: Mapping[str, Any], observations: Mapping[str, Ma
         issued=parse_fhir_datetime(report.get("issued")) or parse_fhir_datetime((report.get("meta") or {}).get("lastUpdated")),
         report_id=str(report["id"]) if report.get("id") else None, imaging_study_id=study, media_id=media,
         shadow=is_shadow(dict(report), conventions),
+        unfamiliar=is_unfamiliar(dict(report), conventions),
         # the study's UID beside its reference (builders), the SR's as the report's identifier (structured_report)
         study_uid=next(filter(None, (dicom_uid(s.get("identifier")) for s in report.get("imagingStudy") or [])), None),
         structured_report_uid=dicom_uid(report.get("identifier") or []),
@@ -161,6 +163,7 @@ def ai_report_from_job(result: Mapping[str, Any], imaging_study_id: str) -> AiRe
     return AiReport(findings=findings, model=f"{model['name']} {model['version']}" if model.get("name") else None,
                     report_id=report, imaging_study_id=imaging_study_id, media_id=media,
                     shadow=result.get("mode") == TaskMode.SHADOW.value, study_uid=result.get("studyUid"),
+                    unfamiliar=(result.get("inputCheck") or {}).get("fit") == InputFit.UNFAMILIAR.value,
                     structured_report_uid=stored_report.get("sopInstanceUid") if stored_report.get("stored") else None)
 
 
@@ -299,6 +302,8 @@ def report_detail(report: AiReport, priority: Priority | None) -> str:
     lines = [f"**{DISCLAIMER}**", ""]
     if report.shadow:
         lines += [f"*{SHADOW_SENTENCE}*", ""]
+    if report.unfamiliar:
+        lines += [f"*{UNFAMILIAR_SENTENCE}*", ""]
     if report.findings:
         lines += [_findings_table(report), ""]
     else:

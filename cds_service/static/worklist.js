@@ -45,7 +45,9 @@
       const probability = row.topFinding.probability;  // null: the report names it, its Observation was not returned
       finding = el("span", {}, el("span", { class: "finding" }, row.topFinding.display),
         probability == null ? "" : " " + Math.round(probability * 100) + " %",
-        row.shadow ? el("span", { class: "sub shadow" }, "shadow mode: not used to order") : null);
+        row.shadow ? el("span", { class: "sub shadow" }, "shadow mode: not used to order") : null,
+        row.unfamiliar ? el("span", { class: "sub unfamiliar", title: "the images were unlike the model's training images" },
+          "unfamiliar images: read with care") : null);
     } else if (row.status === "done") {
       finding = "no finding above threshold";
     }

@@ -64,6 +64,7 @@ class WorklistRow:
     key_instance_uid: str | None
     heatmap_in_pacs: bool  # our Media names a Secondary Capture in the PACS (identifier urn:dicom:uid)
     shadow: bool = False  # the AI result came from a task in shadow mode: shown, never used to order rows
+    unfamiliar: bool = False  # scored, but the images were unlike the model's training images: shown
     report_in_pacs: bool = False  # our report names its DICOM Structured Report in the PACS (identifier urn:dicom:uid)
     patient_id: str | None = None  # the order's Patient id: what the access log records (hashed), never shown
 
@@ -104,6 +105,7 @@ class WorklistRow:
             "heatmap": f"/heatmaps/{self.heatmap_media_id}.png" if self.heatmap_media_id else None,
             "url": f"/worklist/orders/{self.order_id}",
             "shadow": self.shadow,
+            "unfamiliar": self.unfamiliar,
         }
 
 
@@ -286,6 +288,7 @@ def build_worklist(resources: Iterable[Mapping[str, Any]], jobs: Iterable[Job], 
             key_instance_uid=heatmap_source_instance(dict(media), conventions) if media else None,
             heatmap_in_pacs=in_pacs(media),
             shadow=report.shadow if report else False,
+            unfamiliar=report.unfamiliar if report else False,
             report_in_pacs=bool(report and report.structured_report_uid),
             patient_id=reference_id((order.get("subject") or {}).get("reference"), "Patient"),
         ))
