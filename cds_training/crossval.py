@@ -27,7 +27,9 @@ import numpy as np
 
 from cds_service.core.evaluation import binary_auc, bootstrap_ci
 
-from .training import add_train_arguments, config_from_args, stored_predictions, train
+from .cards import stored_predictions
+from .cli import add_train_arguments, config_from_args
+from .loop import train
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -160,7 +160,7 @@ class AuditLog:
 
         by_hash = {hashed(study): study for study in study_ids}
         hashes, found = list(by_hash), []
-        with self._db() as db:
+        with self.connection() as db:
             for start in range(0, len(hashes), 500):  # under SQLite's limit of bound parameters
                 chunk = hashes[start:start + 500]
                 rows = db.execute("SELECT f.*, r.study AS study_hash, r.findings, r.mode FROM feedback f "

@@ -78,8 +78,10 @@ class InputProfile:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        extra = {} if self.refuse_beyond is None else {"refuse_beyond": np.float64(self.refuse_beyond)}
-        np.savez(buffer, mean=self.mean, precision=self.precision, threshold=np.float64(self.threshold), **extra)
+        arrays: dict[str, Any] = {"mean": self.mean, "precision": self.precision, "threshold": np.float64(self.threshold)}
+        if self.refuse_beyond is not None:
+            arrays["refuse_beyond"] = np.float64(self.refuse_beyond)
+        np.savez(buffer, **arrays)
         return buffer.getvalue()
 
     @classmethod

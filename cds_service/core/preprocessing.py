@@ -171,8 +171,8 @@ def body_box(plane: np.ndarray) -> tuple[int, int, int] | None:
 
     rows, cols = plane.shape[:2]
     step = max(1, max(rows, cols) // FRAME_WORKING_SIDE)
-    small = np.ascontiguousarray(plane[::step, ::step] > FRAME_LEVEL, dtype=np.uint8)
-    small = cv2.morphologyEx(small, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+    mask = np.ascontiguousarray(plane[::step, ::step] > FRAME_LEVEL, dtype=np.uint8)
+    small = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
     count, _, stats, _ = cv2.connectedComponentsWithStats(small, connectivity=8)
     if count < 2:
         return None
