@@ -18,6 +18,7 @@ from cds_service.core.preprocessing import Framing
 
 from .cards import write_weights_readme
 from .config import TrainConfig
+from .external import EXTERNAL_SOURCES, external_check
 from .input_check import write_input_profile
 from .loop import train
 from .recard import evaluate, recard, rethreshold
@@ -172,7 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile.add_argument("--task", required=True, choices=TASK_CHOICES)
     profile.add_argument("--data", required=True, type=Path)
     profile.add_argument("--weights", type=Path, default=Path("weights"))
+    external = sub.add_parser("external-check", help="score a task's labelled set from another source (never trained on) into its card")
+    external.add_argument("--task", required=True, choices=[t.value for t in EXTERNAL_SOURCES])
+    external.add_argument("--data", required=True, type=Path, help="the shared data folder (the source's folder is below it)")
+    external.add_argument("--weights", type=Path, default=Path("weights"))
     args = parser.parse_args(argv)
+    if args.command == "external-check":
+        print(json.dumps(external_check(args.weights, Task(args.task), args.data), indent=2))
+        return 0
     if args.command == "input-profile":
         print(json.dumps(write_input_profile(args.weights, Task(args.task), args.data), indent=2))
         return 0

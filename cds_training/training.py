@@ -15,7 +15,8 @@ What a training run does, in order, and where each step lives:
    validation (`operating`) and write the card, its split probabilities and plots (`cards`).
 
 Afterwards, without training: `recard`, `rethreshold`, `evaluate` (`recard`), the input check's
-profile (`input_check`), grouped cross-validation (`crossval`). The command line is `cli`.
+profile (`input_check`), the figures on another source (`external`), grouped cross-validation (`crossval`).
+The command line is `cli`.
 
 This module is the facade: the names the CLI, the tests and the benches import from
 `cds_training.training`, and `python -m cds_training.training`.

@@ -503,6 +503,8 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
             lines.append(f"- **Extra training negatives**: {extra['count']} images from `{extra['dir']}` ({extra['use']}).")
         if card.get("input_check"):
             lines.append(input_check_line(card["input_check"]))
+        if card.get("external_check"):
+            lines.append(external_check_line(card["external_check"]))
         lines += [
             f"- **Start**: {training.get('init_from', '')}"
             + (f"; {init.get('source')}, file sha256 `{init.get('file_sha256')}`, "
@@ -521,6 +523,19 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
               "Re-choose its operating points from the stored probabilities (no images needed):",
               "`python -m cds_training.training rethreshold --task <task> --target <sensitivity>`.", ""]
     return "\n".join(lines)
+
+
+def external_check_line(block: dict[str, Any]) -> str:
+    """The model card's line on its external set (weights/README.md)."""
+    auc, at = block["auc"], block["at_card_threshold"]
+    sens, spec = at["sensitivity"], at["specificity"]
+    checked = block.get("input_check")
+    check = (f"; the input check found {checked['familiar']} familiar, {checked['unfamiliar']} unfamiliar (scored, marked) "
+             f"and refused {checked['refused']}") if checked else ""
+    return (f"- **Another source, never trained on** ({block['what']}; {block['images']} images): AUC ({block['label']}) "
+            f"{auc['value']} ({auc['ci95'][0]}-{auc['ci95'][1]}); at the card's threshold {at['threshold']} "
+            f"{sens['count'][0]}/{sens['count'][1]} positives and {spec['count'][1] - spec['count'][0]}/{spec['count'][1]} "
+            f"negatives raised, {block['unit']}{check}.")
 
 
 def input_check_line(check: dict[str, Any]) -> str:
