@@ -369,6 +369,17 @@ def split_samples(samples: Sequence[Sample], seed: int, val_fraction: float) -> 
     return train, val
 
 
+def ranked_groups(samples: Sequence[Sample], seed: int) -> list[list[str]]:
+    """Per stratum (in sorted order), its groups ranked by sha256(seed, group): the one order every split deals from."""
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: s.rel):
+        groups[s.group].append(s)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for group, members in groups.items():
+        strata[members[0].stratum].append(group)
+    return [sorted(strata[stratum], key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest()) for stratum in sorted(strata)]
+
+
 def split_three(samples: Sequence[Sample], seed: int, val_fraction: float,
                 test_fraction: float) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """`split_samples` with a third, test split that chooses nothing (no epoch, no threshold).
@@ -378,16 +389,9 @@ def split_three(samples: Sequence[Sample], seed: int, val_fraction: float,
     """
     if not 0.0 < val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 - val_fraction:
         raise ValueError("val_fraction and test_fraction must leave a training split")
-    groups: dict[str, list[Sample]] = defaultdict(list)
-    for s in sorted(samples, key=lambda s: s.rel):
-        groups[s.group].append(s)
-    strata: dict[str, list[str]] = defaultdict(list)
-    for group, members in groups.items():
-        strata[members[0].stratum].append(group)
     val_groups: set[str] = set()
     test_groups: set[str] = set()
-    for stratum in sorted(strata):
-        ranked = sorted(strata[stratum], key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    for ranked in ranked_groups(samples, seed):
         n_test = int(round(test_fraction * len(ranked)))
         test_groups.update(ranked[:n_test])
         ranked = ranked[n_test:]
@@ -408,15 +412,8 @@ def split_folds(samples: Sequence[Sample], seed: int, folds: int, fold: int) -> 
     sha256(seed, group) order within each stratum, so every group is tested exactly once over the K runs."""
     if folds < 3 or not 0 <= fold < folds:
         raise ValueError("cross-validation needs at least 3 folds and a fold index below their number")
-    groups: dict[str, list[Sample]] = defaultdict(list)
-    for s in sorted(samples, key=lambda s: s.rel):
-        groups[s.group].append(s)
-    strata: dict[str, list[str]] = defaultdict(list)
-    for group, members in groups.items():
-        strata[members[0].stratum].append(group)
     fold_of: dict[str, int] = {}
-    for stratum in sorted(strata):
-        ranked = sorted(strata[stratum], key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    for ranked in ranked_groups(samples, seed):
         fold_of.update({group: place % folds for place, group in enumerate(ranked)})
     by_rel = lambda s: s.rel  # noqa: E731
     test = [s for s in samples if fold_of[s.group] == fold]
