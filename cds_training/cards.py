@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from cds_service.core.evaluation import (
 )
 from cds_service.core.model_cards import card_path, weights_path
 from cds_service.core.models import load_model
-from cds_service.core.preprocessing import PreprocessingSpec
+from cds_service.core.preprocessing import Framing, PreprocessingSpec
 
 from .config import TrainConfig, TrainResult, _display_path, _log, _torch_version, cpu_model
 from .datasets import (
@@ -29,6 +30,8 @@ from .datasets import (
     Sample,
     class_counts,
     find_rsna_csv,
+    is_rsna_sources_root,
+    source_of,
 )
 from .operating import operating_points, threshold_policy
 from .pixels import original_size_features
@@ -188,6 +191,17 @@ def _card(
             "Trained on single slices (no whole scans): the series decision rests on slice results.",
             "The heatmap is broad: it covers the part of the brain that drove the score and centres on large bleeds, "
             "but does not outline a small one. Look at the whole study, not only where it is red.",
+        ]
+        if setup.framing is Framing.BODY:
+            limitations += [
+                "Each slice is cropped to a square around the head before it is read (the head fills the picture "
+                "whatever the scanner's field of view and the export's framing), and the heatmap is drawn on that crop.",
+                "Where it looks (measured for 3.0.0 with bench/heatmap_check.py on the test slices): on "
+                "intraparenchymal and intraventricular bleeds its heatmap peaks inside the brain on 38 of 40; on subdural "
+                "and epidural bleeds, which lie against the skull, it peaks near the skull on only 8 of 40 and mostly over "
+                "the middle of the brain. For a thin rim of blood at the skull, the red area does not show where the blood is.",
+            ]
+        limitations += [
             "A subtype the model cannot yet be trusted on (too few examples, or too weak on the validation images) is shown "
             "as a probability only: never named as a finding, never a reason to raise a study.",
         ]
@@ -208,6 +222,8 @@ def _card(
             "pneumothorax image it centred on a pigtail drain, and the images without pneumothorax it scored highest "
             "carry lines and tubes. Treat its heatmap as a hint, not as the location of the air.",
         ]
+    layout = ("rsna_sources" if task is Task.HEAD_CT_ICH and is_rsna_sources_root(data_dir)
+              else "rsna_csv" if task is Task.HEAD_CT_ICH and find_rsna_csv(data_dir) else "class_folders")
     card: dict[str, Any] = {
         "task": task.value,
         "name": model_name(task),
@@ -231,8 +247,9 @@ def _card(
         "limitations": limitations,
         "data": {
             "dir": _display_path(data_dir),
-            "provenance": PROVENANCE.get(data_dir.name, f"user-supplied data at {_display_path(data_dir)}"),
-            "layout": "rsna_csv" if task is Task.HEAD_CT_ICH and find_rsna_csv(data_dir) else "class_folders",
+            "provenance": PROVENANCE.get("rsna_sources" if layout == "rsna_sources" else data_dir.name,
+                                         f"user-supplied data at {_display_path(data_dir)}"),
+            "layout": layout,
             "split": {
                 **config.split_block(),
                 "unit": _split_unit(config),
@@ -247,6 +264,9 @@ def _card(
                 "train_total": len(train_set),
                 "validation_total": len(val_set),
                 **({"test": class_counts(test_set, labels, softmax), "test_total": len(test_set)} if test_set else {}),
+                **({"per_source": {part: dict(sorted(Counter(source_of(s.rel) for s in split).items()))
+                                   for part, split in (("train", train_set), ("validation", val_set), ("test", test_set))}}
+                   if layout == "rsna_sources" else {}),
             },
             **({"extra_training_negatives": {
                 "dir": _display_path(config.extra_negatives), "part": config.extra_negatives_part,

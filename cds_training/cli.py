@@ -177,9 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     external.add_argument("--task", required=True, choices=[t.value for t in EXTERNAL_SOURCES])
     external.add_argument("--data", required=True, type=Path, help="the shared data folder (the source's folder is below it)")
     external.add_argument("--weights", type=Path, default=Path("weights"))
+    external.add_argument("--note", default="", help="how the set was used besides, said beside its figures in the card")
     args = parser.parse_args(argv)
     if args.command == "external-check":
-        print(json.dumps(external_check(args.weights, Task(args.task), args.data), indent=2))
+        print(json.dumps(external_check(args.weights, Task(args.task), args.data, note=args.note), indent=2))
         return 0
     if args.command == "input-profile":
         print(json.dumps(write_input_profile(args.weights, Task(args.task), args.data), indent=2))

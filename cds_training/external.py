@@ -36,8 +36,9 @@ EXTERNAL_SOURCES: dict[Task, tuple[str, str]] = {
 }
 
 
-def external_check(weights_dir: Path, task: Task, data_dir: Path, resamples: int = 2000) -> dict[str, Any]:
-    """Score the task's external set with the card's model and record it in the card (`external_check`)."""
+def external_check(weights_dir: Path, task: Task, data_dir: Path, resamples: int = 2000, note: str = "") -> dict[str, Any]:
+    """Score the task's external set with the card's model and record it in the card (`external_check`).
+    `note`: how the set was used besides (e.g. it broke a tie between two recipes), said beside its figures."""
     folder, what = EXTERNAL_SOURCES[task]
     samples = discover_samples(task, Path(data_dir) / folder)
     model = load_model(Path(weights_dir), task, runtime="torch")
@@ -55,6 +56,7 @@ def external_check(weights_dir: Path, task: Task, data_dir: Path, resamples: int
         "at_card_threshold": {"threshold": threshold, "sensitivity": point["sensitivity"],
                               "specificity": point["specificity"]},
         "unit": "single slices, each scored alone (the card's series rule needs neighbouring slices)",
+        **({"note": note} if note else {}),
     }
     profile = load_profile(Path(weights_dir), task.value, card)
     if profile is not None:

@@ -66,7 +66,7 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
         if key in training or key in card["training"]:  # what the run used, not today's defaults
             card["training"][key] = training.get(key, card["training"].get(key))
     card["weights_sha256"] = old["weights_sha256"]
-    for key in ("input_check", "external_check"):  # measured by `input-profile` and `external-check`, not by training
+    for key in ("input_check", "external_check", "onnx"):  # measured by `input-profile`, `external-check`, `export`, not by training
         if key in old:
             card[key] = old[key]
     cpath.write_text(json.dumps(card, indent=2) + "\n")

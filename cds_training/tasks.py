@@ -135,6 +135,14 @@ PROVENANCE: dict[str, str] = {
     "(any 538; epidural 16, intraparenchymal 180, intraventricular 127, subarachnoid 177, subdural 237). No patient or "
     "series ids survived the conversion. The 1,500 unlabelled slices of the same conversion (256x256, almost all normal) "
     "are not in any split.",
+    "rsna_sources": "RSNA 2019 Intracranial Hemorrhage Detection challenge (Flanders et al., Radiology: AI 2020; "
+    "non-commercial research and education), every labelled source of the shared data folder (datasets.RSNA_SOURCES): "
+    "1,222 slices of a PNG conversion (512x512, each in its own DICOM window; any 538); 249 slices of a radiologist's "
+    "224x224 brain-window subset (any 151, mostly intraparenchymal: its author kept single-type bleeds, so the subtype mix "
+    "shifts towards intraparenchymal; its near-duplicate groups kept on one side of the split); 418 slices of the same "
+    "PNG conversion's unlabelled folder (256x256) and 28 real DICOM slices, both labelled by the challenge's labels "
+    "(27 positive). 1,917 slices in all, no two with the same SOP id. The challenge's expert slice labels throughout "
+    "(any + five subtypes). No patient or series ids survived the PNG conversions; the DICOMs are grouped by PatientID.",
     "chest_xray_ptx": "NIH ChestX-ray14 (Wang et al., CVPR 2017; courtesy of the NIH Clinical Center), its radiologist-"
     "boxed subset: 694 frontal radiographs (PA and AP) of 574 patients, 384x384 grey PNG (from 1024x1024); 126 with "
     "pneumothorax, 568 with other findings only (no image without a finding). Labels mined from reports by NIH (noisy; "

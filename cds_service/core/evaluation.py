@@ -535,7 +535,7 @@ def external_check_line(block: dict[str, Any]) -> str:
     return (f"- **Another source, never trained on** ({block['what']}; {block['images']} images): AUC ({block['label']}) "
             f"{auc['value']} ({auc['ci95'][0]}-{auc['ci95'][1]}); at the card's threshold {at['threshold']} "
             f"{sens['count'][0]}/{sens['count'][1]} positives and {spec['count'][1] - spec['count'][0]}/{spec['count'][1]} "
-            f"negatives raised, {block['unit']}{check}.")
+            f"negatives raised, {block['unit']}{check}." + (f" {block['note']}" if block.get("note") else ""))
 
 
 def input_check_line(check: dict[str, Any]) -> str:
