@@ -106,7 +106,7 @@ def test_an_image_of_another_kind_forced_onto_a_model_is_refused_by_its_input_pr
     result = triage_input(LocalInput(name=str(png), image_path=png), registry, Settings(), Task.CHEST_PNEUMOTHORAX)
     assert result.status is TriageStatus.NOT_APPLICABLE
     assert "unlike any image of chest_pneumothorax's anatomy" in result.reason and "distance" in result.reason
-    assert result.input_fit is InputFit.UNCHECKED  # refused: nothing scored
+    assert result.input_fit is InputFit.WRONG_ANATOMY  # refused: nothing scored
     accepted = triage_input(LocalInput(name="cxr", image_path=first(CHEST)), registry, Settings(), Task.CHEST_PNEUMOTHORAX)
     assert accepted.status is TriageStatus.DONE
 

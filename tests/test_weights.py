@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 import math
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ from cds_devtools.dicom_data import dicom_bytes, make_dataset
 from cds_service.core.domain import TASK_LABELS, Task
 from cds_service.core.evaluation import Predictions, point_metrics
 from cds_service.core.models import load_model
-from cds_service.core.preprocessing import dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
+from cds_service.core.preprocessing import Framing, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
 from cds_training.training import as_predictions, predict_samples, stored_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,12 +216,17 @@ def test_card_metrics_follow_from_the_stored_validation_probabilities(task: Task
             assert recomputed[name] == pytest.approx(block["value"], abs=2e-4), name
 
 
+def card_data_dir(root: Path, c: dict) -> Path:
+    """The card's data folder under the shared data root: the root itself for every RSNA source at once."""
+    return root if c["data"].get("layout") == "rsna_sources" else root / Path(c["data"]["dir"]).name
+
+
 @pytest.mark.parametrize("task", SHIPPED, ids=lambda t: t.value)
 def test_split_and_probabilities_reproduce_on_the_data(task: Task, models: dict) -> None:
     root = require_data()
     c = card(task)
     model = models[task]
-    data_dir = root / Path(c["data"]["dir"]).name
+    data_dir = card_data_dir(root, c)
     _, stored_pred = _stored_predictions(task, model)
 
     # 1. the split rebuilt from the data is the stored one, and the three parts are disjoint
@@ -258,22 +264,28 @@ def _ct_dicom_from_brain_window_png(grey: np.ndarray) -> Dataset:
 
 
 def test_head_ct_dicom_and_png_give_the_same_probabilities(models: dict) -> None:
+    """A training PNG and a CT DICOM made from it (its grey levels back to HU) give the same windowed picture
+    (before the head is framed: HU rounding only) and, framed as the card says, the same answers."""
     root = require_data()
     model = models[Task.HEAD_CT_ICH]
     spec = model.card.preprocessing
+    unframed = replace(spec, framing=Framing.NONE)
     stored = json.loads((WEIGHTS / "head_ct_ich.split.json").read_text())
-    files = [row["file"] for row in stored["validation"]][:6]  # both classes: the list is sorted by folder
-    files += [row["file"] for row in stored["validation"]][-6:]
-    data_dir = root / Path(card(Task.HEAD_CT_ICH)["data"]["dir"]).name
+    pngs = [row["file"] for row in stored["validation"] if row["file"].endswith(".png")]
+    files = pngs[:6] + pngs[-6:]  # sorted by source and folder: more than one of each
+    data_dir = card_data_dir(root, card(Task.HEAD_CT_ICH))
     png_images, dicom_images = [], []
     for rel in files:
         grey = load_grey(data_dir / rel)
+        dicom = _ct_dicom_from_brain_window_png(grey)
+        assert np.abs(grey_to_image(grey, unframed) - dicom_to_image(dicom, unframed)).max() <= 0.5 / 80 + 1e-6
         png_images.append(grey_to_image(grey, spec))
-        dicom_images.append(dicom_to_image(_ct_dicom_from_brain_window_png(grey), spec))
-        assert np.abs(png_images[-1] - dicom_images[-1]).max() <= 0.5 / 80 + 1e-6  # HU rounding only
+        dicom_images.append(dicom_to_image(dicom, spec))
     p_png = model.predict(to_batch(png_images, spec))
     p_dcm = model.predict(to_batch(dicom_images, spec))
-    np.testing.assert_allclose(p_dcm, p_png, atol=0.02)
+    # HU rounding can move the head's crop by a pixel, which moves a probability by up to a few hundredths
+    np.testing.assert_allclose(p_dcm, p_png, atol=0.05)
+    assert np.median(np.abs(p_dcm - p_png)) < 0.005
 
 
 def test_an_unknown_runtime_is_refused_when_the_worker_starts() -> None:
