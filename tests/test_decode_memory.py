@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cds_devtools.dicom_data import dicom_bytes, encoder_available, make_dataset
-from cds_service.core.preprocessing import (PreprocessingSpec, ct_windows_for, dicom_to_image, dicom_to_model_input, read_dicom,
+from cds_service.core.preprocessing import (PreprocessingSpec, ct_windows_for, dicom_to_image, framed, dicom_to_model_input, read_dicom,
                                            resize)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,8 @@ def todays_image(ds: pydicom.Dataset, spec: PreprocessingSpec, size: int | None 
 
     if spec.kind == "ct_windows":
         planes = [window(values, c, w) for c, w in ct_windows_for(ds, spec)]  # the window rule is not re-implemented
+        stacked = framed(np.stack(planes, axis=2), spec.framing)  # nor the framing of the head (spec.framing)
+        planes = [np.ascontiguousarray(stacked[..., c]) for c in range(stacked.shape[2])]
     else:
         if spec.kind == "xray" and ("VOILUTSequence" in ds or "WindowCenter" in ds):
             values = apply_voi_lut(values, ds).astype(np.float32)

@@ -343,3 +343,36 @@ def test_the_overlay_png_is_lossless_rgb():
         decoded = Image.open(io.BytesIO(png_bytes(rgb)))
         assert decoded.format == "PNG" and decoded.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(decoded), rgb)
+
+
+def test_framing_crops_a_square_around_the_head_whatever_the_field_of_view() -> None:
+    """framing=body: the same head, small in a wide field (a table line below it) or filling a tight crop,
+    reaches the model at the same size; framing=none leaves the image as it is."""
+    import cv2
+
+    from cds_service.core.preprocessing import Framing, body_box, framed
+
+    wide = np.zeros((512, 512), np.float32)
+    cv2.ellipse(wide, (256, 220), (120, 150), 0, 0, 360, 0.5, -1)  # a head, 240 x 300 px
+    wide[420:423, 20:492] = 1.0  # a thin table line: opened away, not part of the head
+    top, left, side = body_box(wide)
+    assert abs(side - round(300 * 1.08)) <= 8 and abs(top + side / 2 - 220) <= 4 and abs(left + side / 2 - 256) <= 4
+    head = framed(wide, Framing.BODY)
+    tight = framed(np.ascontiguousarray(wide[65:376, 131:382]), Framing.BODY)  # the same head cropped by an export
+    assert head.shape[0] == head.shape[1] and abs(head.shape[0] - tight.shape[0]) <= 8
+    assert framed(wide, Framing.NONE) is wide
+    assert body_box(np.zeros((64, 64), np.float32)) is None  # nothing bright: left as it is
+    three = np.stack([wide] * 3, axis=2)
+    assert framed(three, Framing.BODY).shape == (side, side, 3)
+
+
+def test_framing_is_a_card_setting_for_ct_windows_only() -> None:
+    from cds_service.core.preprocessing import Framing
+
+    spec = PreprocessingSpec(kind="ct_windows", input_size=64, windows=((40.0, 80.0),) * 3, framing=Framing.BODY)
+    assert spec.to_card()["framing"] == "body" and PreprocessingSpec.from_card(spec.to_card(), 64) == spec
+    assert "framing" not in PreprocessingSpec(kind="ct_windows", input_size=64, windows=((40.0, 80.0),) * 3).to_card()
+    with pytest.raises(ValueError, match="framing"):
+        PreprocessingSpec(kind="mr_robust", input_size=64, framing=Framing.BODY)
+    with pytest.raises(ValueError):
+        PreprocessingSpec.from_card({"kind": "ct_windows", "windows": [[40, 80]] * 3, "framing": "face"}, 64)

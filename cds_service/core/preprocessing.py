@@ -191,14 +191,18 @@ def framed(image: np.ndarray, framing: Framing) -> np.ndarray:
     A three-channel image is framed by its first channel (the brain window), all channels alike."""
     if framing is Framing.NONE:
         return image
-    box = body_box(image if image.ndim == 2 else image[..., 0])
+    if image.ndim == 3 and image.strides[2] == 0:  # one plane repeated (_three_channels): frame it once
+        return _three_channels(framed(np.ascontiguousarray(image[..., 0]), framing))
+    return cropped(image, body_box(image if image.ndim == 2 else image[..., 0]))
+
+
+def cropped(image: np.ndarray, box: tuple[int, int, int] | None) -> np.ndarray:
+    """`image` cut to the square `box` (top, left, side), black where the square reaches past it; as it is for None."""
     if box is None:
         return image
     top, left, side = box
     rows, cols = image.shape[:2]
     y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, rows), min(left + side, cols)
-    if image.ndim == 3 and image.strides[2] == 0:  # one plane repeated (_three_channels): frame it once
-        return _three_channels(framed(np.ascontiguousarray(image[..., 0]), framing))
     out = np.zeros((side, side) + image.shape[2:], dtype=np.float32)
     out[y0 - top : y1 - top, x0 - left : x1 - left] = image[y0:y1, x0:x1]
     return out
@@ -500,8 +504,9 @@ def ct_values_to_model_input(values: np.ndarray, windows: Sequence[tuple[float, 
     `dicom_to_model_input`: size x size with one window, size x size x 3 with several."""
     if len(set(windows)) == 1:
         return resize(framed(window(values, *windows[0], out=values), framing)[..., None], size)[..., 0]
-    stacked = framed(np.stack([window(values, c, w) for c, w in windows], axis=2), framing)
-    return np.stack([resize(stacked[..., c : c + 1], size)[..., 0] for c in range(stacked.shape[2])], axis=2)
+    box = body_box(window(values, *windows[0])) if framing is Framing.BODY else None
+    # one channel windowed, framed and resized at a time: never three full-size planes (an 8000 px slice)
+    return np.stack([resize(cropped(window(values, c, w), box)[..., None], size)[..., 0] for c, w in windows], axis=2)
 
 
 def as_model_input(image: np.ndarray) -> np.ndarray:
