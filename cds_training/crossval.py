@@ -10,7 +10,9 @@ unseen patient gets. The folds' weights are thrown away (var/cv/); the shipped m
         --folds 5 --epochs 12 --image-size 320 --batch-size 16 --lr 2e-4 --init imagenet-lite0 --threads 1
 
 Every `cds-triage train` option is accepted (`--out` is the folder of the fold runs); the summary
-(JSON) is printed and written to <out>/crossval.json.
+(JSON) is printed and written to <out>/crossval.json. A fold whose run is already in `--out` is not
+trained again, so `--run-folds 3,4` in a second process shares the work on a machine with cores to
+spare, and the last process to finish writes the summary of every fold.
 """
 
 from __future__ import annotations
@@ -36,19 +38,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--run-folds", default="", help="train only these folds (comma-separated), e.g. in a second process")
     args = parser.parse_args(argv)
     base = config_from_args(args)
     root = Path(args.out) if str(args.out) != "weights" else Path("var") / "cv" / base.task.value
     command = "python -m cds_training.crossval " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    wanted = [int(f) for f in args.run_folds.split(",") if f.strip()] or list(range(args.folds))
+    for fold in wanted:
+        out = root / f"fold{fold}"
+        if (out / f"{base.task.value}.split.json").is_file():
+            continue  # trained already (by this process earlier, or another one)
+        config = replace(base, out_dir=out, cv_folds=args.folds, cv_fold=fold, test_fraction=0.0, plots=False,
+                         checkpoint=out / "last.pt", command=command)
+        train(config)
+    done = [fold for fold in range(args.folds) if (root / f"fold{fold}" / f"{base.task.value}.split.json").is_file()]
+    if len(done) < args.folds:
+        print(f"folds {done} of {args.folds} are done; the summary waits for the rest", flush=True)
+        return 0
     folds: list[dict[str, Any]] = []
     pooled_y: list[np.ndarray] = []
     pooled_p: list[np.ndarray] = []
     for fold in range(args.folds):
         out = root / f"fold{fold}"
-        config = replace(base, out_dir=out, cv_folds=args.folds, cv_fold=fold, test_fraction=0.0, plots=False,
-                         checkpoint=out / "last.pt", command=command)
-        result = train(config)
-        card = result.card
+        card = json.loads((out / f"{base.task.value}.json").read_text())
         main_label = card["trained_labels"][0]
         test = stored_predictions(out, card, "test")
         assert test is not None
