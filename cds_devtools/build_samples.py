@@ -54,7 +54,8 @@ def pick(data: Path, rule: dict, task_name: str) -> list[str]:
 
         task = Task(task_name)
         card = json.loads((PROJECT / "weights" / f"{task.value}.json").read_text())
-        task_dir = resolve_data_dir(task, data / Path(card["data"]["dir"]).name)
+        card_dir = data if card["data"].get("layout") == "rsna_sources" else data / Path(card["data"]["dir"]).name
+        task_dir = resolve_data_dir(task, card_dir)
         _, val, test = build_split(task, task_dir, card["data"]["split"])
         chosen = val if rule["split"] == "validation" else test
         labels = TASK_LABELS[task]
