@@ -30,7 +30,7 @@ from cds_service.adapters.access_log import patient_key
 from cds_service.adapters.fhir_client import FhirClient
 from cds_service.core.domain import Task
 from cds_service.core.settings import Settings
-from fhir_mappings import codes
+from fhir_mappings.conventions import Conventions
 from hook_client import EhrSigner, hook_request
 from oidc_support import OidcProvider, client, start_provider
 from stack_support import NOTIFY_HEADERS, SECRET, ct_series, order_study, wait_until
@@ -202,7 +202,7 @@ def test_the_heatmap_link_a_cds_card_hands_out_needs_a_sign_in(stack, visit):
     settings, provider, ids, ehr = stack["settings"], stack["provider"], stack["ids"], stack["ehr"]
     fhir = FhirClient(settings.fhir_base_url)
     try:  # the prefetch an EHR sends to patient-view: our reports of the patient with their Observations
-        reports = fhir.search("DiagnosticReport", {"patient": ids["patient"], "identifier": f"{codes.RESULT_IDENTIFIER_SYSTEM}|",
+        reports = fhir.search("DiagnosticReport", {"patient": ids["patient"], "identifier": f"{Conventions.from_settings(settings).result_identifier_system}|",
                                                    "_include": "DiagnosticReport:result"})
     finally:
         fhir.close()

@@ -39,7 +39,7 @@ from cds_service.core.models import ModelRegistry
 from cds_service.core.settings import Settings
 from cds_service.local_triage import collect_inputs, triage_input
 from cds_service.web.cds_hooks.calls import render_query
-from cds_service.web.cds_hooks.services import AI_REPORTS_QUERY
+from cds_service.web.cds_hooks.services import AI_REPORTS_QUERY, site_prefetch
 from fhir_mappings import codes
 from fhir_mappings.conventions import DEFAULT_CONVENTIONS
 from hook_client import EhrSigner
@@ -148,7 +148,7 @@ class Site:
     def feedback(self, role: str, outcome: str, reason: str | None = None) -> dict[str, Any]:
         """The clinician's answer to the patient-view card of the study's AI result (the EHR runs our prefetch)."""
         ids = self.ids[role]
-        prefetch = self.fhir.http.get(render_query(AI_REPORTS_QUERY, {"patientId": ids["patient"]})).json()
+        prefetch = self.fhir.http.get(render_query(site_prefetch(AI_REPORTS_QUERY, self.settings), {"patientId": ids["patient"]})).json()
         url = f"{self.settings.public_url}/cds-services/patient-view"
         body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": ids["patient"]},
                 "prefetch": {"aiReports": prefetch}}
