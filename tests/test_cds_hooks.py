@@ -20,7 +20,7 @@ import pytest
 
 from cds_service.web.app import create_app
 from cds_service.web.context import ServiceContext
-from cds_service.core.cards import (
+from cds_service.web.cds_hooks.cards import (
          AiReport,
          ReportedFinding,
          ai_report_from_job,

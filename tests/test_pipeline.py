@@ -93,7 +93,7 @@ def test_a_task_in_shadow_mode_writes_marked_results_and_never_touches_the_prior
     written with the shadow tag and sentence, the order stays routine, the card is information only."""
     import json
 
-    from cds_service.core.cards import ai_report_from_fhir, report_card
+    from cds_service.web.cds_hooks.cards import ai_report_from_fhir, report_card
     from cds_service.core.domain import TaskMode
     from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow
 

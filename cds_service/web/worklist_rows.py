@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from cds_service.core.cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
+from cds_service.web.cds_hooks.cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
 from cds_service.core.domain import NEGATIVE_LABELS
 from cds_service.core.errors import InvalidResourceError
 from cds_service.jobs.state import Job, JobState

@@ -13,7 +13,7 @@ from fhir_mappings import codes
 from fhir_mappings.builders import reference_id, with_priority
 
 from cds_service.adapters.fhir_client import FhirClient
-from cds_service.core.cards import (DISCLAIMER, ai_report_from_job, ai_reports_from_fhir, is_imaging_order, no_result_card,
+from cds_service.web.cds_hooks.cards import (DISCLAIMER, ai_report_from_job, ai_reports_from_fhir, is_imaging_order, no_result_card,
                                     pending_card, priority_action, report_card, severity, unread_critical_card)
 from cds_service.core.domain import Priority, TaskMode
 from cds_service.core.errors import TriageError, UpstreamRejectedError

@@ -9,6 +9,9 @@ The indicator follows the same priority policy that raises the order: a positive
 whose rule says stat → `critical`; urgent or asap → `warning`; anything else → `info`.
 Every card carries the AI disclaimer, its source (with topic), links to the heatmap and the
 worklist, and coded override reasons. Nothing here emits null or empty values (`prune`).
+
+It lives in the web layer, not in the core: it reads our FHIR resources back with fhir_mappings,
+and fhir_mappings sits above the core (it uses core.domain and core.errors; the core never imports it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fhir_mappings import codes
 from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow, parse_fhir_datetime, reference_id
 
 from cds_service.core.domain import DISCLAIMER, Priority, TaskMode
+
 SUMMARY_LIMIT = 139  # the specification: a summary under 140 characters
 
 #: Our own CodeSystems for card topics and override reasons (example.org placeholders, like codes.LOCAL_BASE).
