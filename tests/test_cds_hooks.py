@@ -482,7 +482,7 @@ def secured_product(orthanc, tmp_path_factory):
     from cds_devtools.demo import start_service
     from cds_service.adapters.smart_auth import public_jwk
     from conftest import require
-    from support import make_test_weights
+    from support import make_test_weights, seed_onnx_exports
 
     require(devservers.find_sekmet(), "sekmet executable not found in this virtualenv (pip install sekmet-fhir==0.1.1)")
     root = tmp_path_factory.mktemp("secured")
@@ -505,7 +505,7 @@ def secured_product(orthanc, tmp_path_factory):
         **EHR.hook_settings(root / "ehr-jwks.json"),
     )
     try:
-        processes = start_service(settings, root / "logs")
+        processes = start_service(seed_onnx_exports(settings), root / "logs")
     except BaseException:
         fhir_server.stop()
         raise

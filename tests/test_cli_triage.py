@@ -15,6 +15,8 @@ from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Task
 from support import make_test_weights
 
+pytestmark = pytest.mark.slow  # `cds-triage triage` in child processes
+
 SCHEMA_KEYS = {"input", "task", "status", "findings", "priority", "model"}
 
 

@@ -105,6 +105,7 @@ def test_every_link_in_the_readme_and_docs_arrives_somewhere():
                 assert anchor in anchors(resolved.read_text()), f"{page.relative_to(REPO)}: no heading for #{anchor} in {path}"
 
 
+@pytest.mark.slow  # Chromium
 def test_the_readme_pictures_are_screenshots_of_the_expected_size():
     sizes = load_screenshot_script().SIZES
     pictures = [target for bang, _, target in LINK.findall(README.read_text()) if bang]

@@ -31,6 +31,8 @@ from cds_service.core.preprocessing import PreprocessingSpec, decode_cost, read_
 from support import make_test_weights
 from test_decode_memory import head_ct_series, todays_image
 
+pytestmark = pytest.mark.slow  # decoder processes, 40-slice series, the shipped head CT model
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((ROOT / "tests" / "references" / "large_study_reference.json").read_text())
 CARDS = {"three_windows": {"seed": 0, "preprocessing": None},

@@ -25,7 +25,7 @@ from cds_service.core.settings import Settings
 from cds_service.core.triage import triage_images
 from cds_service.worker import build_deps
 from fhir_mappings.imaging_study import build_imaging_study
-from support import make_test_weights
+from support import make_test_weights, seed_onnx_exports
 from test_anatomy import phantom
 from test_pixel_routing import ROOT, RSNA_DICOM, rsna_series
 
@@ -56,8 +56,8 @@ def ordered_study(fhir: FhirClient, orthanc, slices: int,
 
 def pipeline_settings(tmp_path: Path, orthanc, fhir_server, **overrides) -> Settings:
     """Settings for run_triage in this process against the session's Orthanc and FHIR server."""
-    return Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url,
-                    http_timeout_s=30, **overrides)
+    return seed_onnx_exports(Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url,
+                                      dicomweb_url=orthanc.dicomweb_url, http_timeout_s=30, **overrides))
 
 
 @pytest.mark.parametrize("runtime", ["auto", "torch"])  # ONNX Runtime's feature map, and pytorch-grad-cam
