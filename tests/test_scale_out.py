@@ -54,6 +54,9 @@ def cluster(orthanc, tmp_path_factory):
     service = start_service(seed_onnx_exports(settings), root / "logs-1", http_workers=2)
     second = start_worker(seed_onnx_exports(replace(settings, data_dir=root / "machine-2")), root / "logs-2", index=1)
     ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
+    # the cluster is up when both workers beat (start_worker returns at once; a worker's start takes seconds)
+    with httpx.Client(base_url=settings.public_url, timeout=30) as api:
+        wait_until(lambda: api.get("/readyz").json().get("workers") == 2, 60, "both workers' heartbeats")
     yield {"settings": settings, "service": service, "workers": [service.worker, second], "proxy": pacs_proxy,
            "fhir_server": fhir_server, "root": root}
     second.stop()
