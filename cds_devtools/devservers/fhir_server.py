@@ -89,10 +89,5 @@ def start_fhir_server(
         port=int(settings["port"]),
         settings_path=settings_path,
     )
-    proc.start()
-    try:
-        proc.wait_ready(lambda: http_ok(f"{base}/metadata"), timeout=timeout)
-    except BaseException:
-        proc.stop()
-        raise
+    proc.start_ready(lambda: http_ok(f"{base}/metadata"), timeout=timeout)
     return proc

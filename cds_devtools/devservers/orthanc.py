@@ -164,12 +164,7 @@ def start_orthanc(
         dicom_port=dicom_port,
         config_path=config_path,
     )
-    proc.start()
-    try:
-        proc.wait_ready(lambda: http_ok(f"{url}/system"), timeout=timeout)
-    except BaseException:
-        proc.stop()
-        raise
+    proc.start_ready(lambda: http_ok(f"{url}/system"), timeout=timeout)
     return proc
 
 

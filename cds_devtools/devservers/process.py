@@ -150,6 +150,16 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def start_ready(self, check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1,
+                    stop_timeout: float = 10.0) -> "ManagedProcess":
+        """`start()`, then `wait_ready()`; stopped again when it does not get ready (or the wait is interrupted)."""
+        self.start()
+        try:
+            return self.wait_ready(check, timeout, interval)
+        except BaseException:
+            self.stop(timeout=stop_timeout)
+            raise
+
     def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> "ManagedProcess":
         """Poll `check()` until it returns True. Raises ServerStartError (with the log tail)
         if the process exits first or `timeout` seconds pass; exceptions from `check` count
