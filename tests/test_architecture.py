@@ -21,8 +21,10 @@ lines says why at its top.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
+from typing import AbstractSet, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cds_service", "fhir_mappings", "cds_training", "cds_devtools")
@@ -67,12 +69,13 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return resolved
 
 
-def import_graph() -> dict[str, set[str]]:
+@functools.cache  # the files do not change during a run: parsed once, not once per test
+def import_graph() -> dict[str, frozenset[str]]:
     modules = our_modules()
-    return {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
+    return {name: frozenset(imports_of(name, path, set(modules))) for name, path in modules.items()}
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def cycles(graph: Mapping[str, AbstractSet[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
