@@ -110,6 +110,33 @@ def _write_test_weights(weights_dir: Path, task: Task, *, threshold: float, inpu
     (weights_dir / f"{task.value}.json").write_text(json.dumps(card, indent=2))
 
 
+def exported_graph_of(weights_dir: Path, task: Task) -> Path:
+    """The ONNX graph of the task's weights in `weights_dir`, exported once a session by the product's own
+    export (`export_in_child`: torch in a child process, checked against torch), named by the weights' digest."""
+    from cds_service.core.onnx_graphs import export_in_child, weights_digest
+
+    name = f"{task.value}-{weights_digest(weights_dir, task)}.onnx"
+    with _locked(name) as folder:
+        graph = folder / name
+        if not graph.exists():
+            export_in_child(weights_dir, task, graph)
+    return graph
+
+
+def ship_onnx_graphs(weights_dir: Path) -> Path:
+    """Ship each test model's graph beside its weights, vouched for by its card, as `cds-triage export`
+    does for the committed models: `cds-triage triage` then scores it in ONNX Runtime without exporting
+    it in memory first. Returns `weights_dir`."""
+    from cds_service.core.model_cards import card_path, weights_path
+    from cds_service.core.onnx_graphs import shipped_graph_path, vouch_for_graph
+
+    for task in Task:
+        if card_path(weights_dir, task).exists() and weights_path(weights_dir, task).exists():
+            shutil.copyfile(exported_graph_of(weights_dir, task), shipped_graph_path(weights_dir, task))
+            vouch_for_graph(weights_dir, task)
+    return weights_dir
+
+
 def seed_onnx_exports(settings: Settings) -> Settings:
     """Put the ONNX graph of each model in `settings.weights_dir` where its workers keep their exports
     (CDS_DATA_DIR/onnx, named by the weights' digest), so a worker (or `build_deps`) finds it there
@@ -118,7 +145,7 @@ def seed_onnx_exports(settings: Settings) -> Settings:
     in their folder need none. The export itself is tested in test_worker_models.py and
     test_slim_runtime.py, which do not use this. Returns `settings`, to wrap a Settings(...) in."""
     from cds_service.core.model_cards import ModelCard, card_path, weights_path
-    from cds_service.core.onnx_graphs import export_in_child, shipped_graph, weights_digest
+    from cds_service.core.onnx_graphs import shipped_graph
     from cds_service.worker import onnx_dir
 
     for task in Task:
@@ -126,12 +153,8 @@ def seed_onnx_exports(settings: Settings) -> Settings:
             continue
         if shipped_graph(settings.weights_dir, task, ModelCard.load(card_path(settings.weights_dir, task))) is not None:
             continue
-        name = f"{task.value}-{weights_digest(settings.weights_dir, task)}.onnx"
-        with _locked(name) as folder:
-            graph = folder / name
-            if not graph.exists():
-                export_in_child(settings.weights_dir, task, graph)
-        target = onnx_dir(settings) / name
+        graph = exported_graph_of(settings.weights_dir, task)
+        target = onnx_dir(settings) / graph.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(graph, target)
     return settings
