@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh Debian machine: installs what is missing, then runs.
 #   ./run.sh demo    local demo: Orthanc + FHIR server + the service, sample studies triaged
-#   ./run.sh test    the whole test suite (what CI runs)
+#   ./run.sh test    the whole test suite (what CI runs), under coverage: its total is printed at the end
+#   ./run.sh test --quick   the pure-code loop: no server, no model run, no child process (under a minute)
 # Needs root or sudo once, for `apt-get install` of Orthanc and its DICOMweb plugin (and, for the
 # tests, a browser, dicom3tools, Redis, a JDK and Maven). It waits for another apt/dpkg run to finish (up to
 # APT_LOCK_TIMEOUT seconds, default 300) instead of failing at once. Orthanc and Redis come as Debian
@@ -104,10 +105,19 @@ case "$cmd" in
     exec "$VENV/bin/cds-triage" demo "$@"
     ;;
   test)
+    shift
+    if [ "${1:-}" = "--quick" ]; then  # needs no system package: no server, browser or JDK
+      shift
+      install_python_packages "demo,test,train"
+      exec "$VENV/bin/python" -m pytest -q -m "not integration and not slow" "$@"
+    fi
     install_system_packages "${TEST_APT_PACKAGES[@]}"
     install_python_packages "demo,test,train"
-    shift
-    exec "$VENV/bin/python" -m pytest -ra "$@"
+    # coverage of the pytest process (not of the servers and services it starts); configured in pyproject.toml
+    status=0
+    "$VENV/bin/python" -m coverage run -m pytest -ra "$@" || status=$?
+    echo "==> coverage of cds_service, fhir_mappings, cds_training, cds_devtools (in-process): $("$VENV/bin/python" -m coverage report --format=total --precision=1)% (coverage report / coverage html for the details)"
+    exit "$status"
     ;;
   *)
     echo "usage: $0 demo|test [args...]" >&2

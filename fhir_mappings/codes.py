@@ -60,7 +60,7 @@ SHADOW_TAG_DISPLAY = TAG_CODES[SHADOW_TAG_CODE]
 #: a code against one that does not), searched with `_tag=` in ifNoneExist.
 URI_SYSTEM = "urn:ietf:rfc:3986"
 
-#: CDS Hooks card topics and override reasons (cds_service/core/cards.py).
+#: CDS Hooks card topics and override reasons (cds_service/web/cds_hooks/cards.py).
 CARD_TOPIC_CODE_SYSTEM = "cds-card-topic"
 CARD_TOPIC_CODES = {"ai-imaging-triage": "AI imaging triage"}
 OVERRIDE_REASON_CODE_SYSTEM = "cds-override-reason"

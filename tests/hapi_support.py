@@ -179,12 +179,7 @@ def start_hapi(workdir: Path, *, port: int | None = None, timeout: float = START
     proc = HapiProcess("hapi-fhir", [java, f"-Xmx{HEAP}", "-XX:+UseSerialGC", "-Djava.io.tmpdir=" + str(workdir),
                                      *extra_jvm_args, "-jar", jar, str(port)],
                        url=base, log_path=workdir / "hapi.log", cwd=workdir, port=port)
-    proc.start()
-    try:
-        proc.wait_ready(lambda: http_ok(f"{base}/metadata", timeout=10), timeout=timeout, interval=1.0)
-    except BaseException:
-        proc.stop(timeout=20)
-        raise
+    proc.start_ready(lambda: http_ok(f"{base}/metadata", timeout=10), timeout=timeout, interval=1.0, stop_timeout=20)
     return proc
 
 

@@ -21,10 +21,5 @@ def start_redis(workdir: Path) -> ManagedProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     proc = ManagedProcess("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                     "--appendonly", "no", "--dir", str(workdir)],
-                          url=f"redis://127.0.0.1:{port}/0", log_path=workdir / "redis.log").start()
-    try:
-        proc.wait_ready(lambda: port_open(port), timeout=20)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+                          url=f"redis://127.0.0.1:{port}/0", log_path=workdir / "redis.log")
+    return proc.start_ready(lambda: port_open(port), timeout=20)

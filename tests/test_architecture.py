@@ -3,9 +3,10 @@ TYPE_CHECKING alike) with `ast`: no import cycles, and each layer imports only t
 
 Layers (docs/architecture.md):
 - core (cds_service/core/): decisions on data already in memory (domain, routing, anatomy, input check,
-  priority, preprocessing, decoding, inference, explain, triage, models, cards, settings, errors,
-  evaluation statistics); it imports only itself and fhir_mappings (which may use only
-  cds_service.core.domain and cds_service.core.errors);
+  priority, preprocessing, decoding, inference, explain, triage, models, settings, errors,
+  evaluation statistics); it imports only itself;
+- fhir_mappings (the FHIR R4B builders) sits on the core and uses only cds_service.core.domain and
+  cds_service.core.errors: the dependency goes one way, fhir_mappings -> core, never back;
 - adapters (cds_service/adapters/): the PACS, the FHIR server, SMART auth and token checks, metrics,
   audit, and the job store and queue (cds_service/jobs/); they never import the web layer or an entry point;
 - web (cds_service/web/): the Flask app, its context and blueprints; above it the orchestration
@@ -20,15 +21,17 @@ lines says why at its top.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
+from typing import AbstractSet, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cds_service", "fhir_mappings", "cds_training", "cds_devtools")
 
 CORE = "cds_service.core"
-# what the core may import of ours: itself and the FHIR builders (and the package root, cds_service/__init__.py)
-CORE_MAY_USE = ("cds_service.core", "fhir_mappings")
+# what the core may import of ours: itself (and the package root, cds_service/__init__.py)
+CORE_MAY_USE = ("cds_service.core",)
 ADAPTERS = ("cds_service.adapters", "cds_service.jobs")  # the job store and queue talk to SQLite, Redis and huey
 # the web layer, the entry points and the tools outside the runtime: never imported by an adapter
 NOT_FOR_THE_ADAPTERS = ("cds_service.web", "cds_service.cli", "cds_service.worker", "cds_service.pipeline",
@@ -66,12 +69,13 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return resolved
 
 
-def import_graph() -> dict[str, set[str]]:
+@functools.cache  # the files do not change during a run: parsed once, not once per test
+def import_graph() -> dict[str, frozenset[str]]:
     modules = our_modules()
-    return {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
+    return {name: frozenset(imports_of(name, path, set(modules))) for name, path in modules.items()}
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def cycles(graph: Mapping[str, AbstractSet[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -156,6 +160,18 @@ def test_fhir_mappings_use_only_the_domain_and_the_errors():
     used = {t for module, targets in graph.items() if module.startswith("fhir_mappings") for t in targets
             if t.startswith("cds_service")}
     assert used <= FHIR_MAPPINGS_MAY_USE, used - FHIR_MAPPINGS_MAY_USE
+
+
+def test_fhir_mappings_and_the_core_depend_one_way():
+    """fhir_mappings -> cds_service.core, never back: no core module imports fhir_mappings (the CDS Hooks
+    cards, which read our FHIR resources with it, are in the web layer)."""
+    graph = import_graph()
+    core = {module for module in graph if in_package(module, CORE)}
+    mappings = {module for module in graph if in_package(module, "fhir_mappings")}
+    assert mappings and core
+    back = {module: sorted(t for t in graph[module] if in_package(t, "fhir_mappings")) for module in core}
+    assert {module: targets for module, targets in back.items() if targets} == {}
+    assert any(in_package(t, CORE) for module in mappings for t in graph[module]), "the scan should see fhir_mappings use the core"
 
 
 # where the runtime may reach the development tools: `cds-triage demo`, imported inside its command

@@ -19,7 +19,7 @@ from cds_service.adapters.fhir_client import FhirClient
 from cds_service.local_triage import triage_paths
 from cds_service.core.settings import Settings
 from stack_support import SECRET, assert_triaged_once, ct_series, notify, order_study, wait_finished
-from support import make_test_weights
+from support import make_test_weights, seed_onnx_exports
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def service(orthanc, fhir_server, tmp_path_factory):
         subscription_secret=SECRET, job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10,
         max_instances=5, cds_hooks_auth="off",  # hook bodies are checked here; their JWTs in the CDS Hooks tests
     )
-    processes = start_service(settings, root / "logs")
+    processes = start_service(seed_onnx_exports(settings), root / "logs")
     yield settings, processes
     processes.stop()
 

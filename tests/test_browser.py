@@ -34,8 +34,8 @@ from cds_service.core.settings import Settings
 from cds_service.adapters.subscribe import ensure_subscription
 from fhir_mappings.imaging_study import build_imaging_study
 from conftest import require
-from support import make_test_weights
 from browser_support import launched_chromium
+from support import make_test_weights, seed_onnx_exports
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def service(orthanc, own_fhir_server, tmp_path_factory) -> Iterator[Settings]:
         job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10, results_to_pacs="sr,sc", worklist_refresh_s=1.0,
         viewer_url=VIEWER,
     )
-    processes = start_service(settings, root / "logs")
+    processes = start_service(seed_onnx_exports(settings), root / "logs")
     ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
     yield settings
     processes.stop()
@@ -109,7 +109,7 @@ def second_service(service, tmp_path_factory) -> Iterator[Settings]:
     root = tmp_path_factory.mktemp("browser-second-service")
     port = free_port()
     settings = replace(service, port=port, public_url=f"http://127.0.0.1:{port}", data_dir=root / "data")
-    processes = start_service(settings, root / "logs")
+    processes = start_service(seed_onnx_exports(settings), root / "logs")
     yield settings
     processes.stop()
 

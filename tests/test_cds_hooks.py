@@ -21,18 +21,8 @@ import pytest
 
 from cds_service.web.app import create_app
 from cds_service.web.context import ServiceContext
-from cds_service.core.cards import (
-         AiReport,
-         ReportedFinding,
-         ai_report_from_job,
-         ai_reports_from_fhir,
-         indicator_for,
-         is_imaging_order,
-         md,
-         prune,
-         report_card,
-         severity,
-     )
+from fhir_mappings.ai_reports import AiReport, ReportedFinding, ai_report_from_job, ai_reports_from_fhir
+from cds_service.web.cds_hooks.cards import indicator_for, is_imaging_order, md, prune, report_card, severity
 from cds_service.web.cds_hooks.calls import HookCallError, discovery_document, parse_feedback, parse_hook_call, render_query
 from cds_service.web.cds_hooks.services import SERVICES
 from cds_service.core.domain import Finding, Heatmap, ModelRef, OrderContext, Priority, Task, TriageResult, TriageStatus
@@ -504,7 +494,7 @@ def secured_product(orthanc, tmp_path_factory):
     from cds_devtools.demo import start_service
     from cds_service.adapters.smart_auth import public_jwk
     from conftest import require
-    from support import make_test_weights
+    from support import make_test_weights, seed_onnx_exports
 
     require(devservers.find_sekmet(), "sekmet executable not found in this virtualenv (pip install sekmet-fhir==0.1.1)")
     root = tmp_path_factory.mktemp("secured")
@@ -527,7 +517,7 @@ def secured_product(orthanc, tmp_path_factory):
         **EHR.hook_settings(root / "ehr-jwks.json"),
     )
     try:
-        processes = start_service(settings, root / "logs")
+        processes = start_service(seed_onnx_exports(settings), root / "logs")
     except BaseException:
         fhir_server.stop()
         raise

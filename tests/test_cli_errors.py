@@ -66,6 +66,7 @@ def test_a_bad_setting_is_named_when_the_settings_are_read(variable, value, says
     assert str(error.value).startswith(variable) and says in str(error.value)
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_every_command_says_which_setting_is_wrong_in_one_line(tmp_path):
     for args in (["subscribe"], ["jobs", "list"], ["triage", str(tmp_path)], ["serve"]):
         result = cli(args, tmp_path, CDS_PORT="abc")
@@ -84,6 +85,7 @@ def test_good_settings_still_load_and_round_trip():
 # --- a server named by a setting that cannot be used ---------------------------------------------------
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_subscribe_to_an_unreachable_fhir_server_names_the_setting_and_the_url(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens there
     line = assert_one_line(cli(["subscribe"], tmp_path, CDS_FHIR_BASE_URL=url), "CDS_FHIR_BASE_URL", url)
@@ -117,6 +119,7 @@ def answering(status: int, body: bytes = b"", **headers: str) -> Iterator[str]:
 NOT_FOUND_PAGE = b"<!DOCTYPE html>\n<html><head><title>Not found</title></head>\n<body><h1>404</h1>\n<p>Nothing here</p></body></html>"
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_subscribe_to_a_url_that_is_not_a_fhir_server_names_the_setting(tmp_path):
     with answering(404, NOT_FOUND_PAGE, **{"Content-Type": "text/html"}) as base:  # a web server, not a FHIR server
         url = base + "/"
@@ -125,6 +128,7 @@ def test_subscribe_to_a_url_that_is_not_a_fhir_server_names_the_setting(tmp_path
         assert "<" not in line  # the HTML page is not pasted into the message
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_subscribe_refused_for_credentials_names_the_credential_settings(tmp_path):
     with answering(401, **{"WWW-Authenticate": 'Bearer realm="fhir"'}) as base:  # wants credentials we did not send
         line = assert_one_line(cli(["subscribe"], tmp_path, CDS_FHIR_BASE_URL=base + "/fhir"), "401", "CDS_FHIR_BEARER_TOKEN")
@@ -132,6 +136,7 @@ def test_subscribe_refused_for_credentials_names_the_credential_settings(tmp_pat
         assert "401:" not in line  # no empty detail after the status
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_jobs_with_an_unreachable_redis_names_the_queue_setting(tmp_path):
     url = f"redis://127.0.0.1:{free_port()}/0"
     assert_one_line(cli(["jobs", "list"], tmp_path, CDS_QUEUE_URL=url, CDS_HTTP_TIMEOUT_S="2"), f"CDS_QUEUE_URL={url}")
@@ -155,6 +160,7 @@ def test_an_error_not_about_a_setting_is_one_line_and_exit_1(monkeypatch, capsys
 # --- --version, help, jobs list -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_version_and_the_exit_statuses_in_the_help(tmp_path):
     version = cli(["--version"], tmp_path)
     assert version.returncode == 0 and re.fullmatch(r"cds-triage \d+\.\d+\.\d+\S*\n", version.stdout), version
@@ -162,6 +168,7 @@ def test_version_and_the_exit_statuses_in_the_help(tmp_path):
     assert "exit status:" in help_text and "2  bad command line, a bad setting" in help_text
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_jobs_list_has_a_header_and_refuses_an_unknown_status(tmp_path):
     from cds_service.jobs.sqlite_store import JobStore
     from cds_service.jobs.state import TriageRequest
@@ -183,6 +190,7 @@ def test_jobs_list_has_a_header_and_refuses_an_unknown_status(tmp_path):
 # --- serve --port 0, the demo's port ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_serve_on_port_0_picks_a_free_port_and_prints_its_url(tmp_path):
     clean = {key: value for key, value in os.environ.items() if not key.startswith("CDS_")}
     env = {**clean, "CDS_DATA_DIR": str(tmp_path / "var"), "CDS_HOST": "127.0.0.1"}
@@ -210,11 +218,13 @@ def test_serve_on_port_0_picks_a_free_port_and_prints_its_url(tmp_path):
         serve.stdout.close()  # type: ignore[union-attr]
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_serve_refuses_a_port_that_is_not_one(tmp_path):
     result = cli(["serve", "--port", "99999"], tmp_path)
     assert result.returncode == 2 and "is not a port" in result.stderr
 
 
+@pytest.mark.slow  # `cds-triage` in a child process
 def test_serve_on_a_busy_port_says_so_in_one_line(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

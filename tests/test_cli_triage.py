@@ -13,7 +13,9 @@ from PIL import Image
 
 from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Task
-from support import make_test_weights
+from support import make_test_weights, ship_onnx_graphs
+
+pytestmark = pytest.mark.slow  # `cds-triage triage` in child processes
 
 SCHEMA_KEYS = {"input", "task", "status", "findings", "priority", "model"}
 
@@ -26,10 +28,12 @@ def run_cli(args, weights_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
+    """Untrained test models, their ONNX graphs shipped beside them as `cds-triage export` ships the committed
+    ones: each `triage` child scores them at once, as it does the committed models."""
     root = tmp_path_factory.mktemp("weights")
     make_test_weights(root, Task.HEAD_CT_ICH)
     make_test_weights(root, Task.BRAIN_MRI, threshold=1.0)  # nothing positive
-    return root
+    return ship_onnx_graphs(root)
 
 
 def test_folder_of_dicom_gives_one_object_per_series_and_heatmaps(weights, tmp_path):

@@ -12,8 +12,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from cds_service.core.domain import Task
 from support import make_test_weights
+
+pytestmark = pytest.mark.slow  # models scored from several threads, memory measured
 
 REPO = Path(__file__).resolve().parents[1]
 

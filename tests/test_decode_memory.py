@@ -179,6 +179,7 @@ def huge_rle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow  # a 128 MB decode in a child process
 @pytest.mark.parametrize(("kind", "windows"), [("xray", ""), ("ct_windows", ", ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))")])
 def test_an_8000_square_rle_instance_grows_a_process_by_what_its_decode_cost_says(huge_rle: Path, kind: str,
                                                                                   windows: str) -> None:

@@ -157,6 +157,7 @@ def test_everything_the_dockerfile_copies_exists_and_is_in_the_build_context():
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
 
 
+@pytest.mark.integration  # gunicorn and the worker, started here
 def test_gunicorn_command_and_the_healthcheck_work_outside_docker(tmp_path):
     """The web container's command, run here: it serves /healthz, which the image's HEALTHCHECK sees."""
     [command] = {tuple(load_compose(DOCKER / "compose.yaml")["services"]["cds-triage"]["command"])}
@@ -253,6 +254,7 @@ def test_orthanc_mounts_our_lua_script_where_its_config_says(tmp_path):
     assert orthanc["environment"]["CDS_TRIAGE_PACS_URL"].endswith("/pacs/studies")
 
 
+@pytest.mark.integration  # an Orthanc of its own
 def test_docker_orthanc_config_runs_on_the_debian_orthanc_with_authentication(tmp_path):
     """docker/orthanc/orthanc.json with paths and ports made local: the password comes from ${ORTHANC_PASSWORD}."""
     _require_orthanc()

@@ -27,7 +27,7 @@ from cds_service.jobs.redis_store import RedisJobStore
 from cds_service.core.model_cards import ModelCard
 from cds_service.core.settings import Settings
 from stack_support import SECRET, ct_series, metric_value, notify, order_study, wait_finished
-from support import make_test_weights
+from support import make_test_weights, seed_onnx_exports
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
@@ -95,6 +95,7 @@ def test_a_wider_prevalence_range_widens_the_band() -> None:
     assert narrow[0] == wide[0] and narrow[1] < wide[1]
 
 
+@pytest.mark.slow  # the shipped models' stored probabilities, rescored
 def test_rethreshold_writes_the_band_into_the_card(tmp_path: Path) -> None:
     """What `recard` runs last: from the stored probabilities, the card as committed, band included."""
     from cds_training.training import rethreshold
@@ -336,7 +337,7 @@ def test_a_burst_of_raised_studies_trips_the_alarm_on_the_real_servers(orthanc, 
         weights_dir=make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH),  # thresholds 0: every study raised
         drift_window=5, drift_min_studies=3, drift_bands={Task.HEAD_CT_ICH: (0.05, 0.5)},
     )
-    service = start_service(settings, tmp_path / "logs")
+    service = start_service(seed_onnx_exports(settings), tmp_path / "logs")
     fhir = FhirClient(fhir_server.url)
     try:
         with httpx.Client(base_url=settings.public_url, timeout=30) as api:

@@ -28,7 +28,7 @@ from cds_service.core.settings import Settings
 from conftest import require
 from stack_support import (SECRET, assert_triaged_once, ct_series, job_of, metric_value, notify, order_study,
                            wait_finished, wait_until)
-from support import make_test_weights
+from support import make_test_weights, seed_onnx_exports
 from tcp_proxy import Fault, TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,7 @@ def stack(tmp_path_factory):
         weights_dir=weights, subscription_secret=SECRET, http_timeout_s=3, job_retries=8, job_retry_delay_s=0.3,
         job_lease_s=2, job_redeliver_s=30,
     )
-    stack = Stack(root, orthanc, fhir_server, pacs_proxy, fhir_proxy, settings)
+    stack = Stack(root, orthanc, fhir_server, pacs_proxy, fhir_proxy, seed_onnx_exports(settings))
     stack.start_service()
     yield stack
     if stack.service:

@@ -170,6 +170,7 @@ def fake_samples(n: int, positives: int) -> list[Sample]:
                    f"img{i:03d}.png" if i % 5 else f"pair{i // 10}") for i in range(n)]
 
 
+@pytest.mark.slow
 def test_three_way_split_is_disjoint_by_group_and_keeps_the_two_way_validation() -> None:
     samples = fake_samples(200, 60)
     train, val, test = split_three(samples, 42, 0.2, 0.2)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+
 import numpy as np
 import pydicom
 import pytest
@@ -9,7 +12,9 @@ import pytest
 from cds_devtools.devservers import upload_dicom
 from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import Series
+from cds_devtools.devservers import free_port
 from cds_service.adapters.pacs import Pacs, PacsConfig, StudyNotInPacsError, StudyTooLargeError, slice_order, sort_slices
+from cds_service.core.errors import UpstreamError
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +64,33 @@ def test_a_series_the_pacs_does_not_have(orthanc):
     pacs = Pacs(PacsConfig(url=orthanc.dicomweb_url))
     with pytest.raises(StudyNotInPacsError):
         list(pacs.iter_series(study_uid, series(pydicom.uid.generate_uid()), max_instances=10))
+
+
+def test_a_pacs_fault_ends_the_attempt_at_once_and_the_job_retries_it():
+    """503, then a PACS that is down: one request each, an UpstreamError (retryable: the job retries with backoff),
+    never dicomweb-client's own five tries over 30 s."""
+    requests_seen: list[str] = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server name
+            requests_seen.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pacs = Pacs(PacsConfig(url=f"http://127.0.0.1:{server.server_address[1]}/dicom-web"))
+        with pytest.raises(UpstreamError, match="503"):
+            pacs.find_study("1.2.3")
+        assert len(requests_seen) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    down = Pacs(PacsConfig(url=f"http://127.0.0.1:{free_port()}/dicom-web", timeout_s=5))
+    with pytest.raises(UpstreamError, match="unreachable"):
+        down.find_study("1.2.3")

@@ -38,7 +38,7 @@ from cds_service.web.pacs_trigger import (
 from cds_service.core.settings import Settings
 from conftest import _require_orthanc
 from fhir_mappings.imaging_study import build_imaging_study
-from support import make_test_weights
+from support import make_test_weights, seed_onnx_exports
 
 LUA_SCRIPT = Path(__file__).resolve().parent.parent / "docker" / "orthanc" / "cds-triage.lua"
 SECRET = "pacs-secret"
@@ -80,7 +80,7 @@ def service(lua_orthanc, fhir_server, service_port, tmp_path_factory):
         job_retries=2, job_retry_delay_s=0.2, http_timeout_s=10,
         pacs_trigger_secret=SECRET, patient_identifier_system=MRN_SYSTEM, pacs_unknown_patient="create",
     )
-    processes = start_service(settings, root / "logs")
+    processes = start_service(seed_onnx_exports(settings), root / "logs")
     yield settings
     processes.stop()
     shutil.rmtree(root, ignore_errors=True)

@@ -25,7 +25,7 @@ from cds_service.core.settings import Settings
 from cds_service.core.triage import triage_images
 from cds_service.worker import build_deps
 from fhir_mappings.imaging_study import build_imaging_study
-from support import make_test_weights
+from support import make_test_weights, seed_onnx_exports
 from test_anatomy import phantom
 from test_pixel_routing import ROOT, RSNA_DICOM, rsna_series
 
@@ -56,8 +56,8 @@ def ordered_study(fhir: FhirClient, orthanc, slices: int,
 
 def pipeline_settings(tmp_path: Path, orthanc, fhir_server, **overrides) -> Settings:
     """Settings for run_triage in this process against the session's Orthanc and FHIR server."""
-    return Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url,
-                    http_timeout_s=30, **overrides)
+    return seed_onnx_exports(Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url,
+                                      dicomweb_url=orthanc.dicomweb_url, http_timeout_s=30, **overrides))
 
 
 @pytest.mark.parametrize("runtime", ["auto", "torch"])  # ONNX Runtime's feature map, and pytorch-grad-cam
@@ -93,7 +93,8 @@ def test_a_task_in_shadow_mode_writes_marked_results_and_never_touches_the_prior
     written with the shadow tag and sentence, the order stays routine, the card is information only."""
     import json
 
-    from cds_service.core.cards import ai_report_from_fhir, report_card
+    from fhir_mappings.ai_reports import ai_report_from_fhir
+    from cds_service.web.cds_hooks.cards import report_card
     from cds_service.core.domain import TaskMode
     from fhir_mappings.builders import SHADOW_SENTENCE, is_shadow
 

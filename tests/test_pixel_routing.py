@@ -32,8 +32,9 @@ DATA = ROOT.parent / "shared" / "data"
 RSNA_DICOM = DATA / "head_ct_dicom_unlabelled"
 CHEST = DATA / "chest_xray_ptx"
 HEAD_PNG = DATA / "head_ct_rsna_png" / "labelled"
-pytestmark = pytest.mark.skipif(not (RSNA_DICOM.is_dir() and CHEST.is_dir() and HEAD_PNG.is_dir()),
-                                reason="../shared/data is not here")
+pytestmark = [pytest.mark.slow,  # the shipped models on real images
+              pytest.mark.skipif(not (RSNA_DICOM.is_dir() and CHEST.is_dir() and HEAD_PNG.is_dir()),
+                                 reason="../shared/data is not here")]
 
 
 @pytest.fixture(scope="module")

@@ -256,6 +256,7 @@ def test_only_a_pooled_linear_head_gets_grad_cam_without_a_backward_pass():
     assert linear_head_weights(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())) is None
 
 
+@pytest.mark.slow  # an ONNX export
 @pytest.mark.parametrize("runtime", ["auto", "torch"])
 def test_triage_explains_from_the_scoring_pass_only_where_it_can(tmp_path, monkeypatch, runtime):
     """ONNX Runtime returns the feature map: no backward pass. torch: pytorch-grad-cam runs."""

@@ -28,7 +28,7 @@ from conftest import require
 from redis_support import start_redis
 from stack_support import (SECRET, assert_triaged_once, ct_series, job_of, metric_value, notify, order_study,
                            wait_finished, wait_until)
-from support import make_test_weights
+from support import make_test_weights, seed_onnx_exports
 from tcp_proxy import Fault, TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -51,9 +51,12 @@ def cluster(orthanc, tmp_path_factory):
         weights_dir=make_test_weights(root / "weights", Task.HEAD_CT_ICH), subscription_secret=SECRET,
         job_retries=4, job_retry_delay_s=0.3, http_timeout_s=10, job_lease_s=2, torch_threads=1,
     )
-    service = start_service(settings, root / "logs-1", http_workers=2)
-    second = start_worker(replace(settings, data_dir=root / "machine-2"), root / "logs-2", index=1)
+    service = start_service(seed_onnx_exports(settings), root / "logs-1", http_workers=2)
+    second = start_worker(seed_onnx_exports(replace(settings, data_dir=root / "machine-2")), root / "logs-2", index=1)
     ensure_subscription(settings, f"{settings.public_url}/fhir-notify")
+    # the cluster is up when both workers beat (start_worker returns at once; a worker's start takes seconds)
+    with httpx.Client(base_url=settings.public_url, timeout=30) as api:
+        wait_until(lambda: api.get("/readyz").json().get("workers") == 2, 60, "both workers' heartbeats")
     yield {"settings": settings, "service": service, "workers": [service.worker, second], "proxy": pacs_proxy,
            "fhir_server": fhir_server, "root": root}
     second.stop()

@@ -27,7 +27,7 @@ from cds_service.core.model_cards import PoolingMethod, SeriesPooling
 from cds_service.core.preprocessing import (PreprocessingSpec, ct_values_to_model_input, dicom_to_image, modality_values,
                                             read_dicom)
 from cds_service.core.slabs import SlabSum, plan_slabs, slab_image, slab_inputs
-from support import make_test_weights
+from support import make_test_weights, seed_onnx_exports
 from test_decode_memory import head_ct_series
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,8 +230,8 @@ def run_on_orthanc(orthanc, fhir_server, tmp_path: Path, weights: Path, datasets
     study = pydicom.uid.generate_uid()
     for ds in datasets:
         ds.StudyInstanceUID = study
-    settings = Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url, dicomweb_url=orthanc.dicomweb_url,
-                        http_timeout_s=60, weights_dir=weights, **overrides)
+    settings = seed_onnx_exports(Settings(data_dir=tmp_path / "data", fhir_base_url=fhir_server.url,
+                                          dicomweb_url=orthanc.dicomweb_url, http_timeout_s=60, weights_dir=weights, **overrides))
     fhir = FhirClient(settings.fhir_base_url)
     deps = build_deps(settings)
     try:

@@ -20,6 +20,8 @@ from cds_service.core.model_cards import ModelCard, card_path
 from cds_service.core.models import load_model, onnx_deviation
 from cds_service.core.onnx_graphs import ONNX_MAX_DEVIATION, shipped_graph
 
+pytestmark = pytest.mark.slow  # the shipped models in child processes without torch
+
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights"
 RSNA_DICOM = ROOT.parent / "shared" / "data" / "head_ct_dicom_unlabelled"

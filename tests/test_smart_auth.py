@@ -34,6 +34,8 @@ from cds_service.adapters.smart_auth import (
          )
 from conftest import require
 
+pytestmark = pytest.mark.integration  # a sekmet FHIR server with SMART on, of this module's own
+
 CLIENT_ID = "cds-triage-test"
 
 

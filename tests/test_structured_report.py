@@ -20,7 +20,8 @@ from cds_service.adapters.pacs import Pacs, PacsConfig
 from cds_service.adapters.secondary_capture import StoredCapture, StoredInstance, build_heatmap_capture, heatmap_to_pacs
 from cds_service.adapters.structured_report import (ReportEvidence, build_triage_report, report_to_pacs, report_uids,
                                                      with_report_reference)
-from cds_service.core.cards import ai_report_from_job, ai_reports_from_fhir, report_card
+from fhir_mappings.ai_reports import ai_report_from_job, ai_reports_from_fhir
+from cds_service.web.cds_hooks.cards import report_card
 from cds_service.core.domain import (DISCLAIMER, Finding, Heatmap, ModelRef, OrderContext, PacsResult, Task, TaskMode,
                                      TriageResult, TriageStatus)
 from cds_service.core.settings import DEFAULT_PRIORITY_RULES, Settings, SettingsError

@@ -38,6 +38,8 @@ from cds_training.training import (
     train,
 )
 
+pytestmark = pytest.mark.slow  # training runs (tiny, still seconds each)
+
 SIZE = 32  # the smallest size EfficientNet-B0 still reduces sensibly; keeps each step ~0.1 s
 
 

@@ -146,6 +146,7 @@ def test_a_bare_file_name_is_looked_up_among_the_inputs_and_beside_the_labels(tm
 # --- series: a DICOM series or a folder of images is one study, pooled as the service pools -------------------
 
 
+@pytest.mark.slow
 def test_a_dicom_series_and_a_folder_of_images_are_one_study_each_pooled_like_the_service(tmp_path, capsys):
     weights = make_test_weights(tmp_path / "weights", Task.HEAD_CT_ICH, input_size=64)
     settings = Settings(weights_dir=weights, inference_runtime="torch", data_dir=tmp_path / "var")
@@ -219,6 +220,7 @@ def mann_whitney_auc(positives: list[float], negatives: list[float]) -> float:
     return wins / (len(positives) * len(negatives))
 
 
+@pytest.mark.slow  # `cds-triage validate` on 40 real slices
 def test_validate_reproduces_the_auc_computed_from_triage_json(validated, rsna_set):
     truth = {Path(line.split(",")[0]).name: line.split(",")[1] == "1"
              for line in (rsna_set / "labels.csv").read_text().splitlines()[1:]}
@@ -241,6 +243,7 @@ def test_validate_reproduces_the_auc_computed_from_triage_json(validated, rsna_s
     assert set(doc["subtypes"]) == set(SUBTYPES)  # the RSNA subtype columns are measured too
 
 
+@pytest.mark.slow
 def test_the_report_has_the_plots_and_says_the_set_is_small(validated):
     doc, page = validated["doc"], validated["report"].read_text()
     assert any("only 19 positives" in w for w in doc["metrics"]["warnings"])
@@ -251,6 +254,7 @@ def test_the_report_has_the_plots_and_says_the_set_is_small(validated):
     assert "<script" not in page  # self-contained, static
 
 
+@pytest.mark.slow
 def test_the_site_threshold_file_is_loaded_shown_on_healthz_and_decides(validated, tmp_path):
     site_file = validated["site"]
     written = json.loads(site_file.read_text())

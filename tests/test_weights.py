@@ -29,6 +29,8 @@ from cds_service.core.models import load_model
 from cds_service.core.preprocessing import Framing, dicom_to_image, grey_to_image, load_grey, read_dicom, to_batch
 from cds_training.training import as_predictions, predict_samples, stored_predictions
 
+pytestmark = pytest.mark.slow  # the shipped models, on the shared data set
+
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
 SHIPPED = [Task.BRAIN_MRI, Task.HEAD_CT_ICH, Task.CHEST_PNEUMOTHORAX]

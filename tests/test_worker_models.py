@@ -22,6 +22,8 @@ from cds_service.core.domain import Task
 from cds_service.core.models import ModelRegistry, load_model
 from support import make_test_weights
 
+pytestmark = pytest.mark.slow  # ONNX exports in child processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 WORKER_CHILD = textwrap.dedent('''

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from cds_service.core.cards import card_result
+from fhir_mappings.ai_reports import card_result
 
 log = logging.getLogger("cds_service.audit")  # the audit stream's name, kept when the module moved
 
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS issued_card (
     issued_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS card_result (
-    uuid TEXT PRIMARY KEY,         -- a card that showed an AI result (its extension, cards.card_result)
+    uuid TEXT PRIMARY KEY,         -- a card that showed an AI result (its extension, ai_reports.card_result)
     study TEXT NOT NULL,           -- hashed ImagingStudy id
     findings TEXT NOT NULL DEFAULT '[]',  -- the labels the card called positive
     mode TEXT NOT NULL DEFAULT 'active'   -- active | shadow

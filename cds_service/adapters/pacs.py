@@ -203,6 +203,10 @@ class Pacs:
         self.config = config
         self.session = session
         self.client = DICOMwebClient(url=config.url.rstrip("/"), session=session, timeout=config.timeout_s)
+        # One retry rule: a transient fault ends this attempt and the job is retried with backoff
+        # (errors.is_retryable_status, jobs/queue.py). dicomweb-client's own loop would try every request
+        # five times over 30 s first, for any exception: a PACS that is down held each attempt 30 s.
+        self.client.set_http_retry_params(retry=False)
 
     @property
     def _where(self) -> dict[str, Any]:

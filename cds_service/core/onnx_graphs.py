@@ -65,9 +65,15 @@ def shipped_graph(weights_dir: Path, task: Task, card: ModelCard) -> Path | None
 def write_shipped_graph(weights_dir: Path, task: Task) -> dict[str, Any]:
     """`cds-triage export`: export the task's graph from its safetensors (in a child process that
     checks it against torch) to weights/<task>.onnx, and record it in the card's `onnx` block."""
+    export_in_child(weights_dir, task, shipped_graph_path(weights_dir, task))
+    return vouch_for_graph(weights_dir, task)
+
+
+def vouch_for_graph(weights_dir: Path, task: Task) -> dict[str, Any]:
+    """Record the graph at weights/<task>.onnx, exported from these weights by `export_in_child`, in the
+    card's `onnx` block (its sha256, the weights' and the export format), so `shipped_graph` uses it."""
     cpath = card_path(weights_dir, task)
     target = shipped_graph_path(weights_dir, task)
-    export_in_child(weights_dir, task, target)
     card = json.loads(cpath.read_text())
     card["onnx"] = {"file": target.name, "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
                     "export_format": ONNX_EXPORT_FORMAT, "weights_sha256": card.get("weights_sha256"),

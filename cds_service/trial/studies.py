@@ -20,7 +20,7 @@ from fhir_mappings import codes
 from fhir_mappings.conventions import DEFAULT_CONVENTIONS, Conventions
 from fhir_mappings.builders import is_shadow, parse_fhir_datetime, reference_id
 
-from cds_service.core.cards import WITHDRAWN_STATUSES, ai_report_from_fhir, is_ai_report
+from fhir_mappings.ai_reports import WITHDRAWN_STATUSES, ai_report_from_fhir, is_ai_report
 from cds_service.core.domain import NEGATIVE_LABELS, TASK_LABELS, Task, TaskMode
 from cds_service.core.site_thresholds import has_presence_rule, main_label
 from cds_service.trial.truth import TaskCodes, Truth, report_codings, truth_from_codes, truth_from_feedback

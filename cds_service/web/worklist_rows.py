@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from cds_service.core.cards import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report, is_imaging_order
+from fhir_mappings.ai_reports import WITHDRAWN_STATUSES, AiReport, ai_report_from_fhir, is_ai_report
+from cds_service.web.cds_hooks.cards import is_imaging_order
 from cds_service.core.domain import NEGATIVE_LABELS
 from cds_service.core.errors import InvalidResourceError
 from cds_service.jobs.state import Job, JobState
@@ -219,7 +220,7 @@ def belongs_on_worklist(order: Mapping[str, Any], has_study: bool) -> bool:
 
 def ai_reports_by_order(by_type: Mapping[str, Mapping[str, Mapping[str, Any]]],
                         conventions: Conventions = DEFAULT_CONVENTIONS) -> dict[str, AiReport]:
-    """Order id -> the newest standing AI report based on it (cards.ai_report_from_fhir reads it)."""
+    """Order id -> the newest standing AI report based on it (ai_reports.ai_report_from_fhir reads it)."""
     observations = {f"Observation/{i}": o for i, o in by_type.get("Observation", {}).items()}
     oldest = datetime.min.replace(tzinfo=timezone.utc)
     reports = [(report, ai_report_from_fhir(report, observations, conventions))

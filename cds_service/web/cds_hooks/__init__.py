@@ -12,7 +12,8 @@ credentials: the clinician's access rules must apply); with neither we answer 41
 Every call is checked (JWT, rate limit, JSON depth) in `guard_hook_call` before a handler runs,
 and recorded in the audit log (adapters/audit.py) with the cards we returned.
 
-In three modules: `calls` parses a request and a feedback (pure), `services` holds the four
+In four modules: `cards` builds the cards from AI results and says what an imaging order is (pure;
+the worklist uses it too), `calls` parses a request and a feedback (pure), `services` holds the four
 services (their data, handlers and registry), `routes` is the HTTP shell (the guard, the routes,
 `register_cds_hooks`).
 """

@@ -13,8 +13,8 @@ from fhir_mappings.builders import reference_id, with_priority
 from fhir_mappings.conventions import Conventions
 
 from cds_service.adapters.fhir_client import FhirClient
-from cds_service.core.cards import (DISCLAIMER, ai_report_from_job, ai_reports_from_fhir, is_imaging_order, no_result_card,
-                                    pending_card, priority_action, report_card, severity, unread_critical_card)
+from fhir_mappings.ai_reports import ai_report_from_job, ai_reports_from_fhir
+from cds_service.web.cds_hooks.cards import DISCLAIMER, is_imaging_order, no_result_card, pending_card, priority_action, report_card, severity, unread_critical_card
 from cds_service.core.domain import Priority, TaskMode
 from cds_service.core.errors import TriageError, UpstreamRejectedError
 from cds_service.core.priority import parse_priority, raised_priority
