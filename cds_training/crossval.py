@@ -11,7 +11,7 @@ unseen patient gets. The folds' weights are thrown away (var/cv/); the shipped m
 
 Every `cds-triage train` option is accepted (`--out` is the folder of the fold runs); the summary
 (JSON) is printed and written to <out>/crossval.json. A fold whose run is already in `--out` is not
-trained again, so `--run-folds 3,4` in a second process shares the work on a machine with cores to
+trained again (one stopped part-way resumes from its `last.pt`), so `--run-folds 3,4` in a second process shares the work on a machine with cores to
 spare, and the last process to finish writes the summary of every fold.
 """
 
@@ -48,8 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = root / f"fold{fold}"
         if (out / f"{base.task.value}.split.json").is_file():
             continue  # trained already (by this process earlier, or another one)
+        checkpoint = out / "last.pt"  # a fold stopped part-way goes on from its last epoch
         config = replace(base, out_dir=out, cv_folds=args.folds, cv_fold=fold, test_fraction=0.0, plots=False,
-                         checkpoint=out / "last.pt", command=command)
+                         checkpoint=checkpoint, resume=checkpoint if checkpoint.is_file() else None, command=command)
         train(config)
     done = [fold for fold in range(args.folds) if (root / f"fold{fold}" / f"{base.task.value}.split.json").is_file()]
     if len(done) < args.folds:

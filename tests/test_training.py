@@ -472,3 +472,33 @@ def test_grouped_folds_test_every_group_once_and_keep_groups_whole() -> None:
     assert sorted(tested) == sorted(s.rel for s in samples)  # each image tested exactly once
     with pytest.raises(ValueError, match="at least 3 folds"):
         split_folds(samples, 42, 2, 0)
+
+
+def test_crossval_tests_every_image_once_and_summarises_when_the_last_fold_is_done(tmp_path: Path) -> None:
+    from cds_training import crossval
+
+    data = make_folders(tmp_path / "data", CHEST, per_class=6)
+    out = tmp_path / "cv"
+    args = ["--task", "chest_pneumothorax", "--data", str(data), "--out", str(out), "--folds", "3", "--epochs", "1",
+            "--image-size", str(SIZE), "--batch-size", "4", "--max-steps-per-epoch", "1", "--bootstrap", "20", "--no-progress"]
+    assert crossval.main(args + ["--run-folds", "0,2"]) == 0
+    assert not (out / "crossval.json").exists()  # fold 1 is not done: no summary yet
+    assert crossval.main(args) == 0  # trains fold 1 only (0 and 2 are there) and summarises
+    summary = json.loads((out / "crossval.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
+    assert sum(f["test_images"] for f in summary["folds"]) == summary["pooled_out_of_fold_auc"]["images"] == 12
+    tested = [row["file"] for fold in range(3)
+              for row in json.loads((out / f"fold{fold}" / "chest_pneumothorax.split.json").read_text())["test"]]
+    assert len(tested) == len(set(tested)) == 12  # each image tested by exactly one fold
+
+
+def test_crossval_resumes_a_fold_stopped_part_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cds_training import crossval
+
+    out = tmp_path / "cv"
+    (out / "fold0").mkdir(parents=True)
+    (out / "fold0" / "last.pt").write_bytes(b"a checkpoint")  # fold 0 was stopped after some epoch
+    started: list[TrainConfig] = []
+    monkeypatch.setattr(crossval, "train", started.append)
+    crossval.main(["--task", "chest_pneumothorax", "--data", str(tmp_path), "--out", str(out), "--folds", "2"])
+    assert [(c.cv_fold, c.resume) for c in started] == [(0, out / "fold0" / "last.pt"), (1, None)]
