@@ -419,3 +419,19 @@ def write_weights_readme(weights_dir: Path) -> Path:
     path = Path(weights_dir) / "README.md"
     path.write_text(weights_readme(cards))
     return path
+
+
+#: The start of the card's limit that says what the cross-validation found (replaced when recorded again).
+CV_SENTENCE_START = "On patients it never saw"
+
+
+def cv_sentence(block: dict[str, Any]) -> str:
+    """The cross-validation in a clinician's words, for the card's limits."""
+    auc, sens, spec = block["fold_auc"], block["at_fold_thresholds"]["sensitivity"], block["at_fold_thresholds"]["specificity"]
+    pooled = block["pooled_out_of_fold_auc"]
+    return (f"{CV_SENTENCE_START} (our data split {len(block['folds'])} ways by patient, the same training repeated "
+            f"on each part), how well it ranked images (AUC) ranged from {auc['min']:.2f} to {auc['max']:.2f}, "
+            f"{pooled['value']:.2f} over all {pooled['images']} images, against {block['card_test_auc']:.2f} on this "
+            f"model's own test images; at the threshold it flagged {sens['count'][0]} of {sens['count'][1]} images with "
+            f"a {block['label']} and {spec['count'][1] - spec['count'][0]} of {spec['count'][1]} without. "
+            "Expect figures like these, or lower, at another hospital.")

@@ -18,6 +18,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from safetensors import safe_open
 
+from cds_training.cards import cv_sentence
 from cds_training.datasets import discover_samples, split_samples
 from cds_devtools.dicom_data import make_dataset
 from cds_service.core.domain import TASK_LABELS, Task
@@ -345,9 +346,17 @@ def test_recard_keeps_what_the_run_used(tmp_path: Path, ema_decay: float) -> Non
     data = make_folders(tmp_path / "data", CHEST)
     out = tmp_path / "out"
     train(tiny_config(Task.CHEST_PNEUMOTHORAX, data, out, ema_decay=ema_decay))
+    measured = {"method": "grouped", "command": "python -m cds_training.crossval", "label": "pneumothorax",
+                "folds": [{"fold": 0, "auc": 0.7}, {"fold": 1, "auc": 0.8}], "fold_auc": {"min": 0.7, "max": 0.8},
+                "pooled_out_of_fold_auc": {"value": 0.75, "images": 20}, "card_test_auc": 0.9,
+                "at_fold_thresholds": {"sensitivity": {"count": [4, 5]}, "specificity": {"count": [9, 15]}}}
+    cpath = out / "chest_pneumothorax.json"
+    cpath.write_text(json.dumps(json.loads(cpath.read_text()) | {"cross_validation": measured}))
     card = recard(out, Task.CHEST_PNEUMOTHORAX, data)
     assert ("weight_average" in card["training"]) == (ema_decay > 0)
     assert "stochastic_depth" not in card["training"]
+    assert card["cross_validation"] == measured  # measured apart from the run: kept, and still said in the limits
+    assert [line for line in card["limitations"] if line.startswith("On patients it never saw")] == [cv_sentence(measured)]
 
 
 def test_chest_augmentation_never_flips_left_right() -> None:
@@ -490,6 +499,22 @@ def test_crossval_tests_every_image_once_and_summarises_when_the_last_fold_is_do
     tested = [row["file"] for fold in range(3)
               for row in json.loads((out / f"fold{fold}" / "chest_pneumothorax.split.json").read_text())["test"]]
     assert len(tested) == len(set(tested)) == 12  # each image tested by exactly one fold
+
+    shipped = tmp_path / "weights"  # a card to record it in: one fold's card stands in for the shipped model's
+    shipped.mkdir()
+    (shipped / "chest_pneumothorax.json").write_text((out / "fold0" / "chest_pneumothorax.json").read_text())
+    for _ in range(2):  # recorded again once every fold is done: replaced, not added twice
+        assert crossval.main(args + ["--card", str(shipped)]) == 0
+    card = json.loads((shipped / "chest_pneumothorax.json").read_text())
+    block = card["cross_validation"]
+    sens = block["at_fold_thresholds"]["sensitivity"]["count"]
+    assert sens[1] == summary["pooled_out_of_fold_auc"]["positives"] == 6
+    assert sens[0] == sum(json.loads((out / f"fold{f}" / "chest_pneumothorax.json").read_text())["test_metrics"]["metrics"]
+                          ["pneumothorax.sensitivity_at_threshold"]["count"][0] for f in range(3))
+    said = [line for line in card["limitations"] if line.startswith("On patients it never saw")]
+    assert len(said) == 1 and f"{sens[0]} of 6 images with a pneumothorax" in said[0]
+    from cds_service.core.evaluation import weights_readme
+    assert "**Grouped cross-validation** (3 folds" in weights_readme([card])
 
 
 def test_crossval_resumes_a_fold_stopped_part_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ from .metrics import (
     wilson_interval,
 )
 from .plots import write_plots
-from .reports import external_check_line, format_estimate, format_metric, input_check_line, summarise, weights_readme
+from .reports import cross_validation_line, external_check_line, format_estimate, format_metric, input_check_line, summarise, weights_readme
 from .rules import (
     SeriesSimulation,
     presence_metrics,
@@ -54,7 +54,7 @@ from .site_validation import (
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES", "SENSITIVITY_TARGETS", "SMALL_SAMPLE", "TARGET_SENSITIVITY", "Predictions", "SeriesSimulation",
-    "auc_with_ci", "binary_auc", "binary_validation", "bootstrap_ci", "calibration_summary", "choose_thresholds", "confusion",
+    "auc_with_ci", "binary_auc", "binary_validation", "bootstrap_ci", "calibration_summary", "choose_thresholds", "confusion", "cross_validation_line",
     "decisions", "external_check_line", "format_estimate", "input_check_line", "format_metric", "metrics_with_ci", "operating_point", "point_metrics", "presence_metrics",
     "presence_scores", "proportion", "proportion_counts", "reliability_bins", "rounded", "sensitivity_operating_points",
     "sensitivity_specificity", "series_operating_point", "series_rates", "small_number_warnings", "summarise",

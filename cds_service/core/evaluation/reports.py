@@ -129,6 +129,8 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
             lines.append(input_check_line(card["input_check"]))
         if card.get("external_check"):
             lines.append(external_check_line(card["external_check"]))
+        if card.get("cross_validation"):
+            lines.append(cross_validation_line(card["cross_validation"]))
         lines += [
             f"- **Start**: {training.get('init_from', '')}"
             + (f"; {init.get('source')}, file sha256 `{init.get('file_sha256')}`, "
@@ -179,3 +181,17 @@ def input_check_line(check: dict[str, Any]) -> str:
             f"({check['threshold_policy']}), scored and marked unfamiliar above, refused beyond {check['refuse_beyond']} "
             f"({check['refuse_beyond_policy']}); the wrong modality or body part in the DICOM header, and a CT that is not "
             f"head-shaped, are refused too. Right anatomy: {same}. Images of the other tasks (pixels alone): {other}.")
+
+
+def cross_validation_line(block: dict[str, Any]) -> str:
+    """The model card's line on its grouped cross-validation (weights/README.md): what unseen patients get."""
+    auc, pooled = block["fold_auc"], block["pooled_out_of_fold_auc"]
+    sens, spec = block["at_fold_thresholds"]["sensitivity"], block["at_fold_thresholds"]["specificity"]
+    per_fold = ", ".join(f"{f['auc']:.3f}" for f in block["folds"])
+    return (f"- **Grouped cross-validation** ({len(block['folds'])} folds; {block['method']}): AUC ({block['label']}) per fold "
+            f"{per_fold} (mean {auc['mean']:.3f}, sd {auc['sd']:.3f}); all out-of-fold images pooled {pooled['value']:.3f} "
+            f"({pooled['ci95'][0]:.3f}-{pooled['ci95'][1]:.3f}; {pooled['images']} images, {pooled['positives']} positive), "
+            f"against {block['card_test_auc']:.3f} on the card's test split; at each fold's own threshold "
+            f"{sens['count'][0]}/{sens['count'][1]} positives raised (sensitivity {sens['value']:.3f}, "
+            f"{sens['ci95'][0]:.3f}-{sens['ci95'][1]:.3f}) and {spec['count'][1] - spec['count'][0]}/{spec['count'][1]} "
+            f"negatives raised (specificity {spec['value']:.3f}). Command: `{block['command']}`.")
