@@ -197,6 +197,9 @@ def check_access_settings(settings: "Settings") -> None:
     if settings.oidc_session_lifetime_s < 1:
         raise SettingsError(f"CDS_OIDC_SESSION_LIFETIME_S={settings.oidc_session_lifetime_s} is not a number of seconds "
                             "(1 or more)")
+    if settings.oidc_idle_timeout_s < 0:
+        raise SettingsError(f"CDS_OIDC_IDLE_TIMEOUT_S={settings.oidc_idle_timeout_s} is not a number of seconds "
+                            "(0 for no idle timeout, or more)")
     if settings.access_log_retention_days < 1:
         raise SettingsError(f"CDS_ACCESS_LOG_RETENTION_DAYS={settings.access_log_retention_days} is not a number of days "
                             "(1 or more)")
@@ -334,6 +337,8 @@ class Settings:
     oidc_user_claim: str = field(default="preferred_username", metadata={"env": "OIDC_USER_CLAIM"})
     oidc_session_secret: str = field(default="", metadata={"env": "OIDC_SESSION_SECRET", "secret": True})
     oidc_session_lifetime_s: int = field(default=8 * 3600, metadata={"env": "OIDC_SESSION_LIFETIME_S"})
+    # a session also ends after this long without a page opened (the worklist's own refresh does not count); 0: never
+    oidc_idle_timeout_s: int = field(default=30 * 60, metadata={"env": "OIDC_IDLE_TIMEOUT_S"})
     # the access log of patient data views: rows older than this are pruned
     access_log_retention_days: int = field(default=6 * 365, metadata={"env": "ACCESS_LOG_RETENTION_DAYS"})
 

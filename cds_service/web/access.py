@@ -32,6 +32,9 @@ from cds_service.core.settings import Settings, is_loopback_url
 log = logging.getLogger(__name__)
 
 # Headers a reverse proxy may add; any of them (even empty) means the caller is not this machine.
+#: Requests a page makes by itself (the worklist's refresh): not a person's activity, so they do not keep a
+#: signed-in session from its idle timeout (CDS_OIDC_IDLE_TIMEOUT_S).
+AUTOMATIC_ENDPOINTS = frozenset({"worklist.worklist_rows"})
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host", "X-Forwarded-Proto")
 
 
@@ -146,7 +149,7 @@ def identify(settings: Settings) -> Viewer:
             return Viewer("bearer-token client", mode)
         raise AccessRefused(401, "missing or wrong bearer token")
     sign_in: Any = current_app.extensions["cds_sign_in"]  # mode is OIDC: sign_in.SignIn
-    user = sign_in.current_user()
+    user = sign_in.current_user(active=request.endpoint not in AUTOMATIC_ENDPOINTS)
     if user is None:
         raise AccessRefused(401, "not signed in: sign in at /auth/login", sign_in=True)
     return Viewer(user, mode, can_sign_out=True)

@@ -8,7 +8,9 @@ at the site's identity provider, done by Authlib.
   and the ID token must be signed by a key of the provider's JWKS, issued by CDS_OIDC_ISSUER for our
   client, with our nonce, not expired (30 s of clock skew) — else 401. A user without
   CDS_OIDC_REQUIRED_GROUP in the CDS_OIDC_GROUPS_CLAIM claim is refused (403). Then a new session:
-  a random id in the cookie, the record on our side for CDS_OIDC_SESSION_LIFETIME_S;
+  a random id in the cookie, the record on our side for CDS_OIDC_SESSION_LIFETIME_S, ended sooner after
+  CDS_OIDC_IDLE_TIMEOUT_S without a page opened (the worklist's automatic refresh is not activity: an open
+  worklist on an unattended screen still signs out);
 - `POST /auth/logout`: the session record is deleted (a copied cookie stops working), then the provider's
   end-session endpoint (RP-initiated logout) when it has one, back to `/auth/signed-out`.
 
@@ -44,6 +46,8 @@ sign_in = Blueprint("sign_in", __name__)
 
 CLOCK_SKEW_S = 30
 SESSION_KEY = "sid"
+#: How stale a session's last-activity time may get before a request writes it again.
+IDLE_WRITE_EVERY_S = 60.0
 NEXT_KEY = "cds_next"
 
 
@@ -89,17 +93,28 @@ class SignIn:
 
     # --- sessions ---------------------------------------------------------------------------
 
-    def current_user(self) -> str | None:
-        """The signed-in user of this request's session cookie; None when there is none, or it ended."""
-        record = self._record()
+    def current_user(self, active: bool = True) -> str | None:
+        """The signed-in user of this request's session cookie; None when there is none, or it ended
+        (its lifetime, or CDS_OIDC_IDLE_TIMEOUT_S since the last request that was `active`: a person's)."""
+        record = self._record(active)
         return str(record["user"]) if record else None
 
-    def _record(self) -> dict[str, Any] | None:
+    def _record(self, active: bool = False) -> dict[str, Any] | None:
         sid = session.get(SESSION_KEY)
-        raw = self.store.get(f"session:{sid}") if isinstance(sid, str) else None
+        key = f"session:{sid}"
+        raw = self.store.get(key) if isinstance(sid, str) else None
         record = json.loads(raw) if raw else None
-        if not record or float(record.get("expires_at", 0)) <= time.time():
+        now = time.time()
+        if not record or float(record.get("expires_at", 0)) <= now:
             return None
+        idle = self.settings.oidc_idle_timeout_s
+        last = float(record.get("active_at", record.get("signed_in_at", 0)))
+        if idle and now - last > idle:
+            self.store.delete(key)  # idle too long: gone here too, so the cookie cannot come back to it
+            return None
+        if active and idle and now - last >= min(IDLE_WRITE_EVERY_S, idle / 4):  # not one write per request
+            record["active_at"] = now
+            self.store.set(key, json.dumps(record), float(record["expires_at"]) - now)
         return record
 
     def start_session(self, user: str, claims: Mapping[str, Any], id_token: str) -> None:
@@ -107,7 +122,7 @@ class SignIn:
         now = time.time()
         sid = secrets.token_urlsafe(32)
         lifetime = self.settings.oidc_session_lifetime_s
-        record = {"user": user, "sub": claims.get("sub"), "signed_in_at": now, "expires_at": now + lifetime,
+        record = {"user": user, "sub": claims.get("sub"), "signed_in_at": now, "active_at": now, "expires_at": now + lifetime,
                   "id_token": id_token}
         self.store.set(f"session:{sid}", json.dumps(record), lifetime)
         session.clear()

@@ -44,7 +44,7 @@ from cds_service.core.model_cards import ModelCard, available_cards
 from cds_service.core.preprocessing import dicom_to_image, display_image
 from cds_service.drift import drift_report
 from cds_service.pipeline import dicomweb_url_for
-from cds_service.web.access import AccessRefused, Viewer, identify
+from cds_service.web.access import AUTOMATIC_ENDPOINTS, AccessRefused, Viewer, identify
 from cds_service.web.web_context import access_log, ctx, operation_outcome
 from cds_service.web.worklist_rows import WorklistRow, build_worklist, is_ours
 from fhir_mappings.conventions import Conventions
@@ -163,7 +163,7 @@ def check_access() -> Any:
     try:
         g.viewer = identify(ctx().settings)
     except AccessRefused as refused:
-        if refused.sign_in and request.method == "GET" and not wants_json() and request.endpoint != "worklist.worklist_rows":
+        if refused.sign_in and request.method == "GET" and not wants_json() and request.endpoint not in AUTOMATIC_ENDPOINTS:
             return redirect(url_for("sign_in.login", next=request.full_path.rstrip("?")))
         response, status = operation_outcome(refused.status, refused.message, "login" if refused.status == 401 else "forbidden")
         if ctx().settings.worklist_auth is WorklistAuth.BEARER:
