@@ -23,6 +23,7 @@ import pytest
 
 import cds_service
 import hapi_support
+import strict_hapi_support
 import support
 from cds_devtools import devservers
 
@@ -92,6 +93,18 @@ def needs_hapi(item: pytest.Item) -> bool:
     return "hapi_server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("hapi") is not None
 
 
+def needs_strict_hapi(item: pytest.Item) -> bool:
+    """The test uses the validating HAPI: the `strict_hapi_server` fixture, or the `hapi_strict` mark."""
+    return "strict_hapi_server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("hapi_strict") is not None
+
+
+def start_strict_hapi(workdir: Path) -> hapi_support.HapiProcess:
+    """HAPI FHIR as a hospital's validating server: request validation on, HL7 Terminology and our own
+    package (`cds-triage fhir-package`, default settings) loaded (tests/strict_hapi_support.py)."""
+    packages = [strict_hapi_support.terminology_package(), strict_hapi_support.our_package(workdir)]
+    return strict_hapi_support.start_strict_hapi(workdir, packages, timeout=600)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_starts(request: pytest.FixtureRequest,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
@@ -100,20 +113,23 @@ def background_starts(request: pytest.FixtureRequest,
     the tests before them instead of on the critical path. Not in a pytest-xdist worker (each would start
     its own): there the fixtures below start them when first asked."""
     started: dict[str, Future] = {}
-    pool = ThreadPoolExecutor(2, thread_name_prefix="background-start")
+    pool = ThreadPoolExecutor(3, thread_name_prefix="background-start")
     items = request.session.items
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         if any(needs_hapi(item) for item in items) and not hapi_support.missing_tools():
             started["hapi"] = pool.submit(hapi_support.start_hapi, tmp_path_factory.mktemp("hapi"))
+        if any(needs_strict_hapi(item) for item in items) and not strict_hapi_support.missing_tools():
+            started["hapi-strict"] = pool.submit(start_strict_hapi, tmp_path_factory.mktemp("hapi-strict"))
         if any(item.nodeid == MYPY_TEST for item in items):
             from test_checkers import run_mypy
 
             started["mypy"] = pool.submit(run_mypy)
     yield started
     pool.shutdown(wait=True)
-    hapi = started.get("hapi")
-    if hapi is not None and hapi.exception() is None:
-        hapi.result().stop(timeout=20)  # when no test asked for it (a -x run that ended first)
+    for name in ("hapi", "hapi-strict"):
+        hapi = started.get(name)
+        if hapi is not None and hapi.exception() is None:
+            hapi.result().stop(timeout=20)  # when no test asked for it (a -x run that ended first)
 
 
 @pytest.fixture(scope="session")
@@ -136,16 +152,14 @@ def hapi_server(background_starts: dict[str, Future],
 
 
 @pytest.fixture(scope="session")
-def strict_hapi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hapi_support.HapiProcess]:
-    """HAPI FHIR as a hospital's validating server: request validation on, HL7 Terminology and our own
-    package (`cds-triage fhir-package`, default settings) loaded (tests/strict_hapi_support.py); shared."""
-    import strict_hapi_support
-
+def strict_hapi_server(background_starts: dict[str, Future],
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[hapi_support.HapiProcess]:
+    """HAPI FHIR as a hospital's validating server (`start_strict_hapi`), shared by the whole session;
+    started in the background at the session's first test when a selected test needs it."""
     require(not strict_hapi_support.missing_tools(), strict_hapi_support.missing_tools() or "")
-    workdir = tmp_path_factory.mktemp("hapi-strict")
+    started = background_starts.get("hapi-strict")
     try:
-        packages = [strict_hapi_support.terminology_package(), strict_hapi_support.our_package(workdir)]
-        proc = strict_hapi_support.start_strict_hapi(workdir, packages, timeout=600)
+        proc = started.result() if started else start_strict_hapi(tmp_path_factory.mktemp("hapi-strict"))
     except (hapi_support.HapiBuildError, devservers.ServerStartError) as exc:
         pytest.fail(f"strict HAPI FHIR test server: {exc}", pytrace=False)
     try:
@@ -224,7 +238,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     of a module that share a module-scoped fixture (a service, a browser, models loaded once) go to one
     worker, so that fixture starts once; every other test goes wherever a worker is free."""
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or needs_hapi(item):
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or needs_hapi(item) or needs_strict_hapi(item):
             item.add_marker(pytest.mark.integration)
         definitions = getattr(item, "_fixtureinfo", None)
         if definitions is not None and any(defs and defs[-1].scope in SHARED_SCOPES

@@ -69,7 +69,7 @@ class ExternalPacs:
 #: (hapi-fhir-test/, built by Maven and started by the `hapi_server` fixture) and the same HAPI validating
 #: every write (`strict_hapi_server`), or only against the one CDS_FHIR_BASE_URL names.
 FHIR_SERVERS = (["external"] if os.environ.get("CDS_FHIR_BASE_URL")
-                else ["sekmet", pytest.param("hapi", marks=pytest.mark.hapi), "hapi-strict"])
+                else ["sekmet", pytest.param("hapi", marks=pytest.mark.hapi), pytest.param("hapi-strict", marks=pytest.mark.hapi_strict)])
 
 
 @dataclass(frozen=True)
