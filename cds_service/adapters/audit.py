@@ -16,12 +16,13 @@ import json
 import logging
 import sqlite3
 import time
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from fhir_mappings.ai_reports import card_result
+from cds_service.adapters import sqlite_files
 
 log = logging.getLogger("cds_service.audit")  # the audit stream's name, kept when the module moved
 
@@ -80,16 +81,12 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self.connection() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        sqlite_files.create(path, _SCHEMA)
 
     @contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
         """A short connection to the audit file (the access log's table lives there too: access_log.py)."""
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
+        with sqlite_files.connection(self.path) as db:
             yield db
 
     def record_hook_call(self, service: str, client: str, hook_instance: str, subject: str,

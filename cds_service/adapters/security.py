@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -38,6 +36,7 @@ from limits import parse as parse_rate
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from cds_service.adapters import sqlite_files
 from cds_service.logs import hashed
 from cds_service.core.domain import HooksAuth
 from cds_service.core.settings import Settings, is_loopback_url
@@ -160,23 +159,21 @@ class KeyRing:
 # --- replay -----------------------------------------------------------------------------------
 
 
+#: A hook call waits at most this long for the replay cache (it must answer quickly).
+REPLAY_BUSY_TIMEOUT_S = 10.0
+
+
 class ReplayCache:
     """The `jti` of every accepted token until it expires, in SQLite: shared by all worker processes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS seen_jti (issuer TEXT NOT NULL, jti TEXT NOT NULL, "
-                       "expires_at REAL NOT NULL, PRIMARY KEY (issuer, jti))")
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        sqlite_files.create(path, "CREATE TABLE IF NOT EXISTS seen_jti (issuer TEXT NOT NULL, jti TEXT NOT NULL, "
+                                  "expires_at REAL NOT NULL, PRIMARY KEY (issuer, jti));", timeout=REPLAY_BUSY_TIMEOUT_S)
 
     def first_use(self, issuer: str, jti: str, expires_at: float, now: float) -> bool:
         """Record the token; False when the same issuer already used this jti (a replay)."""
-        with closing(self._connect()) as db:
+        with sqlite_files.connection(self.path, REPLAY_BUSY_TIMEOUT_S) as db:
             db.execute("DELETE FROM seen_jti WHERE expires_at < ?", (now - CLOCK_SKEW_S,))
             inserted = db.execute("INSERT OR IGNORE INTO seen_jti VALUES (?, ?, ?)", (issuer, jti, expires_at))
             return inserted.rowcount == 1

@@ -12,12 +12,11 @@ every `serve` process and machine sees the same sessions.
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from contextlib import closing
 from pathlib import Path
 from typing import Protocol
 
+from cds_service.adapters import sqlite_files
 from cds_service.core.settings import Settings
 
 
@@ -35,29 +34,23 @@ class SqliteSessionStore:
     def __init__(self, path: Path, *, default_expires_in: float = 3600.0) -> None:
         self.path = path
         self.default_expires_in = default_expires_in
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS session_record (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
-                       "expires_at REAL NOT NULL)")
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        sqlite_files.create(path, "CREATE TABLE IF NOT EXISTS session_record (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+                                  "expires_at REAL NOT NULL);")
 
     def get(self, key: str) -> str | None:
-        with closing(self._connect()) as db:
+        with sqlite_files.connection(self.path) as db:
             row = db.execute("SELECT value FROM session_record WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone()
         return row[0] if row else None
 
     def set(self, key: str, value: str, expires_in: float | None = None) -> None:
         now = time.time()
-        with closing(self._connect()) as db:
+        with sqlite_files.connection(self.path) as db:
             db.execute("DELETE FROM session_record WHERE expires_at <= ?", (now,))
             db.execute("INSERT OR REPLACE INTO session_record VALUES (?, ?, ?)",
                        (key, value, now + (expires_in or self.default_expires_in)))
 
     def delete(self, key: str) -> None:
-        with closing(self._connect()) as db:
+        with sqlite_files.connection(self.path) as db:
             db.execute("DELETE FROM session_record WHERE key = ?", (key,))
 
 

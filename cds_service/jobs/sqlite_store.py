@@ -6,11 +6,12 @@ import builtins
 import logging
 import sqlite3
 import time
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 
+from cds_service.adapters import sqlite_files
 from cds_service.core.errors import QueueUnavailableError
 
 from .state import ROW_COLUMNS, BaseJobStore, job_from_row, job_to_row, Job, JobState, UNFINISHED
@@ -60,10 +61,11 @@ class JobStore(BaseJobStore):
     def __init__(self, path: Path, **options: float) -> None:
         super().__init__(**options)
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            sqlite_files.create(path, _TABLES)
+        except sqlite3.OperationalError as exc:
+            raise QueueUnavailableError(f"job store {self.path} unavailable: {exc}") from exc
         with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_TABLES)
             present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
             for column, decl in _ADDED_LATER.items():  # a job file from an earlier version
                 if column not in present:
@@ -73,8 +75,7 @@ class JobStore(BaseJobStore):
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         try:
-            with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-                db.row_factory = sqlite3.Row
+            with sqlite_files.connection(self.path) as db:
                 yield db
         except sqlite3.OperationalError as exc:
             raise QueueUnavailableError(f"job store {self.path} unavailable: {exc}") from exc

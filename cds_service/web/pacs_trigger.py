@@ -34,7 +34,7 @@ import logging
 import re
 import sqlite3
 import time
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,6 +47,7 @@ from fhir_mappings import codes
 from fhir_mappings.conventions import Conventions
 from fhir_mappings.imaging_study import build_imaging_study, build_patient_from_dicom
 
+from cds_service.adapters import sqlite_files
 from cds_service.web.context import ServiceContext
 from cds_service.web.web_context import ctx, operation_outcome
 from cds_service.core.errors import PermanentError, TransientError, TriageError, UpstreamError, UpstreamRejectedError
@@ -237,13 +238,9 @@ class ArrivalLog:
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         if not self._ready:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            if not self._ready:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(_SCHEMA)
-                self._ready = True
+            sqlite_files.create(self.path, _SCHEMA)
+            self._ready = True
+        with sqlite_files.connection(self.path) as db:
             yield db
 
     def accept(self, study_uid: str) -> None:
