@@ -504,9 +504,13 @@ def ct_values_to_model_input(values: np.ndarray, windows: Sequence[tuple[float, 
     `dicom_to_model_input`: size x size with one window, size x size x 3 with several."""
     if len(set(windows)) == 1:
         return resize(framed(window(values, *windows[0], out=values), framing)[..., None], size)[..., 0]
-    box = body_box(window(values, *windows[0])) if framing is Framing.BODY else None
-    # one channel windowed, framed and resized at a time: never three full-size planes (an 8000 px slice)
-    return np.stack([resize(cropped(window(values, c, w), box)[..., None], size)[..., 0] for c, w in windows], axis=2)
+    # windowed, framed and resized a channel at a time: never three full-size planes (an 8000 px slice)
+    first = window(values, *windows[0])  # frames the slice, and is the first channel
+    box = body_box(first) if framing is Framing.BODY else None
+    channels = [resize(cropped(first, box)[..., None], size)[..., 0]]
+    del first
+    channels += [resize(cropped(window(values, c, w), box)[..., None], size)[..., 0] for c, w in windows[1:]]
+    return np.stack(channels, axis=2)
 
 
 def as_model_input(image: np.ndarray) -> np.ndarray:
