@@ -15,8 +15,9 @@ from typing import Any, Iterable, Mapping
 from cds_service.core.domain import InputFit, TaskMode
 
 from . import codes
-from .builders import is_shadow, is_unfamiliar, parse_fhir_datetime, reference_id
+from .common import is_shadow, is_unfamiliar
 from .conventions import DEFAULT_CONVENTIONS, Conventions
+from .reading import parse_fhir_datetime, reference_id
 
 #: DiagnosticReport statuses that no longer stand (shown to nobody).
 WITHDRAWN_STATUSES = {"entered-in-error", "cancelled"}

@@ -108,8 +108,8 @@ def start_strict_hapi(workdir: Path) -> hapi_support.HapiProcess:
 @pytest.fixture(scope="session", autouse=True)
 def background_starts(request: pytest.FixtureRequest,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
-    """HAPI (built by Maven first if needed), when a selected test needs it, and mypy, when its test is
-    selected, started in threads at the session's first test: their minute of CPU each then runs beside
+    """HAPI (built by Maven first if needed) and the validating HAPI, each when a selected test needs it, and
+    mypy, when its test is selected, started in threads at the session's first test: their minute of CPU each then runs beside
     the tests before them instead of on the critical path. Not in a pytest-xdist worker (each would start
     its own): there the fixtures below start them when first asked."""
     started: dict[str, Future] = {}

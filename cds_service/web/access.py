@@ -31,10 +31,10 @@ from cds_service.core.settings import Settings, is_loopback_url
 
 log = logging.getLogger(__name__)
 
-# Headers a reverse proxy may add; any of them (even empty) means the caller is not this machine.
 #: Requests a page makes by itself (the worklist's refresh): not a person's activity, so they do not keep a
-#: signed-in session from its idle timeout (CDS_OIDC_IDLE_TIMEOUT_S).
+#: signed-in session from its idle timeout (CDS_OIDC_IDLE_TIMEOUT_S), nor are they sent to sign in.
 AUTOMATIC_ENDPOINTS = frozenset({"worklist.worklist_rows"})
+# Headers a reverse proxy may add; any of them (even empty) means the caller is not this machine.
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host", "X-Forwarded-Proto")
 
 
