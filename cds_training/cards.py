@@ -435,3 +435,22 @@ def cv_sentence(block: dict[str, Any]) -> str:
             f"model's own test images; at the threshold it flagged {sens['count'][0]} of {sens['count'][1]} images with "
             f"a {block['label']} and {spec['count'][1] - spec['count'][0]} of {spec['count'][1]} without. "
             "Expect figures like these, or lower, at another hospital.")
+
+
+SHIFT_SENTENCE_START = "When its own test images were re-made as another scanner might make them"
+
+
+def shift_sentence(block: dict[str, Any]) -> str:
+    """The acquisition-shift check in a clinician's words, for the card's limits: the worst change for tumours."""
+    changes = block["changes"]
+    stored = changes["as stored"]["tumours_raised"]["count"]
+    worst_name = min((name for name in changes if name != "as stored"),
+                     key=lambda name: changes[name]["tumours_raised"]["value"])
+    worst = changes[worst_name]
+    per_class = ", ".join(f"{label} {v['count'][0]}/{v['count'][1]}" for label, v in worst["raised"].items())
+    refused = max(entry.get("refused", {}).get("count", [0])[0] for entry in changes.values())
+    return (f"{SHIFT_SENTENCE_START} (brighter or darker grey curves, a coarser matrix, a softer kernel, more noise), "
+            f"it flagged {stored[0]} of {stored[1]} tumours as stored and, at worst ({worst_name}), "
+            f"{worst['tumours_raised']['count'][0]} of {worst['tumours_raised']['count'][1]} ({per_class}); "
+            f"the input check refused at most {refused} of {block['images']} re-made images. "
+            "Real images from another hospital differ in more ways: check it on your own studies.")

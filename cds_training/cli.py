@@ -1,4 +1,5 @@
-"""`cds-triage train` / `evaluate` and `python -m cds_training.training` (readme, recard, rethreshold, input-profile)."""
+"""`cds-triage train` / `evaluate` and `python -m cds_training.training` (readme, recard, rethreshold, input-profile,
+external-check, shift-check)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .external import EXTERNAL_SOURCES, external_check
 from .input_check import write_input_profile
 from .loop import train
 from .recard import evaluate, recard, rethreshold
+from .shift_check import SHIFT_TASKS, shift_check
 from .tasks import CARD_VERSION
 
 TASK_CHOICES = [t.value for t in Task]
@@ -178,7 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     external.add_argument("--data", required=True, type=Path, help="the shared data folder (the source's folder is below it)")
     external.add_argument("--weights", type=Path, default=Path("weights"))
     external.add_argument("--note", default="", help="how the set was used besides, said beside its figures in the card")
+    shifted = sub.add_parser("shift-check", help="re-score a task's test split re-made as other scanners might make it, into its card")
+    shifted.add_argument("--task", required=True, choices=[t.value for t in SHIFT_TASKS])
+    shifted.add_argument("--data", required=True, type=Path, help="the shared data folder (the task's folder is below it)")
+    shifted.add_argument("--weights", type=Path, default=Path("weights"))
     args = parser.parse_args(argv)
+    if args.command == "shift-check":
+        task = Task(args.task)
+        print(json.dumps(shift_check(args.weights, task, args.data / SHIFT_TASKS[task]), indent=2))
+        return 0
     if args.command == "external-check":
         print(json.dumps(external_check(args.weights, Task(args.task), args.data, note=args.note), indent=2))
         return 0

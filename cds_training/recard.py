@@ -15,7 +15,7 @@ from cds_service.core.model_cards import ARCHITECTURE, card_path
 from cds_service.core.models import load_model
 from cds_service.core.preprocessing import Framing
 
-from .cards import _card, cv_sentence, _metrics_document, stored_predictions, write_evaluation
+from .cards import _card, cv_sentence, shift_sentence, _metrics_document, stored_predictions, write_evaluation
 from .config import TrainConfig, _display_path, _log, set_threads
 from .datasets import (
     build_split,
@@ -66,11 +66,13 @@ def recard(weights_dir: Path, task: Task, data_dir: Path, command: str = "") -> 
         if key in training or key in card["training"]:  # what the run used, not today's defaults
             card["training"][key] = training.get(key, card["training"].get(key))
     card["weights_sha256"] = old["weights_sha256"]
-    for key in ("input_check", "external_check", "cross_validation", "onnx"):  # measured by `input-profile`,
-        if key in old:  # `external-check`, `crossval --card` and `export`, not by training
+    for key in ("input_check", "external_check", "cross_validation", "acquisition_shift", "onnx"):  # measured by
+        if key in old:  # `input-profile`, `external-check`, `crossval --card`, `shift-check` and `export`, not by training
             card[key] = old[key]
     if "cross_validation" in old:
         card["limitations"].append(cv_sentence(old["cross_validation"]))
+    if "acquisition_shift" in old:
+        card["limitations"].append(shift_sentence(old["acquisition_shift"]))
     cpath.write_text(json.dumps(card, indent=2) + "\n")
     return rethreshold(weights_dir, task, config.target_sensitivity)
 

@@ -527,3 +527,44 @@ def test_crossval_resumes_a_fold_stopped_part_way(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(crossval, "train", started.append)
     crossval.main(["--task", "chest_pneumothorax", "--data", str(tmp_path), "--out", str(out), "--folds", "2"])
     assert [(c.cv_fold, c.resume) for c in started] == [(0, out / "fold0" / "last.pt"), (1, None)]
+
+
+def test_shift_check_rescores_the_test_split_as_other_scanners_might_make_it(tmp_path: Path) -> None:
+    from cds_service.core.evaluation import weights_readme
+    from cds_training.cards import SHIFT_SENTENCE_START, shift_sentence
+    from cds_training.shift_check import SHIFTS, shift_check
+
+    data = make_folders(tmp_path / "data", BRAIN, per_class=8)
+    out = tmp_path / "out"
+    train(tiny_config(Task.BRAIN_MRI, data, out, test_fraction=0.25))
+    card_file = out / "brain_mri.json"
+    card = json.loads(card_file.read_text())
+    rows = json.loads((out / "brain_mri.split.json").read_text())["test"]
+    block = shift_check(out, Task.BRAIN_MRI, data)
+
+    assert list(block["changes"]) == list(SHIFTS)
+    # "as stored" is the card's own test split at the card's presence threshold: its probabilities are stored
+    threshold = card["presence"]["threshold"]
+    stored = np.array([row["probs"] for row in rows])
+    truth = np.array([int(np.argmax(row["targets"])) for row in rows])
+    raised = (1.0 - stored[:, 3]) >= threshold
+    as_stored = block["changes"]["as stored"]
+    assert as_stored["tumours_raised"]["count"] == [int(raised[truth != 3].sum()), int((truth != 3).sum())]
+    assert as_stored["raised"]["no_tumor"]["count"] == [int(raised[truth == 3].sum()), int((truth == 3).sum())]
+    for entry in block["changes"].values():
+        assert sum(v["count"][1] for v in entry["raised"].values()) == len(rows)
+        low, high = entry["tumours_raised"]["ci95"]
+        assert low <= entry["tumours_raised"]["value"] <= high
+
+    # each change changes the image; none is a no-op that would make the check cannot-fail
+    grey = np.asarray(Image.open(data / rows[0]["file"]).convert("L"), dtype=np.float32)
+    for name, change in SHIFTS.items():
+        if name != "as stored":
+            assert np.abs(change(grey.copy()) - grey).mean() > 0.5, name
+
+    # recorded once in the card, said once in its limits and in weights/README.md, even when run again
+    shift_check(out, Task.BRAIN_MRI, data)
+    recorded = json.loads(card_file.read_text())
+    assert recorded["acquisition_shift"]["changes"].keys() == block["changes"].keys()
+    assert [line for line in recorded["limitations"] if line.startswith(SHIFT_SENTENCE_START)] == [shift_sentence(recorded["acquisition_shift"])]
+    assert "Test images re-made as other scanners might" in weights_readme([recorded])

@@ -131,6 +131,8 @@ def weights_readme(cards: Sequence[dict[str, Any]]) -> str:
             lines.append(external_check_line(card["external_check"]))
         if card.get("cross_validation"):
             lines.append(cross_validation_line(card["cross_validation"]))
+        if card.get("acquisition_shift"):
+            lines.append(acquisition_shift_line(card["acquisition_shift"]))
         lines += [
             f"- **Start**: {training.get('init_from', '')}"
             + (f"; {init.get('source')}, file sha256 `{init.get('file_sha256')}`, "
@@ -181,6 +183,22 @@ def input_check_line(check: dict[str, Any]) -> str:
             f"({check['threshold_policy']}), scored and marked unfamiliar above, refused beyond {check['refuse_beyond']} "
             f"({check['refuse_beyond_policy']}); the wrong modality or body part in the DICOM header, and a CT that is not "
             f"head-shaped, are refused too. Right anatomy: {same}. Images of the other tasks (pixels alone): {other}.")
+
+
+def acquisition_shift_line(block: dict[str, Any]) -> str:
+    """The model card's line on its acquisition-shift check (weights/README.md): per change, the tumours
+    raised (per class) and the tumour-free images raised."""
+    def count(entry: dict[str, Any]) -> str:
+        return f"{entry['count'][0]}/{entry['count'][1]}"
+
+    negative = block["negative_label"]
+    parts = []
+    for name, entry in block["changes"].items():
+        classes = ", ".join(f"{label} {count(v)}" for label, v in entry["raised"].items() if label != negative)
+        parts.append(f"{name}: tumours {count(entry['tumours_raised'])} ({classes}), tumour-free raised "
+                     f"{count(entry['raised'][negative])}" + (f", refused {entry['refused']['count'][0]}" if "refused" in entry else ""))
+    return (f"- **Test images re-made as other scanners might** ({block['images']} images; {block['what']}; "
+            f"a refused tumour counts as missed): " + "; ".join(parts) + f". {block['limits'].capitalize()}.")
 
 
 def cross_validation_line(block: dict[str, Any]) -> str:
