@@ -301,14 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_arguments(p)
     p.set_defaults(func=run_audit)
 
-    from cds_training.training import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
-
-    p = sub.add_parser("train", help="train a task's model and write weights + model card")
-    add_train_arguments(p)
-    p.set_defaults(func=lambda a, s: run_train(a))
-    p = sub.add_parser("evaluate", help="evaluate a model on its validation split (metrics JSON + plots)")
-    add_evaluate_arguments(p)
-    p.set_defaults(func=lambda a, s: run_evaluate(a))
+    # the training tools: cds_training is imported only when one of them runs, so a half-edited training
+    # module cannot break `triage` or `serve`; their own parser takes the rest of the command line
+    for name, text in TRAINING_COMMANDS.items():
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.set_defaults(func=_training_command, training_command=name)
     return parser
 
 
@@ -358,9 +355,33 @@ def one_line(message: str, limit: int = 300) -> str:
     return message if len(message) <= limit else message[:limit - 1] + "…"
 
 
+#: the commands that cds_training answers (`_training_command`), and their one-line help
+TRAINING_COMMANDS = {
+    "train": "train a task's model and write weights + model card",
+    "evaluate": "evaluate a model on its validation split (metrics JSON + plots)",
+}
+
+
+def _training_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`cds-triage train|evaluate …`: cds_training's own parser reads the arguments."""
+    from cds_training import cli as training
+
+    parser = argparse.ArgumentParser(prog=f"cds-triage {args.training_command}")
+    if args.training_command == "train":
+        training.add_train_arguments(parser)
+        return training.run_train(parser.parse_args(args.training_args))
+    training.add_evaluate_arguments(parser)
+    return training.run_evaluate(parser.parse_args(args.training_args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; its exit status as EXIT_STATUSES says. Errors it did not handle are one line on stderr."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "training_command", None):
+        args.training_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         settings = Settings.from_env()
     except ValueError as exc:  # SettingsError, and the checks that name their variable (drift, site thresholds)

@@ -273,3 +273,18 @@ def test_the_setting_is_named_from_the_error_fields_not_its_message():
     smart = UpstreamError("unreachable", server="auth", url="https://ehr.example.org/fhir/.well-known/smart-configuration")
     assert setting_named_by(smart, settings) == ("CDS_FHIR_BASE_URL", "https://ehr.example.org/fhir")
     assert setting_named_by(UpstreamError("404", server="fhir"), settings) == ("CDS_FHIR_BASE_URL", "https://ehr.example.org/fhir")
+
+
+def test_the_training_commands_import_cds_training_only_when_they_run(tmp_path):
+    """A half-edited training module must not break `triage` or `serve`: building the parser (every command)
+    imports nothing of cds_training; `train` and `evaluate` still take their own arguments and help."""
+    probe = ("import sys; from cds_service.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in sys.modules if m.startswith('cds_training')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", (loaded.stdout, loaded.stderr)
+    helped = cli(["train", "--help"], tmp_path)
+    assert helped.returncode == 0 and "--target-sensitivity" in helped.stdout and "cds-triage train" in helped.stdout
+    missing = cli(["evaluate", "--task", "brain_mri"], tmp_path)
+    assert missing.returncode == 2 and "--data" in missing.stderr
+    unknown = cli(["jobs", "list", "--no-such-option"], tmp_path)
+    assert unknown.returncode == 2 and "unrecognized arguments: --no-such-option" in unknown.stderr
