@@ -81,13 +81,14 @@ def share(hits: int, n: int) -> dict[str, Any]:
             "ci95": [round(low, 4), round(high, 4)] if n else None, "interval": "wilson"}
 
 
-def shift_figures(weights_dir: Path, task: Task, data_dir: Path, batch: int = 32) -> dict[str, Any]:
-    """The `acquisition_shift` block of the card in `weights_dir`, on its own test split (`<task>.split.json`)."""
+def shift_figures(weights_dir: Path, task: Task, data_dir: Path, part: str = "test", batch: int = 32) -> dict[str, Any]:
+    """The `acquisition_shift` block of the card in `weights_dir`, on one of its own splits (`<task>.split.json`):
+    the test split for the card (it chose nothing); the validation split to compare models (a choice)."""
     weights_dir = Path(weights_dir)
     card = json.loads(card_path(weights_dir, task).read_text())
-    rows = json.loads((weights_dir / f"{task.value}.split.json").read_text()).get("test") or []
+    rows = json.loads((weights_dir / f"{task.value}.split.json").read_text()).get(part) or []
     if not rows:
-        raise ValueError(f"{task.value}.split.json has no test split: nothing that chose nothing to stress")
+        raise ValueError(f"{task.value}.split.json has no {part} split to re-make")
     model = load_model(weights_dir, task, runtime="torch")
     profile = load_profile(weights_dir, task.value, card)
     spec, labels = model.card.preprocessing, list(model.card.labels)
@@ -97,8 +98,10 @@ def shift_figures(weights_dir: Path, task: Task, data_dir: Path, batch: int = 32
     tumours = truth != negative
     greys = [load_grey(Path(data_dir) / row["file"]) for row in rows]
     block: dict[str, Any] = {
-        "what": "the test split (which chose nothing) re-made as another scanner might: each change made to the stored "
-                "grey image before the service's preprocessing; raised by the card's presence rule at its threshold",
+        "split": part,
+        "what": (f"the {part} split{' (which chose nothing)' if part == 'test' else ''} re-made as another scanner "
+                 "might: each change made to the stored grey image before the service's preprocessing; raised by the "
+                 "card's presence rule at its threshold"),
         "threshold": threshold, "negative_label": negative, "images": len(rows), "changes": {},
         "limits": "a stress test, not an external validation: real images from elsewhere also differ in sequence, "
                   "plane mix, contrast agent and patients",
