@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from cds_service.core.domain import Task
-from cds_service.core.evaluation import wilson_interval
+from cds_service.core.evaluation import proportion
 from cds_service.core.input_profile import image_statistics, load_profile
 from cds_service.core.model_cards import card_path
 from cds_service.core.models import load_model
@@ -75,12 +75,6 @@ SHIFTS: dict[str, Shift] = {
 }
 
 
-def share(hits: int, n: int) -> dict[str, Any]:
-    low, high = wilson_interval(hits, n)
-    return {"count": [hits, n], "value": round(hits / n, 4) if n else None,
-            "ci95": [round(low, 4), round(high, 4)] if n else None, "interval": "wilson"}
-
-
 def shift_figures(weights_dir: Path, task: Task, data_dir: Path, part: str = "test", batch: int = 32) -> dict[str, Any]:
     """The `acquisition_shift` block of the card in `weights_dir`, on one of its own splits (`<task>.split.json`):
     the test split for the card (it chose nothing); the validation split to compare models (a choice)."""
@@ -111,15 +105,15 @@ def shift_figures(weights_dir: Path, task: Task, data_dir: Path, part: str = "te
         probs = np.concatenate([model.predict(to_batch(images[i : i + batch], spec)) for i in range(0, len(images), batch)])
         raised = (1.0 - probs[:, labels.index(negative)]) >= threshold
         refused = np.zeros(len(images), bool)
-        entry: dict[str, Any] = {"raised": {label: share(int(raised[truth == label].sum()), int((truth == label).sum()))
+        entry: dict[str, Any] = {"raised": {label: proportion(int(raised[truth == label].sum()), int((truth == label).sum()))
                                             for label in labels}}
         if profile is not None:
             distances = profile.distances(np.stack([image_statistics(resize(im, spec.input_size)) for im in images]))
             if profile.refuse_beyond is not None:
                 refused = distances > profile.refuse_beyond
-            entry["refused"] = share(int(refused.sum()), len(images))
-            entry["unfamiliar"] = share(int(((distances > profile.threshold) & ~refused).sum()), len(images))
-        entry["tumours_raised"] = share(int((raised & ~refused)[tumours].sum()), int(tumours.sum()))  # refused = missed
+            entry["refused"] = proportion(int(refused.sum()), len(images))
+            entry["unfamiliar"] = proportion(int(((distances > profile.threshold) & ~refused).sum()), len(images))
+        entry["tumours_raised"] = proportion(int((raised & ~refused)[tumours].sum()), int(tumours.sum()))  # refused = missed
         block["changes"][name] = entry
     return block
 
