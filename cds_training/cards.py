@@ -179,8 +179,12 @@ def _card(
             "stroke, bleeding, ...) is outside what it was taught and may be called one of the four.",
             "The tumour type it names is secondary: it raises a study when it thinks any tumour is present.",
             "Its heatmap is coarse: on gliomas and meningiomas it usually centres on the tumour, on pituitary "
-            "tumours it sits above the sella rather than on the gland; do not read a tumour's exact location from it.",
+            "tumours on the sella region but spreading over the brainstem behind it; do not read a tumour's exact "
+            "location from it.",
             "Trained on single 2D slices from one public collection of JPEG images; some of its 'no tumour' images are CT.",
+            "In that collection most tumour images are contrast-enhanced T1 and many tumour-free images are T2: a "
+            "tumour shown on a sequence without contrast can be called tumour-free (its one missed test tumour is a "
+            "large meningioma on a non-contrast image). Expect fewer tumours flagged where a site's sequences differ.",
         ]
     if task is Task.HEAD_CT_ICH:
         limitations += [
@@ -441,16 +445,20 @@ SHIFT_SENTENCE_START = "When its own test images were re-made as another scanner
 
 
 def shift_sentence(block: dict[str, Any]) -> str:
-    """The acquisition-shift check in a clinician's words, for the card's limits: the worst change for tumours."""
-    changes = block["changes"]
+    """The acquisition-shift check in a clinician's words, for the card's limits: the fewest tumours flagged
+    under any change (and per class), the most tumour-free images flagged, the most images refused."""
+    changes, negative = block["changes"], block["negative_label"]
     stored = changes["as stored"]["tumours_raised"]["count"]
-    worst_name = min((name for name in changes if name != "as stored"),
-                     key=lambda name: changes[name]["tumours_raised"]["value"])
-    worst = changes[worst_name]
-    per_class = ", ".join(f"{label} {v['count'][0]}/{v['count'][1]}" for label, v in worst["raised"].items())
+    fewest = min(entry["tumours_raised"]["count"][0] for entry in changes.values())
+    classes = [label for label in changes["as stored"]["raised"] if label != negative]
+    per_class = ", ".join(f"{label} {min(e['raised'][label]['count'][0] for e in changes.values())} of "
+                          f"{changes['as stored']['raised'][label]['count'][1]}" for label in classes)
+    free = changes["as stored"]["raised"][negative]["count"][1]
+    most_free = max(entry["raised"][negative]["count"][0] for entry in changes.values())
     refused = max(entry.get("refused", {}).get("count", [0])[0] for entry in changes.values())
     return (f"{SHIFT_SENTENCE_START} (brighter or darker grey curves, a coarser matrix, a softer kernel, more noise), "
-            f"it flagged {stored[0]} of {stored[1]} tumours as stored and, at worst ({worst_name}), "
-            f"{worst['tumours_raised']['count'][0]} of {worst['tumours_raised']['count'][1]} ({per_class}); "
-            f"the input check refused at most {refused} of {block['images']} re-made images. "
-            "Real images from another hospital differ in more ways: check it on your own studies.")
+            f"it flagged {stored[0]} of {stored[1]} tumours as stored and at least {fewest} under every change "
+            f"(at least: {per_class}); it flagged up to {most_free} of {free} tumour-free images, and the input "
+            f"check refused {f'up to {refused}' if refused else 'none'} of the {block['images']} re-made images. "
+            "Real images from another hospital differ in more ways (sequence, contrast agent, patients): "
+            "check it on your own studies.")
