@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: every subcommand of `cds-triage` is registered here, beside the one-line errors they share (docs/cli.md mirrors it).
 """`cds-triage`: the product's command line. Every subcommand is documented in docs/cli.md.
 
 The errors it expects are one line on stderr, not a traceback: a bad setting, or a server named by a
