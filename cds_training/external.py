@@ -25,6 +25,7 @@ from cds_service.core.models import load_model
 from cds_service.core.preprocessing import resize
 
 from .datasets import discover_samples
+from .input_check import FIT_NAMES
 from .pixels import load_image
 from .predictions import predict_samples
 
@@ -63,9 +64,8 @@ def external_check(weights_dir: Path, task: Task, data_dir: Path, resamples: int
         spec = model.card.preprocessing
         distances = profile.distances(np.stack([image_statistics(resize(load_image(s.path, spec), spec.input_size))
                                                 for s in samples]))
-        refused = int((distances > profile.refuse_beyond).sum()) if profile.refuse_beyond is not None else 0
-        block["input_check"] = {"familiar": int((distances <= profile.threshold).sum()), "refused": refused,
-                                "unfamiliar": len(samples) - int((distances <= profile.threshold).sum()) - refused}
+        fits = [profile.fit_of(float(d)) for d in distances]
+        block["input_check"] = {key: fits.count(fit) for key, fit in FIT_NAMES.items()}
     card["external_check"] = block
     card_path(Path(weights_dir), task).write_text(json.dumps(card, indent=2) + "\n")
     return block

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cds_service.core.domain import Task
+from cds_service.core.domain import InputFit, Task
 from cds_service.core.input_profile import DEFAULT_QUANTILE, STATISTICS, InputProfile, fit_profile, image_statistics, profile_path
 from cds_service.core.model_cards import card_path
 from cds_service.core.preprocessing import PreprocessingSpec, resize
@@ -20,6 +20,9 @@ from .datasets import (
     resolve_data_dir,
 )
 from .pixels import load_image
+
+#: the card's names for what the input check says of an image (`InputProfile.fit_of`), in the card's order
+FIT_NAMES = {"familiar": InputFit.FAMILIAR, "refused": InputFit.WRONG_ANATOMY, "unfamiliar": InputFit.UNFAMILIAR}
 
 # Images the service's DICOM path must accept for a task (real DICOM of the training source).
 DICOM_CHECKS = {Task.HEAD_CT_ICH: "head_ct_dicom_unlabelled"}
@@ -76,9 +79,8 @@ def write_input_profile(weights_dir: Path, task: Task, data_dir: Path, quantile:
 
     def shares(statistics: np.ndarray) -> dict[str, Any]:
         d = profile.distances(statistics)
-        assert profile.refuse_beyond is not None
-        counts = {"familiar": int((d <= profile.threshold).sum()), "refused": int((d > profile.refuse_beyond).sum())}
-        counts["unfamiliar"] = len(d) - counts["familiar"] - counts["refused"]
+        fits = [profile.fit_of(float(x)) for x in d]
+        counts = {key: fits.count(fit) for key, fit in FIT_NAMES.items()}
         return {key: {"count": n, "of": len(d), "rate": round(n / len(d), 4)} for key, n in counts.items()}
 
     others = {other.value: shares(stats(sample([s.path for s in discover_samples(other, resolve_data_dir(other, data_dir))])))

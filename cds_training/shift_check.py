@@ -26,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cds_service.core.domain import Task
+from cds_service.core.domain import InputFit, Task
 from cds_service.core.evaluation import proportion
 from cds_service.core.input_profile import image_statistics, load_profile
 from cds_service.core.model_cards import card_path
@@ -109,10 +109,10 @@ def shift_figures(weights_dir: Path, task: Task, data_dir: Path, part: str = "te
                                             for label in labels}}
         if profile is not None:
             distances = profile.distances(np.stack([image_statistics(resize(im, spec.input_size)) for im in images]))
-            if profile.refuse_beyond is not None:
-                refused = distances > profile.refuse_beyond
+            fits = [profile.fit_of(float(d)) for d in distances]
+            refused = np.array([fit is InputFit.WRONG_ANATOMY for fit in fits])
             entry["refused"] = proportion(int(refused.sum()), len(images))
-            entry["unfamiliar"] = proportion(int(((distances > profile.threshold) & ~refused).sum()), len(images))
+            entry["unfamiliar"] = proportion(fits.count(InputFit.UNFAMILIAR), len(images))
         entry["tumours_raised"] = proportion(int((raised & ~refused)[tumours].sum()), int(tumours.sum()))  # refused = missed
         block["changes"][name] = entry
     return block

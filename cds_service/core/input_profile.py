@@ -76,6 +76,15 @@ class InputProfile:
         centred = np.atleast_2d(statistics).astype(np.float64) - self.mean
         return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0.0))
 
+    def fit_of(self, distance: float) -> InputFit:
+        """What one distance means: familiar up to the threshold, wrong anatomy beyond `refuse_beyond`
+        (where the profile has one), unfamiliar between: the one place this rule is written."""
+        if distance <= self.threshold:
+            return InputFit.FAMILIAR
+        if self.refuse_beyond is not None and distance > self.refuse_beyond:
+            return InputFit.WRONG_ANATOMY
+        return InputFit.UNFAMILIAR
+
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         arrays: dict[str, Any] = {"mean": self.mean, "precision": self.precision, "threshold": np.float64(self.threshold)}
@@ -131,10 +140,11 @@ def study_verdict(profile: InputProfile | None, statistics: Sequence[np.ndarray]
     if not len(statistics):
         return InputVerdict(InputFit.UNCHECKED, "no image to check")
     distance = float(np.median(profile.distances(np.stack(list(statistics)))))
-    if distance <= profile.threshold:
+    fit = profile.fit_of(distance)
+    if fit is InputFit.FAMILIAR:
         return InputVerdict(InputFit.FAMILIAR, f"the images fit {task_name}'s training inputs "
                                                f"(distance {distance:.1f} ≤ {profile.threshold:.1f})", distance)
-    if profile.refuse_beyond is not None and distance > profile.refuse_beyond:
+    if fit is InputFit.WRONG_ANATOMY:
         return InputVerdict(InputFit.WRONG_ANATOMY,
                             f"the images are unlike any image of {task_name}'s anatomy we have seen, from any source "
                             f"(distance {distance:.1f} from its training images, beyond {profile.refuse_beyond:.1f}): "
